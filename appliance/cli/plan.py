@@ -1,0 +1,88 @@
+"""`appliance plan`: which model and vLLM settings this host gets, and why."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.padding import Padding
+
+from appliance.cli.context import app_context
+from appliance.cli.options import JsonOpt, SnapshotOpt
+from appliance.cli.output import console, print_json
+from appliance.errors import ConfigError
+from hardware.plan_types import ServingPlan
+from hardware.snapshot import HostSnapshot
+
+
+def load_snapshot(path: Path) -> HostSnapshot:
+    from pydantic import ValidationError
+
+    try:
+        return HostSnapshot.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{path}: {loc}: {first['msg']}") from None
+
+
+def current_plan(
+    ctx: typer.Context, host: HostSnapshot | None = None, **flags: object
+) -> ServingPlan:
+    """The plan for `host` (default: this machine, live) with config and flag overrides applied."""
+    from hardware.planner import plan_serving
+    from hardware.telemetry import collect
+
+    config = app_context(ctx).config(**flags)
+    host = host or collect()
+    return plan_serving(
+        host,
+        config.inference.vllm,
+        served_model_name=config.inference.served_model_name,
+        host_addr=config.inference.backend_listen.host,
+        port=config.inference.backend_listen.port,
+    )
+
+
+def render_plan(plan: ServingPlan) -> None:
+    console.print(f"[bold]{plan.backend}[/] · {plan.variant} · {plan.model}\n")
+    for r in plan.reasons:
+        tag = "[bold yellow]override[/]" if r.source == "override" else f"[dim]{r.source}[/]"
+        console.print(f"[bold]{escape(r.setting)}[/] = {escape(r.value)}  {tag}")
+        console.print(Padding(escape(r.why), (0, 0, 0, 4)))
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+    if plan.argv:
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(plan.env.items()))
+        console.print("\n" + (env + " " if env else "") + shlex.join(plan.argv), soft_wrap=True)
+
+
+def plan(
+    ctx: typer.Context,
+    snapshot: SnapshotOpt = None,
+    model: Annotated[str | None, typer.Option(help="Override the model variant or HF id.")] = None,
+    gpu_memory_utilization: Annotated[
+        float | None, typer.Option(help="Override --gpu-memory-utilization.")
+    ] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Override --max-model-len.")] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(help="Override --max-num-seqs.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Choose the model variant and vLLM settings from live telemetry and explain each choice."""
+    overrides = {
+        "model": model,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "max_model_len": max_model_len,
+        "max_num_seqs": max_num_seqs,
+    }
+    flags = (
+        {"inference": {"vllm": overrides}} if any(v is not None for v in overrides.values()) else {}
+    )
+    result = current_plan(ctx, load_snapshot(snapshot) if snapshot else None, **flags)
+    if json_out:
+        print_json(result)
+    else:
+        render_plan(result)

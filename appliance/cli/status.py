@@ -1,0 +1,81 @@
+"""`appliance status`: one screen with the host, each GPU's live telemetry and the services."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.text import Text
+
+from appliance.cli.context import app_context
+from appliance.cli.hardware import gpu_table, host_summary
+from appliance.cli.options import IntervalOpt, JsonOpt, WatchOpt
+from appliance.cli.output import console, print_json
+from hardware.snapshot import HostSnapshot
+
+
+def _state(state: str) -> str:
+    colour = {"listening": "green", "down": "red"}.get(state, "yellow")
+    return f"[{colour}]{state}[/]"
+
+
+def render(report: dict[str, Any], host: HostSnapshot) -> Group:
+    app_info = report["appliance"]
+    inference = report["inference"]
+    gateway = report["gateway"]
+    parts: list[Any] = [Text.from_markup(host_summary(host))]
+    if host.gpus:
+        parts.append(gpu_table(host))
+    plan = inference["plan"]
+    planned = (
+        f"{plan['backend']} · {plan['variant']} · {plan['model']}" if plan else "none recorded"
+    )
+    parts.append(
+        Text.from_markup(
+            f"\n[bold]inference[/]  {_state(inference['state'])}  {inference['endpoint']}  "
+            f"plan: {planned}\n"
+            f"[bold]gateway[/]    {_state(gateway['state'])}  {gateway['url']}\n"
+            f"[dim]state {app_info['state_dir']}"
+            f"{'' if app_info['initialised'] else ' (not initialised: run `appliance up`)'}[/]"
+        )
+    )
+    return Group(*parts)
+
+
+def _snapshot(ctx: typer.Context) -> tuple[dict[str, Any], HostSnapshot]:
+    from appliance.status import gather
+    from hardware.telemetry import collect
+
+    host = collect()
+    return gather(app_context(ctx).config(), host), host
+
+
+def status(
+    ctx: typer.Context,
+    json_out: JsonOpt = False,
+    watch: WatchOpt = False,
+    interval: IntervalOpt = 2.0,
+) -> None:
+    """Show the host, GPUs and services on one screen (`--watch` keeps it live)."""
+    if not watch:
+        report, host = _snapshot(ctx)
+        if json_out:
+            print_json(report)
+        else:
+            console.print(Panel(render(report, host), title="appliance status", expand=False))
+        return
+    try:
+        with Live(console=console, auto_refresh=False, transient=False) as live:
+            while True:
+                report, host = _snapshot(ctx)
+                if json_out:
+                    print_json(report)  # one JSON document per interval, for scripts that tail it
+                else:
+                    live.update(Panel(render(report, host), title="appliance status"), refresh=True)
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None

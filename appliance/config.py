@@ -1,0 +1,149 @@
+"""Layered configuration: built-in defaults -> /etc/appliance/appliance.yaml ->
+$XDG_CONFIG_HOME/appliance/appliance.yaml -> $APPLIANCE_CONFIG -> APPLIANCE_* env -> flags.
+
+Nested keys in the environment use a double underscore: APPLIANCE_GATEWAY__PORT=9000.
+Environment values are read as YAML scalars, so `0.85` is a float and `[a, b]` a list.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from appliance.errors import ConfigError
+from appliance.yamlfile import Provenance, deep_merge, load_yaml, validation_message
+from hardware.plan_types import PlanOverrides
+
+SYSTEM_CONFIG = Path("/etc/appliance/appliance.yaml")
+ENV_PREFIX = "APPLIANCE_"
+# Variables that steer the CLI itself rather than naming a config key.
+_NOT_CONFIG = {"APPLIANCE_CONFIG", "APPLIANCE_DEBUG", "APPLIANCE_SYSTEM_CONFIG"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ListenConfig(_Strict):
+    host: str = "127.0.0.1"  # loopback only unless the operator says otherwise
+    port: int = Field(ge=1, le=65535)
+
+
+class InferenceConfig(_Strict):
+    backend: Literal["auto", "vllm", "embedded", "upstream"] = "auto"
+    served_model_name: str = "nemotron"
+    vllm: PlanOverrides = Field(default_factory=PlanOverrides)  # planner overrides
+    backend_listen: ListenConfig = Field(default_factory=lambda: ListenConfig(port=8000))
+
+
+class SandboxConfig(_Strict):
+    service_user: str = "appliance"  # rootless Podman runs as this user
+
+
+def _default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/appliance")
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "appliance"
+
+
+class ApplianceConfig(_Strict):
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    models_dir: Path | None = None  # default: <state_dir>/models
+    gateway: ListenConfig = Field(default_factory=lambda: ListenConfig(port=8080))
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return self.models_dir or self.state_dir / "models"
+
+
+def config_files(environ: Mapping[str, str] | None = None) -> list[Path]:
+    """The config files consulted, lowest precedence first (they need not exist)."""
+    env = os.environ if environ is None else environ
+    xdg = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    files = [
+        Path(env.get("APPLIANCE_SYSTEM_CONFIG", str(SYSTEM_CONFIG))),
+        Path(xdg) / "appliance" / "appliance.yaml",
+    ]
+    if env.get("APPLIANCE_CONFIG"):
+        files.append(Path(env["APPLIANCE_CONFIG"]))
+    return files
+
+
+def _env_layer(env: Mapping[str, str]) -> tuple[dict[str, Any], Provenance]:
+    data: dict[str, Any] = {}
+    provenance: Provenance = {}
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name in _NOT_CONFIG:
+            continue
+        path = tuple(name[len(ENV_PREFIX) :].lower().split("__"))
+        try:
+            value = yaml.safe_load(raw) if raw else raw
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"env {name}: conflicts with another APPLIANCE_* variable")
+        node[path[-1]] = value
+        provenance[path] = f"env {name}"
+    return data, provenance
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ApplianceConfig:
+    """Merge every layer and validate once, so each error can name the layer that caused it.
+
+    `flags` is a nested mapping like {"gateway": {"port": 9000}}; None values are ignored.
+    """
+    env = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    provenance: Provenance = {}
+    for path in config_files(env):
+        if path.is_file():
+            data, where = load_yaml(path)
+            merged = deep_merge(merged, data)
+            provenance.update(where)
+    data, where = _env_layer(env)
+    merged = deep_merge(merged, data)
+    provenance.update(where)
+    if flags:
+        flag_data = _drop_none(flags)
+        merged = deep_merge(merged, flag_data)
+        provenance.update({p: f"flag {'.'.join(map(str, p))}" for p in _leaf_paths(flag_data)})
+    try:
+        return ApplianceConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, provenance, "config")) from None
+
+
+def _drop_none(data: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            value = _drop_none(value)
+            if value:
+                out[key] = value
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def _leaf_paths(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths: list[tuple[str, ...]] = []
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            paths.extend(_leaf_paths(value, (*prefix, key)))
+        else:
+            paths.append((*prefix, key))
+    return paths

@@ -1,0 +1,67 @@
+"""One exception type per failure an operator can act on, and the table of their exit codes.
+
+The CLI prints `appliance: error: <message>` and, when the error has one, `  hint: <hint>`;
+tracebacks only with APPLIANCE_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+
+class ApplianceError(Exception):
+    """Base of every error the operator should see as one line, not a traceback."""
+
+    hint: str | None = None
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class ConfigError(ApplianceError):
+    """A config file or value is invalid (message starts with `path:line:` where known)."""
+
+    hint = "fix the file or value named above; `appliance config show` prints the merged config"
+
+
+class StateError(ApplianceError):
+    """The state directory or its SQLite store cannot be opened or migrated."""
+
+    hint = "check the permissions of the state directory (APPLIANCE_STATE_DIR)"
+
+
+class NotFoundError(ApplianceError):
+    """A named thing (sandbox, key, model, snapshot file) does not exist."""
+
+
+class PreflightError(ApplianceError):
+    """The host is not ready: a doctor check failed."""
+
+    hint = "run `appliance doctor` for the failing checks and how to fix each"
+
+
+class BackendError(ApplianceError):
+    """A service the command needs (backend, gateway, podman) is down or failed."""
+
+    hint = "see `appliance status` and the service logs in the state directory"
+
+
+# Exit codes, RamaLama-style: one table, most specific class first. 2 is typer's usage error.
+EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (ConfigError, 3),
+    (StateError, 4),
+    (NotFoundError, 5),
+    (PreflightError, 6),
+    (BackendError, 7),
+    (ApplianceError, 1),
+    (PermissionError, 8),
+    (OSError, 9),
+    (KeyboardInterrupt, 130),
+]
+
+
+def exit_code_for(exc: BaseException) -> int:
+    for exc_type, code in EXIT_CODES:
+        if isinstance(exc, exc_type):
+            return code
+    return 1

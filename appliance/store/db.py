@@ -1,0 +1,79 @@
+"""Open the state store: one SQLite file in WAL mode, migrated to the latest schema on open."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import StateError
+from appliance.store.migrations import MIGRATIONS
+
+DB_NAME = "appliance.db"
+
+
+class Store:
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self.conn = conn
+        self.path = path
+
+    @property
+    def schema_version(self) -> int:
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def record_plan(self, backend: str, model: str, plan: dict[str, Any]) -> int:
+        with self.conn:
+            cur = self.conn.execute(
+                "INSERT INTO plans (created_at, backend, model, plan_json) VALUES (?, ?, ?, ?)",
+                (time.time(), backend, model, json.dumps(plan, sort_keys=True)),
+            )
+        return int(cur.lastrowid or 0)
+
+    def latest_plan(self) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT created_at, plan_json FROM plans ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return None
+        return {"recorded_at": row[0], "plan": json.loads(row[1])}
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> None:
+    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    if current > len(MIGRATIONS):
+        raise StateError(
+            f"{path}: schema version {current} is newer than this appliance knows "
+            f"({len(MIGRATIONS)})",
+            hint="upgrade the appliance, or point APPLIANCE_STATE_DIR at another directory",
+        )
+    for version, (_name, sql) in enumerate(MIGRATIONS[current:], start=current + 1):
+        # executescript commits first; wrap each migration so it applies whole or not at all.
+        conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {version};\nCOMMIT;")
+
+
+def open_store(state_dir: Path) -> Store:
+    path = state_dir / DB_NAME
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        conn = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        migrate(conn, path)
+    except sqlite3.Error as exc:
+        raise StateError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise StateError(f"{state_dir}: {exc.strerror}") from None
+    conn.isolation_level = ""  # back to implicit transactions, `with conn:` commits
+    return Store(conn, path)

@@ -1,0 +1,1 @@
+"""Versioned blueprint catalog and its loader (may import sandbox policy types)."""

@@ -1,0 +1,1 @@
+"""Inference backends and the inference.local gateway (may import hardware only)."""

@@ -1,0 +1,1 @@
+"""Sandbox policy, compilers, supervisor, egress proxy and lifecycle (imports nothing of ours)."""

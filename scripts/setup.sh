@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian 12 / Ubuntu 24.04 machine: system packages, a virtualenv
+# in .venv, and the project installed into it. Re-running is a no-op when nothing changed.
+# Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh test
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+EXTRAS="${1:-}"
+VENV="${APPLIANCE_VENV:-.venv}"
+
+# System packages the appliance needs on the host. Installed only when missing.
+APT_PACKAGES=(python3 python3-venv python3-pip)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing system packages: ${missing[*]}"
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || { echo "setup: need root or sudo to install ${missing[*]}" >&2; exit 1; }
+    SUDO="sudo"
+  fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# The distribution's Python, not a per-user one: the appliance's service user must be able to run it.
+PYTHON=/usr/bin/python3
+[ -x "$PYTHON" ] || PYTHON="$(command -v python3)"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating virtualenv $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+
+spec="."
+[ -n "$EXTRAS" ] && spec=".[${EXTRAS}]"
+hash="$(sha256sum pyproject.toml | cut -c1-16)"
+stamp="$VENV/.installed-$hash-${EXTRAS:-base}"
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing $spec into $VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade "pip>=24"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$spec"
+  find "$VENV" -maxdepth 1 -name '.installed-*' ! -name ".installed-$hash-*" -delete
+  touch "$stamp"
+fi

@@ -1,0 +1,1 @@
+"""Fakes at outside boundaries (NVML, ...) that raise the real libraries' exceptions."""

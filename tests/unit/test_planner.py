@@ -14,14 +14,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from hardware.catalog import PLANNER_FLAGS, Recipe, model_table, recipe_book
 from hardware.plan_types import PlanOverrides, ServingPlan
-from hardware.planner import (
-    PLANNER_FLAGS,
-    Recipe,
-    model_table,
-    plan_serving,
-    recipe_book,
-)
+from hardware.planner import plan_serving
 from hardware.snapshot import GpuInfo, HostClass, HostSnapshot
 
 TESTS = Path(__file__).resolve().parents[1]

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from appliance.errors import ConfigError
 from appliance.yamlfile import Provenance, deep_merge, load_yaml, validation_message
 from hardware.plan_types import PlanOverrides
+from inference.gateway.settings import GatewaySettings, Price, UpstreamSettings
 
 SYSTEM_CONFIG = Path("/etc/appliance/appliance.yaml")
 ENV_PREFIX = "APPLIANCE_"
@@ -34,9 +35,23 @@ class ListenConfig(_Strict):
     port: int = Field(ge=1, le=65535)
 
 
+class GatewayConfig(ListenConfig):
+    """inference.local: where it listens, and the gateway settings that are not derived."""
+
+    port: int = Field(default=8080, ge=1, le=65535)
+    aliases: dict[str, str] = Field(default_factory=dict)
+    upstream: UpstreamSettings | None = None
+    prices: dict[str, Price] = Field(default_factory=dict)
+    budget_warn_ratio: float = Field(default=0.8, gt=0, le=1)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+
 class InferenceConfig(_Strict):
-    backend: Literal["auto", "vllm", "embedded", "upstream"] = "auto"
+    backend: Literal["auto", "vllm", "embedded"] = "auto"  # auto: what the planner picks
     served_model_name: str = "nemotron"
+    embedded_model: str | None = None  # a local HF dir or GGUF; default: SmolLM2-135M
+    offline: bool = True  # HF_HUB_OFFLINE=1: models come from disk, nothing is fetched
+    ready_timeout_s: float = Field(default=1800.0, gt=0)  # real model loads take minutes
     vllm: PlanOverrides = Field(default_factory=PlanOverrides)  # planner overrides
     backend_listen: ListenConfig = Field(default_factory=lambda: ListenConfig(port=8000))
 
@@ -55,13 +70,25 @@ def _default_state_dir() -> Path:
 class ApplianceConfig(_Strict):
     state_dir: Path = Field(default_factory=_default_state_dir)
     models_dir: Path | None = None  # default: <state_dir>/models
-    gateway: ListenConfig = Field(default_factory=lambda: ListenConfig(port=8080))
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
 
     @property
     def resolved_models_dir(self) -> Path:
         return self.models_dir or self.state_dir / "models"
+
+    def gateway_settings(self) -> GatewaySettings:
+        """The gateway's settings: the configured ones plus those derived from `inference`."""
+        listen = self.inference.backend_listen
+        try:
+            return GatewaySettings(
+                backend_url=f"http://{listen.host}:{listen.port}",
+                served_model_name=self.inference.served_model_name,
+                **self.gateway.model_dump(exclude={"host", "port"}),
+            )
+        except ValidationError as exc:
+            raise ConfigError(f"gateway: {exc.errors()[0]['msg']}") from None
 
 
 def config_files(environ: Mapping[str, str] | None = None) -> list[Path]:

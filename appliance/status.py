@@ -43,11 +43,43 @@ def gpus_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, Any]:
     return {"count": len(host.gpus), "devices": [g.model_dump(mode="json") for g in host.gpus]}
 
 
+def _service(config: ApplianceConfig, name: str) -> dict[str, Any]:
+    """The supervisor's view of one service, or an empty dict when no supervisor runs."""
+    from appliance.services import read_services, supervisor_pid
+
+    if supervisor_pid(config) is None:
+        return {}
+    return read_services(config).get(name, {})
+
+
+def _backend_metrics(base_url: str) -> dict[str, Any] | None:
+    from inference.backends.base import BackendUnavailable, http_get, parse_metrics
+
+    try:
+        metrics = parse_metrics(http_get(base_url + "/metrics", timeout=0.5).text)
+    except BackendUnavailable:
+        return None
+    return {
+        "requests_running": metrics.requests_running,
+        "requests_waiting": metrics.requests_waiting,
+        "kv_cache_usage": metrics.kv_cache_usage,
+        "prompt_tokens_total": metrics.prompt_tokens,
+        "generation_tokens_total": metrics.generation_tokens,
+        "ttft_mean_s": metrics.ttft_mean,
+    }
+
+
 def inference_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, Any]:
     listen = config.inference.backend_listen
+    endpoint = f"http://{listen.host}:{listen.port}"
+    service = _service(config, "backend")
+    listening = is_listening(listen.host, listen.port)
     section: dict[str, Any] = {
-        "endpoint": f"http://{listen.host}:{listen.port}",
-        "state": "listening" if is_listening(listen.host, listen.port) else "down",
+        "endpoint": endpoint,
+        "state": service.get("state") or ("listening" if listening else "down"),
+        "detail": service.get("detail"),
+        "pid": service.get("pid"),
+        "metrics": _backend_metrics(endpoint) if listening else None,
         "plan": None,
     }
     if (config.state_dir / DB_NAME).is_file():
@@ -64,9 +96,12 @@ def inference_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, 
 
 def gateway_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, Any]:
     gw = config.gateway
+    service = _service(config, "gateway")
+    listening = is_listening(gw.host, gw.port)
     return {
         "url": f"http://{gw.host}:{gw.port}/v1",
-        "state": "listening" if is_listening(gw.host, gw.port) else "down",
+        "state": service.get("state") or ("listening" if listening else "down"),
+        "pid": service.get("pid"),
     }
 
 

@@ -1,29 +1,120 @@
-"""`appliance up`: bring the appliance to its planned state."""
+"""`appliance up` / `appliance down`: start the supervisor (backend + gateway) and stop it."""
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from appliance.cli.context import app_context
 from appliance.cli.output import console
+from appliance.config import ApplianceConfig
+from appliance.errors import BackendError
+
+TimeoutOpt = Annotated[
+    float, typer.Option("--timeout", help="Seconds to wait for the services to be ready.")
+]
 
 
-def up(ctx: typer.Context) -> None:
-    """Initialise the state store, plan serving from live telemetry and record the plan.
+def _spawn_supervisor(config: ApplianceConfig) -> subprocess.Popen[bytes]:
+    from appliance.services import cli_argv, log_dir
 
-    The backend and gateway processes this plan starts arrive with the inference subsystem.
-    """
-    from appliance.cli.plan import current_plan
-    from appliance.store import open_store
+    log_dir(config).mkdir(parents=True, exist_ok=True)
+    with (log_dir(config) / "supervisor.log").open("ab") as log:
+        # A new session: the supervisor outlives this command and its terminal.
+        return subprocess.Popen(
+            cli_argv(config, "serve", "all"),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _wait_ready(config: ApplianceConfig, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    from appliance.services import log_dir, read_services
+
+    deadline = time.monotonic() + timeout
+    with console.status("starting the appliance") as spinner:
+        while True:
+            services = read_services(config)
+            states = {name: services.get(name, {}).get("state") for name in ("backend", "gateway")}
+            if all(state == "ready" for state in states.values()):
+                return
+            # A service that must restart before it was ever ready will not get better by waiting.
+            broken = [n for n, s in states.items() if s in ("failed", "restarting")]
+            if proc.poll() is not None or broken:
+                name = broken[0] if broken else "supervisor"
+                log = Path(services.get(name, {}).get("log") or log_dir(config) / f"{name}.log")
+                tail = log.read_text(errors="replace")[-1500:] if log.is_file() else ""
+                raise BackendError(
+                    f"{name} failed to start: {services.get(name, {}).get('detail', '')}\n"
+                    f"--- {log} (last lines)\n{tail.strip()}",
+                    hint=f"see the logs in {log_dir(config)}",
+                )
+            if time.monotonic() > deadline:
+                raise BackendError(f"not ready after {timeout:.0f} s: {states}")
+            detail = services.get("backend", {}).get("detail", "")
+            spinner.update(f"backend {states['backend'] or 'starting'} · {detail[:80]}")
+            time.sleep(0.5)
+
+
+def up(ctx: typer.Context, timeout: TimeoutOpt = 1800.0) -> None:
+    """Start the backend and the gateway under a supervisor and wait until both are ready."""
+    from appliance.services import supervisor_pid
 
     config = app_context(ctx).config()
-    plan = current_plan(ctx)
-    with open_store(config.state_dir) as store:
-        store.record_plan(plan.backend, plan.model, plan.model_dump(mode="json"))
-        version = store.schema_version
+    pid = supervisor_pid(config)
+    if pid is not None:
+        console.print(f"already up (supervisor pid {pid})")
+        return
+    started = time.monotonic()
+    proc = _spawn_supervisor(config)
+    try:
+        _wait_ready(config, proc, timeout)
+    except BaseException:
+        _stop(config, proc.pid)
+        raise
+    gw = config.gateway
     console.print(
-        f"state store {config.state_dir} (schema v{version}); "
-        f"plan recorded: {plan.backend} · {plan.variant} · {plan.model}"
+        f"up in {time.monotonic() - started:.1f} s: inference.local at "
+        f"http://{gw.host}:{gw.port}/v1 (supervisor pid {proc.pid})"
     )
-    for warning in plan.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+
+
+def _stop(config: ApplianceConfig, pid: int, timeout: float = 60.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            # Reap it if it is our child (up's own failure path), else just poll.
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            pass
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(pid, signal.SIGKILL)
+
+
+def down(ctx: typer.Context) -> None:
+    """Stop the supervisor and with it the backend and the gateway."""
+    from appliance.services import supervisor_pid
+
+    config = app_context(ctx).config()
+    pid = supervisor_pid(config)
+    if pid is None:
+        console.print("not running")
+        return
+    _stop(config, pid)
+    console.print(f"stopped (supervisor pid {pid})")

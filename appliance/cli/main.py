@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from appliance import __version__
-from appliance.cli import config_cmd, doctor, hardware, lifecycle, plan, status
+from appliance.cli import budget, config_cmd, doctor, hardware, keys, lifecycle, plan, serve, status
 from appliance.cli.context import AppContext
 from appliance.cli.output import print_error
 from appliance.errors import ApplianceError, exit_code_for
@@ -60,6 +60,10 @@ app.command("hardware")(hardware.hardware)
 app.command("plan")(plan.plan)
 app.command("doctor")(doctor.doctor)
 app.command("up")(lifecycle.up)
+app.command("down")(lifecycle.down)
+app.add_typer(serve.app, name="serve")
+app.add_typer(keys.app, name="keys")
+app.add_typer(budget.app, name="budget")
 app.add_typer(config_cmd.app, name="config")
 
 

@@ -38,6 +38,14 @@ def current_plan(
 
     config = app_context(ctx).config(**flags)
     host = host or collect()
+    if config.inference.backend == "embedded" and host.gpus:
+        why = "inference.backend is 'embedded' in the config: GPUs left unused"
+        host = host.model_copy(update={"gpus": [], "nvml_error": why})
+    elif config.inference.backend == "vllm" and not host.gpus:
+        raise ConfigError(
+            f"inference.backend is 'vllm' but this host has no usable GPU ({host.nvml_error})",
+            hint="set inference.backend to auto or embedded",
+        )
     return plan_serving(
         host,
         config.inference.vllm,

@@ -14,12 +14,14 @@ from rich.text import Text
 from appliance.cli.context import app_context
 from appliance.cli.hardware import gpu_table, host_summary
 from appliance.cli.options import IntervalOpt, JsonOpt, WatchOpt
-from appliance.cli.output import console, print_json
+from appliance.cli.output import console, fmt, print_json
 from hardware.snapshot import HostSnapshot
 
 
 def _state(state: str) -> str:
-    colour = {"listening": "green", "down": "red"}.get(state, "yellow")
+    colour = {"ready": "green", "listening": "green", "down": "red", "failed": "red"}.get(
+        state, "yellow"
+    )
     return f"[{colour}]{state}[/]"
 
 
@@ -38,12 +40,25 @@ def render(report: dict[str, Any], host: HostSnapshot) -> Group:
         Text.from_markup(
             f"\n[bold]inference[/]  {_state(inference['state'])}  {inference['endpoint']}  "
             f"plan: {planned}\n"
+            f"{_metrics_line(inference['metrics'])}"
             f"[bold]gateway[/]    {_state(gateway['state'])}  {gateway['url']}\n"
             f"[dim]state {app_info['state_dir']}"
             f"{'' if app_info['initialised'] else ' (not initialised: run `appliance up`)'}[/]"
         )
     )
     return Group(*parts)
+
+
+def _metrics_line(metrics: dict[str, Any] | None) -> str:
+    if not metrics:
+        return ""
+    kv = metrics["kv_cache_usage"]
+    return (
+        f"           requests running {fmt(metrics['requests_running'])}, "
+        f"waiting {fmt(metrics['requests_waiting'])} · KV cache "
+        f"{'n/a' if kv is None else f'{kv:.0%}'} · tokens in/out "
+        f"{fmt(metrics['prompt_tokens_total'])}/{fmt(metrics['generation_tokens_total'])}\n"
+    )
 
 
 def _snapshot(ctx: typer.Context) -> tuple[dict[str, Any], HostSnapshot]:

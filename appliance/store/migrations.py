@@ -20,4 +20,66 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "inference: api keys (hashed), usage ledger, daily totals, budgets, budget marks, audit",
+        """
+        CREATE TABLE api_keys (
+            id            TEXT PRIMARY KEY,
+            name          TEXT NOT NULL,
+            owner_kind    TEXT NOT NULL CHECK (owner_kind IN ('client', 'sandbox')),
+            secret_sha256 TEXT NOT NULL UNIQUE,
+            created_at    REAL NOT NULL,
+            revoked_at    REAL
+        );
+        CREATE UNIQUE INDEX api_keys_live_name ON api_keys (name) WHERE revoked_at IS NULL;
+        CREATE TABLE usage_ledger (
+            id                INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts                REAL    NOT NULL,
+            key_id            TEXT    NOT NULL,
+            model             TEXT    NOT NULL,
+            prompt_tokens     INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            latency_s         REAL    NOT NULL,
+            status            INTEGER NOT NULL,
+            stream            INTEGER NOT NULL,
+            cost              REAL    NOT NULL
+        );
+        CREATE INDEX usage_ledger_key_ts ON usage_ledger (key_id, ts);
+        -- Kept in step with usage_ledger (same transaction): budget checks read a handful of
+        -- rows instead of summing a month of requests.
+        CREATE TABLE usage_daily (
+            key_id            TEXT    NOT NULL,
+            day               TEXT    NOT NULL,
+            prompt_tokens     INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            cost              REAL    NOT NULL,
+            requests          INTEGER NOT NULL,
+            PRIMARY KEY (key_id, day)
+        ) WITHOUT ROWID;
+        CREATE TABLE budgets (
+            key_id         TEXT PRIMARY KEY REFERENCES api_keys (id),
+            daily_tokens   INTEGER,
+            monthly_tokens INTEGER,
+            daily_cost     REAL,
+            monthly_cost   REAL,
+            updated_at     REAL NOT NULL
+        );
+        CREATE TABLE budget_marks (
+            key_id  TEXT NOT NULL,
+            budget  TEXT NOT NULL,
+            level   TEXT NOT NULL,
+            period  TEXT NOT NULL,
+            ts      REAL NOT NULL,
+            PRIMARY KEY (key_id, budget, level, period)
+        ) WITHOUT ROWID;
+        CREATE TABLE audit_events (
+            id        INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts        REAL NOT NULL,
+            event     TEXT NOT NULL,
+            key_id    TEXT,
+            data_json TEXT NOT NULL
+        );
+        CREATE INDEX audit_events_ts ON audit_events (ts);
+        """,
+    ),
 ]

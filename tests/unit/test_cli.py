@@ -60,19 +60,12 @@ def test_config_override_reaches_the_plan(tmp_path: Path) -> None:
     assert plan["max_num_seqs"] == 3
 
 
-def test_status_before_and_after_up(tmp_path: Path) -> None:
+def test_status_before_up() -> None:
     report = invoke_json("status")
     assert set(report) >= {"appliance", "host", "gpus", "inference", "gateway"}
     assert report["appliance"]["initialised"] is False
     assert report["inference"]["plan"] is None
     assert report["gateway"]["url"] == "http://127.0.0.1:8080/v1"
-
-    result = runner.invoke(app, ["up"])
-    assert result.exit_code == 0, result.output
-    report = invoke_json("status")
-    assert report["appliance"]["initialised"] is True
-    assert report["inference"]["plan"]["served_model_name"] == "nemotron"
-    assert (tmp_path / "state" / "appliance.db").is_file()
 
 
 def test_status_human_screen() -> None:
@@ -92,7 +85,7 @@ def test_doctor_json_lists_checks() -> None:
 
 def test_config_show_json() -> None:
     config = invoke_json("config", "show")
-    assert config["gateway"] == {"host": "127.0.0.1", "port": 8080}
+    assert (config["gateway"]["host"], config["gateway"]["port"]) == ("127.0.0.1", 8080)
 
 
 def test_config_error_is_one_line_with_hint(tmp_path: Path, capsys) -> None:

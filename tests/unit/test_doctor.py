@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from appliance import doctor
-from appliance.config import ApplianceConfig, ListenConfig
+from appliance.config import ApplianceConfig, GatewayConfig, ListenConfig
 from appliance.doctor import CHECKS, CheckResult, DoctorEnv, all_ok, run_checks
 from hardware.snapshot import GpuInfo, HostClass, HostSnapshot
 from tests.conftest import FIXTURES
@@ -95,7 +95,7 @@ VERSIONS = {"podman": "podman version 4.9.3\n", "runc": "runc version 1.1.12\nco
 def env(root: Path, tmp_path: Path) -> DoctorEnv:
     config = ApplianceConfig(
         state_dir=tmp_path / "state",
-        gateway=ListenConfig(port=_free_port()),
+        gateway=GatewayConfig(port=_free_port()),
     )
     config.inference.backend_listen = ListenConfig(port=_free_port())
     return DoctorEnv(
@@ -352,7 +352,7 @@ def test_port_held_by_a_bound_socket_is_in_use(env: DoctorEnv) -> None:
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
-        env.config.gateway = ListenConfig(port=held.getsockname()[1])
+        env.config.gateway = GatewayConfig(port=held.getsockname()[1])
         r = doctor.check_gateway_port(env)
     assert r.status == "warn"
     assert "in use (by a running appliance?)" in r.detail
@@ -360,7 +360,7 @@ def test_port_held_by_a_bound_socket_is_in_use(env: DoctorEnv) -> None:
 
 
 def test_non_loopback_gateway_warns(env: DoctorEnv) -> None:
-    env.config.gateway = ListenConfig(host="0.0.0.0", port=_free_port())
+    env.config.gateway = GatewayConfig(host="0.0.0.0", port=_free_port())
     r = doctor.check_gateway_port(env)
     assert r.status == "warn"
     assert "not loopback" in r.detail

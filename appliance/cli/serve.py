@@ -1,0 +1,58 @@
+"""`appliance serve backend|gateway|all`: the foreground commands a service manager runs."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from appliance.cli.context import app_context
+from appliance.cli.output import err_console
+
+app = typer.Typer(help="Run one service in the foreground (for systemd units).")
+
+
+@app.command("backend")
+def backend(ctx: typer.Context) -> None:
+    """Serve the planned model: exec `vllm serve ...`, or the embedded model server."""
+    from appliance.cli.plan import current_plan
+    from appliance.services import backend_process
+
+    config = app_context(ctx).config()
+    proc = backend_process(config, current_plan(ctx))
+    err_console.print(f"exec: {proc.command_line()}")
+    os.execvpe(proc.argv[0], proc.argv, {**os.environ, **proc.env})
+
+
+@app.command("gateway")
+def gateway(ctx: typer.Context) -> None:
+    """Serve inference.local (the OpenAI-compatible gateway) on the configured address."""
+    import uvicorn
+
+    from appliance.store.inference_store import InferenceStore
+    from inference.gateway.app import create_app
+
+    config = app_context(ctx).config()
+    store = InferenceStore(config.state_dir)
+    api = create_app(config.gateway_settings(), store, store, store, store)
+    uvicorn.run(
+        api,
+        host=config.gateway.host,
+        port=config.gateway.port,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+@app.command("all", hidden=True)
+def supervise_all(ctx: typer.Context) -> None:
+    """Run the supervisor in the foreground: backend and gateway, restarted when they die."""
+    from appliance.cli.plan import current_plan
+    from appliance.services import supervise
+    from appliance.store import open_store
+
+    config = app_context(ctx).config()
+    plan = current_plan(ctx)
+    with open_store(config.state_dir) as store:
+        store.record_plan(plan.backend, plan.model, plan.model_dump(mode="json"))
+    supervise(config, plan)

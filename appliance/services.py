@@ -1,0 +1,157 @@
+"""The appliance's long-running services and the supervisor that keeps them up.
+
+`appliance up` starts one detached supervisor process (`appliance supervise`) when no service
+manager is in charge. It runs the backend (vLLM or the embedded model server) and the gateway as
+child processes, restarts them with backoff when they die, and records their state in
+<state_dir>/run/services.json for `appliance status`. `appliance down` sends it SIGTERM.
+Under systemd, `appliance serve backend|gateway` are the unit commands instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance.config import ApplianceConfig
+from hardware.plan_types import ServingPlan
+from inference.backends import ProcessBackend, VllmBackend
+
+
+def run_dir(config: ApplianceConfig) -> Path:
+    return config.state_dir / "run"
+
+
+def log_dir(config: ApplianceConfig) -> Path:
+    return config.state_dir / "logs"
+
+
+def pid_file(config: ApplianceConfig) -> Path:
+    return run_dir(config) / "supervisor.pid"
+
+
+def services_file(config: ApplianceConfig) -> Path:
+    return run_dir(config) / "services.json"
+
+
+def cli_argv(config: ApplianceConfig, *args: str) -> list[str]:
+    """Re-invoke this appliance (same interpreter, same state dir) with `args`."""
+    return [sys.executable, "-m", "appliance", "--state-dir", str(config.state_dir), *args]
+
+
+def embedded_argv(config: ApplianceConfig) -> list[str]:
+    listen = config.inference.backend_listen
+    argv = [
+        sys.executable, "-m", "inference.embedded",
+        "--host", listen.host,
+        "--port", str(listen.port),
+        "--served-model-name", config.inference.served_model_name,
+        "--cache-dir", str(config.resolved_models_dir / "cache"),
+    ]  # fmt: skip
+    if config.inference.embedded_model:
+        argv += ["--model", config.inference.embedded_model]
+    return argv
+
+
+def backend_process(config: ApplianceConfig, plan: ServingPlan) -> ProcessBackend:
+    log = log_dir(config) / "backend.log"
+    if plan.backend == "vllm":
+        return VllmBackend(
+            plan,
+            log_path=log,
+            offline=config.inference.offline,
+            hf_home=config.resolved_models_dir / "hf",
+        )
+    listen = config.inference.backend_listen
+    return ProcessBackend(
+        embedded_argv(config),
+        base_url=f"http://{listen.host}:{listen.port}",
+        log_path=log,
+        name="embedded",
+        env={"HF_HUB_OFFLINE": "1"} if config.inference.offline else None,
+    )
+
+
+def gateway_process(config: ApplianceConfig) -> ProcessBackend:
+    gw = config.gateway
+    return ProcessBackend(
+        cli_argv(config, "serve", "gateway"),
+        base_url=f"http://{gw.host}:{gw.port}",
+        log_path=log_dir(config) / "gateway.log",
+        name="gateway",
+        health_path="/health/live",
+    )
+
+
+def supervisor_pid(config: ApplianceConfig) -> int | None:
+    """The running supervisor's pid, or None (a stale pid file is ignored)."""
+    try:
+        pid = int(pid_file(config).read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def read_services(config: ApplianceConfig) -> dict[str, Any]:
+    try:
+        return json.loads(services_file(config).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+class _StateFile:
+    """services.json, rewritten atomically on every state change of any service."""
+
+    def __init__(self, path: Path, plan: ServingPlan) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.data: dict[str, Any] = {"supervisor_pid": os.getpid(), "plan": plan.variant}
+
+    def update(self, name: str, proc: ProcessBackend, state: str, detail: str) -> None:
+        with self.lock:
+            self.data[name] = {
+                "state": state,
+                "detail": detail,
+                "pid": proc.pid,
+                "since": time.time(),
+                "url": proc.base_url,
+                "log": str(proc.log_path),
+            }
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=2))
+            tmp.replace(self.path)
+
+
+def supervise(config: ApplianceConfig, plan: ServingPlan) -> None:
+    """Run both services until SIGTERM/SIGINT; restart each when it dies (foreground)."""
+    run_dir(config).mkdir(parents=True, exist_ok=True)
+    pid_file(config).write_text(f"{os.getpid()}\n")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    states = _StateFile(services_file(config), plan)
+    services = [backend_process(config, plan), gateway_process(config)]
+    supervisors = []
+    try:
+        for proc in services:
+
+            def on_state(state: str, detail: str, proc: ProcessBackend = proc) -> None:
+                states.update(
+                    proc.name if proc.name == "gateway" else "backend", proc, state, detail
+                )
+
+            supervisors.append(
+                proc.supervise(on_state=on_state, ready_timeout=config.inference.ready_timeout_s)
+            )
+        stop.wait()
+    finally:
+        for sup in reversed(supervisors):
+            sup.stop(timeout=60)
+        pid_file(config).unlink(missing_ok=True)
+        services_file(config).unlink(missing_ok=True)

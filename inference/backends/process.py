@@ -1,0 +1,291 @@
+"""A backend that is a child process serving HTTP: vLLM, or the embedded model's server.
+
+The child runs in its own session (so its process group can be signalled as a whole: vLLM forks
+engine-core and worker processes), with stdout and stderr appended to a log file whose last line
+feeds the progress display while a model loads (minutes on real hardware).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from inference.backends.base import (
+    BackendMetrics,
+    BackendStartError,
+    BackendStopped,
+    BackendTimeout,
+    BackendUnavailable,
+    ProgressCallback,
+    StateCallback,
+    fetch_models,
+    http_get,
+    is_secret_env,
+    parse_metrics,
+    secret_flags,
+)
+from inference.backends.supervisor import Supervisor
+
+_TAIL_BYTES = 16 * 1024
+
+
+class ProcessBackend:
+    """Runs `argv` as a child process and talks to it over HTTP at `base_url`."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        base_url: str,
+        log_path: str | Path,
+        env: Mapping[str, str] | None = None,
+        name: str = "backend",
+        health_path: str = "/health",
+        api_path: str = "/v1",
+        api_key: str | None = None,
+        cwd: str | Path | None = None,
+    ) -> None:
+        self.name = name
+        self._argv = list(argv)
+        self._check_argv(self._argv)
+        self._base_url = base_url.rstrip("/")
+        self.log_path = Path(log_path)
+        self._env = dict(env or {})
+        self._health_path = health_path
+        self._api_path = api_path
+        self._api_key = api_key
+        self._cwd = cwd
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0  # where this start's output begins in the log file
+        self.starts = 0
+
+    def __repr__(self) -> str:  # no env: it may hold a key
+        return f"{type(self).__name__}(name={self.name!r}, base_url={self._base_url!r})"
+
+    @staticmethod
+    def _check_argv(argv: list[str]) -> None:
+        if not argv:
+            raise ValueError("empty argv")
+        if leaks := secret_flags(argv):
+            raise ValueError(f"secrets never go in argv (visible in ps): {', '.join(leaks)}")
+
+    # ---- what it runs ---------------------------------------------------------------------
+
+    @property
+    def argv(self) -> list[str]:
+        return list(self._argv)
+
+    @argv.setter
+    def argv(self, argv: Sequence[str]) -> None:  # takes effect at the next start
+        self._check_argv(list(argv))
+        self._argv = list(argv)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The variables set on top of the inherited environment."""
+        return dict(self._env)
+
+    def command_line(self) -> str:
+        """One shell line, env first, as launched; secret env values are masked."""
+        assigns = [
+            f"{k}={'***' if is_secret_env(k) else shlex.quote(v)}"
+            for k, v in sorted(self._env.items())
+        ]
+        return " ".join([*assigns, shlex.join(self._argv)])
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    @property
+    def api_base(self) -> str:
+        return self._base_url + self._api_path
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+
+    # ---- the process ----------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        """None while running (or never started); negative: killed by that signal."""
+        return self._proc.poll() if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        if self.running:
+            raise BackendStartError(f"{self.name} is already running (pid {self.pid})")
+        self._check_port_free()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"\n=== {stamp} start {self.name}: {self.command_line()}\n".encode())
+            log.flush()
+            self._log_offset = log.tell()
+            try:
+                self._proc = subprocess.Popen(
+                    self._argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **self._env},
+                    cwd=self._cwd,
+                    start_new_session=True,  # its own process group: stop() reaches its children
+                )
+            except OSError as exc:
+                raise BackendStartError(
+                    f"cannot run {self._argv[0]!r}: {exc}", retryable=False
+                ) from None
+        self.starts += 1
+
+    def _check_port_free(self) -> None:
+        """Refuse to start when something already answers there: its /health would fool us."""
+        parts = urlsplit(self._base_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection((parts.hostname or "127.0.0.1", port), timeout=0.5),
+        ):
+            raise BackendStartError(
+                f"{self.name}: port {port} is already in use (a stale server?)", retryable=True
+            )
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM to the whole process group, SIGKILL after `grace` seconds."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            self._signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self._signal_group(proc.pid, signal.SIGKILL)
+                proc.wait()
+        # Children that outlived the leader (vLLM's engine core holds GPU memory).
+        self._signal_group(proc.pid, signal.SIGKILL)
+
+    @staticmethod
+    def _signal_group(pgid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+
+    # ---- the log --------------------------------------------------------------------------
+
+    def log_since_start(self) -> str:
+        """Everything the current (or last) run wrote."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(max(self._log_offset, log.seek(0, os.SEEK_END) - _TAIL_BYTES))
+                text = log.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.replace("\r", "\n").splitlines()[-lines:])
+
+    def last_log_line(self) -> str:
+        """The latest non-empty line (tqdm bars end with \\r, not \\n)."""
+        rows = [row.strip() for row in self.log_tail(5).splitlines() if row.strip()]
+        return rows[-1][:200] if rows else ""
+
+    # ---- readiness ------------------------------------------------------------------------
+
+    def health(self, timeout: float = 2.0) -> bool:
+        try:
+            response = httpx.get(self._base_url + self._health_path, timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def wait_ready(
+        self,
+        timeout: float,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+        interval: float = 0.25,
+    ) -> None:
+        """Poll /health until 200; raise if the process exits, the time runs out or `cancel`."""
+        started = time.monotonic()
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise BackendStopped(f"{self.name}: start cancelled")
+            code = self.returncode
+            if code is not None or self._proc is None:
+                raise BackendStartError(
+                    f"{self.name} exited with code {code} while starting: {self.last_log_line()}",
+                    log_tail=self.log_tail(),
+                    returncode=code,
+                )
+            if self.health():
+                return
+            elapsed = time.monotonic() - started
+            if elapsed >= timeout:
+                raise BackendTimeout(
+                    f"{self.name} not healthy after {timeout:.0f} s: {self.last_log_line()}",
+                    log_tail=self.log_tail(),
+                )
+            if progress is not None:
+                progress(elapsed, self.last_log_line())
+            if cancel is not None:
+                cancel.wait(interval)
+            else:
+                time.sleep(interval)
+
+    def launch(
+        self,
+        timeout: float,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """start() + wait_ready(); on failure nothing is left running."""
+        self.start()
+        try:
+            self.wait_ready(timeout, progress, cancel)
+        except BaseException:
+            self.stop(grace=5.0)
+            raise
+
+    # ---- what it serves -------------------------------------------------------------------
+
+    def models(self) -> list[dict[str, Any]]:
+        return fetch_models(self.api_base, self.auth_headers())
+
+    def metrics(self) -> BackendMetrics:
+        """One scrape of /metrics; an empty BackendMetrics if the server has none."""
+        try:
+            text = http_get(self._base_url + "/metrics").text
+        except BackendUnavailable:
+            if not self.running:
+                raise
+            return BackendMetrics(scraped_at=time.monotonic())
+        return parse_metrics(text)
+
+    def supervise(self, on_state: StateCallback | None = None, **options: Any) -> Supervisor:
+        """Start a Supervisor thread that keeps this backend up (options: see Supervisor)."""
+        return Supervisor(self, on_state=on_state, **options).start()

@@ -1,0 +1,82 @@
+"""Settings of the inference.local gateway; the appliance embeds them in its config (`gateway:`).
+
+No secret ever lives here: the upstream key is named by an environment variable or a file path,
+read when the app starts, so `appliance config show` can print these settings safely.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Price(_Strict):
+    """Cost per 1M tokens, in whatever currency the operator budgets in."""
+
+    prompt_per_1m: float = Field(0.0, ge=0)
+    completion_per_1m: float = Field(0.0, ge=0)
+
+
+class UpstreamSettings(_Strict):
+    """Any OpenAI-compatible server (a remote NVIDIA endpoint, another vLLM)."""
+
+    base_url: str  # up to and including /v1, e.g. https://integrate.api.nvidia.com/v1
+    api_key_env: str | None = None  # the NAME of an environment variable holding the key
+    api_key_file: Path | None = None  # or a file whose first line is the key
+    models: list[str] = Field(default_factory=list)  # what it serves, routed by name
+    fallback: bool = False  # send local-model requests here while the local backend is down
+    fallback_model: str | None = None  # default: the first of `models`
+
+    @model_validator(mode="after")
+    def _check(self) -> UpstreamSettings:
+        if self.fallback and not (self.fallback_model or self.models):
+            raise ValueError("fallback needs fallback_model or at least one entry in models")
+        return self
+
+    def api_key(self) -> str | None:
+        if self.api_key_env:
+            value = os.environ.get(self.api_key_env)
+            if value:
+                return value.strip()
+        if self.api_key_file is not None:
+            lines = self.api_key_file.read_text().strip().splitlines()
+            return lines[0].strip() if lines else None
+        return None
+
+    @property
+    def effective_fallback_model(self) -> str:
+        return self.fallback_model or self.models[0]
+
+
+class GatewaySettings(_Strict):
+    # The local backend (vLLM or the embedded server; both speak vLLM's routes), without /v1.
+    backend_url: str = "http://127.0.0.1:8000"
+    served_model_name: str = "nemotron"
+    # alias -> model: the served name or an upstream model, e.g. {"default": "nemotron"}
+    aliases: dict[str, str] = Field(default_factory=dict)
+    upstream: UpstreamSettings | None = None
+    prices: dict[str, Price] = Field(default_factory=dict)  # model -> price; absent = free
+    budget_warn_ratio: float = Field(0.8, gt=0, le=1)
+    request_timeout_s: float = Field(600.0, gt=0)  # longest silence from the backend
+    connect_timeout_s: float = Field(3.0, gt=0)
+    max_backend_connections: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _check_aliases(self) -> GatewaySettings:
+        known = {self.served_model_name, *(self.upstream.models if self.upstream else [])}
+        for alias, target in self.aliases.items():
+            if target not in known:
+                raise ValueError(
+                    f"alias {alias!r} points at {target!r}, which is neither the served model "
+                    "nor an upstream model"
+                )
+        return self
+
+    def price_table(self) -> dict[str, tuple[float, float]]:
+        return {m: (p.prompt_per_1m, p.completion_per_1m) for m, p in self.prices.items()}

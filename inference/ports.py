@@ -1,0 +1,102 @@
+"""What the inference package needs from the rest of the appliance, declared here as Protocols.
+
+The appliance implements them (appliance/store) and hands them in; inference never imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+OwnerKind = Literal["client", "sandbox"]
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: str  # public id, e.g. "key_3f9a..." (never the secret)
+    name: str
+    owner_kind: OwnerKind
+    created_at: float
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    key_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    status: int  # HTTP status returned to the client
+    stream: bool
+    cost: float = 0.0  # from the price table; 0 for local models
+    ts: float = 0.0
+
+
+@dataclass(frozen=True)
+class Budget:
+    key_id: str
+    daily_tokens: int | None = None
+    monthly_tokens: int | None = None
+    daily_cost: float | None = None
+    monthly_cost: float | None = None
+
+
+@dataclass(frozen=True)
+class Spend:
+    """What a key has spent in the current day and month (UTC)."""
+
+    day_tokens: int = 0
+    month_tokens: int = 0
+    day_cost: float = 0.0
+    month_cost: float = 0.0
+
+
+class KeyStore(Protocol):
+    def create_key(self, name: str, owner_kind: OwnerKind) -> tuple[KeyRecord, str]:
+        """Create a key; returns its record and the secret, shown once and stored only hashed."""
+        ...
+
+    def authenticate(self, secret: str) -> KeyRecord | None:
+        """The live (not revoked) key with this secret, or None."""
+        ...
+
+    def list_keys(self) -> list[KeyRecord]: ...
+
+    def revoke_key(self, key_id_or_name: str) -> KeyRecord | None: ...
+
+
+class Ledger(Protocol):
+    def record_usage(self, usage: UsageRecord) -> None: ...
+
+    def record_usages(self, usages: Sequence[UsageRecord]) -> None:
+        """Write a batch in one transaction (the gateway's writer thread batches)."""
+        ...
+
+    def spend(self, key_id: str, now: float | None = None) -> Spend: ...
+
+
+class BudgetStore(Protocol):
+    def get_budget(self, key_id: str) -> Budget | None: ...
+
+    def set_budget(self, budget: Budget) -> None: ...
+
+    def mark_budget_event(self, key_id: str, budget: str, level: str, period: str) -> bool:
+        """Record that `level` ("warning", "exceeded", "hard_stop") of `budget` ("daily_tokens",
+        ...) was reached in `period` ("2026-11-18", "2026-11"); True only the first time, so
+        warnings and hard stops fire once per period, across gateway restarts too."""
+        ...
+
+
+class AuditSink(Protocol):
+    def audit(self, event: str, **fields: Any) -> None:
+        """Append one decision (budget warning, throttle, stop, key use) to the host audit log."""
+        ...
+
+
+@dataclass
+class ControlPlaneHooks:
+    """Callbacks the appliance wires in; the sandbox issue connects hard stops to the agent."""
+
+    on_hard_stop: list[Any] = field(default_factory=list)  # callables (key: KeyRecord) -> None

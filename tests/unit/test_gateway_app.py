@@ -1,0 +1,232 @@
+"""The gateway app in-process (no backend running): auth, validation, routing, budgets before
+forwarding, error shapes, health, metrics, settings. Forwarding is covered by the integration tests
+against a real stand-in vLLM process."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from starlette.testclient import TestClient
+
+from appliance.store.inference_store import InferenceStore
+from inference.gateway import GatewaySettings, create_app
+from inference.gateway.routing import Router
+from inference.ports import Budget, ControlPlaneHooks, KeyRecord
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again on exit: connections are refused
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[InferenceStore]:
+    with InferenceStore(tmp_path) as s:
+        yield s
+
+
+def make_client(store: InferenceStore, hooks: ControlPlaneHooks | None = None, **settings: Any):
+    base = {"backend_url": f"http://127.0.0.1:{closed_port()}", "aliases": {"smol": "nemotron"}}
+    app = create_app(GatewaySettings(**{**base, **settings}), store, store, store, store, hooks)
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.fixture
+def client(store: InferenceStore) -> Iterator[TestClient]:
+    with make_client(store) as c:
+        yield c
+
+
+@pytest.fixture
+def secret(store: InferenceStore) -> str:
+    return store.create_key("tester", "client")[1]
+
+
+def auth(secret: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {secret}"}
+
+
+CHAT = {"model": "nemotron", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def assert_openai_error(resp: Any, status: int, code: str | None = None) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "Bearer", "Bearer ", "Basic abc", "Bearer sk-app-nope", "sk-app-raw", "Bearer  x y"],
+)
+def test_v1_needs_a_valid_key(client: TestClient, header: str | None) -> None:
+    headers = {"authorization": header} if header is not None else {}
+    for method, path in [("GET", "/v1/models"), ("POST", "/v1/chat/completions")]:
+        resp = client.request(method, path, headers=headers, json=CHAT)
+        assert_openai_error(resp, 401, "invalid_api_key")
+
+
+def test_revoked_key_is_refused(client: TestClient, store: InferenceStore, secret: str) -> None:
+    assert client.get("/v1/models", headers=auth(secret)).status_code == 200
+    store.revoke_key("tester")
+    assert_openai_error(client.get("/v1/models", headers=auth(secret)), 401)
+
+
+def test_models_lists_served_name_aliases_and_upstream(store: InferenceStore, secret: str) -> None:
+    upstream = {"base_url": "http://127.0.0.1:9/v1", "models": ["big/model"]}
+    with make_client(store, upstream=upstream, aliases={"smol": "nemotron", "big": "big/model"}) as c:
+        data = c.get("/v1/models", headers=auth(secret)).json()["data"]
+    assert [(m["id"], m["root"]) for m in data] == [
+        ("nemotron", "nemotron"),
+        ("big", "big/model"),
+        ("smol", "nemotron"),
+        ("big/model", "big/model"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{not json", None),
+        (b"", None),
+        (b"[1, 2]", None),
+        (b'{"model": "nemotron", "messages": [], "temperature": NaN}', None),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), "model"),
+        (json.dumps({"model": "nemotron"}).encode(), "messages"),
+        (json.dumps({**CHAT, "messages": []}).encode(), "messages"),
+        (json.dumps({**CHAT, "messages": ["hi"]}).encode(), "messages.0"),
+        (json.dumps({**CHAT, "temperature": 5}).encode(), "temperature"),
+        (json.dumps({**CHAT, "max_tokens": 0}).encode(), "max_tokens"),
+        (json.dumps({**CHAT, "max_tokens": "10"}).encode(), "max_tokens"),
+        (json.dumps({**CHAT, "stream": "yes"}).encode(), "stream"),
+        (json.dumps({**CHAT, "stream_options": {"include_usage": 1}}).encode(), None),
+        (json.dumps({**CHAT, "top_p": 1.5}).encode(), "top_p"),
+        (json.dumps({**CHAT, "model": 7}).encode(), "model"),
+    ],
+)
+def test_malformed_bodies_are_400(client: TestClient, secret: str, body: bytes, param) -> None:
+    resp = client.post("/v1/chat/completions", headers=auth(secret), content=body)
+    error = assert_openai_error(resp, 400)
+    assert error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_completions_schema(client: TestClient, secret: str) -> None:
+    resp = client.post("/v1/completions", headers=auth(secret), json={"model": "nemotron"})
+    assert assert_openai_error(resp, 400)["param"] == "prompt"
+
+
+def test_unknown_model_is_404(client: TestClient, secret: str) -> None:
+    resp = client.post("/v1/chat/completions", headers=auth(secret), json={**CHAT, "model": "x"})
+    error = assert_openai_error(resp, 404, "model_not_found")
+    assert "`x`" in error["message"] and error["param"] == "model"
+
+
+def test_backend_down_is_503_with_unknown_fields_accepted(client: TestClient, secret: str) -> None:
+    body = {**CHAT, "model": "smol", "tools": [{"type": "function"}], "vendor_knob": {"a": 1}}
+    resp = client.post("/v1/chat/completions", headers=auth(secret), json=body)
+    assert_openai_error(resp, 503, "backend_unavailable")
+    resp = client.post("/v1/chat/completions", headers=auth(secret), json={**body, "stream": True})
+    assert_openai_error(resp, 503)
+
+
+def test_unknown_routes_and_methods_are_openai_shaped(client: TestClient) -> None:
+    assert_openai_error(client.get("/v1/nope"), 404)
+    assert_openai_error(client.get("/v1/chat/completions"), 405)
+
+
+def test_daily_budget_refuses_before_forwarding(store: InferenceStore, secret: str) -> None:
+    key = store.find_key("tester")
+    assert key is not None
+    store.set_budget(Budget(key.id, daily_tokens=0))
+    with make_client(store) as c:
+        resp = c.post("/v1/chat/completions", headers=auth(secret), json=CHAT)
+        error = assert_openai_error(resp, 429, "daily_tokens_budget_exceeded")
+        assert "daily tokens" in error["message"] and "resets at" in error["message"]
+        assert int(resp.headers["retry-after"]) > 0
+        c.post("/v1/chat/completions", headers=auth(secret), json=CHAT)
+        metrics = c.get("/metrics").text
+    assert 'appliance_gateway_budget_state{key="tester"} 2.0' in metrics
+    assert [e["event"] for e in store.audit_events("budget.exceeded")] == ["budget.exceeded"]
+
+
+def test_monthly_cap_hard_stops_once(store: InferenceStore, secret: str) -> None:
+    key = store.find_key("tester")
+    assert key is not None
+    store.set_budget(Budget(key.id, monthly_tokens=0, daily_tokens=0))
+    stopped: list[KeyRecord] = []
+
+    async def async_hook(k: KeyRecord) -> None:
+        stopped.append(k)
+
+    hooks = ControlPlaneHooks(on_hard_stop=[stopped.append, async_hook])
+    for _ in range(2):  # a second gateway run: still once per period
+        with make_client(store, hooks) as c:
+            for _ in range(3):
+                resp = c.post("/v1/chat/completions", headers=auth(secret), json=CHAT)
+                assert_openai_error(resp, 429, "monthly_tokens_budget_exceeded")
+    assert stopped == [key, key]  # each hook, once
+    assert len(store.audit_events("budget.hard_stop")) == 1
+
+
+def test_health_and_metrics_need_no_key(client: TestClient) -> None:
+    assert client.get("/health/live").json() == {"status": "live"}
+    ready = client.get("/health/ready")
+    assert ready.status_code == 503 and ready.json()["status"] == "not ready"
+    metrics = client.get("/metrics")
+    assert metrics.status_code == 200
+    assert 'appliance_gateway_backend_up{backend="local"} 0.0' in metrics.text
+
+
+def test_openapi_documents_the_request_bodies(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]
+    schema = body["content"]["application/json"]["schema"]
+    assert "$defs" not in json.dumps(schema) and "messages" in schema["required"]
+
+
+def test_usage_is_flushed_at_shutdown_and_errors_are_metered(
+    store: InferenceStore, secret: str
+) -> None:
+    with make_client(store) as c:
+        for _ in range(5):
+            c.post("/v1/chat/completions", headers=auth(secret), json={**CHAT, "model": "x"})
+    rows = store.usage_rows()
+    assert [r.status for r in rows] == [404] * 5
+
+
+def test_settings_validation_and_no_secret_in_dump(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError, match="alias"):
+        GatewaySettings(aliases={"a": "missing"})
+    with pytest.raises(ValidationError, match="fallback"):
+        GatewaySettings(upstream={"base_url": "http://x/v1", "fallback": True})
+    monkeypatch.setenv("UPSTREAM_KEY", "nvapi-secret")
+    s = GatewaySettings(upstream={"base_url": "http://x/v1", "api_key_env": "UPSTREAM_KEY"})
+    assert s.upstream is not None and s.upstream.api_key() == "nvapi-secret"
+    assert "nvapi-secret" not in s.model_dump_json()
+    assert s.budget_warn_ratio == 0.8
+
+
+def test_router_fallback_only_when_allowed() -> None:
+    up = {"base_url": "http://x/v1", "models": ["remote"]}
+    router = Router(GatewaySettings(upstream=up))
+    local = router.resolve("nemotron")
+    assert local is not None and router.fallback(local) is None
+    router = Router(GatewaySettings(upstream={**up, "fallback": True}))
+    local = router.resolve("nemotron")
+    assert local is not None
+    fallback = router.fallback(local)
+    assert fallback is not None and (fallback.target, fallback.model) == ("upstream", "remote")
+    assert router.resolve("remote") is not None and router.resolve("nope") is None

@@ -1,0 +1,88 @@
+"""The usage writer: batches off the caller's thread, tracks what is pending, loses nothing at
+close, survives a failing batch; and the price table."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+from inference.metering import UsageWriter, cost_of
+from inference.ports import Spend, UsageRecord
+
+
+class SlowLedger:
+    def __init__(self, delay: float = 0.0, fail_batches: int = 0) -> None:
+        self.rows: list[UsageRecord] = []
+        self.batches: list[int] = []
+        self.delay = delay
+        self.fail_batches = fail_batches
+        self.threads: set[str] = set()
+
+    def record_usage(self, usage: UsageRecord) -> None:
+        self.rows.append(usage)
+
+    def record_usages(self, usages: Sequence[UsageRecord]) -> None:
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay)
+        if self.fail_batches:
+            self.fail_batches -= 1
+            raise RuntimeError("disk full")
+        self.batches.append(len(usages))
+        self.rows.extend(usages)
+
+    def spend(self, key_id: str, now: float | None = None) -> Spend:
+        return Spend()
+
+
+def rec(key: str, tokens: int, cost: float = 0.0) -> UsageRecord:
+    return UsageRecord(key, "m", tokens, 0, 0.01, 200, True, cost, time.time())
+
+
+def test_close_drains_everything_queued() -> None:
+    ledger = SlowLedger(delay=0.02)
+    writer = UsageWriter(ledger)
+    for i in range(200):
+        writer.submit(rec("k", i))
+    assert writer.pending("k")[0] > 0  # the slow ledger is behind
+    writer.close()
+    assert len(ledger.rows) == 200 and writer.pending("k") == (0, 0.0)
+    assert len(ledger.batches) < 200  # batched, not row by row
+    assert ledger.threads == {"usage-writer"}
+
+
+def test_pending_is_per_key_and_includes_cost() -> None:
+    ledger = SlowLedger(delay=0.2)
+    writer = UsageWriter(ledger)
+    writer.submit(rec("a", 1))  # occupies the writer
+    time.sleep(0.05)
+    writer.submit(rec("a", 10, 0.5))
+    writer.submit(rec("b", 7))
+    assert writer.pending("a") == (10, 0.5) or writer.pending("a") == (11, 0.5)
+    assert writer.pending("b") == (7, 0.0)
+    writer.flush()
+    assert writer.pending("a") == (0, 0.0)
+    writer.close()
+
+
+def test_a_failing_batch_is_retried_row_by_row() -> None:
+    ledger = SlowLedger(fail_batches=1)
+    writer = UsageWriter(ledger)
+    for i in range(5):
+        writer.submit(rec("k", i))
+    writer.close()
+    assert sorted(r.prompt_tokens for r in ledger.rows) == [0, 1, 2, 3, 4]
+
+
+def test_submit_after_close_writes_synchronously() -> None:
+    ledger = SlowLedger()
+    writer = UsageWriter(ledger)
+    writer.close()
+    writer.submit(rec("k", 3))
+    assert len(ledger.rows) == 1
+
+
+def test_cost_from_price_table() -> None:
+    prices = {"remote": (2.0, 6.0)}
+    assert cost_of(prices, "remote", 1_000_000, 500_000) == 5.0
+    assert cost_of(prices, "local", 10**9, 10**9) == 0.0

@@ -28,8 +28,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from appliance.store.inference_store import InferenceStore  # noqa: E402
-from tests.integration.gateway_harness import (  # noqa: E402
+from appliance.store.inference_store import InferenceStore
+from tests.integration.gateway_harness import (
     free_port,
     start_fake_vllm,
     start_gateway,
@@ -147,14 +147,17 @@ def main() -> None:
     try:
         for conc in args.concurrency:
             direct, via = Sample(), Sample()
-            gateway_cpu = 0.0
+            gateway_cpu = backend_cpu = 0.0
             for r in range(args.rounds):
                 order = [(backend_url, None, direct), (gateway_url, secret, via)]
                 for base, key, sample in order if r % 2 == 0 else order[::-1]:
                     before = cpu_s(gateway.pid)
+                    backend_before = cpu_s(backend.pid) if backend else 0.0
                     asyncio.run(batch(base, key, args.model, conc, args.tokens, sample))
                     if sample is via:
                         gateway_cpu += cpu_s(gateway.pid) - before
+                    elif backend is not None:
+                        backend_cpu += cpu_s(backend.pid) - backend_before
             d_tps, g_tps = direct.tokens / direct.wall, via.tokens / via.wall
             print(
                 f"{conc:3d} streams: tok/s direct {d_tps:8.1f}  gateway {g_tps:8.1f}  "
@@ -163,7 +166,8 @@ def main() -> None:
                 f" | p50 latency {p50(direct.latency) * 1000:7.1f} -> "
                 f"{p50(via.latency) * 1000:7.1f} ms "
                 f"(+{(p50(via.latency) - p50(direct.latency)) * 1000:.2f}) | gateway CPU "
-                f"{gateway_cpu / max(via.tokens, 1) * 1e6:.0f} us/token | errors "
+                f"{gateway_cpu / max(via.tokens, 1) * 1e6:.0f} us/token (backend "
+                f"{backend_cpu / max(direct.tokens, 1) * 1e6:.0f}) | errors "
                 f"{direct.errors}/{via.errors}"
             )
     finally:

@@ -62,8 +62,21 @@ def start_fake_vllm(
     port: int, env: dict[str, str] | None = None, name: str = "nemotron"
 ) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.fake_vllm", "serve", "fake/model", "--host",
-         "127.0.0.1", "--port", str(port), "--served-model-name", name, "--max-num-seqs", "256"],
+        [
+            sys.executable,
+            "-m",
+            "tests.fakes.fake_vllm",
+            "serve",
+            "fake/model",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--served-model-name",
+            name,
+            "--max-num-seqs",
+            "256",
+        ],
         cwd=REPO,
         env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,
@@ -74,11 +87,23 @@ def start_fake_vllm(
 
 
 def start_gateway(
-    state_dir: Path, port: int, settings: dict[str, Any], hard_stop_file: Path | None = None,
+    state_dir: Path,
+    port: int,
+    settings: dict[str, Any],
+    hard_stop_file: Path | None = None,
     env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "tests.integration.gateway_harness", "--state-dir",
-            str(state_dir), "--port", str(port), "--settings", json.dumps(settings)]
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.integration.gateway_harness",
+        "--state-dir",
+        str(state_dir),
+        "--port",
+        str(port),
+        "--settings",
+        json.dumps(settings),
+    ]
     if hard_stop_file is not None:
         argv += ["--hard-stop-file", str(hard_stop_file)]
     proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **(env or {})})

@@ -100,7 +100,9 @@ def test_models_chat_and_alias(env: Env) -> None:
 def test_stream_carries_usage_only_when_asked(env: Env) -> None:
     key_id, secret = env.key("streamer")
     client = env.client(secret)
-    plain = list(client.chat.completions.create(model="nemotron", messages=HI, max_tokens=4, stream=True))
+    plain = list(
+        client.chat.completions.create(model="nemotron", messages=HI, max_tokens=4, stream=True)
+    )
     assert all(c.usage is None and c.choices for c in plain)
     assert "".join(c.choices[0].delta.content or "" for c in plain) == "tok0 tok1 tok2 tok3"
     with_usage = list(
@@ -128,7 +130,10 @@ def test_completions_stream_and_not(env: Env) -> None:
     assert reply.choices[0].text == "tok0 tok1 tok2" and reply.usage is not None
     chunks = list(
         client.completions.create(
-            model="nemotron", prompt="a b c", max_tokens=3, stream=True,
+            model="nemotron",
+            prompt="a b c",
+            max_tokens=3,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -148,7 +153,10 @@ def test_tool_calls_pass_through(env: Env) -> None:
     assert reply.choices[0].finish_reason == "tool_calls"
     chunks = list(
         client.chat.completions.create(
-            model="nemotron", messages=messages, tools=TOOLS, stream=True,
+            model="nemotron",
+            messages=messages,
+            tools=TOOLS,
+            stream=True,
             tool_choice={"type": "function", "function": {"name": "get_weather"}},
         )
     )
@@ -196,12 +204,15 @@ def test_budget_warns_at_80_percent_then_refuses(env: Env) -> None:
     with pytest.raises(openai.RateLimitError):  # streams are refused before they start
         client.chat.completions.create(model="nemotron", messages=HI, stream=True)
     warnings = env.store.audit_events("budget.warning")
-    assert [(e["key_id"], e["budget"], e["percent"]) for e in warnings if e["key_id"] == key_id] == [
-        (key_id, "daily_tokens", 84)
-    ]
+    assert [
+        (e["key_id"], e["budget"], e["percent"]) for e in warnings if e["key_id"] == key_id
+    ] == [(key_id, "daily_tokens", 84)]
     metrics = httpx.get(f"{env.url}/metrics").text
     assert 'appliance_gateway_budget_state{key="budgeted"} 2.0' in metrics
-    assert 'appliance_gateway_budget_warnings_total{budget="daily_tokens",key="budgeted"} 1.0' in metrics
+    assert (
+        'appliance_gateway_budget_warnings_total{budget="daily_tokens",key="budgeted"} 1.0'
+        in metrics
+    )
 
 
 def test_monthly_cost_cap_hard_stops_once(env: Env) -> None:
@@ -241,7 +252,9 @@ def test_64_concurrent_streams_and_ledger_totals(env: Env) -> None:
     async def swarm() -> list[tuple[int, int, str] | BaseException]:
         client = openai.AsyncOpenAI(base_url=f"{env.url}/v1", api_key=secret, max_retries=0)
         async with client:
-            return await asyncio.gather(*(one(client, i) for i in range(64)), return_exceptions=True)
+            return await asyncio.gather(
+                *(one(client, i) for i in range(64)), return_exceptions=True
+            )
 
     results = asyncio.run(swarm())
     errors = [r for r in results if isinstance(r, BaseException)]

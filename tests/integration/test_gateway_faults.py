@@ -45,7 +45,7 @@ def test_backend_killed_mid_stream(tmp_path: Path) -> None:
     with running(backend), running(start_gateway(tmp_path, gport, settings)):
         c = client(gport, secret)
         received: list[str] = []
-        with pytest.raises(openai.APIError, match="mid-stream|closed the stream") as broke:
+        with pytest.raises(openai.APIError, match=r"mid-stream|closed the stream") as broke:
             for chunk in c.chat.completions.create(
                 model="nemotron", messages=HI, max_tokens=50, stream=True
             ):
@@ -84,7 +84,9 @@ def test_fallback_to_upstream_with_the_gateways_key(tmp_path: Path) -> None:
     gateway = start_gateway(tmp_path, gport, settings, env={"TEST_UPSTREAM_KEY": "nvapi-upstream"})
     with running(upstream), running(gateway):
         c = client(gport, secret)
-        raw = c.chat.completions.with_raw_response.create(model="nemotron", messages=HI, max_tokens=2)
+        raw = c.chat.completions.with_raw_response.create(
+            model="nemotron", messages=HI, max_tokens=2
+        )
         assert raw.headers["x-appliance-route"] == "upstream"
         assert raw.parse().model == "remote/model"
         direct = c.chat.completions.create(model="remote/model", messages=HI, max_tokens=2)

@@ -26,10 +26,14 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
-scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+)
 json_values = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 message = st.fixed_dictionaries(
@@ -111,7 +115,9 @@ def backend() -> Iterator[int]:
 def gateway(tmp_path: Path, backend_port: int) -> tuple[TestClient, str]:
     store = InferenceStore(tmp_path)
     _, secret = store.create_key("fuzzer", "client")
-    cfg = GatewaySettings(backend_url=f"http://127.0.0.1:{backend_port}", aliases={"smol": "nemotron"})
+    cfg = GatewaySettings(
+        backend_url=f"http://127.0.0.1:{backend_port}", aliases={"smol": "nemotron"}
+    )
     app = create_app(cfg, store, store, store, store)
     return TestClient(app, raise_server_exceptions=False), secret
 

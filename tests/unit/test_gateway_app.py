@@ -85,7 +85,9 @@ def test_revoked_key_is_refused(client: TestClient, store: InferenceStore, secre
 
 def test_models_lists_served_name_aliases_and_upstream(store: InferenceStore, secret: str) -> None:
     upstream = {"base_url": "http://127.0.0.1:9/v1", "models": ["big/model"]}
-    with make_client(store, upstream=upstream, aliases={"smol": "nemotron", "big": "big/model"}) as c:
+    with make_client(
+        store, upstream=upstream, aliases={"smol": "nemotron", "big": "big/model"}
+    ) as c:
         data = c.get("/v1/models", headers=auth(secret)).json()["data"]
     assert [(m["id"], m["root"]) for m in data] == [
         ("nemotron", "nemotron"),

@@ -49,7 +49,7 @@ def test_secrets_are_unique(store: InferenceStore) -> None:
 
 
 def test_revoke_by_name_or_id_stops_authentication(store: InferenceStore) -> None:
-    a, sa = store.create_key("a", "client")
+    _, sa = store.create_key("a", "client")
     b, sb = store.create_key("b", "sandbox")
     assert store.authenticate(sa) and store.authenticate(sb)  # both cached now
     assert store.revoke_key("a") is not None

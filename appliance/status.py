@@ -105,12 +105,24 @@ def gateway_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, An
     }
 
 
+def budgets_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, Any]:
+    """Per-key spend and budget state, and what the gateway served over the last minute."""
+    if not (config.state_dir / DB_NAME).is_file():
+        return {"keys": [], "throughput": None}
+    from appliance.store.inference_store import InferenceStore
+    from appliance.usage import budget_report, throughput
+
+    with InferenceStore(config.state_dir) as store:
+        return {"keys": budget_report(store), "throughput": throughput(store)}
+
+
 SECTIONS: dict[str, Section] = {
     "appliance": appliance_section,
     "host": host_section,
     "gpus": gpus_section,
     "inference": inference_section,
     "gateway": gateway_section,
+    "budgets": budgets_section,
 }
 
 

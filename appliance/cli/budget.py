@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -13,53 +12,12 @@ from appliance.cli.keys import open_inference_store
 from appliance.cli.options import JsonOpt
 from appliance.cli.output import console, print_json
 from appliance.errors import NotFoundError
-from inference import budgets as budget_math
+from appliance.usage import budget_report
 from inference.ports import Budget
 
 app = typer.Typer(help="Show and set per-key inference budgets.", no_args_is_help=True)
 
 KeyArg = Annotated[str, typer.Argument(help="Key name or id.", metavar="KEY")]
-
-
-def budget_report(store: Any, key_filter: str | None = None) -> list[dict[str, Any]]:
-    """Every live key (or the one asked for) with its limits, spend and state; also for status."""
-    if key_filter is not None:
-        key = store.find_key(key_filter)
-        if key is None:
-            raise NotFoundError(f"no key named or with id {key_filter!r}")
-        keys = [key]
-    else:
-        keys = store.list_keys(include_revoked=False)
-    now = time.time()
-    out = []
-    for key in keys:
-        budget = store.get_budget(key.id)
-        spend = store.spend(key.id, now)
-        verdict = budget_math.evaluate(budget, spend, now)
-        out.append(
-            {
-                "key": key.name,
-                "key_id": key.id,
-                "state": verdict.state,
-                "spend": {
-                    "day_tokens": spend.day_tokens,
-                    "month_tokens": spend.month_tokens,
-                    "day_cost": round(spend.day_cost, 6),
-                    "month_cost": round(spend.month_cost, 6),
-                },
-                "limits": [
-                    {
-                        "budget": u.name,
-                        "used": u.used,
-                        "limit": u.limit,
-                        "percent": round(u.ratio * 100, 1),
-                        "resets_at": budget_math.iso(u.resets_at),
-                    }
-                    for u in verdict.uses
-                ],
-            }
-        )
-    return out
 
 
 @app.command("show")

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 from rich.console import Group
 from rich.live import Live
+from rich.markup import escape
 from rich.panel import Panel
 from rich.text import Text
 
@@ -46,7 +47,34 @@ def render(report: dict[str, Any], host: HostSnapshot) -> Group:
             f"{'' if app_info['initialised'] else ' (not initialised: run `appliance up`)'}[/]"
         )
     )
+    parts.extend(_budget_lines(report["budgets"]))
     return Group(*parts)
+
+
+def _budget_lines(budgets: dict[str, Any]) -> list[Text]:
+    lines = []
+    rate = budgets.get("throughput")
+    if rate and rate["requests"]:
+        lines.append(
+            Text(
+                f"last {rate['window_s']:.0f} s: {rate['requests']} requests, "
+                f"{rate['completion_tokens_per_s']:.1f} tok/s out, "
+                f"{rate['prompt_tokens_per_s']:.1f} tok/s in"
+            )
+        )
+    for key in budgets.get("keys", []):
+        limits = ", ".join(
+            f"{lim['budget'].replace('_', ' ')} {lim['percent']:.0f}%" for lim in key["limits"]
+        )
+        colour = {"ok": "green", "warning": "yellow"}.get(key["state"], "red")
+        lines.append(
+            Text.from_markup(
+                f"key {escape(key['key'])}: [{colour}]{key['state']}[/] "
+                f"· today {key['spend']['day_tokens']} tokens"
+                + (f" · {escape(limits)}" if limits else " · no budget")
+            )
+        )
+    return lines
 
 
 def _metrics_line(metrics: dict[str, Any] | None) -> str:

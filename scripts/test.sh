@@ -3,7 +3,7 @@
 # Tests that cannot run here (no GPU, ...) are skipped with their reason in the summary (-ra).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh test
+scripts/setup.sh embedded,test
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest "$@"

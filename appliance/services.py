@@ -137,18 +137,25 @@ def supervise(config: ApplianceConfig, plan: ServingPlan) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     states = _StateFile(services_file(config), plan)
-    services = [backend_process(config, plan), gateway_process(config)]
+    services = {"backend": backend_process(config, plan), "gateway": gateway_process(config)}
     supervisors = []
     try:
-        for proc in services:
+        for name, proc in services.items():
 
-            def on_state(state: str, detail: str, proc: ProcessBackend = proc) -> None:
-                states.update(
-                    proc.name if proc.name == "gateway" else "backend", proc, state, detail
-                )
+            def on_state(state: str, detail: str, name: str = name, proc=proc) -> None:
+                states.update(name, proc, state, detail)
+
+            def progress(elapsed: float, line: str, name: str = name, proc=proc) -> None:
+                # A model load takes minutes: show how far it got, about once a second.
+                if int(elapsed) != int(elapsed - 0.25):
+                    states.update(name, proc, "starting", f"{elapsed:.0f} s: {line}")
 
             supervisors.append(
-                proc.supervise(on_state=on_state, ready_timeout=config.inference.ready_timeout_s)
+                proc.supervise(
+                    on_state=on_state,
+                    progress=progress,
+                    ready_timeout=config.inference.ready_timeout_s,
+                )
             )
         stop.wait()
     finally:

@@ -16,9 +16,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.errors import ConfigError
-from appliance.yamlfile import Provenance, deep_merge, load_yaml, validation_message
 from hardware.plan_types import PlanOverrides
 from inference.gateway.settings import GatewaySettings, Price, UpstreamSettings
+from sandbox.yamlfile import (
+    Provenance,
+    YamlError,
+    deep_merge,
+    load_yaml,
+    validation_message,
+)
 
 SYSTEM_CONFIG = Path("/etc/appliance/appliance.yaml")
 ENV_PREFIX = "APPLIANCE_"
@@ -138,7 +144,10 @@ def load_config(
     provenance: Provenance = {}
     for path in config_files(env):
         if path.is_file():
-            data, where = load_yaml(path)
+            try:
+                data, where = load_yaml(path)
+            except YamlError as exc:
+                raise ConfigError(str(exc)) from None
             merged = deep_merge(merged, data)
             provenance.update(where)
     data, where = _env_layer(env)

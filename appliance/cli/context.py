@@ -18,7 +18,7 @@ class AppContext:
     def config(self, **extra_flags: Any) -> ApplianceConfig:
         """The merged config; `extra_flags` are a command's own flags (nested mapping)."""
         if extra_flags:
-            from appliance.yamlfile import deep_merge
+            from sandbox.yamlfile import deep_merge
 
             return load_config(deep_merge(self.flags, extra_flags))
         if self._config is None:

@@ -1,7 +1,8 @@
 """YAML in with line numbers out: every key path remembers the `file:line` it came from.
 
-Used by the layered config and later by policies and blueprints, so that a bad value is reported
-as `path:line: what is wrong` rather than as a bare pydantic error.
+Used by the appliance's layered config, sandbox policies and blueprints, so that a bad value is
+reported as `path:line: what is wrong` rather than as a bare pydantic error. It raises YamlError;
+callers turn that into their own error type.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from appliance.errors import ConfigError
-
 KeyPath = tuple[str | int, ...]
 Provenance = dict[KeyPath, str]  # key path -> "file:line" (or "env NAME", "flag --x")
+
+
+class YamlError(ValueError):
+    """A YAML file or value is invalid; the message starts with `path:line:` where known."""
 
 
 def _walk(node: yaml.Node, path: KeyPath, source: str, out: Provenance) -> None:
@@ -39,14 +42,14 @@ def parse_yaml(text: str, source: str) -> tuple[dict[str, Any], Provenance]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        raise ConfigError(f"{where}: {exc.problem or exc.context}") from None
+        raise YamlError(f"{where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise YamlError(f"{source}: {exc}") from None
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
         line = node.start_mark.line + 1 if node is not None else 1
-        raise ConfigError(f"{source}:{line}: expected a mapping at the top level")
+        raise YamlError(f"{source}:{line}: expected a mapping at the top level")
     provenance: Provenance = {}
     _walk(node, (), source, provenance)
     return data, provenance
@@ -56,7 +59,7 @@ def load_yaml(path: Path) -> tuple[dict[str, Any], Provenance]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        raise YamlError(f"{path}: cannot read: {exc.strerror}") from None
     return parse_yaml(text, str(path))
 
 

@@ -82,4 +82,35 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX audit_events_ts ON audit_events (ts);
         """,
     ),
+    (
+        "sandboxes: records, policy revisions (persisted approvals are revisions), kill hold",
+        """
+        CREATE TABLE sandboxes (
+            name         TEXT PRIMARY KEY,
+            container_id TEXT,
+            image        TEXT NOT NULL,
+            command_json TEXT NOT NULL,
+            key_id       TEXT,
+            state        TEXT NOT NULL,
+            created_at   REAL NOT NULL,
+            updated_at   REAL NOT NULL
+        );
+        -- Revisions outlive the sandbox record: a re-created sandbox of the same name starts
+        -- from its latest revision, persisted approvals included.
+        CREATE TABLE policy_revisions (
+            sandbox     TEXT    NOT NULL,
+            rev         INTEGER NOT NULL,
+            policy_yaml TEXT    NOT NULL,
+            reason      TEXT    NOT NULL,
+            created_at  REAL    NOT NULL,
+            PRIMARY KEY (sandbox, rev)
+        );
+        CREATE TABLE kill_hold (
+            id     INTEGER PRIMARY KEY CHECK (id = 1),
+            held   INTEGER NOT NULL,
+            reason TEXT,
+            since  REAL
+        );
+        """,
+    ),
 ]

@@ -1,0 +1,374 @@
+"""The in-sandbox supervisor run for real on this host, as a non-root uid, no Podman needed.
+
+Landlock works unprivileged once no_new_privs is set, so the enforcement seen here is the
+kernel's, not a simulation. Tests running as root start the supervisor through
+`setpriv --reuid 1000` so that the real non-root path is exercised.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SUPERVISOR = REPO / "sandbox" / "supervisor"
+PY = "/usr/bin/python3"  # the system Python: readable by any uid, unlike one under /root
+AGENT_UID = 1000
+AS_ROOT = os.getuid() == 0
+
+
+def _landlock_abi() -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return max(0, int(libc.syscall(ctypes.c_long(444), None, ctypes.c_long(0), ctypes.c_long(1))))
+
+
+ABI = _landlock_abi()
+if not os.path.exists(PY) or ABI < 1 or (AS_ROOT and not shutil.which("setpriv")):
+    pytest.skip("needs /usr/bin/python3, Landlock and setpriv", allow_module_level=True)
+
+RW = [
+    "read_file",
+    "read_dir",
+    "write_file",
+    "make_reg",
+    "make_dir",
+    "remove_file",
+    "remove_dir",
+    "truncate",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Box:
+    """A temp tree the agent uid can reach: supervisor copy, workspace, secret, report."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.sup = root / "opt" / "supervisor"
+        shutil.copytree(SUPERVISOR, self.sup)  # like the read-only mount in the sandbox
+        self.ws, self.secret_dir, self.report_dir = root / "ws", root / "secret", root / "report"
+        for d in (self.ws, self.secret_dir, self.report_dir):
+            d.mkdir()
+        self.secret = self.secret_dir / "secret.txt"
+        self.secret.write_text("top secret\n")  # world-readable: only Landlock stands in the way
+        self.socket = root / "egress.sock"
+        self.port = free_port()
+        for p in [root, *root.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        if AS_ROOT:
+            for d in (self.ws, self.report_dir):
+                os.chown(d, AGENT_UID, AGENT_UID)
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return json.loads((self.report_dir / "enforcement.json").read_text())
+
+    def config(self, code: str, **landlock: Any) -> Path:
+        ll = {
+            "compatibility": "hard_requirement",
+            "min_abi": 1,
+            "fs": [
+                {"path": "/usr", "access": ["read_file", "read_dir", "execute"]},
+                {"path": str(self.ws), "access": RW},
+            ],
+            "net": {"connect_tcp": [self.port], "bind_tcp": []},
+        }
+        ll.update(landlock)
+        cfg = {
+            "command": [PY, "-I", "-c", textwrap.dedent(code)],
+            "cwd": str(self.ws),
+            "env": {
+                "PATH": "/usr/bin:/bin",
+                "PORT": str(self.port),
+                "WS": str(self.ws),
+                "SECRET": str(self.secret),
+            },
+            "listen": f"127.0.0.1:{self.port}",
+            "egress_socket": str(self.socket),
+            "report_path": str(self.report_dir / "enforcement.json"),
+            "stop_grace_s": 0.5,
+            "exit_grace_s": 0.5,
+            "landlock": ll,
+        }
+        path = self.root / "sandbox.json"
+        path.write_text(json.dumps(cfg))
+        os.chmod(path, 0o644)
+        return path
+
+    def argv(self, as_agent: bool = True) -> list[str]:
+        pre = ["setpriv", f"--reuid={AGENT_UID}", f"--regid={AGENT_UID}", "--clear-groups"]
+        return [*(pre if AS_ROOT and as_agent else []), PY, "-I", str(self.sup / "init.py")]
+
+    def popen(self, cfg: Path, as_agent: bool = True) -> subprocess.Popen[str]:
+        env = {"APPLIANCE_SANDBOX_CONFIG": str(cfg), "PATH": "/usr/bin:/bin"}
+        return subprocess.Popen(
+            self.argv(as_agent), env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+
+    def run(self, code: str, timeout: float = 20, **landlock: Any) -> tuple[int, str, str]:
+        proc = self.popen(self.config(code, **landlock))
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+
+
+@pytest.fixture
+def box() -> Iterator[Box]:
+    root = Path(tempfile.mkdtemp(prefix="supervisor-test-", dir="/tmp"))
+    try:
+        yield Box(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_landlock_confines_the_agent_and_the_report_says_so(box: Box) -> None:
+    code, out, err = box.run("""
+        import json, os, sys
+        res = {}
+        try:
+            open(os.environ["SECRET"]).read(); res["secret"] = "read"
+        except PermissionError: res["secret"] = "EACCES"
+        try:
+            open("/tmp/escape.txt", "w"); res["tmp_write"] = "written"
+        except PermissionError: res["tmp_write"] = "EACCES"
+        with open(os.path.join(os.environ["WS"], "out.txt"), "w") as f: f.write("hi")
+        res["ws"] = open(os.path.join(os.environ["WS"], "out.txt")).read()
+        res["uid"] = os.getuid()
+        print(json.dumps(res)); sys.exit(7)
+    """)
+    assert code == 7, err
+    assert json.loads(out) == {
+        "secret": "EACCES",
+        "tmp_write": "EACCES",
+        "ws": "hi",
+        "uid": AGENT_UID,
+    }
+    rep = box.report
+    assert rep["landlock"]["enforced"] is True and rep["landlock"]["abi"] == ABI >= 1
+    assert rep["supervisor_landlock"]["enforced"] is True
+    assert "read_file" in rep["landlock"]["handled_fs"]
+    assert ("truncate" in rep["landlock"]["handled_fs"]) == (ABI >= 3)
+    assert (rep["landlock"]["handled_net"] == ["bind_tcp", "connect_tcp"]) == (ABI >= 4)
+    assert rep["no_new_privs"] == 1 and rep["pid1_dumpable"] == 0
+    assert rep["agent_uid"] == rep["pid1_uid"] == AGENT_UID and rep["agent_started"] is True
+    assert int(rep["cap_eff"], 16) == 0 and int(rep["cap_prm"], 16) == 0
+    assert rep["seccomp_mode"] in (0, 2)  # 2 under podman's filter; none outside it
+
+
+def _echo_server(path: Path) -> socket.socket:
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    os.chmod(path, 0o777)
+    srv.listen(64)
+
+    def serve(conn: socket.socket) -> None:
+        with conn:  # read to EOF first: proves the forwarder passes the half-close through
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+            conn.sendall(data)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return srv
+
+
+def test_forwarder_pipes_concurrent_connections_to_the_egress_socket(box: Box) -> None:
+    srv = _echo_server(box.socket)
+    try:
+        code, out, err = box.run("""
+            import os, socket, threading
+            port, results = int(os.environ["PORT"]), {}
+            def one(i):
+                payload = bytes([i]) * (256 * 1024 + i)
+                s = socket.create_connection(("127.0.0.1", port))
+                s.sendall(payload); s.shutdown(socket.SHUT_WR)
+                got = b""
+                while chunk := s.recv(65536): got += chunk
+                results[i] = got == payload
+            ts = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+            [t.start() for t in ts]; [t.join() for t in ts]
+            print(sorted(results.items()))
+        """)
+    finally:
+        srv.close()
+    assert code == 0, err
+    assert out.strip() == str([(i, True) for i in range(8)])
+
+
+@pytest.mark.skipif(ABI < 4, reason="Landlock TCP rules need ABI 4")
+def test_landlock_net_blocks_other_tcp_ports(box: Box) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        code, out, err = box.run(f"""
+            import socket
+            try:
+                socket.create_connection(("127.0.0.1", {other.getsockname()[1]}), timeout=2)
+                print("connected")
+            except PermissionError: print("EACCES")
+        """)
+    assert code == 0, err
+    assert out.strip() == "EACCES"
+
+
+@pytest.mark.skipif(ABI < 6, reason="Landlock signal scoping needs ABI 6")
+def test_agent_cannot_signal_the_supervisor(box: Box) -> None:
+    code, out, err = box.run("""
+        import os
+        try: os.kill(os.getppid(), 15); print("signalled")
+        except PermissionError: print("EPERM")
+    """)
+    assert code == 0, err
+    assert out.strip() == "EPERM"
+
+
+def _wait_line(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    return proc.stdout.readline().strip()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie of someone else
+    except FileNotFoundError:
+        return True
+
+
+def test_sigterm_reaches_the_agent_and_the_supervisor_exits(box: Box) -> None:
+    proc = box.popen(
+        box.config("""
+        import os, time
+        print(os.getpid(), flush=True); time.sleep(60)
+    """)
+    )
+    agent = int(_wait_line(proc))
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=5) == 128 + signal.SIGTERM
+    assert time.monotonic() - t0 < 2 and _gone(agent)
+
+
+def test_an_agent_ignoring_sigterm_is_killed_after_the_grace(box: Box) -> None:
+    proc = box.popen(
+        box.config("""
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN); print("ready", flush=True); time.sleep(60)
+    """)
+    )
+    assert _wait_line(proc) == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=5) == 128 + signal.SIGKILL
+
+
+def _zombies_of(pid: int) -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def test_orphans_are_reaped_and_stragglers_stopped_when_the_agent_exits(box: Box) -> None:
+    proc = box.popen(
+        box.config("""
+        import os, sys, time
+        if os.fork() == 0:          # a middle process that orphans 5 short-lived grandchildren
+            for _ in range(5):
+                if os.fork() == 0:
+                    time.sleep(0.2); os._exit(0)
+            os._exit(0)
+        os.wait()
+        straggler = os.fork()       # outlives the agent, in its own session
+        if straggler == 0:
+            os.setsid(); time.sleep(60); os._exit(0)
+        print(straggler, flush=True); time.sleep(1.5); sys.exit(3)
+    """)
+    )
+    straggler = int(_wait_line(proc))
+    time.sleep(0.8)  # the grandchildren have exited by now
+    assert _zombies_of(proc.pid) == []
+    assert proc.wait(timeout=5) == 3
+    assert _gone(straggler)
+
+
+def test_hard_requirement_refuses_to_start_the_agent(box: Box) -> None:
+    marker = box.ws / "started"
+    code, _out, err = box.run(f"open({str(marker)!r}, 'w')", min_abi=99)
+    assert code == 3
+    assert "hard_requirement" in err and not marker.exists()
+    rep = box.report
+    assert rep["agent_started"] is False and rep["landlock"]["enforced"] is False
+    assert "99" in rep["landlock"]["error"]
+
+
+def test_best_effort_starts_but_says_what_is_not_enforced(box: Box) -> None:
+    fs = [
+        {"path": "/usr", "access": ["read_file", "read_dir", "execute"]},
+        {"path": "/does/not/exist", "access": ["read_file"]},
+    ]
+    code, out, err = box.run("print('ran')", compatibility="best_effort", min_abi=99, fs=fs)
+    assert code == 0 and out.strip() == "ran"
+    assert "WARNING" in err and "/does/not/exist" in err
+    rep = box.report
+    assert rep["landlock"]["enforced"] is True and rep["agent_started"] is True
+    assert rep["landlock"]["skipped_paths"][0].startswith("/does/not/exist")
+
+
+def test_a_missing_command_exits_127(box: Box) -> None:
+    cfg = box.config("")
+    data = json.loads(cfg.read_text())
+    data["command"] = ["/usr/bin/no-such-agent"]
+    cfg.write_text(json.dumps(data))
+    proc = box.popen(cfg)
+    _out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 127 and "no-such-agent" in err
+
+
+def test_a_bad_config_exits_2(box: Box) -> None:
+    cfg = box.config("")
+    cfg.write_text(json.dumps({"command": "not a list"}))
+    proc = box.popen(cfg)
+    _out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 2 and "command" in err
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="needs root to show that root is refused")
+def test_running_as_root_is_refused(box: Box) -> None:
+    proc = box.popen(box.config("open('/tmp/should-not-run', 'w')"), as_agent=False)
+    _out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 2 and "refusing to run as root" in err
+    assert not (box.report_dir / "enforcement.json").exists()

@@ -1,0 +1,120 @@
+"""Pending approvals for unknown hosts: held requests wait here until an operator decides."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sandbox.policy import Endpoint
+from sandbox.proxy.ports import AuditSink, PolicyWriter
+
+
+@dataclass(frozen=True)
+class Verdict:
+    approved: bool
+    reason: str
+    persisted: bool = False
+
+
+@dataclass
+class Pending:
+    id: str
+    sandbox: str
+    host: str
+    port: int
+    created: float
+    future: asyncio.Future[Verdict] = field(repr=False)
+    waiters: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "sandbox": self.sandbox,
+            "host": self.host,
+            "port": self.port,
+            "created": self.created,
+            "waiters": self.waiters,
+        }
+
+
+class ApprovalBroker:
+    """In-memory, one event loop. Identical requests share one entry; waiters wake at once."""
+
+    def __init__(self, writer: PolicyWriter | None = None, audit: AuditSink | None = None) -> None:
+        self._writer = writer
+        self._audit = audit
+        self._pending: dict[str, Pending] = {}
+
+    def request(self, sandbox: str, host: str, port: int) -> Pending:
+        for pending in self._pending.values():
+            if (pending.sandbox, pending.host, pending.port) == (sandbox, host, port):
+                return pending
+        pending = Pending(
+            id=secrets.token_hex(4),
+            sandbox=sandbox,
+            host=host,
+            port=port,
+            created=time.time(),
+            future=asyncio.get_running_loop().create_future(),
+        )
+        self._pending[pending.id] = pending
+        return pending
+
+    async def wait(self, pending: Pending, timeout: float) -> Verdict:
+        """The operator's verdict, or a refusal after `timeout` seconds."""
+        pending.waiters += 1
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(pending.future)
+        except TimeoutError:
+            verdict = Verdict(False, f"approval for {pending.host}:{pending.port} timed out")
+            if pending.waiters == 1:  # the last one waiting: the entry is stale now
+                self._settle(pending, verdict)
+            return verdict
+        finally:
+            pending.waiters -= 1
+
+    def list_pending(self) -> list[Pending]:
+        return sorted(self._pending.values(), key=lambda p: p.created)
+
+    def get(self, approval_id: str) -> Pending:
+        try:
+            return self._pending[approval_id]
+        except KeyError:
+            raise KeyError(f"no pending approval {approval_id!r}") from None
+
+    async def approve(self, approval_id: str, persist: bool = False) -> Pending:
+        """Release the waiters; with `persist`, first have the control plane write a revision."""
+        pending = self.get(approval_id)
+        if persist and self._writer is not None:
+            endpoint = Endpoint(host=pending.host, ports=[pending.port])
+            result = self._writer.persist_allow(pending.sandbox, endpoint)
+            if inspect.isawaitable(result):
+                await result
+        persisted = persist and self._writer is not None
+        self._settle(pending, Verdict(True, "approved by operator", persisted))
+        self._emit("egress.approved", pending, persist=persisted)
+        return pending
+
+    def deny(self, approval_id: str, reason: str = "denied by operator") -> Pending:
+        pending = self.get(approval_id)
+        self._settle(pending, Verdict(False, reason))
+        self._emit("egress.rejected", pending, reason=reason)
+        return pending
+
+    def _settle(self, pending: Pending, verdict: Verdict) -> None:
+        self._pending.pop(pending.id, None)
+        with contextlib.suppress(asyncio.InvalidStateError):
+            pending.future.set_result(verdict)
+
+    def _emit(self, event: str, pending: Pending, **fields: Any) -> None:
+        if self._audit is not None:
+            self._audit.audit(
+                event, sandbox=pending.sandbox, host=pending.host, port=pending.port,
+                approval=pending.id, **fields,
+            )  # fmt: skip

@@ -10,6 +10,13 @@ VENV="${APPLIANCE_VENV:-.venv}"
 
 # System packages the appliance needs on the host. Installed only when missing.
 APT_PACKAGES=(python3 python3-venv python3-pip)
+# Sandboxes: rootless Podman (4.3 on Debian 12) with runc (crun refuses hybrid cgroups), the
+# newuidmap/newgidmap helpers for the service user's subuid range, and debootstrap for the base
+# image (built locally, never pulled). --network none: no slirp4netns/passt; storage is the
+# kernel's overlayfs: no fuse-overlayfs. Opt out with APPLIANCE_NO_SANDBOX=1.
+if [ -z "${APPLIANCE_NO_SANDBOX:-}" ]; then
+  APT_PACKAGES+=(podman runc conmon uidmap debootstrap debian-archive-keyring tar)
+fi
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -49,4 +56,13 @@ if [ ! -f "$stamp" ]; then
   fi
   find "$VENV" -maxdepth 1 -name '.installed-*' ! -name ".installed-$hash-*" -delete
   touch "$stamp"
+fi
+
+# The sandbox service user (rootless Podman's owner). Root only; otherwise say how.
+if [ -z "${APPLIANCE_NO_SANDBOX:-}" ]; then
+  if [ "$(id -u)" = 0 ]; then
+    scripts/setup-service-user.sh
+  else
+    echo "setup: not root; skipped the sandbox service user (run: sudo scripts/setup-service-user.sh)"
+  fi
 fi

@@ -11,7 +11,18 @@ from typing import Annotated
 import typer
 
 from appliance import __version__
-from appliance.cli import budget, config_cmd, doctor, hardware, keys, lifecycle, plan, serve, status
+from appliance.cli import (
+    budget,
+    config_cmd,
+    doctor,
+    hardware,
+    keys,
+    lifecycle,
+    plan,
+    sandbox,
+    serve,
+    status,
+)
 from appliance.cli.context import AppContext
 from appliance.cli.output import print_error
 from appliance.errors import ApplianceError, exit_code_for
@@ -64,6 +75,11 @@ app.command("down")(lifecycle.down)
 app.add_typer(serve.app, name="serve")
 app.add_typer(keys.app, name="keys")
 app.add_typer(budget.app, name="budget")
+app.add_typer(sandbox.app, name="sandbox")
+app.add_typer(sandbox.approvals_app, name="approvals")
+app.add_typer(sandbox.image_app, name="image")
+app.command("kill")(sandbox.kill)
+app.command("release")(sandbox.release)
 app.add_typer(config_cmd.app, name="config")
 
 

@@ -1,0 +1,429 @@
+"""Sandbox lifecycle: policy revisions, the per-sandbox egress proxy and key, and the container.
+
+The control plane (root) prepares each sandbox's directories under the service user's home, so
+rootless Podman (running as that user) can bind them; starts one egress proxy process per
+sandbox on a unix socket inside the sandbox's egress directory; and drives Podman through
+podman-py on the service user's socket. The agent never sees its key: the proxy holds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.config import ApplianceConfig
+from appliance.errors import ApplianceError, BackendError, NotFoundError, PreflightError
+from appliance.podman_service import PodmanService
+from appliance.store import Store
+from appliance.store.inference_store import InferenceStore
+from appliance.store.sandbox_store import SandboxRecord, SandboxStore
+from sandbox.compile.landlock import landlock_rules
+from sandbox.compile.podman_spec import SandboxMounts, podman_spec, policy_digest
+from sandbox.compile.seccomp import seccomp_profile
+from sandbox.policy import Network, Policy, load_policy
+from sandbox.yamlfile import YamlError
+
+SUPERVISOR_SRC = Path(__file__).resolve().parent.parent / "sandbox" / "supervisor"
+HOME = "/home/agent"
+REPORT_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 3  # SIGTERM, then SIGKILL: the kill switch must finish within 5 s
+
+
+class SandboxError(ApplianceError):
+    hint = "see `appliance sandbox logs NAME` and the proxy log in the state directory"
+
+
+@dataclass(frozen=True)
+class SandboxPaths:
+    root: Path  # <service home>/sandboxes/<name>: bound into the container (traversable)
+    private: Path  # <state_dir>/sandboxes/<name>: host-only (key, proxy admin socket, logs)
+
+    @property
+    def egress(self) -> Path:
+        return self.root / "egress"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def home(self) -> Path:
+        return self.root / "home"
+
+    @property
+    def seccomp(self) -> Path:
+        return self.root / "seccomp.json"
+
+    @property
+    def key(self) -> Path:
+        return self.private / "key"
+
+    @property
+    def policy(self) -> Path:
+        return self.private / "policy.yaml"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.private / "proxy-admin.sock"
+
+    @property
+    def proxy_pid(self) -> Path:
+        return self.private / "proxy.pid"
+
+    @property
+    def proxy_log(self) -> Path:
+        return self.private / "proxy.log"
+
+
+def read_policy_file(path: Path) -> Policy:
+    try:
+        return load_policy(path)
+    except YamlError as exc:
+        from appliance.errors import ConfigError
+
+        raise ConfigError(str(exc)) from None
+
+
+def _mapped_uid(service_user: str, container_uid: int) -> int:
+    """The host uid that rootless Podman maps `container_uid` to (subuid range, 1 -> start)."""
+    for line in Path("/etc/subuid").read_text().splitlines():
+        user, start, _count = line.split(":")
+        if user == service_user:
+            return int(start) + container_uid - 1
+    raise PreflightError(f"no subuid range for {service_user!r}", hint="run `appliance doctor`")
+
+
+class SandboxManager:
+    def __init__(self, config: ApplianceConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.boxes = SandboxStore(store)
+        self.podman = PodmanService(user=config.sandbox.service_user)
+
+    # -- paths and helpers -------------------------------------------------------------------
+
+    def paths(self, name: str) -> SandboxPaths:
+        home = Path(self.podman.account.pw_dir)
+        return SandboxPaths(
+            root=home / "sandboxes" / name, private=self.config.state_dir / "sandboxes" / name
+        )
+
+    def _record(self, name: str) -> SandboxRecord:
+        record = self.boxes.get(name)
+        if record is None:
+            raise NotFoundError(f"no sandbox named {name!r}", hint="`appliance sandbox list`")
+        return record
+
+    def _client(self):
+        return self.podman.start()
+
+    # -- create ------------------------------------------------------------------------------
+
+    def create(
+        self, name: str, policy: Policy, command: list[str] | None, image: str | None = None
+    ) -> SandboxRecord:
+        if (held := self.boxes.held()) is not None:
+            raise SandboxError(f"sandboxes are held by the kill switch: {held}",
+                               hint="`appliance release` lifts the hold")  # fmt: skip
+        if self.boxes.get(name) is not None:
+            raise SandboxError(f"sandbox {name!r} exists", hint=f"`appliance sandbox rm {name}`")
+        policy = self._carry_over_network(name, policy)
+        rev = self.boxes.add_revision(name, policy, "created")
+        image = image or "localhost/appliance-base:latest"
+        command = command or ["sleep", "infinity"]
+        paths = self.paths(name)
+        self._prepare_dirs(paths, policy, command)
+        key_id = self._new_key(name, paths)
+        self.boxes.upsert(name, image=image, command=command, state="creating", key_id=key_id)
+        self.store_audit("sandbox.create", sandbox=name, policy_rev=rev)
+        try:
+            self._start_proxy(name, paths)
+            client = self._client()
+            mounts = SandboxMounts(
+                egress_dir=str(paths.egress),
+                supervisor_dir=str(paths.root.parent / "supervisor"),
+                config_dir=str(paths.config),
+                report_dir=str(paths.report),
+                seccomp_path=str(paths.seccomp),
+                state_dir=str(paths.home)
+                if "/home/agent" in policy.filesystem.read_write
+                else None,
+            )
+            spec = podman_spec(policy, name=name, image=image, mounts=mounts, command=command)
+            container = client.containers.create(**spec)
+            self.boxes.set_state(name, "created", container.id)
+            self._start_container(name, container)
+        except BaseException:
+            self.boxes.set_state(name, "failed")
+            raise
+        return self._record(name)
+
+    def _carry_over_network(self, name: str, policy: Policy) -> Policy:
+        """A re-created sandbox keeps the network rules its earlier revisions gained (approvals)."""
+        latest = self.boxes.latest_policy(name)
+        if latest is None:
+            return policy
+        known = {e.model_dump_json() for e in policy.network.allow}
+        extra = [e for e in latest[1].network.allow if e.model_dump_json() not in known]
+        network = policy.network.model_copy(update={"allow": [*policy.network.allow, *extra]})
+        return policy.with_network(network)
+
+    def _prepare_dirs(self, paths: SandboxPaths, policy: Policy, command: list[str]) -> None:
+        acct = self.podman.account
+        agent = _mapped_uid(acct.pw_name, policy.process.uid)
+        agent_gid = agent - policy.process.uid + policy.process.gid  # same offset for subgid
+        sandboxes = paths.root.parent
+        sandboxes.mkdir(mode=0o755, exist_ok=True)
+        supervisor = sandboxes / "supervisor"
+        supervisor.mkdir(mode=0o755, exist_ok=True)
+        for src in SUPERVISOR_SRC.glob("*.py"):
+            shutil.copyfile(src, supervisor / src.name)
+            (supervisor / src.name).chmod(0o644)
+        for d in (paths.root, paths.egress, paths.config):
+            d.mkdir(mode=0o755, parents=True, exist_ok=True)
+        for d in (paths.report, paths.home):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chown(d, agent, agent_gid)
+        paths.private.mkdir(mode=0o700, parents=True, exist_ok=True)
+        paths.policy.write_text(policy.to_yaml())
+        paths.seccomp.write_text(json.dumps(seccomp_profile(policy), indent=1))
+        paths.seccomp.chmod(0o644)
+        sandbox_json = {
+            "command": command,
+            "cwd": HOME if HOME in policy.filesystem.read_write else "/",
+            "env": {
+                "PATH": "/usr/local/bin:/usr/bin:/bin",
+                "HOME": HOME,
+                "LANG": "C.UTF-8",
+                **{k: "http://127.0.0.1:3128" for k in ("HTTP_PROXY", "HTTPS_PROXY",
+                                                        "http_proxy", "https_proxy")},
+                "NO_PROXY": "127.0.0.1,localhost",
+            },
+            "listen": "127.0.0.1:3128",
+            "egress_socket": "/run/appliance/egress/egress.sock",
+            "report_path": "/run/appliance/report/enforcement.json",
+            "landlock": landlock_rules(policy),
+        }  # fmt: skip
+        (paths.config / "sandbox.json").write_text(json.dumps(sandbox_json, indent=1))
+        (paths.config / "sandbox.json").chmod(0o644)
+        (paths.report / "enforcement.json").unlink(missing_ok=True)
+
+    def _new_key(self, name: str, paths: SandboxPaths) -> str:
+        inference = InferenceStore(self.config.state_dir)
+        try:
+            inference.revoke_key(f"sandbox-{name}")  # a re-created sandbox gets a fresh key
+            record, secret = inference.create_key(f"sandbox-{name}", "sandbox")
+        finally:
+            inference.close()
+        fd = os.open(paths.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secret + "\n")
+        return record.id
+
+    # -- the egress proxy process ------------------------------------------------------------
+
+    def _proxy_running(self, paths: SandboxPaths) -> int | None:
+        try:
+            pid = int(paths.proxy_pid.read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
+    def _start_proxy(self, name: str, paths: SandboxPaths) -> None:
+        if self._proxy_running(paths):
+            return
+        gw = self.config.gateway
+        argv = [
+            sys.executable, "-m", "sandbox.proxy",
+            "--sandbox", name,
+            "--socket", str(paths.egress / "egress.sock"),
+            "--policy", str(paths.policy),
+            "--admin-socket", str(paths.admin_socket),
+            "--gateway-url", f"http://{gw.host}:{gw.port}",
+            "--key-file", str(paths.key),
+            "--audit-log", str(self.config.state_dir / "logs" / "egress.jsonl"),
+        ]  # fmt: skip
+        (self.config.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        with paths.proxy_log.open("ab") as log:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                start_new_session=True,
+            )  # fmt: skip
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode(errors="replace")  # "ready <socket>" once serving
+        if not line.startswith("ready"):
+            raise SandboxError(f"egress proxy for {name} did not start: {line.strip()!r}")
+        paths.proxy_pid.write_text(f"{proc.pid}\n")
+
+    def _stop_proxy(self, paths: SandboxPaths) -> None:
+        pid = self._proxy_running(paths)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+        paths.proxy_pid.unlink(missing_ok=True)
+
+    # -- container state ---------------------------------------------------------------------
+
+    def _start_container(self, name: str, container: Any) -> dict[str, Any]:
+        paths = self.paths(name)
+        (paths.report / "enforcement.json").unlink(missing_ok=True)
+        container.start()
+        report = self._wait_report(paths, container)
+        self.boxes.set_state(name, "running")
+        self.store_audit("sandbox.start", sandbox=name, landlock_abi=report["landlock"]["abi"])
+        return report
+
+    def _wait_report(self, paths: SandboxPaths, container: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + REPORT_TIMEOUT_S
+        report_file = paths.report / "enforcement.json"
+        while time.monotonic() < deadline:
+            if report_file.is_file():
+                report = json.loads(report_file.read_text())
+                if not report.get("agent_started"):
+                    why = report.get("landlock", {}).get("error") or "agent not started"
+                    raise SandboxError(f"sandbox refused to start: {why}")
+                return report
+            container.reload()
+            if container.status in ("exited", "stopped"):
+                logs = b"".join(container.logs(stdout=True, stderr=True)).decode(errors="replace")
+                raise SandboxError(f"sandbox exited during start:\n{logs[-1500:]}")
+            time.sleep(0.1)
+        raise SandboxError(f"no enforcement report after {REPORT_TIMEOUT_S:.0f} s")
+
+    def enforcement(self, name: str) -> dict[str, Any] | None:
+        report = self.paths(name).report / "enforcement.json"
+        return json.loads(report.read_text()) if report.is_file() else None
+
+    def container(self, name: str) -> Any:
+        record = self._record(name)
+        return self._client().containers.get(record.container_id or name)
+
+    def start(self, name: str) -> None:
+        if (held := self.boxes.held()) is not None:
+            raise SandboxError(f"sandboxes are held by the kill switch: {held}",
+                               hint="`appliance release` lifts the hold")  # fmt: skip
+        self._start_proxy(name, self.paths(name))
+        self._start_container(name, self.container(name))
+
+    def stop(self, name: str, timeout: int = STOP_TIMEOUT_S) -> None:
+        self.container(name).stop(timeout=timeout)
+        self._stop_proxy(self.paths(name))
+        self.boxes.set_state(name, "stopped")
+        self.store_audit("sandbox.stop", sandbox=name)
+
+    def remove(self, name: str) -> None:
+        record = self._record(name)
+        try:
+            self.container(name).remove(force=True)
+        except Exception as exc:  # already gone from Podman: still forget it here
+            if "no such container" not in str(exc).lower():
+                raise
+        paths = self.paths(name)
+        self._stop_proxy(paths)
+        inference = InferenceStore(self.config.state_dir)
+        try:
+            if record.key_id:
+                inference.revoke_key(record.key_id)
+        finally:
+            inference.close()
+        shutil.rmtree(paths.root, ignore_errors=True)
+        shutil.rmtree(paths.private, ignore_errors=True)
+        self.boxes.delete(name)  # policy revisions stay: a re-created sandbox inherits them
+        self.store_audit("sandbox.rm", sandbox=name)
+
+    def list(self) -> list[dict[str, Any]]:
+        live: dict[str, str] = {}
+        try:
+            for c in self._client().containers.list(
+                all=True, filters={"label": "appliance.sandbox"}
+            ):
+                state = c.attrs.get("State")  # a plain string in list results, unlike inspect
+                status = state if isinstance(state, str) else (state or {}).get("Status", "?")
+                live[c.labels.get("appliance.sandbox", c.name)] = status
+        except ApplianceError:
+            pass  # podman unavailable: report what the store knows
+        return [
+            {
+                "name": r.name,
+                "state": r.state,
+                "container": live.get(r.name, "missing"),
+                "image": r.image,
+                "command": r.command,
+                "created_at": r.created_at,
+            }
+            for r in self.boxes.list()
+        ]
+
+    # -- policy ------------------------------------------------------------------------------
+
+    def policy(self, name: str) -> tuple[int, Policy]:
+        latest = self.boxes.latest_policy(name)
+        if latest is None:
+            raise NotFoundError(f"no policy for sandbox {name!r}")
+        return latest
+
+    def set_policy(self, name: str, new: Policy) -> int:
+        """Hot-reload the network part; the static part is fixed at creation."""
+        _rev, current = self.policy(name)
+        if policy_digest(new) != policy_digest(current):
+            raise SandboxError(
+                "only `network` can change on a running sandbox; the static part is fixed",
+                hint=f"re-create it: `appliance sandbox rm {name}` then `sandbox create`",
+            )
+        return self.apply_network(name, new.network, "policy set")
+
+    def apply_network(self, name: str, network: Network, reason: str) -> int:
+        rev = self.boxes.set_network(name, network, reason)
+        paths = self.paths(name)
+        paths.policy.write_text(self.policy(name)[1].to_yaml())
+        if (pid := self._proxy_running(paths)) is not None:
+            os.kill(pid, signal.SIGHUP)  # the proxy re-reads its policy file
+        self.store_audit("policy.revision", sandbox=name, rev=rev, reason=reason)
+        return rev
+
+    def sync_policy_from_proxy(self, name: str, reason: str) -> int:
+        """After a persisted approval the proxy rewrote its file: make that a store revision."""
+        network = read_policy_file(self.paths(name).policy).network
+        return self.apply_network(name, network, reason)
+
+    # -- kill switch -------------------------------------------------------------------------
+
+    def kill(self, names: list[str], hold: bool, reason: str) -> list[str]:
+        if hold:
+            self.boxes.hold(reason)
+        stopped = []
+        for name in names:
+            try:
+                self.stop(name, timeout=STOP_TIMEOUT_S)
+                stopped.append(name)
+            except NotFoundError:
+                continue
+        self.store_audit("kill", sandboxes=stopped, hold=hold, reason=reason)
+        return stopped
+
+    def store_audit(self, event: str, **fields: Any) -> None:
+        inference = InferenceStore(self.config.state_dir)
+        try:
+            inference.audit(event, **fields)
+        finally:
+            inference.close()
+
+
+def ensure_ready(config: ApplianceConfig) -> None:
+    """Fail early, with the fix, when this host cannot run sandboxes at all."""
+    if shutil.which("podman") is None:
+        raise PreflightError("podman is not installed", hint="run scripts/setup.sh as root")
+    if os.geteuid() != 0:
+        raise BackendError("sandboxes are managed by root (the control plane)", hint="use sudo")

@@ -1,0 +1,93 @@
+"""The escape battery: many named attempts from inside a real sandbox; every one must fail.
+
+Real rootless Podman, the real supervisor (Landlock), the real seccomp profile and egress proxy.
+The probe runs as the agent command and prints one JSON line; this test reads it from the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.config import load_config
+from appliance.sandboxes import SandboxManager, read_policy_file
+from appliance.store import open_store
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PROBE = Path(__file__).with_name("probe.py")
+POLICIES = Path(__file__).resolve().parents[2] / "sandbox" / "policies"
+
+
+def _can_run_sandboxes() -> str | None:
+    if os.geteuid() != 0:
+        return "sandboxes are created by root (the control plane)"
+    for tool in ("podman", "runc", "debootstrap", "newuidmap"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (scripts/setup.sh installs it as root)"
+    try:
+        import pwd
+
+        pwd.getpwnam("appliance")
+    except KeyError:
+        return "no service user 'appliance' (scripts/setup-service-user.sh)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def manager(tmp_path_factory: pytest.TempPathFactory):
+    if (why := _can_run_sandboxes()) is not None:
+        pytest.skip(why)
+    state = tmp_path_factory.mktemp("state")
+    config = load_config({"state_dir": str(state)})
+    from sandbox.image import build_base_image
+
+    with open_store(state) as store:
+        m = SandboxManager(config, store)
+        build_base_image(m.podman.start(), workdir=Path("/var/tmp/appliance-image-cache"))
+        yield m
+
+
+def run_probe(manager: SandboxManager, name: str) -> dict:
+    policy = read_policy_file(POLICIES / "default.yaml")
+    deny_all = policy.network.model_copy(
+        update={"approval": policy.network.approval.model_copy(update={"mode": "deny"})}
+    )
+    policy = policy.with_network(deny_all)
+    manager.create(name, policy, ["python3", "-I", "-c", PROBE.read_text()])
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            logs = b"".join(manager.container(name).logs(stdout=True, stderr=True)).decode()
+            for line in logs.splitlines():
+                if line.startswith("PROBE "):
+                    return {"report": manager.enforcement(name), **json.loads(line[6:])}
+            time.sleep(0.2)
+        raise AssertionError(f"no probe output:\n{logs}")
+    finally:
+        manager.remove(name)
+
+
+def test_every_escape_attempt_fails(manager: SandboxManager) -> None:
+    out = run_probe(manager, f"battery-{os.getpid()}")
+    results = out["results"]
+    escaped = {k: v for k, v in results.items() if not v.startswith("blocked")}
+    assert not escaped, escaped
+    assert len(results) >= 40, sorted(results)
+
+
+def test_posture_inside_the_sandbox(manager: SandboxManager) -> None:
+    out = run_probe(manager, f"posture-{os.getpid()}")
+    posture, report = out["posture"], out["report"]
+    assert posture["uid"] == 1000
+    assert posture["no_new_privs"] == "1"
+    assert posture["seccomp"] == "2"
+    assert int(posture["cap_eff"], 16) == 0 and int(posture["cap_bnd"], 16) == 0
+    assert "/opt/appliance/supervisor/init.py" in posture["pid1"]
+    assert report["landlock"]["enforced"] is True and report["landlock"]["abi"] >= 1
+    assert report["agent_started"] is True and report["seccomp_mode"] == 2

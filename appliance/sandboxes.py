@@ -126,6 +126,13 @@ class SandboxManager:
             raise NotFoundError(f"no sandbox named {name!r}", hint="`appliance sandbox list`")
         return record
 
+    def _refuse_if_held(self) -> None:
+        if (held := self.boxes.held()) is not None:
+            raise SandboxError(
+                f"sandboxes are held by the kill switch: {held}",
+                hint="`appliance release` lifts the hold",
+            )
+
     def _client(self):
         return self.podman.start()
 
@@ -134,9 +141,7 @@ class SandboxManager:
     def create(
         self, name: str, policy: Policy, command: list[str] | None, image: str | None = None
     ) -> SandboxRecord:
-        if (held := self.boxes.held()) is not None:
-            raise SandboxError(f"sandboxes are held by the kill switch: {held}",
-                               hint="`appliance release` lifts the hold")  # fmt: skip
+        self._refuse_if_held()
         if self.boxes.get(name) is not None:
             raise SandboxError(f"sandbox {name!r} exists", hint=f"`appliance sandbox rm {name}`")
         policy = self._carry_over_network(name, policy)
@@ -311,9 +316,7 @@ class SandboxManager:
         return self._client().containers.get(record.container_id or name)
 
     def start(self, name: str) -> None:
-        if (held := self.boxes.held()) is not None:
-            raise SandboxError(f"sandboxes are held by the kill switch: {held}",
-                               hint="`appliance release` lifts the hold")  # fmt: skip
+        self._refuse_if_held()
         self._start_proxy(name, self.paths(name))
         self._start_container(name, self.container(name))
 

@@ -277,20 +277,16 @@ class VllmBackend(ProcessBackend):
     ) -> None:
         """Start and wait for /health; on OOM at start step the plan down and try again."""
         while True:
-            self.start()
             try:
-                self.wait_ready(timeout, progress, cancel)
+                super().launch(timeout, progress, cancel)  # stops the process on any failure
                 return
             except BackendStartError as exc:
-                output = self.log_since_start()
-                self.stop(grace=5.0)
-                oom = None if isinstance(exc, BackendTimeout) else diagnose_oom(output)
+                if isinstance(exc, BackendTimeout):
+                    raise
+                oom = diagnose_oom(self.log_since_start())  # the log outlives the process
                 if oom is None:
                     raise
                 self._step_down(oom, exc)
-            except BaseException:
-                self.stop(grace=5.0)
-                raise
 
     def _step_down(self, oom: Oom, exc: BackendStartError) -> None:
         util, length = self._current()

@@ -17,10 +17,12 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from podman import PodmanClient
+from typing import TYPE_CHECKING
 
 from appliance.errors import BackendError, PreflightError
+
+if TYPE_CHECKING:
+    from podman import PodmanClient
 
 DEFAULT_USER = "appliance"
 SOCKET_NAME = "appliance-podman.sock"
@@ -75,6 +77,8 @@ class PodmanService:
 
     # --- lifecycle ----------------------------------------------------------------------------
     def client(self, timeout: float = 60.0) -> PodmanClient:
+        from podman import PodmanClient  # ~120 ms of imports: only when Podman is really used
+
         return PodmanClient(base_url=self.base_url, timeout=timeout)
 
     def is_running(self) -> bool:

@@ -8,6 +8,8 @@ podman-py on the service user's socket. The agent never sees its key: the proxy 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -15,7 +17,8 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +31,40 @@ from appliance.store.sandbox_store import SandboxRecord, SandboxStore
 from sandbox.compile.landlock import landlock_rules
 from sandbox.compile.podman_spec import SandboxMounts, podman_spec, policy_digest
 from sandbox.compile.seccomp import seccomp_profile
-from sandbox.policy import Network, Policy, load_policy
+from sandbox.policy import Endpoint, Network, Policy, load_policy
 from sandbox.yamlfile import YamlError
 
 SUPERVISOR_SRC = Path(__file__).resolve().parent.parent / "sandbox" / "supervisor"
 HOME = "/home/agent"
 REPORT_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 3  # SIGTERM, then SIGKILL: the kill switch must finish within 5 s
+SANDBOX_LABEL = "appliance.sandbox"  # set by podman_spec: the sandbox's name
+STATE_LABEL = "appliance.state"  # which state dir (control plane) created it
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 
 
 class SandboxError(ApplianceError):
     hint = "see `appliance sandbox logs NAME` and the proxy log in the state directory"
+
+
+@dataclass
+class Reconciled:
+    """What `SandboxManager.reconcile` found and did, by sandbox name."""
+
+    running: list[str] = field(default_factory=list)
+    proxies_restarted: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.proxies_restarted or self.restarted or self.failed)
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in vars(self).items()}
 
 
 @dataclass(frozen=True)
@@ -93,7 +119,13 @@ def read_policy_file(path: Path) -> Policy:
     except YamlError as exc:
         from appliance.errors import ConfigError
 
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(str(exc), hint="fix the policy file at the line named") from None
+
+
+def _listed_status(container: Any) -> str:
+    """A container's status from a list result, where State is a plain string (not inspect's)."""
+    state = container.attrs.get("State")
+    return state if isinstance(state, str) else (state or {}).get("Status", "?")
 
 
 def _mapped_uid(service_user: str, container_uid: int) -> int:
@@ -111,6 +143,7 @@ class SandboxManager:
         self.store = store
         self.boxes = SandboxStore(store)
         self.podman = PodmanService(user=config.sandbox.service_user)
+        self._podman_client: Any = None
 
     # -- paths and helpers -------------------------------------------------------------------
 
@@ -118,6 +151,18 @@ class SandboxManager:
         home = Path(self.podman.account.pw_dir)
         return SandboxPaths(
             root=home / "sandboxes" / name, private=self.config.state_dir / "sandboxes" / name
+        )
+
+    @property
+    def instance(self) -> str:
+        """Which control plane owns a container: one Podman may serve several state dirs."""
+        return hashlib.sha256(os.fsencode(self.config.state_dir.resolve())).hexdigest()[:12]
+
+    def _labelled(self, name: str | None = None) -> list[Any]:
+        """This control plane's sandbox containers on Podman (all, or the one named)."""
+        sandbox = SANDBOX_LABEL + (f"={name}" if name else "")
+        return self._client().containers.list(
+            all=True, filters=[f"label={sandbox}", f"label={STATE_LABEL}={self.instance}"]
         )
 
     def _record(self, name: str) -> SandboxRecord:
@@ -134,7 +179,9 @@ class SandboxManager:
             )
 
     def _client(self):
-        return self.podman.start()
+        if self._podman_client is None:  # one ping and one client per manager, not per call
+            self._podman_client = self.podman.start()
+        return self._podman_client
 
     # -- create ------------------------------------------------------------------------------
 
@@ -167,6 +214,7 @@ class SandboxManager:
                 else None,
             )
             spec = podman_spec(policy, name=name, image=image, mounts=mounts, command=command)
+            spec["labels"][STATE_LABEL] = self.instance
             container = client.containers.create(**spec)
             self.boxes.set_state(name, "created", container.id)
             self._start_container(name, container)
@@ -176,13 +224,23 @@ class SandboxManager:
         return self._record(name)
 
     def _carry_over_network(self, name: str, policy: Policy) -> Policy:
-        """A re-created sandbox keeps the network rules its earlier revisions gained (approvals)."""
+        """A re-created sandbox keeps the rules its earlier revisions gained: approvals (allow)
+        and operators' blocks (deny: else a block would vanish under a wildcard allow)."""
         latest = self.boxes.latest_policy(name)
         if latest is None:
             return policy
-        known = {e.model_dump_json() for e in policy.network.allow}
-        extra = [e for e in latest[1].network.allow if e.model_dump_json() not in known]
-        network = policy.network.model_copy(update={"allow": [*policy.network.allow, *extra]})
+
+        def merged(mine: list[Endpoint], earlier: list[Endpoint]) -> list[Endpoint]:
+            known = {e.model_dump_json() for e in mine}
+            return [*mine, *(e for e in earlier if e.model_dump_json() not in known)]
+
+        old = latest[1].network
+        network = policy.network.model_copy(
+            update={
+                "allow": merged(policy.network.allow, old.allow),
+                "deny": merged(policy.network.deny, old.deny),
+            }
+        )
         return policy.with_network(network)
 
     def _prepare_dirs(self, paths: SandboxPaths, policy: Policy, command: list[str]) -> None:
@@ -240,16 +298,28 @@ class SandboxManager:
     # -- the egress proxy process ------------------------------------------------------------
 
     def _proxy_running(self, paths: SandboxPaths) -> int | None:
+        """The proxy's pid if it is alive: not a zombie, and not a reused pid."""
         try:
             pid = int(paths.proxy_pid.read_text())
-            os.kill(pid, 0)
         except (OSError, ValueError):
             return None
-        return pid
+        with contextlib.suppress(ChildProcessError):  # ours when this process started it
+            os.waitpid(pid, os.WNOHANG)
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()  # empty for a zombie
+        except OSError:
+            return None
+        return pid if os.fsencode(paths.admin_socket) in cmdline else None
 
     def _start_proxy(self, name: str, paths: SandboxPaths) -> None:
         if self._proxy_running(paths):
             return
+        for sock in (paths.admin_socket, paths.egress / "egress.sock"):
+            if len(os.fsencode(sock)) > UNIX_PATH_MAX:
+                raise SandboxError(
+                    f"{sock} is too long for a unix socket ({UNIX_PATH_MAX} bytes at most)",
+                    hint="use a shorter state_dir (or sandbox name)",
+                )
         gw = self.config.gateway
         argv = [
             sys.executable, "-m", "sandbox.proxy",
@@ -327,6 +397,8 @@ class SandboxManager:
         self.store_audit("sandbox.stop", sandbox=name)
 
     def remove(self, name: str) -> None:
+        if self.boxes.get(name) is None and self._remove_orphan(name):
+            return
         record = self._record(name)
         try:
             self.container(name).remove(force=True)
@@ -346,15 +418,19 @@ class SandboxManager:
         self.boxes.delete(name)  # policy revisions stay: a re-created sandbox inherits them
         self.store_audit("sandbox.rm", sandbox=name)
 
+    def _remove_orphan(self, name: str) -> bool:
+        """A labelled container the store does not know (see reconcile): remove it."""
+        found = self._labelled(name)
+        for container in found:
+            container.remove(force=True)
+            self.store_audit("sandbox.rm", sandbox=name, orphan=True)
+        return bool(found)
+
     def list(self) -> list[dict[str, Any]]:
         live: dict[str, str] = {}
         try:
-            for c in self._client().containers.list(
-                all=True, filters={"label": "appliance.sandbox"}
-            ):
-                state = c.attrs.get("State")  # a plain string in list results, unlike inspect
-                status = state if isinstance(state, str) else (state or {}).get("Status", "?")
-                live[c.labels.get("appliance.sandbox", c.name)] = status
+            for c in self._labelled():
+                live[c.labels[SANDBOX_LABEL]] = _listed_status(c)
         except ApplianceError:
             pass  # podman unavailable: report what the store knows
         return [
@@ -404,17 +480,91 @@ class SandboxManager:
     # -- kill switch -------------------------------------------------------------------------
 
     def kill(self, names: list[str], hold: bool, reason: str) -> list[str]:
+        """Stop the named sandboxes at once (in parallel: the switch must finish within 5 s)."""
         if hold:
             self.boxes.hold(reason)
-        stopped = []
-        for name in names:
-            try:
-                self.stop(name, timeout=STOP_TIMEOUT_S)
-                stopped.append(name)
-            except NotFoundError:
-                continue
-        self.store_audit("kill", sandboxes=stopped, hold=hold, reason=reason)
+        records = [r for n in names if (r := self.boxes.get(n)) is not None]
+        errors = self._stop_containers([r.container_id or r.name for r in records])
+        stopped: list[str] = []
+        failed = [f"{n}: no such sandbox" for n in names if self.boxes.get(n) is None]
+        for record, error in zip(records, errors, strict=True):
+            self._stop_proxy(self.paths(record.name))  # no egress even if the stop failed
+            if error is None:
+                self.boxes.set_state(record.name, "stopped")
+                stopped.append(record.name)
+            else:
+                failed.append(f"{record.name}: {error}")
+        self.store_audit("kill", sandboxes=stopped, failed=failed, hold=hold, reason=reason)
+        if failed:
+            raise SandboxError("the kill switch could not stop " + "; ".join(failed))
         return stopped
+
+    def _stop_containers(self, ids: list[str]) -> list[str | None]:
+        """SIGTERM, then SIGKILL after STOP_TIMEOUT_S, for all at once; an error per id or None."""
+        if not ids:
+            return []
+        self._client()  # the service must be up before the threads connect
+
+        def stop(container_id: str) -> str | None:
+            try:  # a client per thread: podman-py's requests session is not thread-safe
+                with self.podman.client() as client:
+                    client.containers.get(container_id).stop(timeout=STOP_TIMEOUT_S)
+            except Exception as exc:
+                if "no such container" not in str(exc).lower():
+                    return str(exc)
+            return None
+
+        with ThreadPoolExecutor(max_workers=min(16, len(ids))) as pool:
+            return list(pool.map(stop, ids))
+
+    # -- reconciliation ----------------------------------------------------------------------
+
+    def reconcile(self) -> Reconciled:
+        """Make Podman and the proxies match the store, after a restart or a crash.
+
+        The store is the record of what should exist; Podman of what does (containers found by
+        their `appliance.sandbox` label, so none is duplicated). A running sandbox whose proxy
+        died gets a new one; a sandbox that should run (state `running`, e.g. before a host
+        reboot) is started again unless the kill switch holds; one whose container vanished is
+        marked `missing`; a labelled container with no record is reported, never adopted:
+        without its record there is no policy or key to vouch for it.
+        """
+        out = Reconciled()
+        on_podman = {c.labels[SANDBOX_LABEL]: c for c in self._labelled()}
+        held = self.boxes.held() is not None
+        for record in self.boxes.list():
+            container = on_podman.pop(record.name, None)
+            paths = self.paths(record.name)
+            if container is None:
+                if record.state != "missing":
+                    self._stop_proxy(paths)
+                    self.boxes.set_state(record.name, "missing")
+                    self.store_audit("sandbox.missing", sandbox=record.name)
+                out.missing.append(record.name)
+            elif _listed_status(container) == "running":
+                if self._proxy_running(paths) is None:
+                    self._start_proxy(record.name, paths)
+                    out.proxies_restarted.append(record.name)
+                if record.state != "running":
+                    self.boxes.set_state(record.name, "running", container.id)
+                out.running.append(record.name)
+            elif record.state == "running" and not held:
+                try:
+                    self._start_proxy(record.name, paths)
+                    self._start_container(record.name, container)
+                    out.restarted.append(record.name)
+                except ApplianceError as exc:
+                    self.boxes.set_state(record.name, "failed")
+                    out.failed.append(f"{record.name}: {exc}")
+            else:
+                self._stop_proxy(paths)
+                if record.state not in ("stopped", "failed"):
+                    self.boxes.set_state(record.name, "stopped")
+                out.stopped.append(record.name)
+        out.orphans = sorted(on_podman)
+        if out.changed:
+            self.store_audit("sandbox.reconcile", **out.as_dict())
+        return out
 
     def store_audit(self, event: str, **fields: Any) -> None:
         inference = InferenceStore(self.config.state_dir)

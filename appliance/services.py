@@ -4,12 +4,15 @@
 manager is in charge. It runs the backend (vLLM or the embedded model server) and the gateway as
 child processes, restarts them with backoff when they die, and records their state in
 <state_dir>/run/services.json for `appliance status`. `appliance down` sends it SIGTERM.
+It also reconciles the sandboxes at start and every 30 s (dead egress proxies, sandboxes that
+should run after a reboot); sandboxes themselves outlive it, as their proxies do.
 Under systemd, `appliance serve backend|gateway` are the unit commands instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -21,6 +24,9 @@ from typing import Any
 from appliance.config import ApplianceConfig
 from hardware.plan_types import ServingPlan
 from inference.backends import ProcessBackend, VllmBackend
+
+log = logging.getLogger(__name__)
+RECONCILE_INTERVAL_S = 30.0
 
 
 def run_dir(config: ApplianceConfig) -> Path:
@@ -157,9 +163,38 @@ def supervise(config: ApplianceConfig, plan: ServingPlan) -> None:
                     ready_timeout=config.inference.ready_timeout_s,
                 )
             )
+        threading.Thread(target=watch_sandboxes, args=(config, stop), daemon=True).start()
         stop.wait()
     finally:
         for sup in reversed(supervisors):
             sup.stop(timeout=60)
         pid_file(config).unlink(missing_ok=True)
         services_file(config).unlink(missing_ok=True)
+
+
+def watch_sandboxes(config: ApplianceConfig, stop: threading.Event) -> None:
+    """Reconcile now, then every RECONCILE_INTERVAL_S until `stop`; never raises."""
+    while True:
+        try:
+            reconcile_sandboxes(config)
+        except Exception as exc:  # Podman down, store locked: try again next round
+            log.warning("sandbox reconciliation failed: %s", exc)
+        if stop.wait(RECONCILE_INTERVAL_S):
+            return
+
+
+def reconcile_sandboxes(config: ApplianceConfig) -> dict[str, list[str]] | None:
+    """One reconciliation, or None where there is nothing to do (no root, no sandboxes)."""
+    from appliance.sandboxes import SandboxManager
+    from appliance.store import open_store
+    from appliance.store.sandbox_store import SandboxStore
+
+    if os.geteuid() != 0:  # sandboxes are root's to manage; a user's `up` has none
+        return None
+    with open_store(config.state_dir) as store:
+        if not SandboxStore(store).list():
+            return None  # do not start a Podman service for nothing
+        out = SandboxManager(config, store).reconcile()
+    if out.changed or out.orphans:
+        log.warning("sandboxes reconciled: %s", out.as_dict())
+    return out.as_dict()

@@ -5,9 +5,15 @@ Later subsystems add their sections to SECTIONS; each takes the config and the h
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from appliance import __version__
@@ -116,6 +122,204 @@ def budgets_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, An
         return {"keys": budget_report(store), "throughput": throughput(store)}
 
 
+# -- sandboxes and approvals ---------------------------------------------------------------------
+# Both stay cheap on a host without sandboxes: no store, or no records, returns before anything
+# heavy (podman-py, the sandbox manager) is imported, and neither ever starts the Podman service.
+
+ADMIN_TIMEOUT_S = 0.2  # per proxy admin socket: a wedged proxy must not stall the screen
+PODMAN_TIMEOUT_S = 1.0
+
+
+@dataclass
+class _SandboxView:
+    records: list[Any]  # SandboxRecord, by name
+    held: str | None  # the kill-switch hold's reason
+    manager: Any  # SandboxManager (paths, list) on a Podman it only reuses; None if no records
+
+
+@contextmanager
+def _sandbox_view(config: ApplianceConfig) -> Iterator[_SandboxView | None]:
+    """The store's sandboxes, or None when there is no store yet (never creates one)."""
+    if not (config.state_dir / DB_NAME).is_file():
+        yield None
+        return
+    with open_store(config.state_dir) as store:
+        if not _any_sandbox_state(store):
+            yield _SandboxView([], None, None)
+            return
+        from appliance.store.sandbox_store import SandboxStore  # ~20 ms: sandbox.policy models
+
+        boxes = SandboxStore(store)
+        records = boxes.list()
+        yield _SandboxView(records, boxes.held(), _manager(config, store) if records else None)
+
+
+def _any_sandbox_state(store: Any) -> bool:
+    # One cheap query before SandboxStore is imported: most hosts have no sandboxes and no hold.
+    row = store.conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM sandboxes) OR EXISTS (SELECT 1 FROM kill_hold WHERE held)"
+    ).fetchone()
+    return bool(row[0])
+
+
+def _manager(config: ApplianceConfig, store: Any) -> Any:
+    from appliance.errors import BackendError
+    from appliance.podman_service import PodmanService
+    from appliance.sandboxes import SandboxManager
+
+    class ReuseOnly(PodmanService):
+        """Status must never start the service (slow, and a side effect): reuse or refuse."""
+
+        def client(self, timeout: float = PODMAN_TIMEOUT_S) -> Any:
+            # Caps is_running()'s ping too: a hung service costs a second, not a minute.
+            return super().client(timeout=min(timeout, PODMAN_TIMEOUT_S))
+
+        def start(self) -> Any:
+            if not self.is_running():
+                raise BackendError("the Podman service is not running")
+            return self.client()
+
+    manager = SandboxManager(config, store)
+    manager.podman = ReuseOnly(user=config.sandbox.service_user)
+    return manager
+
+
+def _pid_alive(pid_file: Path) -> bool:
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+    except PermissionError:
+        return True  # exists, owned by another user (status run as non-root)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _proxy_alive(manager: Any, name: str) -> bool | None:
+    try:
+        return _pid_alive(manager.paths(name).proxy_pid)
+    except Exception:  # no service user: paths() cannot be built, so the answer is unknown
+        return None
+
+
+def _podman_state(manager: Any) -> str:
+    try:
+        return "running" if manager.podman.is_running() else "down"
+    except Exception:  # no service user (PreflightError)
+        return "unavailable"
+
+
+def _containers(manager: Any) -> tuple[str, dict[str, str]]:
+    """The Podman service's state and, only if it already runs, each sandbox's container."""
+    podman = _podman_state(manager)
+    if podman != "running":
+        return podman, {}
+    try:
+        return podman, {row["name"]: row["container"] for row in manager.list()}
+    except Exception as exc:  # e.g. the service went away between the ping and the list
+        return f"error: {type(exc).__name__}: {exc}", {}
+
+
+def _no_sandboxes(held: str | None = None, error: str | None = None) -> dict[str, Any]:
+    return {
+        "count": 0,
+        "by_state": {},
+        "held": held,
+        "podman": None,
+        "sandboxes": [],
+        "error": error,
+    }
+
+
+def sandboxes_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, Any]:
+    """Each sandbox's recorded state, its container (only if Podman already runs), its proxy."""
+    try:
+        with _sandbox_view(config) as view:
+            if view is None or not view.records:
+                return _no_sandboxes(view.held if view else None)
+            podman, live = _containers(view.manager)
+            rows = [
+                {
+                    "name": r.name,
+                    "state": r.state,
+                    "container": live.get(r.name),  # None: Podman was not asked
+                    "proxy_alive": _proxy_alive(view.manager, r.name),
+                }
+                for r in view.records
+            ]
+            held = view.held
+    except Exception as exc:  # a status screen reports what went wrong, it never raises
+        return _no_sandboxes(error=f"{type(exc).__name__}: {exc}")
+    return {
+        "count": len(rows),
+        "by_state": dict(Counter(r["state"] for r in rows)),
+        "held": held,
+        "podman": podman,
+        "sandboxes": rows,
+        "error": None,
+    }
+
+
+def _admin_get(socket_path: Path, target: str, timeout: float) -> Any:
+    """One GET on a proxy's admin socket (sandbox/proxy/admin.py: HTTP/1.1, closes after).
+
+    Not AdminClient: importing sandbox.proxy pulls the whole proxy and httpx (~120 ms), which
+    would more than double the cost of `status` for one tiny request.
+    """
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(socket_path))
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: proxy-admin\r\n\r\n".encode())
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                raise TimeoutError("timed out")
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status = head.split(b" ", 2)[1:2]
+    if status != [b"200"]:
+        raise OSError(f"HTTP {b''.join(status).decode(errors='replace') or '?'}")
+    return json.loads(body)
+
+
+def _pending(socket_path: Path, name: str, now: float) -> list[dict[str, Any]]:
+    if not socket_path.exists():
+        return []  # no proxy: nothing can be waiting
+    return [
+        {
+            "id": p.get("id"),
+            "sandbox": p.get("sandbox", name),
+            "host": p.get("host"),
+            "port": p.get("port"),
+            "waiting_s": round(max(0.0, now - float(p.get("created") or now)), 1),
+        }
+        for p in _admin_get(socket_path, "/approvals", ADMIN_TIMEOUT_S).get("pending", [])
+    ]
+
+
+def approvals_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, Any]:
+    """Requests held for an operator, across every sandbox's egress proxy."""
+    pending: list[dict[str, Any]] = []
+    errors: list[str] = []
+    try:
+        with _sandbox_view(config) as view:
+            now = time.time()
+            for r in view.records if view else []:
+                try:
+                    socket_path = view.manager.paths(r.name).admin_socket
+                except Exception as exc:  # no service user: the same for every sandbox, once
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    break
+                try:
+                    pending.extend(_pending(socket_path, r.name, now))
+                except Exception as exc:  # one wedged proxy must not hide the others
+                    errors.append(f"{r.name}: {type(exc).__name__}: {exc}")
+    except Exception as exc:
+        errors.append(f"{type(exc).__name__}: {exc}")
+    pending.sort(key=lambda p: -p["waiting_s"])  # the longest wait first
+    return {"count": len(pending), "pending": pending, "errors": errors}
+
+
 SECTIONS: dict[str, Section] = {
     "appliance": appliance_section,
     "host": host_section,
@@ -123,6 +327,8 @@ SECTIONS: dict[str, Section] = {
     "inference": inference_section,
     "gateway": gateway_section,
     "budgets": budgets_section,
+    "sandboxes": sandboxes_section,
+    "approvals": approvals_section,
 }
 
 

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from appliance.cli.context import app_context
 from appliance.cli.options import JsonOpt
-from appliance.cli.output import console, print_json
+from appliance.cli.output import console, err_console, print_json
 
 app = typer.Typer(help="Create and manage agent sandboxes (rootless Podman).", no_args_is_help=True)
 policy_app = typer.Typer(help="Show or change a sandbox's policy.", no_args_is_help=True)
@@ -58,6 +58,12 @@ def create(
             f"sandbox {name} running · Landlock ABI {ll.get('abi')} enforced={ll.get('enforced')}"
             f" · seccomp {report and report.get('seccomp_mode')}"
         )
+        limits = (report or {}).get("limits", {})
+        if limits and limits.get("cgroup_memory") is None:
+            err_console.print(
+                "[yellow]warning:[/] no cgroup memory/pids limit on this host (rootless Podman "
+                "needs cgroup v2 with delegation): each process is capped by rlimits instead"
+            )
 
 
 @app.command("list")
@@ -118,6 +124,22 @@ def rm(ctx: typer.Context, name: NameArg) -> None:
     with manager(ctx) as m:
         m.remove(name)
     console.print(f"removed {name}")
+
+
+@app.command("reconcile")
+def reconcile(ctx: typer.Context, json_out: JsonOpt = False) -> None:
+    """Match the store with Podman: restart dead proxies and sandboxes that should run.
+
+    `appliance serve all` does this at start and every 30 s; this runs it once, now.
+    """
+    with manager(ctx) as m:
+        out = m.reconcile().as_dict()
+    if json_out:
+        print_json(out)
+        return
+    for what, names in out.items():
+        if names:
+            console.print(f"{what.replace('_', ' ')}: {', '.join(names)}")
 
 
 @policy_app.command("show")

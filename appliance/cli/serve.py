@@ -29,12 +29,15 @@ def gateway(ctx: typer.Context) -> None:
     """Serve inference.local (the OpenAI-compatible gateway) on the configured address."""
     import uvicorn
 
+    from appliance.hard_stop import control_plane_hooks
     from appliance.store.inference_store import InferenceStore
     from inference.gateway.app import create_app
 
     config = app_context(ctx).config()
     store = InferenceStore(config.state_dir)
-    api = create_app(config.gateway_settings(), store, store, store, store)
+    # A sandbox's key exhausting its monthly budget stops that sandbox (`appliance kill NAME`).
+    hooks = control_plane_hooks(config)
+    api = create_app(config.gateway_settings(), store, store, store, store, hooks)
     uvicorn.run(
         api,
         host=config.gateway.host,

@@ -20,9 +20,14 @@ from hardware.snapshot import HostSnapshot
 
 
 def _state(state: str) -> str:
-    colour = {"ready": "green", "listening": "green", "down": "red", "failed": "red"}.get(
-        state, "yellow"
-    )
+    colour = {
+        "ready": "green",
+        "listening": "green",
+        "running": "green",
+        "down": "red",
+        "failed": "red",
+        "missing": "red",
+    }.get(state, "yellow")
     return f"[{colour}]{state}[/]"
 
 
@@ -48,7 +53,52 @@ def render(report: dict[str, Any], host: HostSnapshot) -> Group:
         )
     )
     parts.extend(_budget_lines(report["budgets"]))
+    parts.extend(_sandbox_lines(report.get("sandboxes") or {}))
+    parts.extend(_approval_lines(report.get("approvals") or {}))
     return Group(*parts)
+
+
+def _yes_no(value: bool | None, yes: str, no: str) -> str:
+    return "[dim]?[/]" if value is None else (f"[green]{yes}[/]" if value else f"[red]{no}[/]")
+
+
+def _sandbox_lines(section: dict[str, Any]) -> list[Text]:
+    counts = ", ".join(f"{n} {state}" for state, n in section.get("by_state", {}).items())
+    head = f"[bold]sandboxes[/]  {section.get('count', 0) or 'none'}"
+    if counts:
+        head += f" ({escape(counts)}) · podman {escape(section.get('podman') or '?')}"
+    if section.get("held"):
+        head += f" · [red]kill switch held[/]: {escape(section['held'])}"
+    if section.get("error"):
+        head += f" · [red]{escape(section['error'])}[/]"
+    lines = [Text.from_markup("\n" + head)]
+    for box in section.get("sandboxes", []):
+        container = box.get("container") or "not checked"
+        lines.append(
+            Text.from_markup(
+                f"  {escape(box['name'])}  {_state(escape(box['state']))}  "
+                f"container {escape(container)}  "
+                f"proxy {_yes_no(box.get('proxy_alive'), 'up', 'down')}"
+            )
+        )
+    return lines
+
+
+def _approval_lines(section: dict[str, Any]) -> list[Text]:
+    pending = section.get("pending", [])
+    errors = section.get("errors", [])
+    if not pending and not errors:
+        return []
+    lines = [Text.from_markup(f"[bold]approvals[/]  [yellow]{len(pending)} pending[/]")]
+    for p in pending:
+        lines.append(
+            Text(
+                f"  {p['id']}  {p['sandbox']}  {p['host']}:{p['port']}  "
+                f"waiting {p['waiting_s']:.0f} s"
+            )
+        )
+    lines.extend(Text.from_markup(f"  [red]{escape(e)}[/]") for e in errors)
+    return lines
 
 
 def _budget_lines(budgets: dict[str, Any]) -> list[Text]:

@@ -12,6 +12,13 @@ the mount flag, decides who may execute what; nosuid and nodev are Podman's tmpf
 Each tmpfs is capped at half the memory limit: tmpfs pages are charged to the container's memory
 cgroup, so a full disk must show up as ENOSPC before the OOM killer picks a process.
 
+Memory and pids are limited twice. The cgroup limits (`mem_limit`, `pids_limit`) cap the whole
+sandbox, but rootless Podman can only apply them on cgroup v2 with controller delegation; on a
+cgroup v1 host it silently drops them. The rlimits hold everywhere: RLIMIT_DATA (the heap and
+every private writable mapping, but not PROT_NONE reservations such as V8's heap cage, so Node
+still starts) caps each process at the memory limit, and RLIMIT_NPROC caps the process count.
+The supervisor reports which of the two are in force.
+
 `podman_argv(spec)` renders the same spec as a `podman create` command line for debugging.
 """
 
@@ -145,6 +152,7 @@ def podman_spec(
                 "Soft": min(policy.resources.pids, NPROC_MAX),
                 "Hard": min(policy.resources.pids, NPROC_MAX),
             },
+            {"Name": "data", "Soft": policy.resources.memory, "Hard": policy.resources.memory},
             {"Name": "core", "Soft": 0, "Hard": 0},  # no core dumps with secrets in them
         ],
     }

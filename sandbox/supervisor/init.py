@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -153,6 +154,32 @@ def write_report(path: str, report: dict[str, Any]) -> None:
         die(EXIT_CONFIG, f"cannot write the enforcement report {path}: {exc}")
 
 
+def _cgroup_limit(*paths: str) -> int | None:
+    """The first readable cgroup limit among v2/v1 paths; None when unlimited or not visible."""
+    for path in paths:
+        try:
+            with open(path) as f:
+                raw = f.read().strip()
+        except OSError:
+            continue
+        if raw == "max" or not raw.isdigit() or int(raw) >= 1 << 62:  # v1 "unlimited" is huge
+            return None
+        return int(raw)
+    return None
+
+
+def resource_limits() -> dict[str, Any]:
+    """What caps this sandbox really has: rootless Podman drops cgroup limits on cgroup v1."""
+    return {
+        "cgroup_memory": _cgroup_limit(
+            "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"
+        ),
+        "cgroup_pids": _cgroup_limit("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"),
+        "rlimit_data": resource.getrlimit(resource.RLIMIT_DATA)[1],
+        "rlimit_nproc": resource.getrlimit(resource.RLIMIT_NPROC)[1],
+    }
+
+
 def base_report(cfg: dict[str, Any], abi: int) -> dict[str, Any]:
     with open("/proc/self/status", "rb") as f:
         own = proc_status(f.read())
@@ -166,6 +193,7 @@ def base_report(cfg: dict[str, Any], abi: int) -> dict[str, Any]:
         "agent_started": False,
         "agent_uid": None,
         "landlock": {"abi": abi, "enforced": False},
+        "limits": resource_limits(),
     }
 
 

@@ -1,13 +1,17 @@
 """Runs INSIDE a sandbox as the agent: tries to escape in many named ways and prints one JSON line.
 
 Each attempt returns "blocked: <why>" or "ESCAPED: <what happened>". Stdlib only.
+The test prepends `LIMITS = {"memory": bytes, "pids": n, "gateway_port": n}`: the policy's caps.
 """
 
 import ctypes
 import errno
 import json
 import os
+import resource
+import signal
 import socket
+import time
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
@@ -17,8 +21,9 @@ NR = {  # x86_64 syscall numbers
     "io_uring_setup": 425, "memfd_create": 319, "userfaultfd": 323, "perf_event_open": 298,
     "pidfd_open": 434, "process_vm_readv": 310, "kexec_load": 246, "init_module": 175,
     "clone3": 435, "open_tree": 428, "fsopen": 430, "move_mount": 429, "acct": 163,
-    "swapon": 167, "reboot": 169, "quotactl": 179,
+    "swapon": 167, "reboot": 169, "quotactl": 179, "execveat": 322,
 }  # fmt: skip
+LIMITS = globals().get("LIMITS", {"memory": 2 << 30, "pids": 256, "gateway_port": 8080})
 results: dict[str, str] = {}
 
 
@@ -28,7 +33,8 @@ def attempt(name):
             outcome = fn()
             results[name] = f"ESCAPED: {outcome!r}"
         except OSError as exc:
-            results[name] = f"blocked: {errno.errorcode.get(exc.errno, exc.errno)}"
+            why = errno.errorcode.get(exc.errno, exc.errno) if exc.errno else exc
+            results[name] = f"blocked: {why}"
         except Exception as exc:  # any refusal counts, and is named
             results[name] = f"blocked: {type(exc).__name__}: {exc}"
         return fn
@@ -108,6 +114,12 @@ attempt("ipv6_direct_dial")(lambda: socket.create_connection(("2606:4700::1111",
 attempt("dns_lookup")(lambda: socket.getaddrinfo("example.com", 443))
 attempt("loopback_other_port")(lambda: socket.create_connection(("127.0.0.1", 22), timeout=2))
 attempt("tcp_bind_listen")(lambda: socket.create_server(("127.0.0.1", 8081)))
+attempt("gateway_direct_loopback")(
+    lambda: socket.create_connection(("127.0.0.1", LIMITS["gateway_port"]), timeout=2)
+)
+attempt("gateway_via_podman_bridge")(
+    lambda: socket.create_connection(("10.88.0.1", LIMITS["gateway_port"]), timeout=2)
+)
 
 for _label, _path in [
     ("read_etc_shadow", "/etc/shadow"),
@@ -116,8 +128,11 @@ for _label, _path in [
     ("read_pid1_environ", "/proc/1/environ"),
     ("read_pid1_mem", "/proc/1/mem"),
     ("read_host_state_db", "/var/lib/appliance/appliance.db"),
+    ("read_host_sandbox_keys", "/var/lib/appliance/sandboxes"),
+    ("list_other_sandboxes", "/var/lib/appliance-sandbox/sandboxes"),
 ]:
     attempt(_label)(lambda p=_path: open(p, "rb").read(16))
+attempt("list_egress_dir_for_other_sockets")(lambda: os.listdir("/run/appliance/egress"))
 
 for _label, _path in [
     ("write_root", "/escape"),
@@ -138,6 +153,103 @@ attempt("chmod_setuid")(
     )
 )
 attempt("setuid_root")(lambda: os.setuid(0))
+attempt("raise_core_limit")(lambda: resource.setrlimit(resource.RLIMIT_CORE, (1 << 20, 1 << 20)))
+attempt("raise_nproc_limit")(lambda: resource.setrlimit(resource.RLIMIT_NPROC, (1 << 20, 1 << 20)))
+
+
+def _in_child(fn) -> str:
+    """Run fn in a forked child; it reports its OSError's errno, or nothing if fn exec'd."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            fn()
+            os.write(w, b"returned")
+        except OSError as exc:
+            os.write(w, str(exc.errno).encode())
+        except BaseException as exc:
+            os.write(w, type(exc).__name__.encode())
+        os._exit(0)
+    os.close(w)
+    out = os.read(r, 100).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    if out.isdigit():
+        raise OSError(int(out), os.strerror(int(out)))
+    if out:
+        raise RuntimeError(out)
+    return "exec succeeded"
+
+
+_EMPTY = ctypes.create_string_buffer(1)
+
+
+def _execveat_empty_path(path: str) -> None:
+    fd = os.open(path, os.O_PATH)  # O_PATH needs no access right: the exec must still fail
+    sys_call("execveat", fd, ctypes.addressof(_EMPTY), 0, 0, 0x1000)  # AT_EMPTY_PATH
+
+
+attempt("execveat_opath_supervisor")(
+    lambda: _in_child(lambda: _execveat_empty_path("/opt/appliance/supervisor/init.py"))
+)
+attempt("exec_pid1_exe")(lambda: _in_child(lambda: os.execv("/proc/1/exe", ["x"])))
+attempt("exec_via_proc_self_fd")(
+    lambda: _in_child(
+        lambda: os.execv(
+            f"/proc/self/fd/{os.open('/opt/appliance/supervisor/init.py', os.O_PATH)}", ["x"]
+        )
+    )
+)
+
+
+@attempt("fork_bomb_beyond_pids_limit")
+def _():
+    kids = []
+    try:
+        while len(kids) <= LIMITS["pids"]:
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(60)
+                os._exit(0)
+            kids.append(pid)
+    except OSError as exc:
+        raise OSError(exc.errno, f"fork refused after {len(kids)} children") from None
+    finally:
+        for pid in kids:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    return f"{len(kids)} children, more than pids={LIMITS['pids']}"
+
+
+@attempt("memory_bomb_beyond_memory_limit")
+def _():
+    step = 32 << 20
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child hoards touched memory and reports how much it holds
+        os.close(r)
+        hoard = []
+        try:
+            while len(hoard) * step < 2 * LIMITS["memory"]:
+                hoard.append(b"\x01" * step)
+                os.write(w, b"+")
+        except MemoryError:
+            os.write(w, b"M")
+        os._exit(0)
+    os.close(w)
+    got = b""
+    while chunk := os.read(r, 4096):
+        got += chunk
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    held = got.count(b"+") * step
+    if held > LIMITS["memory"]:
+        return f"held {held >> 20} MiB, limit {LIMITS['memory'] >> 20} MiB"
+    how = "MemoryError" if got.endswith(b"M") else f"killed, wait status {status}"
+    raise MemoryError(f"{how} at {held >> 20} MiB")
+
+
 attempt("kill_pid1")(lambda: os.kill(1, 9))
 
 

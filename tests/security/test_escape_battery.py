@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 from appliance.config import load_config
 from appliance.sandboxes import SandboxManager, read_policy_file
 from appliance.store import open_store
+from tests.sandbox_fixtures import ensure_base_image, sandbox_skip_reason
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,33 +24,19 @@ PROBE = Path(__file__).with_name("probe.py")
 POLICIES = Path(__file__).resolve().parents[2] / "sandbox" / "policies"
 
 
-def _can_run_sandboxes() -> str | None:
-    if os.geteuid() != 0:
-        return "sandboxes are created by root (the control plane)"
-    for tool in ("podman", "runc", "debootstrap", "newuidmap"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (scripts/setup.sh installs it as root)"
-    try:
-        import pwd
-
-        pwd.getpwnam("appliance")
-    except KeyError:
-        return "no service user 'appliance' (scripts/setup-service-user.sh)"
-    return None
-
-
 @pytest.fixture(scope="module")
 def manager(tmp_path_factory: pytest.TempPathFactory):
-    if (why := _can_run_sandboxes()) is not None:
+    if (why := sandbox_skip_reason()) is not None:
         pytest.skip(why)
+    ensure_base_image()
     state = tmp_path_factory.mktemp("state")
     config = load_config({"state_dir": str(state)})
-    from sandbox.image import build_base_image
-
     with open_store(state) as store:
-        m = SandboxManager(config, store)
-        build_base_image(m.podman.start(), workdir=Path("/var/tmp/appliance-image-cache"))
-        yield m
+        yield SandboxManager(config, store)
+
+
+MEMORY = 256 * 1024**2  # small caps keep the bombs quick
+PIDS = 48
 
 
 def run_probe(manager: SandboxManager, name: str) -> dict:
@@ -59,7 +45,12 @@ def run_probe(manager: SandboxManager, name: str) -> dict:
         update={"approval": policy.network.approval.model_copy(update={"mode": "deny"})}
     )
     policy = policy.with_network(deny_all)
-    manager.create(name, policy, ["python3", "-I", "-c", PROBE.read_text()])
+    policy = policy.model_copy(
+        update={"resources": policy.resources.model_copy(update={"memory": MEMORY, "pids": PIDS})}
+    )
+    limits = {"memory": MEMORY, "pids": PIDS, "gateway_port": manager.config.gateway.port}
+    source = f"LIMITS = {limits!r}\n" + PROBE.read_text()
+    manager.create(name, policy, ["python3", "-I", "-c", source])
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -91,3 +82,6 @@ def test_posture_inside_the_sandbox(manager: SandboxManager) -> None:
     assert "/opt/appliance/supervisor/init.py" in posture["pid1"]
     assert report["landlock"]["enforced"] is True and report["landlock"]["abi"] >= 1
     assert report["agent_started"] is True and report["seccomp_mode"] == 2
+    # Every sandbox has per-process caps, whatever the host's cgroup version allows.
+    assert report["limits"]["rlimit_data"] == MEMORY
+    assert report["limits"]["rlimit_nproc"] == PIDS

@@ -1,0 +1,451 @@
+"""Egress approvals end to end: an agent in a real sandbox, the real per-sandbox proxy, and the
+operator's `appliance approvals` / `sandbox policy set` commands run as subprocesses.
+
+The agent (stdlib only, the sandbox's own command, under Landlock and seccomp) polls job files
+that the test drops into its persistent home and makes each request through the in-sandbox
+proxy port (127.0.0.1:3128 → the supervisor's forwarder → the host-side egress proxy), writing
+the outcome back as a result file.
+
+Why a network namespace: an approval never opens a private address (`EgressProxy._hold` returns
+`approved_may_be_private`, which the standalone proxy leaves False), and IP literals are never
+held at all (`_decide` only holds names). So an approved request to a test server on 127.0.0.1,
+or on this host's own interface address (a private/documentation range here), is still refused
+as "resolves to a private or reserved address" — exactly as in production, where approvals are
+for public hosts. To exercise the real path (a *name* that resolves to a *global* address) without
+touching the machine's network, the origin server runs in its own network and mount namespace
+with a global address on its loopback and an /etc/hosts naming the test hosts; `sandbox create`
+runs in those namespaces (via nsenter), so the proxy it starts resolves and connects there, as a
+control plane on a host with a public route would. Every other command runs in the test's own
+namespaces, as an operator's would. `test_approval_never_opens_a_private_address` pins the
+private-address behaviour with a name that resolves to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sandbox.proxy.addresses import is_forbidden
+from tests.sandbox_fixtures import (
+    cli_env,
+    ensure_base_image,
+    force_remove_container,
+    kill_proxies,
+    podman_client,
+    proxy_pids,
+    run_cli,
+    sandbox_skip_reason,
+    service_home,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+if (_why := sandbox_skip_reason()) is not None:
+    pytest.skip(_why, allow_module_level=True)
+for _tool in ("unshare", "nsenter", "ip", "mount"):
+    if shutil.which(_tool) is None:
+        pytest.skip(f"{_tool} is not installed", allow_module_level=True)
+
+POLICIES = Path(__file__).resolve().parents[2] / "sandbox" / "policies"
+# Deprecated 6to4 relay anycast (RFC 7526): globally routable by `ipaddress`, used by nobody, and
+# only ever assigned inside the test's own network namespace.
+PUBLIC_IP = "192.88.99.1"
+HOLD_SECONDS = 120  # generous: a held request must never time out while the test decides
+RESULT_TIMEOUT = 45.0  # for a result once decided (slow 2-core machines)
+PUBLIC_HOSTS = ("approve", "deny", "persist", "reload")
+
+ORIGIN = r"""
+import http.server, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def _answer(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(n)
+        body = f"origin {self.headers.get('Host')} {self.command} {self.path}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_POST = _answer
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("0.0.0.0", 80), Handler)
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+# The agent: stdlib only. Jobs are `<id>.job` JSON files in its home; results `<id>.result`.
+AGENT = r"""
+import http.client, json, os, threading, time
+HOME = "/home/agent"
+def fetch(job, spec):
+    start = time.monotonic()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", 3128, timeout=300)
+        body = spec.get("body")
+        conn.request(spec.get("method", "GET"), spec["url"],
+                     body=body.encode() if body is not None else None)
+        resp = conn.getresponse()
+        out = {"status": resp.status, "body": resp.read().decode(errors="replace")}
+    except Exception as exc:
+        out = {"error": repr(exc)}
+    out["seconds"] = time.monotonic() - start
+    tmp = f"{HOME}/{job}.partial"
+    with open(tmp, "w") as fh:
+        json.dump(out, fh)
+    os.rename(tmp, f"{HOME}/{job}.result")
+    print("RESULT", job, json.dumps(out), flush=True)
+seen = set()
+print("AGENT READY", os.getpid(), flush=True)
+while True:
+    for name in sorted(os.listdir(HOME)):
+        if name.endswith(".job") and name not in seen:
+            seen.add(name)
+            with open(f"{HOME}/{name}") as fh:
+                spec = json.load(fh)
+            threading.Thread(target=fetch, args=(name[:-4], spec), daemon=True).start()
+    time.sleep(0.1)
+"""
+
+
+def base_policy() -> dict[str, Any]:
+    policy = yaml.safe_load((POLICIES / "default.yaml").read_text())
+    policy["network"]["approval"] = {"mode": "hold", "hold_seconds": HOLD_SECONDS}
+    return policy
+
+
+@dataclass
+class Lab:
+    scratch: Path
+    state: Path
+    env: dict[str, str]
+    origin: subprocess.Popen[str]
+    created: set[str] = field(default_factory=set)
+
+    @property
+    def in_namespace(self) -> list[str]:
+        return ["nsenter", "--target", str(self.origin.pid), "--net", "--mount", "--"]
+
+    @property
+    def audit_log(self) -> Path:
+        return self.state / "logs" / "egress.jsonl"
+
+    def cli(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = run_cli(*args, env=self.env)
+        if ok:
+            assert proc.returncode == 0, f"appliance {' '.join(args)}: {proc.stderr}"
+            assert "Traceback" not in proc.stderr
+        return proc
+
+    def write_policy(self, policy: dict[str, Any], name: str) -> Path:
+        path = self.scratch / name
+        path.write_text(yaml.safe_dump(policy, sort_keys=False))
+        return path
+
+    def create(self, name: str, policy_file: Path) -> dict[str, Any]:
+        self.created.add(name)
+        argv = ["sandbox", "create", name, "--policy", str(policy_file), "--json"]
+        argv += ["--", "python3", "-I", "-c", AGENT]
+        proc = run_cli(*argv, env=self.env, prefix=self.in_namespace, timeout=180)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["state"] == "running" and out["enforcement"]["agent_started"] is True
+        return out
+
+    def remove(self, name: str) -> None:
+        self.cli("sandbox", "rm", name)
+
+    def home(self, name: str) -> Path:
+        home = service_home()
+        assert home is not None
+        return home / "sandboxes" / name / "home"
+
+    def request(self, box: str, url: str, method: str = "GET", body: str | None = None) -> str:
+        """Hand the agent one request; returns the job id."""
+        job = uuid.uuid4().hex[:10]
+        spec = {"url": url, "method": method, "body": body}
+        tmp = self.home(box) / f".{job}.tmp"  # not a .job name until complete
+        tmp.write_text(json.dumps(spec))
+        tmp.chmod(0o644)
+        tmp.rename(self.home(box) / f"{job}.job")
+        return job
+
+    def result_path(self, box: str, job: str) -> Path:
+        return self.home(box) / f"{job}.result"
+
+    def result(self, box: str, job: str, timeout: float = RESULT_TIMEOUT) -> dict[str, Any]:
+        path = self.result_path(box, job)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if path.is_file():
+                return json.loads(path.read_text())
+            time.sleep(0.1)
+        logs = self.cli("sandbox", "logs", box, ok=False).stdout
+        raise AssertionError(f"no result for job {job} in {timeout:.0f} s; logs:\n{logs[-2000:]}")
+
+    def pending(self) -> list[dict[str, Any]]:
+        return json.loads(self.cli("approvals", "list", "--json").stdout)
+
+    def wait_pending(self, box: str, host: str, timeout: float = RESULT_TIMEOUT) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for p in self.pending():
+                if p["sandbox"] == box and p["host"] == host:
+                    return p
+            time.sleep(0.3)
+        raise AssertionError(f"no pending approval for {host} from {box} in {timeout:.0f} s")
+
+    def audit(self, **match: Any) -> list[dict[str, Any]]:
+        if not self.audit_log.is_file():
+            return []
+        records = [json.loads(line) for line in self.audit_log.read_text().splitlines() if line]
+        return [r for r in records if all(r.get(k) == v for k, v in match.items())]
+
+    def policy(self, box: str) -> tuple[int, dict[str, Any]]:
+        out = json.loads(self.cli("sandbox", "policy", "show", box, "--json").stdout)
+        return out["rev"], out["policy"]
+
+
+def _origin_namespace(scratch: Path) -> subprocess.Popen[str]:
+    hosts = scratch / "hosts"
+    public = " ".join(f"{h}.origin.test" for h in PUBLIC_HOSTS)
+    hosts.write_text(f"127.0.0.1 localhost private.origin.test\n{PUBLIC_IP} {public}\n")
+    setup = (
+        f"set -e; ip link set lo up; ip addr add {PUBLIC_IP}/32 dev lo; "
+        f"mount --bind {hosts} /etc/hosts; "
+        f'exec {sys.executable} -I -c "$ORIGIN"'
+    )
+    proc = subprocess.Popen(
+        ["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c", setup],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "ORIGIN": ORIGIN},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        proc.kill()
+        raise AssertionError(f"origin namespace did not start: {line!r} {proc.stderr.read()}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    assert not is_forbidden(PUBLIC_IP), "the test needs an address the proxy treats as public"
+    scratch = tmp_path_factory.mktemp("approvals")
+    state = scratch / "state"
+    ensure_base_image()  # also starts the service user's podman outside the test namespace
+    origin = _origin_namespace(scratch)
+    lab = Lab(scratch=scratch, state=state, env=cli_env(state, scratch), origin=origin)
+    try:
+        yield lab
+    finally:
+        for name in sorted(lab.created):
+            with contextlib.suppress(Exception):
+                run_cli("sandbox", "rm", name, env=lab.env)
+            force_remove_container(name)
+            kill_proxies(name, state)
+        origin.terminate()
+        try:
+            origin.communicate(timeout=10)  # also closes its pipes
+        except subprocess.TimeoutExpired:
+            origin.kill()
+            origin.communicate()
+
+
+@pytest.fixture(scope="module")
+def box(lab: Lab) -> Iterator[str]:
+    name = f"appr-{os.getpid()}"
+    lab.create(name, lab.write_policy(base_policy(), "box.yaml"))
+    try:
+        yield name
+    finally:
+        lab.remove(name)
+
+
+def test_held_request_completes_after_approve(lab: Lab, box: str) -> None:
+    rev_before, _ = lab.policy(box)
+    job = lab.request(box, "http://approve.origin.test/a?x=1")
+    pending = lab.wait_pending(box, "approve.origin.test")
+    assert pending["port"] == 80
+    time.sleep(1.0)
+    assert not lab.result_path(box, job).exists(), "the request was not held"
+
+    out = lab.cli("approvals", "approve", pending["id"])
+    assert f"approved {pending['id']} ({box})" in out.stdout
+    result = lab.result(box, job)
+    assert result.get("status") == 200, result
+    assert result["body"] == "origin approve.origin.test GET /a?x=1"
+    assert result["seconds"] >= 1.0  # it waited for the operator
+    assert all(p["id"] != pending["id"] for p in lab.pending())
+    assert lab.audit(event="egress.held", sandbox=box, host="approve.origin.test")
+    assert lab.audit(event="egress.approved", sandbox=box, approval=pending["id"], persist=False)
+    assert lab.policy(box)[0] == rev_before  # no --persist: no new revision
+
+    # approved for this proxy's life: the next request passes without a hold
+    again = lab.result(box, lab.request(box, "http://approve.origin.test/b"))
+    assert again.get("status") == 200 and again["body"].endswith("GET /b"), again
+    assert len(lab.audit(event="egress.held", sandbox=box, host="approve.origin.test")) == 1
+
+
+def test_held_request_denied_gets_403(lab: Lab, box: str) -> None:
+    job = lab.request(box, "http://deny.origin.test/secret")
+    pending = lab.wait_pending(box, "deny.origin.test")
+    assert not lab.result_path(box, job).exists()
+
+    out = lab.cli("approvals", "deny", pending["id"])
+    assert f"denied {pending['id']} ({box})" in out.stdout
+    result = lab.result(box, job)
+    assert result.get("status") == 403, result
+    assert "denied by operator" in result["body"]
+    assert "origin" not in result["body"].split()  # never reached the server
+    assert lab.audit(event="egress.rejected", sandbox=box, approval=pending["id"])
+
+    # a decided id is gone: deciding it again is a not-found error (exit 5), not a traceback
+    again = lab.cli("approvals", "approve", pending["id"], ok=False)
+    assert again.returncode == 5 and "Traceback" not in again.stderr, again.stderr
+    assert f"no pending approval {pending['id']!r}" in again.stderr
+
+
+def test_approval_never_opens_a_private_address(lab: Lab, box: str) -> None:
+    # private.origin.test resolves to 127.0.0.1, where the origin server does listen.
+    job = lab.request(box, "http://private.origin.test/")
+    pending = lab.wait_pending(box, "private.origin.test")
+    lab.cli("approvals", "approve", pending["id"])
+    result = lab.result(box, job)
+    assert result.get("status") == 403, result
+    assert "resolves to a private or reserved address" in result["body"]
+
+
+def _container_identity(name: str) -> dict[str, Any]:
+    container = podman_client().containers.get(name)
+    state = container.attrs["State"]
+    pid = int(state["Pid"])
+    assert b"supervisor/init.py" in Path(f"/proc/{pid}/cmdline").read_bytes()  # PID 1
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return {
+        "id": container.id,
+        "started": state["StartedAt"],
+        "pid": pid,
+        "pid_start": stat.rsplit(")", 1)[1].split()[19],  # field 22: start time in ticks
+        "restarts": container.attrs.get("RestartCount", 0),
+        "status": state["Status"],
+    }
+
+
+def test_policy_set_hot_reloads_without_restart(lab: Lab, box: str) -> None:
+    host = "reload.origin.test"
+    # Before: an unknown host, so it is held (and the operator denies it).
+    first = lab.request(box, f"http://{host}/before")
+    lab.cli("approvals", "deny", lab.wait_pending(box, host)["id"])
+    assert lab.result(box, first).get("status") == 403
+
+    before = _container_identity(box)
+    assert before["status"] == "running"
+    rev_before, _ = lab.policy(box)
+    reloads = len(lab.audit(event="egress.policy_reloaded", sandbox=box))
+    held = len(lab.audit(event="egress.held", sandbox=box, host=host))
+
+    policy = base_policy()
+    policy["network"]["allow"] = [{"host": host, "ports": [80], "access": "read-only"}]
+    new_file = lab.write_policy(policy, "reload.yaml")
+    out = lab.cli("sandbox", "policy", "set", box, "--policy", str(new_file))
+    assert f"policy revision {rev_before + 1} applied" in out.stdout
+    deadline = time.monotonic() + RESULT_TIMEOUT  # SIGHUP is asynchronous: wait for the reload
+    while len(lab.audit(event="egress.policy_reloaded", sandbox=box)) <= reloads:
+        assert time.monotonic() < deadline, "the proxy never reloaded its policy"
+        time.sleep(0.1)
+
+    get = lab.result(box, lab.request(box, f"http://{host}/after"))
+    assert get.get("status") == 200 and get["body"] == f"origin {host} GET /after", get
+    assert get["seconds"] < HOLD_SECONDS / 4
+    post = lab.result(box, lab.request(box, f"http://{host}/after", "POST", "x"))
+    assert post.get("status") == 403 and "POST /after" in post["body"], post  # read-only rule
+    assert len(lab.audit(event="egress.held", sandbox=box, host=host)) == held  # no new hold
+
+    rev, stored = lab.policy(box)
+    assert rev == rev_before + 1
+    assert [e["host"] for e in stored["network"]["allow"]] == [host]
+    assert _container_identity(box) == before  # same container, same PID 1, never restarted
+
+
+def test_persisted_approval_survives_recreate(lab: Lab) -> None:
+    name = f"appr-persist-{os.getpid()}"
+    host = "persist.origin.test"
+    original = lab.write_policy(base_policy(), "persist.yaml")
+    lab.create(name, original)
+    try:
+        rev1, _ = lab.policy(name)
+        job = lab.request(name, f"http://{host}/one")
+        pending = lab.wait_pending(name, host)
+        out = lab.cli("approvals", "approve", pending["id"], "--persist")
+        assert f"approved {pending['id']} ({name}); policy revision {rev1 + 1}" in out.stdout
+        result = lab.result(name, job)
+        assert result.get("status") == 200 and result["body"] == f"origin {host} GET /one"
+
+        rev2, stored = lab.policy(name)
+        assert rev2 == rev1 + 1
+        assert {"host": host, "ports": [80]}.items() <= stored["network"]["allow"][0].items()
+
+        lab.remove(name)
+        assert not proxy_pids(name, lab.state)
+        assert name not in {c.name for c in podman_client().containers.list(all=True)}
+
+        lab.create(name, original)  # the original file does not name the host
+        held = len(lab.audit(event="egress.held", sandbox=name, host=host))
+        again = lab.result(name, lab.request(name, f"http://{host}/two"))
+        assert again.get("status") == 200 and again["body"] == f"origin {host} GET /two", again
+        assert again["seconds"] < HOLD_SECONDS / 4
+        assert len(lab.audit(event="egress.held", sandbox=name, host=host)) == held
+        assert not [p for p in lab.pending() if p["sandbox"] == name]
+        rev3, carried = lab.policy(name)
+        assert rev3 == rev2 + 1
+        assert host in [e["host"] for e in carried["network"]["allow"]]
+    finally:
+        with contextlib.suppress(Exception):
+            lab.remove(name)
+
+
+def test_recreate_keeps_the_deny_rules_it_inherits(lab: Lab) -> None:
+    name = f"appr-deny-{os.getpid()}"
+    host = "deny.origin.test"
+    policy = base_policy()
+    policy["network"]["allow"] = [{"host": "*.origin.test", "ports": [80]}]
+    original = lab.write_policy(policy, "wildcard.yaml")
+    lab.create(name, original)
+    try:
+        assert lab.result(name, lab.request(name, f"http://{host}/")).get("status") == 200
+        policy["network"]["deny"] = [{"host": host, "ports": [80]}]
+        reloads = len(lab.audit(event="egress.policy_reloaded", sandbox=name))
+        lab.cli(
+            "sandbox", "policy", "set", name, "--policy", str(lab.write_policy(policy, "d.yaml"))
+        )
+        deadline = time.monotonic() + RESULT_TIMEOUT
+        while len(lab.audit(event="egress.policy_reloaded", sandbox=name)) <= reloads:
+            assert time.monotonic() < deadline, "the proxy never reloaded its policy"
+            time.sleep(0.1)
+        denied = lab.result(name, lab.request(name, f"http://{host}/"))
+        assert denied.get("status") == 403 and "denied by policy" in denied["body"], denied
+
+        lab.remove(name)
+        lab.create(name, original)  # inherits the latest revision: its allows *and* its denies
+        _rev, inherited = lab.policy(name)
+        assert host in [e["host"] for e in inherited["network"]["deny"]], inherited["network"]
+        after = lab.result(name, lab.request(name, f"http://{host}/"))
+        assert after.get("status") == 403, after
+    finally:
+        with contextlib.suppress(Exception):
+            lab.remove(name)

@@ -1,0 +1,131 @@
+"""Reconciliation after a control-plane restart, and the kill switch's deadline, on real Podman.
+
+Each test breaks something the way a crash or a reboot would (an egress proxy killed, a container
+stopped or removed behind the control plane's back, a labelled container with no record) and
+checks that `SandboxManager.reconcile` repairs it with no sandbox lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.config import load_config
+from appliance.sandboxes import STOP_TIMEOUT_S, SandboxManager, read_policy_file
+from appliance.store import open_store
+from tests.sandbox_fixtures import ensure_base_image, sandbox_skip_reason
+from tests.security.test_escape_battery import POLICIES
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# An agent that ignores SIGTERM: only the SIGKILL after the stop timeout ends it.
+STUBBORN = ["python3", "-c", "import signal, time; signal.signal(15, 1); time.sleep(999)"]
+
+
+@pytest.fixture
+def manager():
+    if (why := sandbox_skip_reason()) is not None:
+        pytest.skip(why)
+    ensure_base_image()
+    # Short: the proxy's admin socket lives in the state dir (unix socket paths are <= 107 bytes)
+    state = Path(tempfile.mkdtemp(prefix="lc-"))
+    config = load_config({"state_dir": str(state)})
+    with open_store(config.state_dir) as store:
+        m = SandboxManager(config, store)
+        yield m
+        for record in m.boxes.list():
+            m.remove(record.name)
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def _name(tag: str) -> str:
+    return f"lc-{tag}-{os.getpid()}"
+
+
+def test_reconcile_repairs_what_a_restart_or_crash_broke(manager: SandboxManager) -> None:
+    policy = read_policy_file(POLICIES / "default.yaml")
+    proxy_dead, stopped, removed = _name("proxy"), _name("stopped"), _name("removed")
+    for name in (proxy_dead, stopped, removed):
+        manager.create(name, policy, None)
+
+    # The egress proxy crashed; the host rebooted under a container; a container was removed.
+    old_pid = manager._proxy_running(manager.paths(proxy_dead))
+    assert old_pid is not None
+    os.kill(old_pid, signal.SIGKILL)
+    manager.container(stopped).stop(timeout=1)
+    manager.container(removed).remove(force=True)
+    # And a labelled container the store does not know (a crash between create and record).
+    orphan = _name("orphan")
+    manager._client().containers.create(
+        image="localhost/appliance-base:latest",
+        name=orphan,
+        command=["true"],
+        labels={"appliance.sandbox": orphan, "appliance.state": manager.instance},
+    )
+
+    out = manager.reconcile()
+
+    assert out.proxies_restarted == [proxy_dead]
+    new_pid = manager._proxy_running(manager.paths(proxy_dead))
+    assert new_pid is not None and new_pid != old_pid
+    assert (manager.paths(proxy_dead).egress / "egress.sock").is_socket()
+    assert out.restarted == [stopped]
+    manager.container(stopped).reload()
+    assert manager.container(stopped).status == "running"
+    assert manager.enforcement(stopped)["agent_started"] is True
+    assert out.missing == [removed] and manager.boxes.get(removed).state == "missing"
+    assert out.orphans == [orphan]
+    assert not out.failed
+
+    # A second pass changes nothing and finds exactly one container per sandbox.
+    again = manager.reconcile()
+    assert not again.changed
+    assert sorted(again.running) == sorted([proxy_dead, stopped])
+    for name in (proxy_dead, stopped):
+        assert len(manager._labelled(name)) == 1
+
+    manager.remove(orphan)  # an orphan can be removed by name, though it has no record
+    assert manager._labelled(orphan) == []
+
+
+def test_reconcile_respects_the_kill_switch_hold(manager: SandboxManager) -> None:
+    name = _name("held")
+    manager.create(name, read_policy_file(POLICIES / "default.yaml"), None)
+    manager.container(name).stop(timeout=1)  # as a reboot would; the store still says running
+    manager.boxes.hold("test")
+    try:
+        out = manager.reconcile()
+    finally:
+        manager.boxes.release()
+    assert out.stopped == [name] and not out.restarted
+    assert manager.boxes.get(name).state == "stopped"
+
+
+def test_kill_stops_stubborn_agents_in_parallel_within_5_s(manager: SandboxManager) -> None:
+    policy = read_policy_file(POLICIES / "default.yaml")
+    names = [_name(f"stubborn{i}") for i in range(3)]
+    for name in names:
+        manager.create(name, policy, STUBBORN)
+
+    start = time.monotonic()
+    stopped = manager.kill(names, hold=True, reason="test")
+    elapsed = time.monotonic() - start
+
+    try:
+        assert sorted(stopped) == sorted(names)
+        assert elapsed < 5.0, f"kill took {elapsed:.1f} s"
+        assert elapsed > STOP_TIMEOUT_S - 0.5  # they did ignore SIGTERM: SIGKILL ended them
+        for name in names:
+            container = manager.container(name)
+            assert container.status in ("exited", "stopped")
+            assert manager._proxy_running(manager.paths(name)) is None
+        with pytest.raises(Exception, match="held by the kill switch"):
+            manager.start(names[0])
+    finally:
+        manager.boxes.release()

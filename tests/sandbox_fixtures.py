@@ -1,0 +1,126 @@
+"""Shared helpers for tests that drive real sandboxes (rootless Podman) or the `appliance` CLI.
+
+`sandbox_skip_reason()` says why this machine cannot create sandboxes (None when it can);
+`ensure_base_image()` builds (or reuses, from the rootfs cache) the base image once per session;
+`cli_env()` / `run_cli()` run the installed console script as a subprocess against a private
+state directory, never the machine's real config or state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+# Read at import: the autouse isolated_env fixture strips APPLIANCE_* from the environment.
+IMAGE_CACHE = Path(os.environ.get("APPLIANCE_IMAGE_CACHE", "/var/tmp/appliance-image-cache"))
+SERVICE_USER = os.environ.get("APPLIANCE_SANDBOX_USER", "appliance")
+APPLIANCE = str(Path(sys.executable).parent / "appliance")
+
+_image_built = False
+
+
+def sandbox_skip_reason() -> str | None:
+    """Why real sandboxes cannot be created here, or None."""
+    if os.geteuid() != 0:
+        return "sandboxes are created by root (the control plane)"
+    for tool in ("podman", "runc", "debootstrap", "newuidmap"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (scripts/setup.sh installs it as root)"
+    try:
+        pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        return f"no service user {SERVICE_USER!r} (scripts/setup-service-user.sh)"
+    return None
+
+
+def service_home() -> Path | None:
+    try:
+        return Path(pwd.getpwnam(SERVICE_USER).pw_dir)
+    except KeyError:
+        return None
+
+
+def podman_client():
+    """A podman-py client on the service user's API socket (starting the service if needed)."""
+    from appliance.podman_service import PodmanService
+
+    return PodmanService(user=SERVICE_USER).start()
+
+
+def ensure_base_image() -> None:
+    """`localhost/appliance-base:latest` in the service user's storage (cached rootfs)."""
+    global _image_built
+    if _image_built:
+        return
+    from sandbox.image import build_base_image
+
+    build_base_image(podman_client(), workdir=IMAGE_CACHE)
+    _image_built = True
+
+
+def cli_env(state_dir: Path, scratch: Path) -> dict[str, str]:
+    """The environment for a CLI subprocess: this state dir, no real config layers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env.update(
+        APPLIANCE_STATE_DIR=str(state_dir),
+        APPLIANCE_SYSTEM_CONFIG=str(scratch / "no-system-config.yaml"),
+        APPLIANCE_SANDBOX__SERVICE_USER=SERVICE_USER,
+        XDG_CONFIG_HOME=str(scratch / "xdg"),
+    )
+    return env
+
+
+def run_cli(
+    *args: str,
+    env: dict[str, str],
+    prefix: list[str] | None = None,
+    timeout: float = 120,
+    user: int | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`appliance ARGS...` (optionally behind `prefix`, e.g. nsenter) and its captured output."""
+    return subprocess.run(
+        [*(prefix or []), APPLIANCE, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        **({"user": user, "group": user, "extra_groups": []} if user is not None else {}),
+    )
+
+
+def proxy_pids(sandbox: str, state_dir: Path) -> list[int]:
+    """Egress proxy processes serving `sandbox` for this state dir (matched on their argv)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            b"sandbox.proxy" in argv
+            and sandbox.encode() in argv
+            and any(str(state_dir).encode() in a for a in argv)
+        ):
+            pids.append(int(proc.name))
+    return pids
+
+
+def kill_proxies(sandbox: str, state_dir: Path) -> None:
+    """Cleanup: stop the proxies this test's control plane started for `sandbox`, if any."""
+    for pid in proxy_pids(sandbox, state_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
+def force_remove_container(name: str) -> None:
+    with contextlib.suppress(Exception):
+        podman_client().containers.get(name).remove(force=True)

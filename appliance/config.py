@@ -66,6 +66,10 @@ class SandboxConfig(_Strict):
     service_user: str = "appliance"  # rootless Podman runs as this user
 
 
+class BlueprintsConfig(_Strict):
+    dirs: list[Path] = Field(default_factory=list)  # operators' own <name>/<version>/ trees
+
+
 def _default_state_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/appliance")
@@ -79,6 +83,7 @@ class ApplianceConfig(_Strict):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    blueprints: BlueprintsConfig = Field(default_factory=BlueprintsConfig)
 
     @property
     def resolved_models_dir(self) -> Path:

@@ -29,7 +29,12 @@ from appliance.store import Store
 from appliance.store.inference_store import InferenceStore
 from appliance.store.sandbox_store import SandboxRecord, SandboxStore
 from sandbox.compile.landlock import landlock_rules
-from sandbox.compile.podman_spec import SandboxMounts, podman_spec, policy_digest
+from sandbox.compile.podman_spec import (
+    SUPERVISOR_ENTRYPOINT,
+    SandboxMounts,
+    podman_spec,
+    policy_digest,
+)
 from sandbox.compile.seccomp import seccomp_profile
 from sandbox.policy import Endpoint, Network, Policy, load_policy
 from sandbox.yamlfile import YamlError
@@ -384,6 +389,22 @@ class SandboxManager:
     def container(self, name: str) -> Any:
         record = self._record(name)
         return self._client().containers.get(record.container_id or name)
+
+    def exec(
+        self, name: str, command: list[str], env: dict[str, str] | None = None
+    ) -> tuple[int, bytes, bytes]:
+        """Run `command` in the sandbox as the agent, inside the agent's Landlock domain (the
+        supervisor's `exec` mode); returns (exit code, stdout, stderr)."""
+        _rev, policy = self.policy(name)
+        argv = [*SUPERVISOR_ENTRYPOINT, "exec"]
+        for key, value in (env or {}).items():
+            argv += ["--env", f"{key}={value}"]
+        code, (out, err) = self.container(name).exec_run(
+            [*argv, "--", *command],
+            user=f"{policy.process.uid}:{policy.process.gid}",
+            demux=True,
+        )
+        return code or 0, out or b"", err or b""
 
     def start(self, name: str) -> None:
         self._refuse_if_held()

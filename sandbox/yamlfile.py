@@ -90,7 +90,7 @@ def validation_message(exc: ValidationError, provenance: Provenance, fallback: s
         loc = tuple(err["loc"])
         where = locate(loc, provenance) or fallback
         dotted = ".".join(str(p) for p in loc) or "(top level)"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for ValueError
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         lines.append(f"{where}: {dotted}: {msg}")

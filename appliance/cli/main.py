@@ -12,6 +12,7 @@ import typer
 
 from appliance import __version__
 from appliance.cli import (
+    blueprint,
     budget,
     config_cmd,
     doctor,
@@ -78,6 +79,7 @@ app.add_typer(budget.app, name="budget")
 app.add_typer(sandbox.app, name="sandbox")
 app.add_typer(sandbox.approvals_app, name="approvals")
 app.add_typer(sandbox.image_app, name="image")
+app.add_typer(blueprint.app, name="blueprint")
 app.command("kill")(sandbox.kill)
 app.command("release")(sandbox.release)
 app.add_typer(config_cmd.app, name="config")

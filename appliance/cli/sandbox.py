@@ -86,12 +86,13 @@ def list_(ctx: typer.Context, json_out: JsonOpt = False) -> None:
 def exec_(
     ctx: typer.Context, name: NameArg, command: Annotated[list[str], typer.Argument()]
 ) -> None:
-    """Run a command in the sandbox (as the agent user; seccomp and caps apply, Landlock does
-    not: it binds only the supervisor's descendants)."""
+    """Run a command in the sandbox as the agent: seccomp, dropped caps and the agent's Landlock
+    domain apply, as to the agent itself."""
     with manager(ctx) as m:
-        code, output = m.container(name).exec_run(command, user=None, demux=False)
-    sys.stdout.write(output.decode(errors="replace") if output else "")
-    raise typer.Exit(code or 0)
+        code, out, err = m.exec(name, command)
+    sys.stdout.write(out.decode(errors="replace"))
+    sys.stderr.write(err.decode(errors="replace"))
+    raise typer.Exit(code)
 
 
 @app.command("logs")

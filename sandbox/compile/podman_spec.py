@@ -36,6 +36,7 @@ EGRESS_DIR = "/run/appliance/egress"
 SUPERVISOR_DIR = "/opt/appliance/supervisor"
 CONFIG_DIR = "/run/appliance/config"
 REPORT_DIR = "/run/appliance/report"
+SUPERVISOR_ENTRYPOINT = ["/usr/bin/python3", "-I", f"{SUPERVISOR_DIR}/init.py"]
 PROXY_URL = "http://127.0.0.1:3128"
 NOFILE = 1024  # the host's hard RLIMIT_NOFILE cannot be raised (no CAP_SYS_RESOURCE)
 NPROC_MAX = 1000  # an nproc at the host's hard limit fails with EPERM; 1000 was measured to work
@@ -122,7 +123,7 @@ def podman_spec(
         "image": image,
         "hostname": name,
         "user": f"{policy.process.uid}:{policy.process.gid}",  # never root, not even PID 1
-        "entrypoint": ["/usr/bin/python3", "-I", f"{SUPERVISOR_DIR}/init.py"],
+        "entrypoint": list(SUPERVISOR_ENTRYPOINT),
         "environment": _environment(),
         "labels": {"appliance.sandbox": name, "appliance.policy-digest": policy_digest(policy)},
         "network_mode": "none",  # egress only through the bind-mounted unix socket

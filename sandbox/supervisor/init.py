@@ -12,6 +12,11 @@ Order of work, and why:
 5. write the enforcement report, start the forwarder thread, say "go": the agent execs;
 6. reap every child, forward signals to the agent's process group, exit with its code.
 
+`init.py exec [--env K=V]... -- CMD...` is the other entry point: what `podman exec` runs for
+`appliance sandbox exec` and agent turns. An exec'd process is not PID 1's descendant, so it would
+escape the agent's Landlock domain; this applies the same ruleset (same hard_requirement rule),
+then execs CMD with the agent's environment.
+
 PID 1's own domain: every policy rule plus read on the stdlib, this directory and /proc, and
 write on the report directory. A child's domain can only narrow its parent's, so PID 1's domain
 must be a superset of the agent's; the point is that a compromised PID 1 (say through the
@@ -356,7 +361,43 @@ def supervise(agent: int, cfg: dict[str, Any]) -> int:
     return 128 - code if code < 0 else code  # killed by signal N → 128+N, like a shell
 
 
+def exec_main(args: list[str]) -> NoReturn:
+    """Run CMD inside the agent's Landlock domain (see the module docstring)."""
+    if os.getuid() == 0 or os.geteuid() == 0:
+        die(EXIT_CONFIG, "refusing to run as root: exec as the agent uid")
+    extra: dict[str, str] = {}
+    while args and args[0] != "--":
+        if args[0] != "--env" or len(args) < 2 or "=" not in args[1]:
+            die(EXIT_CONFIG, "usage: init.py exec [--env K=V]... -- CMD...")
+        key, _, value = args[1].partition("=")
+        extra[key] = value
+        args = args[2:]
+    command = args[1:]
+    if not command:
+        die(EXIT_CONFIG, "usage: init.py exec [--env K=V]... -- CMD...")
+    cfg = load_config(os.environ.get("APPLIANCE_SANDBOX_CONFIG", DEFAULT_CONFIG))
+    landlock.prctl(PR_SET_NO_NEW_PRIVS, 1)
+    ll = cfg["landlock"]
+    abi, why = landlock.probe_abi()
+    hard = ll["compatibility"] == "hard_requirement"
+    if hard and abi < int(ll["min_abi"]):
+        die(EXIT_LANDLOCK, why or f"kernel Landlock ABI {abi} < required {ll['min_abi']}")
+    with contextlib.suppress(OSError):
+        os.chdir(cfg["cwd"])
+    outcome = landlock.restrict(abi, ll["fs"], ll["net"], SCOPES)
+    if not outcome.enforced:
+        if hard:
+            die(EXIT_LANDLOCK, f"Landlock not enforced, {command[0]!r} not run: {outcome.error}")
+        log(f"WARNING: Landlock NOT ENFORCED AT ALL (best_effort): {outcome.error}")
+    try:
+        os.execvpe(command[0], command, {**cfg["env"], **extra})
+    except OSError as exc:
+        die(127, f"cannot run {command[0]!r}: {exc}")
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["exec"]:
+        exec_main(sys.argv[2:])
     if os.getuid() == 0 or os.geteuid() == 0:
         die(
             EXIT_CONFIG,

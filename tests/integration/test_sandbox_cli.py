@@ -48,7 +48,7 @@ CASES: dict[str, tuple[str, int, str]] = {
         # the error names the read_write key (the list), not the '/' item
         "version: 1\nfilesystem:\n  read_write:\n    - /home/agent\n    - /\n",
         3,
-        "filesystem.read_write: Value error, '/' is never writable",
+        "filesystem.read_write: '/' is never writable",
     ),
     "root-uid": (
         "version: 1\nprocess:\n  uid: 0\n  gid: 1000\n",
@@ -59,7 +59,7 @@ CASES: dict[str, tuple[str, int, str]] = {
         "version: 1\nnetwork:\n  allow:\n    - host: api.example.com\n"
         '    - host: "api.*.example.com"\n      ports: [443]\n',
         5,
-        "network.allow.1.host: Value error, 'api.*.example.com': a host name",
+        "network.allow.1.host: 'api.*.example.com': a host name",
     ),
     "not-a-mapping": ("# a list, not a policy\n- version: 1\n", 2, "expected a mapping"),
 }

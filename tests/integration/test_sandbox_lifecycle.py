@@ -129,3 +129,17 @@ def test_kill_stops_stubborn_agents_in_parallel_within_5_s(manager: SandboxManag
             manager.start(names[0])
     finally:
         manager.boxes.release()
+
+
+def test_exec_runs_inside_the_agents_landlock_domain(manager: SandboxManager) -> None:
+    name = _name("exec")
+    manager.create(name, read_policy_file(POLICIES / "default.yaml"), None)
+    # sandbox.json is world-readable on disk (0644): only Landlock keeps the agent out of it.
+    code, out, err = manager.exec(name, ["cat", "/run/appliance/config/sandbox.json"])
+    assert code != 0 and b"Permission denied" in err, (code, out, err)
+    code, out, _ = manager.exec(
+        name, ["sh", "-c", "echo hi > /home/agent/f && cat /home/agent/f && id -u"]
+    )
+    assert (code, out.split()) == (0, [b"hi", b"1000"])
+    code, out, _ = manager.exec(name, ["sh", "-c", 'echo "$X $HTTP_PROXY"'], env={"X": "y"})
+    assert out.strip() == b"y http://127.0.0.1:3128"

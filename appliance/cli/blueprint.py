@@ -1,0 +1,171 @@
+"""`appliance blueprint list|show|validate|diff|schema`: the versioned blueprint catalog."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from appliance import __version__
+from appliance.cli.context import app_context
+from appliance.cli.options import JsonOpt
+from appliance.cli.output import console, print_json
+from appliance.errors import ConfigError, NotFoundError
+
+app = typer.Typer(help="Versioned agent blueprints.", no_args_is_help=True)
+
+RefArg = Annotated[
+    str, typer.Argument(help="NAME (newest version), NAME@VERSION, or a blueprint.yaml path.")
+]
+
+
+@contextmanager
+def blueprint_errors() -> Iterator[None]:
+    """The blueprints package's errors, as the appliance's (one line, its exit code)."""
+    from blueprints.catalog import BlueprintError, BlueprintNotFound
+
+    try:
+        yield
+    except BlueprintNotFound as exc:
+        raise NotFoundError(str(exc), hint="`appliance blueprint list`") from None
+    except BlueprintError as exc:
+        raise ConfigError(str(exc), hint="fix the blueprint at the line named") from None
+
+
+def catalog(ctx: typer.Context):
+    from blueprints.catalog import Catalog
+
+    return Catalog(app_context(ctx).config().blueprints.dirs)
+
+
+def resolve(ctx: typer.Context, ref: str):
+    """A blueprint from the catalog (`name[@version]`) or from a file path."""
+    from blueprints.catalog import load_blueprint
+
+    with blueprint_errors():
+        if ref.endswith((".yaml", ".yml")) or "/" in ref:
+            return load_blueprint(Path(ref))
+        return catalog(ctx).get(ref)
+
+
+def check_compatible(blueprint: Any) -> None:
+    from blueprints.model import semver_key
+
+    if semver_key(blueprint.min_appliance_version) > semver_key(__version__):
+        raise ConfigError(
+            f"{blueprint.ref} needs appliance >= {blueprint.min_appliance_version} "
+            f"(this is {__version__})",
+            hint="upgrade the appliance or pick an older blueprint version",
+        )
+
+
+@app.command("list")
+def list_(ctx: typer.Context, json_out: JsonOpt = False) -> None:
+    """Every blueprint and version in the catalog (and the configured user dirs)."""
+    with blueprint_errors():
+        cat = catalog(ctx)
+        rows = []
+        for e in cat.entries():
+            bp = cat.get(f"{e.name}@{e.version}")
+            rows.append(
+                {
+                    "name": e.name,
+                    "version": e.version,
+                    "runtime": bp.runtime.kind,
+                    "description": bp.description,
+                    "digest": bp.digest(),
+                    "path": str(e.path),
+                }
+            )
+    if json_out:
+        print_json(rows)
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("name", "version", "runtime", "description"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["version"], r["runtime"], r["description"])
+    console.print(table)
+
+
+@app.command("show")
+def show(
+    ctx: typer.Context,
+    ref: RefArg,
+    policy: Annotated[bool, typer.Option(help="Print the resolved sandbox policy too.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """A blueprint as loaded (defaults filled in), its digest, and optionally its policy."""
+    bp = resolve(ctx, ref)
+    out: dict[str, Any] = {"digest": bp.digest(), "blueprint": bp.model_dump(mode="json")}
+    if policy:
+        out["policy"] = bp.policy().model_dump(mode="json")
+    if json_out:
+        print_json(out)
+        return
+    import yaml
+
+    console.print(f"[bold]{bp.ref}[/] {out['digest']}", highlight=False)
+    console.print(yaml.safe_dump(out["blueprint"], sort_keys=False).rstrip(), highlight=False)
+    if policy:
+        console.print("[bold]resolved policy[/]")
+        console.print(yaml.safe_dump(out["policy"], sort_keys=False).rstrip(), highlight=False)
+
+
+@app.command("validate")
+def validate(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="blueprint.yaml")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Check a blueprint file: schema, policy rules, presets, versions (errors as file:line)."""
+    bp = resolve(ctx, str(path))
+    check_compatible(bp)
+    if json_out:
+        print_json({"valid": True, "ref": bp.ref, "digest": bp.digest()})
+    else:
+        console.print(f"{path}: {bp.ref} is valid · {bp.digest()}", highlight=False)
+
+
+@app.command("diff")
+def diff(ctx: typer.Context, old: RefArg, new: RefArg, json_out: JsonOpt = False) -> None:
+    """What changes from OLD to NEW, as written and in the resolved sandbox policy."""
+    from blueprints.diff import diff as diff_blueprints
+    from blueprints.diff import recreates
+
+    a, b = resolve(ctx, old), resolve(ctx, new)
+    changes = diff_blueprints(a, b)
+    if json_out:
+        print_json(
+            {
+                "old": a.ref,
+                "new": b.ref,
+                "recreates_sandbox": recreates(changes),
+                "changes": [c.as_dict() for c in changes],
+            }
+        )
+        return
+    if not changes:
+        console.print(f"{a.ref} and {b.ref} are the same")
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("path", a.ref, b.ref):
+        table.add_column(col, overflow="fold")
+    for c in changes:
+        table.add_row(c.path, json.dumps(c.old), json.dumps(c.new))
+    console.print(table)
+    if recreates(changes):
+        console.print("applying this re-creates the sandbox (static policy, image or runtime)")
+
+
+@app.command("schema")
+def schema() -> None:
+    """The blueprint JSON Schema (generated from the model), for editors and CI."""
+    from blueprints.model import Blueprint
+
+    print_json(Blueprint.model_json_schema())

@@ -1,0 +1,226 @@
+"""The blueprint: everything an agent is allowed, versioned, outside the agent's reach.
+
+A blueprint names its runtime (OpenClaw at a pinned npm version, or any command), the sandbox
+image pinned by digest, the inference profile, the sandbox policy (a whole one, or a `base`
+policy plus `additions`), network presets, resources, budgets, the approval mode, and the
+agent's config template. `Blueprint.policy()` resolves all of that to one `sandbox` Policy, so
+the rules that policy enforces (no writable `/`, no root agent) hold for blueprints too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from blueprints.presets import PRESETS, preset_endpoints
+from sandbox.policy import (
+    Approval,
+    Endpoint,
+    Filesystem,
+    Policy,
+    Resources,
+    Syscalls,
+    load_policy,
+)
+
+SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$"
+)
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_INTEGRITY = re.compile(r"^sha512-[A-Za-z0-9+/]{86}==$")
+BASE_POLICIES = Path(__file__).resolve().parent.parent / "sandbox" / "policies"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def semver_key(version: str) -> tuple[int, int, int, int, str]:
+    """Sort key: a pre-release sorts before its release (1.0.0-rc1 < 1.0.0)."""
+    m = SEMVER.match(version)
+    if m is None:
+        raise ValueError(f"{version!r} is not a semantic version (MAJOR.MINOR.PATCH)")
+    major, minor, patch, pre = m.groups()
+    return (int(major), int(minor), int(patch), 0 if pre else 1, pre or "")
+
+
+def _semver(value: str) -> str:
+    semver_key(value)
+    return value
+
+
+class Runtime(_Strict):
+    """`openclaw` at an exact npm version and integrity, or any `command` (a generic agent)."""
+
+    kind: Literal["openclaw", "command"]
+    version: str | None = None  # openclaw: the exact npm version
+    integrity: str | None = None  # openclaw: the npm tarball's sha512 integrity
+    command: list[str] | None = None  # command: argv run as the agent
+
+    @model_validator(mode="after")
+    def _complete(self) -> Runtime:
+        if self.kind == "openclaw":
+            if self.version is None or not re.fullmatch(r"\d{4}\.\d+\.\d+", self.version):
+                raise ValueError("openclaw needs an exact version like 2026.9.6")
+            if self.integrity is None or not _INTEGRITY.match(self.integrity):
+                raise ValueError("openclaw needs its npm integrity (sha512-...==)")
+            if self.command is not None:
+                raise ValueError("`command` is for kind: command; openclaw's is fixed")
+        elif not self.command:
+            raise ValueError("kind: command needs a non-empty `command` list")
+        return self
+
+
+class Image(_Strict):
+    """The sandbox image, pinned: `digest` is the image's recipe digest or its own image digest."""
+
+    name: str
+    digest: str
+
+    @field_validator("digest")
+    @classmethod
+    def _digest(cls, value: str) -> str:
+        if not _DIGEST.match(value):
+            raise ValueError(f"{value!r} is not a pinned digest (sha256:<64 hex>)")
+        return value
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.digest}"
+
+
+class Inference(_Strict):
+    model: str = "default"  # a gateway alias, resolved by inference.local
+    allowed_models: list[str] = Field(default_factory=list)  # empty: only `model`
+    timeout_s: float = Field(default=600.0, gt=0, le=3600)
+    context_tokens: int | None = Field(default=None, ge=512)  # what the agent is told it has
+
+
+class Budgets(_Strict):
+    daily_tokens: int | None = Field(default=None, ge=1)
+    monthly_tokens: int | None = Field(default=None, ge=1)
+    daily_cost: float | None = Field(default=None, gt=0)
+    monthly_cost: float | None = Field(default=None, gt=0)
+
+
+class NetworkAdditions(_Strict):
+    allow: list[Endpoint] = Field(default_factory=list)
+    deny: list[Endpoint] = Field(default_factory=list)
+
+
+class Additions(_Strict):
+    """What a blueprint adds to its base policy (lists are appended, never replaced)."""
+
+    filesystem: Filesystem = Field(default_factory=Filesystem)
+    network: NetworkAdditions = Field(default_factory=NetworkAdditions)
+    syscalls: Syscalls = Field(default_factory=Syscalls)
+
+
+class PolicySpec(_Strict):
+    """Either a whole `policy`, or a `base` policy from sandbox/policies plus `additions`."""
+
+    base: str | None = None
+    additions: Additions = Field(default_factory=Additions)
+    policy: Policy | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PolicySpec:
+        if (self.base is None) == (self.policy is None):
+            raise ValueError("give exactly one of `base` (with optional `additions`) or `policy`")
+        if self.policy is not None and self.additions != Additions():
+            raise ValueError("`additions` apply to a `base`, not to a whole `policy`")
+        if self.base is not None and not (BASE_POLICIES / f"{self.base}.yaml").is_file():
+            known = sorted(p.stem for p in BASE_POLICIES.glob("*.yaml"))
+            raise ValueError(f"unknown base policy {self.base!r} (known: {', '.join(known)})")
+        return self
+
+
+class Blueprint(_Strict):
+    name: str
+    version: str
+    min_appliance_version: str = "0.1.0"
+    description: str = ""
+    runtime: Runtime
+    image: Image
+    inference: Inference = Field(default_factory=Inference)
+    sandbox: PolicySpec
+    network_presets: list[str] = Field(default_factory=lambda: ["inference-only"])
+    resources: Resources | None = None  # overrides the policy's
+    budgets: Budgets = Field(default_factory=Budgets)
+    approval: Approval | None = None  # overrides the policy's
+    agent_config: dict[str, Any] = Field(default_factory=dict)  # template, ${VAR} substituted
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"{value!r}: lowercase letters, digits and '-', starting a letter")
+        return value
+
+    _versions = field_validator("version", "min_appliance_version")(_semver)
+
+    @field_validator("network_presets")
+    @classmethod
+    def _presets(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in PRESETS]
+        if unknown:
+            raise ValueError(f"unknown preset {unknown[0]!r} (known: {', '.join(sorted(PRESETS))})")
+        return list(dict.fromkeys(names))
+
+    @model_validator(mode="after")
+    def _resolves(self) -> Blueprint:
+        self.policy()  # a writable `/` or a root agent in the merged policy fails here
+        return self
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def policy(self) -> Policy:
+        """The one sandbox policy this blueprint stands for."""
+        spec = self.sandbox
+        base = spec.policy if spec.policy is not None else load_policy(_base_path(spec.base))
+        add = spec.additions
+        data = base.model_dump(mode="json")
+        fs = data["filesystem"]
+        fs["read_only"] = _union(fs["read_only"], add.filesystem.read_only)
+        fs["read_write"] = _union(fs["read_write"], add.filesystem.read_write)
+        data["syscalls"]["deny"] = _union(data["syscalls"]["deny"], add.syscalls.deny)
+        net = data["network"]
+        extra = [e.model_dump(mode="json") for e in preset_endpoints(self.network_presets)]
+        extra += [e.model_dump(mode="json") for e in add.network.allow]
+        net["allow"] = _union(net["allow"], extra)
+        net["deny"] = _union(net["deny"], [e.model_dump(mode="json") for e in add.network.deny])
+        if self.resources is not None:
+            data["resources"] = self.resources.model_dump(mode="json")
+        if self.approval is not None:
+            net["approval"] = self.approval.model_dump(mode="json")
+        return Policy.model_validate(data)
+
+    def digest(self) -> str:
+        """sha256 of the canonical blueprint: what a sandbox records it runs."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _base_path(name: str | None) -> Path:
+    assert name is not None  # PolicySpec guarantees a base when there is no whole policy
+    return BASE_POLICIES / f"{name}.yaml"
+
+
+def _union(first: list[Any], more: list[Any]) -> list[Any]:
+    """`first` then what `more` adds, each once, in order (dicts compared by value)."""
+    seen = {json.dumps(x, sort_keys=True) for x in first}
+    out = list(first)
+    for item in more:
+        key = json.dumps(item, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out

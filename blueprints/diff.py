@@ -56,6 +56,5 @@ def diff(old: Blueprint, new: Blueprint) -> list[Change]:
 def recreates(changes: list[Change]) -> bool:
     """Whether applying the change needs a new sandbox (anything but the network rules)."""
     return any(
-        c.path.startswith("policy.") and not c.path.startswith("policy.network")
-        for c in changes
+        c.path.startswith("policy.") and not c.path.startswith("policy.network") for c in changes
     ) or any(c.path.startswith(("image.", "runtime.")) for c in changes)

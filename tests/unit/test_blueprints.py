@@ -1,6 +1,6 @@
 """Blueprints: the model, policy resolution, the catalog, diffs and the JSON Schema.
 
-    UPDATE_GOLDEN=1 pytest tests/unit/test_blueprints.py   # rewrite the schema golden file
+UPDATE_GOLDEN=1 pytest tests/unit/test_blueprints.py   # rewrite the schema golden file
 """
 
 from __future__ import annotations

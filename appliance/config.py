@@ -56,6 +56,8 @@ class InferenceConfig(_Strict):
     backend: Literal["auto", "vllm", "embedded"] = "auto"  # auto: what the planner picks
     served_model_name: str = "nemotron"
     embedded_model: str | None = None  # a local HF dir or GGUF; default: SmolLM2-135M
+    # the embedded model's context; past its native length (SmolLM2: 8,192) RoPE is YaRN-scaled
+    embedded_context: int = Field(default=32768, ge=256)
     offline: bool = True  # HF_HUB_OFFLINE=1: models come from disk, nothing is fetched
     ready_timeout_s: float = Field(default=1800.0, gt=0)  # real model loads take minutes
     vllm: PlanOverrides = Field(default_factory=PlanOverrides)  # planner overrides
@@ -96,7 +98,9 @@ class ApplianceConfig(_Strict):
             return GatewaySettings(
                 backend_url=f"http://{listen.host}:{listen.port}",
                 served_model_name=self.inference.served_model_name,
-                **self.gateway.model_dump(exclude={"host", "port"}),
+                # `default` is what blueprints ask for unless the operator maps it elsewhere.
+                aliases={"default": self.inference.served_model_name, **self.gateway.aliases},
+                **self.gateway.model_dump(exclude={"host", "port", "aliases"}),
             )
         except ValidationError as exc:
             raise ConfigError(f"gateway: {exc.errors()[0]['msg']}") from None

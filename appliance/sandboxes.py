@@ -91,7 +91,11 @@ class SandboxPaths:
 
     @property
     def home(self) -> Path:
-        return self.root / "home"
+        return self.root.parent.parent / "homes" / self.root.name  # survives `rm --keep-home`
+
+    @property
+    def agent(self) -> Path:
+        return self.root / "agent"
 
     @property
     def seccomp(self) -> Path:
@@ -191,8 +195,15 @@ class SandboxManager:
     # -- create ------------------------------------------------------------------------------
 
     def create(
-        self, name: str, policy: Policy, command: list[str] | None, image: str | None = None
+        self,
+        name: str,
+        policy: Policy,
+        command: list[str] | None,
+        image: str | None = None,
+        agent_files: dict[str, str] | None = None,
     ) -> SandboxRecord:
+        """Create and start a sandbox. `agent_files` (name -> text) are mounted read-only at
+        /run/appliance/agent (the policy must list that path in read_only)."""
         self._refuse_if_held()
         if self.boxes.get(name) is not None:
             raise SandboxError(f"sandbox {name!r} exists", hint=f"`appliance sandbox rm {name}`")
@@ -202,6 +213,8 @@ class SandboxManager:
         command = command or ["sleep", "infinity"]
         paths = self.paths(name)
         self._prepare_dirs(paths, policy, command)
+        if agent_files is not None:
+            self._write_agent_files(paths, agent_files)
         key_id = self._new_key(name, paths)
         self.boxes.upsert(name, image=image, command=command, state="creating", key_id=key_id)
         self.store_audit("sandbox.create", sandbox=name, policy_rev=rev)
@@ -217,6 +230,7 @@ class SandboxManager:
                 state_dir=str(paths.home)
                 if "/home/agent" in policy.filesystem.read_write
                 else None,
+                agent_dir=str(paths.agent) if agent_files is not None else None,
             )
             spec = podman_spec(policy, name=name, image=image, mounts=mounts, command=command)
             spec["labels"][STATE_LABEL] = self.instance
@@ -287,6 +301,14 @@ class SandboxManager:
         (paths.config / "sandbox.json").write_text(json.dumps(sandbox_json, indent=1))
         (paths.config / "sandbox.json").chmod(0o644)
         (paths.report / "enforcement.json").unlink(missing_ok=True)
+
+    def _write_agent_files(self, paths: SandboxPaths, files: dict[str, str]) -> None:
+        shutil.rmtree(paths.agent, ignore_errors=True)  # nothing stale from an earlier version
+        paths.agent.mkdir(mode=0o755, parents=True)
+        for filename, text in files.items():
+            target = paths.agent / filename
+            target.write_text(text)
+            target.chmod(0o644)  # root-owned: the agent reads, never writes
 
     def _new_key(self, name: str, paths: SandboxPaths) -> str:
         inference = InferenceStore(self.config.state_dir)
@@ -368,6 +390,7 @@ class SandboxManager:
     def _wait_report(self, paths: SandboxPaths, container: Any) -> dict[str, Any]:
         deadline = time.monotonic() + REPORT_TIMEOUT_S
         report_file = paths.report / "enforcement.json"
+        polls = 0
         while time.monotonic() < deadline:
             if report_file.is_file():
                 report = json.loads(report_file.read_text())
@@ -375,11 +398,14 @@ class SandboxManager:
                     why = report.get("landlock", {}).get("error") or "agent not started"
                     raise SandboxError(f"sandbox refused to start: {why}")
                 return report
-            container.reload()
-            if container.status in ("exited", "stopped"):
-                logs = b"".join(container.logs(stdout=True, stderr=True)).decode(errors="replace")
-                raise SandboxError(f"sandbox exited during start:\n{logs[-1500:]}")
-            time.sleep(0.1)
+            polls += 1
+            if polls % 10 == 0:  # the file is cheap to look for; Podman is asked every 100 ms
+                container.reload()
+                if container.status in ("exited", "stopped"):
+                    logs = container.logs(stdout=True, stderr=True)
+                    text = b"".join(logs).decode(errors="replace")
+                    raise SandboxError(f"sandbox exited during start:\n{text[-1500:]}")
+            time.sleep(0.01)
         raise SandboxError(f"no enforcement report after {REPORT_TIMEOUT_S:.0f} s")
 
     def enforcement(self, name: str) -> dict[str, Any] | None:
@@ -417,7 +443,9 @@ class SandboxManager:
         self.boxes.set_state(name, "stopped")
         self.store_audit("sandbox.stop", sandbox=name)
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str, keep_home: bool = False) -> None:
+        """Remove the container, proxy, key and directories; `keep_home` keeps the agent's
+        state volume (an upgrade re-creates the sandbox around it)."""
         if self.boxes.get(name) is None and self._remove_orphan(name):
             return
         record = self._record(name)
@@ -436,6 +464,8 @@ class SandboxManager:
             inference.close()
         shutil.rmtree(paths.root, ignore_errors=True)
         shutil.rmtree(paths.private, ignore_errors=True)
+        if not keep_home:
+            shutil.rmtree(paths.home, ignore_errors=True)
         self.boxes.delete(name)  # policy revisions stay: a re-created sandbox inherits them
         self.store_audit("sandbox.rm", sandbox=name)
 

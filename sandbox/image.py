@@ -26,6 +26,10 @@ from podman.errors import APIError, ImageNotFound
 
 REPOSITORY = "localhost/appliance-base"
 DIGEST_LABEL = "org.appliance.rootfs-digest"
+# What blueprints pin: the recipe (suite, variant, packages, recipe version), which is the same on
+# every host, unlike the rootfs digest (debootstrap output differs in timestamps and point
+# releases). The rootfs digest stays on the image as a label, for the record.
+RECIPE_LABEL = "org.appliance.recipe-digest"
 # Bump when the hardening or layout below changes: it is part of the cache key.
 RECIPE_VERSION = 1
 # python3-minimal alone lacks json, ctypes, asyncio, shutil, ...: the in-sandbox supervisor needs
@@ -85,6 +89,19 @@ def cache_key(
         "recipe": RECIPE_VERSION,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recipe_digest(
+    suite: str = "bookworm", packages: Sequence[str] = BASE_PACKAGES, variant: str = "minbase"
+) -> str:
+    """The base image's pin for blueprints: sha256 of its recipe (see RECIPE_LABEL)."""
+    spec = {
+        "suite": suite,
+        "variant": variant,
+        "packages": sorted(set(packages)),
+        "recipe": RECIPE_VERSION,
+    }
+    return "sha256:" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def tag_for(digest: str) -> str:
@@ -257,18 +274,22 @@ def build_rootfs_tarball(
         return tarball, digest
 
 
-def find_image(client: PodmanClient, digest: str) -> ImageRef | None:
+def find_image(client: PodmanClient, digest: str, recipe: str | None = None) -> ImageRef | None:
+    """The imported image of this rootfs digest (and, if given, carrying this recipe label)."""
     tag = tag_for(digest)
     try:
         img = client.images.get(tag)
     except ImageNotFound:
         return None
+    if recipe is not None and (img.labels or {}).get(RECIPE_LABEL) != recipe:
+        return None  # imported before recipe labels: import again (the tarball is cached)
     return ImageRef(tag=tag, digest=digest, image_id=img.id)
 
 
-def _import_tarball(client: PodmanClient, tarball: Path, digest: str) -> str:
+def _import_tarball(client: PodmanClient, tarball: Path, digest: str, recipe: str) -> str:
     changes = [
         f"LABEL {DIGEST_LABEL}={digest}",
+        f"LABEL {RECIPE_LABEL}={recipe}",
         f"USER {AGENT_UID}:{AGENT_GID}",
         "WORKDIR /workspace",
         "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -302,12 +323,13 @@ def build_base_image(
     tarball, digest = build_rootfs_tarball(
         workdir, suite=suite, mirror=mirror, packages=packages, progress=progress
     )
-    ref = find_image(client, digest)
+    recipe = recipe_digest(suite, packages)
+    ref = find_image(client, digest, recipe)
     if ref is None:
         t0 = time.monotonic()
         progress(f"image: importing {tarball.name} into the service user's storage")
-        _import_tarball(client, tarball, digest)
-        ref = find_image(client, digest)
+        _import_tarball(client, tarball, digest, recipe)
+        ref = find_image(client, digest, recipe)
         if ref is None:
             raise ImageBuildError(f"import reported success but {tag_for(digest)} is missing")
         progress(f"image: imported {ref.tag} in {time.monotonic() - t0:.1f} s")

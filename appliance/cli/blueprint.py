@@ -169,3 +169,35 @@ def schema() -> None:
     from blueprints.model import Blueprint
 
     print_json(Blueprint.model_json_schema())
+
+
+@app.command("upgrade")
+def upgrade(
+    ctx: typer.Context,
+    sandbox: Annotated[str, typer.Argument(help="The agent (sandbox) to move.")],
+    to: Annotated[
+        str | None, typer.Option("--to", help="VERSION or NAME@VERSION (default: newest).")
+    ] = None,
+) -> None:
+    """Re-create an agent's sandbox on another blueprint version, keeping its home and
+    persisted approvals; if the new one fails to start, the old one is restored."""
+    from appliance.cli.agent import _progress, agents
+
+    with agents(ctx) as m:
+        if to is not None and "@" not in to and not to.endswith((".yaml", ".yml")):
+            current = m.agents.current(sandbox)
+            to = f"{current.blueprint}@{to}" if current else to
+        dep = m.upgrade(sandbox, to, progress=_progress)
+    console.print(f"{sandbox} now runs {dep.ref}")
+
+
+@app.command("rollback")
+def rollback(
+    ctx: typer.Context, sandbox: Annotated[str, typer.Argument(help="The agent (sandbox).")]
+) -> None:
+    """Go back to the blueprint version the agent ran before its last upgrade."""
+    from appliance.cli.agent import _progress, agents
+
+    with agents(ctx) as m:
+        dep = m.rollback(sandbox, progress=_progress)
+    console.print(f"{sandbox} is back on {dep.ref}")

@@ -120,10 +120,16 @@ def start(ctx: typer.Context, name: NameArg) -> None:
 
 
 @app.command("rm")
-def rm(ctx: typer.Context, name: NameArg) -> None:
+def rm(
+    ctx: typer.Context,
+    name: NameArg,
+    keep_home: Annotated[
+        bool, typer.Option("--keep-home", help="Keep the agent's home (state volume).")
+    ] = False,
+) -> None:
     """Remove the sandbox, its key and proxy; its policy revisions are kept for re-creation."""
     with manager(ctx) as m:
-        m.remove(name)
+        m.remove(name, keep_home=keep_home)
     console.print(f"removed {name}")
 
 
@@ -266,6 +272,9 @@ def image_build(
     ctx: typer.Context,
     suite: Annotated[str, typer.Option(help="Debian suite.")] = "bookworm",
     mirror: Annotated[str | None, typer.Option(help="Debian mirror URL.")] = None,
+    layer: Annotated[
+        str | None, typer.Option(help="Also build an agent layer on top: `openclaw`.")
+    ] = None,
 ) -> None:
     """Build the base sandbox image with debootstrap (no registry) into the service user's store."""
     from sandbox.image import build_base_image
@@ -278,7 +287,22 @@ def image_build(
             mirror=mirror,
             progress=lambda line: console.print(line, markup=False, highlight=False),
         )
+        # -- agent layer (sandbox/agent_image.py): Node + OpenClaw + rg/fd on top of the base.
+        if layer is not None:
+            if layer != "openclaw":
+                raise typer.BadParameter(f"unknown layer {layer!r} (known: openclaw)")
+            from sandbox.agent_image import build_openclaw_image
+
+            agent = build_openclaw_image(
+                m.podman.start(),
+                workdir=m.config.state_dir / "images",
+                base=ref,
+                suite=suite,
+                progress=lambda line: console.print(line, markup=False, highlight=False),
+            )
     console.print(f"{ref.tag} ({ref.digest})")
+    if layer is not None:
+        console.print(f"{agent.tag} ({agent.inputs_digest})")
 
 
 @image_app.command("save")

@@ -113,4 +113,26 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "agents: which blueprint each agent's sandbox runs, and every deployment (for rollback)",
+        """
+        CREATE TABLE agent_deployments (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            agent       TEXT    NOT NULL,
+            blueprint   TEXT    NOT NULL,
+            version     TEXT    NOT NULL,
+            digest      TEXT    NOT NULL,
+            image       TEXT    NOT NULL,
+            outcome     TEXT    NOT NULL CHECK (outcome IN ('active', 'replaced')),
+            reason      TEXT    NOT NULL,
+            created_at  REAL    NOT NULL
+        );
+        CREATE INDEX agent_deployments_agent ON agent_deployments (agent, id);
+        CREATE TABLE agent_activity (
+            agent      TEXT PRIMARY KEY,
+            last_turn  REAL,
+            turns      INTEGER NOT NULL DEFAULT 0
+        );
+        """,
+    ),
 ]

@@ -36,6 +36,7 @@ EGRESS_DIR = "/run/appliance/egress"
 SUPERVISOR_DIR = "/opt/appliance/supervisor"
 CONFIG_DIR = "/run/appliance/config"
 REPORT_DIR = "/run/appliance/report"
+AGENT_DIR = "/run/appliance/agent"  # the agent's rendered config: readable, never writable
 SUPERVISOR_ENTRYPOINT = ["/usr/bin/python3", "-I", f"{SUPERVISOR_DIR}/init.py"]
 PROXY_URL = "http://127.0.0.1:3128"
 NOFILE = 1024  # the host's hard RLIMIT_NOFILE cannot be raised (no CAP_SYS_RESOURCE)
@@ -53,6 +54,7 @@ class SandboxMounts:
     report_dir: str  # the supervisor's enforcement report (writable)
     seccomp_path: str  # the profile from sandbox.compile.seccomp, as a file
     state_dir: str | None = None  # persistent agent home; needs HOME in policy read_write
+    agent_dir: str | None = None  # rendered agent config; needs AGENT_DIR in policy read_only
 
 
 def policy_digest(policy: Policy) -> str:
@@ -112,6 +114,10 @@ def podman_spec(
         _bind(mounts.egress_dir, EGRESS_DIR, read_only=True),  # connect() needs no write
         _bind(mounts.report_dir, REPORT_DIR, read_only=False),  # Landlock keeps the agent out
     ]
+    if mounts.agent_dir is not None:
+        if AGENT_DIR not in policy.filesystem.read_only:
+            raise ValueError(f"an agent config dir needs {AGENT_DIR} in filesystem.read_only")
+        mount_list.append(_bind(mounts.agent_dir, AGENT_DIR, read_only=True))
     for path in sorted(writable):
         if path == HOME and mounts.state_dir is not None:
             mount_list.append(_bind(mounts.state_dir, HOME, read_only=False))

@@ -15,8 +15,6 @@ import os
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
-
 from sandbox.proxy.approvals import ApprovalBroker
 from sandbox.proxy.forward import close_quietly
 from sandbox.proxy.http1 import HttpError, read_head, serialize
@@ -96,6 +94,8 @@ class AdminClient:
     """What the CLI uses (synchronous; one call, one connection)."""
 
     def __init__(self, socket_path: str | os.PathLike[str], timeout: float = 10.0) -> None:
+        import httpx  # ~100 ms of imports: the proxy process itself never needs them
+
         self._client = httpx.Client(
             transport=httpx.HTTPTransport(uds=os.fspath(socket_path)),
             base_url="http://proxy-admin",

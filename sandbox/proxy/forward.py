@@ -16,12 +16,7 @@ from sandbox.proxy.http1 import (
     response_framing,
     serialize,
 )
-
-
-async def close_quietly(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(Exception):
-        await writer.wait_closed()
+from sandbox.proxy.splice import close_quietly as close_quietly  # re-exported: callers use it
 
 
 async def forward_exchange(
@@ -47,7 +42,7 @@ async def forward_exchange(
     headers = [("Host", host_header), *request.without(drop_names), *add, ("Connection", "close")]
     upstream_w.write(serialize((method, target, "HTTP/1.1"), headers))
     # The body goes up concurrently: a client using Expect: 100-continue waits for the answer.
-    body = asyncio.create_task(copy_body(client_r, upstream_w, framing))
+    body = asyncio.create_task(copy_body(client_r, upstream_w, framing, client_w))
     try:
         while True:
             response = await read_head(upstream_r)
@@ -70,7 +65,7 @@ async def forward_exchange(
         out.append(("Connection", "keep-alive" if keep else "close"))
         client_w.write(serialize(("HTTP/1.1", *response.first[1:]), out))
         await client_w.drain()
-        await copy_body(upstream_r, client_w, res_framing)
+        await copy_body(upstream_r, client_w, res_framing, upstream_w)
         if not body.done():  # answered before the body was read: the stream is out of step
             keep = False
         else:

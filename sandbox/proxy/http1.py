@@ -7,8 +7,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from sandbox.proxy.splice import splice_body
+
 MAX_HEAD = 64 * 1024
-CHUNK = 256 * 1024
+CHUNK = 256 * 1024  # copying path only: fixed-length bodies and tunnels splice (splice.py)
 STREAM_LIMIT = 1024 * 1024  # StreamReader buffer: big enough that bulk copies are not throttled
 
 # Transfer-Encoding is not here on purpose: bodies are relayed in their own framing.
@@ -141,7 +143,18 @@ async def _write(writer: asyncio.StreamWriter, data: bytes) -> None:
     await writer.drain()  # back-pressure, and each piece leaves now (SSE arrives incrementally)
 
 
-async def copy_exact(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+async def copy_exact(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    n: int,
+    source: asyncio.StreamWriter | None = None,
+) -> None:
+    """Relay exactly `n` bytes; given `reader`'s own writer (`source`), in the kernel if we can."""
+    spliced = await splice_body(reader, source, writer, n)
+    if spliced is not None:
+        if spliced < n:
+            raise HttpError(502, "peer closed mid-body")
+        return
     while n > 0:
         data = await reader.read(min(n, CHUNK))
         if not data:
@@ -184,11 +197,15 @@ async def copy_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
 
 
 async def copy_body(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, framing: tuple[str, int]
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    framing: tuple[str, int],
+    source: asyncio.StreamWriter | None = None,
 ) -> None:
+    """Relay one body in its framing; `source` (reader's writer) lets a fixed length be spliced."""
     kind, n = framing
     if kind == "length":
-        await copy_exact(reader, writer, n)
+        await copy_exact(reader, writer, n, source)
     elif kind == "chunked":
         await copy_chunked(reader, writer)
     elif kind == "close":

@@ -384,7 +384,10 @@ def exec_main(args: list[str]) -> NoReturn:
         die(EXIT_LANDLOCK, why or f"kernel Landlock ABI {abi} < required {ll['min_abi']}")
     with contextlib.suppress(OSError):
         os.chdir(cfg["cwd"])
-    outcome = landlock.restrict(abi, ll["fs"], ll["net"], SCOPES)
+    try:
+        outcome = landlock.restrict(abi, ll["fs"], ll["net"], SCOPES)
+    except ValueError as exc:
+        die(EXIT_LANDLOCK, str(exc))
     if not outcome.enforced:
         if hard:
             die(EXIT_LANDLOCK, f"Landlock not enforced, {command[0]!r} not run: {outcome.error}")
@@ -420,12 +423,15 @@ def main() -> int:
     def refuse(reason: str) -> int:
         report["landlock"]["error"] = reason
         write_report(report_path, report)
-        log(f"Landlock hard_requirement not met, agent NOT started: {reason}")
+        log(f"agent NOT started (Landlock {ll['compatibility']}): {reason}")
         return EXIT_LANDLOCK
 
     if hard and abi < int(ll["min_abi"]):
         return refuse(why or f"kernel Landlock ABI {abi} < required {ll['min_abi']}")
-    own = landlock.restrict(abi, own_rules(cfg), ll["net"], SCOPES)
+    try:
+        own = landlock.restrict(abi, own_rules(cfg), ll["net"], SCOPES)
+    except ValueError as exc:  # a rule the kernel cannot take: refuse whatever the mode
+        return refuse(str(exc))
     report["supervisor_landlock"] = asdict(own)
     if hard and not own.enforced:
         return refuse(f"supervisor: {own.error}")

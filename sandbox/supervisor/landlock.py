@@ -156,8 +156,10 @@ def restrict(
                 raise ValueError(f"{path}: unknown access {unknown}")
             try:
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            except OSError as exc:  # a missing path only means less access
-                out.skipped_paths.append(f"{path}: {exc.strerror}")
+            except OSError as exc:
+                if rule.get("optional") is False:  # a policy path: a typo must not start
+                    raise ValueError(f"{path}: named by the policy, but {exc.strerror}") from None
+                out.skipped_paths.append(f"{path}: {exc.strerror}")  # less access, no harm
                 continue
             try:
                 if not stat.S_ISDIR(os.fstat(fd).st_mode):

@@ -170,7 +170,7 @@ class Lab:
     def home(self, name: str) -> Path:
         home = service_home()
         assert home is not None
-        return home / "sandboxes" / name / "home"
+        return home / "homes" / name  # SandboxPaths.home: outlives the sandbox dir
 
     def request(self, box: str, url: str, method: str = "GET", body: str | None = None) -> str:
         """Hand the agent one request; returns the job id."""

@@ -1,0 +1,63 @@
+"""Agent pieces that need no sandbox: config rendering, turn parsing, deployment history."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from appliance.agents import _turn_result, render
+from appliance.errors import ConfigError
+from appliance.store import open_store
+from appliance.store.agent_store import AgentStore
+
+
+def test_render_types_whole_placeholders_and_leaves_agent_variables() -> None:
+    template = {
+        "window": "{{context_tokens}}",
+        "primary": "inference/{{model}}",
+        "token": "${OPENCLAW_GATEWAY_TOKEN}",
+        "list": ["{{ model }}", 3, True],
+    }
+    out = render(template, {"context_tokens": 32768, "model": "default"})
+    assert out == {
+        "window": 32768,
+        "primary": "inference/default",
+        "token": "${OPENCLAW_GATEWAY_TOKEN}",
+        "list": ["default", 3, True],
+    }
+
+
+def test_render_refuses_an_unknown_placeholder() -> None:
+    with pytest.raises(ConfigError, match=r"unknown placeholder \{\{modle\}\}"):
+        render({"a": "{{modle}}"}, {"model": "x"})
+
+
+def test_turn_result_reads_the_last_json_record() -> None:
+    record = {"ok": True, "final": "pong", "usage": {"input": 9000, "output": 2}, "sessionId": "s1"}
+    out = b"some log line\n" + json.dumps(record).encode() + b"\n"
+    result = _turn_result("demo", 0, out, b"", 12.5)
+    assert result.ok and result.reply == "pong" and result.session_id == "s1"
+    assert result.usage == {"input": 9000, "output": 2}
+
+
+def test_turn_result_failure_keeps_the_error() -> None:
+    result = _turn_result("demo", 1, b"not json", b"boom\n", 1.0)
+    assert not result.ok and result.reply == "" and result.stderr_tail == "boom\n"
+    record = {"ok": False, "status": "error", "error": "context too long"}
+    result = _turn_result("demo", 1, json.dumps(record).encode(), b"", 1.0)
+    assert not result.ok and result.raw == record
+
+
+def test_deployments_give_current_and_previous(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        agents = AgentStore(store)
+        agents.deploy("a", "bp", "1.0.0", "sha256:1", "img1", "created")
+        agents.deploy("a", "bp", "1.1.0", "sha256:2", "img2", "upgrade")
+        assert agents.current("a").version == "1.1.0"
+        assert agents.previous("a").version == "1.0.0"
+        assert agents.agents() == ["a"]
+        assert [d.outcome for d in agents.history("a")] == ["replaced", "active"]
+        agents.forget("a")
+        assert agents.current("a") is None

@@ -26,12 +26,20 @@ class ImageMismatch(ConfigError):
 
 def known_recipes() -> dict[str, tuple[str, Callable[[Any, Progress], str]]]:
     """recipe digest -> (what, builder(client, progress) -> image id)."""
+    from sandbox.agent_image import build_openclaw_image
+    from sandbox.agent_image import recipe_digest as openclaw_recipe_digest
     from sandbox.image import build_base_image, recipe_digest
 
     def base(client: Any, progress: Progress) -> str:
         return build_base_image(client, workdir=IMAGE_CACHE, progress=progress).image_id
 
-    return {recipe_digest(): ("appliance base image (debootstrap bookworm)", base)}
+    def openclaw(client: Any, progress: Progress) -> str:
+        return build_openclaw_image(client, workdir=IMAGE_CACHE, progress=progress).image_id
+
+    return {
+        recipe_digest(): ("appliance base image (debootstrap bookworm)", base),
+        openclaw_recipe_digest(): ("OpenClaw layer (Node, openclaw, ripgrep, fd)", openclaw),
+    }
 
 
 def find_pinned(client: Any, digest: str) -> str | None:

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.audit import audit_path
 from appliance.config import ApplianceConfig
 from appliance.errors import ApplianceError, BackendError, NotFoundError, PreflightError
 from appliance.podman_service import PodmanService
@@ -219,7 +221,7 @@ class SandboxManager:
         self.boxes.upsert(name, image=image, command=command, state="creating", key_id=key_id)
         self.store_audit("sandbox.create", sandbox=name, policy_rev=rev)
         try:
-            self._start_proxy(name, paths)
+            proxy = self._spawn_proxy(name, paths)
             client = self._client()
             mounts = SandboxMounts(
                 egress_dir=str(paths.egress),
@@ -237,6 +239,7 @@ class SandboxManager:
             container = client.containers.create(**spec)
             self.boxes.set_state(name, "created", container.id)
             self._start_container(name, container)
+            self._await_proxy(name, paths, proxy)
         except BaseException:
             self.boxes.set_state(name, "failed")
             raise
@@ -339,36 +342,59 @@ class SandboxManager:
         return pid if os.fsencode(paths.admin_socket) in cmdline else None
 
     def _start_proxy(self, name: str, paths: SandboxPaths) -> None:
+        self._await_proxy(name, paths, self._spawn_proxy(name, paths))
+
+    def _spawn_proxy(self, name: str, paths: SandboxPaths) -> subprocess.Popen[bytes] | None:
+        """Bind the egress socket here, then start the proxy on it without waiting (it takes
+        ~0.3 s to start: a sandbox starting meanwhile waits in the listen backlog, no failure).
+        None when a proxy already runs."""
         if self._proxy_running(paths):
-            return
-        for sock in (paths.admin_socket, paths.egress / "egress.sock"):
-            if len(os.fsencode(sock)) > UNIX_PATH_MAX:
+            return None
+        egress = paths.egress / "egress.sock"
+        for sock_path in (paths.admin_socket, egress):
+            if len(os.fsencode(sock_path)) > UNIX_PATH_MAX:
                 raise SandboxError(
-                    f"{sock} is too long for a unix socket ({UNIX_PATH_MAX} bytes at most)",
+                    f"{sock_path} is too long for a unix socket ({UNIX_PATH_MAX} bytes at most)",
                     hint="use a shorter state_dir (or sandbox name)",
                 )
+        egress.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         gw = self.config.gateway
-        argv = [
-            sys.executable, "-m", "sandbox.proxy",
-            "--sandbox", name,
-            "--socket", str(paths.egress / "egress.sock"),
-            "--policy", str(paths.policy),
-            "--admin-socket", str(paths.admin_socket),
-            "--gateway-url", f"http://{gw.host}:{gw.port}",
-            "--key-file", str(paths.key),
-            "--audit-log", str(self.config.state_dir / "logs" / "egress.jsonl"),
-        ]  # fmt: skip
-        (self.config.state_dir / "logs").mkdir(parents=True, exist_ok=True)
-        with paths.proxy_log.open("ab") as log:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                start_new_session=True,
-            )  # fmt: skip
+        try:
+            listener.bind(str(egress))
+            egress.chmod(0o666)  # the agent is a subuid; the directory's bind mount guards it
+            listener.listen(128)
+            argv = [
+                sys.executable, "-m", "appliance.egress_main",  # the proxy, auditing to the chain
+                "--sandbox", name,
+                "--socket", str(egress),
+                "--socket-fd", str(listener.fileno()),
+                "--policy", str(paths.policy),
+                "--admin-socket", str(paths.admin_socket),
+                "--gateway-url", f"http://{gw.host}:{gw.port}",
+                "--key-file", str(paths.key),
+                "--audit-log", str(audit_path(self.config.state_dir)),
+            ]  # fmt: skip
+            with paths.proxy_log.open("ab") as log:
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                    start_new_session=True, pass_fds=(listener.fileno(),),
+                )  # fmt: skip
+        finally:
+            listener.close()  # the proxy has its own copy
+        paths.proxy_pid.write_text(f"{proc.pid}\n")
+        return proc
+
+    def _await_proxy(
+        self, name: str, paths: SandboxPaths, proc: subprocess.Popen[bytes] | None
+    ) -> None:
+        if proc is None:
+            return
         assert proc.stdout is not None
         line = proc.stdout.readline().decode(errors="replace")  # "ready <socket>" once serving
         if not line.startswith("ready"):
+            paths.proxy_pid.unlink(missing_ok=True)
             raise SandboxError(f"egress proxy for {name} did not start: {line.strip()!r}")
-        paths.proxy_pid.write_text(f"{proc.pid}\n")
 
     def _stop_proxy(self, paths: SandboxPaths) -> None:
         pid = self._proxy_running(paths)

@@ -81,11 +81,19 @@ class Resources(_Strict):
     memory: int = Field(default=2 * 1024**3, ge=64 * 1024**2)  # bytes; YAML takes 2g, 512m
     pids: int = Field(default=256, ge=16, le=4096)
     cpus: float = Field(default=1.0, gt=0, le=256)
+    # Per-process cap on private writable memory (RLIMIT_DATA), the only memory cap where
+    # rootless Podman cannot set cgroup limits. Default: `memory`. Node needs more: each worker
+    # reserves a code range that counts here (OpenClaw peaks at ~4.7 GB of it, 0.9 GB resident).
+    process_memory: int | None = Field(default=None, ge=64 * 1024**2)
 
-    @field_validator("memory", mode="before")
+    @field_validator("memory", "process_memory", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value
+
+    @property
+    def data_limit(self) -> int:
+        return self.process_memory or self.memory
 
 
 class Syscalls(_Strict):

@@ -12,6 +12,8 @@ import typer
 
 from appliance import __version__
 from appliance.cli import (
+    agent,
+    audit,
     blueprint,
     budget,
     config_cmd,
@@ -80,9 +82,11 @@ app.add_typer(sandbox.app, name="sandbox")
 app.add_typer(sandbox.approvals_app, name="approvals")
 app.add_typer(sandbox.image_app, name="image")
 app.add_typer(blueprint.app, name="blueprint")
+app.add_typer(agent.app, name="agent")
 app.command("kill")(sandbox.kill)
 app.command("release")(sandbox.release)
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(audit.app, name="audit")
 
 
 def main(argv: list[str] | None = None) -> int:

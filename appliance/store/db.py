@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 import time
@@ -50,16 +51,22 @@ class Store:
 
 
 def migrate(conn: sqlite3.Connection, path: Path) -> None:
-    current = conn.execute("PRAGMA user_version").fetchone()[0]
-    if current > len(MIGRATIONS):
-        raise StateError(
-            f"{path}: schema version {current} is newer than this appliance knows "
-            f"({len(MIGRATIONS)})",
-            hint="upgrade the appliance, or point APPLIANCE_STATE_DIR at another directory",
-        )
-    for version, (_name, sql) in enumerate(MIGRATIONS[current:], start=current + 1):
-        # executescript commits first; wrap each migration so it applies whole or not at all.
-        conn.executescript(f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {version};\nCOMMIT;")
+    # Two processes opening a fresh state dir at once must not both apply migration 1:
+    # serialise on a lock file and read the version under it.
+    with open(path.with_name(path.name + ".migrate.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = conn.execute("PRAGMA user_version").fetchone()[0]
+        if current > len(MIGRATIONS):
+            raise StateError(
+                f"{path}: schema version {current} is newer than this appliance knows "
+                f"({len(MIGRATIONS)})",
+                hint="upgrade the appliance, or point APPLIANCE_STATE_DIR at another directory",
+            )
+        for version, (_name, sql) in enumerate(MIGRATIONS[current:], start=current + 1):
+            # executescript commits first; wrap each migration so it applies whole or not at all.
+            conn.executescript(
+                f"BEGIN IMMEDIATE;\n{sql}\nPRAGMA user_version = {version};\nCOMMIT;"
+            )
 
 
 def open_store(state_dir: Path) -> Store:

@@ -3,6 +3,11 @@
 One connection per thread (the gateway's event loop reads, its ledger writer thread writes; WAL
 lets them run side by side). Secrets are `sk-app-` + 32 random bytes, urlsafe; only their SHA-256
 is stored, so the store can authenticate a key but never give one back.
+
+Audit events go to two places: the audit_events table (queried by event, for budgets, tests and
+status) and the host's hash-chained audit log (appliance/audit.py, the tamper-evident record).
+The chain is appended inside the event's transaction, before it commits: an action whose audit
+record cannot be written fails instead of happening unrecorded.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from appliance.audit import ChainWriter, audit_path
 from appliance.errors import ApplianceError, StateError
 from appliance.store.db import DB_NAME, open_store
 from inference.ports import Budget, KeyRecord, OwnerKind, Spend, UsageRecord
@@ -62,6 +68,7 @@ class InferenceStore:
     def __init__(self, state_dir: Path, auth_cache_ttl_s: float = 1.0) -> None:
         open_store(state_dir).close()  # creates and migrates the database once
         self.path = state_dir / DB_NAME
+        self.chain = ChainWriter(audit_path(state_dir))
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
@@ -325,6 +332,8 @@ class InferenceStore:
             "INSERT INTO audit_events (ts, event, key_id, data_json) VALUES (?, ?, ?, ?)",
             (time.time(), event, key_id, json.dumps(fields, sort_keys=True, default=str)),
         )
+        chained = fields if key_id is None or "key_id" in fields else {"key_id": key_id, **fields}
+        self.chain.append_many([(event, chained)])
 
     def audit_events(self, event_prefix: str = "", limit: int = 1000) -> list[dict[str, Any]]:
         rows = self.conn.execute(

@@ -15,8 +15,8 @@ cgroup, so a full disk must show up as ENOSPC before the OOM killer picks a proc
 Memory and pids are limited twice. The cgroup limits (`mem_limit`, `pids_limit`) cap the whole
 sandbox, but rootless Podman can only apply them on cgroup v2 with controller delegation; on a
 cgroup v1 host it silently drops them. The rlimits hold everywhere: RLIMIT_DATA (the heap and
-every private writable mapping, but not PROT_NONE reservations such as V8's heap cage, so Node
-still starts) caps each process at the memory limit, and RLIMIT_NPROC caps the process count.
+every private writable mapping) caps each process at `resources.process_memory` (default: the
+memory limit; Node needs more, see sandbox/policy.py), and RLIMIT_NPROC the process count.
 The supervisor reports which of the two are in force.
 
 `podman_argv(spec)` renders the same spec as a `podman create` command line for debugging.
@@ -106,7 +106,8 @@ def podman_spec(
     writable = policy.filesystem.read_write
     if mounts.state_dir is not None and HOME not in writable:
         raise ValueError(f"a state volume needs {HOME} in filesystem.read_write")
-    tmpfs_size = policy.resources.memory // 2
+    res = policy.resources
+    tmpfs_size = res.memory // 2
 
     mount_list = [
         _bind(mounts.supervisor_dir, SUPERVISOR_DIR, read_only=True),
@@ -144,11 +145,11 @@ def podman_spec(
         "no_new_privileges": True,
         "seccomp_profile_path": mounts.seccomp_path,
         "init": False,  # the supervisor is PID 1 and reaps
-        "mem_limit": policy.resources.memory,
-        "memswap_limit": policy.resources.memory,  # no swap on top
-        "pids_limit": policy.resources.pids,
+        "mem_limit": res.memory,
+        "memswap_limit": res.memory,  # no swap on top
+        "pids_limit": res.pids,
         "cpu_period": CPU_PERIOD,
-        "cpu_quota": round(policy.resources.cpus * CPU_PERIOD),
+        "cpu_quota": round(res.cpus * CPU_PERIOD),
         "ulimits": [
             {"Name": "nofile", "Soft": NOFILE, "Hard": NOFILE},
             # RLIMIT_NPROC counts per uid across every sandbox sharing the rootless user
@@ -156,10 +157,10 @@ def podman_spec(
             # limits are unavailable (rootless on cgroup v1).
             {
                 "Name": "nproc",
-                "Soft": min(policy.resources.pids, NPROC_MAX),
-                "Hard": min(policy.resources.pids, NPROC_MAX),
+                "Soft": min(res.pids, NPROC_MAX),
+                "Hard": min(res.pids, NPROC_MAX),
             },
-            {"Name": "data", "Soft": policy.resources.memory, "Hard": policy.resources.memory},
+            {"Name": "data", "Soft": res.data_limit, "Hard": res.data_limit},
             {"Name": "core", "Soft": 0, "Hard": 0},  # no core dumps with secrets in them
         ],
     }

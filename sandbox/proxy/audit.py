@@ -1,21 +1,37 @@
-"""A JSON-lines AuditSink for the standalone process (the control plane ingests the file)."""
+"""AuditSinks for the proxy process run on its own: JSON lines to a file or stderr, or a list.
+
+The appliance runs the proxy with its hash-chained audit log instead (appliance/egress_main.py
+passes it in as the sink); `python -m sandbox.proxy` on its own keeps writing plain JSON lines.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from pathlib import Path
 from typing import IO, Any
 
 
 class JsonLinesAudit:
     def __init__(self, stream: IO[str] | None = None) -> None:
         self._stream = stream or sys.stderr
+        self._owned = False
+
+    @classmethod
+    def open(cls, path: Path) -> JsonLinesAudit:
+        sink = cls(path.open("a"))
+        sink._owned = True
+        return sink
 
     def audit(self, event: str, **fields: Any) -> None:
         record = {"ts": time.time(), "event": event, **fields}
         self._stream.write(json.dumps(record, default=str) + "\n")
         self._stream.flush()
+
+    def close(self) -> None:
+        if self._owned:
+            self._stream.close()
 
 
 class MemoryAudit:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -87,6 +88,7 @@ class EgressProxy:
         inference: InferenceRoute | None = None,
         socket_mode: int = 0o666,  # the agent's uid is a subuid: the directory guards access
         approved_may_be_private: bool = False,  # tests on loopback; never in production
+        listen_sock: socket.socket | None = None,  # already bound and listening (see start)
     ) -> None:
         self.sandbox = sandbox_name
         self.socket_path = os.fspath(socket_path)
@@ -97,6 +99,7 @@ class EgressProxy:
         self._inference = inference
         self._socket_mode = socket_mode
         self._approved_private = approved_may_be_private
+        self._listen_sock = listen_sock
         self._approved: set[tuple[str, int]] = set()  # for this proxy's life only
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -111,6 +114,13 @@ class EgressProxy:
         self._audit.audit("egress.policy_reloaded", sandbox=self.sandbox)
 
     async def start(self) -> None:
+        if self._listen_sock is not None:
+            # Bound by the control plane before the sandbox started: connections made while
+            # this process was still starting wait in the backlog instead of failing.
+            self._server = await asyncio.start_unix_server(
+                self._handle, sock=self._listen_sock, limit=STREAM_LIMIT
+            )
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         self._server = await asyncio.start_unix_server(

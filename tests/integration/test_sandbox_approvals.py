@@ -140,7 +140,7 @@ class Lab:
 
     @property
     def audit_log(self) -> Path:
-        return self.state / "logs" / "egress.jsonl"
+        return self.state / "audit" / "audit.jsonl"  # the hash-chained log
 
     def cli(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
         proc = run_cli(*args, env=self.env)

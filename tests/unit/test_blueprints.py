@@ -213,3 +213,17 @@ def test_json_schema_matches_the_golden_file() -> None:
         GOLDEN.write_text(text)
     assert GOLDEN.read_text() == text, "schema changed: rerun with UPDATE_GOLDEN=1 and review"
     assert schema["additionalProperties"] is False
+
+
+def test_shipped_blueprints_pin_recipes_this_appliance_builds() -> None:
+    from sandbox.agent_image import recipe_digest as openclaw_recipe
+    from sandbox.image import recipe_digest as base_recipe
+
+    pins = {
+        "localhost/appliance-base": base_recipe(),
+        "localhost/appliance-openclaw": openclaw_recipe(),
+    }
+    cat = Catalog()
+    for e in cat.entries():
+        image = cat.get(f"{e.name}@{e.version}").image
+        assert image.digest == pins[image.name], f"{e.name}@{e.version}: stale image pin"

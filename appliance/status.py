@@ -320,6 +320,28 @@ def approvals_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, 
     return {"count": len(pending), "pending": pending, "errors": errors}
 
 
+def agents_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, Any]:
+    """The agent inventory: blueprint@version, state, uptime, turns, tokens today vs budget."""
+    try:
+        if not (config.state_dir / DB_NAME).is_file():
+            return {"count": 0, "agents": [], "error": None}
+        with open_store(config.state_dir) as store:
+            live = store.conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM agent_deployments WHERE outcome = 'active')"
+            ).fetchone()[0]
+            if not live:
+                return {"count": 0, "agents": [], "error": None}
+            from appliance.agents import AgentManager  # only when there are agents
+
+            rows = AgentManager(config, store).inventory()
+    except Exception as exc:  # a status screen reports what went wrong, it never raises
+        return {"count": 0, "agents": [], "error": f"{type(exc).__name__}: {exc}"}
+    now = time.time()
+    for row in rows:
+        row["uptime_s"] = round(now - row["since"]) if row["state"] == "running" else None
+    return {"count": len(rows), "agents": rows, "error": None}
+
+
 SECTIONS: dict[str, Section] = {
     "appliance": appliance_section,
     "host": host_section,
@@ -329,6 +351,7 @@ SECTIONS: dict[str, Section] = {
     "budgets": budgets_section,
     "sandboxes": sandboxes_section,
     "approvals": approvals_section,
+    "agents": agents_section,
 }
 
 
@@ -340,4 +363,7 @@ def gather(config: ApplianceConfig, host: HostSnapshot | None = None) -> dict[st
     report: dict[str, Any] = {"taken_at": round(time.time(), 3)}
     for name, section in SECTIONS.items():
         report[name] = section(config, host)
+    pending = Counter(p["sandbox"] for p in report["approvals"]["pending"])
+    for agent in report["agents"]["agents"]:  # an agent's sandbox has the agent's name
+        agent["pending_approvals"] = pending.get(agent["name"], 0)
     return report

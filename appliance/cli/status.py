@@ -55,7 +55,34 @@ def render(report: dict[str, Any], host: HostSnapshot) -> Group:
     parts.extend(_budget_lines(report["budgets"]))
     parts.extend(_sandbox_lines(report.get("sandboxes") or {}))
     parts.extend(_approval_lines(report.get("approvals") or {}))
+    parts.extend(_agent_lines(report.get("agents") or {}))
     return Group(*parts)
+
+
+def _agent_lines(section: dict[str, Any]) -> list[Text]:
+    agents = section.get("agents", [])
+    if not agents and not section.get("error"):
+        return []
+    head = f"[bold]agents[/]  {len(agents)}"
+    if section.get("error"):
+        head += f" · [red]{escape(section['error'])}[/]"
+    lines = [Text.from_markup(head)]
+    for a in agents:
+        budget = f" / {a['daily_budget']}" if a.get("daily_budget") else ""
+        up = f"up {a['uptime_s'] // 60} min" if a.get("uptime_s") is not None else ""
+        last = (
+            time.strftime("%H:%M:%S", time.localtime(a["last_activity"]))
+            if a.get("last_activity")
+            else "never"
+        )
+        lines.append(
+            Text.from_markup(
+                f"  {escape(a['name'])}  {escape(a['blueprint'])}  {_state(escape(a['state']))}"
+                f"  {up}  turns {a['turns']} (last {last})  tokens today "
+                f"{a['tokens_today']}{budget}  approvals {a.get('pending_approvals', 0)}"
+            )
+        )
+    return lines
 
 
 def _yes_no(value: bool | None, yes: str, no: str) -> str:

@@ -18,6 +18,7 @@ import yaml
 from appliance.agents import AgentError, AgentManager
 from appliance.config import load_config
 from appliance.images import ImageMismatch
+from appliance.status import agents_section
 from appliance.store import open_store
 from sandbox.image import recipe_digest
 from sandbox.policy import Endpoint
@@ -83,6 +84,9 @@ def test_create_records_the_blueprint_and_sets_the_budget(manager: AgentManager)
     [row] = [r for r in manager.inventory() if r["name"] == name]
     assert row["state"] == "running" and row["daily_budget"] == 1000
     assert manager.sandboxes.enforcement(name)["landlock"]["enforced"] is True
+    section = agents_section(manager.config, None)  # what `appliance status` shows
+    [shown] = [a for a in section["agents"] if a["name"] == name]
+    assert shown["blueprint"] == "worker@1.0.0" and shown["uptime_s"] >= 0
 
 
 def test_upgrade_keeps_home_and_approvals_then_rollback(manager: AgentManager) -> None:

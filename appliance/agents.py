@@ -154,15 +154,23 @@ class AgentManager:
             "model": bp.inference.model,
             "timeout_s": int(bp.inference.timeout_s),
             "context_tokens": bp.inference.context_tokens or self._served_context(),
-            "max_tokens": 2048,
+            "max_tokens": bp.inference.max_output_tokens or (4096 if self._on_vllm() else 256),
             "workspace": WORKSPACE,
         }
         return {OPENCLAW_CONFIG: json.dumps(render(bp.agent_config, values), indent=2) + "\n"}
 
+    def _plan(self) -> dict[str, Any]:
+        return (self.store.latest_plan() or {}).get("plan", {})
+
+    def _on_vllm(self) -> bool:
+        return self._plan().get("backend") == "vllm"
+
     def _served_context(self) -> int:
-        """The context the planned backend serves (what OpenClaw may fill); 8192 if unplanned."""
-        latest = self.store.latest_plan() or {}
-        return int(latest.get("plan", {}).get("max_model_len") or 8192)
+        """The context the backend serves (what OpenClaw may fill): vLLM's planned
+        max_model_len, or the embedded server's configured (RoPE-extended) context."""
+        if self._on_vllm():
+            return int(self._plan()["max_model_len"])
+        return self.config.inference.embedded_context
 
     def _command(self, bp: Blueprint) -> list[str]:
         if bp.runtime.kind == "command":
@@ -280,7 +288,9 @@ class AgentManager:
         ]  # fmt: skip
         env = {**OPENCLAW_ENV, "OPENCLAW_GATEWAY_TOKEN": secrets.token_hex(16)}
         t0 = time.monotonic()
-        code, out, err = self.sandboxes.exec(name, argv, env=env)
+        code, out, err = self.sandboxes.exec(
+            name, argv, env=env, timeout_s=bp.inference.timeout_s + 120
+        )
         result = _turn_result(name, code, out, err, time.monotonic() - t0)
         self._record_turn(name, message, result)
         return result

@@ -56,7 +56,7 @@ class InferenceConfig(_Strict):
     backend: Literal["auto", "vllm", "embedded"] = "auto"  # auto: what the planner picks
     served_model_name: str = "nemotron"
     embedded_model: str | None = None  # a local HF dir or GGUF; default: SmolLM2-135M
-    # the embedded model's context; past its native length (SmolLM2: 8,192) RoPE is YaRN-scaled
+    # the embedded model's context; past its native length (SmolLM2: 8,192) RoPE is NTK-scaled
     embedded_context: int = Field(default=32768, ge=256)
     offline: bool = True  # HF_HUB_OFFLINE=1: models come from disk, nothing is fetched
     ready_timeout_s: float = Field(default=1800.0, gt=0)  # real model loads take minutes

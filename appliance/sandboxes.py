@@ -443,19 +443,28 @@ class SandboxManager:
         return self._client().containers.get(record.container_id or name)
 
     def exec(
-        self, name: str, command: list[str], env: dict[str, str] | None = None
+        self,
+        name: str,
+        command: list[str],
+        env: dict[str, str] | None = None,
+        timeout_s: float = 600.0,
     ) -> tuple[int, bytes, bytes]:
         """Run `command` in the sandbox as the agent, inside the agent's Landlock domain (the
         supervisor's `exec` mode); returns (exit code, stdout, stderr)."""
         _rev, policy = self.policy(name)
+        record = self._record(name)
         argv = [*SUPERVISOR_ENTRYPOINT, "exec"]
         for key, value in (env or {}).items():
             argv += ["--env", f"{key}={value}"]
-        code, (out, err) = self.container(name).exec_run(
-            [*argv, "--", *command],
-            user=f"{policy.process.uid}:{policy.process.gid}",
-            demux=True,
-        )
+        self._client()  # the service must be up
+        # Its own client: the API call lasts as long as the command (an agent turn: minutes).
+        with self.podman.client(timeout=timeout_s) as client:
+            container = client.containers.get(record.container_id or name)
+            code, (out, err) = container.exec_run(
+                [*argv, "--", *command],
+                user=f"{policy.process.uid}:{policy.process.gid}",
+                demux=True,
+            )
         return code or 0, out or b"", err or b""
 
     def start(self, name: str) -> None:

@@ -100,6 +100,9 @@ class Inference(_Strict):
     allowed_models: list[str] = Field(default_factory=list)  # empty: only `model`
     timeout_s: float = Field(default=600.0, gt=0, le=3600)
     context_tokens: int | None = Field(default=None, ge=512)  # what the agent is told it has
+    # The longest reply the agent asks for; default: 4096 on vLLM, 256 on the embedded CPU model
+    # (~10 tokens/s on two cores: 2048 tokens made one OpenClaw turn take 6.5 minutes).
+    max_output_tokens: int | None = Field(default=None, ge=16)
 
 
 class Budgets(_Strict):

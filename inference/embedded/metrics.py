@@ -44,6 +44,15 @@ class VllmMetrics:
             "vllm:generation_tokens", "Number of generation tokens processed."
         )
         counter("vllm:num_preemptions", "Cumulative number of preemptions.")  # never: no paging
+        # vLLM v1's prefix-cache counters, in tokens (hit rate = hits / queries).
+        self.prefix_cache_queries = counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+        )
+        self.prefix_cache_hits = counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
+        )
+        self._prefix_caching = getattr(engine, "prefix_cache", None) is not None
         self._success = Counter(
             "vllm:request_success",
             "Count of successfully processed requests.",
@@ -80,6 +89,9 @@ class VllmMetrics:
     # -- EngineListener ------------------------------------------------------------------------
     def on_prompt(self, req: Request) -> None:
         self.prompt_tokens.inc(len(req.prompt_ids))
+        if self._prefix_caching:
+            self.prefix_cache_queries.inc(len(req.prompt_ids))
+            self.prefix_cache_hits.inc(req.cached_tokens)
         if req.admitted is not None:
             self.queue_time.observe(req.admitted - req.arrival)
 

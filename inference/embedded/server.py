@@ -114,6 +114,7 @@ class _Choice:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.completion_tokens = 0
+        self.cached_tokens = 0
         self.error: str | None = None
 
 
@@ -226,6 +227,7 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
                 c = choices[i]
                 c.text.append(out.text)
                 c.completion_tokens = out.completion_tokens
+                c.cached_tokens = out.cached_tokens
                 if out.finish_reason is not None:
                     c.finish_reason, c.stop_reason, c.error = (
                         out.finish_reason,
@@ -252,12 +254,13 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
             raise EngineError(failed.error or "generation failed")  # a 500
         return choices
 
-    def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+        # prompt_tokens_details as OpenAI (and vLLM with --enable-prompt-tokens-details) fill it.
         return {
             "prompt_tokens": prompt_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "completion_tokens": completion_tokens,
-            "prompt_tokens_details": None,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
         }
 
     async def stream(
@@ -270,6 +273,7 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
         first_texts: list[str] | None = None,
     ) -> AsyncIterator[str]:
         completion = [0] * len(handles)
+        cached = [0] * len(handles)
 
         def chunk(i: int, text: str | None, finish: str | None, stop: Any, role: bool = False):
             if chat:
@@ -284,7 +288,9 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
                 choice["stop_reason"] = stop
             body = {**head, "choices": [choice]}
             if include_usage:
-                body["usage"] = usage(prompt_tokens, sum(completion)) if continuous_usage else None
+                body["usage"] = (
+                    usage(prompt_tokens, sum(completion), sum(cached)) if continuous_usage else None
+                )
             return _sse(body)
 
         try:
@@ -297,6 +303,7 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
                         yield chunk(i, text, None, None)  # echo
             async for i, out in _merge(handles):
                 completion[i] = out.completion_tokens
+                cached[i] = out.cached_tokens
                 if out.finish_reason == "error":
                     message = out.error or "generation failed"
                     yield _sse({"error": _error_body(500, message)})
@@ -304,7 +311,8 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
                 if out.text or out.finish_reason is not None:
                     yield chunk(i, out.text, out.finish_reason, out.stop_reason)
             if include_usage:
-                yield _sse({**head, "choices": [], "usage": usage(prompt_tokens, sum(completion))})
+                final = usage(prompt_tokens, sum(completion), sum(cached))
+                yield _sse({**head, "choices": [], "usage": final})
             yield _sse("[DONE]")
         finally:  # also on client disconnect (the task is cancelled): stop generating
             for h in handles:
@@ -359,7 +367,11 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
                 }
                 for i, c in enumerate(choices)
             ],
-            "usage": usage(len(prompt), sum(c.completion_tokens for c in choices)),
+            "usage": usage(
+                len(prompt),
+                sum(c.completion_tokens for c in choices),
+                sum(c.cached_tokens for c in choices),
+            ),
         }
 
     @app.post("/v1/completions")
@@ -404,7 +416,11 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
                 }
                 for i, c in enumerate(choices)
             ],
-            "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices)),
+            "usage": usage(
+                prompt_tokens,
+                sum(c.completion_tokens for c in choices),
+                sum(c.cached_tokens for c in choices),
+            ),
         }
 
     return app
@@ -458,12 +474,16 @@ def serve(
     log.setLevel(logging.INFO)
     engine = Engine.load(model, cache_dir, **engine_kwargs)
     log.info(
-        "embedded: loaded %s in %.1f s (%s; decode weights: %s; context %d)",
+        "embedded: loaded %s in %.1f s (%s; decode weights: %s; context %d%s; prefix cache %s)",
         engine.model_root,
         engine.load_s,
         "from the weights cache" if engine.from_cache else "converted",
         engine.weights_kind,
         engine.max_model_len,
+        f", RoPE {rope}"
+        if (rope := getattr(engine.runner, "rope_scaling", "none")) != "none"
+        else "",
+        f"{pc.max_bytes / 2**30:.1f} GiB" if (pc := engine.prefix_cache) is not None else "off",
     )
     app = create_app(engine, served_model_name)
     log.info("embedded: serving %r on http://%s:%d", served_model_name, host, port)

@@ -124,7 +124,7 @@ def test_models_health_version(client: openai.OpenAI, server: str) -> None:
     assert [m.id for m in models] == [MODEL]
     card = httpx.get(f"{server}/v1/models").json()["data"][0]
     assert card["root"].startswith("SmolLM2-135M-Instruct")
-    assert card["owned_by"] and card["max_model_len"] == 8192
+    assert card["owned_by"] and card["max_model_len"] == 32768  # 8,192 native, RoPE-scaled x4
     assert httpx.get(f"{server}/health").status_code == 200
     assert httpx.get(f"{server}/version").json()["version"]
 
@@ -231,15 +231,62 @@ def test_completions_plain_and_streamed(client: openai.OpenAI) -> None:
 # -- errors ----------------------------------------------------------------------------------------
 def test_context_length_is_400_in_vllms_words(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        chat(client, max_tokens=9000)
+        chat(client, max_tokens=40000)
     assert err.value.status_code == 400
     message = err.value.body["message"]
     assert re.fullmatch(
-        r"This model's maximum context length is 8192 tokens\. However, you requested \d+ tokens "
-        r"\(\d+ in the messages, 9000 in the completion\)\. Please reduce the length of the "
+        r"This model's maximum context length is 32768 tokens\. However, you requested \d+ tokens "
+        r"\(\d+ in the messages, 40000 in the completion\)\. Please reduce the length of the "
         r"messages or completion\.",
         message,
     ), message
+
+
+def test_a_40k_prompt_is_400_in_vllms_words(server: str, tokenizer: object) -> None:
+    ids = long_prompt(tokenizer, 40000)
+    body = {"model": MODEL, "prompt": ids, "max_tokens": None}
+    r = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == (
+        f"This model's maximum context length is 32768 tokens. However, your request has "
+        f"{len(ids)} input tokens. Please reduce the length of the input messages."
+    )
+
+
+def long_prompt(tokenizer: object, n: int) -> list[int]:
+    """~n tokens of real English (license texts, repeated), as token ids."""
+    text = "".join(p.read_text() for p in sorted(Path("/usr/share/common-licenses").glob("*")))
+    if not text:
+        text = "The quick brown fox jumps over the lazy dog. " * 1000
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    while len(ids) < n:
+        ids += ids
+    return ids[:n]
+
+
+def test_12k_prompt_is_served_and_a_prefix_cache_hit_gives_the_same_output(
+    server: str, tokenizer: object
+) -> None:
+    """Beyond the native 8,192; the second, identical request reuses all but the last token
+    from the prefix cache (usage.prompt_tokens_details.cached_tokens, vLLM's counters) and,
+    greedy, answers the same."""
+    before = httpx.get(f"{server}/metrics").text
+    ids = [*long_prompt(tokenizer, 12000), *tokenizer.encode("\n\nIn summary,")]
+    body = {"model": MODEL, "prompt": ids, "max_tokens": 8, "temperature": 0}
+    with httpx.Client(base_url=server, timeout=600) as http:
+        cold = http.post("/v1/completions", json=body).json()
+        start = time.monotonic()
+        warm = http.post("/v1/completions", json=body).json()
+        warm_s = time.monotonic() - start
+    assert cold["usage"]["prompt_tokens"] == len(ids) > 12000
+    assert cold["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert warm["usage"]["prompt_tokens_details"] == {"cached_tokens": len(ids) - 1}
+    assert warm["choices"][0]["text"] == cold["choices"][0]["text"]
+    assert warm_s < 10  # vs. about a minute of prefill on two cores
+    after = httpx.get(f"{server}/metrics").text
+    hits, queries = "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"
+    assert metric(after, hits) - metric(before, hits) == len(ids) - 1
+    assert metric(after, queries) - metric(before, queries) == 2 * len(ids)
 
 
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:

@@ -236,7 +236,17 @@ class SandboxManager:
             )
             spec = podman_spec(policy, name=name, image=image, mounts=mounts, command=command)
             spec["labels"][STATE_LABEL] = self.instance
-            container = client.containers.create(**spec)
+            try:
+                container = client.containers.create(**spec)
+            except Exception as exc:  # podman-py's APIError: say what the operator can do
+                if "already in use" not in str(exc):
+                    raise
+                raise SandboxError(
+                    f"Podman already has a container named {name!r} that this appliance did "
+                    "not create (another state dir, or made by hand)",
+                    hint=f"pick another name, or remove it: podman rm -f {name} (as the "
+                    f"{self.config.sandbox.service_user} user)",
+                ) from None
             self.boxes.set_state(name, "created", container.id)
             self._start_container(name, container)
             self._await_proxy(name, paths, proxy)

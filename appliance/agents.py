@@ -12,6 +12,7 @@ version around the same home and persisted approvals, and goes back when the new
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import time
@@ -35,7 +36,8 @@ from sandbox.policy import Policy
 
 Progress = Callable[[str], None]
 OPENCLAW_CONFIG = "openclaw.json"
-WORKSPACE = "/workspace"
+# In the agent's home: writable, persistent across upgrades (the home is the state volume).
+WORKSPACE = "/home/agent/workspace"
 # OpenClaw headless, offline, no self-update, no discovery (REFERENCE.md §8).
 OPENCLAW_ENV = {
     "OPENCLAW_OFFLINE": "1",
@@ -49,6 +51,7 @@ OPENCLAW_ENV = {
     "OPENCLAW_CONFIG_PATH": f"{AGENT_DIR}/{OPENCLAW_CONFIG}",
     "OPENCLAW_STATE_DIR": "/home/agent/.openclaw",
 }
+_SESSION = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
 
 
@@ -64,6 +67,7 @@ class TurnResult:
     exit_code: int
     duration_s: float
     usage: dict[str, Any]
+    session: str  # the session key's last part: `agent run --session` continues it
     session_id: str | None
     raw: dict[str, Any] | None  # the runtime's own JSON record
     stderr_tail: str
@@ -76,6 +80,7 @@ class TurnResult:
             "exit_code": self.exit_code,
             "duration_s": round(self.duration_s, 3),
             "usage": self.usage,
+            "session": self.session,
             "session_id": self.session_id,
             "raw": self.raw,
         }
@@ -176,7 +181,7 @@ class AgentManager:
         if bp.runtime.kind == "command":
             assert bp.runtime.command is not None
             return list(bp.runtime.command)
-        return ["sleep", "infinity"]  # OpenClaw runs per turn (`agent exec`), no daemon
+        return ["sleep", "infinity"]  # OpenClaw runs per turn (`agent --local`), no daemon
 
     def create(self, name: str, ref: str, progress: Progress = lambda _: None) -> Deployment:
         if self.agents.current(name) is not None or self.sandboxes.boxes.get(name) is not None:
@@ -193,6 +198,7 @@ class AgentManager:
             name, self._policy(bp), self._command(bp), image, agent_files=self._agent_files(bp)
         )
         progress(f"sandbox: running ({time.monotonic() - t1:.1f} s)")
+        self._ensure_workspace(name)
         self._set_budget(name, bp)
         dep_id = self.agents.deploy(name, bp.name, bp.version, bp.digest(), image, reason)
         self.sandboxes.store_audit(
@@ -200,6 +206,13 @@ class AgentManager:
         )
         deployment = next(d for d in self.agents.history(name) if d.id == dep_id)
         return deployment
+
+    def _ensure_workspace(self, name: str) -> None:
+        home = self.sandboxes.paths(name).home
+        workspace = home / Path(WORKSPACE).relative_to("/home/agent")
+        workspace.mkdir(mode=0o700, exist_ok=True)
+        owner = home.stat()
+        os.chown(workspace, owner.st_uid, owner.st_gid)  # the agent's mapped uid, as its home
 
     def _set_budget(self, name: str, bp: Blueprint) -> None:
         record = self.sandboxes.boxes.get(name)
@@ -274,7 +287,9 @@ class AgentManager:
 
     # -- turns -------------------------------------------------------------------------------
 
-    def run(self, name: str, message: str) -> TurnResult:
+    def run(self, name: str, message: str, session: str | None = None) -> TurnResult:
+        """One turn in session `session` (default: a new one). OpenClaw keeps sessions in its
+        SQLite store in the agent's home; each turn's session is exported to the host after."""
         dep = self._current(name)
         bp = self.blueprint(f"{dep.blueprint}@{dep.version}")
         if bp.runtime.kind != "openclaw":
@@ -282,18 +297,46 @@ class AgentManager:
                 f"{name} runs a plain command ({bp.ref}); it takes no turns",
                 hint=f"`appliance sandbox exec {name} -- CMD`",
             )
+        session = session or f"run-{secrets.token_hex(4)}"
+        if not _SESSION.fullmatch(session):
+            raise ConfigError(f"session {session!r}: use 1-40 of a-z, 0-9 and '-'")
         argv = [
-            "openclaw", "agent", "exec", message, "--json",
-            "--cwd", WORKSPACE, "--timeout", str(int(bp.inference.timeout_s)),
+            "openclaw", "agent", "--local", "--agent", "main",
+            "--session-key", f"agent:main:{session}", "--message", message, "--json",
+            "--timeout", str(int(bp.inference.timeout_s)),
         ]  # fmt: skip
-        env = {**OPENCLAW_ENV, "OPENCLAW_GATEWAY_TOKEN": secrets.token_hex(16)}
         t0 = time.monotonic()
         code, out, err = self.sandboxes.exec(
-            name, argv, env=env, timeout_s=bp.inference.timeout_s + 120
+            name, argv, env=self._env(), timeout_s=bp.inference.timeout_s + 120
         )
-        result = _turn_result(name, code, out, err, time.monotonic() - t0)
+        result = _turn_result(name, session, code, out, err, time.monotonic() - t0)
         self._record_turn(name, message, result)
+        self._export_session(name, session)
         return result
+
+    def _env(self) -> dict[str, str]:
+        return {**OPENCLAW_ENV, "OPENCLAW_GATEWAY_TOKEN": secrets.token_hex(16)}
+
+    def _export_session(self, name: str, session: str) -> Path | None:
+        """OpenClaw's trajectory of `session` (its events.jsonl) copied to the host. Read by the
+        agent, inside the sandbox, and passed over stdout: the host never follows a path the
+        agent controls."""
+        out_dir = f"{WORKSPACE}/.openclaw/trajectory-exports/{session}"
+        script = (
+            f"openclaw sessions export-trajectory --agent main --session-key agent:main:{session} "
+            f"--workspace {WORKSPACE} --output {session} --json >/dev/null "
+            f"&& cat {out_dir}/events.jsonl"
+        )
+        code, out, _err = self.sandboxes.exec(
+            name, ["sh", "-c", script], env=self._env(), timeout_s=120
+        )
+        if code != 0:
+            self.sandboxes.store_audit("agent.export_failed", agent=name, session=session)
+            return None
+        path = self.transcript_path(name).parent / "sessions" / f"{session}.jsonl"
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.write_bytes(out)
+        return path
 
     def _record_turn(self, name: str, message: str, result: TurnResult) -> None:
         self.agents.record_turn(name)
@@ -350,31 +393,27 @@ class AgentManager:
         return rows
 
 
-def _turn_result(name: str, code: int, out: bytes, err: bytes, duration: float) -> TurnResult:
-    """OpenClaw's `agent exec --json` record (the last JSON object on stdout), or the failure."""
-    raw: dict[str, Any] | None = None
-    for line in reversed(out.decode(errors="replace").splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                raw = json.loads(line)
-                break
-            except ValueError:
-                continue
-    if raw is None:
-        try:
-            raw = json.loads(out) if out.strip() else None
-        except ValueError:
-            raw = None
-    ok = code == 0 and bool(raw and raw.get("ok"))
+def _turn_result(
+    name: str, session: str, code: int, out: bytes, err: bytes, duration: float
+) -> TurnResult:
+    """`openclaw agent --local --json`'s record: payloads[].text and meta.agentMeta."""
+    try:
+        raw = json.loads(out) if out.strip() else None
+    except ValueError:
+        raw = None
+    raw = raw if isinstance(raw, dict) else None
+    payloads = (raw or {}).get("payloads") or []
+    meta = ((raw or {}).get("meta") or {}).get("agentMeta") or {}
+    reply = "\n".join(str(p.get("text") or "") for p in payloads if isinstance(p, dict))
     return TurnResult(
         agent=name,
-        ok=ok,
-        reply=str((raw or {}).get("final") or ""),
+        ok=code == 0 and bool(payloads),
+        reply=reply,
         exit_code=code,
         duration_s=duration,
-        usage=dict((raw or {}).get("usage") or {}),
-        session_id=(raw or {}).get("sessionId"),
+        usage=dict(meta.get("usage") or {}),
+        session=session,
+        session_id=meta.get("sessionId"),
         raw=raw,
         stderr_tail=err.decode(errors="replace")[-2000:],
     )

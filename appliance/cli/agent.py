@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
@@ -66,13 +67,16 @@ def run(
     ctx: typer.Context,
     name: NameArg,
     message: Annotated[str, typer.Argument(help="The message; - reads it from stdin.")],
+    session: Annotated[
+        str | None, typer.Option(help="Continue this session (default: a new one).")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """One non-interactive turn: the reply is printed (`--json`: the whole record)."""
     if message == "-":
         message = sys.stdin.read()
     with agents(ctx) as m:
-        result = m.run(name, message)
+        result = m.run(name, message, session=session)
     if json_out:
         print_json(result.as_dict())
     elif result.ok:
@@ -86,7 +90,9 @@ def run(
 
 @app.command("chat")
 def chat(ctx: typer.Context, name: NameArg) -> None:
-    """An interactive session: one turn per line you type; Ctrl-D ends it."""
+    """An interactive session: one turn per line you type, all in one OpenClaw session (it
+    remembers the conversation); Ctrl-D ends it."""
+    session = time.strftime("chat-%Y%m%d-%H%M%S")
     with agents(ctx) as m:
         while True:
             try:
@@ -96,7 +102,7 @@ def chat(ctx: typer.Context, name: NameArg) -> None:
                 return
             if not message.strip():
                 continue
-            result = m.run(name, message)
+            result = m.run(name, message, session=session)
             console.print(
                 f"[bold]{name}>[/] {result.reply}"
                 if result.ok

@@ -113,7 +113,8 @@ def test_1_a_turn_is_answered_by_the_local_model(env: dict[str, str]) -> None:
     )
     elapsed = time.monotonic() - t0
     assert turn["ok"] is True and turn["reply"].strip(), turn
-    assert turn["raw"]["provider"] == "inference"  # OpenClaw's only provider: inference.local
+    meta = turn["raw"]["meta"]["agentMeta"]
+    assert meta["provider"] == "inference"  # OpenClaw's only provider: inference.local
     assert turn["usage"]["input"] > 1000 and turn["usage"]["output"] > 0
 
     # Metered under this agent's key (the proxy injected it; the agent's config says "unused").
@@ -123,6 +124,10 @@ def test_1_a_turn_is_answered_by_the_local_model(env: dict[str, str]) -> None:
     [recorded] = json.loads(ok(env, "agent", "transcript", AGENT, "--json"))[-1:]
     assert recorded["message"] == "Reply with the word pong"
     assert recorded["reply"] == turn["reply"]
+    # OpenClaw's own session record (its SQLite store, exported) is on the host too.
+    exported = Path(env["APPLIANCE_STATE_DIR"]) / "agents" / AGENT / "sessions"
+    events = (exported / f"{turn['session']}.jsonl").read_text().splitlines()
+    assert any("Reply with the word pong" in line for line in events)
     # The audit log: the egress decision, the inference call, the turn; the chain verifies.
     events = [r["event"] for r in json.loads(ok(env, "audit", "tail", "-n", "200", "--json"))]
     for event in ("agent.deploy", "egress.allow", "egress.inference", "agent.turn"):
@@ -131,8 +136,17 @@ def test_1_a_turn_is_answered_by_the_local_model(env: dict[str, str]) -> None:
     # The inventory.
     [agent] = json.loads(ok(env, "status", "--json"))["agents"]["agents"]
     assert agent["blueprint"] == "openclaw@1.0.0" and agent["state"] == "running"
-    assert agent["turns"] == 1 and agent["tokens_today"] >= spent
+    assert agent["turns"] == 1 and agent["tokens_today"] >= spent, agent
     print(f"\nturn: {elapsed:.0f} s, usage {turn['usage']}")
+
+    # The same session again: OpenClaw resends its prompt, the model's prefix cache serves it.
+    t0 = time.monotonic()
+    again = json.loads(
+        ok(env, "agent", "run", AGENT, "And again", "--session", turn["session"], "--json")
+    )
+    assert again["ok"] and again["session_id"] == turn["session_id"]
+    assert again["usage"]["cacheRead"] > 1000, again["usage"]
+    print(f"same session: {time.monotonic() - t0:.0f} s, usage {again['usage']}")
 
 
 def test_2_other_hosts_wait_for_an_operator(env: dict[str, str]) -> None:

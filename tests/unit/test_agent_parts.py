@@ -34,20 +34,21 @@ def test_render_refuses_an_unknown_placeholder() -> None:
         render({"a": "{{modle}}"}, {"model": "x"})
 
 
-def test_turn_result_reads_the_last_json_record() -> None:
-    record = {"ok": True, "final": "pong", "usage": {"input": 9000, "output": 2}, "sessionId": "s1"}
-    out = b"some log line\n" + json.dumps(record).encode() + b"\n"
-    result = _turn_result("demo", 0, out, b"", 12.5)
-    assert result.ok and result.reply == "pong" and result.session_id == "s1"
-    assert result.usage == {"input": 9000, "output": 2}
+def test_turn_result_reads_openclaws_record() -> None:
+    record = {
+        "payloads": [{"text": "pong", "mediaUrl": None}, {"text": "(truncated)"}],
+        "meta": {"agentMeta": {"sessionId": "s1", "usage": {"input": 9000, "output": 2}}},
+    }
+    result = _turn_result("demo", "run-1", 0, json.dumps(record).encode(), b"", 12.5)
+    assert result.ok and result.reply == "pong\n(truncated)" and result.session_id == "s1"
+    assert result.usage == {"input": 9000, "output": 2} and result.session == "run-1"
 
 
 def test_turn_result_failure_keeps_the_error() -> None:
-    result = _turn_result("demo", 1, b"not json", b"boom\n", 1.0)
+    result = _turn_result("demo", "run-1", 1, b"not json", b"boom\n", 1.0)
     assert not result.ok and result.reply == "" and result.stderr_tail == "boom\n"
-    record = {"ok": False, "status": "error", "error": "context too long"}
-    result = _turn_result("demo", 1, json.dumps(record).encode(), b"", 1.0)
-    assert not result.ok and result.raw == record
+    result = _turn_result("demo", "run-1", 0, b'{"payloads": []}', b"", 1.0)
+    assert not result.ok  # exit 0 without a reply is not a turn
 
 
 def test_deployments_give_current_and_previous(tmp_path: Path) -> None:

@@ -345,6 +345,7 @@ class AgentManager:
         line = {"ts": time.time(), "message": message, **result.as_dict()}
         with path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(line, sort_keys=True) + "\n")
+        self._audit_key_use(name)
         self.sandboxes.store_audit(
             "agent.turn",
             agent=name,
@@ -354,6 +355,24 @@ class AgentManager:
             usage=result.usage,
             session_id=result.session_id,
         )
+
+    def _audit_key_use(self, name: str) -> None:
+        """A key use summary after each turn: what the agent's key has spent today and this
+        month (the ledger has every request; this is the line an auditor reads)."""
+        record = self.sandboxes.boxes.get(name)
+        if record is None or record.key_id is None:
+            return
+        with InferenceStore(self.config.state_dir) as inference:
+            spend = inference.spend(record.key_id)
+            inference.audit(
+                "key.usage",
+                key_id=record.key_id,
+                key_name=f"sandbox-{name}",
+                day_tokens=spend.day_tokens,
+                month_tokens=spend.month_tokens,
+                day_cost=spend.day_cost,
+                month_cost=spend.month_cost,
+            )
 
     def transcript_path(self, name: str) -> Path:
         return self.config.state_dir / "agents" / name / "transcript.jsonl"

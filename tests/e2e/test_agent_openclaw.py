@@ -130,7 +130,7 @@ def test_1_a_turn_is_answered_by_the_local_model(env: dict[str, str]) -> None:
     assert any("Reply with the word pong" in line for line in events)
     # The audit log: the egress decision, the inference call, the turn; the chain verifies.
     events = [r["event"] for r in json.loads(ok(env, "audit", "tail", "-n", "200", "--json"))]
-    for event in ("agent.deploy", "egress.allow", "egress.inference", "agent.turn"):
+    for event in ("agent.deploy", "egress.allow", "egress.inference", "key.usage", "agent.turn"):
         assert event in events, events
     ok(env, "audit", "verify")
     # The inventory.

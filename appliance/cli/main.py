@@ -25,6 +25,7 @@ from appliance.cli import (
     sandbox,
     serve,
     status,
+    units,
 )
 from appliance.cli.context import AppContext
 from appliance.cli.output import print_error
@@ -83,6 +84,7 @@ app.add_typer(sandbox.approvals_app, name="approvals")
 app.add_typer(sandbox.image_app, name="image")
 app.add_typer(blueprint.app, name="blueprint")
 app.add_typer(agent.app, name="agent")
+app.add_typer(units.app, name="units")
 app.command("kill")(sandbox.kill)
 app.command("release")(sandbox.release)
 app.add_typer(config_cmd.app, name="config")

@@ -59,3 +59,19 @@ def supervise_all(ctx: typer.Context) -> None:
     with open_store(config.state_dir) as store:
         store.record_plan(plan.backend, plan.model, plan.model_dump(mode="json"))
     supervise(config, plan)
+
+
+@app.command("sandboxes")
+def sandboxes(ctx: typer.Context) -> None:
+    """Reconcile sandboxes and their egress proxies now and every 30 s (the systemd unit's job;
+    `serve all` does the same in its own thread)."""
+    import signal
+    import threading
+
+    from appliance.services import watch_sandboxes
+
+    config = app_context(ctx).config()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    watch_sandboxes(config, stop)

@@ -1,0 +1,48 @@
+"""systemd units: golden files, and what a unit must and must not say.
+
+UPDATE_GOLDEN=1 pytest tests/unit/test_service_units.py
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from appliance.service_units import UNITS, render_all
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "units"
+RENDERED = render_all(
+    executable="/opt/appliance/venv/bin/appliance",
+    state_dir=Path("/var/lib/appliance"),
+    config_file=Path("/etc/appliance/config.yaml"),
+)
+
+
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_unit_matches_its_golden_file(name: str) -> None:
+    golden = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(RENDERED[name])
+    assert golden.read_text() == RENDERED[name], "rerun with UPDATE_GOLDEN=1 and review"
+
+
+def test_units_cover_the_services_and_order_them() -> None:
+    assert sorted(RENDERED) == [
+        "appliance-backend.service",
+        "appliance-gateway.service",
+        "appliance-sandboxes.service",
+    ]
+    gateway = RENDERED["appliance-gateway.service"]
+    assert "After=network-online.target appliance-backend.service" in gateway
+    assert "ExecStart=/opt/appliance/venv/bin/appliance --state-dir /var/lib/appliance " in gateway
+
+
+def test_units_that_may_start_podman_keep_setuid_helpers_working() -> None:
+    # newuidmap is setuid: NoNewPrivileges=yes would break rootless Podman in these units.
+    assert "NoNewPrivileges=no" in RENDERED["appliance-sandboxes.service"]
+    assert "NoNewPrivileges=no" in RENDERED["appliance-gateway.service"]
+    assert "NoNewPrivileges=yes" in RENDERED["appliance-backend.service"]
+    assert all(u.command.startswith("serve ") for u in UNITS)

@@ -17,11 +17,16 @@ from appliance.cli.output import console, print_json
 app = typer.Typer(help="systemd units for the appliance's services.", no_args_is_help=True)
 
 ConfigFileOpt = Annotated[
-    Path, typer.Option("--config-file", help="The config file the units point at.")
+    Path | None,
+    typer.Option(
+        "--config-file",
+        help="An extra config file for the units (APPLIANCE_CONFIG); "
+        "/etc/appliance/appliance.yaml is always read.",
+    ),
 ]
 
 
-def _rendered(ctx: typer.Context, config_file: Path) -> dict[str, str]:
+def _rendered(ctx: typer.Context, config_file: Path | None) -> dict[str, str]:
     from appliance.service_units import render_all
 
     config = app_context(ctx).config()
@@ -32,7 +37,7 @@ def _rendered(ctx: typer.Context, config_file: Path) -> dict[str, str]:
 @app.command("render")
 def render(
     ctx: typer.Context,
-    config_file: ConfigFileOpt = Path("/etc/appliance/config.yaml"),
+    config_file: ConfigFileOpt = None,
     out: Annotated[Path | None, typer.Option(help="Write the files into this directory.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -51,9 +56,7 @@ def render(
 
 
 @app.command("install")
-def install(
-    ctx: typer.Context, config_file: ConfigFileOpt = Path("/etc/appliance/config.yaml")
-) -> None:
+def install(ctx: typer.Context, config_file: ConfigFileOpt = None) -> None:
     """Write the units to /etc/systemd/system, reload systemd and enable them (needs systemd;
     without it, `appliance up` runs the same services under its own supervisor)."""
     from appliance.errors import PreflightError

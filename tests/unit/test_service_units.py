@@ -16,7 +16,6 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "units"
 RENDERED = render_all(
     executable="/opt/appliance/venv/bin/appliance",
     state_dir=Path("/var/lib/appliance"),
-    config_file=Path("/etc/appliance/config.yaml"),
 )
 
 

@@ -208,11 +208,21 @@ class AgentManager:
         return deployment
 
     def _ensure_workspace(self, name: str) -> None:
+        """Create the workspace in the agent's home as the agent's (mapped) uid. The home is the
+        agent's to write: never follow anything in it as root (a `workspace` symlink to /etc
+        would otherwise hand /etc to the agent)."""
         home = self.sandboxes.paths(name).home
         workspace = home / Path(WORKSPACE).relative_to("/home/agent")
-        workspace.mkdir(mode=0o700, exist_ok=True)
-        owner = home.stat()
-        os.chown(workspace, owner.st_uid, owner.st_gid)  # the agent's mapped uid, as its home
+        try:
+            os.mkdir(workspace, 0o700)
+        except FileExistsError:
+            return  # made before (by us, or by the agent itself): its own business
+        fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            owner = os.stat(home)
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        finally:
+            os.close(fd)
 
     def _set_budget(self, name: str, bp: Blueprint) -> None:
         record = self.sandboxes.boxes.get(name)

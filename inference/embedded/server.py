@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -318,6 +318,53 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
             for h in handles:
                 h.cancel()
 
+    async def respond(
+        body: ChatCompletionRequest | CompletionRequest,
+        request: Request,
+        handles: list[RequestHandle],
+        head: dict[str, Any],
+        prompt_tokens: int,
+        fields: Callable[[_Choice, int], dict[str, Any]],
+        *,
+        chat: bool,
+        first_texts: list[str] | None = None,
+    ) -> Any:
+        """The SSE stream, or the whole response: `fields` makes the endpoint's own part of a
+        choice (chat's message, completion's text)."""
+        if body.stream:
+            opts = body.stream_options
+            return StreamingResponse(
+                stream(
+                    handles,
+                    prompt_tokens,
+                    bool(opts and opts.include_usage),
+                    bool(opts and opts.continuous_usage_stats),
+                    head,
+                    chat=chat,
+                    first_texts=first_texts,
+                ),
+                media_type="text/event-stream",
+            )
+        choices = await gather(handles, request)
+        return {
+            **head,
+            "choices": [
+                {
+                    "index": i,
+                    **fields(c, i),
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+                for i, c in enumerate(choices)
+            ],
+            "usage": usage(
+                prompt_tokens,
+                sum(c.completion_tokens for c in choices),
+                sum(c.cached_tokens for c in choices),
+            ),
+        }
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         check_model(body.model)
@@ -335,44 +382,19 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
             "created": int(time.time()),
             "model": served_model_name,
         }
-        if body.stream:
-            opts = body.stream_options
-            return StreamingResponse(
-                stream(
-                    handles,
-                    len(prompt),
-                    bool(opts and opts.include_usage),
-                    bool(opts and opts.continuous_usage_stats),
-                    head,
-                    chat=True,
-                ),
-                media_type="text/event-stream",
-            )
-        choices = await gather(handles, request)
-        return {
-            **head,
-            "choices": [
-                {
-                    "index": i,
-                    "message": {
-                        "role": "assistant",
-                        "content": "".join(c.text),
-                        "refusal": None,
-                        "tool_calls": [],
-                        "reasoning_content": None,
-                    },
-                    "logprobs": None,
-                    "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason,
-                }
-                for i, c in enumerate(choices)
-            ],
-            "usage": usage(
-                len(prompt),
-                sum(c.completion_tokens for c in choices),
-                sum(c.cached_tokens for c in choices),
-            ),
-        }
+
+        def message(c: _Choice, i: int) -> dict[str, Any]:
+            return {
+                "message": {
+                    "role": "assistant",
+                    "content": "".join(c.text),
+                    "refusal": None,
+                    "tool_calls": [],
+                    "reasoning_content": None,
+                },
+            }
+
+        return await respond(body, request, handles, head, len(prompt), message, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -388,40 +410,13 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
             "created": int(time.time()),
             "model": served_model_name,
         }
-        if body.stream:
-            opts = body.stream_options
-            return StreamingResponse(
-                stream(
-                    handles,
-                    prompt_tokens,
-                    bool(opts and opts.include_usage),
-                    bool(opts and opts.continuous_usage_stats),
-                    head,
-                    chat=False,
-                    first_texts=echo,
-                ),
-                media_type="text/event-stream",
-            )
-        choices = await gather(handles, request)
-        return {
-            **head,
-            "choices": [
-                {
-                    "index": i,
-                    "text": echo[i] + "".join(c.text),
-                    "logprobs": None,
-                    "finish_reason": c.finish_reason,
-                    "stop_reason": c.stop_reason,
-                    "prompt_logprobs": None,
-                }
-                for i, c in enumerate(choices)
-            ],
-            "usage": usage(
-                prompt_tokens,
-                sum(c.completion_tokens for c in choices),
-                sum(c.cached_tokens for c in choices),
-            ),
-        }
+
+        def text(c: _Choice, i: int) -> dict[str, Any]:
+            return {"text": echo[i] + "".join(c.text), "prompt_logprobs": None}
+
+        return await respond(
+            body, request, handles, head, prompt_tokens, text, chat=False, first_texts=echo
+        )
 
     return app
 

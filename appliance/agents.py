@@ -21,15 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance import __version__
+from appliance.blueprint_refs import check_compatible, resolve_blueprint
 from appliance.config import ApplianceConfig
 from appliance.errors import ApplianceError, ConfigError, NotFoundError
 from appliance.sandboxes import SandboxManager
 from appliance.store import Store
 from appliance.store.agent_store import AgentStore, Deployment
 from appliance.store.inference_store import InferenceStore
-from blueprints.catalog import BlueprintError, BlueprintNotFound, Catalog, load_blueprint
-from blueprints.model import Blueprint, semver_key
+from blueprints.catalog import Catalog
+from blueprints.model import Blueprint
 from inference.ports import Budget
 from sandbox.compile.podman_spec import AGENT_DIR
 from sandbox.policy import Policy
@@ -119,20 +119,8 @@ class AgentManager:
     # -- blueprints and images ---------------------------------------------------------------
 
     def blueprint(self, ref: str) -> Blueprint:
-        try:
-            if ref.endswith((".yaml", ".yml")) or "/" in ref:
-                bp = load_blueprint(Path(ref))
-            else:
-                bp = self.catalog.get(ref)
-        except BlueprintNotFound as exc:
-            raise NotFoundError(str(exc), hint="`appliance blueprint list`") from None
-        except BlueprintError as exc:
-            raise ConfigError(str(exc), hint="fix the blueprint at the line named") from None
-        if semver_key(bp.min_appliance_version) > semver_key(__version__):
-            raise ConfigError(
-                f"{bp.ref} needs appliance >= {bp.min_appliance_version} (this is {__version__})",
-                hint="upgrade the appliance or pick an older blueprint version",
-            )
+        bp = resolve_blueprint(self.catalog, ref)
+        check_compatible(bp)
         return bp
 
     def image(self, bp: Blueprint, progress: Progress) -> str:

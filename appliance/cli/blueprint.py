@@ -1,40 +1,23 @@
-"""`appliance blueprint list|show|validate|diff|schema`: the versioned blueprint catalog."""
+"""`appliance blueprint list|show|validate|diff|schema|upgrade|rollback`: versioned blueprints."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from appliance import __version__
 from appliance.cli.context import app_context
 from appliance.cli.options import JsonOpt
 from appliance.cli.output import console, print_json
-from appliance.errors import ConfigError, NotFoundError
 
 app = typer.Typer(help="Versioned agent blueprints.", no_args_is_help=True)
 
 RefArg = Annotated[
     str, typer.Argument(help="NAME (newest version), NAME@VERSION, or a blueprint.yaml path.")
 ]
-
-
-@contextmanager
-def blueprint_errors() -> Iterator[None]:
-    """The blueprints package's errors, as the appliance's (one line, its exit code)."""
-    from blueprints.catalog import BlueprintError, BlueprintNotFound
-
-    try:
-        yield
-    except BlueprintNotFound as exc:
-        raise NotFoundError(str(exc), hint="`appliance blueprint list`") from None
-    except BlueprintError as exc:
-        raise ConfigError(str(exc), hint="fix the blueprint at the line named") from None
 
 
 def catalog(ctx: typer.Context):
@@ -44,29 +27,16 @@ def catalog(ctx: typer.Context):
 
 
 def resolve(ctx: typer.Context, ref: str):
-    """A blueprint from the catalog (`name[@version]`) or from a file path."""
-    from blueprints.catalog import load_blueprint
+    from appliance.blueprint_refs import resolve_blueprint
 
-    with blueprint_errors():
-        if ref.endswith((".yaml", ".yml")) or "/" in ref:
-            return load_blueprint(Path(ref))
-        return catalog(ctx).get(ref)
-
-
-def check_compatible(blueprint: Any) -> None:
-    from blueprints.model import semver_key
-
-    if semver_key(blueprint.min_appliance_version) > semver_key(__version__):
-        raise ConfigError(
-            f"{blueprint.ref} needs appliance >= {blueprint.min_appliance_version} "
-            f"(this is {__version__})",
-            hint="upgrade the appliance or pick an older blueprint version",
-        )
+    return resolve_blueprint(catalog(ctx), ref)
 
 
 @app.command("list")
 def list_(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     """Every blueprint and version in the catalog (and the configured user dirs)."""
+    from appliance.blueprint_refs import blueprint_errors
+
     with blueprint_errors():
         cat = catalog(ctx)
         rows = []
@@ -124,6 +94,8 @@ def validate(
     json_out: JsonOpt = False,
 ) -> None:
     """Check a blueprint file: schema, policy rules, presets, versions (errors as file:line)."""
+    from appliance.blueprint_refs import check_compatible
+
     bp = resolve(ctx, str(path))
     check_compatible(bp)
     if json_out:

@@ -15,7 +15,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # Read at import: the autouse isolated_env fixture strips APPLIANCE_* from the environment.
 IMAGE_CACHE = Path(os.environ.get("APPLIANCE_IMAGE_CACHE", "/var/tmp/appliance-image-cache"))
@@ -124,3 +127,25 @@ def kill_proxies(sandbox: str, state_dir: Path) -> None:
 def force_remove_container(name: str) -> None:
     with contextlib.suppress(Exception):
         podman_client().containers.get(name).remove(force=True)
+
+
+@contextlib.contextmanager
+def sandbox_manager(prefix: str) -> Iterator[Any]:
+    """A SandboxManager on its own short state dir (unix socket paths live under it and must
+    stay <= 107 bytes); every sandbox it still has is removed afterwards."""
+    from appliance.config import load_config
+    from appliance.sandboxes import SandboxManager
+    from appliance.store import open_store
+
+    state = Path(tempfile.mkdtemp(prefix=prefix))
+    config = load_config({"state_dir": str(state)})
+    try:
+        with open_store(config.state_dir) as store:
+            m = SandboxManager(config, store)
+            try:
+                yield m
+            finally:
+                for record in m.boxes.list():
+                    m.remove(record.name)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)

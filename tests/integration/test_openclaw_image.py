@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,18 +79,10 @@ def test_the_layer_is_tagged_by_its_inputs_and_labelled_with_the_pins(layer: Any
 
 @pytest.fixture
 def manager() -> Iterator[Any]:
-    from appliance.config import load_config
-    from appliance.sandboxes import SandboxManager
-    from appliance.store import open_store
+    from tests.sandbox_fixtures import sandbox_manager
 
-    state = Path(tempfile.mkdtemp(prefix="oc-"))  # short: unix socket paths <= 107 bytes
-    config = load_config({"state_dir": str(state)})
-    with open_store(config.state_dir) as store:
-        m = SandboxManager(config, store)
+    with sandbox_manager("oc-") as m:
         yield m
-        for record in m.boxes.list():
-            m.remove(record.name)
-    shutil.rmtree(state, ignore_errors=True)
 
 
 def _logs_when_exited(m: Any, name: str, timeout: float = 60) -> str:

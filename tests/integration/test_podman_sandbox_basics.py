@@ -22,27 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.sandbox_fixtures import IMAGE_CACHE as CACHE
+from tests.sandbox_fixtures import SERVICE_USER, sandbox_skip_reason
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# Read at import: the autouse isolated_env fixture strips APPLIANCE_* from the environment.
-CACHE = Path(os.environ.get("APPLIANCE_IMAGE_CACHE", "/var/tmp/appliance-image-cache"))
-SERVICE_USER = os.environ.get("APPLIANCE_SANDBOX_USER", "appliance")
-
-
-def _skip_reason() -> str | None:
-    for tool in ("podman", "runc", "debootstrap", "newuidmap"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed (scripts/setup.sh installs it)"
-    try:
-        pwd.getpwnam(SERVICE_USER)
-    except KeyError:
-        return f"service user {SERVICE_USER!r} missing (run scripts/setup-service-user.sh as root)"
-    if os.geteuid() != 0:
-        return "needs root: the control plane starts podman as the service user, debootstrap"
-    return None
-
-
-if (_reason := _skip_reason()) is not None:
+if (_reason := sandbox_skip_reason()) is not None:
     pytest.skip(_reason, allow_module_level=True)
 
 from podman import PodmanClient  # noqa: E402

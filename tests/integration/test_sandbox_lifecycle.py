@@ -8,18 +8,13 @@ checks that `SandboxManager.reconcile` repairs it with no sandbox lost or duplic
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-from appliance.config import load_config
 from appliance.sandboxes import STOP_TIMEOUT_S, SandboxManager, read_policy_file
-from appliance.store import open_store
-from tests.sandbox_fixtures import ensure_base_image, sandbox_skip_reason
+from tests.sandbox_fixtures import ensure_base_image, sandbox_manager, sandbox_skip_reason
 from tests.security.test_escape_battery import POLICIES
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -33,15 +28,8 @@ def manager():
     if (why := sandbox_skip_reason()) is not None:
         pytest.skip(why)
     ensure_base_image()
-    # Short: the proxy's admin socket lives in the state dir (unix socket paths are <= 107 bytes)
-    state = Path(tempfile.mkdtemp(prefix="lc-"))
-    config = load_config({"state_dir": str(state)})
-    with open_store(config.state_dir) as store:
-        m = SandboxManager(config, store)
+    with sandbox_manager("lc-") as m:
         yield m
-        for record in m.boxes.list():
-            m.remove(record.name)
-    shutil.rmtree(state, ignore_errors=True)
 
 
 def _name(tag: str) -> str:

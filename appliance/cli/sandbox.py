@@ -17,7 +17,7 @@ from appliance.cli.output import console, err_console, print_json
 app = typer.Typer(help="Create and manage agent sandboxes (rootless Podman).", no_args_is_help=True)
 policy_app = typer.Typer(help="Show or change a sandbox's policy.", no_args_is_help=True)
 approvals_app = typer.Typer(help="Pending egress approvals.", no_args_is_help=True)
-image_app = typer.Typer(help="The sandbox base image.", no_args_is_help=True)
+image_app = typer.Typer(help="Sandbox and appliance images (no registry).", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 
 NameArg = Annotated[str, typer.Argument(help="Sandbox name.", metavar="NAME")]
@@ -275,8 +275,34 @@ def image_build(
     layer: Annotated[
         str | None, typer.Option(help="Also build an agent layer on top: `openclaw`.")
     ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="Build the appliance image for `spark`, `rtx` or `cpu` instead "
+            "(appliance/recipes/; see README: Appliance images)."
+        ),
+    ] = None,
+    base_image: Annotated[
+        str | None,
+        typer.Option(help="With --target: the base image (default: the recipe's FROM)."),
+    ] = None,
+    pull: Annotated[
+        bool,
+        typer.Option(help="With --target spark|rtx: pull the vLLM image if it is not loaded."),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="With --target: print the build spec, build nothing.")
+    ] = False,
 ) -> None:
-    """Build the base sandbox image with debootstrap (no registry) into the service user's store."""
+    """Build the base sandbox image with debootstrap (no registry) into the service user's store,
+    or, with --target, an appliance image (backend + gateway) on top of its base."""
+    if target is not None:
+        if layer is not None:
+            raise typer.BadParameter("--layer builds a sandbox image; not with --target")
+        _appliance_image_build(ctx, target, base_image, pull, dry_run)
+        return
+    if base_image is not None or pull or dry_run:
+        raise typer.BadParameter("--base-image, --pull and --dry-run need --target")
     from sandbox.image import build_base_image
 
     with manager(ctx) as m:
@@ -303,6 +329,30 @@ def image_build(
     console.print(f"{ref.tag} ({ref.digest})")
     if layer is not None:
         console.print(f"{agent.tag} ({agent.inputs_digest})")
+
+
+def _appliance_image_build(
+    ctx: typer.Context, target: str, base_image: str | None, pull: bool, dry_run: bool
+) -> None:
+    """appliance/appliance_image.py: the inference service's image for one target."""
+    from appliance import appliance_image as ai
+
+    if target not in ai.TARGETS:
+        raise typer.BadParameter(f"unknown target {target!r} (known: {', '.join(ai.TARGETS)})")
+    if dry_run:
+        print_json(ai.dry_run(target, base_image))
+        return
+    with manager(ctx) as m:
+        ref = ai.build_appliance_image(
+            m.podman.start(),
+            target,
+            workdir=m.config.state_dir / "images",
+            base=base_image,
+            pull=pull,
+            progress=lambda line: console.print(line, markup=False, highlight=False),
+            service_user=m.config.sandbox.service_user,
+        )
+    console.print(ai.describe(ref))
 
 
 @image_app.command("save")

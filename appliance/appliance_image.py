@@ -1,0 +1,587 @@
+"""Appliance images: the inference service (`appliance serve all`: backend + gateway) as an OCI
+image, built from the recipes in appliance/recipes/ by the service user's Podman.
+
+Targets:
+  spark  DGX Spark (GB10, sm_121, CUDA 13), linux/arm64, on the vLLM image the Spark recipe names
+  rtx    RTX hosts, linux/amd64, on the same vLLM release
+  cpu    no GPU: the embedded model, on the debootstrap base image (by id, never pulled)
+
+The build context is the Containerfile, wheels/ (the appliance wheelhouse for the image's
+platform and Python, appliance/wheelhouse.py), tools/pip.whl (pip's own wheel: the images get pip
+from it, not from the network) and, for Spark, vllm-extras/ (fastsafetensors, should vLLM's Python
+lack it). The build runs with `--network=none`: nothing is fetched inside. The image is tagged
+`localhost/appliance-<target>:<first 12 hex of the inputs digest>` (recipe, Containerfile, base,
+pins, the appliance's own source) and labelled with it; the same inputs again are a lookup. The
+wheels are cached per target, so a rebuild after a code change fetches nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import platform as host_platform
+import pwd
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from appliance import __version__
+from appliance import containerfile as cf
+from appliance.errors import ApplianceError
+from appliance.wheelhouse import (
+    DIST_NAME,
+    REQUIREMENTS_FILE,
+    WheelhouseError,
+    build_wheelhouse,
+    download_argv,
+    download_wheels,
+    marker_env,
+    pinned_closure,
+    source_digest,
+)
+from sandbox.image import RECIPE_LABEL
+
+Progress = Callable[[str], None]
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+REPOSITORY_PREFIX = "localhost/appliance"
+LABEL_PREFIX = "org.appliance"
+INPUTS_LABEL = f"{LABEL_PREFIX}.inputs-digest"
+# Bump when the context layout or the builder's treatment of a recipe changes.
+RECIPE_VERSION = 1
+# REFERENCE §2: the planner's flags are those of the recipes for vLLM >= 0.24 (the Spark recipe's
+# image is v0.24.0; --mamba-cache-mode, the nemotron_v3 reasoning parser). The GPU Containerfiles
+# refuse an older vLLM at build time and the tests hold their FROM to it.
+MIN_VLLM_VERSION = "0.24.0"
+# vllm 0.24.0 declares fastsafetensors>=0.3.2, so its image should carry it; this pin fills the
+# gap if an overridden VLLM_IMAGE lacks it (cp312 wheels for aarch64 and x86_64 on PyPI).
+FASTSAFETENSORS = "fastsafetensors==0.3.3"
+# Podman writes OCI images by default, and OCI configs have no HEALTHCHECK: keep Docker's format.
+DOCKER_FORMAT = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+class ApplianceImageError(ApplianceError):
+    """An appliance image could not be built."""
+
+    hint = "see the build output above; `appliance image build --target T --dry-run` shows the spec"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    platform: str  # OCI platform of the image
+    base_arg: str  # the Containerfile ARG that names the base image
+    python: str  # the base image's python3 (X.Y): the wheelhouse is made for it
+    wheel_platform: str | None  # manylinux tag of the wheels; None: this machine's own
+    extras: tuple[str, ...] = ()
+    vllm_extras: tuple[str, ...] = ()  # pins for vLLM's own Python, installed only if missing
+    local_base: bool = False  # the base is the debootstrap image in the service user's store
+
+    @property
+    def containerfile(self) -> Path:
+        return RECIPES / f"{self.name}.Containerfile"
+
+    @property
+    def repository(self) -> str:
+        return f"{REPOSITORY_PREFIX}-{self.name}"
+
+    @property
+    def default_base(self) -> str:
+        return read_recipe(self).args[self.base_arg]
+
+
+def _host_oci_platform() -> str:
+    machine = host_platform.machine()
+    return {"x86_64": "linux/amd64", "aarch64": "linux/arm64"}.get(machine, f"linux/{machine}")
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target(
+            "spark",
+            "DGX Spark (GB10, sm_121, CUDA 13): vLLM + the appliance",
+            "linux/arm64",
+            "VLLM_IMAGE",
+            "3.12",
+            "manylinux_2_39_aarch64",  # Ubuntu 24.04: glibc 2.39
+            vllm_extras=(FASTSAFETENSORS,),
+        ),
+        Target(
+            "rtx",
+            "RTX hosts (Blackwell, Ada): vLLM + the appliance",
+            "linux/amd64",
+            "VLLM_IMAGE",
+            "3.12",
+            "manylinux_2_39_x86_64",
+        ),
+        Target(
+            "cpu",
+            "no GPU: the embedded model + the appliance, on the debootstrap base image",
+            _host_oci_platform(),  # the wheelhouse is this machine's
+            "BASE_IMAGE",
+            "3.11",  # Debian bookworm's python3
+            None,
+            extras=("embedded",),
+            local_base=True,
+        ),
+    )
+}
+
+
+def target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise ApplianceImageError(
+            f"unknown target {name!r}", hint=f"targets: {', '.join(TARGETS)}"
+        ) from None
+
+
+def read_recipe(t: Target) -> cf.Containerfile:
+    return cf.read(t.containerfile)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- the spec (data; `--dry-run` prints it) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    target: str
+    description: str
+    containerfile: str  # package path of the recipe
+    platform: str
+    base: str  # the base image reference (cpu: resolved to its id at build time)
+    build_args: dict[str, str]
+    labels: dict[str, str]
+    tag: str
+    context: list[str]
+    wheelhouse: dict[str, Any]
+    params: dict[str, Any] = field(default_factory=dict)  # libpod /build query parameters
+
+    def argv(self) -> list[str]:
+        """The equivalent `podman build` command line (what the API call does)."""
+        argv = ["podman", "build", "--network=none", "--pull=never", "--format=docker"]
+        argv += [f"--platform={self.platform}", "--file=Containerfile", f"--tag={self.tag}"]
+        argv += [f"--build-arg={k}={v}" for k, v in sorted(self.build_args.items())]
+        argv += [f"--label={k}={v}" for k, v in sorted(self.labels.items())]
+        return [*argv, "CONTEXT"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "argv": self.argv()}
+
+
+def wheel_target(t: Target) -> tuple[str | None, str | None]:
+    """(platform, python_version) for build_wheelhouse: None, None means this machine."""
+    return (t.wheel_platform, t.python) if t.wheel_platform else (None, None)
+
+
+def build_spec(
+    t: Target, *, base: str | None = None, digest: str | None = None, base_id: str | None = None
+) -> BuildSpec:
+    """The build as data. Without `digest` the tag and digest labels are placeholders."""
+    base = base or t.default_base
+    wheel_platform, python_version = wheel_target(t)
+    tag = tag_for(t, digest) if digest else f"{t.repository}:<inputs-digest-12>"
+    labels = labels_for(t, base, digest or "<inputs-digest>")
+    build_args = {t.base_arg: base_id or base}
+    context = ["Containerfile", "wheels/requirements.txt", "wheels/*.whl", "tools/pip.whl"]
+    if t.vllm_extras:
+        context += ["vllm-extras/requirements.txt", "vllm-extras/*.whl"]
+    pip_download = download_argv(
+        Path("wheels"), platform=wheel_platform, python_version=python_version
+    )
+    params = {
+        "dockerfile": "Containerfile",
+        "platform": t.platform,
+        "outputformat": DOCKER_FORMAT,
+        "pullpolicy": "never",
+        "buildargs": json.dumps(build_args, sort_keys=True),
+        "labels": json.dumps(labels, sort_keys=True),
+    }
+    return BuildSpec(
+        target=t.name,
+        description=t.description,
+        containerfile=f"appliance/recipes/{t.containerfile.name}",
+        platform=t.platform,
+        base=base,
+        build_args=build_args,
+        labels=labels,
+        tag=tag,
+        context=context,
+        wheelhouse={
+            "extras": list(t.extras),
+            "platform": wheel_platform or "this machine",
+            "python": t.python,
+            "requirements": f"wheels/{REQUIREMENTS_FILE}",
+            "deps": ["pip", *pip_download, "-r", f"wheels/{REQUIREMENTS_FILE}"]
+            if wheel_platform
+            else ["pip", "wheel", "--no-deps", "--prefer-binary", "-w", "wheels", "..."],
+            "vllm_extras": list(t.vllm_extras),
+        },
+        params=params,
+    )
+
+
+def tag_for(t: Target, digest: str) -> str:
+    return f"{t.repository}:{digest.removeprefix('sha256:')[:12]}"
+
+
+def labels_for(t: Target, base: str, digest: str) -> dict[str, str]:
+    p = LABEL_PREFIX
+    labels = {
+        # load_image keeps a layer's own name instead of re-tagging it as the base.
+        f"{p}.layer": f"appliance-{t.name}",
+        f"{p}.image.target": t.name,
+        f"{p}.image.base": base,
+        f"{p}.image.platform": t.platform,
+        f"{p}.image.python": t.python,
+        f"{p}.version": __version__,
+        f"{p}.recipe": str(RECIPE_VERSION),
+        INPUTS_LABEL: digest,
+        # The cpu image inherits the sandbox base's recipe label; blueprints find sandbox images
+        # by it, so it must not stay: this image is no sandbox base.
+        RECIPE_LABEL: digest,
+        "org.opencontainers.image.title": t.repository.rsplit("/", 1)[1],
+        "org.opencontainers.image.version": __version__,
+    }
+    if not t.local_base:
+        labels[f"{p}.vllm.min-version"] = MIN_VLLM_VERSION
+    return labels
+
+
+# -- inputs and the cache ----------------------------------------------------------------------
+
+
+def pip_pin() -> str:
+    """pip itself, at the version that builds the wheelhouse here (it installs in the image)."""
+    return f"pip=={metadata.version('pip')}"
+
+
+def inputs(t: Target, base_identity: str) -> dict[str, Any]:
+    """Everything the image depends on; its digest names the image."""
+    wheel_platform, python_version = wheel_target(t)
+    return {
+        "recipe": RECIPE_VERSION,
+        "target": t.name,
+        "containerfile_sha256": _sha256(t.containerfile.read_bytes()),
+        "base": base_identity,
+        "platform": t.platform,
+        "python": t.python,
+        "pins": pinned_closure(DIST_NAME, t.extras, env=marker_env(wheel_platform, python_version)),
+        "vllm_extras": list(t.vllm_extras),
+        "pip": pip_pin(),
+        "source": source_digest(),  # the appliance's own code: its wheel is rebuilt from it
+    }
+
+
+def inputs_digest(spec: Mapping[str, Any]) -> str:
+    return "sha256:" + _sha256(json.dumps(spec, sort_keys=True).encode())
+
+
+@dataclass(frozen=True)
+class ApplianceImageRef:
+    target: str
+    tag: str
+    inputs_digest: str
+    image_id: str
+    size: int = 0  # bytes, as podman reports it
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def find_appliance_image(client: Any, t: Target, digest: str) -> ApplianceImageRef | None:
+    from podman.errors import ImageNotFound
+
+    tag = tag_for(t, digest)
+    try:
+        img = client.images.get(tag)
+    except ImageNotFound:
+        return None
+    labels = {str(k): str(v) for k, v in (img.labels or {}).items()}
+    if labels.get(INPUTS_LABEL) != digest:  # a tag collision or a hand-made image: rebuild
+        return None
+    size = int(img.attrs.get("Size") or 0)
+    return ApplianceImageRef(t.name, tag, digest, img.id, size, labels)
+
+
+# -- the base image ----------------------------------------------------------------------------
+
+
+def _oci_arch(arch: str) -> str:
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(arch, arch)
+
+
+def _load_command(service_user: str) -> str:
+    """How to load an archive into the service user's rootless store (its shell is nologin)."""
+    try:
+        pw = pwd.getpwnam(service_user)
+        home, uid = pw.pw_dir, str(pw.pw_uid)
+    except KeyError:
+        home, uid = f"~{service_user}", f"$(id -u {service_user})"
+    return (
+        f"`runuser -u {service_user} -- env HOME={home} XDG_RUNTIME_DIR=/run/user/{uid} "
+        "podman load -i vllm.tar`"
+    )
+
+
+def _resolve_base(
+    client: Any,
+    t: Target,
+    base: str | None,
+    workdir: Path,
+    pull: bool,
+    progress: Progress,
+    service_user: str = "appliance",
+) -> tuple[str, str]:
+    """(reference, image id) of the base in the service user's store; never pulled unless
+    `pull` (and never for the cpu target, whose base is built here)."""
+    from podman.errors import ImageNotFound
+
+    if t.local_base and base is None:
+        from sandbox.image import build_base_image
+
+        ref = build_base_image(client, workdir=workdir, progress=progress)
+        return ref.tag, ref.image_id
+    ref = base or t.default_base
+    try:
+        img = client.images.get(ref)
+    except ImageNotFound:
+        if not pull or t.local_base:
+            raise ApplianceImageError(
+                f"{t.name}: base image {ref} is not in the service user's image store, and "
+                "nothing is pulled without --pull",
+                hint=f"on a connected host `podman pull --platform {t.platform} {ref}` and "
+                f"`podman save -o vllm.tar {ref}`, here {_load_command(service_user)}; or build "
+                "on a connected host with --pull",
+            ) from None
+        progress(f"base: pulling {ref} ({t.platform})")
+        img = _pull(client, t, ref, progress)
+    arch = _oci_arch(str(img.attrs.get("Architecture", "")))
+    want = t.platform.split("/", 1)[1]
+    if arch and arch != want:
+        raise ApplianceImageError(
+            f"{t.name}: base image {ref} is linux/{arch}, the target is {t.platform}",
+            hint=f"load the {t.platform} variant of {ref}",
+        )
+    return ref, str(img.id)
+
+
+def _pull(client: Any, t: Target, ref: str, progress: Progress) -> Any:
+    from podman.errors import APIError, ImageNotFound
+
+    error = ""
+    try:
+        for msg in client.images.pull(ref, platform=t.platform, stream=True, decode=True):
+            if isinstance(msg, dict) and msg.get("error"):
+                error = str(msg["error"]).strip()
+            elif isinstance(msg, dict) and msg.get("status"):
+                progress(f"base: {msg['status']}")
+        return client.images.get(ref)
+    except (APIError, ImageNotFound) as exc:
+        error = error or str(exc)
+    raise ApplianceImageError(
+        f"{t.name}: pulling {ref} failed: {(error.splitlines() or ['no image came back'])[0]}",
+        hint="check that the registry is reachable, or load the image from an archive",
+    )
+
+
+def _check_can_run(t: Target) -> None:
+    """RUN steps execute the target's binaries: a foreign architecture needs binfmt (qemu)."""
+    here = _host_oci_platform()
+    if t.platform == here:
+        return
+    qemu = {"linux/arm64": "qemu-aarch64", "linux/amd64": "qemu-x86_64"}.get(t.platform, "")
+    if not (qemu and Path("/proc/sys/fs/binfmt_misc", qemu).exists()):
+        raise ApplianceImageError(
+            f"{t.name}: the image is {t.platform} and this host is {here}, with no binfmt "
+            f"handler ({qemu or 'none'}) to run its build steps",
+            hint="build on a host of that architecture, or install qemu-user-static",
+        )
+
+
+def _check_python(t: Target) -> None:
+    if t.wheel_platform is None and f"{sys.version_info[0]}.{sys.version_info[1]}" != t.python:
+        raise ApplianceImageError(
+            f"{t.name}: the wheelhouse is made for this Python "
+            f"({sys.version_info[0]}.{sys.version_info[1]}), the image runs Python {t.python}",
+            hint=f"run the build from an appliance installed on Python {t.python}",
+        )
+
+
+# -- the build context -------------------------------------------------------------------------
+
+
+def _write_context(
+    t: Target, ours: Path, context_tar: Path, progress: Progress
+) -> dict[str, float]:
+    """Containerfile + wheels/ + tools/ (+ vllm-extras/) as one tarball with root owners."""
+    wheel_platform, python_version = wheel_target(t)
+    t0 = time.monotonic()
+    try:
+        wh = build_wheelhouse(
+            ours / "wheels",
+            extras=t.extras,
+            progress=progress,
+            platform=wheel_platform,
+            python_version=python_version,
+        )
+        pip = download_wheels(ours / "tools", [pip_pin()], progress=progress)
+        extras = (
+            download_wheels(
+                ours / "vllm-extras",
+                list(t.vllm_extras),
+                platform=wheel_platform,
+                python_version=python_version,
+                progress=progress,
+            )
+            if t.vllm_extras
+            else []
+        )
+    except WheelhouseError as exc:
+        raise ApplianceImageError(f"{t.name}: wheelhouse: {exc}", hint=exc.hint) from None
+    fetched = time.monotonic() - t0
+    size = sum(p.stat().st_size for p in wh.wheels)
+    progress(f"wheels: {len(wh.wheels)} wheels, {size / 1e6:.0f} MB in {fetched:.0f} s")
+    members: list[tuple[Path | bytes, str]] = [(t.containerfile.read_bytes(), "Containerfile")]
+    members += [(w, f"wheels/{w.name}") for w in wh.wheels]
+    members.append((wh.requirements, f"wheels/{REQUIREMENTS_FILE}"))
+    # One fixed name: the Containerfile runs `python tools/pip.whl/pip` (a path into the zip,
+    # which no shell glob can match); the version is in the inputs digest.
+    members += [(w, "tools/pip.whl") for w in pip]
+    if t.vllm_extras:
+        members += [(w, f"vllm-extras/{w.name}") for w in extras]
+        pins = "\n".join(t.vllm_extras) + "\n"
+        members.append((pins.encode(), f"vllm-extras/{REQUIREMENTS_FILE}"))
+    tmp = context_tar.with_suffix(".part")
+    with tarfile.open(tmp, "w") as tar:
+        for source, name in members:
+            _add(tar, source, name)
+    tmp.rename(context_tar)
+    return {"wheels_mb": round(size / 1e6, 1), "fetch_s": round(fetched, 1)}
+
+
+def _add(tar: tarfile.TarFile, source: Path | bytes, name: str) -> None:
+    info = tarfile.TarInfo(name)
+    info.uid = info.gid = 0
+    info.mode = 0o644
+    info.mtime = 0  # the digest names the image; the context needs no timestamps
+    if isinstance(source, bytes):
+        info.size = len(source)
+        tar.addfile(info, io.BytesIO(source))
+        return
+    info.size = source.stat().st_size
+    with open(source, "rb") as fh:
+        tar.addfile(info, fh)
+
+
+# -- the whole build ---------------------------------------------------------------------------
+
+
+def build_appliance_image(
+    client: Any,
+    name: str,
+    *,
+    workdir: Path,
+    base: str | None = None,
+    pull: bool = False,
+    progress: Progress = lambda _: None,
+    service_user: str = "appliance",
+) -> ApplianceImageRef:
+    """Build (or reuse) `localhost/appliance-<target>:<inputs12>` (and `:latest`)."""
+    from sandbox.agent_image import podman_build
+    from sandbox.image import ImageBuildError, _locked
+
+    t = target(name)
+    _check_python(t)
+    base_ref, base_id = _resolve_base(client, t, base, Path(workdir), pull, progress, service_user)
+    _check_can_run(t)
+    # The cpu base is named by id (never pulled; its tag moves); a vLLM image by its reference,
+    # which may carry a digest pin, and by id.
+    digest = inputs_digest(inputs(t, base_id if t.local_base else f"{base_ref} ({base_id})"))
+    spec = build_spec(t, base=base_ref, digest=digest, base_id=base_id)
+    ours = Path(workdir) / "appliance" / t.name
+    with _locked(ours / ".build.lock"):
+        found = find_appliance_image(client, t, digest)
+        if found is not None:
+            progress(f"image: {found.tag} already present")
+            client.images.get(found.image_id).tag(t.repository, "latest")
+            return found
+        context_tar = ours / f"context-{digest.removeprefix('sha256:')[:16]}.tar"
+        _write_context(t, ours, context_tar, progress)
+        t0 = time.monotonic()
+        progress(f"image: podman build --network=none FROM {base_ref} ({base_id[:12]})")
+        try:
+            image_id = podman_build(client, context_tar, spec.tag, progress, params=spec.params)
+        except ImageBuildError as exc:
+            raise ApplianceImageError(f"{t.name}: {str(exc).splitlines()[0]}") from None
+        finally:
+            context_tar.unlink(missing_ok=True)  # the wheels stay cached; this is a copy
+        client.images.get(image_id).tag(t.repository, "latest")
+        found = find_appliance_image(client, t, digest)
+        if found is None:
+            raise ApplianceImageError(f"build reported {image_id[:12]} but {spec.tag} is missing")
+        progress(
+            f"image: built {found.tag} in {time.monotonic() - t0:.0f} s ({found.size / 1e6:.0f} MB)"
+        )
+        _prune(client, t, found.image_id, progress)
+        return found
+
+
+def _created(img: Any) -> float:
+    try:
+        return float(img.attrs.get("Created") or 0)  # libpod's list: epoch seconds
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _prune(client: Any, t: Target, current: str, progress: Progress, keep: int = 1) -> None:
+    """Remove older builds of this target but the newest `keep` (a rollback): each code change
+    makes a new ~1.4 GB image. One a container still uses stays."""
+    from podman.errors import APIError
+
+    older = [
+        img
+        for img in client.images.list(filters={"label": f"{LABEL_PREFIX}.image.target={t.name}"})
+        if img.id != current
+    ]
+    older.sort(key=_created, reverse=True)
+    for img in older[keep:]:
+        try:
+            client.images.remove(img.id)
+            progress(f"image: removed an older build {img.id[:12]} ({', '.join(img.tags)})")
+        except APIError as exc:
+            progress(f"image: kept {img.id[:12]}: {str(exc).splitlines()[0]}")
+
+
+def dry_run(name: str, base: str | None = None) -> dict[str, Any]:
+    """The spec and the inputs known without Podman (the cpu base's id is resolved at build)."""
+    t = target(name)
+    spec = build_spec(t, base=base)
+    wheel_platform, python_version = wheel_target(t)
+    pins = pinned_closure(DIST_NAME, t.extras, env=marker_env(wheel_platform, python_version))
+    return {
+        "spec": spec.as_dict(),
+        "pins": pins,
+        "pip": pip_pin(),
+        "source_digest": source_digest(),
+    }
+
+
+def golden_spec(name: str) -> dict[str, Any]:
+    """The spec with nothing host- or code-dependent in it (tests/golden/images/)."""
+    return build_spec(target(name)).as_dict()
+
+
+def describe(ref: ApplianceImageRef) -> str:
+    return f"{ref.tag} ({ref.inputs_digest}, {ref.size / 1e6:.0f} MB)"

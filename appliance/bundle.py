@@ -19,6 +19,7 @@ already there, so running it twice changes nothing the second time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -26,7 +27,8 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable, Iterable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -299,10 +301,25 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def unpack(tarball: Path, into: Path | None = None) -> Path:
-    """Extract a bundle tarball next to itself after checking every member is a plain file or
-    directory inside it (this Python's tarfile has no extraction filter)."""
-    dest = (into or tarball.parent).resolve()
+@contextlib.contextmanager
+def opened(path: Path) -> Iterator[Path]:
+    """The bundle directory itself, or a tarball's contents in a fresh directory beside it
+    (removed afterwards: what install copies out of it stays where it was copied)."""
+    if path.is_dir():
+        yield path
+        return
+    if not (path.is_file() and path.name.endswith(".tar")):
+        raise BundleError(f"{path}: no such bundle directory or .tar", hint=None)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.resolve().parent))
+    try:
+        yield unpack(path, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def unpack(tarball: Path, dest: Path) -> Path:
+    """Extract a bundle tarball into `dest` after checking every member is a plain file or a
+    directory under one top directory (this Python's tarfile has no extraction filter)."""
     with tarfile.open(tarball) as tar:
         members = tar.getmembers()
         tops = {PurePosixPath(m.name).parts[0] for m in members if m.name}
@@ -312,10 +329,8 @@ def unpack(tarball: Path, into: Path | None = None) -> Path:
                 raise BundleError(f"{tarball}: refusing member {m.name!r}")
         if len(tops) != 1:
             raise BundleError(f"{tarball}: expected one top directory, found {sorted(tops)}")
-        root = dest / tops.pop()
-        if not root.exists():
-            tar.extractall(dest)  # every member was checked above
-    return root
+        tar.extractall(dest)  # every member was checked above
+    return dest / tops.pop()
 
 
 # -- install -----------------------------------------------------------------------------------

@@ -23,16 +23,6 @@ def _progress(line: str) -> None:
     err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-def _open(path: Path) -> Path:
-    from appliance.bundle import BundleError, unpack
-
-    if path.is_file() and path.name.endswith(".tar"):
-        return unpack(path)
-    if not path.is_dir():
-        raise BundleError(f"{path}: no such bundle directory or .tar", hint=None)
-    return path
-
-
 @app.command("create")
 def create(
     ctx: typer.Context,
@@ -76,9 +66,10 @@ def create(
 @app.command("verify")
 def verify(bundle: BundleArg, json_out: JsonOpt = False) -> None:
     """Check every file against SHA256SUMS; nothing unlisted, no links."""
-    from appliance.bundle import BundleError, verify_bundle
+    from appliance.bundle import BundleError, opened, verify_bundle
 
-    result = verify_bundle(_open(bundle))
+    with opened(bundle) as root:
+        result = verify_bundle(root)
     if json_out:
         print_json({"bundle": str(result.root), "ok": result.ok, "checked": result.checked})
     for line in result.bad:
@@ -104,13 +95,14 @@ def install(
     json_out: JsonOpt = False,
 ) -> None:
     """Verify, then install what is not installed yet (a second run changes nothing)."""
-    from appliance.bundle import InstallOptions, install_bundle
+    from appliance.bundle import InstallOptions, install_bundle, opened
 
     options = InstallOptions(
         venv=venv, wheels=wheels, images=images, models=models, blueprints=blueprints
     )
     config = app_context(ctx).config()
-    report = install_bundle(_open(bundle), options, config, progress=_progress)
+    with opened(bundle) as root:
+        report = install_bundle(root, options, config, progress=_progress)
     if json_out:
         print_json({"bundle": str(report.root), "changed": report.changed, "steps": report.steps})
         return

@@ -120,9 +120,17 @@ def test_tarball_round_trip_and_unsafe_members(tmp_path: Path) -> None:
     tarball = tmp_path / "bundle.tar"
     with tarfile.open(tarball, "w") as tar:
         tar.add(root, arcname="bundle")
-    unpacked = b.unpack(tarball, tmp_path / "out")
-    assert unpacked == (tmp_path / "out" / "bundle").resolve()
-    assert b.verify_bundle(unpacked).ok
+    with b.opened(tarball) as unpacked:
+        assert unpacked.parent.parent == tmp_path and unpacked.name == "bundle"
+        assert b.verify_bundle(unpacked).ok
+    assert not unpacked.exists()  # the scratch copy is gone
+    # A damaged copy inside the tarball is caught even with a good directory beside it.
+    (root / "models/tiny/weights.bin").write_bytes(b"tampered")
+    with tarfile.open(tarball, "w") as tar:
+        tar.add(root, arcname="bundle")
+    (tmp_path / "bundle").mkdir()
+    with b.opened(tarball) as unpacked:
+        assert not b.verify_bundle(unpacked).ok
 
     for name, kind in (("../escape", tarfile.REGTYPE), ("bundle/link", tarfile.SYMTYPE)):
         evil = tmp_path / f"evil-{kind!r}.tar"
@@ -132,7 +140,7 @@ def test_tarball_round_trip_and_unsafe_members(tmp_path: Path) -> None:
             info.linkname = "/etc/passwd"
             tar.addfile(info)
         with pytest.raises(b.BundleError, match="refusing member"):
-            b.unpack(evil, tmp_path / "evil-out")
+            b.unpack(evil, tmp_path)
     assert not (tmp_path / "escape").exists()
 
 

@@ -59,7 +59,7 @@ def embedded_argv(config: ApplianceConfig, plan: ServingPlan) -> list[str]:
         "--served-model-name", config.inference.served_model_name,
         "--cache-dir", str(config.resolved_models_dir / "cache"),
         "--max-num-seqs", str(plan.max_num_seqs),
-        "--max-model-len", str(config.inference.embedded_context),
+        "--max-model-len", str(plan.max_model_len),
     ]  # fmt: skip
     if config.inference.embedded_model:
         argv += ["--model", config.inference.embedded_model]

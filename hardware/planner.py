@@ -530,6 +530,7 @@ def _embedded_plan(
     why: str,
     reasons: list[Reason],
     warnings: list[str],
+    context: int | None = None,
 ) -> ServingPlan:
     variant = embedded_variant()
     reasons = [*reasons, Reason(setting="backend", value="embedded", why=why)]
@@ -563,10 +564,12 @@ def _embedded_plan(
                 ),
             )
         )
-    max_model_len = overrides.max_model_len or variant.native_context
+    max_model_len = overrides.max_model_len or context or variant.native_context
     max_num_seqs = overrides.max_num_seqs or variant.max_num_seqs or 1
-    reasons += _simple_limit_reasons(overrides, variant, max_model_len, max_num_seqs)
-    if max_model_len > variant.native_context:
+    reasons += _simple_limit_reasons(overrides, variant, max_model_len, max_num_seqs, context)
+    # The embedded server NTK-scales RoPE past the native context: a configured context longer
+    # than that is intended; only an override to it is worth a warning.
+    if overrides.max_model_len and max_model_len > variant.native_context:
         warnings.append(
             f"max_model_len {max_model_len} exceeds {variant.id}'s native context "
             f"{variant.native_context}"
@@ -584,11 +587,20 @@ def _embedded_plan(
 
 
 def _simple_limit_reasons(
-    overrides: PlanOverrides, variant: ModelVariant, max_model_len: int, max_num_seqs: int
+    overrides: PlanOverrides,
+    variant: ModelVariant,
+    max_model_len: int,
+    max_num_seqs: int,
+    context: int | None = None,
 ) -> list[Reason]:
     len_src = "override" if overrides.max_model_len else "planner"
     seq_src = "override" if overrides.max_num_seqs else "planner"
-    len_why = "operator override" if overrides.max_model_len else f"native context of {variant.id}"
+    if overrides.max_model_len:
+        len_why = "operator override"
+    elif context:
+        len_why = f"inference.embedded_context (RoPE NTK-scaled past {variant.native_context})"
+    else:
+        len_why = f"native context of {variant.id}"
     seq_why = (
         "operator override"
         if overrides.max_num_seqs
@@ -828,15 +840,19 @@ def plan_serving(
     served_model_name: str = "nemotron",
     host_addr: str = "127.0.0.1",
     port: int = 8000,
+    embedded_context: int | None = None,
 ) -> ServingPlan:
-    """Choose the model variant and the vLLM settings for this host, explaining every choice."""
+    """Choose the model variant and the vLLM settings for this host, explaining every choice.
+    `embedded_context` is the embedded server's context (config), when that is what runs."""
     overrides = overrides or PlanOverrides()
     if not host.has_gpu:
         why = f"no NVIDIA GPU/driver: {host.nvml_error or 'no GPU reported'}"
-        return _embedded_plan(overrides, served_model_name, why, [], [])
+        return _embedded_plan(overrides, served_model_name, why, [], [], context=embedded_context)
     device = _device(host)
     if isinstance(device, str):
-        return _embedded_plan(overrides, served_model_name, device, [], [device])
+        return _embedded_plan(
+            overrides, served_model_name, device, [], [device], context=embedded_context
+        )
     reasons = [_device_reason(device)]
     warnings: list[str] = []
     if not device.unified and device.free_gib < 0.9 * device.total_gib:
@@ -847,7 +863,14 @@ def plan_serving(
 
     forced = _override_variant(overrides)
     if forced is not None and forced.backend == "embedded":
-        return _embedded_plan(overrides, served_model_name, "operator override", reasons, warnings)
+        return _embedded_plan(
+            overrides,
+            served_model_name,
+            "operator override",
+            reasons,
+            warnings,
+            context=embedded_context,
+        )
     if forced is not None:
         if _runs(forced, device.cc) is None:
             warnings.append(f"{forced.id}: {_unsupported(forced, device)}")
@@ -858,6 +881,8 @@ def plan_serving(
         if fit is None:
             warnings.append("no Nemotron variant fits this GPU: serving the embedded CPU model")
             why = "no Nemotron variant fits the GPU memory"
-            return _embedded_plan(overrides, served_model_name, why, reasons, warnings)
+            return _embedded_plan(
+                overrides, served_model_name, why, reasons, warnings, context=embedded_context
+            )
     names = (served_model_name, host_addr, port)
     return _vllm_plan(host, device, fit, overrides, reasons, warnings, names)

@@ -52,6 +52,7 @@ def current_plan(
         served_model_name=config.inference.served_model_name,
         host_addr=config.inference.backend_listen.host,
         port=config.inference.backend_listen.port,
+        embedded_context=config.inference.embedded_context,
     )
 
 

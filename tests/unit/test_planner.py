@@ -261,6 +261,21 @@ def test_no_gpu_serves_the_embedded_model() -> None:
     assert backend.why == "no NVIDIA GPU/driver: NVML Shared Library Not Found"
 
 
+def test_the_embedded_plan_reports_the_context_the_server_runs() -> None:
+    # The embedded server NTK-scales RoPE to inference.embedded_context: the plan says so.
+    plan = plan_serving(load_host("cpu_only"), embedded_context=32768)
+    assert plan.max_model_len == 32768
+    reason = next(r for r in plan.reasons if r.setting == "max_model_len")
+    assert "embedded_context" in reason.why
+    assert plan.warnings == []
+    # An explicit max_model_len override still wins, and past the native length it warns.
+    forced = plan_serving(
+        load_host("cpu_only"), PlanOverrides(max_model_len=16384), embedded_context=32768
+    )
+    assert forced.max_model_len == 16384
+    assert any("native context" in w for w in forced.warnings)
+
+
 def _small_gpu_host(name: str, cc: str, total_mib: int) -> HostSnapshot:
     gpu = GpuInfo(
         index=0,

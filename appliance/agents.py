@@ -2,11 +2,12 @@
 
 `create` resolves the blueprint (catalog or file), finds or builds the image it pins by digest,
 renders the agent's config into a read-only directory, creates the sandbox with the blueprint's
-policy, and sets the sandbox key's budget. A turn (`run`) executes the runtime's one-shot command
-inside the sandbox through the supervisor's `exec` mode (the agent's Landlock domain), records the
-reply on the host (transcript JSONL, audit) and never hands the agent a key: inference.local is
-reached through the egress proxy, which injects it. `upgrade` re-creates the sandbox on another
-version around the same home and persisted approvals, and goes back when the new one fails.
+policy and a key limited to the blueprint's models, and sets that key's budget. A turn (`run`)
+executes the runtime's one-shot command inside the sandbox through the supervisor's `exec` mode
+(the agent's Landlock domain), records the reply on the host (transcript JSONL, audit) and never
+hands the agent a key: inference.local is reached through the egress proxy, which injects it.
+`upgrade` re-creates the sandbox (and its key) on another version around the same home and
+persisted approvals, and goes back when the new one fails.
 """
 
 from __future__ import annotations
@@ -101,6 +102,12 @@ def render(template: Any, values: dict[str, Any]) -> Any:
     return _PLACEHOLDER.sub(lambda m: str(values[_known(m.group(1), values)]), template)
 
 
+def key_models(bp: Blueprint) -> list[str]:
+    """The models an agent's key may use: the blueprint's `inference.model` and its
+    `allowed_models`, as the agent names them (the gateway resolves them through its aliases)."""
+    return sorted({bp.inference.model, *bp.inference.allowed_models})
+
+
 def _known(name: str, values: dict[str, Any]) -> str:
     if name not in values:
         known = ", ".join(sorted(values))
@@ -182,8 +189,15 @@ class AgentManager:
         image = self.image(bp, progress)
         progress(f"image: {image} ({time.monotonic() - t0:.1f} s)")
         t1 = time.monotonic()
+        # The allowlist goes in with the key (each deployment gets a fresh one, so an upgrade
+        # or rollback carries its own blueprint's list): the key is never unrestricted.
         self.sandboxes.create(
-            name, self._policy(bp), self._command(bp), image, agent_files=self._agent_files(bp)
+            name,
+            self._policy(bp),
+            self._command(bp),
+            image,
+            agent_files=self._agent_files(bp),
+            allowed_models=key_models(bp),
         )
         progress(f"sandbox: running ({time.monotonic() - t1:.1f} s)")
         self._ensure_workspace(name)

@@ -203,9 +203,12 @@ class SandboxManager:
         command: list[str] | None,
         image: str | None = None,
         agent_files: dict[str, str] | None = None,
+        allowed_models: list[str] | None = None,
     ) -> SandboxRecord:
         """Create and start a sandbox. `agent_files` (name -> text) are mounted read-only at
-        /run/appliance/agent (the policy must list that path in read_only)."""
+        /run/appliance/agent (the policy must list that path in read_only). `allowed_models`:
+        the only models its key may use (None: any), set when the key is made, before the
+        sandbox runs."""
         self._refuse_if_held()
         if self.boxes.get(name) is not None:
             raise SandboxError(f"sandbox {name!r} exists", hint=f"`appliance sandbox rm {name}`")
@@ -217,7 +220,7 @@ class SandboxManager:
         self._prepare_dirs(paths, policy, command)
         if agent_files is not None:
             self._write_agent_files(paths, agent_files)
-        key_id = self._new_key(name, paths)
+        key_id = self._new_key(name, paths, allowed_models)
         self.boxes.upsert(name, image=image, command=command, state="creating", key_id=key_id)
         self.store_audit("sandbox.create", sandbox=name, policy_rev=rev)
         try:
@@ -323,11 +326,11 @@ class SandboxManager:
             target.write_text(text)
             target.chmod(0o644)  # root-owned: the agent reads, never writes
 
-    def _new_key(self, name: str, paths: SandboxPaths) -> str:
+    def _new_key(self, name: str, paths: SandboxPaths, allowed_models: list[str] | None) -> str:
         inference = InferenceStore(self.config.state_dir)
         try:
             inference.revoke_key(f"sandbox-{name}")  # a re-created sandbox gets a fresh key
-            record, secret = inference.create_key(f"sandbox-{name}", "sandbox")
+            record, secret = inference.create_key(f"sandbox-{name}", "sandbox", allowed_models)
         finally:
             inference.close()
         fd = os.open(paths.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -19,6 +19,8 @@ class KeyRecord:
     owner_kind: OwnerKind
     created_at: float
     revoked_at: float | None = None
+    # Model names the key may request (resolved through the gateway's aliases); None: any.
+    allowed_models: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,11 @@ class Spend:
 
 
 class KeyStore(Protocol):
-    def create_key(self, name: str, owner_kind: OwnerKind) -> tuple[KeyRecord, str]:
-        """Create a key; returns its record and the secret, shown once and stored only hashed."""
+    def create_key(
+        self, name: str, owner_kind: OwnerKind, allowed_models: Sequence[str] | None = None
+    ) -> tuple[KeyRecord, str]:
+        """Create a key; returns its record and the secret, shown once and stored only hashed.
+        `allowed_models` None: the key may use any model."""
         ...
 
     def authenticate(self, secret: str) -> KeyRecord | None:

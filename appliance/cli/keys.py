@@ -6,11 +6,12 @@ import time
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from appliance.cli.context import app_context
 from appliance.cli.options import JsonOpt
-from appliance.cli.output import console, print_json
+from appliance.cli.output import console, err_console, print_json
 from appliance.errors import NotFoundError
 from inference.ports import KeyRecord
 
@@ -34,7 +35,30 @@ def key_data(key: KeyRecord) -> dict[str, object]:
         "created_at": key.created_at,
         "revoked_at": key.revoked_at,
         "state": "revoked" if key.revoked_at else "live",
+        # null: any model; a list: only these (as resolved by the gateway's aliases)
+        "allowed_models": None if key.allowed_models is None else list(key.allowed_models),
     }
+
+
+def _models_cell(key: KeyRecord) -> str:
+    return "any" if key.allowed_models is None else ", ".join(key.allowed_models) or "none"
+
+
+def _warn_unserved(ctx: typer.Context, models: list[str]) -> None:
+    """A name the gateway cannot resolve now allows nothing until the config names it: say so
+    (a warning, not an error: the config may be about to change)."""
+    if not models:
+        return
+    from inference.gateway.routing import Router
+
+    router = Router(app_context(ctx).config().gateway_settings())
+    for name in models:
+        if router.resolve(name) is None:
+            err_console.print(
+                f"[yellow]warning:[/] model {escape(repr(name))} is not served here (not the "
+                "served model, an alias or an upstream model): it allows nothing until the "
+                "config names it"
+            )
 
 
 def _when(ts: float | None) -> str:
@@ -48,15 +72,27 @@ def create(
     sandbox: Annotated[
         bool, typer.Option("--sandbox", help="The key belongs to a sandbox, not a client.")
     ] = False,
+    allow_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-model",
+            metavar="NAME",
+            help="Only this model (a served name or alias; repeatable). Default: any model.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a key and print its secret: it is shown this once and stored only hashed."""
     with open_inference_store(ctx) as store:
-        key, secret = store.create_key(name, "sandbox" if sandbox else "client")
+        key, secret = store.create_key(
+            name, "sandbox" if sandbox else "client", allow_model or None
+        )
+    _warn_unserved(ctx, list(key.allowed_models or ()))
     if json_out:
         print_json({**key_data(key), "secret": secret})
         return
     console.print(f"created {key.owner_kind} key [bold]{key.name}[/] ({key.id})")
+    console.print(f"models: {_models_cell(key)}", markup=False)
     console.print(secret, markup=False, soft_wrap=True)
     console.print("[yellow]store this secret now: it is not shown again[/]")
 
@@ -72,10 +108,11 @@ def list_keys(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     if not keys:
         console.print("no keys yet: `appliance keys create NAME`")
         return
-    table = Table("name", "id", "owner", "created", "state", box=None)
+    table = Table("name", "id", "owner", "models", "created", "state", box=None)
     for k in keys:
         state = f"[red]revoked {_when(k.revoked_at)}[/]" if k.revoked_at else "[green]live[/]"
-        table.add_row(k.name, k.id, k.owner_kind, _when(k.created_at), state)
+        models = escape(_models_cell(k))  # names may hold brackets: never rich markup
+        table.add_row(k.name, k.id, k.owner_kind, models, _when(k.created_at), state)
     console.print(table)
 
 

@@ -19,7 +19,8 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from inference.ports import Budget, KeyRecord, OwnerKind, Spend, UsageRecord
 
 SECRET_PREFIX = "sk-app-"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_KEY_COLUMNS = "id, name, owner_kind, created_at, revoked_at"
+_MODEL = re.compile(r"^[!-~]{1,256}$")  # printable ASCII, no spaces: what a request can name
+_KEY_COLUMNS = "id, name, owner_kind, created_at, revoked_at, allowed_models_json"
 
 
 def hash_secret(secret: str) -> str:
@@ -49,9 +51,28 @@ def _month_bounds(ts: float) -> tuple[str, str]:
 
 
 def _key(row: tuple[Any, ...]) -> KeyRecord:
+    models = None if row[5] is None else tuple(json.loads(row[5]))
     return KeyRecord(
-        id=row[0], name=row[1], owner_kind=row[2], created_at=row[3], revoked_at=row[4]
+        id=row[0],
+        name=row[1],
+        owner_kind=row[2],
+        created_at=row[3],
+        revoked_at=row[4],
+        allowed_models=models,
     )
+
+
+def _model_list(models: Iterable[str] | None) -> tuple[str, ...] | None:
+    """Sorted and without repeats (a stable record); None stays None: any model."""
+    if models is None:
+        return None
+    if isinstance(models, str):  # a bare string would allow its letters: a caller's bug
+        raise TypeError("allowed_models must be a list of names, not a string")
+    names = tuple(sorted(set(models)))
+    for name in names:
+        if not isinstance(name, str) or not _MODEL.match(name):
+            raise KeyModelError(f"invalid model name {name!r}")
+    return names
 
 
 class KeyNameError(ApplianceError):
@@ -60,6 +81,12 @@ class KeyNameError(ApplianceError):
     hint = (
         "names are 1-64 letters, digits, '.', '_' or '-'; `appliance keys list` shows the used ones"
     )
+
+
+class KeyModelError(ApplianceError):
+    """A model name in a key's allowlist is malformed."""
+
+    hint = "model names are 1-256 printable characters without spaces; see GET /v1/models"
 
 
 class InferenceStore:
@@ -73,7 +100,8 @@ class InferenceStore:
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         # sha256 -> (record, expiry): authentication is on every request's path. The short TTL
-        # bounds how long a key revoked by another process (the CLI) keeps working.
+        # bounds how long a key revoked by another process (the CLI) keeps working. The record
+        # carries the key's model allowlist, which never changes for a key: no staleness there.
         self._auth_cache: dict[str, tuple[KeyRecord, float]] = {}
         self._auth_ttl = auth_cache_ttl_s
 
@@ -110,24 +138,42 @@ class InferenceStore:
 
     # -- KeyStore ----------------------------------------------------------------------------
 
-    def create_key(self, name: str, owner_kind: OwnerKind = "client") -> tuple[KeyRecord, str]:
+    def create_key(
+        self,
+        name: str,
+        owner_kind: OwnerKind = "client",
+        allowed_models: Sequence[str] | None = None,
+    ) -> tuple[KeyRecord, str]:
+        """`allowed_models`: the model names the key may request; None (the default) allows any.
+        Set once, with the key: it never changes, so the auth cache can hold it."""
         if not _NAME.match(name) or name.startswith("key_"):
             raise KeyNameError(f"invalid key name {name!r}")
+        models = _model_list(allowed_models)
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         record = KeyRecord(
             id="key_" + secrets.token_hex(8),
             name=name,
             owner_kind=owner_kind,
             created_at=time.time(),
+            allowed_models=models,
         )
+        stored = None if models is None else json.dumps(list(models))
         try:
             with self.conn:
                 self.conn.execute(
-                    "INSERT INTO api_keys (id, name, owner_kind, secret_sha256, created_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (record.id, name, owner_kind, hash_secret(secret), record.created_at),
+                    "INSERT INTO api_keys (id, name, owner_kind, secret_sha256, created_at, "
+                    "allowed_models_json) VALUES (?, ?, ?, ?, ?, ?)",
+                    (record.id, name, owner_kind, hash_secret(secret), record.created_at, stored),
                 )
-                self._audit("key.created", record.id, {"name": name, "owner_kind": owner_kind})
+                self._audit(
+                    "key.created",
+                    record.id,
+                    {
+                        "name": name,
+                        "owner_kind": owner_kind,
+                        "allowed_models": None if models is None else list(models),
+                    },
+                )
         except sqlite3.IntegrityError:
             raise KeyNameError(f"a live key named {name!r} already exists") from None
         return record, secret
@@ -181,7 +227,7 @@ class InferenceStore:
             )
             self._audit("key.revoked", key.id, {"name": key.name})
         self._auth_cache.clear()
-        return KeyRecord(key.id, key.name, key.owner_kind, key.created_at, now)
+        return replace(key, revoked_at=now)
 
     # -- Ledger ------------------------------------------------------------------------------
 

@@ -135,4 +135,13 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "keys: per-key model allowlist (NULL: any model, as every key made before it)",
+        """
+        -- A JSON array of model names as the key's user sends them; the gateway resolves them
+        -- through its aliases on each request. One column, not a table: authentication reads
+        -- one row, and a key's list never changes (an agent's new blueprint gets a new key).
+        ALTER TABLE api_keys ADD COLUMN allowed_models_json TEXT;
+        """,
+    ),
 ]

@@ -1,8 +1,8 @@
 """inference.local: the OpenAI-compatible gateway in front of the local backend (and an upstream).
 
-Per /v1 request: authenticate the key -> validate the body -> route the model -> check the key's
-budget -> forward with one shared httpx client (streams pass through event by event) -> meter the
-usage into the ledger (off the event loop) and the metrics.
+Per /v1 request: authenticate the key -> validate the body -> route the model -> check the key
+may use it -> check the key's budget -> forward with one shared httpx client (streams pass
+through event by event) -> meter the usage into the ledger (off the event loop) and the metrics.
 """
 
 from __future__ import annotations
@@ -144,6 +144,39 @@ class Gateway:
             message, param = validation_error_message(exc)
             raise GatewayError(400, message, "invalid_request", param) from None
         return body
+
+    # -- the key's model allowlist ---------------------------------------------------------
+
+    def allowed_routes(self, key: KeyRecord) -> frozenset[Route] | None:
+        """Where the key's allowed names lead now (None: anywhere). Compared as resolved routes,
+        not as names: `default` and `nemotron` are the same model, and an alias the key was not
+        given that leads elsewhere is refused however it is spelled. The check is on the route
+        the request names, before any fallback (which is the operator's config, not the key's
+        choice)."""
+        if key.allowed_models is None:
+            return None
+        routes = (self.router.resolve(name) for name in key.allowed_models)
+        return frozenset(r for r in routes if r is not None)
+
+    def model_allowed(self, key: KeyRecord, route: Route | None) -> bool:
+        return _permits(self.allowed_routes(key), route)
+
+    async def refuse_model(
+        self, key: KeyRecord, path: str, requested: str, route: Route | None
+    ) -> GatewayError:
+        """403 for a model the key may not use, audited (off the event loop: a refused agent
+        may retry in a loop). An unknown name is refused the same way, so a restricted key
+        cannot probe which models exist."""
+        served = route.model if route else None
+        await anyio.to_thread.run_sync(
+            lambda: self._audit("model.deny", key, model=requested, served=served, path=path)
+        )
+        return GatewayError(
+            403,
+            f"the model `{requested}` is not allowed for this key; see GET /v1/models",
+            "model_not_allowed",
+            "model",
+        )
 
     def spend(self, key_id: str, now: float) -> Spend:
         stored = self.ledger.spend(key_id, now)
@@ -323,6 +356,10 @@ class Gateway:
                 m.cost.labels(key.name, model).inc(cost)
 
 
+def _permits(allowed: frozenset[Route] | None, route: Route | None) -> bool:
+    return allowed is None or (route is not None and route in allowed)
+
+
 def _estimate_prompt_tokens(body: dict[str, Any]) -> int:
     """Rough count (4 characters a token) for a stream that ended before its usage chunk."""
     if "messages" in body:
@@ -400,6 +437,10 @@ def create_app(
         try:
             body = await gw.read_body(request, schema)
             route = gw.router.resolve(body["model"])
+            if route is not None:
+                model = route.model  # metered under the served name, like a budget refusal
+            if not gw.model_allowed(key, route):
+                raise await gw.refuse_model(key, path, body["model"], route)
             if route is None:
                 raise GatewayError(
                     404,
@@ -407,7 +448,6 @@ def create_app(
                     "model_not_found",
                     "model",
                 )
-            model = route.model
             warning = gw.check_budget(key)
             stream = body.get("stream") is True
             wants_usage = False
@@ -438,10 +478,13 @@ def create_app(
     async def completions(request: Request) -> Response:
         return await proxy(request, COMPLETIONS, CompletionRequest)
 
-    @app.get("/v1/models", summary="Models served here (aliases and upstream models included)")
+    @app.get("/v1/models", summary="Models this key may use (aliases and upstream included)")
     async def models(request: Request) -> Response:
-        gw.authenticate(request)
-        return JSONResponse({"object": "list", "data": gw.router.model_list()})
+        key = gw.authenticate(request)
+        allowed = gw.allowed_routes(key)
+        listed = gw.router.model_list()
+        data = [m for m in listed if _permits(allowed, gw.router.resolve(str(m["id"])))]
+        return JSONResponse({"object": "list", "data": data})
 
     @app.get("/health/live", summary="The gateway process answers")
     async def live() -> Response:

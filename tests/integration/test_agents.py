@@ -20,6 +20,7 @@ from appliance.config import load_config
 from appliance.images import ImageMismatch
 from appliance.status import agents_section
 from appliance.store import open_store
+from appliance.store.inference_store import InferenceStore
 from sandbox.image import recipe_digest
 from sandbox.policy import Endpoint
 from tests.sandbox_fixtures import ensure_base_image, sandbox_skip_reason
@@ -49,7 +50,8 @@ def manager():
     catalog = root / "bp"
     for version, over in [
         ("1.0.0", {}),
-        ("1.1.0", {"resources": {"memory": "1g", "pids": 128, "cpus": 1}}),
+        ("1.1.0", {"resources": {"memory": "1g", "pids": 128, "cpus": 1},
+                   "inference": {"model": "default", "allowed_models": ["big"]}}),
         # Starts and is refused: Landlock hard_requirement with a required path that is absent.
         ("1.2.0", {"sandbox": {"base": "default", "additions": {
             "filesystem": {"read_only": ["/nonexistent"]}}}}),
@@ -71,6 +73,16 @@ def _name(tag: str) -> str:
     return f"ag-{tag}-{os.getpid()}"
 
 
+def _key_models(m: AgentManager, name: str) -> tuple[str, ...] | None:
+    """The model allowlist of the agent's live sandbox key, as the gateway will read it."""
+    record = m.sandboxes.boxes.get(name)
+    assert record is not None and record.key_id is not None
+    with InferenceStore(m.config.state_dir) as inference:
+        key = inference.find_key(record.key_id)
+    assert key is not None and key.revoked_at is None
+    return key.allowed_models
+
+
 def _home_file(m: AgentManager, name: str) -> bytes:
     code, out, _ = m.sandboxes.exec(name, ["cat", "/home/agent/state.txt"])
     return out if code == 0 else b""
@@ -83,6 +95,7 @@ def test_create_records_the_blueprint_and_sets_the_budget(manager: AgentManager)
     assert dep.digest == manager.blueprint("worker@1.0.0").digest()
     [row] = [r for r in manager.inventory() if r["name"] == name]
     assert row["state"] == "running" and row["daily_budget"] == 1000
+    assert _key_models(manager, name) == ("default",)  # deny by default: only `model`
     assert manager.sandboxes.enforcement(name)["landlock"]["enforced"] is True
     section = agents_section(manager.config, None)  # what `appliance status` shows
     [shown] = [a for a in section["agents"] if a["name"] == name]
@@ -103,6 +116,7 @@ def test_upgrade_keeps_home_and_approvals_then_rollback(manager: AgentManager) -
     dep = manager.upgrade(name, "worker@1.1.0")
 
     assert dep.ref == "worker@1.1.0"
+    assert _key_models(manager, name) == ("big", "default")  # the new blueprint's list
     assert manager.sandboxes.container(name).id != old_container  # re-created
     assert manager.sandboxes.policy(name)[1].resources.pids == 128
     assert _home_file(manager, name) == b"kept\n"
@@ -110,6 +124,7 @@ def test_upgrade_keeps_home_and_approvals_then_rollback(manager: AgentManager) -
 
     back = manager.rollback(name)
     assert back.ref == "worker@1.0.0"
+    assert _key_models(manager, name) == ("default",)
     assert _home_file(manager, name) == b"kept\n"
     assert [d.ref for d in manager.agents.history(name)] == [
         "worker@1.0.0",

@@ -44,8 +44,10 @@ class Env:
     store: InferenceStore
     hard_stops: Path
 
-    def key(self, name: str, budget: Budget | None = None) -> tuple[str, str]:
-        record, secret = self.store.create_key(name, "sandbox")
+    def key(
+        self, name: str, budget: Budget | None = None, models: list[str] | None = None
+    ) -> tuple[str, str]:
+        record, secret = self.store.create_key(name, "sandbox", models)
         if budget is not None:
             self.store.set_budget(replace(budget, key_id=record.id))
         return record.id, secret
@@ -183,6 +185,24 @@ def test_errors_in_openai_shape(env: Env) -> None:
     time.sleep(1.1)  # the gateway's auth cache lives a second
     with pytest.raises(openai.AuthenticationError, match="revoked"):
         client.models.list()
+
+
+def test_a_key_limited_to_other_models_is_refused_403(env: Env) -> None:
+    _, scoped = env.key("scoped", models=["smol"])
+    client = env.client(scoped)
+    assert [m.id for m in client.models.list()] == ["nemotron", "smol"]
+    reply = client.chat.completions.create(model="nemotron", messages=HI, max_tokens=2)
+    assert reply.choices[0].message.content == "tok0 tok1"  # `smol` names this same model
+    key_id, locked = env.key("locked", models=["elsewhere"])
+    client = env.client(locked)
+    assert [m.id for m in client.models.list()] == []
+    with pytest.raises(openai.PermissionDeniedError, match="not allowed for this key") as info:
+        client.chat.completions.create(model="smol", messages=HI)
+    assert info.value.code == "model_not_allowed"
+    assert env.totals(key_id, 1)["requests"] == 1  # refused, and in the ledger like a 404
+    assert [(r.status, r.model) for r in env.store.usage_rows(key_id)] == [(403, "nemotron")]
+    [denied] = [e for e in env.store.audit_events("model.deny") if e["key_id"] == key_id]
+    assert (denied["model"], denied["served"]) == ("smol", "nemotron")
 
 
 def test_budget_warns_at_80_percent_then_refuses(env: Env) -> None:

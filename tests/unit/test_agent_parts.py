@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance.agents import _turn_result, render
+from appliance.agents import _turn_result, key_models, render
 from appliance.errors import ConfigError
 from appliance.store import open_store
 from appliance.store.agent_store import AgentStore
+from blueprints.model import Blueprint
 
 
 def test_render_types_whole_placeholders_and_leaves_agent_variables() -> None:
@@ -62,3 +63,23 @@ def test_deployments_give_current_and_previous(tmp_path: Path) -> None:
         assert [d.outcome for d in agents.history("a")] == ["replaced", "active"]
         agents.forget("a")
         assert agents.current("a") is None
+
+
+def _bp(**inference: object) -> Blueprint:
+    return Blueprint.model_validate(
+        {
+            "name": "demo",
+            "version": "1.0.0",
+            "runtime": {"kind": "command", "command": ["sleep", "infinity"]},
+            "image": {"name": "localhost/appliance-base", "digest": "sha256:" + "ab" * 32},
+            "sandbox": {"base": "default"},
+            "inference": inference,
+        }
+    )
+
+
+def test_key_models_are_the_model_and_the_allowed_ones() -> None:
+    assert key_models(_bp()) == ["default"]  # empty allowed_models: only `model`
+    assert key_models(_bp(model="smol")) == ["smol"]
+    bp = _bp(model="default", allowed_models=["big", "default"])
+    assert key_models(bp) == ["big", "default"]

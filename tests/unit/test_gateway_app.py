@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import ValidationError
 from starlette.testclient import TestClient
@@ -232,3 +234,111 @@ def test_router_fallback_only_when_allowed() -> None:
     fallback = router.fallback(local)
     assert fallback is not None and (fallback.target, fallback.model) == ("upstream", "remote")
     assert router.resolve("remote") is not None and router.resolve("nope") is None
+
+
+# -- per-key model allowlists ----------------------------------------------------------------
+
+UPSTREAM = {"base_url": "http://127.0.0.1:9/v1", "models": ["big/model"]}
+ALIASES = {"smol": "nemotron", "big": "big/model"}
+
+
+def reply(request: httpx.Request) -> httpx.Response:
+    """A stand-in backend: answers every chat request with the model it was sent."""
+    sent = json.loads(request.content)["model"]
+    usage = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
+    return httpx.Response(200, json={"object": "chat.completion", "model": sent, "usage": usage})
+
+
+@contextmanager
+def backed_client(store: InferenceStore, sent: list[str]) -> Iterator[TestClient]:
+    """The gateway with an upstream and aliases, its backends answered in-process."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content)["model"])
+        return reply(request)
+
+    with make_client(store, upstream=UPSTREAM, aliases=ALIASES) as c:
+        gw = c.app.state.gateway  # type: ignore[attr-defined]
+        gw.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        yield c
+
+
+def chat(c: TestClient, secret: str, model: str) -> Any:
+    return c.post("/v1/chat/completions", headers=auth(secret), json={**CHAT, "model": model})
+
+
+def test_allowed_models_pass_under_any_name_of_the_same_model(store: InferenceStore) -> None:
+    _, secret = store.create_key("agent", "sandbox", ["smol"])
+    sent: list[str] = []
+    with backed_client(store, sent) as c:
+        for model in ("smol", "nemotron"):  # the alias and the model it names: one model
+            resp = chat(c, secret, model)
+            assert resp.status_code == 200, resp.text
+    assert sent == ["nemotron", "nemotron"]
+    assert store.audit_events("model.deny") == []
+
+
+@pytest.mark.parametrize(
+    ("model", "served"),
+    [("big/model", "big/model"), ("big", "big/model"), ("gpt-9", None)],
+)
+def test_a_model_not_allowed_is_403_audited_and_metered(
+    store: InferenceStore, model: str, served: str | None
+) -> None:
+    key, secret = store.create_key("agent", "sandbox", ["smol"])
+    sent: list[str] = []
+    with backed_client(store, sent) as c:
+        resp = chat(c, secret, model)
+        error = assert_openai_error(resp, 403, "model_not_allowed")
+        metrics = c.get("/metrics").text
+    assert error["type"] == "permission_error" and error["param"] == "model"
+    assert f"`{model}`" in error["message"] and "not allowed" in error["message"]
+    assert sent == []  # refused before any backend saw it
+    # An unknown name gets the same 403 as a known one: no probing for what exists.
+    [event] = store.audit_events("model.deny")
+    assert (event["key_id"], event["key_name"]) == (key.id, "agent")
+    assert (event["model"], event["served"]) == (model, served)
+    [row] = store.usage_rows(key.id)
+    assert (row.status, row.model, row.prompt_tokens) == (403, served or "-", 0)
+    refused = 'appliance_gateway_errors_total{route="/v1/chat/completions",type="permission_error"}'
+    assert refused in metrics
+
+
+def test_an_alias_cannot_smuggle_in_another_model(store: InferenceStore) -> None:
+    """Allowed `nemotron` does not open `big`, an alias that leads upstream; and a key given
+    only the upstream model through its alias cannot reach the local one."""
+    _, local_only = store.create_key("local-only", "sandbox", ["nemotron"])
+    _, upstream_only = store.create_key("upstream-only", "sandbox", ["big"])
+    sent: list[str] = []
+    with backed_client(store, sent) as c:
+        assert_openai_error(chat(c, local_only, "big"), 403, "model_not_allowed")
+        assert_openai_error(chat(c, local_only, "big/model"), 403, "model_not_allowed")
+        assert_openai_error(chat(c, upstream_only, "smol"), 403, "model_not_allowed")
+        assert chat(c, upstream_only, "big/model").status_code == 200
+    assert sent == ["big/model"]
+
+
+def test_models_lists_only_what_the_key_may_use(store: InferenceStore) -> None:
+    _, local = store.create_key("local", "sandbox", ["smol"])
+    _, upstream = store.create_key("upstream", "sandbox", ["big"])
+    _, nothing = store.create_key("nothing", "client", ["not-served"])
+    with backed_client(store, []) as c:
+
+        def ids(secret: str) -> list[str]:
+            return [m["id"] for m in c.get("/v1/models", headers=auth(secret)).json()["data"]]
+
+        assert ids(local) == ["nemotron", "smol"]
+        assert ids(upstream) == ["big", "big/model"]
+        assert ids(nothing) == []
+
+
+def test_an_unrestricted_key_is_unchanged(store: InferenceStore, secret: str) -> None:
+    sent: list[str] = []
+    with backed_client(store, sent) as c:
+        data = c.get("/v1/models", headers=auth(secret)).json()["data"]
+        assert [m["id"] for m in data] == ["nemotron", "big", "smol", "big/model"]
+        for model in ("nemotron", "smol", "big", "big/model"):
+            assert chat(c, secret, model).status_code == 200
+        assert_openai_error(chat(c, secret, "gpt-9"), 404, "model_not_found")
+    assert sent == ["nemotron", "nemotron", "big/model", "big/model"]
+    assert store.audit_events("model.deny") == []

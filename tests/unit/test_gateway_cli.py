@@ -91,3 +91,25 @@ def test_budget_for_unknown_key_is_not_found() -> None:
 def test_bad_key_name_is_an_appliance_error() -> None:
     code, out = cli("keys", "create", "bad name")
     assert code != 0 and "KeyNameError" in out
+
+
+def test_create_with_allowed_models_and_list_shows_them() -> None:
+    code, out = cli(
+        "keys", "create", "scoped", "--allow-model", "default", "--allow-model", "default",
+        "--json",
+    )  # fmt: skip
+    assert code == 0, out
+    assert json.loads(out)["allowed_models"] == ["default"]
+    assert cli("keys", "create", "open")[0] == 0
+    listed = {k["name"]: k["allowed_models"] for k in json.loads(cli("keys", "list", "--json")[1])}
+    assert listed == {"scoped": ["default"], "open": None}  # null: any model
+    _, out = cli("keys", "list")
+    assert "default" in out and "any" in out
+    assert state_store().find_key("scoped").allowed_models == ("default",)
+
+
+def test_an_allowed_model_not_served_here_is_a_warning() -> None:
+    code, out = cli("keys", "create", "typo", "--allow-model", "nemotorn")
+    assert code == 0 and "'nemotorn' is not served here" in out
+    code, out = cli("keys", "create", "bad-model", "--allow-model", "two words")
+    assert code != 0 and "KeyModelError" in out

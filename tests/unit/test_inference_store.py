@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 
 from appliance.store import open_store
-from appliance.store.inference_store import SECRET_PREFIX, InferenceStore, KeyNameError
+from appliance.store.inference_store import (
+    SECRET_PREFIX,
+    InferenceStore,
+    KeyModelError,
+    KeyNameError,
+)
 from appliance.store.migrations import MIGRATIONS
 from inference.ports import Budget, UsageRecord
 
@@ -181,3 +186,61 @@ def test_migration_is_appended_and_applies_on_an_old_store(tmp_path: Path) -> No
         assert s.schema_version == len(MIGRATIONS)
         assert s.conn.execute("SELECT value FROM meta").fetchone() == ("v",)
     InferenceStore(tmp_path).create_key("after-upgrade", "client")
+
+
+def test_model_allowlist_round_trips_and_rides_in_the_auth_cache(tmp_path: Path) -> None:
+    with InferenceStore(tmp_path) as store:
+        key, secret = store.create_key("agent", "sandbox", ["smol", "default", "smol"])
+        _, open_secret = store.create_key("laptop", "client")
+        _, none_secret = store.create_key("locked", "client", [])
+        assert key.allowed_models == ("default", "smol")  # sorted, no repeats
+        assert store.authenticate(secret) == key
+        assert store.authenticate(secret) == key  # the cached record carries it too
+        assert store.authenticate(open_secret).allowed_models is None  # None: any model
+        assert store.authenticate(none_secret).allowed_models == ()  # empty: none at all
+        [created] = [e for e in store.audit_events("key.created") if e["key_id"] == key.id]
+        assert created["allowed_models"] == ["default", "smol"]
+    with InferenceStore(tmp_path) as other:  # a fresh connection reads it back from the row
+        assert other.authenticate(secret).allowed_models == ("default", "smol")
+        assert other.find_key("agent").allowed_models == ("default", "smol")
+        assert [k.allowed_models for k in other.list_keys()] == [("default", "smol"), None, ()]
+        revoked = other.revoke_key("agent")
+        assert revoked is not None and revoked.allowed_models == ("default", "smol")
+
+
+@pytest.mark.parametrize("model", ["", "two words", "x" * 257, "tab\there"])
+def test_bad_model_names_are_refused(store: InferenceStore, model: str) -> None:
+    with pytest.raises(KeyModelError, match="invalid model name"):
+        store.create_key("agent", "sandbox", ["default", model])
+    assert store.find_key("agent") is None
+
+
+def test_allowlist_migration_keeps_old_keys_unrestricted(tmp_path: Path) -> None:
+    """A store at the schema just before the allowlist, with a live key and its usage: after
+    the upgrade the key still authenticates, may use any model, and its ledger is intact."""
+    version = next(i for i, (_, sql) in enumerate(MIGRATIONS) if "allowed_models_json" in sql)
+    conn = sqlite3.connect(tmp_path / "appliance.db")
+    conn.executescript(
+        "\n".join(sql for _, sql in MIGRATIONS[:version]) + f"\nPRAGMA user_version = {version};"
+    )
+    secret = SECRET_PREFIX + "old-key"
+    conn.execute(
+        "INSERT INTO api_keys (id, name, owner_kind, secret_sha256, created_at) "
+        "VALUES ('key_old', 'old', 'client', ?, 1.0)",
+        (hashlib.sha256(secret.encode()).hexdigest(),),
+    )
+    conn.execute(
+        "INSERT INTO usage_ledger (ts, key_id, model, prompt_tokens, completion_tokens, "
+        "latency_s, status, stream, cost) VALUES (2.0, 'key_old', 'nemotron', 3, 4, 0.1, 200, 0, 0)"
+    )
+    conn.commit()
+    conn.close()
+    with open_store(tmp_path) as s:
+        assert s.schema_version == len(MIGRATIONS)
+    with InferenceStore(tmp_path) as store:
+        old = store.authenticate(secret)
+        assert old is not None and (old.id, old.name) == ("key_old", "old")
+        assert old.allowed_models is None
+        assert store.usage_totals("key_old")["completion_tokens"] == 4
+        new, _ = store.create_key("new", "sandbox", ["default"])
+        assert store.find_key(new.id).allowed_models == ("default",)

@@ -160,7 +160,8 @@ def _install_sh() -> str:
 # Install the appliance from this bundle on a host with no network (no Ansible needed):
 #   sudo ./install.sh [VENV [BUNDLE-INSTALL-OPTIONS...]]     (VENV default {DEFAULT_VENV})
 # Checks every file first, installs the pinned wheels, links the CLI (CLI_LINK, empty for
-# none), then runs `appliance bundle install` for the rest (images, blueprints, models).
+# none), then runs `appliance bundle install` (the appliance's own wheel if it changed, images,
+# blueprints, models).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 venv=${{1:-{DEFAULT_VENV}}}
@@ -171,7 +172,7 @@ link=${{CLI_LINK-/usr/local/bin/appliance}}
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --no-deps \\
   --find-links "$here/wheels" -r "$here/wheels/requirements.txt"
 [ -z "$link" ] || ln -sf "$venv/bin/appliance" "$link"
-exec "$venv/bin/appliance" bundle install "$here" --no-wheels "$@"
+exec "$venv/bin/appliance" bundle install "$here" --venv "$venv" "$@"
 """
 
 
@@ -373,14 +374,26 @@ def _install_wheels(root: Path, venv: Path, report: InstallReport) -> None:
     if not python.exists():
         subprocess.run(["/usr/bin/python3", "-m", "venv", str(venv)], check=True)
     before = _freeze(python)
-    proc = subprocess.run(
-        install_argv(str(python), root / "wheels"), capture_output=True, text=True
-    )
+    _pip_ok(install_argv(str(python), root / "wheels"), root)
+    changed = _freeze(python) != before
+    # pip keeps an installed gpu-appliance of the same version even when this bundle's wheel
+    # holds other code: the wheel's own hash, stamped in the venv, decides.
+    wheel = next((root / "wheels").glob("gpu_appliance-*.whl"))
+    stamp = venv / ".appliance-wheel.sha256"
+    digest = _sha256(wheel)
+    if not stamp.is_file() or stamp.read_text().strip() != digest:
+        pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-index"]
+        _pip_ok([*pip, "--no-deps", "--force-reinstall", str(wheel)], root)
+        stamp.write_text(digest + "\n")
+        changed = True
+    report.note("wheels", f"{'installed into' if changed else 'already in'} {venv}", changed)
+
+
+def _pip_ok(argv: list[str], root: Path) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
         raise BundleError(f"pip install from {root / 'wheels'} failed: {tail}")
-    changed = _freeze(python) != before
-    report.note("wheels", f"{'installed into' if changed else 'already in'} {venv}", changed)
 
 
 def _freeze(python: Path) -> str:

@@ -280,11 +280,8 @@ def parse_index(text: str) -> list[IndexRecord]:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _apt_download_name(rec: IndexRecord) -> str:

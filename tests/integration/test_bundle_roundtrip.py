@@ -59,13 +59,19 @@ def test_the_wheel_carries_every_data_file(bundle: Path) -> None:
     assert not missing, f"not in {wheel.name}: {missing}"
 
 
-def test_install_and_serve_with_no_network(bundle: Path, tmp_path: Path) -> None:
-    venv, state, out = tmp_path / "venv", tmp_path / "state", tmp_path / "out"
+def test_install_and_serve_with_no_network(
+    bundle: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    venv, state, out, models = (tmp_path / n for n in ("venv", "state", "out", "models"))
     out.mkdir()
+    models.mkdir()
+    # Share converted weights with the embedded backend's tests: conversion costs ~20 s.
+    (models / "cache").symlink_to(request.config.cache.mkdir("embedded-models"))
     script = textwrap.dedent(
         f"""\
         set -eu
         export APPLIANCE_STATE_DIR={state} APPLIANCE_SYSTEM_CONFIG={tmp_path}/none.yaml
+        export APPLIANCE_MODELS_DIR={models}
         export XDG_CONFIG_HOME={tmp_path}/xdg CLI_LINK=
         ip link set lo up
         # No network at all: only loopback exists.

@@ -45,14 +45,13 @@ from appliance.wheelhouse import (
     pinned_closure,
     source_digest,
 )
+from sandbox.agent_image import INPUTS_LABEL, LABEL_PREFIX, find_by_inputs
 from sandbox.image import RECIPE_LABEL
 
 Progress = Callable[[str], None]
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 REPOSITORY_PREFIX = "localhost/appliance"
-LABEL_PREFIX = "org.appliance"
-INPUTS_LABEL = f"{LABEL_PREFIX}.inputs-digest"
 # Bump when the context layout or the builder's treatment of a recipe changes.
 RECIPE_VERSION = 1
 # REFERENCE §2: the planner's flags are those of the recipes for vLLM >= 0.24 (the Spark recipe's
@@ -301,15 +300,9 @@ class ApplianceImageRef:
 
 
 def find_appliance_image(client: Any, t: Target, digest: str) -> ApplianceImageRef | None:
-    from podman.errors import ImageNotFound
-
     tag = tag_for(t, digest)
-    try:
-        img = client.images.get(tag)
-    except ImageNotFound:
-        return None
-    labels = {str(k): str(v) for k, v in (img.labels or {}).items()}
-    if labels.get(INPUTS_LABEL) != digest:  # a tag collision or a hand-made image: rebuild
+    img, labels = find_by_inputs(client, tag, digest)
+    if img is None:
         return None
     size = int(img.attrs.get("Size") or 0)
     return ApplianceImageRef(t.name, tag, digest, img.id, size, labels)

@@ -186,14 +186,21 @@ def labels_for(spec: Mapping[str, Any], digest: str, base: ImageRef) -> dict[str
     return labels
 
 
-def find_agent_image(client: PodmanClient, digest: str) -> AgentImageRef | None:
-    tag = tag_for(digest)
+def find_by_inputs(client: PodmanClient, tag: str, digest: str) -> tuple[Any, dict[str, str]]:
+    """The image tagged `tag` that carries `digest` as its inputs label, and its labels; a
+    missing tag, a tag collision or a hand-made image is (None, {}): rebuild."""
     try:
         img = client.images.get(tag)
     except ImageNotFound:
-        return None
+        return None, {}
     labels = {str(k): str(v) for k, v in (img.labels or {}).items()}
-    if labels.get(INPUTS_LABEL) != digest:  # a tag collision or a hand-made image: rebuild
+    return (img, labels) if labels.get(INPUTS_LABEL) == digest else (None, {})
+
+
+def find_agent_image(client: PodmanClient, digest: str) -> AgentImageRef | None:
+    tag = tag_for(digest)
+    img, labels = find_by_inputs(client, tag, digest)
+    if img is None:
         return None
     return AgentImageRef(tag=tag, inputs_digest=digest, image_id=img.id, labels=labels)
 

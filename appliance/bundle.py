@@ -253,6 +253,7 @@ class Verification:
     root: Path
     checked: int = 0
     bad: list[str] = field(default_factory=list)  # "path: why"
+    digests: dict[str, str] = field(default_factory=dict)  # relative path -> sha256, as listed
 
     @property
     def ok(self) -> bool:
@@ -278,6 +279,7 @@ def verify_bundle(root: Path) -> Verification:
             result.bad.append(f"{rel}: a symbolic link")
         elif p.is_file() and rel != SUMS and rel not in listed:
             result.bad.append(f"{rel}: not listed in {SUMS}")
+    result.digests = listed
     for rel, digest in listed.items():
         path = root / rel
         if not path.is_file() or path.is_symlink():
@@ -364,7 +366,7 @@ def _check_host(manifest: dict[str, Any]) -> None:
         )
 
 
-def _install_wheels(root: Path, venv: Path, report: InstallReport) -> None:
+def _install_wheels(root: Path, venv: Path, digests: dict[str, str], report: InstallReport) -> None:
     from appliance.wheelhouse import install_argv
 
     python = venv / "bin" / "python"
@@ -377,7 +379,7 @@ def _install_wheels(root: Path, venv: Path, report: InstallReport) -> None:
     # holds other code: the wheel's own hash, stamped in the venv, decides.
     wheel = next((root / "wheels").glob("gpu_appliance-*.whl"))
     stamp = venv / ".appliance-wheel.sha256"
-    digest = _sha256(wheel)
+    digest = digests[wheel.relative_to(root).as_posix()]  # verified before install
     if not stamp.is_file() or stamp.read_text().strip() != digest:
         pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-index"]
         _pip_ok([*pip, "--no-deps", "--force-reinstall", str(wheel)], root)
@@ -419,17 +421,18 @@ def _install_images(
     report.note("images", what, bool(loaded))
 
 
-def _sync_tree(src: Path, dest: Path) -> bool:
-    """Copy files from src to dest where missing or different; True if anything was copied."""
+def _sync_tree(root: Path, section: str, dest: Path, digests: dict[str, str]) -> bool:
+    """Copy the bundle's files under `section/` to dest where missing or different (compared
+    with the digests verify just checked); True if anything was copied."""
     changed = False
-    for path in sorted(src.rglob("*")):
-        if path.is_dir():
+    for rel, digest in sorted(digests.items()):
+        if not rel.startswith(f"{section}/"):
             continue
-        target = dest / path.relative_to(src)
-        if target.is_file() and _sha256(target) == _sha256(path):
+        target = dest / rel.removeprefix(f"{section}/")
+        if target.is_file() and _sha256(target) == digest:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target)
+        shutil.copy2(root / rel, target)
         changed = True
     return changed
 
@@ -449,7 +452,7 @@ def install_bundle(
     sections = manifest["sections"]
     if options.wheels:
         progress("wheels: pip install --no-index --no-deps")
-        _install_wheels(root, options.venv or Path(sys.prefix), report)
+        _install_wheels(root, options.venv or Path(sys.prefix), verification.digests, report)
     if options.images and sections.get("images"):
         progress("images: loading into the service user's Podman")
         _install_images(_podman(config), root, sections["images"], report)
@@ -459,10 +462,10 @@ def install_bundle(
                 "the bundle carries operator blueprints but `blueprints.dirs` is not set",
                 hint="add a directory to blueprints.dirs in the config, or pass --no-blueprints",
             )
-        changed = _sync_tree(root / "blueprints", config.blueprints.dirs[0])
+        changed = _sync_tree(root, "blueprints", config.blueprints.dirs[0], verification.digests)
         report.note("blueprints", f"into {config.blueprints.dirs[0]}", changed)
     if options.models and (root / "models").is_dir():
         models_dir = config.resolved_models_dir
-        changed = _sync_tree(root / "models", models_dir)
+        changed = _sync_tree(root, "models", models_dir, verification.digests)
         report.note("models", f"into {models_dir}", changed)
     return report

@@ -259,7 +259,7 @@ def backed_client(store: InferenceStore, sent: list[str]) -> Iterator[TestClient
 
     with make_client(store, upstream=UPSTREAM, aliases=ALIASES) as c:
         gw = c.app.state.gateway  # type: ignore[attr-defined]
-        gw.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        gw.forward.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
         yield c
 
 

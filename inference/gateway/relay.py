@@ -1,0 +1,159 @@
+"""The answer's way back: a whole JSON response, or a stream relayed event by event, metered
+however it ends (normally, cut by the backend, or the client hanging up)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+from starlette.responses import Response, StreamingResponse
+
+from inference.gateway.admission import Admission
+from inference.gateway.errors import GatewayError, error_body, sse_error
+from inference.gateway.sse import SSEMeter
+from inference.ports import KeyRecord
+
+CHAT = "/v1/chat/completions"
+
+# Statuses recorded in the ledger for streams that did not end normally (the client saw 200).
+STATUS_CLIENT_GONE = 499
+STATUS_BACKEND_BROKE = 502
+
+
+def _estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """Rough count (4 characters a token) for a stream that ended before its usage chunk."""
+    if "messages" in body:
+        text = "".join(
+            m.get("content") if isinstance(m.get("content"), str) else json.dumps(m)
+            for m in body["messages"]
+        )
+    else:
+        text = json.dumps(body.get("prompt", ""))
+    return max(1, len(text) // 4)
+
+
+class MeteredStream(StreamingResponse):
+    """Ends the relay explicitly, so a client that hangs up is metered at once (and one that
+    hung up before the first byte is metered too)."""
+
+    def __init__(self, relay: Relay, headers: dict[str, str]) -> None:
+        super().__init__(relay.events(), headers=headers, media_type="text/event-stream")
+        self.relay = relay
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                await self.relay.finish()
+
+
+async def plain_response(
+    gw: Admission,
+    key: KeyRecord,
+    path: str,
+    model: str,
+    response: httpx.Response,
+    headers: dict[str, str],
+    started: float,
+    stream: bool,
+) -> Response:
+    """A whole JSON answer (or a backend error, passed on with its status)."""
+    try:
+        content = await response.aread()
+    except httpx.HTTPError:
+        gw.record(key, path, model, 502, started, stream)
+        raise GatewayError(502, "the backend failed while answering", "backend_error") from None
+    finally:
+        await response.aclose()
+    status = response.status_code
+    prompt = completion = 0
+    if status == 200:
+        try:
+            usage = json.loads(content).get("usage") or {}
+            prompt = int(usage.get("prompt_tokens") or 0)
+            completion = int(usage.get("completion_tokens") or 0)
+        except (ValueError, AttributeError, TypeError):
+            pass
+    else:
+        gw.metrics.errors.labels(path, f"backend_{status}").inc()
+        try:
+            json.loads(content)["error"]  # already OpenAI-shaped: pass it on
+        except (ValueError, KeyError, TypeError):
+            text = content.decode(errors="replace")[:500]
+            content = json.dumps(error_body(f"backend: {text}", "server_error")).encode()
+    gw.record(key, path, model, status, started, stream, prompt, completion)
+    media = response.headers.get("content-type", "application/json")
+    return Response(content, status, headers=headers, media_type=media)
+
+
+class Relay:
+    """Passes a backend stream through event by event and meters it, however it ends."""
+
+    def __init__(
+        self,
+        gw: Admission,
+        key: KeyRecord,
+        path: str,
+        model: str,
+        response: httpx.Response,
+        body: dict[str, Any],
+        wants_usage: bool,
+        started: float,
+    ) -> None:
+        self.gw, self.key, self.path, self.model = gw, key, path, model
+        self.response, self.body, self.started = response, body, started
+        self.meter = SSEMeter(wants_usage, chat=path == CHAT)
+        self.status = STATUS_CLIENT_GONE  # until the stream ends one way or the other
+        self._finished = False
+
+    async def events(self) -> AsyncIterator[bytes]:
+        meter = self.meter
+        try:
+            async for chunk in self.response.aiter_raw():
+                out = meter.feed(chunk)
+                if meter.done:  # before the yield: the client may hang up as soon as it reads it
+                    self.status = 200
+                if out:
+                    yield out
+            tail = meter.tail()
+            if tail:
+                yield tail
+            if not meter.done:  # the backend closed without [DONE]: a cut-short stream
+                self.status = STATUS_BACKEND_BROKE
+                yield sse_error("the inference backend closed the stream early")
+        except httpx.HTTPError as exc:
+            self.status = STATUS_BACKEND_BROKE
+            self.gw.metrics.backend_up.labels("local").set(0)
+            yield sse_error(
+                f"the inference backend failed mid-stream ({type(exc).__name__}); "
+                "the partial answer above was metered",
+                "server_error",
+                "backend_stream_error",
+            )
+
+    async def finish(self) -> None:
+        """Meter the request once and release the backend connection."""
+        if self._finished:
+            return
+        self._finished = True
+        gw, meter = self.gw, self.meter
+        usage = meter.usage or {}
+        if usage:
+            prompt = int(usage.get("prompt_tokens") or 0)
+            completion = int(usage.get("completion_tokens") or 0)
+        else:
+            prompt = _estimate_prompt_tokens(self.body)
+            completion = meter.data_events
+        if self.status != 200:
+            gw.metrics.errors.labels(self.path, f"stream_{self.status}").inc()
+        if meter.first_token_at is not None:
+            gw.metrics.ttft.labels(self.model).observe(meter.first_token_at - self.started)
+        gw.record(
+            self.key, self.path, self.model, self.status, self.started, True, prompt, completion
+        )
+        await self.response.aclose()

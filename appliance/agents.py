@@ -25,10 +25,12 @@ from typing import Any
 from appliance.blueprint_refs import check_compatible, resolve_blueprint
 from appliance.config import ApplianceConfig
 from appliance.errors import ApplianceError, ConfigError, NotFoundError
+from appliance.names import check_name
 from appliance.sandboxes import SandboxManager
 from appliance.store import Store
 from appliance.store.agent_store import AgentStore, Deployment
 from appliance.store.inference_store import InferenceStore
+from appliance.undo import Undo
 from blueprints.catalog import Catalog
 from blueprints.model import Blueprint
 from inference.ports import Budget
@@ -179,6 +181,9 @@ class AgentManager:
         return ["sleep", "infinity"]  # OpenClaw runs per turn (`agent --local`), no daemon
 
     def create(self, name: str, ref: str, progress: Progress = lambda _: None) -> Deployment:
+        """All or nothing: the name is checked first; a failure after the sandbox was made
+        removes it (its key and budget with it)."""
+        check_name(name, "agent")
         if self.agents.current(name) is not None or self.sandboxes.boxes.get(name) is not None:
             raise AgentError(f"{name!r} exists", hint=f"`appliance agent rm {name}`")
         bp = self.blueprint(ref)
@@ -189,20 +194,24 @@ class AgentManager:
         image = self.image(bp, progress)
         progress(f"image: {image} ({time.monotonic() - t0:.1f} s)")
         t1 = time.monotonic()
-        # The allowlist goes in with the key (each deployment gets a fresh one, so an upgrade
-        # or rollback carries its own blueprint's list): the key is never unrestricted.
-        self.sandboxes.create(
-            name,
-            self._policy(bp),
-            self._command(bp),
-            image,
-            agent_files=self._agent_files(bp),
-            allowed_models=key_models(bp),
-        )
-        progress(f"sandbox: running ({time.monotonic() - t1:.1f} s)")
-        self._ensure_workspace(name)
-        self._set_budget(name, bp)
-        dep_id = self.agents.deploy(name, bp.name, bp.version, bp.digest(), image, reason)
+        kept_home = self.sandboxes.paths(name).home.exists()  # an upgrade's: never undone
+        with Undo(f"agent {name}") as undo:
+            # The allowlist goes in with the key (each deployment gets a fresh one, so an
+            # upgrade or rollback carries its own blueprint's list): never unrestricted.
+            self.sandboxes.create(
+                name,
+                self._policy(bp),
+                self._command(bp),
+                image,
+                agent_files=self._agent_files(bp),
+                allowed_models=key_models(bp),
+            )
+            undo.add(self.sandboxes.remove, name, keep_home=kept_home)
+            progress(f"sandbox: running ({time.monotonic() - t1:.1f} s)")
+            self._ensure_workspace(name)
+            self._set_budget(name, bp)
+            dep_id = self.agents.deploy(name, bp.name, bp.version, bp.digest(), image, reason)
+            undo.commit()
         self.sandboxes.store_audit(
             "agent.deploy", agent=name, blueprint=bp.ref, digest=bp.digest(), reason=reason
         )

@@ -140,6 +140,15 @@ def _env_layer(env: Mapping[str, str]) -> tuple[dict[str, Any], Provenance]:
     return data, provenance
 
 
+def check_config_file(path: Path) -> None:
+    """The file named by --config or APPLIANCE_CONFIG must exist: never silently skipped."""
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: no such config file (named by --config or APPLIANCE_CONFIG)",
+            hint="give the path of an existing YAML file, or leave --config out",
+        )
+
+
 def load_config(
     flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -151,6 +160,8 @@ def load_config(
     env = os.environ if environ is None else environ
     merged: dict[str, Any] = {}
     provenance: Provenance = {}
+    if env.get("APPLIANCE_CONFIG"):
+        check_config_file(Path(env["APPLIANCE_CONFIG"]))
     for path in config_files(env):
         if path.is_file():
             try:

@@ -26,10 +26,13 @@ from typing import Any
 from appliance.audit import audit_path
 from appliance.config import ApplianceConfig
 from appliance.errors import ApplianceError, BackendError, NotFoundError, PreflightError
+from appliance.names import check_name
+from appliance.owned_paths import owned_child, remove_owned
 from appliance.podman_service import PodmanService
 from appliance.store import Store
 from appliance.store.inference_store import InferenceStore
 from appliance.store.sandbox_store import SandboxRecord, SandboxStore
+from appliance.undo import Undo, discard_key, end_proxy, undo_new_dirs
 from sandbox.compile.landlock import landlock_rules
 from sandbox.compile.podman_spec import (
     SUPERVISOR_ENTRYPOINT,
@@ -159,10 +162,15 @@ class SandboxManager:
     # -- paths and helpers -------------------------------------------------------------------
 
     def paths(self, name: str) -> SandboxPaths:
+        """The sandbox's directories, each strictly inside the directory that owns it (a name
+        like '' or '..' from a record older than the name rule is refused here)."""
         home = Path(self.podman.account.pw_dir)
-        return SandboxPaths(
-            root=home / "sandboxes" / name, private=self.config.state_dir / "sandboxes" / name
+        boxes, private = home / "sandboxes", self.config.state_dir / "sandboxes"
+        paths = SandboxPaths(
+            root=owned_child(boxes, boxes / name), private=owned_child(private, private / name)
         )
+        owned_child(home / "homes", paths.home)
+        return paths
 
     @property
     def instance(self) -> str:
@@ -171,7 +179,7 @@ class SandboxManager:
 
     def _labelled(self, name: str | None = None) -> list[Any]:
         """This control plane's sandbox containers on Podman (all, or the one named)."""
-        sandbox = SANDBOX_LABEL + (f"={name}" if name else "")
+        sandbox = SANDBOX_LABEL + (f"={name}" if name is not None else "")  # '' is no "all"
         return self._client().containers.list(
             all=True, filters=[f"label={sandbox}", f"label={STATE_LABEL}={self.instance}"]
         )
@@ -208,55 +216,79 @@ class SandboxManager:
         """Create and start a sandbox. `agent_files` (name -> text) are mounted read-only at
         /run/appliance/agent (the policy must list that path in read_only). `allowed_models`:
         the only models its key may use (None: any), set when the key is made, before the
-        sandbox runs."""
+        sandbox runs.
+
+        All or nothing: the name is checked before anything is written, and a failure at any
+        step undoes what this call made (record, revision, directories, key, proxy, container);
+        a home kept by `rm --keep-home` stays."""
+        check_name(name, "sandbox")
         self._refuse_if_held()
-        if self.boxes.get(name) is not None:
-            raise SandboxError(f"sandbox {name!r} exists", hint=f"`appliance sandbox rm {name}`")
-        policy = self._carry_over_network(name, policy)
-        rev = self.boxes.add_revision(name, policy, "created")
+        paths = self.paths(name)
         image = image or "localhost/appliance-base:latest"
         command = command or ["sleep", "infinity"]
-        paths = self.paths(name)
-        self._prepare_dirs(paths, policy, command)
-        if agent_files is not None:
-            self._write_agent_files(paths, agent_files)
-        key_id = self._new_key(name, paths, allowed_models)
-        self.boxes.upsert(name, image=image, command=command, state="creating", key_id=key_id)
-        self.store_audit("sandbox.create", sandbox=name, policy_rev=rev)
-        try:
-            proxy = self._spawn_proxy(name, paths)
-            client = self._client()
-            mounts = SandboxMounts(
-                egress_dir=str(paths.egress),
-                supervisor_dir=str(paths.root.parent / "supervisor"),
-                config_dir=str(paths.config),
-                report_dir=str(paths.report),
-                seccomp_path=str(paths.seccomp),
-                state_dir=str(paths.home)
-                if "/home/agent" in policy.filesystem.read_write
-                else None,
-                agent_dir=str(paths.agent) if agent_files is not None else None,
-            )
-            spec = podman_spec(policy, name=name, image=image, mounts=mounts, command=command)
-            spec["labels"][STATE_LABEL] = self.instance
-            try:
-                container = client.containers.create(**spec)
-            except Exception as exc:  # podman-py's APIError: say what the operator can do
-                if "already in use" not in str(exc):
-                    raise
+        with Undo(f"sandbox {name}") as undo:
+            if not self.boxes.claim(name, image=image, command=command):
                 raise SandboxError(
-                    f"Podman already has a container named {name!r} that this appliance did "
-                    "not create (another state dir, or made by hand)",
-                    hint=f"pick another name, or remove it: podman rm -f {name} (as the "
-                    f"{self.config.sandbox.service_user} user)",
-                ) from None
-            self.boxes.set_state(name, "created", container.id)
-            self._start_container(name, container)
-            self._await_proxy(name, paths, proxy)
-        except BaseException:
-            self.boxes.set_state(name, "failed")
-            raise
+                    f"sandbox {name!r} exists", hint=f"`appliance sandbox rm {name}`"
+                )
+            undo.add(self.boxes.delete, name)
+            undo.add(self.store_audit, "sandbox.create_undone", sandbox=name)
+            policy = self._carry_over_network(name, policy)
+            rev = self.boxes.add_revision(name, policy, "created")
+            undo.add(self.boxes.delete_revision, name, rev)
+            undo_new_dirs(undo, [paths.home, paths.private, paths.root], paths.private.parent)
+            self._prepare_dirs(paths, policy, command)
+            if agent_files is not None:
+                self._write_agent_files(paths, agent_files)
+            key_id = self._new_key(name, paths, allowed_models)
+            undo.add(discard_key, self.config.state_dir, key_id)
+            self.boxes.upsert(name, image=image, command=command, state="creating", key_id=key_id)
+            self.store_audit("sandbox.create", sandbox=name, policy_rev=rev)
+            self._create_container(undo, name, policy, image, command, paths, agent_files)
+            undo.commit()
         return self._record(name)
+
+    def _create_container(
+        self,
+        undo: Undo,
+        name: str,
+        policy: Policy,
+        image: str,
+        command: list[str],
+        paths: SandboxPaths,
+        agent_files: dict[str, str] | None,
+    ) -> None:
+        """The proxy and the container, each registered in `undo` as soon as it exists."""
+        proxy = self._spawn_proxy(name, paths)
+        if proxy is not None:
+            undo.add(end_proxy, proxy, paths.proxy_pid)
+        client = self._client()
+        mounts = SandboxMounts(
+            egress_dir=str(paths.egress),
+            supervisor_dir=str(paths.root.parent / "supervisor"),
+            config_dir=str(paths.config),
+            report_dir=str(paths.report),
+            seccomp_path=str(paths.seccomp),
+            state_dir=str(paths.home) if "/home/agent" in policy.filesystem.read_write else None,
+            agent_dir=str(paths.agent) if agent_files is not None else None,
+        )
+        spec = podman_spec(policy, name=name, image=image, mounts=mounts, command=command)
+        spec["labels"][STATE_LABEL] = self.instance
+        try:
+            container = client.containers.create(**spec)
+        except Exception as exc:  # podman-py's APIError: say what the operator can do
+            if "already in use" not in str(exc):
+                raise
+            raise SandboxError(
+                f"Podman already has a container named {name!r} that this appliance did "
+                "not create (another state dir, or made by hand)",
+                hint=f"pick another name, or remove it: podman rm -f {name} (as the "
+                f"{self.config.sandbox.service_user} user)",
+            ) from None
+        undo.add(container.remove, force=True)
+        self.boxes.set_state(name, "created", container.id)
+        self._start_container(name, container)
+        self._await_proxy(name, paths, proxy)
 
     def _carry_over_network(self, name: str, policy: Policy) -> Policy:
         """A re-created sandbox keeps the rules its earlier revisions gained: approvals (allow)
@@ -319,7 +351,7 @@ class SandboxManager:
         (paths.report / "enforcement.json").unlink(missing_ok=True)
 
     def _write_agent_files(self, paths: SandboxPaths, files: dict[str, str]) -> None:
-        shutil.rmtree(paths.agent, ignore_errors=True)  # nothing stale from an earlier version
+        remove_owned(paths.root, paths.agent)  # nothing stale from an earlier version
         paths.agent.mkdir(mode=0o755, parents=True)
         for filename, text in files.items():
             target = paths.agent / filename
@@ -464,8 +496,8 @@ class SandboxManager:
     ) -> tuple[int, bytes, bytes]:
         """Run `command` in the sandbox as the agent, inside the agent's Landlock domain (the
         supervisor's `exec` mode); returns (exit code, stdout, stderr)."""
-        _rev, policy = self.policy(name)
         record = self._record(name)
+        _rev, policy = self.policy(name)
         argv = [*SUPERVISOR_ENTRYPOINT, "exec"]
         for key, value in (env or {}).items():
             argv += ["--env", f"{key}={value}"]
@@ -494,15 +526,17 @@ class SandboxManager:
     def remove(self, name: str, keep_home: bool = False) -> None:
         """Remove the container, proxy, key and directories; `keep_home` keeps the agent's
         state volume (an upgrade re-creates the sandbox around it)."""
-        if self.boxes.get(name) is None and self._remove_orphan(name):
-            return
+        if self.boxes.get(name) is None:
+            check_name(name, "sandbox")  # a hostile name names no orphan either
+            if self._remove_orphan(name):
+                return
         record = self._record(name)
+        paths = self.paths(name)  # before anything is removed: refuses '', '.', '..'
         try:
             self.container(name).remove(force=True)
         except Exception as exc:  # already gone from Podman: still forget it here
             if "no such container" not in str(exc).lower():
                 raise
-        paths = self.paths(name)
         self._stop_proxy(paths)
         inference = InferenceStore(self.config.state_dir)
         try:
@@ -510,10 +544,10 @@ class SandboxManager:
                 inference.revoke_key(record.key_id)
         finally:
             inference.close()
-        shutil.rmtree(paths.root, ignore_errors=True)
-        shutil.rmtree(paths.private, ignore_errors=True)
+        remove_owned(paths.root.parent, paths.root)
+        remove_owned(paths.private.parent, paths.private)
         if not keep_home:
-            shutil.rmtree(paths.home, ignore_errors=True)
+            remove_owned(paths.home.parent, paths.home)
         self.boxes.delete(name)  # policy revisions stay: a re-created sandbox inherits them
         self.store_audit("sandbox.rm", sandbox=name)
 

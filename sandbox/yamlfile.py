@@ -60,6 +60,11 @@ def load_yaml(path: Path) -> tuple[dict[str, Any], Provenance]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise YamlError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:  # a config error like any other, not a crash
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise YamlError(
+            f"{path}: not UTF-8 (line {line}: byte 0x{exc.object[exc.start]:02x})"
+        ) from None
     return parse_yaml(text, str(path))
 
 

@@ -47,7 +47,11 @@ def create(
     ],
     json_out: JsonOpt = False,
 ) -> None:
-    """Create the agent's sandbox (image, policy, key, budget) from a blueprint and start it."""
+    """Create the agent's sandbox (image, policy, key, budget) from a blueprint and start it.
+    NAME: 1-63 of a-z, 0-9 and '-'. All or nothing: a failure leaves nothing behind."""
+    from appliance.names import check_name
+
+    check_name(name, "agent")  # before anything is opened or written
     with agents(ctx) as m:
         dep = m.create(name, blueprint, progress=_progress)
         report = m.sandboxes.enforcement(name) or {}

@@ -82,7 +82,11 @@ def create(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Create a key and print its secret: it is shown this once and stored only hashed."""
+    """Create a key and print its secret: it is shown this once and stored only hashed.
+    NAME: 1-63 of a-z, 0-9 and '-', starting with a letter or digit."""
+    from appliance.names import check_key_name
+
+    check_key_name(name, "sandbox" if sandbox else "client")  # before the store is opened
     with open_inference_store(ctx) as store:
         key, secret = store.create_key(
             name, "sandbox" if sandbox else "client", allow_model or None

@@ -30,6 +30,7 @@ from appliance.cli import (
 )
 from appliance.cli.context import AppContext
 from appliance.cli.output import print_error
+from appliance.config import check_config_file
 from appliance.errors import ApplianceError, exit_code_for
 
 app = typer.Typer(
@@ -67,6 +68,7 @@ def _root(
     ] = False,
 ) -> None:
     if config is not None:
+        check_config_file(config)  # every command, even one that reads no config
         os.environ["APPLIANCE_CONFIG"] = str(config)
     ctx.obj = AppContext(flags={"state_dir": state_dir})
 

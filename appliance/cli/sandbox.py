@@ -43,9 +43,12 @@ def create(
     image: Annotated[str | None, typer.Option(help="Image (default: the base image).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Create and start a sandbox whose limits come from POLICY (YAML)."""
+    """Create and start a sandbox whose limits come from POLICY (YAML). NAME: 1-63 of a-z, 0-9
+    and '-', starting with a letter or digit. All or nothing: a failure leaves nothing behind."""
+    from appliance.names import check_name
     from appliance.sandboxes import read_policy_file
 
+    check_name(name, "sandbox")  # before anything is read, opened or written
     parsed = read_policy_file(policy)  # a bad file fails here: nothing is started
     with manager(ctx) as m:
         record = m.create(name, parsed, command or None, image)
@@ -87,11 +90,12 @@ def exec_(
     ctx: typer.Context, name: NameArg, command: Annotated[list[str], typer.Argument()]
 ) -> None:
     """Run a command in the sandbox as the agent: seccomp, dropped caps and the agent's Landlock
-    domain apply, as to the agent itself."""
+    domain apply, as to the agent itself. Stdin is forwarded (like `podman exec -i`) and the
+    exit status is the command's."""
+    from appliance.sandbox_exec import exec_attached
+
     with manager(ctx) as m:
-        code, out, err = m.exec(name, command)
-    sys.stdout.write(out.decode(errors="replace"))
-    sys.stderr.write(err.decode(errors="replace"))
+        code = exec_attached(m, name, command)
     raise typer.Exit(code)
 
 

@@ -27,11 +27,11 @@ from typing import Any
 
 from appliance.audit import ChainWriter, audit_path
 from appliance.errors import ApplianceError, StateError
+from appliance.names import KeyNameError, check_key_name
 from appliance.store.db import DB_NAME, open_store
 from inference.ports import Budget, KeyRecord, OwnerKind, Spend, UsageRecord
 
 SECRET_PREFIX = "sk-app-"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MODEL = re.compile(r"^[!-~]{1,256}$")  # printable ASCII, no spaces: what a request can name
 _KEY_COLUMNS = "id, name, owner_kind, created_at, revoked_at, allowed_models_json"
 
@@ -73,14 +73,6 @@ def _model_list(models: Iterable[str] | None) -> tuple[str, ...] | None:
         if not isinstance(name, str) or not _MODEL.match(name):
             raise KeyModelError(f"invalid model name {name!r}")
     return names
-
-
-class KeyNameError(ApplianceError):
-    """A key name is malformed or already used by a live key."""
-
-    hint = (
-        "names are 1-64 letters, digits, '.', '_' or '-'; `appliance keys list` shows the used ones"
-    )
 
 
 class KeyModelError(ApplianceError):
@@ -146,8 +138,7 @@ class InferenceStore:
     ) -> tuple[KeyRecord, str]:
         """`allowed_models`: the model names the key may request; None (the default) allows any.
         Set once, with the key: it never changes, so the auth cache can hold it."""
-        if not _NAME.match(name) or name.startswith("key_"):
-            raise KeyNameError(f"invalid key name {name!r}")
+        check_key_name(name, owner_kind)  # the one name rule (appliance/names.py)
         models = _model_list(allowed_models)
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         record = KeyRecord(
@@ -177,6 +168,25 @@ class InferenceStore:
         except sqlite3.IntegrityError:
             raise KeyNameError(f"a live key named {name!r} already exists") from None
         return record, secret
+
+    def discard_key(self, key_id: str) -> None:
+        """Undo `create_key` for a create that failed: the key (and its budget) is deleted if
+        it never served a request, else revoked (the ledger keeps what it spent)."""
+        with self.conn:
+            used = self.conn.execute(
+                "SELECT 1 FROM usage_ledger WHERE key_id = ? LIMIT 1", (key_id,)
+            ).fetchone()
+            if used:
+                self.conn.execute(
+                    "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                    (time.time(), key_id),
+                )
+            else:
+                for table in ("budget_marks", "budgets", "api_keys"):
+                    column = "id" if table == "api_keys" else "key_id"
+                    self.conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (key_id,))
+            self._audit("key.discarded", key_id, {"deleted": not used})
+        self._auth_cache.clear()
 
     def authenticate(self, secret: str) -> KeyRecord | None:
         if not secret.startswith(SECRET_PREFIX):

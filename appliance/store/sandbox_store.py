@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -56,6 +57,20 @@ class SandboxStore:
                 (name, container_id, image, json.dumps(command), key_id, state, now, now),
             )
 
+    def claim(self, name: str, *, image: str, command: list[str]) -> bool:
+        """Insert the record in state `creating`; False if the name is taken (two creates of
+        one name race here, in one transaction, and only one wins)."""
+        now = time.time()
+        try:
+            with self.conn:
+                self.conn.execute(
+                    f"INSERT INTO sandboxes ({_COLUMNS}) VALUES (?, NULL, ?, ?, NULL, ?, ?, ?)",
+                    (name, image, json.dumps(command), "creating", now, now),
+                )
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
     def set_state(self, name: str, state: str, container_id: str | None = None) -> None:
         with self.conn:
             self.conn.execute(
@@ -92,6 +107,13 @@ class SandboxStore:
                 (sandbox, rev, policy.to_yaml(), reason, time.time()),
             )
         return rev
+
+    def delete_revision(self, sandbox: str, rev: int) -> None:
+        """Undo `add_revision` for a create that failed."""
+        with self.conn:
+            self.conn.execute(
+                "DELETE FROM policy_revisions WHERE sandbox = ? AND rev = ?", (sandbox, rev)
+            )
 
     def latest_policy(self, sandbox: str) -> tuple[int, Policy] | None:
         row = self.conn.execute(

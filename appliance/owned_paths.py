@@ -1,0 +1,45 @@
+"""Deletes and writes that stay inside the directory a command owns.
+
+Every destructive path (sandbox and agent rm, upgrade and rollback, a failed create's undo,
+bundle install) goes through `owned_child`: the target must be a strict child of the directory
+it belongs to, with `..` and symlinks in its parents resolved. The nameless sandbox (whose
+directory would be the shared `sandboxes/` itself) and `../x` are refused here even if a name
+slipped past the name rule (a record made by an older version).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from appliance.errors import ApplianceError
+
+
+class UnsafePathError(ApplianceError):
+    """A path to delete or write is not strictly inside the directory that owns it."""
+
+    hint = "refused to touch it; names follow `appliance sandbox create --help` (a-z, 0-9, '-')"
+
+
+def owned_child(parent: Path, child: Path) -> Path:
+    """`child`, if it lies strictly inside `parent`. Its parents are resolved (symlinks, `..`);
+    its last component is not followed, so a symlink child is itself the child."""
+    raw = os.fspath(child)
+    name = os.path.basename(raw.rstrip("/")) if raw.rstrip("/") else ""
+    if raw.endswith("/") or name in ("", ".", ".."):
+        raise UnsafePathError(f"{raw!r} is not a directory entry inside {parent}")
+    base = Path(parent).resolve()
+    where = Path(os.path.dirname(raw) or ".").resolve() / name
+    if where == base or base not in where.parents:
+        raise UnsafePathError(f"{raw!r} is not inside {parent}")
+    return child
+
+
+def remove_owned(parent: Path, child: Path) -> None:
+    """Delete `child` (a tree, a file or a link; missing is fine) after `owned_child`."""
+    owned_child(parent, child)
+    if child.is_symlink() or child.is_file():
+        child.unlink(missing_ok=True)
+    elif child.exists():
+        shutil.rmtree(child)

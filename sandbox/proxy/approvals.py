@@ -42,18 +42,43 @@ class Pending:
         }
 
 
-class ApprovalBroker:
-    """In-memory, one event loop. Identical requests share one entry; waiters wake at once."""
+DEFAULT_MAX_PENDING = 10  # appliance config: sandbox.max_pending_approvals
 
-    def __init__(self, writer: PolicyWriter | None = None, audit: AuditSink | None = None) -> None:
+
+class TooManyPending(Exception):
+    """A sandbox asked for more approvals at once than the operator allows: refused at once."""
+
+
+class ApprovalBroker:
+    """In-memory, one event loop. Identical requests share one entry; waiters wake at once.
+
+    At most `max_pending` entries per sandbox: a sandbox that asks for more (one opened 59 in
+    3 s) is refused at once instead of flooding the operator's queue."""
+
+    def __init__(
+        self,
+        writer: PolicyWriter | None = None,
+        audit: AuditSink | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:
         self._writer = writer
         self._audit = audit
         self._pending: dict[str, Pending] = {}
+        self.max_pending = max_pending
 
     def request(self, sandbox: str, host: str, port: int) -> Pending:
+        """The pending entry for this host (shared), a new one, or TooManyPending."""
+        mine = 0
         for pending in self._pending.values():
             if (pending.sandbox, pending.host, pending.port) == (sandbox, host, port):
                 return pending
+            mine += pending.sandbox == sandbox
+        if mine >= self.max_pending:
+            raise TooManyPending(
+                f"{sandbox} already has {mine} pending approvals (the most allowed: "
+                f"sandbox.max_pending_approvals = {self.max_pending}); {host}:{port} is refused "
+                "until the operator decides some (appliance approvals list)"
+            )
         pending = Pending(
             id=secrets.token_hex(4),
             sandbox=sandbox,

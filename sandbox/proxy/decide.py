@@ -18,12 +18,21 @@ class Rule:
 
 def _denied_by(e: Endpoint, host: str, port: int, method: str | None, path: str | None) -> bool:
     # Deny rules match on host+port; for plain HTTP their path globs narrow them (methods do not).
+    # `path` is normalised (sandbox/proxy/paths.py). Deny globs compare ASCII-case-insensitively:
+    # many servers serve /SECRET as /secret, and a deny must win. Allow globs stay exact.
     if not e.matches_host(host, port):
         return False
     if method is None or path is None:
         return True
-    bare = path.split("?", 1)[0] or "/"
-    return any(_path_match(bare, glob) for glob in e.paths)
+    bare = _ascii_lower(path.split("?", 1)[0] or "/")
+    return any(_path_match(bare, _ascii_lower(glob)) for glob in e.paths)
+
+
+_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _ascii_lower(text: str) -> str:
+    return text.translate(_LOWER)
 
 
 def evaluate(

@@ -45,7 +45,7 @@ async def forward_exchange(
     body = asyncio.create_task(copy_body(client_r, upstream_w, framing, client_w))
     try:
         while True:
-            response = await read_head(upstream_r)
+            response = await _head_unless_body_fails(upstream_r, body)
             if response is None:
                 raise HttpError(502, "upstream closed without answering")
             status = int(response.first[1]) if response.first[1].isdigit() else 0
@@ -76,3 +76,19 @@ async def forward_exchange(
             body.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await body
+
+
+async def _head_unless_body_fails(
+    upstream_r: asyncio.StreamReader, body: asyncio.Task[None]
+) -> Head | None:
+    """The upstream's next head; but a request body refused mid-way (bad chunk framing) ends the
+    exchange with its error at once, instead of waiting on an upstream that waits for the rest."""
+    head = asyncio.ensure_future(read_head(upstream_r))
+    if not body.done():
+        await asyncio.wait({head, body}, return_when=asyncio.FIRST_COMPLETED)
+    if body.done() and not head.done() and body.exception() is not None:
+        head.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await head
+        raise body.exception()  # type: ignore[misc]
+    return await head

@@ -27,6 +27,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_DIGITS = re.compile(r"^[0-9]{1,18}\Z")  # ASCII only: str.isdigit() also takes '²'
+# A chunk-size line: hex digits only (int(x, 16) also takes '0x5', '+5', '1_0', ' 5 '), then
+# optional extensions; no whitespace anywhere a parser might read differently.
+_CHUNK_LINE = re.compile(rb"^([0-9A-Fa-f]{1,16})(;[!-~]*)?\r\n\Z")
 
 
 class HttpError(Exception):
@@ -117,7 +121,7 @@ def request_framing(head: Head) -> tuple[str, int]:
             raise HttpError(400, "only Transfer-Encoding: chunked is accepted")
         return "chunked", 0
     if cl:
-        if len(set(cl)) != 1 or not cl[0].isdigit():
+        if len(cl) != 1 or not _DIGITS.match(cl[0]):  # duplicates too, even when equal
             raise HttpError(400, "bad Content-Length")
         return "length", int(cl[0])
     return "none", 0
@@ -133,7 +137,7 @@ def response_framing(head: Head, request_method: str) -> tuple[str, int]:
         last = te[-1].split(",")[-1].strip().lower()
         return ("chunked", 0) if last == "chunked" else ("close", 0)
     cl = head.get_all("content-length")
-    if cl and len(set(cl)) == 1 and cl[0].isdigit():
+    if cl and len(set(cl)) == 1 and _DIGITS.match(cl[0]):
         return "length", int(cl[0])
     return "close", 0
 
@@ -175,15 +179,16 @@ async def copy_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
             line = await reader.readuntil(b"\r\n")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             raise HttpError(502, "bad chunk header") from None
-        size_text = line.split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise HttpError(400, "bad chunk size") from None
+        match = _CHUNK_LINE.match(line)
+        if match is None:
+            raise HttpError(400, "bad chunk size (hex digits only)")
+        size = int(match.group(1), 16)
         if size == 0:
             trailer = line
             while True:  # trailers, then the empty line
                 more = await reader.readuntil(b"\r\n")
+                if b"\n" in more[:-2] or b"\r" in more[:-2]:
+                    raise HttpError(400, "bad trailer line")
                 trailer += more
                 if more == b"\r\n":
                     break

@@ -11,11 +11,10 @@ import os
 import socket
 import ssl
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from sandbox.policy import Network
 from sandbox.proxy.addresses import ip_literal, is_forbidden, system_resolver
-from sandbox.proxy.approvals import ApprovalBroker
+from sandbox.proxy.approvals import ApprovalBroker, TooManyPending
 from sandbox.proxy.decide import evaluate
 from sandbox.proxy.forward import close_quietly, forward_exchange
 from sandbox.proxy.http1 import (
@@ -25,10 +24,12 @@ from sandbox.proxy.http1 import (
     error_response,
     read_head,
 )
+from sandbox.proxy.paths import normalise_target
 from sandbox.proxy.ports import AuditSink, InferenceRoute, Resolver
 from sandbox.proxy.splice import splice
 
 INFERENCE_HOST = "inference.local"
+INFERENCE_PREFIX = "/v1/"  # the OpenAI API: the only paths a sandbox may reach on the gateway
 CONNECT_TIMEOUT = 10.0
 
 
@@ -73,6 +74,19 @@ def parse_authority(authority: str, default_port: int | None = None) -> Target:
     port = int(port_text) if port_text else default_port
     assert port is not None
     return Target(_normal_host(host), port)
+
+
+def _split_absolute(url: str) -> tuple[str, str]:
+    """(authority, `/path?query`) of an absolute-form target, as sent. Not urlsplit: it drops
+    tabs and newlines and cuts fragments silently, so what it returns is not what was sent."""
+    rest = url.split("://", 1)[1]
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    target = rest[cut:]
+    return rest[:cut], target if target.startswith("/") else "/" + target
+
+
+def _origin_form(url: str) -> str:
+    return _split_absolute(url)[1]
 
 
 class EgressProxy:
@@ -198,11 +212,11 @@ class EgressProxy:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: Head
     ) -> bool:
         method, url, _ = head.first
-        parts = urlsplit(url)
-        if "@" in parts.netloc:
+        authority, raw_path = _split_absolute(url)
+        if "@" in authority:
             raise HttpError(400, "credentials in the URL are not accepted")
-        target = parse_authority(parts.netloc, default_port=80)
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        target = parse_authority(authority, default_port=80)
+        path = normalise_target(raw_path)  # what is judged is what is forwarded
         hosts = head.get_all("host")
         if len(hosts) > 1:
             raise Refused("more than one Host header")
@@ -252,11 +266,10 @@ class EgressProxy:
                 return
             target = head.first[1]
             if target.lower().startswith("http://"):
-                parts = urlsplit(target)
-                target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+                target = _origin_form(target)
             if not target.startswith("/"):
                 raise HttpError(400, "expected an origin-form request inside the tunnel")
-            if not await self._to_gateway(reader, writer, head, target):
+            if not await self._to_gateway(reader, writer, head, normalise_target(target)):
                 return
 
     async def _to_gateway(
@@ -264,6 +277,11 @@ class EgressProxy:
     ) -> bool:
         route = self._inference
         assert route is not None
+        bare = path.split("?", 1)[0]
+        if not bare.startswith(INFERENCE_PREFIX):  # /metrics, /health, /docs: not the sandbox's
+            reason = f"inference.local carries only {INFERENCE_PREFIX}... (not {bare})"
+            self._audit_deny(Target(INFERENCE_HOST, route.port), head.first[0], reason)
+            raise Refused(reason)
         self._audit.audit(
             "egress.inference", sandbox=self.sandbox, host=INFERENCE_HOST, port=route.port,
             method=head.first[0], reason=path.split("?", 1)[0],
@@ -342,7 +360,11 @@ class EgressProxy:
         raise Refused(rule.reason)
 
     async def _hold(self, target: Target, method: str, seconds: float) -> bool:
-        pending = self._approvals.request(self.sandbox, target.host, target.port)
+        try:
+            pending = self._approvals.request(self.sandbox, target.host, target.port)
+        except TooManyPending as exc:
+            self._audit_deny(target, method, str(exc))
+            raise Refused(str(exc)) from None
         self._audit.audit(
             "egress.held", sandbox=self.sandbox, host=target.host, port=target.port,
             method=method, reason=f"waiting up to {seconds:g}s for approval", approval=pending.id,

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.errors import ConfigError
 from hardware.plan_types import PlanOverrides
-from inference.gateway.settings import GatewaySettings, Price, UpstreamSettings
+from inference.gateway.settings import GatewaySettings, ListenerLimits, Price, UpstreamSettings
 from sandbox.yamlfile import (
     Provenance,
     YamlError,
@@ -50,6 +50,8 @@ class GatewayConfig(ListenConfig):
     prices: dict[str, Price] = Field(default_factory=dict)
     budget_warn_ratio: float = Field(default=0.8, gt=0, le=1)
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # the listener's limits: body cap, header/body timeouts, connections per client address
+    limits: ListenerLimits = Field(default_factory=ListenerLimits)
 
 
 class InferenceConfig(_Strict):

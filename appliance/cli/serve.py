@@ -27,24 +27,19 @@ def backend(ctx: typer.Context) -> None:
 @app.command("gateway")
 def gateway(ctx: typer.Context) -> None:
     """Serve inference.local (the OpenAI-compatible gateway) on the configured address."""
-    import uvicorn
-
     from appliance.hard_stop import control_plane_hooks
     from appliance.store.inference_store import InferenceStore
     from inference.gateway.app import create_app
+    from inference.gateway.server import serve
 
     config = app_context(ctx).config()
     store = InferenceStore(config.state_dir)
     # A sandbox's key exhausting its monthly budget stops that sandbox (`appliance kill NAME`).
     hooks = control_plane_hooks(config)
-    api = create_app(config.gateway_settings(), store, store, store, store, hooks)
-    uvicorn.run(
-        api,
-        host=config.gateway.host,
-        port=config.gateway.port,
-        log_level="warning",
-        access_log=False,
-    )
+    settings = config.gateway_settings()
+    api = create_app(settings, store, store, store, store, hooks)
+    # uvicorn with the listener's limits: header/body timeouts, connection caps, JSON errors
+    serve(api, config.gateway.host, config.gateway.port, settings.limits)
 
 
 @app.command("all", hidden=True)

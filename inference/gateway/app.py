@@ -7,7 +7,6 @@ through event by event) -> meter the usage into the ledger (off the event loop) 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,17 +16,18 @@ from typing import Any
 import anyio
 import httpx
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from inference.gateway.admission import Admission
+from inference.gateway.body import read_json_body
 from inference.gateway.errors import GatewayError, error_body
 from inference.gateway.forward import Forwarder
 from inference.gateway.metrics import GatewayMetrics
 from inference.gateway.relay import MeteredStream, Relay, plain_response
 from inference.gateway.routing import Route, Router
-from inference.gateway.schemas import ChatRequest, CompletionRequest, validation_error_message
+from inference.gateway.schemas import ChatRequest, CompletionRequest
 from inference.gateway.settings import GatewaySettings
 from inference.ports import (
     AuditSink,
@@ -42,12 +42,7 @@ log = logging.getLogger(__name__)
 
 WARNING_HEADER = "x-appliance-budget-warning"
 ROUTE_HEADER = "x-appliance-route"  # "local" or "upstream": which backend answered
-MAX_BODY_BYTES = 32 * 1024 * 1024
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 class Gateway:
@@ -90,24 +85,7 @@ class Gateway:
         return key
 
     async def read_body(self, request: Request, schema: type[BaseModel]) -> dict[str, Any]:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            raise GatewayError(413, "request body too large", "request_too_large")
-        raw = await request.body()
-        if not raw:
-            raise GatewayError(400, "request body is empty; expected a JSON object")
-        try:
-            body = json.loads(raw, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as exc:
-            raise GatewayError(400, f"malformed JSON body: {exc}", "invalid_json") from None
-        if not isinstance(body, dict):
-            raise GatewayError(400, "request body must be a JSON object", "invalid_request")
-        try:
-            schema.model_validate(body)
-        except ValidationError as exc:
-            message, param = validation_error_message(exc)
-            raise GatewayError(400, message, "invalid_request", param) from None
-        return body
+        return await read_json_body(request, schema, self.settings.limits.max_body_bytes)
 
     # -- the key's model allowlist ---------------------------------------------------------
 

@@ -12,7 +12,7 @@ import httpx
 from starlette.responses import Response, StreamingResponse
 
 from inference.gateway.admission import Admission
-from inference.gateway.errors import GatewayError, error_body, sse_error
+from inference.gateway.errors import GatewayError, backend_error, sse_error
 from inference.gateway.sse import SSEMeter
 from inference.ports import KeyRecord
 
@@ -81,13 +81,9 @@ async def plain_response(
             pass
     else:
         gw.metrics.errors.labels(path, f"backend_{status}").inc()
-        try:
-            json.loads(content)["error"]  # already OpenAI-shaped: pass it on
-        except (ValueError, KeyError, TypeError):
-            text = content.decode(errors="replace")[:500]
-            content = json.dumps(error_body(f"backend: {text}", "server_error")).encode()
+        status, content = backend_error(status, content)  # OpenAI's shape and types
     gw.record(key, path, model, status, started, stream, prompt, completion)
-    media = response.headers.get("content-type", "application/json")
+    media = "application/json" if status != 200 else response.headers.get("content-type")
     return Response(content, status, headers=headers, media_type=media)
 
 

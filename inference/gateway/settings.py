@@ -54,6 +54,29 @@ class UpstreamSettings(_Strict):
         return self.fallback_model or self.models[0]
 
 
+class ListenerLimits(_Strict):
+    """What one client may hold of the gateway's listener (enforced in `inference.gateway.server`
+    and, for the body, in `inference.gateway.body`). Every refusal is an OpenAI-shaped error."""
+
+    # Largest request body, however it is framed (Content-Length or chunked): 413 past it.
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    # Request line plus headers: 431 past it (a 1 MB Authorization header, say).
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
+    # From the connection's first byte (or the end of the previous answer) to the end of the
+    # headers: 408 and closed past it, however slowly the bytes trickle (slowloris).
+    header_timeout_s: float = Field(10.0, gt=0)
+    # From the end of the headers to the end of the body: 408 and closed past it. 60 s is 32 MiB
+    # at about 0.5 MiB/s.
+    body_timeout_s: float = Field(60.0, gt=0)
+    # An idle keep-alive connection is closed after this.
+    keep_alive_timeout_s: float = Field(5.0, gt=0)
+    # Open connections from one client address: a new one past it gets 429 and is closed.
+    # Every local client (the sandboxes' egress proxies too) shares 127.0.0.1.
+    max_connections_per_client: int = Field(256, ge=1)
+    # Open connections in all: 503 past it (keeps the gateway under its file descriptor limit).
+    max_connections: int = Field(1024, ge=1)
+
+
 class GatewaySettings(_Strict):
     # The local backend (vLLM or the embedded server; both speak vLLM's routes), without /v1.
     backend_url: str = "http://127.0.0.1:8000"
@@ -66,6 +89,7 @@ class GatewaySettings(_Strict):
     request_timeout_s: float = Field(600.0, gt=0)  # longest silence from the backend
     connect_timeout_s: float = Field(3.0, gt=0)
     max_backend_connections: int = Field(512, ge=1)
+    limits: ListenerLimits = Field(default_factory=ListenerLimits)
 
     @model_validator(mode="after")
     def _check_aliases(self) -> GatewaySettings:

@@ -3,7 +3,8 @@
     python -m tests.integration.gateway_harness --state-dir D --port N --settings JSON
         [--hard-stop-file PATH]
 
-runs the gateway as `appliance serve gateway` will: InferenceStore + create_app + uvicorn,
+runs the gateway as `appliance serve gateway` does: InferenceStore + create_app + the guarded
+uvicorn listener (inference.gateway.server),
 with every hard-stop hook call appended (key id per line) to --hard-stop-file.
 """
 
@@ -59,7 +60,10 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: floa
 
 
 def start_fake_vllm(
-    port: int, env: dict[str, str] | None = None, name: str = "nemotron"
+    port: int,
+    env: dict[str, str] | None = None,
+    name: str = "nemotron",
+    args: list[str] | None = None,  # more vLLM flags, e.g. ["--max-model-len", "64"]
 ) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [
@@ -76,6 +80,7 @@ def start_fake_vllm(
             name,
             "--max-num-seqs",
             "256",
+            *(args or []),
         ],
         cwd=REPO,
         env={**os.environ, **(env or {})},
@@ -120,10 +125,9 @@ def running(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
     from appliance.store.inference_store import InferenceStore
     from inference.gateway import GatewaySettings, create_app
+    from inference.gateway.server import serve
     from inference.ports import ControlPlaneHooks, KeyRecord
 
     parser = argparse.ArgumentParser()
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         hooks.on_hard_stop.append(on_hard_stop)
     settings = GatewaySettings.model_validate(json.loads(args.settings))
     app = create_app(settings, store, store, store, store, hooks)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    serve(app, "127.0.0.1", args.port, settings.limits)
 
 
 if __name__ == "__main__":

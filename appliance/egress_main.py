@@ -1,31 +1,246 @@
-"""A sandbox's egress proxy as the appliance runs it: `sandbox.proxy`'s main, auditing into the
-host's hash-chained audit log instead of plain JSON lines.
+"""A sandbox's egress proxy as the appliance runs it: privilege-separated.
 
-    python -m appliance.egress_main <the flags of python -m sandbox.proxy>
+    python -m appliance.egress_main <the flags of python -m sandbox.proxy> [--proxy-user USER]
 
---audit-log is required here and names the chain file (<state_dir>/audit/audit.jsonl). Records go
-through a writer thread, so the proxy's event loop never waits on the log's lock or fsync.
+This process (root, started by the control plane) is the monitor. It never reads the sandbox's
+HTTP. It binds the egress and admin sockets (or takes the bound egress socket, --socket-fd),
+reads the policy and the key, then starts `python -m sandbox.proxy` as --proxy-user (default
+`nobody`) with no supplementary groups, no capabilities, no_new_privs and a parent-death signal,
+handing it the listening sockets and one end of a socket pair (sandbox/proxy/privsep.py). The
+proxy opens no file: over that link it gets the policy and key, and sends its audit records and
+persisted approvals, which this process writes.
+
+Why a monitor rather than a group-writable audit log: the chain is tamper-evident only against
+someone who cannot rewrite both the log and its head (appliance/audit.py); a proxy that could
+append could also truncate, and one compromised proxy could then rewrite every sandbox's
+history. Here only root processes ever open the chain, and the proxy can add records only for
+its own sandbox and only `egress.*` events.
+
+--audit-log is required and names the chain file (<state_dir>/audit/audit.jsonl). SIGHUP
+re-reads the policy file and sends it to the proxy; SIGTERM/SIGINT stop the proxy, then this.
 Imports stay light (the chain writer is stdlib only): one of these starts per sandbox.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import pwd
+import signal
+import socket
+import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 from appliance.audit import BackgroundAudit, ChainWriter
-from sandbox.proxy.__main__ import main as proxy_main
-from sandbox.proxy.ports import AuditSink
+from sandbox.policy import Endpoint, load_policy
+from sandbox.proxy.__main__ import parse_args as proxy_args
+from sandbox.proxy.__main__ import read_key
+from sandbox.proxy.privsep import MAX_LINE, encode
+from sandbox.proxy.writer import FilePolicyWriter
+from sandbox.yamlfile import YamlError
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+STOP_GRACE_S = 5.0
+# What the proxy's environment keeps: nothing of the control plane's (tokens, config paths).
+_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE")
 
 
-def chain_sink(args: argparse.Namespace) -> AuditSink:
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, str]:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--proxy-user", default="nobody")
+    ours, rest = p.parse_known_args(argv)
+    args = proxy_args(rest)
     if args.audit_log is None:
         raise SystemExit("appliance.egress_main: --audit-log (the audit chain file) is required")
-    return BackgroundAudit(ChainWriter(args.audit_log))
+    if args.policy is None:
+        raise SystemExit("appliance.egress_main: --policy is required")
+    return args, ours.proxy_user
+
+
+def proxy_identity(user: str) -> tuple[int, int] | None:
+    """(uid, gid) to run the proxy as; None when this process is not root (it cannot drop)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise SystemExit(f"appliance.egress_main: no user {user!r} (sandbox.proxy_user)") from None
+    if pw.pw_uid == 0 or pw.pw_gid == 0:
+        raise SystemExit(f"appliance.egress_main: sandbox.proxy_user {user!r} is root")
+    if _has_subids(pw.pw_name, pw.pw_uid):  # e.g. the service user: it owns the Podman socket
+        raise SystemExit(
+            f"appliance.egress_main: sandbox.proxy_user {user!r} runs rootless containers "
+            "(it has subordinate ids); the proxy needs a user that owns nothing"
+        )
+    return pw.pw_uid, pw.pw_gid
+
+
+def _has_subids(name: str, uid: int) -> bool:
+    try:
+        lines = Path("/etc/subuid").read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.split(":", 1)[0] in (name, str(uid)) for line in lines)
+
+
+def _child_setup() -> None:
+    """preexec_fn: runs in the child after setgroups([])/setresgid/setresuid, before exec. The uid
+    change from root already cleared the capability sets; no_new_privs keeps them empty across
+    exec (no setuid binary, no file capabilities), and the proxy dies with its monitor."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        os._exit(126)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        os._exit(126)
+
+
+def _listen_unix(path: Path, mode: int) -> socket.socket:
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    os.chmod(path, mode)
+    sock.listen(128)
+    return sock
+
+
+class Monitor:
+    def __init__(self, args: argparse.Namespace, identity: tuple[int, int] | None) -> None:
+        self.args = args
+        self.name = args.sandbox or args.policy.stem
+        self.identity = identity
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.audit: BackgroundAudit | None = None
+
+    def spawn(self, link_fd: int) -> None:
+        a = self.args
+        egress = (
+            socket.socket(fileno=a.socket_fd)
+            if a.socket_fd is not None
+            else _listen_unix(a.socket, 0o666)  # the agent is a subuid; its directory guards it
+        )
+        admin = _listen_unix(a.admin_socket, 0o600)  # root's: no proxy can connect by path
+        argv = [
+            sys.executable, "-m", "sandbox.proxy", "--sandbox", self.name,
+            "--socket", str(a.socket), "--socket-fd", str(egress.fileno()),
+            "--admin-socket", str(a.admin_socket), "--admin-fd", str(admin.fileno()),
+            "--privsep-fd", str(link_fd), "--max-pending", str(a.max_pending),
+        ]  # fmt: skip
+        if a.gateway_url:
+            argv += ["--gateway-url", a.gateway_url]
+        drop: dict[str, Any] = {}
+        if self.identity is not None:
+            uid, gid = self.identity
+            drop = {"user": uid, "group": gid, "extra_groups": []}
+        env = {k: v for k, v in os.environ.items() if k in _ENV_KEEP}
+        try:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, cwd="/", env=env, close_fds=True,
+                pass_fds=(egress.fileno(), admin.fileno(), link_fd),
+                preexec_fn=_child_setup, **drop,
+            )  # fmt: skip
+        finally:
+            egress.close()  # the proxy has its own copies
+            admin.close()
+
+    def hello(self) -> dict[str, Any]:
+        a = self.args
+        key = read_key(a.key_file) if a.key_file else None
+        return {"hello": {"policy": a.policy.read_text(), "key": key}}
+
+    async def run(self, parent: socket.socket, hello: dict[str, Any]) -> int:
+        assert self.proc is not None
+        reader, writer = await asyncio.open_unix_connection(sock=parent, limit=MAX_LINE)
+        writer.write(encode(hello))
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._reload, writer)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop)
+        try:
+            while line := await reader.readline():
+                await self._handle(json.loads(line), writer)
+        except (ValueError, asyncio.LimitOverrunError, ConnectionError) as exc:
+            self._record("egress.monitor_error", reason=f"bad message from the proxy: {exc!r}")
+            self._stop()
+        writer.close()
+        return await asyncio.to_thread(self._wait)
+
+    async def _handle(self, message: Any, writer: asyncio.StreamWriter) -> None:
+        if not isinstance(message, dict):
+            raise ValueError("not an object")
+        if "audit" in message:
+            event, fields = message["audit"], message.get("fields")
+            if not isinstance(event, str) or not event.startswith("egress."):
+                raise ValueError(f"event {event!r} is not the proxy's to record")
+            if not isinstance(fields, dict):
+                raise ValueError("fields are not an object")
+            self._record(event, **{**fields, "sandbox": self.name})
+        elif "persist" in message:
+            error = None
+            try:
+                endpoint = Endpoint.model_validate(message.get("endpoint"))
+                writer_ = FilePolicyWriter(self.args.policy)
+                await asyncio.to_thread(writer_.persist_allow, self.name, endpoint)
+            except Exception as exc:  # the operator's approve call reports it
+                error = f"{type(exc).__name__}: {exc}"
+            writer.write(encode({"reply": message["persist"], "error": error}))
+
+    def _record(self, event: str, **fields: Any) -> None:
+        assert self.audit is not None
+        self.audit.audit(event, **fields)
+
+    def _reload(self, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(encode({"policy": self.args.policy.read_text()}))
+        except OSError as exc:
+            self._record("egress.reload_failed", sandbox=self.name, reason=str(exc))
+
+    def _stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def _wait(self) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def cleanup(self) -> None:
+        for path in (self.args.admin_socket, self.args.socket):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if self.audit is not None:
+            self.audit.close()
 
 
 def main(argv: list[str] | None = None) -> None:
-    proxy_main(argv if argv is not None else sys.argv[1:], sink=chain_sink)
+    args, user = parse_args(argv if argv is not None else sys.argv[1:])
+    identity = proxy_identity(user)
+    try:
+        load_policy(args.policy)  # a bad policy fails here, with its file:line
+    except YamlError as exc:
+        raise SystemExit(str(exc)) from None
+    monitor = Monitor(args, identity)
+    hello = monitor.hello()  # the key is read (and checked) before anything starts
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        monitor.spawn(child.fileno())  # before any thread starts: preexec_fn forks
+    finally:
+        child.close()
+    monitor.audit = BackgroundAudit(ChainWriter(args.audit_log))
+    try:
+        code = asyncio.run(monitor.run(parent, hello))
+    finally:
+        monitor.cleanup()
+    raise SystemExit(code if code >= 0 else 128 - code)
 
 
 if __name__ == "__main__":

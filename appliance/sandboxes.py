@@ -419,6 +419,9 @@ class SandboxManager:
                 "--gateway-url", f"http://{gw.host}:{gw.port}",
                 "--key-file", str(paths.key),
                 "--audit-log", str(audit_path(self.config.state_dir)),
+                # the proxy itself runs as this user, with no capabilities (egress_main.py)
+                "--proxy-user", self.config.sandbox.proxy_user,
+                "--max-pending", str(self.config.sandbox.max_pending_approvals),
             ]  # fmt: skip
             with paths.proxy_log.open("ab") as log:
                 proc = subprocess.Popen(

@@ -2,11 +2,17 @@
 
     python -m sandbox.proxy --socket PATH --policy POLICY.yaml --admin-socket PATH
         [--sandbox NAME] [--gateway-url URL --key-file FILE] [--audit-log FILE]
+        [--max-pending N]
 
 The key comes from a file only the host user can read, never argv (argv shows in `ps`).
 SIGHUP reloads the network rules from the policy file; SIGTERM/SIGINT stop.
-Run this way, decisions go to --audit-log as plain JSON lines; the appliance launches the proxy
-through appliance/egress_main.py, which passes `main` its hash-chained audit log as the sink.
+Run this way, decisions go to --audit-log as plain JSON lines.
+
+The appliance runs it privilege-separated instead: appliance/egress_main.py (root) binds the
+sockets, then starts this module as an unprivileged user with `--privsep-fd FD --socket-fd FD
+--admin-fd FD` and no --policy/--key-file: policy, key, reloads, audit records and persisted
+approvals all go over the link to the monitor (sandbox/proxy/privsep.py), so this process opens
+no file at all.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from sandbox.policy import load_policy
+from sandbox.policy import Network, load_policy, parse_policy
 from sandbox.proxy.admin import AdminServer
-from sandbox.proxy.approvals import ApprovalBroker
+from sandbox.proxy.approvals import DEFAULT_MAX_PENDING, ApprovalBroker
 from sandbox.proxy.audit import JsonLinesAudit
-from sandbox.proxy.ports import AuditSink, InferenceRoute
+from sandbox.proxy.ports import AuditSink, InferenceRoute, PolicyWriter
+from sandbox.proxy.privsep import MonitorLink, not_dumpable
 from sandbox.proxy.server import EgressProxy
 from sandbox.proxy.writer import FilePolicyWriter
 from sandbox.yamlfile import YamlError
@@ -43,7 +50,7 @@ def read_key(path: Path) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sandbox.proxy", description=__doc__.split("\n")[1])
     p.add_argument("--socket", required=True, type=Path, help="the sandbox-facing unix socket")
-    p.add_argument("--policy", required=True, type=Path, help="the sandbox's policy YAML")
+    p.add_argument("--policy", type=Path, help="the sandbox's policy YAML")
     p.add_argument("--admin-socket", required=True, type=Path, help="host-only approvals API")
     p.add_argument("--sandbox", help="sandbox name (default: the policy file's stem)")
     p.add_argument("--gateway-url", help="where inference.local goes")
@@ -52,7 +59,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--socket-fd", type=int, help="serve this inherited, listening socket (bound at --socket)"
     )
+    p.add_argument("--admin-fd", type=int, help="inherited, listening admin socket")
+    p.add_argument("--privsep-fd", type=int, help="the link to a privileged monitor (privsep.py)")
+    p.add_argument(
+        "--max-pending", type=int, default=DEFAULT_MAX_PENDING, help="pending approvals at most"
+    )
     args = p.parse_args(argv)
+    if args.privsep_fd is not None:
+        if args.policy or args.key_file or args.audit_log:
+            p.error("with --privsep-fd, the monitor owns the policy, key and audit log")
+        if args.socket_fd is None or args.admin_fd is None:
+            p.error("--privsep-fd needs --socket-fd and --admin-fd")
+        return args
+    if args.policy is None:
+        p.error("--policy is required")
     if bool(args.gateway_url) != bool(args.key_file):
         p.error("--gateway-url and --key-file go together")
     return args
@@ -65,23 +85,15 @@ def jsonl_sink(args: argparse.Namespace) -> AuditSink:
     return JsonLinesAudit.open(args.audit_log) if args.audit_log else JsonLinesAudit()
 
 
+def _inherited(fd: int | None) -> socket.socket | None:
+    return None if fd is None else socket.socket(fileno=fd)
+
+
 async def serve(args: argparse.Namespace, audit: AuditSink) -> None:
     policy = load_policy(args.policy)
     route = InferenceRoute(args.gateway_url, read_key(args.key_file)) if args.gateway_url else None
-    broker = ApprovalBroker(writer=FilePolicyWriter(args.policy), audit=audit)
+    writer = FilePolicyWriter(args.policy)
     name = args.sandbox or args.policy.stem
-    listen = None if args.socket_fd is None else socket.socket(fileno=args.socket_fd)
-    proxy = EgressProxy(
-        name,
-        args.socket,
-        policy.network,
-        approvals=broker,
-        audit=audit,
-        inference=route,
-        listen_sock=listen,
-    )
-    admin = AdminServer(broker, args.admin_socket)
-    stop = asyncio.Event()
 
     def reload() -> None:
         try:
@@ -89,8 +101,60 @@ async def serve(args: argparse.Namespace, audit: AuditSink) -> None:
         except (OSError, YamlError) as exc:  # keep the rules we have rather than none
             audit.audit("egress.reload_failed", sandbox=name, reason=str(exc))
 
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+    proxy = _proxy(args, name, policy.network, route, writer, audit)
+    await _run(args, name, proxy, audit, stop)
+
+
+async def serve_privsep(args: argparse.Namespace) -> None:
+    """The privilege-separated proxy: everything but the sockets comes over the monitor link."""
+    link, hello = await MonitorLink.open(args.privsep_fd)
+    not_dumpable()  # before the key is held in memory
+    name = args.sandbox or "sandbox"
+    policy = parse_policy(str(hello["policy"]), f"{name} policy")
+    key = hello.get("key")
+    route = InferenceRoute(args.gateway_url, str(key)) if args.gateway_url and key else None
+
+    def reload(text: str) -> None:
+        try:
+            proxy.update_network(parse_policy(text, f"{name} policy").network)
+        except YamlError as exc:  # keep the rules we have rather than none
+            link.audit("egress.reload_failed", sandbox=name, reason=str(exc))
+
+    proxy = _proxy(args, name, policy.network, route, link, link)
+    link.start(reload)
+    try:
+        await _run(args, name, proxy, link, link.closed)
+    finally:
+        await link.close()
+
+
+def _proxy(
+    args: argparse.Namespace,
+    name: str,
+    network: Network,
+    route: InferenceRoute | None,
+    writer: PolicyWriter,
+    audit: AuditSink,
+) -> EgressProxy:
+    broker = ApprovalBroker(writer=writer, audit=audit, max_pending=args.max_pending)
+    return EgressProxy(
+        name,
+        args.socket,
+        network,
+        approvals=broker,
+        audit=audit,
+        inference=route,
+        listen_sock=_inherited(args.socket_fd),
+    )
+
+
+async def _run(
+    args: argparse.Namespace, name: str, proxy: EgressProxy, audit: AuditSink, stop: asyncio.Event
+) -> None:
+    admin = AdminServer(proxy.approvals, args.admin_socket, _inherited(args.admin_fd))
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, reload)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await proxy.start()
@@ -108,6 +172,12 @@ async def serve(args: argparse.Namespace, audit: AuditSink) -> None:
 def main(argv: list[str] | None = None, sink: SinkFactory = jsonl_sink) -> None:
     """`sink` builds the audit sink from the parsed flags; it is closed (flushed) on the way out."""
     args = parse_args(argv)
+    if args.privsep_fd is not None:
+        try:
+            asyncio.run(serve_privsep(args))
+        except YamlError as exc:
+            raise SystemExit(str(exc)) from None
+        return
     audit = sink(args)
     try:
         asyncio.run(serve(args, audit))

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -33,12 +34,21 @@ def _response(status: int, payload: dict[str, Any]) -> bytes:
 
 
 class AdminServer:
-    def __init__(self, broker: ApprovalBroker, socket_path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        broker: ApprovalBroker,
+        socket_path: str | os.PathLike[str],
+        listen_sock: socket.socket | None = None,  # bound (0600) and listening, by its owner
+    ) -> None:
         self._broker = broker
         self.socket_path = os.fspath(socket_path)
+        self._listen_sock = listen_sock
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        if self._listen_sock is not None:
+            self._server = await asyncio.start_unix_server(self._handle, sock=self._listen_sock)
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         self._server = await asyncio.start_unix_server(self._handle, path=self.socket_path)
@@ -48,8 +58,9 @@ class AdminServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+        if self._listen_sock is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -122,6 +122,10 @@ class EgressProxy:
     def network(self) -> Network:
         return self._network
 
+    @property
+    def approvals(self) -> ApprovalBroker:
+        return self._approvals
+
     def update_network(self, network: Network) -> None:
         """Hot reload: every request or tunnel decided from now on uses these rules."""
         self._network = network
@@ -148,8 +152,9 @@ class EgressProxy:
             await self._server.wait_closed()
         for task in list(self._tasks):
             task.cancel()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+        if self._listen_sock is None:  # an inherited socket is its binder's to remove
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
 
     async def __aenter__(self) -> EgressProxy:
         await self.start()
@@ -201,7 +206,7 @@ class EgressProxy:
             self._check_inference(target, "CONNECT")
             writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
             await writer.drain()
-            await self._serve_inference(reader, writer)
+            await self._serve_inference(reader, writer, target)
             return
         up_r, up_w = await self._open(target, "CONNECT", None)
         writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
@@ -229,6 +234,7 @@ class EgressProxy:
                 self._audit_deny(target, method, "Host header does not match the request target")
                 raise Refused(f"Host header {hosts[0]!r} does not match the request target")
         if target.host == INFERENCE_HOST:
+            self._require_v1(target, method, path)
             self._check_inference(target, method)
             return await self._to_gateway(reader, writer, head, path)
         up_r, up_w = await self._open(target, method, path)
@@ -256,8 +262,17 @@ class EgressProxy:
             method=method, reason="inference.local → gateway",
         )  # fmt: skip
 
+    def _require_v1(self, target: Target, method: str, path: str) -> None:
+        """The sandbox's route to the gateway carries the OpenAI API only: not /metrics (every
+        key's usage), /health, /docs. `path` is normalised, so /v1/../metrics is /metrics."""
+        bare = path.split("?", 1)[0]
+        if not bare.startswith(INFERENCE_PREFIX):
+            reason = f"inference.local carries only {INFERENCE_PREFIX}... (not {bare})"
+            self._audit_deny(target, method, reason)
+            raise Refused(reason)
+
     async def _serve_inference(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tunnel: Target
     ) -> None:
         """Plain HTTP inside the tunnel: every request goes to the gateway, whatever Host says."""
         while True:
@@ -269,19 +284,16 @@ class EgressProxy:
                 target = _origin_form(target)
             if not target.startswith("/"):
                 raise HttpError(400, "expected an origin-form request inside the tunnel")
-            if not await self._to_gateway(reader, writer, head, normalise_target(target)):
+            path = normalise_target(target)
+            self._require_v1(tunnel, head.first[0], path)
+            if not await self._to_gateway(reader, writer, head, path):
                 return
 
     async def _to_gateway(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: Head, path: str
     ) -> bool:
         route = self._inference
-        assert route is not None
-        bare = path.split("?", 1)[0]
-        if not bare.startswith(INFERENCE_PREFIX):  # /metrics, /health, /docs: not the sandbox's
-            reason = f"inference.local carries only {INFERENCE_PREFIX}... (not {bare})"
-            self._audit_deny(Target(INFERENCE_HOST, route.port), head.first[0], reason)
-            raise Refused(reason)
+        assert route is not None and path.startswith(INFERENCE_PREFIX)
         self._audit.audit(
             "egress.inference", sandbox=self.sandbox, host=INFERENCE_HOST, port=route.port,
             method=head.first[0], reason=path.split("?", 1)[0],

@@ -200,10 +200,10 @@ def latency(args: argparse.Namespace, port: int, proxies: list[Proxy]) -> None:
             )
 
 
-def start_proxy(name: str, tree: Path, tmp: str, policy: Path) -> Proxy:
+def start_proxy(name: str, tree: Path, tmp: str, policy: Path, module: str) -> Proxy:
     sock = os.path.join(tmp, f"{name}.sock")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sandbox.proxy", "--socket", sock, "--policy", str(policy),
+        [sys.executable, "-m", module, "--socket", sock, "--policy", str(policy),
          "--admin-socket", os.path.join(tmp, f"{name}-admin.sock"),
          "--audit-log", os.path.join(tmp, f"{name}-audit.jsonl")],
         cwd=tree, stdout=subprocess.PIPE, text=True,
@@ -220,6 +220,13 @@ def main() -> None:
     p.add_argument("--connects", type=int, default=200)
     p.add_argument("--origin", choices=("both", "write", "sendfile"), default="both")
     p.add_argument("--compare", type=Path, help="another source tree to run as 'base'")
+    p.add_argument(
+        "--launcher",
+        choices=("sandbox.proxy", "appliance.egress_main"),
+        default="sandbox.proxy",
+        help="appliance.egress_main: as the appliance runs it (audit chain; as root, "
+        "privilege-separated where the tree has that)",
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         body = Path(tmp) / "body"
@@ -239,7 +246,7 @@ def main() -> None:
                 "  approval: {mode: deny}\n"
             )
             trees = [("proxy", REPO)] + ([("base", args.compare)] if args.compare else [])
-            proxies = [start_proxy(name, tree, tmp, policy) for name, tree in trees]
+            proxies = [start_proxy(n, tree, tmp, policy, args.launcher) for n, tree in trees]
             procs += [px.proc for px in proxies]
             for kind in ("write", "sendfile") if args.origin == "both" else (args.origin,):
                 throughput(args, kind, port, origin.pid, proxies)

@@ -101,6 +101,15 @@ def _child_setup() -> None:
         os._exit(126)
 
 
+def _approved_endpoint(data: Any) -> Endpoint:
+    """What an approval may persist: one host and one port, nothing else (no allow_private, no
+    wider access): the same rule ApprovalBroker.approve builds, whatever the proxy sent."""
+    sent = Endpoint.model_validate(data)
+    if len(sent.ports) != 1:
+        raise ValueError("an approval names one port")
+    return Endpoint(host=sent.host, ports=sent.ports)
+
+
 def _listen_unix(path: Path, mode: int) -> socket.socket:
     path.unlink(missing_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -184,7 +193,7 @@ class Monitor:
         elif "persist" in message:
             error = None
             try:
-                endpoint = Endpoint.model_validate(message.get("endpoint"))
+                endpoint = _approved_endpoint(message.get("endpoint"))
                 writer_ = FilePolicyWriter(self.args.policy)
                 await asyncio.to_thread(writer_.persist_allow, self.name, endpoint)
             except Exception as exc:  # the operator's approve call reports it

@@ -109,7 +109,12 @@ class Syscalls(_Strict):
 
 
 class Endpoint(_Strict):
-    """One network rule; `host` allows a wildcard only as the whole first label (`*.a.com`)."""
+    """One network rule; `host` allows a wildcard only as the whole first label (`*.a.com`).
+
+    `paths` globs judge plain-HTTP requests on their normalised path (sandbox/proxy/paths.py:
+    unreserved escapes decoded, dot segments and `//` removed; ambiguous paths refused), which
+    is also what the proxy forwards. In `allow` they compare case-sensitively; in `deny`,
+    ASCII-case-insensitively (servers that fold case must not serve a denied path)."""
 
     host: str
     ports: list[int] = Field(default_factory=lambda: [443])

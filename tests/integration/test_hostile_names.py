@@ -121,7 +121,7 @@ def _leftovers(home: Path) -> list[str]:
             if dirpath.count(os.sep) - str(top).count(os.sep) > 3:
                 dirnames[:] = []
             found += [os.path.join(dirpath, n) for n in dirnames + filenames if TAG in n]
-    return found
+    return found + [str(p) for p in (home.parent / TAG, home.parent / "supervisor") if p.exists()]
 
 
 def _assert_one_line_error(proc, what: str) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 from appliance import __version__
 from appliance.config import ApplianceConfig
 from appliance.errors import ApplianceError, ConfigError
+from appliance.owned_paths import owned_child, remove_owned
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -192,7 +193,7 @@ def create_bundle(
     if out.exists():
         raise BundleError(f"{out} exists; give a new directory", hint="remove it or pick another")
     work = out.with_name(out.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
+    remove_owned(out.parent, work)
     work.mkdir(parents=True)
     sections: dict[str, Any] = {}
     try:
@@ -235,7 +236,7 @@ def create_bundle(
         write_sums(work)
         work.rename(out)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_owned(out.parent, work)
         raise
     if options.tar:
         tarball = out.with_name(out.name + ".tar")
@@ -314,7 +315,7 @@ def opened(path: Path) -> Iterator[Path]:
     try:
         yield unpack(path, scratch)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_owned(scratch.parent, scratch)
 
 
 def unpack(tarball: Path, dest: Path) -> Path:
@@ -428,10 +429,14 @@ def _sync_tree(root: Path, section: str, dest: Path, digests: dict[str, str]) ->
     for rel, digest in sorted(digests.items()):
         if not rel.startswith(f"{section}/"):
             continue
-        target = dest / rel.removeprefix(f"{section}/")
-        if target.is_file() and _sha256(target) == digest:
+        # strictly inside dest, its parents resolved: a symlinked directory there is refused
+        target = owned_child(dest, dest / rel.removeprefix(f"{section}/"))
+        if target.is_file() and not target.is_symlink() and _sha256(target) == digest:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
+        owned_child(dest, target)  # again, now that the parents exist
+        if target.is_symlink():
+            target.unlink()  # replaced, never written through
         shutil.copy2(root / rel, target)
         changed = True
     return changed

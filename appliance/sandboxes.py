@@ -27,7 +27,7 @@ from appliance.audit import audit_path
 from appliance.config import ApplianceConfig
 from appliance.errors import ApplianceError, BackendError, NotFoundError, PreflightError
 from appliance.names import check_name
-from appliance.owned_paths import owned_child, remove_owned
+from appliance.owned_paths import UnsafePathError, owned_child, remove_owned
 from appliance.podman_service import PodmanService
 from appliance.store import Store
 from appliance.store.inference_store import InferenceStore
@@ -670,7 +670,11 @@ class SandboxManager:
         held = self.boxes.held() is not None
         for record in self.boxes.list():
             container = on_podman.pop(record.name, None)
-            paths = self.paths(record.name)
+            try:
+                paths = self.paths(record.name)
+            except UnsafePathError as exc:  # a record older than the name rule: not the others'
+                out.failed.append(f"{record.name!r}: {exc}")
+                continue
             if container is None:
                 if record.state != "missing":
                     self._stop_proxy(paths)

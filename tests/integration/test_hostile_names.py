@@ -11,6 +11,7 @@ stays.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sqlite3
@@ -209,6 +210,11 @@ def test_rm_of_the_empty_name_removes_no_other_sandbox(env: dict[str, str]) -> N
     proc = run_cli("sandbox", "rm", "--", "", env=env)
     assert proc.returncode == 1 and "not strictly inside" in proc.stderr, proc.stderr
     assert proc.stderr.count("appliance: error:") == 1 and "  hint: " in proc.stderr
+    # reconciliation reports that record and goes on with the others
+    rec = run_cli("sandbox", "reconcile", "--json", env=env)
+    assert rec.returncode == 0, rec.stderr
+    out = json.loads(rec.stdout)
+    assert out["running"] == [keep] and out["failed"][0].startswith("'': refusing"), out
     with contextlib.closing(sqlite3.connect(state / "appliance.db")) as db, db:
         db.execute("DELETE FROM sandboxes WHERE name = ''")
     listed = run_cli("sandbox", "list", "--json", env=env)

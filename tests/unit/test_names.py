@@ -251,3 +251,34 @@ def test_a_missing_config_file_is_an_error_not_ignored(
 
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(environ={"APPLIANCE_CONFIG": str(missing)})
+
+
+def test_bundle_install_writes_only_inside_its_destination(tmp_path: Path) -> None:
+    """A bundle's files land in the operator's blueprints/models dir: a symlink already there
+    (to a directory or a file outside) is never written through."""
+    import hashlib
+
+    from appliance.bundle import _sync_tree
+    from appliance.owned_paths import UnsafePathError
+
+    root, dest, outside = tmp_path / "bundle", tmp_path / "dest", tmp_path / "outside"
+    for d in (root / "models" / "sub", dest, outside):
+        d.mkdir(parents=True)
+    (root / "models" / "sub" / "w.bin").write_bytes(b"weights")
+    (root / "models" / "cfg.json").write_bytes(b"{}")
+    digests = {
+        rel: hashlib.sha256((root / rel).read_bytes()).hexdigest()
+        for rel in ("models/sub/w.bin", "models/cfg.json")
+    }
+    (outside / "cfg.json").write_text("victim")
+    (dest / "cfg.json").symlink_to(outside / "cfg.json")  # a file link: replaced, not followed
+    (dest / "sub").symlink_to(outside)  # a directory link: refused
+    with pytest.raises(UnsafePathError):
+        _sync_tree(root, "models", dest, digests)
+    assert (outside / "cfg.json").read_text() == "victim"
+    assert not (outside / "w.bin").exists()
+    (dest / "sub").unlink()
+    assert _sync_tree(root, "models", dest, digests) is True
+    assert (outside / "cfg.json").read_text() == "victim"
+    assert not (dest / "cfg.json").is_symlink() and (dest / "cfg.json").read_bytes() == b"{}"
+    assert (dest / "sub" / "w.bin").read_bytes() == b"weights"

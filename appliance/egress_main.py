@@ -18,7 +18,8 @@ its own sandbox and only `egress.*` events.
 
 --audit-log is required and names the chain file (<state_dir>/audit/audit.jsonl). SIGHUP
 re-reads the policy file and sends it to the proxy; SIGTERM/SIGINT stop the proxy, then this.
-Imports stay light (the chain writer is stdlib only): one of these starts per sandbox.
+Imports stay light (the chain writer and sandbox.proxy.options are stdlib only; pydantic loads
+only for a persisted approval): one of these starts per sandbox.
 """
 
 from __future__ import annotations
@@ -35,15 +36,15 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.audit import BackgroundAudit, ChainWriter
-from sandbox.policy import Endpoint, load_policy
-from sandbox.proxy.__main__ import parse_args as proxy_args
-from sandbox.proxy.__main__ import read_key
+from sandbox.proxy.options import parse_args as proxy_args
+from sandbox.proxy.options import read_key
 from sandbox.proxy.privsep import MAX_LINE, encode
-from sandbox.proxy.writer import FilePolicyWriter
-from sandbox.yamlfile import YamlError
+
+if TYPE_CHECKING:
+    from sandbox.policy import Endpoint
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
@@ -104,6 +105,8 @@ def _child_setup() -> None:
 def _approved_endpoint(data: Any) -> Endpoint:
     """What an approval may persist: one host and one port, nothing else (no allow_private, no
     wider access): the same rule ApprovalBroker.approve builds, whatever the proxy sent."""
+    from sandbox.policy import Endpoint  # only here: the monitor stays light (no pydantic)
+
     sent = Endpoint.model_validate(data)
     if len(sent.ports) != 1:
         raise ValueError("an approval names one port")
@@ -161,7 +164,7 @@ class Monitor:
     def hello(self) -> dict[str, Any]:
         a = self.args
         key = read_key(a.key_file) if a.key_file else None
-        return {"hello": {"policy": a.policy.read_text(), "key": key}}
+        return {"hello": {"policy": a.policy.read_text(), "source": str(a.policy), "key": key}}
 
     async def run(self, parent: socket.socket, hello: dict[str, Any]) -> int:
         assert self.proc is not None
@@ -193,6 +196,8 @@ class Monitor:
         elif "persist" in message:
             error = None
             try:
+                from sandbox.proxy.writer import FilePolicyWriter
+
                 endpoint = _approved_endpoint(message.get("endpoint"))
                 writer_ = FilePolicyWriter(self.args.policy)
                 await asyncio.to_thread(writer_.persist_allow, self.name, endpoint)
@@ -232,11 +237,7 @@ class Monitor:
 
 def main(argv: list[str] | None = None) -> None:
     args, user = parse_args(argv if argv is not None else sys.argv[1:])
-    identity = proxy_identity(user)
-    try:
-        load_policy(args.policy)  # a bad policy fails here, with its file:line
-    except YamlError as exc:
-        raise SystemExit(str(exc)) from None
+    identity = proxy_identity(user)  # a bad policy: the proxy says so (file:line) and exits
     monitor = Monitor(args, identity)
     hello = monitor.hello()  # the key is read (and checked) before anything starts
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

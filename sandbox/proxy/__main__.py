@@ -22,61 +22,18 @@ import asyncio
 import os
 import signal
 import socket
-import stat
 from collections.abc import Callable
-from pathlib import Path
 
 from sandbox.policy import Network, load_policy, parse_policy
 from sandbox.proxy.admin import AdminServer
-from sandbox.proxy.approvals import DEFAULT_MAX_PENDING, ApprovalBroker
+from sandbox.proxy.approvals import ApprovalBroker
 from sandbox.proxy.audit import JsonLinesAudit
+from sandbox.proxy.options import parse_args, read_key
 from sandbox.proxy.ports import AuditSink, InferenceRoute, PolicyWriter
 from sandbox.proxy.privsep import MonitorLink, not_dumpable
 from sandbox.proxy.server import EgressProxy
 from sandbox.proxy.writer import FilePolicyWriter
 from sandbox.yamlfile import YamlError
-
-
-def read_key(path: Path) -> str:
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise SystemExit(f"{path}: key file must be readable by its owner only (chmod 600)")
-    key = path.read_text().strip()
-    if not key:
-        raise SystemExit(f"{path}: empty key file")
-    return key
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sandbox.proxy", description=__doc__.split("\n")[1])
-    p.add_argument("--socket", required=True, type=Path, help="the sandbox-facing unix socket")
-    p.add_argument("--policy", type=Path, help="the sandbox's policy YAML")
-    p.add_argument("--admin-socket", required=True, type=Path, help="host-only approvals API")
-    p.add_argument("--sandbox", help="sandbox name (default: the policy file's stem)")
-    p.add_argument("--gateway-url", help="where inference.local goes")
-    p.add_argument("--key-file", type=Path, help="the sandbox's gateway key (mode 600)")
-    p.add_argument("--audit-log", type=Path, help="append audit records here (default: stderr)")
-    p.add_argument(
-        "--socket-fd", type=int, help="serve this inherited, listening socket (bound at --socket)"
-    )
-    p.add_argument("--admin-fd", type=int, help="inherited, listening admin socket")
-    p.add_argument("--privsep-fd", type=int, help="the link to a privileged monitor (privsep.py)")
-    p.add_argument(
-        "--max-pending", type=int, default=DEFAULT_MAX_PENDING, help="pending approvals at most"
-    )
-    args = p.parse_args(argv)
-    if args.privsep_fd is not None:
-        if args.policy or args.key_file or args.audit_log:
-            p.error("with --privsep-fd, the monitor owns the policy, key and audit log")
-        if args.socket_fd is None or args.admin_fd is None:
-            p.error("--privsep-fd needs --socket-fd and --admin-fd")
-        return args
-    if args.policy is None:
-        p.error("--policy is required")
-    if bool(args.gateway_url) != bool(args.key_file):
-        p.error("--gateway-url and --key-file go together")
-    return args
-
 
 SinkFactory = Callable[[argparse.Namespace], AuditSink]
 
@@ -112,13 +69,14 @@ async def serve_privsep(args: argparse.Namespace) -> None:
     link, hello = await MonitorLink.open(args.privsep_fd)
     not_dumpable()  # before the key is held in memory
     name = args.sandbox or "sandbox"
-    policy = parse_policy(str(hello["policy"]), f"{name} policy")
+    source = str(hello.get("source") or f"{name} policy")  # errors name file:line
+    policy = parse_policy(str(hello["policy"]), source)
     key = hello.get("key")
     route = InferenceRoute(args.gateway_url, str(key)) if args.gateway_url and key else None
 
     def reload(text: str) -> None:
         try:
-            proxy.update_network(parse_policy(text, f"{name} policy").network)
+            proxy.update_network(parse_policy(text, source).network)
         except YamlError as exc:  # keep the rules we have rather than none
             link.audit("egress.reload_failed", sandbox=name, reason=str(exc))
 

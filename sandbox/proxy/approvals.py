@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox.policy import Endpoint
+from sandbox.proxy.options import DEFAULT_MAX_PENDING
 from sandbox.proxy.ports import AuditSink, PolicyWriter
 
 
@@ -40,9 +41,6 @@ class Pending:
             "created": self.created,
             "waiters": self.waiters,
         }
-
-
-DEFAULT_MAX_PENDING = 10  # appliance config: sandbox.max_pending_approvals
 
 
 class TooManyPending(Exception):

@@ -4,7 +4,7 @@ The proxy parses the sandbox's HTTP, so it runs as an unprivileged user with no 
 and opens no file: the monitor (appliance/egress_main.py, root) binds its sockets and hands it
 the descriptors, and this link, a unix socket pair, carries everything else as JSON lines:
 
-    monitor → proxy   {"hello": {"policy": YAML, "key": str|null}}    once, first
+    monitor → proxy   {"hello": {"policy": YAML, "source": path, "key": str|null}}   first
                       {"policy": YAML}                                 on SIGHUP (reload)
                       {"reply": id, "error": str|null}                 to a persist request
     proxy → monitor   {"audit": event, "fields": {...}}                a decision to record
@@ -23,9 +23,10 @@ import ctypes
 import json
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sandbox.policy import Endpoint
+if TYPE_CHECKING:  # the monitor imports this module and must stay light (no pydantic)
+    from sandbox.policy import Endpoint
 
 MAX_LINE = 1024 * 1024  # a policy is a few KiB; an audit record less
 PR_SET_DUMPABLE = 4

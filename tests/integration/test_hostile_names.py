@@ -275,3 +275,36 @@ def test_a_failed_re_create_keeps_the_home_it_did_not_make(env: dict[str, str]) 
     assert (kept / "f").read_text() == "mine\n"  # not this call's to remove
     assert not (home / "sandboxes" / name).exists()
     shutil.rmtree(kept)
+
+
+def test_an_agent_create_that_fails_late_leaves_nothing(env: dict[str, str]) -> None:
+    """The agent's sandbox is made, started and refused (a required path is absent): no
+    deployment, sandbox, revision, key, budget, directory, proxy or container remains."""
+    import yaml
+
+    from sandbox.image import recipe_digest
+
+    state = _state(env)
+    name = f"h1-agent-{os.getpid()}"
+    bp = state.parent / "bp.yaml"
+    bp.write_text(
+        yaml.safe_dump(
+            {
+                "name": "refused",
+                "version": "1.0.0",
+                "runtime": {"kind": "command", "command": ["sleep", "infinity"]},
+                "image": {"name": "localhost/appliance-base", "digest": recipe_digest()},
+                "sandbox": {
+                    "base": "default",
+                    "additions": {"filesystem": {"read_only": ["/nonexistent"]}},
+                },
+                "budgets": {"daily_tokens": 1000},
+            }
+        )
+    )
+    assert run_cli("keys", "list", env=env).returncode == 0
+    before, rows = _tree(state, skip=("audit",)), _rows(state)
+    proc = run_cli("agent", "create", name, "--blueprint", str(bp), env=env, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "appliance: error: " in proc.stderr and "refused to start" in proc.stderr
+    _assert_nothing_left(env, name, before, rows)

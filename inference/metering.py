@@ -1,8 +1,11 @@
 """Metering: turn tokens into cost, and write usage records off the event loop.
 
-The gateway hands every finished request to a UsageWriter; one daemon thread drains the queue in
-batches (one SQLite transaction per batch), so a slow disk never stalls streaming. close() drains
-whatever is left, which the gateway calls on lifespan shutdown: a clean stop loses no rows.
+The gateway hands every finished request to a UsageWriter (a Settlement of its open ledger row,
+or a UsageRecord for a request refused before admission); one daemon thread drains the queue in
+batches (one SQLite transaction per kind and batch), so a slow disk never stalls streaming.
+close() drains whatever is left, which the gateway calls on lifespan shutdown: a clean stop loses
+no rows. Until a settlement is committed its row stays open and its reservation keeps counting
+against the budget, so a queue that lags never lets spend outrun the limits.
 """
 
 from __future__ import annotations
@@ -10,10 +13,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections import defaultdict
 from collections.abc import Mapping
 
-from inference.ports import Ledger, UsageRecord
+from inference.ports import Ledger, Settlement, UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -31,34 +33,21 @@ def cost_of(
 
 
 class UsageWriter:
-    """Batched, thread-backed ledger writer that also tracks what it has not written yet."""
+    """Batched, thread-backed ledger writer."""
 
     def __init__(self, ledger: Ledger, max_batch: int = 256) -> None:
         self._ledger = ledger
         self._max_batch = max_batch
         self._queue: queue.Queue[object] = queue.Queue()
-        self._lock = threading.Lock()
-        # Queued but not committed, per key: budgets add it to the stored spend so a burst of
-        # requests cannot outrun the writer.
-        self._pending: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
         self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
         self._closed = False
         self._thread.start()
 
-    def submit(self, usage: UsageRecord) -> None:
+    def submit(self, item: UsageRecord | Settlement) -> None:
         if self._closed:  # late request after shutdown began: write it synchronously
-            self._ledger.record_usage(usage)
+            self._write([item])
             return
-        with self._lock:
-            p = self._pending[usage.key_id]
-            p[0] += usage.prompt_tokens + usage.completion_tokens
-            p[1] += usage.cost
-        self._queue.put(usage)
-
-    def pending(self, key_id: str) -> tuple[int, float]:
-        with self._lock:
-            p = self._pending.get(key_id)
-            return (int(p[0]), p[1]) if p else (0, 0.0)
+        self._queue.put(item)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Block until every record submitted so far is committed."""
@@ -81,7 +70,7 @@ class UsageWriter:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            self._write([i for i in items if isinstance(i, UsageRecord)])
+            self._write([i for i in items if isinstance(i, UsageRecord | Settlement)])
             stop = False
             for item in items:  # flush markers are released only after the rows before them
                 if isinstance(item, threading.Event):
@@ -93,34 +82,33 @@ class UsageWriter:
                 return
 
     def _drain(self) -> None:
-        rest: list[UsageRecord] = []
+        rest: list[UsageRecord | Settlement] = []
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(item, UsageRecord):
+            if isinstance(item, UsageRecord | Settlement):
                 rest.append(item)
             elif isinstance(item, threading.Event):
                 item.set()
         self._write(rest)
 
-    def _write(self, batch: list[UsageRecord]) -> None:
-        if not batch:
-            return
-        try:
-            self._ledger.record_usages(batch)
-        except Exception:  # keep the writer alive; one bad batch must not stop metering
-            log.exception("ledger write failed; retrying the %d rows one by one", len(batch))
-            for usage in batch:
-                try:
-                    self._ledger.record_usage(usage)
-                except Exception:
-                    log.exception("ledger row lost: %s", usage)
-        with self._lock:
-            for usage in batch:
-                p = self._pending[usage.key_id]
-                p[0] -= usage.prompt_tokens + usage.completion_tokens
-                p[1] -= usage.cost
-                if p[0] <= 0 and p[1] <= 1e-12:
-                    del self._pending[usage.key_id]
+    def _write(self, batch: list[UsageRecord | Settlement]) -> None:
+        records = [i for i in batch if isinstance(i, UsageRecord)]
+        settlements = [i for i in batch if isinstance(i, Settlement)]
+        for kind, items in (("record_usages", records), ("settle", settlements)):
+            if not items:
+                continue
+            write = getattr(self._ledger, kind)
+            try:
+                write(items)
+            except Exception:  # keep the writer alive; one bad batch must not stop metering
+                log.exception(
+                    "ledger write failed; retrying the %d %s one by one", len(items), kind
+                )
+                for item in items:
+                    try:
+                        write([item])
+                    except Exception:
+                        log.exception("ledger write lost: %s", item)

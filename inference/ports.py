@@ -5,11 +5,18 @@ The appliance implements them (appliance/store) and hands them in; inference nev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 OwnerKind = Literal["client", "sandbox"]
+Scope = Literal["metrics"]  # what a key may do beyond /v1 (GET /metrics)
+SCOPES: tuple[Scope, ...] = ("metrics",)
+# A ledger row's life: `open` from admission (holding its reservation) until settled as `ok`,
+# `error` (backend or gateway failed after admission), `cancelled` (the client hung up) or
+# `interrupted` (the gateway died; settled by the next start). `refused`: turned away before
+# admission (bad body, model not allowed, budget), never reserved anything.
+LedgerState = Literal["open", "ok", "error", "cancelled", "interrupted", "refused"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,7 @@ class KeyRecord:
     revoked_at: float | None = None
     # Model names the key may request (resolved through the gateway's aliases); None: any.
     allowed_models: tuple[str, ...] | None = None
+    scopes: tuple[Scope, ...] = ()  # e.g. ("metrics",): may scrape GET /metrics
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,45 @@ class UsageRecord:
     stream: bool
     cost: float = 0.0  # from the price table; 0 for local models
     ts: float = 0.0
+    state: LedgerState | None = None  # None: `ok` for status 200, else `error`
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What an admitted request may spend at most, held by its `open` ledger row until settled.
+    Upper bounds: the prompt's from the body's size, the completion's from max_tokens (capped
+    by the budget) or the model's context, times the choices asked for."""
+
+    request_id: str
+    key_id: str
+    model: str
+    stream: bool
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    ts: float  # admission time: the row's day and month
+    owner: str  # the gateway process holding it (see Ledger.interrupt_open)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """The real usage of an admitted request; replaces its reservation."""
+
+    request_id: str
+    key_id: str
+    model: str  # the model that answered (the fallback's, when it did)
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    latency_s: float
+    status: int
+    state: LedgerState
+    ts: float  # the reservation's (admission) time: the spend lands in that day
 
 
 @dataclass(frozen=True)
@@ -57,7 +104,11 @@ class Spend:
 
 class KeyStore(Protocol):
     def create_key(
-        self, name: str, owner_kind: OwnerKind, allowed_models: Sequence[str] | None = None
+        self,
+        name: str,
+        owner_kind: OwnerKind,
+        allowed_models: Sequence[str] | None = None,
+        scopes: Sequence[Scope] = (),
     ) -> tuple[KeyRecord, str]:
         """Create a key; returns its record and the secret, shown once and stored only hashed.
         `allowed_models` None: the key may use any model."""
@@ -79,7 +130,29 @@ class Ledger(Protocol):
         """Write a batch in one transaction (the gateway's writer thread batches)."""
         ...
 
-    def spend(self, key_id: str, now: float | None = None) -> Spend: ...
+    def spend(self, key_id: str, now: float | None = None) -> Spend:
+        """Settled usage only (reservations excluded)."""
+        ...
+
+    def reserve(
+        self,
+        key_id: str,
+        now: float,
+        decide: Callable[[Spend, Spend], Reservation | None],
+    ) -> Reservation | None:
+        """In one transaction that no other admission (in any process) interleaves with: call
+        `decide(settled, reserved)` with the key's settled spend and its open reservations, and
+        write the Reservation it returns as an `open` row (None: nothing is written)."""
+        ...
+
+    def settle(self, settlements: Sequence[Settlement]) -> None:
+        """Close open rows with their real usage and add it to the spend, in one transaction."""
+        ...
+
+    def interrupt_open(self, alive: Callable[[str], bool]) -> int:
+        """Settle every open row whose owner is not `alive` as `interrupted`, charged its
+        reservation; returns how many. Called when a gateway starts."""
+        ...
 
 
 class BudgetStore(Protocol):

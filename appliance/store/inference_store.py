@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +28,16 @@ from appliance.audit import ChainWriter, audit_path
 from appliance.errors import ApplianceError, StateError
 from appliance.names import KeyNameError, check_key_name
 from appliance.store.db import DB_NAME, open_store
-from inference.ports import Budget, KeyRecord, OwnerKind, Spend, UsageRecord
+from appliance.store.ledger import LedgerMixin
+from inference.ports import SCOPES, Budget, KeyRecord, OwnerKind, Scope
 
 SECRET_PREFIX = "sk-app-"
 _MODEL = re.compile(r"^[!-~]{1,256}$")  # printable ASCII, no spaces: what a request can name
-_KEY_COLUMNS = "id, name, owner_kind, created_at, revoked_at, allowed_models_json"
+_KEY_COLUMNS = "id, name, owner_kind, created_at, revoked_at, allowed_models_json, scopes_json"
 
 
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def _day(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
-
-
-def _month_bounds(ts: float) -> tuple[str, str]:
-    t = datetime.fromtimestamp(ts, UTC)
-    nxt = (t.year + 1, 1) if t.month == 12 else (t.year, t.month + 1)
-    return f"{t.year:04d}-{t.month:02d}-01", f"{nxt[0]:04d}-{nxt[1]:02d}-01"
 
 
 def _key(row: tuple[Any, ...]) -> KeyRecord:
@@ -59,7 +49,18 @@ def _key(row: tuple[Any, ...]) -> KeyRecord:
         created_at=row[3],
         revoked_at=row[4],
         allowed_models=models,
+        scopes=tuple(json.loads(row[6])) if row[6] else (),
     )
+
+
+def _scope_list(scopes: Iterable[str]) -> tuple[Scope, ...]:
+    if isinstance(scopes, str):
+        raise TypeError("scopes must be a list of names, not a string")
+    names = tuple(sorted(set(scopes)))
+    for name in names:
+        if name not in SCOPES:
+            raise KeyScopeError(f"unknown key scope {name!r}")
+    return names  # type: ignore[return-value]
 
 
 def _model_list(models: Iterable[str] | None) -> tuple[str, ...] | None:
@@ -81,7 +82,13 @@ class KeyModelError(ApplianceError):
     hint = "model names are 1-256 printable characters without spaces; see GET /v1/models"
 
 
-class InferenceStore:
+class KeyScopeError(ApplianceError):
+    """A key scope that the gateway does not know."""
+
+    hint = f"known scopes: {', '.join(SCOPES)}"
+
+
+class InferenceStore(LedgerMixin):
     """KeyStore + Ledger + BudgetStore + AuditSink, backed by <state_dir>/appliance.db."""
 
     def __init__(self, state_dir: Path, auth_cache_ttl_s: float = 1.0) -> None:
@@ -135,11 +142,14 @@ class InferenceStore:
         name: str,
         owner_kind: OwnerKind = "client",
         allowed_models: Sequence[str] | None = None,
+        scopes: Sequence[Scope] = (),
     ) -> tuple[KeyRecord, str]:
         """`allowed_models`: the model names the key may request; None (the default) allows any.
-        Set once, with the key: it never changes, so the auth cache can hold it."""
+        `scopes`: what else it may do (("metrics",): scrape GET /metrics); none by default.
+        Both are set once, with the key: they never change, so the auth cache can hold them."""
         check_key_name(name, owner_kind)  # the one name rule (appliance/names.py)
         models = _model_list(allowed_models)
+        key_scopes = _scope_list(scopes)
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         record = KeyRecord(
             id="key_" + secrets.token_hex(8),
@@ -147,14 +157,24 @@ class InferenceStore:
             owner_kind=owner_kind,
             created_at=time.time(),
             allowed_models=models,
+            scopes=key_scopes,
         )
         stored = None if models is None else json.dumps(list(models))
+        stored_scopes = json.dumps(list(key_scopes)) if key_scopes else None
         try:
             with self.conn:
                 self.conn.execute(
                     "INSERT INTO api_keys (id, name, owner_kind, secret_sha256, created_at, "
-                    "allowed_models_json) VALUES (?, ?, ?, ?, ?, ?)",
-                    (record.id, name, owner_kind, hash_secret(secret), record.created_at, stored),
+                    "allowed_models_json, scopes_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.id,
+                        name,
+                        owner_kind,
+                        hash_secret(secret),
+                        record.created_at,
+                        stored,
+                        stored_scopes,
+                    ),
                 )
                 self._audit(
                     "key.created",
@@ -163,6 +183,7 @@ class InferenceStore:
                         "name": name,
                         "owner_kind": owner_kind,
                         "allowed_models": None if models is None else list(models),
+                        "scopes": list(key_scopes),
                     },
                 )
         except sqlite3.IntegrityError:
@@ -238,93 +259,6 @@ class InferenceStore:
             self._audit("key.revoked", key.id, {"name": key.name})
         self._auth_cache.clear()
         return replace(key, revoked_at=now)
-
-    # -- Ledger ------------------------------------------------------------------------------
-
-    def record_usage(self, usage: UsageRecord) -> None:
-        self.record_usages([usage])
-
-    def record_usages(self, usages: Sequence[UsageRecord]) -> None:
-        if not usages:
-            return
-        rows = []
-        daily: dict[tuple[str, str], list[float]] = {}
-        for u in usages:
-            ts = u.ts or time.time()
-            rows.append(
-                (
-                    ts,
-                    u.key_id,
-                    u.model,
-                    u.prompt_tokens,
-                    u.completion_tokens,
-                    u.latency_s,
-                    u.status,
-                    int(u.stream),
-                    u.cost,
-                )
-            )
-            agg = daily.setdefault((u.key_id, _day(ts)), [0, 0, 0.0, 0])
-            agg[0] += u.prompt_tokens
-            agg[1] += u.completion_tokens
-            agg[2] += u.cost
-            agg[3] += 1
-        with self.conn:
-            self.conn.executemany(
-                "INSERT INTO usage_ledger (ts, key_id, model, prompt_tokens, completion_tokens, "
-                "latency_s, status, stream, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            self.conn.executemany(
-                "INSERT INTO usage_daily (key_id, day, prompt_tokens, completion_tokens, cost, "
-                "requests) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id, day) DO UPDATE SET "
-                "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                "completion_tokens = completion_tokens + excluded.completion_tokens, "
-                "cost = cost + excluded.cost, requests = requests + excluded.requests",
-                [(k, d, *agg) for (k, d), agg in daily.items()],
-            )
-
-    def spend(self, key_id: str, now: float | None = None) -> Spend:
-        now = time.time() if now is None else now
-        first, next_first = _month_bounds(now)
-        today = _day(now)
-        row = self.conn.execute(
-            "SELECT "
-            "COALESCE(SUM(CASE WHEN day = ? THEN prompt_tokens + completion_tokens END), 0), "
-            "COALESCE(SUM(prompt_tokens + completion_tokens), 0), "
-            "COALESCE(SUM(CASE WHEN day = ? THEN cost END), 0.0), "
-            "COALESCE(SUM(cost), 0.0) "
-            "FROM usage_daily WHERE key_id = ? AND day >= ? AND day < ?",
-            (today, today, key_id, first, next_first),
-        ).fetchone()
-        return Spend(day_tokens=row[0], month_tokens=row[1], day_cost=row[2], month_cost=row[3])
-
-    def usage_totals(self, key_id: str | None = None) -> dict[str, float]:
-        """All-time sums from the ledger rows themselves (not the daily roll-up)."""
-        where, args = ("WHERE key_id = ?", (key_id,)) if key_id else ("", ())
-        row = self.conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), "
-            "COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(cost), 0.0) "
-            f"FROM usage_ledger {where}",
-            args,
-        ).fetchone()
-        return {
-            "requests": row[0],
-            "prompt_tokens": row[1],
-            "completion_tokens": row[2],
-            "cost": row[3],
-        }
-
-    def usage_rows(self, key_id: str | None = None) -> list[UsageRecord]:
-        where, args = ("WHERE key_id = ?", (key_id,)) if key_id else ("", ())
-        rows = self.conn.execute(
-            "SELECT key_id, model, prompt_tokens, completion_tokens, latency_s, status, stream, "
-            f"cost, ts FROM usage_ledger {where} ORDER BY id",
-            args,
-        ).fetchall()
-        return [
-            UsageRecord(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8]) for r in rows
-        ]
 
     # -- BudgetStore -------------------------------------------------------------------------
 

@@ -144,4 +144,26 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE api_keys ADD COLUMN allowed_models_json TEXT;
         """,
     ),
+    (
+        "gateway admission: ledger rows from admission (state, reservation, owner); key scopes",
+        """
+        -- A row is written `open` at admission, holding the request's reservation (upper
+        -- bounds), and settled at the end (`ok`, `error`, `cancelled`); rows left open by a
+        -- gateway that died are settled `interrupted` by the next start, charged their
+        -- reservation. Rows from before this migration were written settled.
+        ALTER TABLE usage_ledger ADD COLUMN request_id TEXT;
+        ALTER TABLE usage_ledger ADD COLUMN state TEXT NOT NULL DEFAULT 'ok';
+        ALTER TABLE usage_ledger ADD COLUMN reserved_prompt INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_ledger ADD COLUMN reserved_completion INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE usage_ledger ADD COLUMN reserved_cost REAL NOT NULL DEFAULT 0;
+        ALTER TABLE usage_ledger ADD COLUMN owner TEXT;
+        UPDATE usage_ledger SET state = 'error' WHERE status != 200;
+        CREATE UNIQUE INDEX usage_ledger_request ON usage_ledger (request_id)
+            WHERE request_id IS NOT NULL;
+        -- Admission sums a key's open reservations on every request: only open rows indexed.
+        CREATE INDEX usage_ledger_open ON usage_ledger (key_id, ts) WHERE state = 'open';
+        -- A JSON array of scopes (e.g. ["metrics"]); NULL: none, as every key made before.
+        ALTER TABLE api_keys ADD COLUMN scopes_json TEXT;
+        """,
+    ),
 ]

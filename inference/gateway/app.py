@@ -1,8 +1,10 @@
 """inference.local: the OpenAI-compatible gateway in front of the local backend (and an upstream).
 
 Per /v1 request: authenticate the key -> validate the body -> route the model -> check the key
-may use it -> check the key's budget -> forward with one shared httpx client (streams pass
-through event by event) -> meter the usage into the ledger (off the event loop) and the metrics.
+may use it -> refuse a prompt that cannot fit the context -> admit it with a reservation against
+the key's budget (admission.py: its ledger row, `open`) -> forward with one shared httpx client
+(streams pass through event by event) -> settle the row with the real usage (off the event
+loop) and the metrics.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from inference.gateway.admission import Admission
+from inference.gateway.admission import Admission, Ticket, check_context
 from inference.gateway.body import read_json_body
 from inference.gateway.errors import GatewayError, error_body
 from inference.gateway.forward import Forwarder
 from inference.gateway.metrics import GatewayMetrics
-from inference.gateway.relay import MeteredStream, Relay, plain_response
+from inference.gateway.relay import STATUS_CLIENT_GONE, MeteredStream, Relay, plain_response
 from inference.gateway.routing import Route, Router
 from inference.gateway.schemas import ChatRequest, CompletionRequest
 from inference.gateway.settings import GatewaySettings
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 
 WARNING_HEADER = "x-appliance-budget-warning"
 ROUTE_HEADER = "x-appliance-route"  # "local" or "upstream": which backend answered
+REQUEST_ID_HEADER = "x-appliance-request-id"  # the request's ledger row
+METRICS_SCOPE = "metrics"
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 
 
@@ -170,7 +174,7 @@ def create_app(
     async def proxy(request: Request, path: str, schema: type[BaseModel]) -> Response:
         started = time.perf_counter()
         key = gw.authenticate(request)
-        gw.metrics.in_flight.inc()  # record() takes it off again, once per request
+        gw.metrics.in_flight.inc()  # refuse() or settle() takes it off again, once per request
         model = "-"
         try:
             body = await gw.read_body(request, schema)
@@ -186,29 +190,50 @@ def create_app(
                     "model_not_found",
                     "model",
                 )
-            warning = gw.admission.check_budget(key)
-            stream = body.get("stream") is True
-            wants_usage = False
-            if stream:
-                options = body.get("stream_options") or {}
-                wants_usage = options.get("include_usage") is True
-                # Always ask for usage: it is what the ledger meters.
-                body["stream_options"] = {**options, "include_usage": True}
-            route, response = await gw.forward.open_backend(route, path, body)
-            model = route.model
+            ticket = await admit(key, path, route, body, started)
         except GatewayError as exc:
             gw.metrics.errors.labels(path, exc.type).inc()
-            gw.admission.record(key, path, model, exc.status, started, False)
+            gw.admission.refuse(key, path, model, exc.status, started)
             raise
-        headers = {ROUTE_HEADER: route.target}
-        if warning:
-            headers[WARNING_HEADER] = warning
+        stream = ticket.stream
+        wants_usage = False
+        if stream:
+            options = body.get("stream_options") or {}
+            wants_usage = options.get("include_usage") is True
+            # Always ask for usage: it is what the ledger meters.
+            body["stream_options"] = {**options, "include_usage": True}
+        try:
+            route, response = await gw.forward.open_backend(route, path, body)
+        except GatewayError as exc:
+            gw.metrics.errors.labels(path, exc.type).inc()
+            gw.admission.settle(ticket, exc.status, "error")  # releases the reservation
+            raise
+        except BaseException:  # cancelled (the client left) or a bug: release it too
+            gw.admission.settle(ticket, STATUS_CLIENT_GONE, "cancelled")
+            raise
+        ticket.model = route.model  # the fallback's, if it answered
+        headers = {ROUTE_HEADER: route.target, REQUEST_ID_HEADER: ticket.request_id}
+        if ticket.warning:
+            headers[WARNING_HEADER] = ticket.warning
         if not stream or response.status_code != 200:
-            return await plain_response(
-                gw.admission, key, path, model, response, headers, started, stream
-            )
-        relay = Relay(gw.admission, key, path, model, response, body, wants_usage, started)
-        return MeteredStream(relay, headers)
+            return await plain_response(gw.admission, ticket, response, headers)
+        return MeteredStream(Relay(gw.admission, ticket, response, wants_usage), headers)
+
+    async def admit(
+        key: KeyRecord, path: str, route: Route, body: dict[str, Any], started: float
+    ) -> Ticket:
+        """Refuse what cannot fit the context, then reserve against the budget. A request the
+        fallback may serve is bounded for both routes (the larger context, the dearer price)."""
+        context = await gw.forward.context_length(route)
+        check_context(body, context)
+        fallback = gw.router.fallback(route)
+        models = [route.model]
+        if fallback is not None:
+            models.append(fallback.model)
+            other = await gw.forward.context_length(fallback)
+            context = None if context is None or other is None else max(context, other)
+        local = route.target == "local"
+        return await gw.admission.admit(key, path, models, body, context, local, started)
 
     @app.post(CHAT, openapi_extra=_body_doc(ChatRequest), summary="Chat completion")
     async def chat_completions(request: Request) -> Response:
@@ -242,8 +267,17 @@ def create_app(
         body = {"status": "ready" if up else "not ready", "backend": detail}
         return JSONResponse(body, 200 if up else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics")
-    async def metrics() -> Response:
+    @app.get("/metrics", summary="Prometheus metrics (a key with the `metrics` scope)")
+    async def metrics(request: Request) -> Response:
+        # Not for every key: a sandbox's key reaches the gateway. Keys are labelled by id.
+        key = gw.authenticate(request)
+        if METRICS_SCOPE not in key.scopes:
+            raise GatewayError(
+                403,
+                "this key may not read metrics: that needs a key with the `metrics` scope "
+                "(`appliance keys create NAME --scope metrics`)",
+                "insufficient_scope",
+            )
         return Response(gw.metrics.render(), media_type=gw.metrics.content_type)
 
     return app

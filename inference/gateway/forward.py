@@ -3,7 +3,9 @@ upstream fallback when the operator allows it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any
 
 import httpx
@@ -22,6 +24,12 @@ class Forwarder:
     def __init__(self, settings: GatewaySettings, router: Router, metrics: GatewayMetrics) -> None:
         self.router = router
         self.metrics = metrics
+        self.served_model = settings.served_model_name
+        self.upstream_context = settings.upstream_max_model_len
+        self._context = settings.max_model_len  # the local model's; None: ask the backend
+        self._context_fixed = settings.max_model_len is not None
+        self._context_until = 0.0  # monotonic time the cached value is good until
+        self._context_lock = asyncio.Lock()
         self.local_base = settings.backend_url.rstrip("/")
         self.upstream_base = settings.upstream.base_url.rstrip("/") if settings.upstream else ""
         key = settings.upstream.api_key() if settings.upstream else None
@@ -41,6 +49,40 @@ class Forwarder:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+    async def context_length(self, route: Route) -> int | None:
+        """The model's context in tokens; for the local one, what the backend reports on GET
+        /v1/models (max_model_len, as vLLM and the embedded server do), cached for a minute (a
+        new plan may change it), retried after 5 s when the backend does not say. None:
+        unknown."""
+        if route.target != "local":
+            return self.upstream_context
+        if self._context_fixed or time.monotonic() < self._context_until:
+            return self._context
+        async with self._context_lock:  # one lookup for a burst of requests
+            if time.monotonic() < self._context_until:
+                return self._context
+            value, ttl = await self._ask_context(), 60.0
+            if value is None:
+                ttl = 5.0  # keep the last known value meanwhile
+            else:
+                self._context = value
+            self._context_until = time.monotonic() + ttl
+        return self._context
+
+    async def _ask_context(self) -> int | None:
+        try:
+            r = await self.client.get(f"{self.local_base}/v1/models", timeout=2.0)
+            cards = r.json()["data"] if r.status_code == 200 else []
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+        for card in cards if isinstance(cards, list) else []:
+            if not isinstance(card, dict) or card.get("id") != self.served_model:
+                continue
+            value = card.get("max_model_len")
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     async def open_backend(
         self, route: Route, path: str, body: dict[str, Any]

@@ -1,5 +1,6 @@
 """Prometheus metrics of the gateway, in a registry of its own (one per app, so tests and two
-gateways in one process never collide)."""
+gateways in one process never collide). The `key` label is the key's id (`key_3f9a...`), never
+its human name; GET /metrics needs a key with the `metrics` scope."""
 
 from __future__ import annotations
 

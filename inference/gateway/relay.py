@@ -11,28 +11,16 @@ import anyio
 import httpx
 from starlette.responses import Response, StreamingResponse
 
-from inference.gateway.admission import Admission
+from inference.gateway.admission import Admission, Ticket
 from inference.gateway.errors import GatewayError, backend_error, sse_error
 from inference.gateway.sse import SSEMeter
-from inference.ports import KeyRecord
+from inference.ports import LedgerState
 
 CHAT = "/v1/chat/completions"
 
 # Statuses recorded in the ledger for streams that did not end normally (the client saw 200).
 STATUS_CLIENT_GONE = 499
 STATUS_BACKEND_BROKE = 502
-
-
-def _estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    """Rough count (4 characters a token) for a stream that ended before its usage chunk."""
-    if "messages" in body:
-        text = "".join(
-            m.get("content") if isinstance(m.get("content"), str) else json.dumps(m)
-            for m in body["messages"]
-        )
-    else:
-        text = json.dumps(body.get("prompt", ""))
-    return max(1, len(text) // 4)
 
 
 class MeteredStream(StreamingResponse):
@@ -53,20 +41,14 @@ class MeteredStream(StreamingResponse):
 
 
 async def plain_response(
-    gw: Admission,
-    key: KeyRecord,
-    path: str,
-    model: str,
-    response: httpx.Response,
-    headers: dict[str, str],
-    started: float,
-    stream: bool,
+    gw: Admission, ticket: Ticket, response: httpx.Response, headers: dict[str, str]
 ) -> Response:
     """A whole JSON answer (or a backend error, passed on with its status)."""
+    path = ticket.path
     try:
         content = await response.aread()
     except httpx.HTTPError:
-        gw.record(key, path, model, 502, started, stream)
+        gw.settle(ticket, 502, "error")
         raise GatewayError(502, "the backend failed while answering", "backend_error") from None
     finally:
         await response.aclose()
@@ -82,7 +64,7 @@ async def plain_response(
     else:
         gw.metrics.errors.labels(path, f"backend_{status}").inc()
         status, content = backend_error(status, content)  # OpenAI's shape and types
-    gw.record(key, path, model, status, started, stream, prompt, completion)
+    gw.settle(ticket, status, "ok" if status == 200 else "error", prompt, completion)
     media = "application/json" if status != 200 else response.headers.get("content-type")
     return Response(content, status, headers=headers, media_type=media)
 
@@ -91,19 +73,11 @@ class Relay:
     """Passes a backend stream through event by event and meters it, however it ends."""
 
     def __init__(
-        self,
-        gw: Admission,
-        key: KeyRecord,
-        path: str,
-        model: str,
-        response: httpx.Response,
-        body: dict[str, Any],
-        wants_usage: bool,
-        started: float,
+        self, gw: Admission, ticket: Ticket, response: httpx.Response, wants_usage: bool
     ) -> None:
-        self.gw, self.key, self.path, self.model = gw, key, path, model
-        self.response, self.body, self.started = response, body, started
-        self.meter = SSEMeter(wants_usage, chat=path == CHAT)
+        self.gw, self.ticket, self.response = gw, ticket, response
+        self.path, self.model, self.started = ticket.path, ticket.model, ticket.started
+        self.meter = SSEMeter(wants_usage, chat=self.path == CHAT)
         self.status = STATUS_CLIENT_GONE  # until the stream ends one way or the other
         self._finished = False
 
@@ -142,14 +116,14 @@ class Relay:
         if usage:
             prompt = int(usage.get("prompt_tokens") or 0)
             completion = int(usage.get("completion_tokens") or 0)
-        else:
-            prompt = _estimate_prompt_tokens(self.body)
-            completion = meter.data_events
+        else:  # cut short before the usage chunk: the prompt's bound, one token an event
+            reserved = self.ticket.reservation
+            prompt = reserved.prompt_tokens
+            completion = min(meter.data_events, reserved.completion_tokens)
         if self.status != 200:
             gw.metrics.errors.labels(self.path, f"stream_{self.status}").inc()
         if meter.first_token_at is not None:
             gw.metrics.ttft.labels(self.model).observe(meter.first_token_at - self.started)
-        gw.record(
-            self.key, self.path, self.model, self.status, self.started, True, prompt, completion
-        )
+        state: LedgerState = {200: "ok", STATUS_CLIENT_GONE: "cancelled"}.get(self.status, "error")
+        gw.settle(self.ticket, self.status, state, prompt, completion)
         await self.response.aclose()

@@ -89,6 +89,14 @@ class GatewaySettings(_Strict):
     request_timeout_s: float = Field(600.0, gt=0)  # longest silence from the backend
     connect_timeout_s: float = Field(3.0, gt=0)
     max_backend_connections: int = Field(512, ge=1)
+    # Admission (inference/gateway/admission.py). The local model's context; None: read from
+    # the backend's GET /v1/models (vLLM and the embedded server report max_model_len there).
+    max_model_len: int | None = Field(None, ge=1)
+    # The context assumed for upstream models: bounds a reservation without max_tokens.
+    upstream_max_model_len: int = Field(131072, ge=1)
+    # Tokens a chat template adds beyond the body's own text (default system prompt, tool
+    # preamble); part of the prompt's upper bound (inference/gateway/prompt_bound.py).
+    prompt_overhead_tokens: int = Field(256, ge=0)
     limits: ListenerLimits = Field(default_factory=ListenerLimits)
 
     @model_validator(mode="after")

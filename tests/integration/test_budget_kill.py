@@ -39,7 +39,9 @@ class Env:
 
     def key(self, name: str, owner: OwnerKind) -> tuple[str, str]:
         record, secret = self.store.create_key(name, owner)
-        self.store.set_budget(Budget(record.id, monthly_tokens=10))
+        # Reservations hold prompt bound (body + 256) + max_tokens: a request of ours reserves
+        # ~350 tokens at least, an ordinary size for this month (< 20 % of it).
+        self.store.set_budget(Budget(record.id, monthly_tokens=2000))
         return record.id, secret
 
     def kills(self, timeout: float = 0.0) -> list[dict]:
@@ -70,15 +72,18 @@ def env(tmp_path: Path) -> Iterator[Env]:
 
 
 def exhaust(client: openai.OpenAI) -> None:
-    """Spend past the 10-token month, then get refused once the ledger has it."""
-    client.chat.completions.create(model="nemotron", messages=HI, max_tokens=20)
-    deadline = time.monotonic() + 5
+    """Spend the 2,000-token month (max_tokens capped to what is left, near the end) until
+    not even a short request fits: the monthly cap is reached."""
+    deadline = time.monotonic() + 20
+    refusals = 0
     while time.monotonic() < deadline:
         try:
-            client.chat.completions.create(model="nemotron", messages=HI, max_tokens=1)
+            client.chat.completions.create(model="nemotron", messages=HI, max_tokens=400)
         except openai.RateLimitError:
-            return
-        time.sleep(0.05)
+            refusals += 1
+            if refusals == 2:  # the last settlement has landed by now: the spend, not a hold
+                return
+        time.sleep(0.2)  # let the settlement land: the reservation counts until then
     pytest.fail("the monthly token budget never refused")
 
 

@@ -60,9 +60,19 @@ class Env:
         deadline = time.monotonic() + timeout
         while True:
             totals = self.store.usage_totals(key_id)
-            if totals["requests"] >= requests or time.monotonic() > deadline:
+            rows = self.store.ledger_entries(key_id)
+            settled = all(r["state"] != "open" for r in rows)  # rows are written at admission
+            if (totals["requests"] >= requests and settled) or time.monotonic() > deadline:
                 return totals
             time.sleep(0.02)
+
+    def metrics(self) -> str:
+        """A scrape with a key that has the `metrics` scope."""
+        name = f"scraper-{len(self.store.list_keys())}"
+        _, secret = self.store.create_key(name, "client", scopes=["metrics"])
+        resp = httpx.get(f"{self.url}/metrics", headers={"authorization": f"Bearer {secret}"})
+        assert resp.status_code == 200, resp.text
+        return resp.text
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +84,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         "backend_url": f"http://127.0.0.1:{backend_port}",
         "aliases": {"smol": "nemotron"},
         "prices": {"nemotron": PRICE},
+        # The stand-in counts words: the body's length alone bounds its prompts (the default
+        # allowance is for real chat templates), so small budgets admit requests here.
+        "prompt_overhead_tokens": 0,
     }
     hard_stops = state / "hard-stops.txt"
     gateway = start_gateway(state, gateway_port, settings, hard_stops)
@@ -206,39 +219,62 @@ def test_a_key_limited_to_other_models_is_refused_403(env: Env) -> None:
 
 
 def test_budget_warns_at_80_percent_then_refuses(env: Env) -> None:
-    key_id, secret = env.key("budgeted", Budget("", daily_tokens=100))
+    key_id, secret = env.key("budgeted", Budget("", daily_tokens=1000))
     client = env.client(secret)
-    headers = []
-    for _ in range(3):  # 2 prompt + 40 completion tokens each: 0 -> 42 -> 84 % before the 3rd
-        raw = client.chat.completions.with_raw_response.create(
-            model="nemotron", messages=HI, max_tokens=40
-        )
+    headers: list[str | None] = []
+    for _ in range(40):  # 2 prompt + 40 completion tokens each, reserved ~125 each
+        try:
+            raw = client.chat.completions.with_raw_response.create(
+                model="nemotron", messages=HI, max_tokens=40
+            )
+        except openai.RateLimitError:
+            break
         raw.parse()
         headers.append(raw.headers.get("x-appliance-budget-warning"))
-    assert headers == [None, None, "daily tokens 84% of 100"]
+        env.totals(key_id, len(headers))
+    else:
+        raise AssertionError("never refused")
+    rows = [r for r in env.store.ledger_entries(key_id) if r["state"] == "ok"]
+    assert len(rows) == len(headers)
+    # The warning counts spend + this request's reservation: from the first request whose
+    # reservation reached 80 % of the budget on.
+    spent = 0
+    for row, header in zip(rows, headers, strict=True):
+        percent = int((spent + row["reserved_tokens"]) / 10)
+        assert header == (f"daily tokens {percent}% of 1000" if percent >= 80 else None)
+        spent += row["prompt_tokens"] + row["completion_tokens"]
+    assert spent <= 1000 and headers[-1] is not None
     with pytest.raises(openai.RateLimitError) as refused:
         client.chat.completions.create(model="nemotron", messages=HI, max_tokens=40)
     message = refused.value.message
-    assert "daily tokens 126 of 100" in message and "resets at" in message
+    assert f"daily tokens {spent} of 1000" in message and "resets at" in message
     assert int(refused.value.response.headers["retry-after"]) > 0
     with pytest.raises(openai.RateLimitError):  # streams are refused before they start
         client.chat.completions.create(model="nemotron", messages=HI, stream=True)
     warnings = env.store.audit_events("budget.warning")
-    assert [
-        (e["key_id"], e["budget"], e["percent"]) for e in warnings if e["key_id"] == key_id
-    ] == [(key_id, "daily_tokens", 84)]
-    metrics = httpx.get(f"{env.url}/metrics").text
-    assert 'appliance_gateway_budget_state{key="budgeted"} 2.0' in metrics
+    [warning] = [e for e in warnings if e["key_id"] == key_id]  # once a period
+    assert warning["budget"] == "daily_tokens" and warning["percent"] >= 80
+    metrics = env.metrics()
+    assert f'appliance_gateway_budget_state{{key="{key_id}"}} 2.0' in metrics
     assert (
-        'appliance_gateway_budget_warnings_total{budget="daily_tokens",key="budgeted"} 1.0'
+        f'appliance_gateway_budget_warnings_total{{budget="daily_tokens",key="{key_id}"}} 1.0'
         in metrics
     )
 
 
 def test_monthly_cost_cap_hard_stops_once(env: Env) -> None:
-    key_id, secret = env.key("capped", Budget("", monthly_cost=0.05))
+    key_id, secret = env.key("capped", Budget("", monthly_cost=1.0))
     client = env.client(secret)
-    client.chat.completions.create(model="nemotron", messages=HI, max_tokens=30)  # 0.062
+    for _ in range(40):  # 0.062 each (2 x 0.001 + 30 x 0.002) until it no longer fits
+        try:
+            client.chat.completions.create(model="nemotron", messages=HI, max_tokens=30)
+        except openai.RateLimitError as exc:
+            assert "monthly cost" in exc.message
+            break
+        env.totals(key_id, 1)
+    else:
+        raise AssertionError("never refused")
+    assert env.store.spend(key_id).month_cost <= 1.0
     for _ in range(3):
         with pytest.raises(openai.RateLimitError, match="monthly cost"):
             client.chat.completions.create(model="nemotron", messages=HI, max_tokens=1)
@@ -289,18 +325,19 @@ def test_64_concurrent_streams_and_ledger_totals(env: Env) -> None:
 
 
 def test_metrics_and_health(env: Env) -> None:
-    _, secret = env.key("metered")
+    key_id, secret = env.key("metered")
     env.client(secret).chat.completions.create(model="nemotron", messages=HI, max_tokens=2)
     assert httpx.get(f"{env.url}/health/live").status_code == 200
     assert httpx.get(f"{env.url}/health/ready").json()["status"] == "ready"
-    text = httpx.get(f"{env.url}/metrics").text
+    text = env.metrics()
     for line in (
-        'appliance_gateway_prompt_tokens_total{key="metered",model="nemotron"} 2.0',
-        'appliance_gateway_completion_tokens_total{key="metered",model="nemotron"} 2.0',
+        f'appliance_gateway_prompt_tokens_total{{key="{key_id}",model="nemotron"}} 2.0',
+        f'appliance_gateway_completion_tokens_total{{key="{key_id}",model="nemotron"}} 2.0',
         'appliance_gateway_backend_up{backend="local"} 1.0',
         "appliance_gateway_request_seconds_bucket",
         "appliance_gateway_time_to_first_token_seconds_bucket",
-        'appliance_gateway_requests_total{key="metered",model="nemotron",'
+        f'appliance_gateway_requests_total{{key="{key_id}",model="nemotron",'
         'route="/v1/chat/completions",status="200"} 1.0',
     ):
         assert line in text
+    assert 'key="metered"' not in text  # keys by id: names never reach a scrape

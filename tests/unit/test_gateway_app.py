@@ -55,6 +55,14 @@ def auth(secret: str) -> dict[str, str]:
     return {"authorization": f"Bearer {secret}"}
 
 
+def scrape(client: TestClient, store: InferenceStore) -> str:
+    """GET /metrics with a key that has the `metrics` scope."""
+    _, secret = store.create_key(f"scraper-{len(store.list_keys())}", "client", scopes=["metrics"])
+    resp = client.get("/metrics", headers=auth(secret))
+    assert resp.status_code == 200, resp.text
+    return resp.text
+
+
 CHAT = {"model": "nemotron", "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -161,8 +169,8 @@ def test_daily_budget_refuses_before_forwarding(store: InferenceStore, secret: s
         assert "daily tokens" in error["message"] and "resets at" in error["message"]
         assert int(resp.headers["retry-after"]) > 0
         c.post("/v1/chat/completions", headers=auth(secret), json=CHAT)
-        metrics = c.get("/metrics").text
-    assert 'appliance_gateway_budget_state{key="tester"} 2.0' in metrics
+        metrics = scrape(c, store)
+    assert f'appliance_gateway_budget_state{{key="{key.id}"}} 2.0' in metrics
     assert [e["event"] for e in store.audit_events("budget.exceeded")] == ["budget.exceeded"]
 
 
@@ -185,13 +193,16 @@ def test_monthly_cap_hard_stops_once(store: InferenceStore, secret: str) -> None
     assert len(store.audit_events("budget.hard_stop")) == 1
 
 
-def test_health_and_metrics_need_no_key(client: TestClient) -> None:
+def test_health_needs_no_key_metrics_need_the_scope(
+    client: TestClient, store: InferenceStore, secret: str
+) -> None:
     assert client.get("/health/live").json() == {"status": "live"}
     ready = client.get("/health/ready")
     assert ready.status_code == 503 and ready.json()["status"] == "not ready"
-    metrics = client.get("/metrics")
-    assert metrics.status_code == 200
-    assert 'appliance_gateway_backend_up{backend="local"} 0.0' in metrics.text
+    assert_openai_error(client.get("/metrics"), 401, "invalid_api_key")
+    error = assert_openai_error(client.get("/metrics", headers=auth(secret)), 403)
+    assert error["code"] == "insufficient_scope" and "--scope metrics" in error["message"]
+    assert 'appliance_gateway_backend_up{backend="local"} 0.0' in scrape(client, store)
 
 
 def test_openapi_documents_the_request_bodies(client: TestClient) -> None:
@@ -290,7 +301,7 @@ def test_a_model_not_allowed_is_403_audited_and_metered(
     with backed_client(store, sent) as c:
         resp = chat(c, secret, model)
         error = assert_openai_error(resp, 403, "model_not_allowed")
-        metrics = c.get("/metrics").text
+        metrics = scrape(c, store)
     assert error["type"] == "permission_error" and error["param"] == "model"
     assert f"`{model}`" in error["message"] and "not allowed" in error["message"]
     assert sent == []  # refused before any backend saw it

@@ -36,7 +36,7 @@ def is_valid(name: object) -> bool:
 def check_name(name: str, kind: str, error: type[InvalidNameError] = InvalidNameError) -> str:
     """`name` if it follows the rule, else `error` naming the `kind` (sandbox, agent, key)."""
     if not is_valid(name):
-        raise error(f"invalid {kind} name {shown(name)}: use {RULE}")
+        raise error(f"invalid {kind} name {shown(name)}")  # the rule is in the hint
     return name
 
 

@@ -27,6 +27,7 @@ from inference.gateway.body import read_json_body
 from inference.gateway.errors import GatewayError, error_body
 from inference.gateway.forward import Forwarder
 from inference.gateway.metrics import GatewayMetrics
+from inference.gateway.openapi_errors import declare_errors
 from inference.gateway.relay import STATUS_CLIENT_GONE, MeteredStream, Relay, plain_response
 from inference.gateway.routing import Route, Router
 from inference.gateway.schemas import ChatRequest, CompletionRequest
@@ -154,6 +155,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.gateway = gw
+    declare_errors(app)  # every operation's error answers in the OpenAPI document
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(_request: Request, exc: GatewayError) -> Response:

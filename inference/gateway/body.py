@@ -49,6 +49,13 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _number(text: str) -> float | int:
+    """JSON has one number type: `5.0` is the integer 5 (as JSON Schema says), so it passes
+    for `max_tokens` and is forwarded as `5`; a fraction stays a float."""
+    value = float(text)
+    return int(value) if value.is_integer() and abs(value) <= 2**63 else value
+
+
 async def read_json_body(
     request: Request, schema: type[BaseModel], max_bytes: int
 ) -> dict[str, Any]:
@@ -57,7 +64,7 @@ async def read_json_body(
     if not raw:
         raise GatewayError(400, "request body is empty; expected a JSON object")
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_number)
     except (ValueError, RecursionError) as exc:
         raise GatewayError(400, f"malformed JSON body: {exc}", "invalid_json") from None
     if not isinstance(body, dict):

@@ -60,15 +60,18 @@ class _Sampling(_Open):
     presence_penalty: Number | None = _range(-2, 2)
     frequency_penalty: Number | None = _range(-2, 2)
     seed: StrictInt | None = _range(INT64_MIN, INT64_MAX)
-    stop: StopText | list[StopText] | None = Field(None, max_length=MAX_STOP)
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = None
     # token id (as a string, OpenAI's shape) -> bias in [-100, 100]
     logit_bias: (
-        dict[
-            Annotated[StrictStr, Field(pattern=r"^[0-9]{1,10}$")],
-            Annotated[Number, Field(ge=-100, le=100)],
+        Annotated[
+            dict[
+                Annotated[StrictStr, Field(pattern=r"^[0-9]{1,10}$")],
+                Annotated[Number, Field(ge=-100, le=100)],
+            ],
+            Field(max_length=1024, json_schema_extra={"additionalProperties": False}),
         ]
         | None
-    ) = Field(None, max_length=1024)
+    ) = None
     user: StrictStr | None = None
     # vLLM's own sampling knobs (OpenAI clients send them in extra_body)
     top_k: StrictInt | None = _range(-1, INT32_MAX)  # -1 or 0: off

@@ -37,6 +37,7 @@ def key_data(key: KeyRecord) -> dict[str, object]:
         "state": "revoked" if key.revoked_at else "live",
         # null: any model; a list: only these (as resolved by the gateway's aliases)
         "allowed_models": None if key.allowed_models is None else list(key.allowed_models),
+        "scopes": list(key.scopes),  # e.g. ["metrics"]: may scrape the gateway's /metrics
     }
 
 
@@ -80,6 +81,14 @@ def create(
             help="Only this model (a served name or alias; repeatable). Default: any model.",
         ),
     ] = None,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--scope",
+            metavar="SCOPE",
+            help="Also allow SCOPE: `metrics` (GET /metrics on the gateway). Not for sandboxes.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a key and print its secret: it is shown this once and stored only hashed.
@@ -89,7 +98,7 @@ def create(
     check_key_name(name, "sandbox" if sandbox else "client")  # before the store is opened
     with open_inference_store(ctx) as store:
         key, secret = store.create_key(
-            name, "sandbox" if sandbox else "client", allow_model or None
+            name, "sandbox" if sandbox else "client", allow_model or None, scope or ()
         )
     _warn_unserved(ctx, list(key.allowed_models or ()))
     if json_out:
@@ -97,6 +106,8 @@ def create(
         return
     console.print(f"created {key.owner_kind} key [bold]{key.name}[/] ({key.id})")
     console.print(f"models: {_models_cell(key)}", markup=False)
+    if key.scopes:
+        console.print(f"scopes: {', '.join(key.scopes)}", markup=False)
     console.print(secret, markup=False, soft_wrap=True)
     console.print("[yellow]store this secret now: it is not shown again[/]")
 

@@ -53,13 +53,15 @@ def _key(row: tuple[Any, ...]) -> KeyRecord:
     )
 
 
-def _scope_list(scopes: Iterable[str]) -> tuple[Scope, ...]:
+def _scope_list(scopes: Iterable[str], owner_kind: OwnerKind) -> tuple[Scope, ...]:
     if isinstance(scopes, str):
         raise TypeError("scopes must be a list of names, not a string")
     names = tuple(sorted(set(scopes)))
     for name in names:
         if name not in SCOPES:
             raise KeyScopeError(f"unknown key scope {name!r}")
+    if names and owner_kind == "sandbox":  # the proxy injects a sandbox's key for the agent
+        raise KeyScopeError("a sandbox's key takes no scopes: the agent would hold them")
     return names  # type: ignore[return-value]
 
 
@@ -149,7 +151,7 @@ class InferenceStore(LedgerMixin):
         Both are set once, with the key: they never change, so the auth cache can hold them."""
         check_key_name(name, owner_kind)  # the one name rule (appliance/names.py)
         models = _model_list(allowed_models)
-        key_scopes = _scope_list(scopes)
+        key_scopes = _scope_list(scopes, owner_kind)
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         record = KeyRecord(
             id="key_" + secrets.token_hex(8),

@@ -113,3 +113,18 @@ def test_an_allowed_model_not_served_here_is_a_warning() -> None:
     assert code == 0 and "'nemotorn' is not served here" in out
     code, out = cli("keys", "create", "bad-model", "--allow-model", "two words")
     assert code != 0 and "KeyModelError" in out
+
+
+def test_a_metrics_scope_only_for_client_keys() -> None:
+    code, out = cli("keys", "create", "prometheus", "--scope", "metrics", "--json")
+    assert code == 0, out
+    created = json.loads(out)
+    assert created["scopes"] == ["metrics"]
+    assert state_store().authenticate(created["secret"]).scopes == ("metrics",)
+    code, out = cli("keys", "create", "plain", "--json")
+    assert json.loads(out)["scopes"] == []
+    code, out = cli("keys", "create", "agent-2", "--sandbox", "--scope", "metrics")
+    assert code != 0 and "takes no scopes" in out
+    code, out = cli("keys", "create", "other", "--scope", "admin")
+    assert code != 0 and "unknown key scope 'admin'" in out
+    assert [k.name for k in state_store().list_keys()] == ["prometheus", "plain"]

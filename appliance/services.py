@@ -3,7 +3,9 @@
 `appliance up` starts one detached supervisor process (`appliance supervise`) when no service
 manager is in charge. It runs the backend (vLLM or the embedded model server) and the gateway as
 child processes, restarts them with backoff when they die, and records their state in
-<state_dir>/run/services.json for `appliance status`. `appliance down` sends it SIGTERM.
+<state_dir>/run/services.json for `appliance status` (with each service's last restarts and
+their reasons). `appliance down` sends it SIGTERM. One supervisor per state dir (run_state.py:
+its lock, its pid file, the instance id `up` hands it).
 It also reconciles the sandboxes at start and every 30 s (dead egress proxies, sandboxes that
 should run after a reboot); sandboxes themselves outlive it, as their proxies do.
 Under systemd, `appliance serve backend|gateway` are the unit commands instead.
@@ -18,12 +20,14 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+from appliance import run_state
 from appliance.config import ApplianceConfig
 from hardware.plan_types import ServingPlan
-from inference.backends import ProcessBackend, VllmBackend
+from inference.backends import ProcessBackend, Supervisor, VllmBackend
 
 log = logging.getLogger(__name__)
 RECONCILE_INTERVAL_S = 30.0
@@ -97,13 +101,24 @@ def gateway_process(config: ApplianceConfig) -> ProcessBackend:
 
 
 def supervisor_pid(config: ApplianceConfig) -> int | None:
-    """The running supervisor's pid, or None (a stale pid file is ignored)."""
-    try:
-        pid = int(pid_file(config).read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
+    """The running supervisor's pid, or None (a stale pid file is ignored: its process is gone,
+    or nothing holds the supervisor lock any more, so the pid may be another process's now)."""
+    written = run_state.read_pid_file(pid_file(config))
+    if written is None or run_state.supervisor_lock_held(run_dir(config)) is False:
         return None
-    return pid
+    try:
+        os.kill(written[0], 0)
+    except PermissionError:
+        pass  # alive, another user's (status run as non-root)
+    except OSError:
+        return None
+    return written[0]
+
+
+def supervisor_instance(config: ApplianceConfig) -> str | None:
+    """The running supervisor's instance id (see run_state), or None."""
+    written = run_state.read_pid_file(pid_file(config))
+    return written[1] if written and supervisor_pid(config) == written[0] else None
 
 
 def read_services(config: ApplianceConfig) -> dict[str, Any]:
@@ -116,12 +131,23 @@ def read_services(config: ApplianceConfig) -> dict[str, Any]:
 class _StateFile:
     """services.json, rewritten atomically on every state change of any service."""
 
-    def __init__(self, path: Path, plan: ServingPlan) -> None:
+    def __init__(self, path: Path, plan: ServingPlan, instance: str) -> None:
         self.path = path
         self.lock = threading.Lock()
-        self.data: dict[str, Any] = {"supervisor_pid": os.getpid(), "plan": plan.variant}
+        self.data: dict[str, Any] = {
+            "supervisor_pid": os.getpid(),
+            "instance": instance,
+            "plan": plan.variant,
+        }
 
-    def update(self, name: str, proc: ProcessBackend, state: str, detail: str) -> None:
+    def update(
+        self,
+        name: str,
+        proc: ProcessBackend,
+        state: str,
+        detail: str,
+        restarts: list[dict[str, Any]] | None = None,
+    ) -> None:
         with self.lock:
             self.data[name] = {
                 "state": state,
@@ -130,47 +156,53 @@ class _StateFile:
                 "since": time.time(),
                 "url": proc.base_url,
                 "log": str(proc.log_path),
+                "restarts": restarts or [],  # the last few, oldest first, with their reasons
             }
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data, indent=2))
-            tmp.replace(self.path)
+            run_state.write_atomically(self.path, json.dumps(self.data, indent=2))
 
 
-def supervise(config: ApplianceConfig, plan: ServingPlan) -> None:
-    """Run both services until SIGTERM/SIGINT; restart each when it dies (foreground)."""
-    run_dir(config).mkdir(parents=True, exist_ok=True)
-    pid_file(config).write_text(f"{os.getpid()}\n")
+def supervise(config: ApplianceConfig, plan: ServingPlan, instance: str | None = None) -> None:
+    """Run both services until SIGTERM/SIGINT; restart each when it dies (foreground).
+
+    Raises run_state.AlreadySupervised when another supervisor runs for this state dir."""
+    lock = run_state.hold_supervisor_lock(run_dir(config))  # held until this process exits
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    states = _StateFile(services_file(config), plan)
+    instance = instance or uuid.uuid4().hex
+    run_state.write_pid_file(pid_file(config), instance)
+    log.info("supervisor %d (instance %s) for %s", os.getpid(), instance, config.state_dir)
+    states = _StateFile(services_file(config), plan, instance)
     services = {"backend": backend_process(config, plan), "gateway": gateway_process(config)}
-    supervisors = []
+    supervisors: dict[str, Supervisor] = {}
     try:
         for name, proc in services.items():
 
             def on_state(state: str, detail: str, name: str = name, proc=proc) -> None:
-                states.update(name, proc, state, detail)
+                sup = supervisors.get(name)
+                states.update(name, proc, state, detail, sup.recent_restarts if sup else None)
 
             def progress(elapsed: float, line: str, name: str = name, proc=proc) -> None:
                 # A model load takes minutes: show how far it got, about once a second.
                 if int(elapsed) != int(elapsed - 0.25):
-                    states.update(name, proc, "starting", f"{elapsed:.0f} s: {line}")
+                    sup = supervisors.get(name)
+                    restarts = sup.recent_restarts if sup else None
+                    states.update(name, proc, "starting", f"{elapsed:.0f} s: {line}", restarts)
 
-            supervisors.append(
-                proc.supervise(
-                    on_state=on_state,
-                    progress=progress,
-                    ready_timeout=config.inference.ready_timeout_s,
-                )
+            supervisors[name] = Supervisor(
+                proc,
+                on_state=on_state,
+                progress=progress,
+                ready_timeout=config.inference.ready_timeout_s,
             )
+            supervisors[name].start()
         threading.Thread(target=watch_sandboxes, args=(config, stop), daemon=True).start()
         stop.wait()
     finally:
-        for sup in reversed(supervisors):
+        for sup in reversed(supervisors.values()):
             sup.stop(timeout=60)
-        pid_file(config).unlink(missing_ok=True)
-        services_file(config).unlink(missing_ok=True)
+        run_state.remove_if_mine(pid_file(config), services_file(config))
+        os.close(lock)
 
 
 def watch_sandboxes(config: ApplianceConfig, stop: threading.Event) -> None:

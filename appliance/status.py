@@ -85,6 +85,7 @@ def inference_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, 
         "state": service.get("state") or ("listening" if listening else "down"),
         "detail": service.get("detail"),
         "pid": service.get("pid"),
+        "restarts": service.get("restarts", []),  # the last few: {"at", "reason", "restart"}
         "metrics": _backend_metrics(endpoint) if listening else None,
         "plan": None,
     }
@@ -107,7 +108,9 @@ def gateway_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, An
     return {
         "url": f"http://{gw.host}:{gw.port}/v1",
         "state": service.get("state") or ("listening" if listening else "down"),
+        "detail": service.get("detail"),
         "pid": service.get("pid"),
+        "restarts": service.get("restarts", []),
     }
 
 

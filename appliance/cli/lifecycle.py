@@ -1,4 +1,8 @@
-"""`appliance up` / `appliance down`: start the supervisor (backend + gateway) and stop it."""
+"""`appliance up` / `appliance down`: start the supervisor (backend + gateway) and stop it.
+
+Both hold the state dir's lifecycle lock (appliance/run_state.py) from start to end: a second `up`
+or `down` waits for the first, then finds the appliance up (or down), never half-started.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,14 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from appliance.cli.context import app_context
-from appliance.cli.output import console
+from appliance.cli.output import console, err_console
 from appliance.config import ApplianceConfig
 from appliance.errors import BackendError
 
@@ -21,14 +26,14 @@ TimeoutOpt = Annotated[
 ]
 
 
-def _spawn_supervisor(config: ApplianceConfig) -> subprocess.Popen[bytes]:
+def _spawn_supervisor(config: ApplianceConfig, instance: str) -> subprocess.Popen[bytes]:
     from appliance.services import cli_argv, log_dir
 
     log_dir(config).mkdir(parents=True, exist_ok=True)
     with (log_dir(config) / "supervisor.log").open("ab") as log:
         # A new session: the supervisor outlives this command and its terminal.
         return subprocess.Popen(
-            cli_argv(config, "serve", "all"),
+            cli_argv(config, "serve", "all", "--instance", instance),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -36,13 +41,17 @@ def _spawn_supervisor(config: ApplianceConfig) -> subprocess.Popen[bytes]:
         )
 
 
-def _wait_ready(config: ApplianceConfig, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def _wait_ready(
+    config: ApplianceConfig, proc: subprocess.Popen[bytes], instance: str, timeout: float
+) -> None:
     from appliance.services import log_dir, read_services
 
     deadline = time.monotonic() + timeout
     with console.status("starting the appliance") as spinner:
         while True:
             services = read_services(config)
+            if services.get("instance") != instance:
+                services = {}  # a stale file, or not yet written by our supervisor
             states = {name: services.get(name, {}).get("state") for name in ("backend", "gateway")}
             if all(state == "ready" for state in states.values()):
                 return
@@ -64,22 +73,44 @@ def _wait_ready(config: ApplianceConfig, proc: subprocess.Popen[bytes], timeout:
             time.sleep(0.5)
 
 
+def _check_own(config: ApplianceConfig, supervisor: int, instance: str) -> None:
+    """What answers on the ports must be this supervisor's children, not a stray server."""
+    from appliance.listeners import served_by
+    from appliance.services import read_services, supervisor_instance, supervisor_pid
+
+    if supervisor_pid(config) != supervisor or supervisor_instance(config) != instance:
+        raise BackendError(f"the supervisor (pid {supervisor}) lost its pid file or lock")
+    services = read_services(config)
+    listen = config.inference.backend_listen
+    for name, port in (("backend", listen.port), ("gateway", config.gateway.port)):
+        pid = services.get(name, {}).get("pid")
+        if pid is None or served_by(port, pid) is False:
+            raise BackendError(
+                f"port {port} is not served by the appliance's {name} (pid {pid})",
+                hint=f"find what listens there: `ss -ltnp 'sport = :{port}'`",
+            )
+
+
 def up(ctx: typer.Context, timeout: TimeoutOpt = 1800.0) -> None:
     """Start the backend and the gateway under a supervisor and wait until both are ready."""
-    from appliance.services import supervisor_pid
+    from appliance.run_state import lifecycle_lock
+    from appliance.services import run_dir, supervisor_pid
 
     config = app_context(ctx).config()
-    pid = supervisor_pid(config)
-    if pid is not None:
-        console.print(f"already up (supervisor pid {pid})")
-        return
-    started = time.monotonic()
-    proc = _spawn_supervisor(config)
-    try:
-        _wait_ready(config, proc, timeout)
-    except BaseException:
-        _stop(config, proc.pid)
-        raise
+    with lifecycle_lock(run_dir(config), timeout, on_wait=err_console.print):
+        pid = supervisor_pid(config)
+        if pid is not None:
+            console.print(f"already up (supervisor pid {pid})")
+            return
+        started = time.monotonic()
+        instance = uuid.uuid4().hex
+        proc = _spawn_supervisor(config, instance)
+        try:
+            _wait_ready(config, proc, instance, timeout)
+            _check_own(config, proc.pid, instance)
+        except BaseException:
+            _stop(config, proc.pid)
+            raise
     gw = config.gateway
     console.print(
         f"up in {time.monotonic() - started:.1f} s: inference.local at "
@@ -109,12 +140,14 @@ def _stop(config: ApplianceConfig, pid: int, timeout: float = 60.0) -> None:
 
 def down(ctx: typer.Context) -> None:
     """Stop the supervisor and with it the backend and the gateway."""
-    from appliance.services import supervisor_pid
+    from appliance.run_state import lifecycle_lock
+    from appliance.services import run_dir, supervisor_pid
 
     config = app_context(ctx).config()
-    pid = supervisor_pid(config)
-    if pid is None:
-        console.print("not running")
-        return
-    _stop(config, pid)
+    with lifecycle_lock(run_dir(config), 120.0, on_wait=err_console.print):
+        pid = supervisor_pid(config)
+        if pid is None:
+            console.print("not running")
+            return
+        _stop(config, pid)
     console.print(f"stopped (supervisor pid {pid})")

@@ -43,17 +43,26 @@ def gateway(ctx: typer.Context) -> None:
 
 
 @app.command("all", hidden=True)
-def supervise_all(ctx: typer.Context) -> None:
+def supervise_all(
+    ctx: typer.Context,
+    instance: str = typer.Option(None, "--instance", help="The id `appliance up` checks for."),
+) -> None:
     """Run the supervisor in the foreground: backend and gateway, restarted when they die."""
+    import logging
+
     from appliance.cli.plan import current_plan
     from appliance.services import supervise
     from appliance.store import open_store
 
+    # State changes, and each restart with its reason, go to stderr: supervisor.log under `up`.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "httpcore"):  # one line per health check otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     config = app_context(ctx).config()
     plan = current_plan(ctx)
     with open_store(config.state_dir) as store:
         store.record_plan(plan.backend, plan.model, plan.model_dump(mode="json"))
-    supervise(config, plan)
+    supervise(config, plan, instance)
 
 
 @app.command("sandboxes")

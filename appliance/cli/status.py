@@ -44,10 +44,13 @@ def render(report: dict[str, Any], host: HostSnapshot) -> Group:
     )
     parts.append(
         Text.from_markup(
-            f"\n[bold]inference[/]  {_state(inference['state'])}  {inference['endpoint']}  "
+            f"\n[bold]inference[/]  {_state(inference['state'])}{_detail(inference)}  "
+            f"{inference['endpoint']}  "
             f"plan: {planned}\n"
             f"{_metrics_line(inference['metrics'])}"
+            f"{_restart_line(inference.get('restarts'))}"
             f"[bold]gateway[/]    {_state(gateway['state'])}  {gateway['url']}\n"
+            f"{_restart_line(gateway.get('restarts'))}"
             f"[dim]state {app_info['state_dir']}"
             f"{'' if app_info['initialised'] else ' (not initialised: run `appliance up`)'}[/]"
         )
@@ -152,6 +155,23 @@ def _budget_lines(budgets: dict[str, Any]) -> list[Text]:
             )
         )
     return lines
+
+
+def _detail(service: dict[str, Any]) -> str:
+    detail = service.get("detail")
+    return f" [dim]({escape(detail[:80])})[/]" if detail else ""
+
+
+def _restart_line(restarts: list[dict[str, Any]] | None) -> str:
+    """The last restart and its reason (`status --json` keeps the last few)."""
+    if not restarts:
+        return ""
+    last = restarts[-1]
+    at = time.strftime("%H:%M:%S", time.localtime(last["at"]))
+    return (
+        f"           [yellow]restart #{last.get('restart', len(restarts))}[/] at {at}: "
+        f"{escape(str(last['reason']))}\n"
+    )
 
 
 def _metrics_line(metrics: dict[str, Any] | None) -> str:

@@ -36,7 +36,7 @@ from inference.backends.base import (
     parse_metrics,
     secret_flags,
 )
-from inference.backends.supervisor import Supervisor
+from inference.backends.supervisor import Probe, Supervisor
 
 _TAIL_BYTES = 16 * 1024
 
@@ -222,6 +222,19 @@ class ProcessBackend:
         except httpx.HTTPError:
             return False
         return response.status_code == 200
+
+    def probe(self, timeout: float = 2.0) -> Probe:
+        """One health check that tells busy from dead: "ok" (200); "busy" (it accepted the
+        connection but did not answer in time: a long request holds its event loop); "unhealthy"
+        (it answered with an error, e.g. vLLM's dead engine); "down" (nothing accepts, or the
+        connection broke)."""
+        try:
+            response = httpx.get(self._base_url + self._health_path, timeout=timeout)
+        except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout, httpx.ConnectTimeout):
+            return "busy"  # ConnectTimeout on loopback: a full accept backlog, not a dead port
+        except httpx.HTTPError:
+            return "down"
+        return "ok" if response.status_code == 200 else "unhealthy"
 
     def wait_ready(
         self,

@@ -3,6 +3,13 @@
 States: starting -> ready -> (dies or turns unhealthy) -> restarting -> starting -> ...;
 `failed` when a start cannot succeed (not retryable, or too many failed starts in a row);
 `stopped` after stop(). Every transition goes to the `on_state(state, why)` callback.
+
+Busy is not dead. A backend whose process is alive and whose port accepts connections, but whose
+/health does not answer in time, is busy (a huge request holds its event loop): it stays `ready`
+with a "busy" detail and is not restarted, unless it stays silent for `hung_after` seconds (hung).
+Dead is: the process exited, /health answers an error (vLLM: engine dead), or nothing accepts
+connections on its port, `unhealthy_after` checks in a row. Each restart is logged with its reason
+(WARNING) and the last RESTART_HISTORY are kept in `recent_restarts`.
 """
 
 from __future__ import annotations
@@ -10,8 +17,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Literal, Protocol
 
 from inference.backends.base import (
     BackendStartError,
@@ -22,6 +30,9 @@ from inference.backends.base import (
 )
 
 log = logging.getLogger(__name__)
+
+Probe = Literal["ok", "busy", "unhealthy", "down"]
+RESTART_HISTORY = 5
 
 
 class Launchable(Protocol):
@@ -38,6 +49,8 @@ class Launchable(Protocol):
     ) -> None: ...
 
     def health(self, timeout: float = 2.0) -> bool: ...
+
+    def probe(self, timeout: float = 2.0) -> Probe: ...
 
     def stop(self, grace: float = 10.0) -> None: ...
 
@@ -77,6 +90,7 @@ class Supervisor:
         stable_after: float = 300.0,  # healthy this long -> the backoff starts over
         check_interval: float = 2.0,
         unhealthy_after: int = 3,  # failed health checks in a row -> restart (engine dead)
+        hung_after: float = 300.0,  # busy (alive, port open, /health silent) this long -> restart
         max_failed_starts: int | None = 10,
         stop_grace: float = 30.0,
     ) -> None:
@@ -88,6 +102,7 @@ class Supervisor:
         self._stable_after = stable_after
         self._check_interval = check_interval
         self._unhealthy_after = unhealthy_after
+        self._hung_after = hung_after
         self._max_failed_starts = max_failed_starts
         self._stop_grace = stop_grace
         self._stop = threading.Event()
@@ -96,6 +111,12 @@ class Supervisor:
         self.state: BackendState = "stopped"
         self.detail = ""
         self.restarts = 0
+        self._history: deque[dict[str, Any]] = deque(maxlen=RESTART_HISTORY)
+
+    @property
+    def recent_restarts(self) -> list[dict[str, Any]]:
+        """The last RESTART_HISTORY restarts, oldest first: {"at": epoch s, "reason", "restart"}."""
+        return list(self._history)
 
     # ---- control --------------------------------------------------------------------------
 
@@ -166,15 +187,28 @@ class Supervisor:
 
     def _watch(self) -> str | None:
         """Watch a ready backend; why it must be restarted, or None when told to stop."""
-        ready_since, misses = time.monotonic(), 0
+        ready_since, misses, busy_since = time.monotonic(), 0, None
         while not self._stop.wait(self._check_interval):
             code = self.backend.returncode
             if code is not None:
                 return f"exited with code {code}"
-            misses = 0 if self.backend.health() else misses + 1
+            probe = self.backend.probe()
+            now = time.monotonic()
+            if probe == "busy":
+                misses = 0
+                if busy_since is None:
+                    busy_since = now
+                    self._set("ready", "busy: /health is slow (process alive, port open)")
+                elif now - busy_since >= self._hung_after:
+                    return f"hung: /health silent for {now - busy_since:.0f} s (process alive)"
+                continue
+            if busy_since is not None:
+                busy_since = None
+                self._set("ready")
+            misses = 0 if probe == "ok" else misses + 1
             if misses >= self._unhealthy_after:
-                return f"unhealthy: {misses} failed health checks in a row"
-            if time.monotonic() - ready_since >= self._stable_after:
+                return f"unhealthy: {misses} failed health checks in a row ({probe})"
+            if now - ready_since >= self._stable_after:
                 self.backoff.reset()
         return None
 
@@ -182,5 +216,7 @@ class Supervisor:
         """Report `restarting`, wait out the backoff; False if told to stop meanwhile."""
         delay = self.backoff.next()
         self.restarts += 1
+        self._history.append({"at": round(time.time(), 3), "reason": why, "restart": self.restarts})
+        log.warning("%s: restart #%d: %s", self.backend.name, self.restarts, why)
         self._set("restarting", f"{why}; restart in {delay:g} s")
         return not self._stop.wait(delay)

@@ -52,8 +52,7 @@ class TokenBound:
     def least_tokens(self, text: str) -> int:
         """A proven lower bound on `text`'s token count."""
         chars = len(text)  # <= its UTF-8 bytes; each character but `dropped` keeps >= 1 byte
-        if self.dropped and chars > self.longest:
-            chars -= sum(text.count(c) for c in self.dropped)
+        chars -= sum(text.count(c) for c in self.dropped)  # under 1 ms a MB each
         return -(-chars // self.longest)
 
 

@@ -45,12 +45,22 @@ def bundle_skip_reason() -> str | None:
 
 
 def ensure_bundle() -> Path:
-    """The bundle of this source tree (created once, then reused from the cache)."""
-    from tests.sandbox_fixtures import ensure_base_image
+    """The bundle of this source tree (created once, then reused from the cache). Under an
+    exclusive lock next to the cache: a second worker waits for the first one's bundle."""
+    from tests.sandbox_fixtures import cache_lock
 
     key = source_key()
     bundle = CACHE / key / "bundle"
     if (bundle / "SHA256SUMS").is_file():
+        return bundle
+    with cache_lock(CACHE.with_name(CACHE.name + ".lock")):
+        return _create_bundle(key, bundle)
+
+
+def _create_bundle(key: str, bundle: Path) -> Path:
+    from tests.sandbox_fixtures import ensure_base_image
+
+    if (bundle / "SHA256SUMS").is_file():  # made while this process waited for the lock
         return bundle
     ensure_base_image()
     for old in CACHE.glob("*"):

@@ -2,20 +2,28 @@
 
 `sandbox_skip_reason()` says why this machine cannot create sandboxes (None when it can);
 `ensure_base_image()` builds (or reuses, from the rootfs cache) the base image once per session;
+`ensure_cpu_image()` the CPU appliance image (the `cpu_image` fixture in tests/conftest.py);
 `cli_env()` / `run_cli()` run the installed console script as a subprocess against a private
 state directory, never the machine's real config or state.
+
+The suite runs in two pytest-xdist workers (scripts/test.sh): each shared build holds an
+exclusive lock on a file next to its cache while it checks and builds, so the second worker
+waits for the first and then reuses its result instead of building twice or racing Podman.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +33,21 @@ IMAGE_CACHE = Path(os.environ.get("APPLIANCE_IMAGE_CACHE", "/var/tmp/appliance-i
 SERVICE_USER = os.environ.get("APPLIANCE_SANDBOX_USER", "appliance")
 APPLIANCE = str(Path(sys.executable).parent / "appliance")
 
-_image_built = False
+_base_image: list[Any] = []  # the ImageRef, once built or found
+_podman_started = False
+_cpu_image: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """Exclusive across processes (xdist workers, a CLI build) for as long as the block runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def sandbox_skip_reason() -> str | None:
@@ -50,21 +72,63 @@ def service_home() -> Path | None:
 
 
 def podman_client():
-    """A podman-py client on the service user's API socket (starting the service if needed)."""
+    """A podman-py client on the service user's API socket (starting the service if needed).
+
+    The first start is serialised: two workers starting it at once would each unlink the
+    other's socket and leave a podman nobody can reach. Nothing in the suite stops it."""
+    global _podman_started
     from appliance.podman_service import PodmanService
 
-    return PodmanService(user=SERVICE_USER).start()
+    service = PodmanService(user=SERVICE_USER)
+    if _podman_started:
+        return service.start()
+    with cache_lock(IMAGE_CACHE / ".podman-service.lock"):
+        client = service.start()
+    _podman_started = True
+    return client
 
 
-def ensure_base_image() -> None:
-    """`localhost/appliance-base:latest` in the service user's storage (cached rootfs)."""
-    global _image_built
-    if _image_built:
-        return
+def ensure_base_image() -> Any:
+    """`localhost/appliance-base:latest` in the service user's storage (cached rootfs); its
+    ImageRef."""
+    if _base_image:
+        return _base_image[0]
     from sandbox.image import build_base_image
 
-    build_base_image(podman_client(), workdir=IMAGE_CACHE)
-    _image_built = True
+    with cache_lock(IMAGE_CACHE / ".tests-base.lock"):  # the import runs outside sandbox's lock
+        _base_image.append(build_base_image(podman_client(), workdir=IMAGE_CACHE))
+    return _base_image[0]
+
+
+def cpu_image_skip_reason() -> str | None:
+    """Why the CPU appliance image can be neither found nor built here, or None."""
+    from appliance import appliance_image as ai
+
+    if (why := sandbox_skip_reason()) is not None:
+        return why
+    t = ai.target("cpu")
+    digest = ai.inputs_digest(ai.inputs(t, ensure_base_image().image_id))
+    if ai.find_appliance_image(podman_client(), t, digest) is None:
+        try:
+            socket.create_connection(("pypi.org", 443), timeout=5).close()
+        except OSError as exc:
+            return f"pypi.org unreachable ({exc}) and the cpu image is not built yet"
+    return None
+
+
+def ensure_cpu_image() -> dict[str, Any]:
+    """The CPU appliance image of this source tree, built once (or found by its inputs) and
+    shared by every test that needs it: {"ref": ApplianceImageRef, "build_s": seconds}."""
+    if _cpu_image:
+        return _cpu_image
+    from appliance import appliance_image as ai
+
+    with cache_lock(IMAGE_CACHE / ".tests-cpu-image.lock"):
+        ensure_base_image()
+        t0 = time.monotonic()
+        ref = ai.build_appliance_image(podman_client(), "cpu", workdir=IMAGE_CACHE, progress=print)
+        _cpu_image.update(ref=ref, build_s=time.monotonic() - t0)
+    return _cpu_image
 
 
 def cli_env(state_dir: Path, scratch: Path) -> dict[str, str]:

@@ -28,7 +28,7 @@ import pytest
 
 from tests.sandbox_fixtures import sandbox_skip_reason
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("openclaw")]
 
 APPLIANCE = str(Path(sys.executable).parent / "appliance")
 AGENT = "demo"

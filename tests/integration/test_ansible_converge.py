@@ -30,7 +30,7 @@ import pytest
 
 from tests.bundle_fixtures import REPO, bundle_skip_reason, ensure_bundle
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("bundle")]
 
 ANSIBLE_DIR = REPO / "ansible"
 HOST_IMAGE = "localhost/appliance-test-host"

@@ -5,19 +5,19 @@ tests/integration/test_quadlet_cpu_run.py (run with the Quadlet unit's settings)
 
 The first build makes the wheelhouse (from pip's cache or PyPI) and takes ~3-4 min here; the
 image is then found by its inputs digest (the appliance's own source is one input: a code change
-rebuilds it, with the wheels cached).
+rebuilds it, with the wheels cached). The build is the session's `cpu_image` fixture
+(tests/conftest.py), shared with the Quadlet run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("cpu-image")]
 
 READY_TIMEOUT_S = 300  # first start converts the GGUF (~25 s alone) on 2 busy cores
 CHAT = (
@@ -38,29 +38,17 @@ def _run_output(ctr: Any, argv: list[str]) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def built() -> dict[str, Any]:
-    """The image (built now, or found), and how long that took, twice."""
+def built(cpu_image: dict[str, Any]) -> dict[str, Any]:
+    """The image (built by the shared fixture, or found), and how long asking again takes."""
     from appliance import appliance_image as ai
-    from sandbox.image import build_base_image
-    from tests.sandbox_fixtures import IMAGE_CACHE, podman_client, sandbox_skip_reason
+    from tests.sandbox_fixtures import IMAGE_CACHE, ensure_base_image, podman_client
 
-    if (why := sandbox_skip_reason()) is not None:
-        pytest.skip(why)
-    client = podman_client()
-    base = build_base_image(client, workdir=IMAGE_CACHE)
-    t = ai.target("cpu")
-    digest = ai.inputs_digest(ai.inputs(t, base.image_id))
-    if ai.find_appliance_image(client, t, digest) is None:
-        try:
-            socket.create_connection(("pypi.org", 443), timeout=5).close()
-        except OSError as exc:
-            pytest.skip(f"pypi.org unreachable ({exc}) and the cpu image is not built yet")
+    ref = cpu_image["ref"]
+    digest = ai.inputs_digest(ai.inputs(ai.target("cpu"), ensure_base_image().image_id))
     t0 = time.monotonic()
-    ref = ai.build_appliance_image(client, "cpu", workdir=IMAGE_CACHE, progress=print)
-    first = time.monotonic() - t0
-    t0 = time.monotonic()
-    again = ai.build_appliance_image(client, "cpu", workdir=IMAGE_CACHE)
+    again = ai.build_appliance_image(podman_client(), "cpu", workdir=IMAGE_CACHE)
     second = time.monotonic() - t0
+    first = cpu_image["build_s"]
     print(
         f"\ncpu image {ref.tag}: {ref.size / 1e6:.0f} MB; build {first:.1f} s, again {second:.1f} s"
     )

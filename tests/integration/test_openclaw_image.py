@@ -20,7 +20,7 @@ import pytest
 
 from sandbox.image import build_base_image
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("openclaw")]
 
 POLICY = Path(__file__).resolve().parents[2] / "sandbox" / "policies" / "openclaw.yaml"
 REGISTRIES = (("pypi.org", 443), ("registry.npmjs.org", 443), ("deb.debian.org", 80))

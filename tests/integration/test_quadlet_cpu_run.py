@@ -3,9 +3,8 @@
 here has no Quadlet generator to do it): a Quadlet-style named volume, the gateway published on
 loopback, read-only root, no capabilities, no-new-privileges and the explicit HealthCmd.
 
-It does not build the image: it copies the service user's `localhost/appliance-cpu:latest`
-(built by tests/integration/test_appliance_image_cpu.py) into root's store (~40 s, once per
-image id) and skips when there is none.
+The image is the session's `cpu_image` fixture (tests/conftest.py: built once in the service
+user's store, or found by its inputs), copied into root's store (~40 s, once per image id).
 """
 
 from __future__ import annotations
@@ -28,9 +27,8 @@ import pytest
 from appliance import quadlet_units as q
 from tests.sandbox_fixtures import SERVICE_USER
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("cpu-image")]
 
-SOURCE = "localhost/appliance-cpu:latest"  # in the service user's store
 TAG = "localhost/appliance-cpu:quadlet-itest"  # its copy in root's store
 READY_TIMEOUT_S = 300
 
@@ -61,33 +59,25 @@ def _skip_reason() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
+def image(cpu_image: dict[str, Any]) -> str:
     """The cpu image in root's store under TAG (copied from the service user's store)."""
     if (why := _skip_reason()) is not None:
         pytest.skip(why)
-    found = subprocess.run(
-        _user_podman("image", "inspect", "--format", "{{.Id}}", SOURCE),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if found.returncode != 0:
-        pytest.skip(f"no {SOURCE} in {SERVICE_USER}'s store: run test_appliance_image_cpu.py")
-    image_id = found.stdout.strip()
-    if subprocess.run(["podman", "image", "exists", image_id], check=False).returncode != 0:
+    ref = cpu_image["ref"]
+    if subprocess.run(["podman", "image", "exists", ref.image_id], check=False).returncode != 0:
         # docker-archive keeps the image id (and HEALTHCHECK) across the two stores.
         save = subprocess.Popen(
-            _user_podman("save", "--format", "docker-archive", SOURCE), stdout=subprocess.PIPE
+            _user_podman("save", "--format", "docker-archive", ref.tag), stdout=subprocess.PIPE
         )
         load = subprocess.run(
             ["podman", "load"], stdin=save.stdout, capture_output=True, text=True, timeout=600
         )
         assert save.wait(timeout=60) == 0 and load.returncode == 0, load.stderr
-    _podman("tag", image_id, TAG)
+    _podman("tag", ref.image_id, TAG)
     # Root's store keeps one copy: older ones this test loaded go (each is ~1.4 GB).
     for line in _podman("images", "--format", "{{.Id}} {{.Repository}}").splitlines():
         other, repo = line.split()
-        if repo == TAG.rsplit(":", 1)[0] and not image_id.startswith(other):
+        if repo == TAG.rsplit(":", 1)[0] and not ref.image_id.startswith(other):
             _podman("rmi", "--force", other, check=False)
     return TAG
 

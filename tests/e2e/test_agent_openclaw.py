@@ -31,7 +31,7 @@ from tests.sandbox_fixtures import sandbox_skip_reason
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("openclaw")]
 
 APPLIANCE = str(Path(sys.executable).parent / "appliance")
-AGENT = "demo"
+AGENT = f"demo-{os.getpid()}"  # one Podman serves both xdist workers: a name of its own
 # Run inside the sandbox by `sandbox exec`: one request through the agent's own proxy.
 PROBE = """
 import json, sys, urllib.request, urllib.error

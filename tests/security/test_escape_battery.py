@@ -11,12 +11,14 @@ What only isolation can hide is made real on the host first: the test's own stat
 sandbox's key file and the host's sandboxes directory exist while the probe runs (checked here),
 and the host listens on 127.0.0.1 (gateway port and one other port) and greets whoever connects.
 
-The same probe with the isolation taken away fails this table (measured, issue 11): run on the
-host as an unprivileged user, or in a plain `podman run --network none --cap-drop ALL` container
-from the base image (Podman's default seccomp, no supervisor, no Landlock), `mount(NULL)` answers
-EFAULT instead of EPERM, `/etc/debian_version` and the host paths are read, the host listeners are
-reached (the greeting comes back), `unshare(CLONE_NEWUSER)`, `pidfd_open` and `userfaultfd`
-succeed, the off-box dial gets past Landlock to ENETUNREACH or further.
+Each check can fail; measured with the isolation taken away (issue 11): with every name of the
+seccomp DENY list allowed, 18 outcomes differ (`mount(NULL)` EFAULT, `unshare(CLONE_NEWUSER)`,
+`pidfd_open`, `userfaultfd` and `ptrace` of a child succeed, clone3 EINVAL); with Landlock
+granting read/exec on / and TCP to any port, 12 differ (`/etc/debian_version`, the config and the
+supervisor are read, the exec target runs, the host listeners answer ECONNREFUSED in the
+namespace); in a plain `podman run --network host` container with the host's state dir mounted
+(Podman's default seccomp, no supervisor), 52 differ: the state db and key file are read, the
+host listeners greet the probe, the off-box dial connects, UDP goes out.
 """
 
 from __future__ import annotations

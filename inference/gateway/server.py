@@ -136,7 +136,6 @@ class _Guarded(H11Protocol):
         self._deadline = None
         if self.transport.is_closing():
             return
-        cycle = self.cycle
         if phase == "headers":
             if not self.conn.trailing_data[0]:
                 self._close()  # idle between requests: nothing to answer
@@ -147,13 +146,8 @@ class _Guarded(H11Protocol):
                 "request_timeout",
             )
             return
-        answered = cycle is not None and cycle.response_started
-        if cycle is not None:
-            cycle.disconnected = True  # the handler reads a disconnect; what it sends is dropped
-            cycle.message_event.set()
-        if answered:
-            self._close()
-            return
+        # The handler reads a disconnect and what it sends is dropped; the client gets a 408,
+        # or, if the handler had already answered, the connection just closes.
         self._refuse(
             408,
             f"the request body did not arrive within {self.limits.body_timeout_s} s",
@@ -163,7 +157,10 @@ class _Guarded(H11Protocol):
     # -- refusing ------------------------------------------------------------------------
 
     def _refuse(self, status: int, message: str, code: str, type_: str | None = None) -> None:
-        """Answer, stop writing, drain what the client still sends for a moment, close."""
+        """Answer, stop writing, drain what the client still sends for a moment, close. If the
+        handler has already answered this request, a second answer would corrupt the stream:
+        just close."""
+        answered = self._phase == "body" and self.cycle is not None and self.cycle.response_started
         self._refused = True
         self._cancel_deadline()
         if self.cycle is not None:
@@ -171,6 +168,9 @@ class _Guarded(H11Protocol):
             self.cycle.message_event.set()
         transport = self.transport
         if transport.is_closing():
+            return
+        if answered:
+            self._close()
             return
         transport.write(raw_error_response(status, message, code, type_))
         if transport.can_write_eof():

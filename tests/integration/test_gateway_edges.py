@@ -283,6 +283,14 @@ def test_garbage_request_is_json_400(gw: Gateway) -> None:
     assert error["code"] == "invalid_http"
 
 
+def test_bad_chunk_framing_is_json_400(gw: Gateway) -> None:
+    with gw.connect() as sock:
+        sock.sendall(request_head(gw, "transfer-encoding: chunked\r\n") + b"zz\r\n{}\r\n0\r\n\r\n")
+        status, headers, body = read_response(sock)
+    error = assert_openai_error(status, headers, body, 400)
+    assert error["code"] == "invalid_http"
+
+
 # -- field ranges: refused by the gateway, not by a 500 from the backend -----------------------
 
 BAD_FIELDS = [

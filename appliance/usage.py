@@ -23,7 +23,9 @@ def budget_report(store: Any, key_filter: str | None = None) -> list[dict[str, A
     for key in keys:
         budget = store.get_budget(key.id)
         spend = store.spend(key.id, now)
-        verdict = budget_math.evaluate(budget, spend, now)
+        held = store.reserved(key.id, now)  # open reservations of requests in flight
+        # Limits count what is held too, as the gateway's admission does.
+        verdict = budget_math.evaluate(budget, budget_math.plus(spend, held), now)
         out.append(
             {
                 "key": key.name,
@@ -34,6 +36,12 @@ def budget_report(store: Any, key_filter: str | None = None) -> list[dict[str, A
                     "month_tokens": spend.month_tokens,
                     "day_cost": round(spend.day_cost, 6),
                     "month_cost": round(spend.month_cost, 6),
+                },
+                "reserved": {
+                    "day_tokens": held.day_tokens,
+                    "month_tokens": held.month_tokens,
+                    "day_cost": round(held.day_cost, 6),
+                    "month_cost": round(held.month_cost, 6),
                 },
                 "limits": [
                     {

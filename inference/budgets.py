@@ -186,7 +186,7 @@ class Grant:
         return ", ".join(w.warning_text() for w in self.warnings) or None
 
 
-def _plus(a: Spend, b: Spend) -> Spend:
+def plus(a: Spend, b: Spend) -> Spend:
     return Spend(
         day_tokens=a.day_tokens + b.day_tokens,
         month_tokens=a.month_tokens + b.month_tokens,
@@ -222,7 +222,7 @@ def grant(
     Limits and warnings count settled spend + open reservations (+ this request's)."""
     if budget is None:
         return Grant(ask.completion_tokens, [])
-    committed = uses(budget, _plus(settled, reserved), now)
+    committed = uses(budget, plus(settled, reserved), now)
     per_choice: float = ask.completion_tokens
     for use in committed:
         room = _room(use, ask)
@@ -236,6 +236,6 @@ def grant(
         per_choice = min(per_choice, room)
     cap = int(per_choice)
     this = Spend(ask.tokens(cap), ask.tokens(cap), ask.cost(cap), ask.cost(cap))
-    after = uses(budget, _plus(_plus(settled, reserved), this), now)
+    after = uses(budget, plus(plus(settled, reserved), this), now)
     warnings = [u for u in after if u.ratio >= warn_ratio]
     return Grant(cap, after, warnings)

@@ -26,7 +26,8 @@ def show(
     key: Annotated[str | None, typer.Argument(help="Key name or id (default: every key).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Show each key's limits, what it spent today and this month (UTC), and its state."""
+    """Show each key's limits, what it spent today and this month (UTC), and its state. Limits
+    count the reservations of requests in flight too ("held")."""
     with open_inference_store(ctx) as store:
         report = budget_report(store, key)
     if json_out:
@@ -36,7 +37,7 @@ def show(
         console.print("no keys yet: `appliance keys create NAME`")
         return
     colour = {"ok": "green", "warning": "yellow"}
-    table = Table("key", "state", "today", "this month", "limits", box=None)
+    table = Table("key", "state", "today", "this month", "held", "limits", box=None)
     for row in report:
         s = row["spend"]
         limits = ", ".join(
@@ -44,11 +45,13 @@ def show(
             for lim in row["limits"]
         )
         state = f"[{colour.get(row['state'], 'red')}]{row['state']}[/]"
+        held = row["reserved"]["month_tokens"]
         table.add_row(
             row["key"],
             state,
             f"{s['day_tokens']} tok ${s['day_cost']:.4f}",
             f"{s['month_tokens']} tok ${s['month_cost']:.4f}",
+            f"{held} tok" if held else "-",
             limits or "-",
         )
     console.print(table)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import typer
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 
 from appliance.cli import budget, keys
 from appliance.store.inference_store import InferenceStore
-from inference.ports import UsageRecord
+from inference.ports import Reservation, UsageRecord
 
 root = typer.Typer()
 root.add_typer(keys.app, name="keys")
@@ -76,6 +77,13 @@ def test_budget_set_and_show() -> None:
     assert limits["daily_tokens"]["percent"] == 85.0
     code, out = cli("budget", "show")
     assert code == 0 and "agent" in out and "warning" in out
+    # A request in flight holds its reservation: shown, and counted against the limits.
+    store.reserve(key_id, time.time(), lambda s, r: Reservation(
+        "req_x", key_id, "nemotron", True, 60, 40, 0.0, time.time(), "1:1"))  # fmt: skip
+    (row,) = json.loads(cli("budget", "show", "agent", "--json")[1])
+    assert row["reserved"]["day_tokens"] == 100 and row["spend"]["day_tokens"] == 850
+    assert {lim["budget"]: lim["percent"] for lim in row["limits"]}["daily_tokens"] == 95.0
+    assert "100 tok" in cli("budget", "show")[1]
     cli("budget", "set", "agent", "--clear", "--daily-cost", "1")
     (row,) = json.loads(cli("budget", "show", "agent", "--json")[1])
     assert [lim["budget"] for lim in row["limits"]] == ["daily_cost"]

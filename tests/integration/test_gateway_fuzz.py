@@ -4,6 +4,7 @@ the stand-in vLLM process, so the whole forwarding path is fuzzed too."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -110,11 +111,16 @@ def backend() -> Iterator[int]:
         stop(proc)
 
 
-def gateway(tmp_path: Path, backend_port: int) -> tuple[TestClient, str]:
+def gateway(
+    tmp_path: Path, backend_port: int, max_body_bytes: int | None = None
+) -> tuple[TestClient, str]:
     store = InferenceStore(tmp_path)
     _, secret = store.create_key("fuzzer", "client")
+    limits = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
     cfg = GatewaySettings(
-        backend_url=f"http://127.0.0.1:{backend_port}", aliases={"smol": "nemotron"}
+        backend_url=f"http://127.0.0.1:{backend_port}",
+        aliases={"smol": "nemotron"},
+        limits=limits,
     )
     app = create_app(cfg, store, store, store, store)
     return TestClient(app, raise_server_exceptions=False), secret
@@ -168,13 +174,43 @@ def test_backend_down_is_503_never_another_5xx(tmp_path: Path, body: Any, path: 
     assert status < 500 or status == 503, (status, body)
 
 
+SMALL_CAP = 2048
+
+
+@settings(FUZZ, max_examples=60)
+@given(
+    size=st.integers(40, 2 * SMALL_CAP),
+    cuts=st.lists(st.integers(1, 2 * SMALL_CAP), max_size=12),
+    chunked=st.booleans(),
+)
+def test_body_cap_holds_however_the_body_is_cut(
+    tmp_path: Path, backend: int, size: int, cuts: list[int], chunked: bool
+) -> None:
+    """A valid request padded to `size` bytes, sent whole or as chunks cut anywhere: 413 past
+    the cap, however it is framed; at or under it, the request goes through."""
+    client, secret = _cached(tmp_path, backend, key="capped", max_body_bytes=SMALL_CAP)
+    body = json.dumps({"model": "nemotron", "prompt": "x", "max_tokens": 1}).encode()
+    body = body[:-1] + b" " * (size - len(body)) + b"}"
+    bounds = [0, *sorted({c for c in cuts if c < size}), size]
+    pieces = [body[a:b] for a, b in itertools.pairwise(bounds)]
+    content = iter(pieces) if chunked else body  # an iterator goes out chunked
+    headers = {"authorization": f"Bearer {secret}"}
+    with client.stream("POST", "/v1/completions", content=content, headers=headers) as resp:
+        resp.read()
+        status = resp.status_code
+    event(f"status {status}")
+    assert status == (413 if size > SMALL_CAP else 200), (status, size, chunked)
+
+
 _clients: dict[str, tuple[TestClient, str]] = {}
 
 
-def _cached(tmp_path: Path, port: int, key: str = "up") -> tuple[TestClient, str]:
+def _cached(
+    tmp_path: Path, port: int, key: str = "up", max_body_bytes: int | None = None
+) -> tuple[TestClient, str]:
     """One gateway per fuzz test (hypothesis reuses the function's tmp_path for its examples)."""
     if key not in _clients:
-        client, secret = gateway(tmp_path / key, port)
+        client, secret = gateway(tmp_path / key, port, max_body_bytes)
         client.__enter__()
         _clients[key] = (client, secret)
     return _clients[key]

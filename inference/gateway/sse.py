@@ -3,7 +3,8 @@
 Each network read is split into whole events; events go out as soon as they are complete (a
 partial event is useless to the client anyway). Usage comes from the backend's final usage chunk,
 which the gateway always asks for; when the client did not ask, that chunk is dropped so the client
-sees exactly the stream it requested. Cheap byte checks keep JSON parsing to that one chunk.
+sees exactly the stream it requested. A backend's error event is re-typed as OpenAI's. Cheap byte
+checks keep JSON parsing to those chunks.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
+
+from inference.gateway.errors import backend_error
 
 
 class SSEMeter:
@@ -36,7 +39,7 @@ class SSEMeter:
         end += len(self._sep)
         self._buf = buf[end:]
         complete = buf[:end]
-        if b'"usage"' not in complete and b"[DONE]" not in complete:
+        if b'"usage"' not in complete and b"[DONE]" not in complete and b'"error"' not in complete:
             # Fast path: plain token events, forwarded as they are.
             n = complete.count(b"data:")
             if n:
@@ -62,6 +65,10 @@ class SSEMeter:
         if b"[DONE]" in event and event.strip().endswith(b"[DONE]"):
             self.done = True
             return event
+        if b'"error"' in event:
+            retyped = _retyped_error(event)
+            if retyped is not None:
+                return retyped
         if b'"usage"' not in event:
             if b"data:" in event:
                 self._count(1, event)
@@ -81,6 +88,18 @@ class SSEMeter:
         self._count(1, event)
         data.pop("usage", None)
         return b"data: " + json.dumps(data, separators=(",", ":")).encode()
+
+
+def _retyped_error(event: bytes) -> bytes | None:
+    """A backend's error event (vLLM: `"type": "BadRequestError"`) in OpenAI's error shape and
+    types; None when the event is not one."""
+    data = _data_json(event)
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict):
+        return None
+    status = error.get("code") if isinstance(error.get("code"), int) else 500
+    _, body = backend_error(status if 400 <= status <= 599 else 500, json.dumps(data).encode())
+    return b"data: " + body
 
 
 def _data_json(event: bytes) -> Any:

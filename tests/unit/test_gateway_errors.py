@@ -10,6 +10,7 @@ import pytest
 from appliance.config import ApplianceConfig
 from inference.gateway.errors import ERROR_TYPES, backend_error, raw_error_response
 from inference.gateway.settings import ListenerLimits
+from inference.gateway.sse import SSEMeter
 
 
 @pytest.mark.parametrize(
@@ -103,3 +104,23 @@ def test_limits_refuse_nonsense() -> None:
         ListenerLimits.model_validate({"header_timeout_s": 0})
     with pytest.raises(ValueError, match="max_body"):
         ListenerLimits.model_validate({"max_body_bytes_typo": 1})
+
+
+def test_a_backend_error_event_mid_stream_is_retyped() -> None:
+    meter = SSEMeter(client_wants_usage=False, chat=True)
+    token = b'data: {"choices": [{"delta": {"content": "say \\"error\\""}}]}\n\n'
+    vllm = (
+        b'data: {"error": {"object": "error", "message": "engine hiccup",'
+        b' "type": "InternalServerError", "param": null, "code": 500}}\n\n'
+    )
+    assert meter.feed(token) == token  # content that mentions "error" passes as it is
+    out = meter.feed(vllm)
+    error = json.loads(out.removeprefix(b"data: "))["error"]
+    assert error == {
+        "message": "the inference backend failed: engine hiccup",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+    bad = b'data: {"error": {"message": "top_k", "type": "BadRequestError", "code": 400}}\n\n'
+    assert json.loads(meter.feed(bad)[6:])["error"]["type"] == "invalid_request_error"

@@ -260,6 +260,20 @@ def test_connections_per_address_are_capped(tmp_path: Path, backend: int) -> Non
                 sock.close()
 
 
+def test_connections_in_all_are_capped(tmp_path: Path, backend: int) -> None:
+    limits = {"max_connections": 3, "header_timeout_s": 30}
+    for gw in _gateway(tmp_path, backend, limits):
+        held = [gw.connect() for _ in range(3)]
+        try:
+            with gw.connect() as fourth:
+                status, headers, body = read_response(fourth)
+            error = assert_openai_error(status, headers, body, 503)
+            assert error["code"] == "too_many_connections"
+        finally:
+            for sock in held:
+                sock.close()
+
+
 # -- what the HTTP parser refuses -----------------------------------------------------------
 
 

@@ -198,9 +198,15 @@ class Admission:
                 owner=self.owner,
             )
 
-        reservation = await anyio.to_thread.run_sync(
-            self.ledger.reserve, key.id, now, decide, limiter=self._limiter
-        )
+        try:
+            reservation = await anyio.to_thread.run_sync(
+                self.ledger.reserve, key.id, now, decide, limiter=self._limiter
+            )
+        except Exception:  # the store is locked past its timeout, or broken: fail closed
+            log.exception("admission of %s failed", request_id)
+            raise GatewayError(
+                503, "the usage ledger is unavailable; try again shortly", "ledger_unavailable"
+            ) from None
         grant = verdict[-1]
         if budget is not None:
             self._budget_events(key, grant, reservation is None)

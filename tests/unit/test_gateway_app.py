@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -353,3 +354,35 @@ def test_an_unrestricted_key_is_unchanged(store: InferenceStore, secret: str) ->
         assert_openai_error(chat(c, secret, "gpt-9"), 404, "model_not_found")
     assert sent == ["nemotron", "nemotron", "big/model", "big/model"]
     assert store.audit_events("model.deny") == []
+
+
+def test_a_ledger_that_cannot_admit_fails_closed_with_503(
+    store: InferenceStore, secret: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def locked(*_args: Any, **_kw: Any) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store, "reserve", locked)
+    with make_client(store) as c:
+        resp = c.post("/v1/chat/completions", headers=auth(secret), json=CHAT)
+    assert_openai_error(resp, 503, "ledger_unavailable")
+
+
+def test_a_prompt_past_the_context_is_refused_without_a_backend(
+    store: InferenceStore, secret: str
+) -> None:
+    """max_model_len from the settings (else from the backend's /v1/models): a prompt whose
+    lower bound (characters / 256) passes it is a 400 before forwarding (the backend here is a
+    closed port: forwarding would be 503), and it is ledgered as refused."""
+    huge = {**CHAT, "messages": [{"role": "user", "content": "x" * 300_000}]}
+    with make_client(store, max_model_len=1024) as c:
+        resp = c.post("/v1/chat/completions", headers=auth(secret), json=huge)
+        error = assert_openai_error(resp, 400, "context_length_exceeded")
+        assert error["param"] == "messages" and "1024" in error["message"]
+        too_many = {**CHAT, "max_tokens": 1024}  # 1 prompt token at least + 1024
+        assert_openai_error(
+            c.post("/v1/chat/completions", headers=auth(secret), json=too_many),
+            400,
+            "context_length_exceeded",
+        )
+    assert [r.state for r in store.usage_rows()] == ["refused", "refused"]

@@ -23,6 +23,7 @@ dropping what the client is still sending), so the client reads the answer inste
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import Counter
 from typing import Any
 
@@ -33,6 +34,7 @@ from inference.gateway.errors import raw_error_response
 from inference.gateway.settings import ListenerLimits
 
 LINGER_S = 1.0  # how long a refused connection is drained before it is closed
+_END_OF_HEAD = re.compile(rb"\n\r?\n")  # the blank line after the headers, as h11 reads it
 
 
 class _Guarded(H11Protocol):
@@ -87,6 +89,11 @@ class _Guarded(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # draining a refused connection: drop it
+        if self.conn.their_state is h11.IDLE and self._head_too_large(data):
+            limit = self.limits.max_header_bytes
+            message = f"request line and headers exceed {limit} bytes"
+            self._refuse(431, message, "headers_too_large")
+            return
         cycle = self.cycle
         if cycle is not None and cycle.response_complete and self.conn.their_state is h11.SEND_BODY:
             # answered early; h11 drops the rest of the body, but only so much of it
@@ -95,6 +102,17 @@ class _Guarded(H11Protocol):
                 self._close()
                 return
         super().data_received(data)
+
+    def _head_too_large(self, data: bytes) -> bool:
+        """Whether the header block being received ends past max_header_bytes. h11 itself only
+        limits a block that is still incomplete after a read, so one that arrives whole in a
+        single read would pass at any size."""
+        limit = self.limits.max_header_bytes
+        pending = self.conn.trailing_data[0]
+        if len(pending) + len(data) <= limit:
+            return False
+        head = (pending + data[: limit + 1])[: limit + 1]
+        return _END_OF_HEAD.search(head, 0, limit) is None
 
     def handle_events(self) -> None:
         super().handle_events()

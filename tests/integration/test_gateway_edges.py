@@ -289,6 +289,21 @@ def test_megabyte_authorization_header_is_json_431(gw: Gateway) -> None:
     assert error["code"] == "headers_too_large"
 
 
+def test_oversized_headers_in_one_read_are_431(gw: Gateway) -> None:
+    """20 KB of headers sent at once: h11 alone would parse them (it only limits a header
+    block still incomplete after a read)."""
+    head = f"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-big: {'b' * 20_000}\r\n\r\n".encode()
+    with gw.connect() as sock:
+        sock.sendall(head)
+        status, headers, body = read_response(sock)
+    assert_openai_error(status, headers, body, 431)
+
+
+def test_headers_under_the_limit_pass(gw: Gateway) -> None:
+    r = httpx.get(gw.url + "/v1/models", headers={"x-pad": "p" * 12_000, "authorization": "x"})
+    assert r.status_code == 401
+
+
 def test_garbage_request_is_json_400(gw: Gateway) -> None:
     with gw.connect() as sock:
         sock.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")

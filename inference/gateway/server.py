@@ -90,9 +90,7 @@ class _Guarded(H11Protocol):
         if self._refused:
             return  # draining a refused connection: drop it
         if self.conn.their_state is h11.IDLE and self._head_too_large(data):
-            limit = self.limits.max_header_bytes
-            message = f"request line and headers exceed {limit} bytes"
-            self._refuse(431, message, "headers_too_large")
+            self._refuse_head()
             return
         cycle = self.cycle
         if cycle is not None and cycle.response_complete and self.conn.their_state is h11.SEND_BODY:
@@ -114,6 +112,10 @@ class _Guarded(H11Protocol):
         head = (pending + data[: limit + 1])[: limit + 1]
         return _END_OF_HEAD.search(head, 0, limit) is None
 
+    def _refuse_head(self) -> None:
+        limit = self.limits.max_header_bytes
+        self._refuse(431, f"request line and headers exceed {limit} bytes", "headers_too_large")
+
     def handle_events(self) -> None:
         super().handle_events()
         if not self._refused:
@@ -122,9 +124,7 @@ class _Guarded(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         """h11 could not parse the request: too-long headers (431) or not HTTP/1.1 (400)."""
         if len(self.conn.trailing_data[0]) > self.limits.max_header_bytes:
-            limit = self.limits.max_header_bytes
-            message = f"request line and headers exceed {limit} bytes"
-            self._refuse(431, message, "headers_too_large")
+            self._refuse_head()
         else:
             self._refuse(400, "malformed HTTP/1.1 request", "invalid_http")
 

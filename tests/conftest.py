@@ -80,8 +80,8 @@ def shared_podman_first(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture(scope="session")
 def cpu_image() -> dict[str, Any]:
-    """The CPU appliance image, built once per source tree (cached by its inputs) and shared:
-    {"ref": ApplianceImageRef, "build_s": how long building (or finding) it took}."""
+    """The CPU appliance image, built once per source tree (cached by its inputs) and shared
+    by the image test and the Quadlet run (tests/sandbox_fixtures.py: ensure_cpu_image)."""
     from tests.sandbox_fixtures import cpu_image_skip_reason, ensure_cpu_image
 
     if (why := cpu_image_skip_reason()) is not None:

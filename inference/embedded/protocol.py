@@ -2,15 +2,23 @@
 
 Like vLLM, unknown fields are accepted and ignored (clients send many OpenAI options), while the
 fields we use are type-checked: a bad type is a 400, never a 500.
+
+Validation runs on the event loop and holds the GIL, so its cost must stay small whatever the body
+(up to the gateway's 32 MB): lists of models are capped (MAX_ITEMS, beyond any context served
+here; pydantic stops at the cap), and the prompt's four shapes are told apart by one pass over
+it, not by a union that tries each shape on every item (a 24 MB list of the wrong type meant
+millions of errors and minutes with /health silent).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
 from inference.embedded.sampling import SamplingParams
+
+MAX_ITEMS = 16_384  # messages or content parts in one request: more cannot fit any context here
 
 
 class _Open(BaseModel):
@@ -29,7 +37,7 @@ class TextPart(_Open):
 
 class ChatMessage(_Open):
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_ITEMS)] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
@@ -97,7 +105,7 @@ class _Sampling(_Open):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_ITEMS)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     tools: list[dict[str, Any]] | None = None
@@ -112,10 +120,28 @@ class ChatCompletionRequest(_Sampling):
 
 
 Prompt = str | list[str] | list[int] | list[list[int]]
+_PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+
+
+def _prompt(value: Any) -> Prompt:
+    """One of the four shapes, told apart by the first item, checked in one pass."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        head = value[0] if value else None
+        if head is None or (
+            all(type(x) is str for x in value)
+            if isinstance(head, str)
+            else all(type(x) is list and all(type(t) is int for t in x) for x in value)
+            if isinstance(head, list)
+            else all(type(x) is int for x in value)
+        ):
+            return value
+    raise ValueError(f"prompt must be {_PROMPT_SHAPES}")
 
 
 class CompletionRequest(_Sampling):
-    prompt: Prompt
+    prompt: Annotated[Prompt, PlainValidator(_prompt, json_schema_input_type=Prompt)]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
     echo: bool = False
     add_special_tokens: bool = True
@@ -130,7 +156,7 @@ class CompletionRequest(_Sampling):
 class TokenizeRequest(_Open):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(max_length=MAX_ITEMS)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

@@ -25,6 +25,7 @@ from tests.integration.test_embedded_backend import MODEL, start_server, stop_se
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 HUGE = ("hello world, the quick brown fox. " * (24 * 2**20 // 34 + 1))[: 24 * 2**20]  # 24 MiB
+PARTS = [{"type": "text"}] * 500_000
 CONTEXT = re.compile(r"This model's maximum context length is (\d+) tokens\. However, you")
 
 
@@ -145,4 +146,25 @@ def test_a_prompt_under_the_bound_yet_over_the_context_gets_the_exact_count(serv
     message = assert_context_400(out)
     count = re.search(r"requested \d+ tokens \((\d+) in the messages, 2 in the completion", message)
     assert count and int(count.group(1)) > int(CONTEXT.search(message).group(1)), message
+    assert all(s == 200 and t < 1.0 for s, t in health.samples), health.samples
+
+
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        # A union of prompt shapes tried on every item: millions of errors, minutes on the loop.
+        ("/v1/completions", {"prompt": [1.5] * (4 * 2**20), "max_tokens": 2}),
+        ("/v1/completions", {"prompt": [[1, 2]] + [1] * (8 * 2**20), "max_tokens": 2}),
+        # Hundreds of thousands of tiny messages, each a model to validate.
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}] * 700_000}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": PARTS}]}),
+    ],
+    ids=["floats", "mixed-ids", "messages", "content-parts"],
+)
+def test_a_huge_body_of_the_wrong_shape_is_400_at_once(server: str, route: str, body: dict) -> None:
+    out: dict = {}
+    with HealthWatch(server) as health:
+        post_in_thread(f"{server}{route}", {"model": MODEL, **body}, out).join(300)
+    assert out["status"] == 400 and out["body"]["error"]["type"] == "BadRequestError", out
+    assert out["elapsed"] < 5, out["elapsed"]
     assert all(s == 200 and t < 1.0 for s, t in health.samples), health.samples

@@ -4,21 +4,45 @@ Like vLLM, unknown fields are accepted and ignored (clients send many OpenAI opt
 fields we use are type-checked: a bad type is a 400, never a 500.
 
 Validation runs on the event loop and holds the GIL, so its cost must stay small whatever the body
-(up to the gateway's 32 MB): lists of models are capped (MAX_ITEMS, beyond any context served
-here; pydantic stops at the cap), and the prompt's four shapes are told apart by one pass over
-it, not by a union that tries each shape on every item (a 24 MB list of the wrong type meant
-millions of errors and minutes with /health silent).
+(up to the gateway's 32 MB). A pydantic list checks every item and makes one error per bad item,
+each union member again: a 24 MB `stop` or `prompt` list of the wrong type meant millions of
+errors and minutes with /health silent. So every list or dict is refused above MAX_ITEMS before
+its items are looked at, and token-id lists and the prompt's four shapes are checked in one pass
+that stops at the first bad item.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, model_validator
 
 from inference.embedded.sampling import SamplingParams
 
-MAX_ITEMS = 16_384  # messages or content parts in one request: more cannot fit any context here
+MAX_ITEMS = 16_384  # items in any list of a request but a prompt's token ids: more cannot fit
+MAX_TOKEN_IDS = 1 << 20  # token ids in one list (beyond any context served here)
+
+
+def _at_most(limit: int) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if isinstance(value, list | dict) and len(value) > limit:
+            raise ValueError(f"at most {limit} items, not {len(value)}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _ids(value: Any) -> list[int]:
+    """A list of token ids, checked in one pass (up to the first bad item)."""
+    if not isinstance(value, list) or len(value) > MAX_TOKEN_IDS:
+        raise ValueError(f"must be a list of at most {MAX_TOKEN_IDS} token ids")
+    if not all(type(x) is int for x in value):
+        raise ValueError("token ids must be integers")
+    return value
+
+
+Capped = _at_most(MAX_ITEMS)
+TokenIds = Annotated[list[int], PlainValidator(_ids, json_schema_input_type=list[int])]
 
 
 class _Open(BaseModel):
@@ -37,9 +61,9 @@ class TextPart(_Open):
 
 class ChatMessage(_Open):
     role: str
-    content: str | Annotated[list[TextPart], Field(max_length=MAX_ITEMS)] | None = None
+    content: Annotated[str | list[TextPart] | None, Capped] = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: Annotated[list[dict[str, Any]] | None, Capped] = None
     tool_call_id: str | None = None
 
     def for_template(self) -> dict[str, Any]:
@@ -66,15 +90,15 @@ class _Sampling(_Open):
     top_k: int | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: Annotated[str | list[str] | None, Capped] = None
+    stop_token_ids: TokenIds | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float] | None, Capped] = None
     skip_special_tokens: bool = True
     user: str | None = None
 
@@ -105,10 +129,10 @@ class _Sampling(_Open):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_ITEMS)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1), Capped]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[dict[str, Any]] | None, Capped] = None
     tool_choice: Any = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -125,19 +149,21 @@ _PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of 
 
 def _prompt(value: Any) -> Prompt:
     """One of the four shapes, told apart by the first item, checked in one pass."""
-    if isinstance(value, str):
-        return value
+    if isinstance(value, str) or value == []:
+        return value  # (an empty list is refused below, with its own message)
     if isinstance(value, list):
-        head = value[0] if value else None
-        if head is None or (
-            all(type(x) is str for x in value)
-            if isinstance(head, str)
-            else all(type(x) is list and all(type(t) is int for t in x) for x in value)
-            if isinstance(head, list)
-            else all(type(x) is int for x in value)
-        ):
+        head = value[0]
+        if isinstance(head, str):
+            if len(value) <= MAX_ITEMS and all(type(x) is str for x in value):
+                return value
+        elif isinstance(head, list):
+            if len(value) <= MAX_ITEMS and all(type(x) is list for x in value):
+                return [_ids(x) for x in value]
+        elif len(value) <= MAX_TOKEN_IDS and all(type(x) is int for x in value):
             return value
-    raise ValueError(f"prompt must be {_PROMPT_SHAPES}")
+    raise ValueError(
+        f"prompt must be {_PROMPT_SHAPES} (at most {MAX_ITEMS} prompts, {MAX_TOKEN_IDS} ids each)"
+    )
 
 
 class CompletionRequest(_Sampling):
@@ -156,7 +182,7 @@ class CompletionRequest(_Sampling):
 class TokenizeRequest(_Open):
     model: str | None = None
     prompt: str | None = None
-    messages: Annotated[list[ChatMessage], Field(max_length=MAX_ITEMS)] | None = None
+    messages: Annotated[list[ChatMessage] | None, Capped] = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -169,4 +195,4 @@ class TokenizeRequest(_Open):
 
 class DetokenizeRequest(_Open):
     model: str | None = None
-    tokens: list[int]
+    tokens: TokenIds

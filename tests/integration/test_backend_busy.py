@@ -168,3 +168,19 @@ def test_a_huge_body_of_the_wrong_shape_is_400_at_once(server: str, route: str, 
     assert out["status"] == 400 and out["body"]["error"]["type"] == "BadRequestError", out
     assert out["elapsed"] < 5, out["elapsed"]
     assert all(s == 200 and t < 1.0 for s, t in health.samples), health.samples
+
+
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("/v1/completions", {"prompt": "a", "stop": [1] * (4 * 2**20)}),
+        ("/v1/completions", {"prompt": "a", "stop_token_ids": [1.5] * (4 * 2**20)}),
+        ("/detokenize", {"tokens": [1.5] * (4 * 2**20)}),
+    ],
+    ids=["stop", "stop-token-ids", "detokenize"],
+)
+def test_a_huge_list_in_any_field_is_400_at_once(server: str, route: str, body: dict) -> None:
+    out: dict = {}
+    post_in_thread(f"{server}{route}", {"model": MODEL, **body}, out).join(300)
+    assert out["status"] == 400 and out["body"]["error"]["type"] == "BadRequestError", out
+    assert out["elapsed"] < 5, out["elapsed"]

@@ -1,0 +1,106 @@
+"""The per-sandbox egress proxy process: bind its socket, launch it, wait for "ready", stop it.
+
+A mixin of `SandboxManager` (appliance/sandboxes.py), which provides `config`. The proxy runs
+`appliance.egress_main` as the proxy user, serving the sandbox's egress socket, holding its key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from appliance.audit import audit_path
+from appliance.config import ApplianceConfig
+from appliance.sandbox_errors import SandboxError
+from appliance.sandbox_layout import SandboxPaths
+
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
+
+
+class EgressProxies:
+    """Start, find and stop a sandbox's egress proxy."""
+
+    config: ApplianceConfig
+
+    def _proxy_running(self, paths: SandboxPaths) -> int | None:
+        """The proxy's pid if it is alive: not a zombie, and not a reused pid."""
+        try:
+            pid = int(paths.proxy_pid.read_text())
+        except (OSError, ValueError):
+            return None
+        with contextlib.suppress(ChildProcessError):  # ours when this process started it
+            os.waitpid(pid, os.WNOHANG)
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()  # empty for a zombie
+        except OSError:
+            return None
+        return pid if os.fsencode(paths.admin_socket) in cmdline else None
+
+    def _start_proxy(self, name: str, paths: SandboxPaths) -> None:
+        self._await_proxy(name, paths, self._spawn_proxy(name, paths))
+
+    def _spawn_proxy(self, name: str, paths: SandboxPaths) -> subprocess.Popen[bytes] | None:
+        """Bind the egress socket here, then start the proxy on it without waiting (it takes
+        ~0.3 s to start: a sandbox starting meanwhile waits in the listen backlog, no failure).
+        None when a proxy already runs."""
+        if self._proxy_running(paths):
+            return None
+        egress = paths.egress / "egress.sock"
+        for sock_path in (paths.admin_socket, egress):
+            if len(os.fsencode(sock_path)) > UNIX_PATH_MAX:
+                raise SandboxError(
+                    f"{sock_path} is too long for a unix socket ({UNIX_PATH_MAX} bytes at most)",
+                    hint="use a shorter state_dir (or sandbox name)",
+                )
+        egress.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        gw = self.config.gateway
+        try:
+            listener.bind(str(egress))
+            egress.chmod(0o666)  # the agent is a subuid; the directory's bind mount guards it
+            listener.listen(128)
+            argv = [
+                sys.executable, "-m", "appliance.egress_main",  # the proxy, auditing to the chain
+                "--sandbox", name,
+                "--socket", str(egress),
+                "--socket-fd", str(listener.fileno()),
+                "--policy", str(paths.policy),
+                "--admin-socket", str(paths.admin_socket),
+                "--gateway-url", f"http://{gw.host}:{gw.port}",
+                "--key-file", str(paths.key),
+                "--audit-log", str(audit_path(self.config.state_dir)),
+                # the proxy itself runs as this user, with no capabilities (egress_main.py)
+                "--proxy-user", self.config.sandbox.proxy_user,
+                "--max-pending", str(self.config.sandbox.max_pending_approvals),
+            ]  # fmt: skip
+            with paths.proxy_log.open("ab") as log:
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                    start_new_session=True, pass_fds=(listener.fileno(),),
+                )  # fmt: skip
+        finally:
+            listener.close()  # the proxy has its own copy
+        paths.proxy_pid.write_text(f"{proc.pid}\n")
+        return proc
+
+    def _await_proxy(
+        self, name: str, paths: SandboxPaths, proc: subprocess.Popen[bytes] | None
+    ) -> None:
+        if proc is None:
+            return
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode(errors="replace")  # "ready <socket>" once serving
+        if not line.startswith("ready"):
+            paths.proxy_pid.unlink(missing_ok=True)
+            raise SandboxError(f"egress proxy for {name} did not start: {line.strip()!r}")
+
+    def _stop_proxy(self, paths: SandboxPaths) -> None:
+        pid = self._proxy_running(paths)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+        paths.proxy_pid.unlink(missing_ok=True)

@@ -1,0 +1,69 @@
+"""The kill switch: stop the named sandboxes at once, in parallel, and cut their egress.
+
+A mixin of `SandboxManager` (appliance/sandboxes.py), which provides the state (`boxes`,
+`podman`) and `paths`, `_client`, `_stop_proxy` and `store_audit`.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from appliance.podman_service import PodmanService
+from appliance.sandbox_errors import SandboxError
+from appliance.sandbox_layout import SandboxPaths
+from appliance.store.sandbox_store import SandboxStore
+
+STOP_TIMEOUT_S = 3  # SIGTERM, then SIGKILL: the kill switch must finish within 5 s
+
+
+class SandboxKillSwitch:
+    """`SandboxManager.kill`."""
+
+    boxes: SandboxStore
+    podman: PodmanService
+
+    if TYPE_CHECKING:  # the manager's, and EgressProxies'
+
+        def paths(self, name: str) -> SandboxPaths: ...
+        def _client(self) -> Any: ...
+        def store_audit(self, event: str, **fields: Any) -> None: ...
+        def _stop_proxy(self, paths: SandboxPaths) -> None: ...
+
+    def kill(self, names: list[str], hold: bool, reason: str) -> list[str]:
+        """Stop the named sandboxes at once (in parallel: the switch must finish within 5 s)."""
+        if hold:
+            self.boxes.hold(reason)
+        records = [r for n in names if (r := self.boxes.get(n)) is not None]
+        errors = self._stop_containers([r.container_id or r.name for r in records])
+        stopped: list[str] = []
+        failed = [f"{n}: no such sandbox" for n in names if self.boxes.get(n) is None]
+        for record, error in zip(records, errors, strict=True):
+            self._stop_proxy(self.paths(record.name))  # no egress even if the stop failed
+            if error is None:
+                self.boxes.set_state(record.name, "stopped")
+                stopped.append(record.name)
+            else:
+                failed.append(f"{record.name}: {error}")
+        self.store_audit("kill", sandboxes=stopped, failed=failed, hold=hold, reason=reason)
+        if failed:
+            raise SandboxError("the kill switch could not stop " + "; ".join(failed))
+        return stopped
+
+    def _stop_containers(self, ids: list[str]) -> list[str | None]:
+        """SIGTERM, then SIGKILL after STOP_TIMEOUT_S, for all at once; an error per id or None."""
+        if not ids:
+            return []
+        self._client()  # the service must be up before the threads connect
+
+        def stop(container_id: str) -> str | None:
+            try:  # a client per thread: podman-py's requests session is not thread-safe
+                with self.podman.client() as client:
+                    client.containers.get(container_id).stop(timeout=STOP_TIMEOUT_S)
+            except Exception as exc:
+                if "no such container" not in str(exc).lower():
+                    return str(exc)
+            return None
+
+        with ThreadPoolExecutor(max_workers=min(16, len(ids))) as pool:
+            return list(pool.map(stop, ids))

@@ -103,13 +103,26 @@ def _child_setup() -> None:
 
 
 def _approved_endpoint(data: Any) -> Endpoint:
-    """What an approval may persist: one host and one port, nothing else (no allow_private, no
-    wider access): the same rule ApprovalBroker.approve builds, whatever the proxy sent."""
+    """What an approval may persist: one concrete host and one port, nothing else (no
+    wildcard, no private address, no allow_private, no wider access): the same rule
+    ApprovalBroker.approve builds, whatever the proxy sent. The proxy is unprivileged and may
+    be compromised; a revision written here outlives it, so this is checked here."""
     from sandbox.policy import Endpoint  # only here: the monitor stays light (no pydantic)
+    from sandbox.proxy.addresses import ip_literal, is_forbidden
 
+    if not isinstance(data, dict):
+        raise ValueError("an approval is an object with a host and a port")
     sent = Endpoint.model_validate(data)
     if len(sent.ports) != 1:
         raise ValueError("an approval names one port")
+    if "*" in sent.host:
+        raise ValueError(f"an approval names one host, not a wildcard ({sent.host!r})")
+    literal = ip_literal(sent.host)
+    if literal is not None and is_forbidden(literal):
+        raise ValueError(f"an approval cannot name a private address ({sent.host!r})")
+    if literal is None and sent.host.rsplit(".", 1)[-1].isdigit():
+        # `127.1`, `2130706433`: no name, an address the resolver reads its own way
+        raise ValueError(f"an approval cannot name a numeric host ({sent.host!r})")
     return Endpoint(host=sent.host, ports=sent.ports)
 
 
@@ -178,7 +191,8 @@ class Monitor:
             while line := await reader.readline():
                 await self._handle(json.loads(line), writer)
         except (ValueError, asyncio.LimitOverrunError, ConnectionError) as exc:
-            self._record("egress.monitor_error", reason=f"bad message from the proxy: {exc!r}")
+            reason = f"bad message from the proxy: {exc!r}"
+            self._record("egress.monitor_error", {"sandbox": self.name, "reason": reason})
             self._stop()
         writer.close()
         return await asyncio.to_thread(self._wait)
@@ -192,7 +206,7 @@ class Monitor:
                 raise ValueError(f"event {event!r} is not the proxy's to record")
             if not isinstance(fields, dict):
                 raise ValueError("fields are not an object")
-            self._record(event, **{**fields, "sandbox": self.name})
+            self._record(event, {**fields, "sandbox": self.name})
         elif "persist" in message:
             error = None
             try:
@@ -205,15 +219,19 @@ class Monitor:
                 error = f"{type(exc).__name__}: {exc}"
             writer.write(encode({"reply": message["persist"], "error": error}))
 
-    def _record(self, event: str, **fields: Any) -> None:
+    def _record(self, event: str, fields: dict[str, Any]) -> None:
+        """One dict, not keywords: a proxy's field named `event` or `self` would collide with
+        the sink's parameters (TypeError, and the monitor would exit). Kept, renamed `name_`,
+        as the chain keeps its own reserved names (appliance/audit.py)."""
         assert self.audit is not None
-        self.audit.audit(event, **fields)
+        safe = {f"{k}_" if k in ("event", "self") else k: v for k, v in fields.items()}
+        self.audit.audit(event, **safe)
 
     def _reload(self, writer: asyncio.StreamWriter) -> None:
         try:
             writer.write(encode({"policy": self.args.policy.read_text()}))
         except OSError as exc:
-            self._record("egress.reload_failed", sandbox=self.name, reason=str(exc))
+            self._record("egress.reload_failed", {"sandbox": self.name, "reason": str(exc)})
 
     def _stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -66,8 +66,8 @@ async def serve(args: argparse.Namespace, audit: AuditSink) -> None:
 
 async def serve_privsep(args: argparse.Namespace) -> None:
     """The privilege-separated proxy: everything but the sockets comes over the monitor link."""
+    not_dumpable()  # before the key is held in memory: it comes in the monitor's hello
     link, hello = await MonitorLink.open(args.privsep_fd)
-    not_dumpable()  # before the key is held in memory
     name = args.sandbox or "sandbox"
     source = str(hello.get("source") or f"{name} policy")  # errors name file:line
     policy = parse_policy(str(hello["policy"]), source)

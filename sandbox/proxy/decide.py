@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sandbox.policy import Endpoint, Network, _path_match
+from sandbox.proxy.paths import without_params
 
 
 @dataclass(frozen=True)
@@ -19,13 +20,15 @@ class Rule:
 def _denied_by(e: Endpoint, host: str, port: int, method: str | None, path: str | None) -> bool:
     # Deny rules match on host+port; for plain HTTP their path globs narrow them (methods do not).
     # `path` is normalised (sandbox/proxy/paths.py). Deny globs compare ASCII-case-insensitively:
-    # many servers serve /SECRET as /secret, and a deny must win. Allow globs stay exact.
+    # many servers serve /SECRET as /secret, and a deny must win. Allow globs stay exact. A deny
+    # also judges the path without its `;parameters` (Tomcat routes `/secret;x` as `/secret`).
     if not e.matches_host(host, port):
         return False
     if method is None or path is None:
         return True
     bare = _ascii_lower(path.split("?", 1)[0] or "/")
-    return any(_path_match(bare, _ascii_lower(glob)) for glob in e.paths)
+    forms = {bare, without_params(bare)}
+    return any(_path_match(form, _ascii_lower(glob)) for glob in e.paths for form in forms)
 
 
 _LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")

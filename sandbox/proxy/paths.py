@@ -12,7 +12,12 @@ not. What has no single meaning across servers is refused (400) instead of guess
   never above the root;
 - refused: an escaped `/` or `\\` (`%2F`, `%5C`), a raw `\\`, an escaped or raw control
   character (NUL included), a raw non-ASCII byte, a `#`, a malformed escape, a dot segment
-  with a `;` parameter (`..;`, which Tomcat reads as `..`), a path not starting with `/`.
+  with a `;` parameter (`..;`, which Tomcat reads as `..`), a double-encoded escape (`%25`
+  and two hex digits: `%252e` is `.` to a server that decodes twice), a path not starting
+  with `/`.
+
+`;parameters` stay in what is forwarded, but deny rules also judge the path without them
+(`without_params`): Tomcat, Jetty and Spring route `/ok/secret;x/data` as `/ok/secret/data`.
 
 Escaped non-ASCII (`%C3%A9`, UTF-8) stays as it is: it is unambiguous. The query is checked for
 the same raw characters and malformed escapes but is otherwise forwarded untouched (it is data,
@@ -30,8 +35,9 @@ _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 _HEX = frozenset("0123456789abcdefABCDEF")
 # Visible ASCII but not `\` or `#` (RFC 3986 has neither in a path or query): anything else raw
 # (space, controls, DEL, non-ASCII) is refused before any other reading.
-_RAW_OK = re.compile(r"^[!-\"$-\[\]-~]*$")
+_RAW_OK = re.compile(r"[!-\"$-\[\]-~]*")  # with fullmatch: `$` would pass a final "\n"
 _REFUSED_ESCAPES = {"2F": "an encoded '/'", "5C": "an encoded '\\'"}
+_DOUBLE = re.compile(r"%25[0-9A-Fa-f]{2}")  # judged after one decoding pass
 
 
 def _bad(reason: str) -> HttpError:
@@ -39,8 +45,8 @@ def _bad(reason: str) -> HttpError:
 
 
 def _check_raw(text: str, what: str) -> None:
-    if not _RAW_OK.match(text):
-        bad = next(c for c in text if not _RAW_OK.match(c))
+    if not _RAW_OK.fullmatch(text):
+        bad = next(c for c in text if not _RAW_OK.fullmatch(c))
         raise _bad(f"{what} has the character {bad!r}")
 
 
@@ -77,6 +83,8 @@ def normalise_path(path: str) -> str:
     if not path.startswith("/"):
         raise _bad("the path must start with '/'")
     decoded = _escapes(path, "the path")
+    if double := _DOUBLE.search(decoded):
+        raise _bad(f"a double-encoded escape ({double.group()})")
     segments = decoded.split("/")[1:]
     out: list[str] = []
     for seg in segments:
@@ -90,6 +98,16 @@ def normalise_path(path: str) -> str:
     # A trailing slash (or a trailing dot segment, which names a directory) is kept.
     trailing = bool(out) and segments[-1] in ("", ".", "..")
     return "/" + "/".join(out) + ("/" if trailing else "")
+
+
+def without_params(path: str) -> str:
+    """A normalised path with each segment's `;parameters` removed, as Tomcat, Jetty and Spring
+    route it (empty segments that leaves collapse; a trailing slash stays)."""
+    if ";" not in path:
+        return path
+    segments = [seg.split(";", 1)[0] for seg in path.split("/")[1:]]
+    kept = [seg for seg in segments if seg]
+    return "/" + "/".join(kept) + ("/" if kept and segments[-1] == "" else "")
 
 
 def normalise_target(target: str) -> str:

@@ -369,6 +369,47 @@ def test_the_proxy_runs_unprivileged_and_cannot_read_secrets(lab: Lab) -> None:
     assert got == {name: errno.errorcode[errno.EACCES] for name in targets}, got
 
 
+def test_the_proxy_is_not_dumpable_before_the_monitor_sends_the_key() -> None:
+    """The key arrives in the monitor's hello: the proxy must be non-dumpable before it reads
+    it, or a process of the same uid (another sandbox's proxy) could read it from /proc/PID/mem
+    meanwhile. The monitor here never says hello: the proxy waits with no key, and must already
+    be non-dumpable (its /proc/PID entries then belong to root, not to the proxy's uid)."""
+    import pwd
+    import socket
+
+    if os.geteuid() != 0:
+        pytest.skip("runs the proxy as another user: needs root")
+    nobody = pwd.getpwnam("nobody")
+    egress, admin = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    monitor, child = socket.socketpair()
+    fds = (egress.fileno(), admin.fileno(), child.fileno())
+    argv = [
+        sys.executable, "-m", "sandbox.proxy", "--sandbox", "nd", "--socket", "/nonexistent/e",
+        "--admin-socket", "/nonexistent/a", "--socket-fd", str(fds[0]),
+        "--admin-fd", str(fds[1]), "--privsep-fd", str(fds[2]),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, cwd="/", pass_fds=fds, user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(Path(__file__).parents[2])},
+    )  # fmt: skip
+    try:
+        owner = None
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and proc.poll() is None:
+            owner = os.stat(f"/proc/{proc.pid}/status").st_uid
+            if owner == 0:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the proxy exited before the monitor's hello"
+        assert owner == 0, f"/proc/{proc.pid} still belongs to uid {owner}: dumpable"
+        assert _status(proc.pid)["Uid"].split()[0] == str(nobody.pw_uid)  # it did drop
+    finally:
+        proc.kill()
+        proc.wait()
+        for s in (egress, admin, monitor, child):
+            s.close()
+
+
 def test_the_proxy_dies_with_its_monitor_and_the_sandbox_gets_a_new_one(lab: Lab) -> None:
     """The monitor killed outright: its unprivileged child must not linger holding the key."""
     import signal

@@ -69,3 +69,57 @@ def test_a_persisted_approval_is_one_host_and_port_only(tmp_path: Path) -> None:
     asyncio.run(monitor._handle({"persist": 2, "endpoint": many}, wire))  # type: ignore[arg-type]
     assert wire.sent[-1]["reply"] == 2 and "one port" in wire.sent[-1]["error"]
     assert len(load_policy(policy).network.allow) == 1
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        {"host": "*.com", "ports": [443]},  # a wildcard: every .com host
+        {"host": "*.example.com", "ports": [443]},
+        {"host": "10.0.0.1", "ports": [443]},  # private, loopback, link-local literals
+        {"host": "127.0.0.1", "ports": [80]},
+        {"host": "169.254.169.254", "ports": [80]},
+        {"host": "192.168.1.10", "ports": [443]},
+        {"host": "127.1", "ports": [80]},  # numeric shorthands the resolver reads as addresses
+        {"host": "2130706433", "ports": [80]},
+        {"host": "api.example.com", "ports": []},
+        {"host": "api.example.com", "ports": [443], "paths": ["/**"], "extra": 1},
+        {"host": "", "ports": [443]},
+        "api.example.com:443",
+        None,
+    ],
+)
+def test_a_proxy_cannot_make_the_monitor_persist_a_wide_rule(tmp_path: Path, endpoint: Any) -> None:
+    """The proxy is unprivileged and may be compromised: one concrete public host, one port."""
+    monitor, _, policy = _monitor(tmp_path)
+    wire = _Wire()
+    asyncio.run(monitor._handle({"persist": 9, "endpoint": endpoint}, wire))  # type: ignore[arg-type]
+    assert wire.sent[-1]["reply"] == 9 and wire.sent[-1]["error"], wire.sent
+    assert load_policy(policy).network.allow == []
+
+
+def test_a_public_host_or_address_is_still_persisted(tmp_path: Path) -> None:
+    monitor, _, policy = _monitor(tmp_path)
+    wire = _Wire()
+    for i, host in enumerate(["pypi.org", "8.8.8.8"]):
+        asyncio.run(
+            monitor._handle({"persist": i, "endpoint": {"host": host, "ports": [443]}}, wire)  # type: ignore[arg-type]
+        )
+    assert [m["error"] for m in wire.sent] == [None, None]
+    assert [e.host for e in load_policy(policy).network.allow] == ["pypi.org", "8.8.8.8"]
+
+
+@pytest.mark.parametrize("field", ["event", "sandbox", "self"])
+def test_a_record_with_a_reserved_field_name_does_not_stop_the_monitor(
+    tmp_path: Path, field: str
+) -> None:
+    """A field named `event` once collided with _record's own parameter (TypeError, uncaught:
+    the monitor exited and the sandbox lost its egress). The record keeps the proxy's field
+    under another name; `event` and `sandbox` stay the monitor's."""
+    monitor, audit, _ = _monitor(tmp_path)
+    message = {"audit": "egress.allow", "fields": {field: "spoofed", "host": "h"}}
+    asyncio.run(monitor._handle(message, _Wire()))  # type: ignore[arg-type]
+    assert len(audit.records) == 1
+    record = audit.records[0]
+    assert record["event"] == "egress.allow" and record["sandbox"] == "sb1"
+    assert record["host"] == "h"

@@ -121,3 +121,75 @@ NET = Network.model_validate(
 )
 def test_deny_ignores_case_allow_does_not(path: str, verdict: str) -> None:
     assert evaluate(NET, "h.test", 80, "GET", path).verdict == verdict
+
+
+@pytest.mark.parametrize("raw", ["/a\n", "/a\n\n", "\n", "\n\n", "/a?x\n", "/a?\n\n"])
+def test_a_trailing_newline_is_refused_with_a_400(raw: str) -> None:
+    """`$` matches before a final newline, and `next(...)` found no bad character in "\\n\\n"
+    (StopIteration escaped): both must be a plain 400."""
+    with pytest.raises(HttpError) as err:
+        normalise_target(raw)
+    assert err.value.status == 400 and "'\\n'" in err.value.reason, err.value.reason
+
+
+# Tomcat, Jetty and Spring drop each segment's `;parameters` before routing: a deny rule must
+# match the path as they read it. Allow rules keep matching the path as sent (stricter).
+@pytest.mark.parametrize(
+    ("path", "verdict"),
+    [
+        ("/ok/secret;/data", "deny"),
+        ("/ok/secret;x/data", "deny"),
+        ("/ok/secret/;", "deny"),
+        ("/ok/secret/x;", "deny"),
+        ("/ok/secret;jsessionid=1/x", "deny"),
+        ("/ok/SECRET;a=b/x", "deny"),
+        ("/ok;x/secret/data", "deny"),
+        ("/ok/secret%3Bx/data", "allow"),  # an escaped ';' is data, not a parameter
+        ("/ok/admin;", "deny"),
+        ("/ok/secrets;x/data", "allow"),  # only the segment's name counts: not `secret`
+        ("/ok/x;y/data", "allow"),
+    ],
+)
+def test_deny_rules_see_through_segment_parameters(path: str, verdict: str) -> None:
+    assert evaluate(NET, "h.test", 80, "GET", normalise_path(path)).verdict == verdict
+
+
+NET_EXACT = Network.model_validate(
+    {
+        "allow": [{"host": "h.test", "ports": [80], "paths": ["/**"]}],
+        "deny": [{"host": "h.test", "ports": [80], "paths": ["/ok/secret", "/ok/secret/**"]}],
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "verdict"),
+    [
+        ("/ok/secret;", "deny"),  # what a Tomcat serves as /ok/secret
+        ("/ok/secret;x", "deny"),
+        ("/ok/secret;/data", "deny"),
+        ("/ok/;x/secret", "deny"),  # an empty segment left by its parameter collapses
+        ("/ok/secret", "deny"),
+        ("/ok/secretx;", "allow"),
+        ("/ok/public;x", "allow"),
+    ],
+)
+def test_a_path_with_parameters_is_denied_as_its_bare_form(path: str, verdict: str) -> None:
+    assert evaluate(NET_EXACT, "h.test", 80, "GET", normalise_path(path)).verdict == verdict
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["/ok/%252e%252e/admin", "/ok/%252E%252E/admin", "/ok/%2573ecret/x", "/ok/%25%32%65/x"],
+)
+def test_double_encoding_is_refused(raw: str) -> None:
+    """`%25` + two hex digits decodes to an escape: a server that decodes twice reads `..` or
+    `secret` where the rules saw a literal. Ambiguous across servers: refused."""
+    with pytest.raises(HttpError) as err:
+        normalise_path(raw)
+    assert err.value.status == 400 and "double" in err.value.reason, err.value.reason
+
+
+@pytest.mark.parametrize("raw", ["/100%25", "/100%25off", "/a%25-b"])
+def test_a_percent_sign_that_is_data_passes(raw: str) -> None:
+    assert normalise_path(raw) == raw

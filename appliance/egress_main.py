@@ -148,7 +148,7 @@ class Monitor:
         egress = (
             socket.socket(fileno=a.socket_fd)
             if a.socket_fd is not None
-            else _listen_unix(a.socket, 0o666)  # the agent is a subuid; its directory guards it
+            else _listen_unix(a.socket, 0o666)  # its directory (the agent uid's) guards it
         )
         admin = _listen_unix(a.admin_socket, 0o600)  # root's: no proxy can connect by path
         argv = [

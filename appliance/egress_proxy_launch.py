@@ -62,7 +62,7 @@ class EgressProxies:
         gw = self.config.gateway
         try:
             listener.bind(str(egress))
-            egress.chmod(0o666)  # the agent is a subuid; the directory's bind mount guards it
+            egress.chmod(0o666)  # the egress directory (the agent uid's, 0700) guards it
             listener.listen(128)
             argv = [
                 sys.executable, "-m", "appliance.egress_main",  # the proxy, auditing to the chain

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.config import ApplianceConfig
 from appliance.errors import PreflightError
-from appliance.names import check_name
+from appliance.names import SUPERVISOR_DIR, check_name
 from appliance.owned_paths import remove_owned
 from appliance.podman_service import PodmanService
 from appliance.sandbox_errors import SandboxError
@@ -127,7 +127,7 @@ class SandboxCreation:
         client = self._client()
         mounts = SandboxMounts(
             egress_dir=str(paths.egress),
-            supervisor_dir=str(paths.root.parent / "supervisor"),
+            supervisor_dir=str(paths.root.parent / SUPERVISOR_DIR),
             config_dir=str(paths.config),
             report_dir=str(paths.report),
             seccomp_path=str(paths.seccomp),
@@ -178,16 +178,20 @@ class SandboxCreation:
         agent_gid = agent - policy.process.uid + policy.process.gid  # same offset for subgid
         sandboxes = paths.root.parent
         sandboxes.mkdir(mode=0o755, exist_ok=True)
-        supervisor = sandboxes / "supervisor"
+        supervisor = sandboxes / SUPERVISOR_DIR  # a reserved name: no sandbox's (names.py)
         supervisor.mkdir(mode=0o755, exist_ok=True)
         for src in SUPERVISOR_SRC.glob("*.py"):
             shutil.copyfile(src, supervisor / src.name)
             (supervisor / src.name).chmod(0o644)
-        for d in (paths.root, paths.egress, paths.config):
+        for d in (paths.root, paths.config):
             d.mkdir(mode=0o755, parents=True, exist_ok=True)
-        for d in (paths.report, paths.home):
+        # The egress directory too is the agent's alone: its socket (0666, bound by root) then
+        # answers only the sandbox's side (the forwarder runs as the agent uid). Every proxy
+        # runs as the same unprivileged user and must not reach another sandbox's socket.
+        for d in (paths.egress, paths.report, paths.home):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chown(d, agent, agent_gid)
+            d.chmod(0o700)  # an existing one (from an older version) too
         paths.private.mkdir(mode=0o700, parents=True, exist_ok=True)
         paths.policy.write_text(policy.to_yaml())
         paths.seccomp.write_text(json.dumps(seccomp_profile(policy), indent=1))

@@ -20,9 +20,9 @@ if TYPE_CHECKING:
 
 def exec_argv(m: SandboxManager, name: str, command: list[str]) -> list[str]:
     """The `podman --remote exec -i` argv for `command` in sandbox `name` (as the agent)."""
-    record = m._record(name)  # an unknown name: NotFoundError with a hint
+    record = m.record(name)  # an unknown name: NotFoundError with a hint
     _rev, policy = m.policy(name)
-    m._client()  # the service must be up
+    m.require_service()
     return [
         m.podman.podman, "--remote", "--url", m.podman.base_url,
         "exec", "-i", "--user", f"{policy.process.uid}:{policy.process.gid}",

@@ -100,6 +100,14 @@ class SandboxManager(SandboxCreation, EgressProxies, SandboxKillSwitch, SandboxR
             raise NotFoundError(f"no sandbox named {name!r}", hint="`appliance sandbox list`")
         return record
 
+    def record(self, name: str) -> SandboxRecord:
+        """The sandbox's record; NotFoundError (with a hint) for an unknown name."""
+        return self._record(name)
+
+    def require_service(self) -> None:
+        """Reach (or start) the Podman service: a command that needs it fails here, not later."""
+        self._client()
+
     def _refuse_if_held(self) -> None:
         if (held := self.boxes.held()) is not None:
             raise SandboxError(

@@ -224,6 +224,32 @@ def test_rm_of_the_empty_name_removes_no_other_sandbox(env: dict[str, str]) -> N
     assert (state / "sandboxes" / keep / "key").is_file()
 
 
+def test_the_shared_supervisor_directory_is_no_sandboxs_to_remove(env: dict[str, str]) -> None:
+    """`sandboxes/supervisor` is the PID-1 code every sandbox mounts read-only: `rm supervisor`
+    (sandbox or agent) is refused and leaves it whole; every shared entry beside the sandboxes'
+    own directories is a reserved name, so no sandbox can ever be created onto it."""
+    from appliance.names import SHARED_SANDBOX_DIRS
+
+    home = service_home()
+    assert home is not None
+    keep = f"h1-sup-{os.getpid()}"
+    made = run_cli("sandbox", "create", keep, "--policy", str(POLICY), env=env)
+    assert made.returncode == 0, made.stderr
+    shared = home / "sandboxes" / "supervisor"
+    before = sorted(p.name for p in shared.iterdir())
+    assert "init.py" in before
+    proc = run_cli("sandbox", "rm", "supervisor", env=env)
+    _assert_one_line_error(proc, "sandbox rm supervisor")
+    assert "reserved" in proc.stderr, proc.stderr
+    proc = run_cli("agent", "rm", "supervisor", env=env)  # no such agent: nothing to remove
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in shared.iterdir()) == before
+    # A sandbox's own directory has an egress directory; anything else there is shared.
+    entries = [p for p in (home / "sandboxes").iterdir() if not (p / "egress").is_dir()]
+    assert {p.name for p in entries} <= SHARED_SANDBOX_DIRS, entries
+    assert (home / "sandboxes" / keep / "egress").is_dir()
+
+
 def _assert_nothing_left(env: dict[str, str], name: str, before: dict, rows: dict) -> None:
     state, home = _state(env), service_home()
     assert home is not None

@@ -322,7 +322,7 @@ import errno, json, socket, sys
 out = {}
 for name, path in json.loads(sys.argv[1]).items():
     try:
-        if name == "podman":
+        if name == "podman" or name.startswith("other_egress"):
             s = socket.socket(socket.AF_UNIX); s.connect(path); s.close()
         else:
             open(path, "rb").close()
@@ -346,25 +346,32 @@ def test_the_proxy_runs_unprivileged_and_cannot_read_secrets(lab: Lab) -> None:
     assert lab.manager.podman.account.pw_uid not in uids  # not the Podman socket's owner
 
     config = lab.manager.config
+    boxes_fd = os.open(lab.manager.paths(lab.other).root.parent, os.O_PATH | os.O_DIRECTORY)
     targets = {
         "store": str(config.state_dir / DB_NAME),
         "other_key": str(lab.manager.paths(lab.other).key),
         "own_key": str(lab.manager.paths(lab.box).key),
         "audit": str(config.state_dir / "audit" / "audit.jsonl"),
         "podman": str(lab.manager.podman.socket),
+        # another sandbox's egress socket: its key injected, its budget spent, its approvals
+        "other_egress": str(lab.manager.paths(lab.other).egress / "egress.sock"),
+        # the same socket reached beneath the service home (through a directory descriptor
+        # root opened): the egress directory itself must refuse, whatever the home's mode
+        "other_egress_beneath_home": f"/proc/self/fd/{boxes_fd}/{lab.other}/egress/egress.sock",
     }
     # As root every one of them opens: the refusals below are the proxy's identity, not ENOENT.
     as_root = subprocess.run(
         [sys.executable, "-I", "-c", PROBE, json.dumps(targets)],
-        capture_output=True, text=True, check=True, timeout=30,
+        capture_output=True, text=True, check=True, timeout=30, pass_fds=(boxes_fd,),
     )  # fmt: skip
     assert set(json.loads(as_root.stdout).values()) == {"ok"}, as_root.stdout
     # The same attempt with the proxy's exact credentials (uid, gid, no groups, no caps).
     as_proxy = subprocess.run(
         [sys.executable, "-I", "-c", PROBE, json.dumps(targets)],
         capture_output=True, text=True, check=True, timeout=30, cwd="/",
-        user=uids[0], group=gids[0], extra_groups=[],
+        user=uids[0], group=gids[0], extra_groups=[], pass_fds=(boxes_fd,),
     )  # fmt: skip
+    os.close(boxes_fd)
     got = json.loads(as_proxy.stdout)
     assert got == {name: errno.errorcode[errno.EACCES] for name in targets}, got
 

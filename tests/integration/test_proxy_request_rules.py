@@ -54,6 +54,11 @@ PATH_TRICKS = [
     ("/ok/\x7fx", "bad"),
     ("/ok/\xe9", "bad"),
     ("/ok/a#frag", "bad"),
+    ("/ok/secret;/data", "deny"),  # Tomcat, Jetty, Spring route it as /ok/secret/data
+    ("/ok/secret;x/data", "deny"),
+    ("/ok/secret;jsessionid=1/x", "deny"),
+    ("/ok/%252e%252e/admin", "bad"),  # double-encoded: `..` to a server that decodes twice
+    ("/ok/%2573ecret/x", "bad"),
 ]
 
 

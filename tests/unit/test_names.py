@@ -38,6 +38,8 @@ HOSTILE: dict[str, str] = {
     "dot-inside": "my.agent",
     "tab": "a\tb",
     "backslash": "a\\b",
+    # the shared directory every sandbox mounts (`sandboxes/supervisor`): reserved
+    "supervisor": "supervisor",
 }
 GOOD = ["a", "0", "web-agent-1", "a" * 63, "9-lives", "x-"]
 
@@ -61,6 +63,17 @@ def test_the_rule_refuses_hostile_names_with_one_line_and_a_hint(case: str) -> N
     assert message.startswith("invalid sandbox name ")
     assert info.value.hint and "a-z, 0-9 and '-'" in info.value.hint
     assert isinstance(info.value, ConfigError) and exit_code_for(info.value) == 3
+
+
+def test_every_shared_directory_name_is_reserved() -> None:
+    """What the control plane keeps beside the sandboxes' own directories (the supervisor's
+    code, mounted read-only by every sandbox) can never be a sandbox's, an agent's or a key's
+    name: `rm` of that name would delete what every sandbox runs."""
+    from appliance.names import RESERVED, SHARED_SANDBOX_DIRS, is_valid
+
+    assert SHARED_SANDBOX_DIRS <= RESERVED
+    assert "supervisor" in SHARED_SANDBOX_DIRS
+    assert not any(is_valid(name) for name in RESERVED)
 
 
 # -- the keys CLI and store: nothing written for a hostile name -----------------------------

@@ -1,9 +1,12 @@
 """Admission on the hot path: every request that passes auth and validation is admitted with a
 reservation before it is forwarded, and settled when it ends.
 
-- Reserve: the prompt's upper bound (prompt_bound.py) + max_tokens per choice x choices (or the
-  model's context when max_tokens is absent); a budget that cannot hold that caps max_tokens (the
-  cap is sent to the backend), and refuses (429) when not one completion token fits.
+- Reserve: the prompt's upper bound (prompt_bound.py) + max_tokens per choice x choices (the
+  larger of max_tokens and max_completion_tokens; without either, the larger context of the
+  routed model and its fallback); a budget that cannot hold that caps max_tokens, and refuses
+  (429) when not one completion token fits. Under a budget the backend is always sent a
+  max_tokens within the reservation (backend_max_tokens), that also fits the routed model's
+  context.
 - The reservation is the request's ledger row, written `open` in one store transaction with the
   decision (Ledger.reserve: atomic across coroutines, threads and gateway processes), so
   warnings and throttles count settled spend + every open reservation.
@@ -152,18 +155,22 @@ class Admission:
         models: list[str],
         body: dict[str, Any],
         context: int | None,
-        local: bool,
+        reserve_context: int | None,
+        only_local: bool,
         started: float,
     ) -> Ticket:
-        """Reserve for the request or raise 429; may lower the body's max_tokens (the cap).
-        `models`: the routed model, then any fallback (priced at the dearer of them)."""
+        """Reserve for the request or raise 429; may set the body's max_tokens (the cap).
+        `models`: the routed model, then any fallback (priced at the dearer of them);
+        `context`: the routed model's; `reserve_context`: the larger of it and the fallback's,
+        what a request without max_tokens reserves (None: unknown); `only_local`: the local
+        backend serves it, no fallback (its own default max_tokens fits its context)."""
         now = time.time()
         model = models[0]
         overhead = self.settings.prompt_overhead_tokens
         prompt = prompt_bound.upper_bound(body, overhead)
         asked = prompt_bound.completion_bound(body)
-        fallback = context or self.settings.upstream_max_model_len
-        per_choice = asked if asked is not None else fallback
+        unbounded = reserve_context or self.settings.upstream_max_model_len
+        per_choice = asked if asked is not None else unbounded
         priced = [self.prices.get(m, (0.0, 0.0)) for m in models]
         price = (max(p[0] for p in priced), max(p[1] for p in priced))
         ask = budget_math.Ask(
@@ -212,13 +219,10 @@ class Admission:
             self._budget_events(key, grant, reservation is None)
         if reservation is None:
             raise self._refusal(key, grant, ask, now)
-        cap = grant.completion_tokens
-        if cap < per_choice:  # the budget caps max_tokens: the backend must not pass the cap
-            if asked is None and context is not None and context - prompt >= 1:
-                cap = min(cap, context - prompt)  # fits the context whatever the real prompt
-            _set_max_tokens(body, cap)
-        elif budget is not None and asked is None and context is None and local:
-            _set_max_tokens(body, cap)  # the context is unknown: the reservation's bound
+        if budget is not None:  # the backend must not generate past what was reserved
+            sent = backend_max_tokens(grant.completion_tokens, asked, prompt, context, only_local)
+            if sent is not None:
+                _set_max_tokens(body, sent)
         return Ticket(
             request_id, key, path, model, stream, started, reservation, grant.warning_header()
         )
@@ -406,6 +410,21 @@ class Admission:
             m.completion_tokens.labels(key.id, model).inc(completion)
             if cost:
                 m.cost.labels(key.id, model).inc(cost)
+
+
+def backend_max_tokens(
+    cap: int, asked: int | None, prompt: int, context: int | None, only_local: bool
+) -> int | None:
+    """The max_tokens to send so that the backend generates at most `cap` per choice (what was
+    reserved); None: the body may go as it is."""
+    if asked is not None:
+        return cap if cap < asked else None  # whichever field the backend reads is <= asked
+    if context is not None:
+        if only_local and cap >= context:
+            return None  # the local backend's default (its context - the prompt) is under cap
+        if context - prompt >= 1:
+            return min(cap, context - prompt)  # fits the routed model whatever the real prompt
+    return cap  # an upstream's context is only assumed: send the bound itself
 
 
 def _set_max_tokens(body: dict[str, Any], cap: int) -> None:

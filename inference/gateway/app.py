@@ -10,6 +10,7 @@ loop) and the metrics.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,6 +33,7 @@ from inference.gateway.relay import STATUS_CLIENT_GONE, MeteredStream, Relay, pl
 from inference.gateway.routing import Route, Router
 from inference.gateway.schemas import ChatRequest, CompletionRequest
 from inference.gateway.settings import GatewaySettings
+from inference.gateway.template_fields import check_template_fields
 from inference.ports import (
     AuditSink,
     BudgetStore,
@@ -170,8 +172,12 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _internal(_request: Request, exc: Exception) -> Response:
-        log.exception("gateway bug")
-        return JSONResponse(error_body(f"internal gateway error: {exc}", "server_error"), 500)
+        # The detail goes to the log only: an exception may name paths or a store's internals.
+        request_id = "req_" + secrets.token_hex(12)
+        log.error("gateway bug in request %s", request_id, exc_info=exc)
+        message = f"internal gateway error (request {request_id}; the gateway log has the detail)"
+        headers = {REQUEST_ID_HEADER: request_id}
+        return JSONResponse(error_body(message, "server_error"), 500, headers=headers)
 
     async def proxy(request: Request, path: str, schema: type[BaseModel]) -> Response:
         started = time.perf_counter()
@@ -180,6 +186,7 @@ def create_app(
         model = "-"
         try:
             body = await gw.read_body(request, schema)
+            check_template_fields(body)  # a caller's template would break the prompt's bound
             route = gw.router.resolve(body["model"])
             if route is not None:
                 model = route.model  # metered under the served name, like a budget refusal
@@ -225,17 +232,20 @@ def create_app(
         key: KeyRecord, path: str, route: Route, body: dict[str, Any], started: float
     ) -> Ticket:
         """Refuse what cannot fit the context, then reserve against the budget. A request the
-        fallback may serve is bounded for both routes (the larger context, the dearer price)."""
-        context = await gw.forward.context_length(route)
+        fallback may serve is reserved for both routes (the larger context, the dearer price);
+        the max_tokens sent is bounded by the routed model's context."""
+        context = reserve = await gw.forward.context_length(route)
         check_context(body, context)
         fallback = gw.router.fallback(route)
         models = [route.model]
         if fallback is not None:
             models.append(fallback.model)
             other = await gw.forward.context_length(fallback)
-            context = None if context is None or other is None else max(context, other)
-        local = route.target == "local"
-        return await gw.admission.admit(key, path, models, body, context, local, started)
+            reserve = None if context is None or other is None else max(context, other)
+        only_local = route.target == "local" and fallback is None
+        return await gw.admission.admit(
+            key, path, models, body, context, reserve, only_local, started
+        )
 
     @app.post(CHAT, openapi_extra=_body_doc(ChatRequest), summary="Chat completion")
     async def chat_completions(request: Request) -> Response:

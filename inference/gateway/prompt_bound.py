@@ -43,13 +43,16 @@ def choices(body: dict[str, Any]) -> int:
     return n * prompts
 
 
+COMPLETION_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
 def completion_bound(body: dict[str, Any]) -> int | None:
-    """The max_tokens vLLM applies (max_completion_tokens first, as vLLM does); None: unset."""
-    for field in ("max_completion_tokens", "max_tokens"):
-        value = body.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-            return value
-    return None
+    """The most completion tokens per choice the body allows; None: neither field is set.
+    The larger of the two fields: backends read one or the other (vLLM's chat prefers
+    max_completion_tokens, its completions and the embedded server read only max_tokens)."""
+    values = [body.get(field) for field in COMPLETION_FIELDS]
+    valid = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 1]
+    return max(valid) if valid else None
 
 
 def lower_bound(body: dict[str, Any]) -> int:

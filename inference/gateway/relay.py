@@ -1,9 +1,17 @@
 """The answer's way back: a whole JSON response, or a stream relayed event by event, metered
-however it ends (normally, cut by the backend, or the client hanging up)."""
+however it ends (normally, cut by the backend, or the client hanging up).
+
+What is charged never undercounts: the backend's usage when it sent a well-formed one; a 200
+without it, the request's reservation; a stream cut before its usage chunk, the prompt's bound
+and, per the text relayed, its UTF-8 bytes plus one per event (a byte-level BPE token covers at
+least one byte; the one per event covers a special token the server strips from the text),
+within the reservation.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +23,8 @@ from inference.gateway.admission import Admission, Ticket
 from inference.gateway.errors import GatewayError, backend_error, sse_error
 from inference.gateway.sse import SSEMeter
 from inference.ports import LedgerState
+
+log = logging.getLogger(__name__)
 
 CHAT = "/v1/chat/completions"
 
@@ -56,11 +66,11 @@ async def plain_response(
     prompt = completion = 0
     if status == 200:
         try:
-            usage = json.loads(content).get("usage") or {}
-            prompt = int(usage.get("prompt_tokens") or 0)
-            completion = int(usage.get("completion_tokens") or 0)
-        except (ValueError, AttributeError, TypeError):
-            pass
+            answer = json.loads(content)
+        except ValueError:
+            answer = None
+        usage = usage_of(answer.get("usage") if isinstance(answer, dict) else None)
+        prompt, completion = usage or reserved_usage(ticket, "an answer")
     else:
         gw.metrics.errors.labels(path, f"backend_{status}").inc()
         status, content = backend_error(status, content)  # OpenAI's shape and types
@@ -112,14 +122,16 @@ class Relay:
             return
         self._finished = True
         gw, meter = self.gw, self.meter
-        usage = meter.usage or {}
-        if usage:
-            prompt = int(usage.get("prompt_tokens") or 0)
-            completion = int(usage.get("completion_tokens") or 0)
-        else:  # cut short before the usage chunk: the prompt's bound, one token an event
+        usage = usage_of(meter.usage)
+        if usage is not None:
+            prompt, completion = usage
+        elif self.status == 200:  # ended with [DONE] but no (usable) usage chunk
+            prompt, completion = reserved_usage(self.ticket, "a stream")
+        else:  # cut short before the usage chunk: the prompt's bound, the text's bound
             reserved = self.ticket.reservation
             prompt = reserved.prompt_tokens
-            completion = min(meter.data_events, reserved.completion_tokens)
+            relayed = meter.text_bytes + meter.data_events
+            completion = min(relayed, reserved.completion_tokens)
         if self.status != 200:
             gw.metrics.errors.labels(self.path, f"stream_{self.status}").inc()
         if meter.first_token_at is not None:
@@ -127,3 +139,27 @@ class Relay:
         state: LedgerState = {200: "ok", STATUS_CLIENT_GONE: "cancelled"}.get(self.status, "error")
         gw.settle(self.ticket, self.status, state, prompt, completion)
         await self.response.aclose()
+
+
+def usage_of(usage: object) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of a backend's usage object; None when it is missing or
+    malformed (not counts, negative)."""
+    if not isinstance(usage, dict):
+        return None
+    counts = (usage.get("prompt_tokens"), usage.get("completion_tokens"))
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        return None
+    return counts  # type: ignore[return-value]
+
+
+def reserved_usage(ticket: Ticket, what: str) -> tuple[int, int]:
+    """A 200 without usable usage is charged the reservation: an upper bound of what it used."""
+    r = ticket.reservation
+    log.warning(
+        "request %s: %s without usage from the backend, charged its reservation (%d+%d tokens)",
+        ticket.request_id,
+        what,
+        r.prompt_tokens,
+        r.completion_tokens,
+    )
+    return r.prompt_tokens, r.completion_tokens

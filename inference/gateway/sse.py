@@ -21,7 +21,10 @@ class SSEMeter:
         self.client_wants_usage = client_wants_usage
         self.chat = chat
         self.usage: dict[str, Any] | None = None
-        self.data_events = 0  # content events served, the estimate when usage never came
+        self.data_events = 0  # content events served
+        # UTF-8 bytes of the generated text served (content, reasoning, tool calls, text): with
+        # data_events, a bound on the tokens of a stream cut before its usage chunk.
+        self.text_bytes = 0
         self.first_token_at: float | None = None
         self.done = False  # saw [DONE]
         self._buf = b""
@@ -44,6 +47,9 @@ class SSEMeter:
             n = complete.count(b"data:")
             if n:
                 self._count(n, complete)
+                self.text_bytes += sum(
+                    generated_bytes(_data_json(ev)) for ev in complete.split(self._sep) if ev
+                )
             return complete
         out = [self._event(ev) for ev in complete.split(self._sep) if ev]
         return b"".join(e + self._sep for e in out if e is not None)
@@ -69,15 +75,12 @@ class SSEMeter:
             retyped = _retyped_error(event)
             if retyped is not None:
                 return retyped
-        if b'"usage"' not in event:
-            if b"data:" in event:
-                self._count(1, event)
-            return event
         data = _data_json(event)
         usage = data.get("usage") if isinstance(data, dict) else None
         if not isinstance(usage, dict):
             if b"data:" in event:
                 self._count(1, event)
+                self.text_bytes += generated_bytes(data)
             return event
         self.usage = usage
         if self.client_wants_usage:
@@ -86,8 +89,31 @@ class SSEMeter:
             return None  # the usage-only chunk the client did not ask for
         # Usage riding on a content chunk (continuous usage stats): strip it, keep the content.
         self._count(1, event)
+        self.text_bytes += generated_bytes(data)
         data.pop("usage", None)
         return b"data: " + json.dumps(data, separators=(",", ":")).encode()
+
+
+def generated_bytes(data: Any) -> int:
+    """UTF-8 bytes of every string a chunk's choices carry but the role (an upper bound on the
+    generated text in it: ids and type names of tool calls count too)."""
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        return 0
+    total = 0
+    for choice in data["choices"]:
+        if isinstance(choice, dict):
+            total += _string_bytes(choice.get("text")) + _string_bytes(choice.get("delta"))
+    return total
+
+
+def _string_bytes(node: Any) -> int:
+    if isinstance(node, str):
+        return len(node.encode("utf-8", "surrogatepass"))
+    if isinstance(node, dict):
+        return sum(_string_bytes(v) for k, v in node.items() if k != "role")
+    if isinstance(node, list):
+        return sum(_string_bytes(v) for v in node)
+    return 0
 
 
 def _retyped_error(event: bytes) -> bytes | None:

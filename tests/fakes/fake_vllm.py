@@ -17,9 +17,12 @@ It reads --host, --port, --served-model-name (one or more), --max-model-len, --m
   FAKE_VLLM_OOM_MAX_LEN   --max-model-len above this: vLLM's "max seq len ... larger than the
                           available KV cache memory" error (estimate = this value), exit 1
   FAKE_VLLM_DIE_AFTER     os._exit(1) after generating this many tokens of a request (mid-stream)
+  FAKE_VLLM_TOKENS_PER_EVENT  tokens per stream event (default 1; vLLM may batch several)
+  FAKE_VLLM_NO_USAGE=1    whole answers carry no `usage` (a backend that omits it)
 
 SIGUSR1 marks the engine dead: /health answers 503 and /v1 calls 500, as vLLM does.
-Generation is deterministic: "tok0 tok1 ..." for max_tokens (16 when unset) tokens;
+Generation is deterministic: "tok0 tok1 ..." for max_tokens (16 when unset) tokens, in each of
+n choices per prompt (a completion's list of prompts: one set each), one choice after another;
 prompt_tokens = whitespace words of the prompt (chat: of every text content).
 """
 
@@ -343,10 +346,12 @@ def build_app(cfg: dict[str, Any], state: dict[str, Any]) -> Starlette:
                 "total_tokens": prompt_tokens + completion,
             }
 
-        def choice(delta: dict[str, Any] | str, finish: str | None, stop: str | None = None) -> Any:
+        def choice(
+            delta: dict[str, Any] | str, finish: str | None, stop: str | None = None, index: int = 0
+        ) -> Any:
             part = ({"delta": delta} if stream else {"message": delta}) if chat else {"text": delta}
             return {
-                "index": 0,
+                "index": index,
                 **part,
                 "logprobs": None,
                 "finish_reason": finish,
@@ -354,25 +359,30 @@ def build_app(cfg: dict[str, Any], state: dict[str, Any]) -> Starlette:
             }
 
         stream = bool(body.get("stream"))
+        many = not chat and isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
+        width = (1 if call else int(body.get("n") or 1)) * (len(prompt) if many else 1)
         tokens = engine.generate(prompt_tokens, 1 if call else n, stops)
         if not stream:
-            text, count, finish, stop = [], 0, "length", None
-            async for item in tokens:
-                if item[0] == "end":
-                    _, finish, stop = item
-                else:
-                    text.append(item[1])
-                    count += 1
+            answers, count = [], 0
+            for index in range(width):
+                text, finish, stop = [], "length", None
+                gen = tokens if index == 0 else engine.generate(prompt_tokens, n, stops)
+                async for item in gen:
+                    if item[0] == "end":
+                        _, finish, stop = item
+                    else:
+                        text.append(item[1])
+                        count += 1
+                out = " ".join(text)
+                msg = {"role": "assistant", "content": out, "tool_calls": []} if chat else out
+                answers.append(choice(msg, finish, stop, index))
             if call:
                 msg = {"role": "assistant", "content": None, "tool_calls": [call]}
-                return JSONResponse(
-                    {**head, "choices": [choice(msg, "tool_calls")], "usage": usage(count)}
-                )
-            out = " ".join(text)
-            msg = {"role": "assistant", "content": out, "tool_calls": []} if chat else out
-            return JSONResponse(
-                {**head, "choices": [choice(msg, finish, stop)], "usage": usage(count)}
-            )
+                answers = [choice(msg, "tool_calls")]
+            answer = {**head, "choices": answers, "usage": usage(count)}
+            if os.environ.get("FAKE_VLLM_NO_USAGE") == "1":
+                del answer["usage"]
+            return JSONResponse(answer)
 
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         head = {**head, "object": f"{kind}.chunk"} if chat else head
@@ -388,24 +398,38 @@ def build_app(cfg: dict[str, Any], state: dict[str, Any]) -> Starlette:
             def sse(payload: dict[str, Any]) -> str:
                 return f"data: {json.dumps(payload)}\n\n"
 
-            count = 0
-            if chat:
-                yield sse({**head, "choices": [choice({"role": "assistant", "content": ""}, None)]})
-            async for item in tokens:
-                if item[0] == "end":
-                    _, finish, stop = item
-                    if call:
-                        delta = {"tool_calls": [{"index": 0, **call}]}
-                        yield sse({**head, "choices": [choice(delta, None)]})
-                        finish, stop = "tool_calls", None
-                    yield sse({**head, "choices": [choice({} if chat else "", finish, stop)]})
-                elif not call:
-                    piece = item[1] if item[0] == 0 else f" {item[1]}"
-                    delta = {"content": piece} if chat else piece
-                    yield sse({**head, "choices": [choice(delta, None)]})
-                    count += 1
-                else:
-                    count += 1
+            count, per_event = 0, int(os.environ.get("FAKE_VLLM_TOKENS_PER_EVENT", "1"))
+            for index in range(width):
+                gen = tokens if index == 0 else engine.generate(prompt_tokens, n, stops)
+                pending: list[str] = []
+
+                def flush(index: int = index, pending: list[str] = pending) -> str:
+                    text = "".join(pending)
+                    pending.clear()
+                    delta = {"content": text} if chat else text
+                    return sse({**head, "choices": [choice(delta, None, None, index)]})
+
+                if chat:
+                    role = {"role": "assistant", "content": ""}
+                    yield sse({**head, "choices": [choice(role, None, None, index)]})
+                async for item in gen:
+                    if item[0] == "end":
+                        _, finish, stop = item
+                        if pending:
+                            yield flush()
+                        if call:
+                            delta = {"tool_calls": [{"index": 0, **call}]}
+                            yield sse({**head, "choices": [choice(delta, None)]})
+                            finish, stop = "tool_calls", None
+                        end = choice({} if chat else "", finish, stop, index)
+                        yield sse({**head, "choices": [end]})
+                    elif not call:
+                        pending.append(item[1] if item[0] == 0 else f" {item[1]}")
+                        count += 1
+                        if len(pending) >= per_event:
+                            yield flush()
+                    else:
+                        count += 1
             if include_usage:
                 yield sse({**head, "choices": [], "usage": usage(count)})
             yield "data: [DONE]\n\n"

@@ -386,3 +386,26 @@ def test_a_prompt_past_the_context_is_refused_without_a_backend(
             "context_length_exceeded",
         )
     assert [r.state for r in store.usage_rows()] == ["refused", "refused"]
+
+
+def test_an_unexpected_error_is_a_fixed_500_with_a_request_id_and_the_detail_only_in_the_log(
+    store: InferenceStore, secret: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(InferenceStore):
+        def authenticate(self, secret: str) -> KeyRecord | None:
+            raise RuntimeError("disk /srv/secret-path exploded")
+
+    broken = Broken(store.path.parent)
+    app = create_app(
+        GatewaySettings(backend_url=f"http://127.0.0.1:{closed_port()}"),
+        broken, store, store, store,
+    )  # fmt: skip
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/chat/completions", json={"model": "nemotron"}, headers=auth(secret))
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert error["type"] == "server_error"
+    assert "secret-path" not in r.text and "RuntimeError" not in r.text
+    request_id = r.headers["x-appliance-request-id"]
+    assert request_id in error["message"]
+    assert "disk /srv/secret-path exploded" in caplog.text and request_id in caplog.text

@@ -124,7 +124,10 @@ def test_choices_and_max_tokens() -> None:
     assert pb.choices({"messages": [], "n": 4}) == 4
     assert pb.choices({"prompt": "a", "n": 2, "best_of": 5}) == 5
     assert pb.completion_bound({"max_tokens": 7}) == 7
-    assert pb.completion_bound({"max_tokens": 7, "max_completion_tokens": 3}) == 3
+    # Backends read one or the other (vLLM's completions: max_tokens only): the larger bounds both.
+    assert pb.completion_bound({"max_tokens": 7, "max_completion_tokens": 3}) == 7
+    assert pb.completion_bound({"max_tokens": 4000, "max_completion_tokens": 1}) == 4000
+    assert pb.completion_bound({"max_tokens": 2, "max_completion_tokens": 9}) == 9
     assert pb.completion_bound({}) is None
 
 

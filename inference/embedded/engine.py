@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
+from inference import template_kwargs
 from inference.embedded.detok import IncrementalDetokenizer, StopChecker
 from inference.embedded.errors import (  # also the engine's public errors, as before
     EngineDead,
@@ -293,6 +294,8 @@ class Engine:
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> str:
         """The model's chat template applied to `messages` (tools passed to the template)."""
+        if (refused := template_kwargs.problem(chat_template_kwargs)) is not None:
+            raise InvalidRequest(refused)  # never a caller's template: see template_kwargs.py
         try:
             return self.tokenizer.apply_chat_template(
                 messages,

@@ -94,8 +94,10 @@ def create(
     """Create a key and print its secret: it is shown this once and stored only hashed.
     NAME: 1-63 of a-z, 0-9 and '-', starting with a letter or digit."""
     from appliance.names import check_key_name
+    from appliance.store.inference_store import check_scopes
 
     check_key_name(name, "sandbox" if sandbox else "client")  # before the store is opened
+    check_scopes(scope or (), "sandbox" if sandbox else "client")  # the same: a usage error
     with open_inference_store(ctx) as store:
         key, secret = store.create_key(
             name, "sandbox" if sandbox else "client", allow_model or None, scope or ()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.audit import ChainWriter, audit_path
-from appliance.errors import ApplianceError, StateError
+from appliance.errors import ApplianceError, ConfigError, StateError
 from appliance.names import KeyNameError, check_key_name
 from appliance.store.db import DB_NAME, open_store
 from appliance.store.ledger import LedgerMixin
@@ -51,6 +51,11 @@ def _key(row: tuple[Any, ...]) -> KeyRecord:
         allowed_models=models,
         scopes=tuple(json.loads(row[6])) if row[6] else (),
     )
+
+
+def check_scopes(scopes: Iterable[str], owner_kind: OwnerKind) -> tuple[Scope, ...]:
+    """The scopes sorted and without repeats, or KeyScopeError (the CLI checks this first)."""
+    return _scope_list(scopes, owner_kind)
 
 
 def _scope_list(scopes: Iterable[str], owner_kind: OwnerKind) -> tuple[Scope, ...]:
@@ -84,8 +89,8 @@ class KeyModelError(ApplianceError):
     hint = "model names are 1-256 printable characters without spaces; see GET /v1/models"
 
 
-class KeyScopeError(ApplianceError):
-    """A key scope that the gateway does not know."""
+class KeyScopeError(ConfigError):
+    """A key scope that the gateway does not know, or one a sandbox's key may not have."""
 
     hint = f"known scopes: {', '.join(SCOPES)}"
 

@@ -24,8 +24,8 @@ def budget_report(store: Any, key_filter: str | None = None) -> list[dict[str, A
         budget = store.get_budget(key.id)
         spend = store.spend(key.id, now)
         held = store.reserved(key.id, now)  # open reservations of requests in flight
-        # Limits count what is held too, as the gateway's admission does.
-        verdict = budget_math.evaluate(budget, budget_math.plus(spend, held), now)
+        # Limits count what is held too: the state admission gives the smallest request.
+        verdict = budget_math.standing(budget, spend, held, now)
         out.append(
             {
                 "key": key.name,

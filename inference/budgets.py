@@ -1,12 +1,13 @@
 """Budget math: how much of each limit a key has used, when each window resets, and the verdict.
 
-Pure functions over a Budget and a Spend (inference/ports.py); the gateway acts on the verdict.
-Windows are calendar UTC days and months, matching Ledger.spend().
+Pure functions over a Budget and a Spend (inference/ports.py). One function decides: grant(),
+what admission acts on; standing(), what `budget show` and status report, is grant() for the
+smallest request. Windows are calendar UTC days and months, matching Ledger.spend().
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -58,31 +59,6 @@ class BudgetUse:
         return start.strftime("%Y-%m") if self.monthly else start.strftime("%Y-%m-%d")
 
 
-@dataclass(frozen=True)
-class Verdict:
-    state: State
-    uses: list[BudgetUse] = field(default_factory=list)  # every configured limit
-    warnings: list[BudgetUse] = field(default_factory=list)  # >= warn ratio, < 100 %
-    blocking: BudgetUse | None = None  # the exhausted limit that refuses the request
-
-    def warning_header(self) -> str | None:
-        return ", ".join(w.warning_text() for w in self.warnings) or None
-
-    def refusal_message(self, key_name: str) -> str:
-        b = self.blocking
-        assert b is not None
-        what = "monthly cap reached, key stopped" if b.monthly else "daily budget exhausted"
-        return (
-            f"budget exceeded for key '{key_name}': {b.label} "
-            f"{b.amount(b.used)} of {b.amount(b.limit)} used ({what}); "
-            f"resets at {iso(b.resets_at)}"
-        )
-
-    def retry_after_s(self, now: float) -> int:
-        assert self.blocking is not None
-        return max(1, int(self.blocking.resets_at.timestamp() - now + 0.999))
-
-
 def iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -112,19 +88,6 @@ def uses(budget: Budget, spend: Spend, now: float) -> list[BudgetUse]:
         if limit is not None:
             out.append(BudgetUse(name, float(used), float(limit), resets))
     return out
-
-
-def evaluate(budget: Budget | None, spend: Spend, now: float, warn_ratio: float = 0.8) -> Verdict:
-    """Monthly caps win over daily ones: a key over both is hard-stopped, not just throttled."""
-    if budget is None:
-        return Verdict("ok")
-    all_uses = uses(budget, spend, now)
-    for use in all_uses:  # ordered monthly first
-        if use.ratio >= 1.0:
-            state: State = "monthly_exceeded" if use.monthly else "daily_exceeded"
-            return Verdict(state, all_uses, blocking=use)
-    warnings = [u for u in all_uses if u.ratio >= warn_ratio]
-    return Verdict("warning" if warnings else "ok", all_uses, warnings)
 
 
 # -- reservations (admission) ------------------------------------------------------------------
@@ -239,3 +202,18 @@ def grant(
     after = uses(budget, plus(plus(settled, reserved), this), now)
     warnings = [u for u in after if u.ratio >= warn_ratio]
     return Grant(cap, after, warnings)
+
+
+def standing(
+    budget: Budget | None, settled: Spend, reserved: Spend, now: float, warn_ratio: float = 0.8
+) -> Grant:
+    """Where a key stands (`budget show`): grant() for the smallest request (no prompt, one
+    completion token), with its limits and warnings as they are before it. "exceeded" here is
+    exactly when admission refuses every request as the budget being used up."""
+    ask = Ask(prompt_tokens=0, completion_tokens=1)
+    smallest = grant(budget, settled, reserved, ask, now, warn_ratio)
+    if budget is None:
+        return smallest
+    before = uses(budget, plus(settled, reserved), now)
+    warnings = [u for u in before if warn_ratio <= u.ratio < 1.0]
+    return replace(smallest, uses=before, warnings=warnings)

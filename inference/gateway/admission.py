@@ -14,7 +14,9 @@ reservation before it is forwarded, and settled when it ends.
   writer thread; a refusal before admission is a `refused` row.
 - A gateway that dies leaves `open` rows; the next start settles those whose owner process is
   gone as `interrupted`, charged their reservation (an upper bound: the backend stops generating
-  when the gateway's connection drops).
+  when the gateway's connection drops). Owners are named by boot, pid namespace, pid and start
+  time, so gateways in other containers on the same store never settle each other's rows
+  (owner_alive).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from inference import budgets as budget_math
 from inference.gateway import prompt_bound
 from inference.gateway.errors import GatewayError
 from inference.gateway.metrics import GatewayMetrics
+from inference.gateway.owners import owner_alive, process_token
 from inference.gateway.settings import GatewaySettings
 from inference.metering import UsageWriter, cost_of
 from inference.ports import (
@@ -50,24 +52,6 @@ from inference.ports import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def process_token(pid: int | None = None) -> str:
-    """`pid:start-time` of a process (Linux /proc): what owns open ledger rows. The start time
-    tells a live owner from a later process that reuses its pid."""
-    pid = os.getpid() if pid is None else pid
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return ""
-    fields = stat[stat.rfind(b")") + 2 :].split()  # the command name may hold spaces
-    return f"{pid}:{int(fields[19])}"  # field 22 of stat: starttime
-
-
-def owner_alive(token: str) -> bool:
-    pid, _, _start = token.partition(":")
-    return bool(pid.isdigit() and token and process_token(int(pid)) == token)
 
 
 @dataclass

@@ -230,6 +230,27 @@ def test_owner_tokens() -> None:
     token = process_token(child.pid)
     child.wait()
     assert token and not owner_alive(token)  # exited
-    pid, _, start = mine.partition(":")
-    assert not owner_alive(f"{pid}:{int(start) + 1}")  # a reused pid is another process
+    here, _, start = mine.rpartition(":")
+    assert not owner_alive(f"{here}:{int(start) + 1}")  # a reused pid is another process
     assert not owner_alive("") and not owner_alive("garbage")
+
+
+def test_owner_tokens_name_the_boot_and_the_pid_namespace() -> None:
+    """Gateways in other pid namespaces (containers) may share the store: their rows are left
+    alone, whatever pid they name here; rows of an earlier boot are settled."""
+    import os
+    import uuid
+    from pathlib import Path
+
+    mine = process_token()
+    boot, ns, pid, start = mine.split(":")
+    assert boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert int(ns) == os.stat("/proc/self/ns/pid").st_ino
+    assert pid == str(os.getpid())
+    elsewhere = f"{boot}:{int(ns) + 1}"
+    assert owner_alive(f"{elsewhere}:{pid}:{start}")  # our pid number, another namespace's
+    assert owner_alive(f"{elsewhere}:4194304:1")  # no such pid here: still not ours to judge
+    assert not owner_alive(f"{uuid.uuid4()}:{ns}:{pid}:{start}")  # an earlier boot: all gone
+    assert not owner_alive(f"{uuid.uuid4()}:{int(ns) + 1}:{pid}:{start}")
+    assert not owner_alive(f"{boot}:{ns}:{pid}:{int(start) + 1}")  # here, and gone
+    assert owner_alive(f"{pid}:{start}")  # a row written before tokens named the boot

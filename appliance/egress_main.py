@@ -7,8 +7,9 @@ HTTP. It binds the egress and admin sockets (or takes the bound egress socket, -
 reads the policy and the key, then starts `python -m sandbox.proxy` as --proxy-user (default
 `nobody`) with no supplementary groups, no capabilities, no_new_privs and a parent-death signal,
 handing it the listening sockets and one end of a socket pair (sandbox/proxy/privsep.py). The
-proxy opens no file: over that link it gets the policy and key, and sends its audit records and
-persisted approvals, which this process writes.
+proxy opens no file: over that link it gets the policy and key, and sends its audit records,
+which this process writes. It cannot have an approval persisted: that is the control plane's,
+on the operator's command (`appliance approvals approve ID --persist`), never on the proxy's word.
 
 Why a monitor rather than a group-writable audit log: the chain is tamper-evident only against
 someone who cannot rewrite both the log and its head (appliance/audit.py); a proxy that could
@@ -18,8 +19,8 @@ its own sandbox and only `egress.*` events.
 
 --audit-log is required and names the chain file (<state_dir>/audit/audit.jsonl). SIGHUP
 re-reads the policy file and sends it to the proxy; SIGTERM/SIGINT stop the proxy, then this.
-Imports stay light (the chain writer and sandbox.proxy.options are stdlib only; pydantic loads
-only for a persisted approval): one of these starts per sandbox.
+Imports stay light (the chain writer and sandbox.proxy.options are stdlib only; no pydantic):
+one of these starts per sandbox.
 """
 
 from __future__ import annotations
@@ -36,19 +37,20 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from appliance.audit import BackgroundAudit, ChainWriter
 from sandbox.proxy.options import parse_args as proxy_args
 from sandbox.proxy.options import read_key
 from sandbox.proxy.privsep import MAX_LINE, encode
 
-if TYPE_CHECKING:
-    from sandbox.policy import Endpoint
-
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 STOP_GRACE_S = 5.0
+PERSIST_REFUSED = (
+    "approvals are persisted by the control plane (`appliance approvals approve ID --persist`),"
+    " not by the proxy"
+)
 # What the proxy's environment keeps: nothing of the control plane's (tokens, config paths).
 _ENV_KEEP = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE")
 
@@ -100,30 +102,6 @@ def _child_setup() -> None:
         os._exit(126)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         os._exit(126)
-
-
-def _approved_endpoint(data: Any) -> Endpoint:
-    """What an approval may persist: one concrete host and one port, nothing else (no
-    wildcard, no private address, no allow_private, no wider access): the same rule
-    ApprovalBroker.approve builds, whatever the proxy sent. The proxy is unprivileged and may
-    be compromised; a revision written here outlives it, so this is checked here."""
-    from sandbox.policy import Endpoint  # only here: the monitor stays light (no pydantic)
-    from sandbox.proxy.addresses import ip_literal, is_forbidden
-
-    if not isinstance(data, dict):
-        raise ValueError("an approval is an object with a host and a port")
-    sent = Endpoint.model_validate(data)
-    if len(sent.ports) != 1:
-        raise ValueError("an approval names one port")
-    if "*" in sent.host:
-        raise ValueError(f"an approval names one host, not a wildcard ({sent.host!r})")
-    literal = ip_literal(sent.host)
-    if literal is not None and is_forbidden(literal):
-        raise ValueError(f"an approval cannot name a private address ({sent.host!r})")
-    if literal is None and sent.host.rsplit(".", 1)[-1].isdigit():
-        # `127.1`, `2130706433`: no name, an address the resolver reads its own way
-        raise ValueError(f"an approval cannot name a numeric host ({sent.host!r})")
-    return Endpoint(host=sent.host, ports=sent.ports)
 
 
 def _listen_unix(path: Path, mode: int) -> socket.socket:
@@ -208,16 +186,11 @@ class Monitor:
                 raise ValueError("fields are not an object")
             self._record(event, {**fields, "sandbox": self.name})
         elif "persist" in message:
-            error = None
-            try:
-                from sandbox.proxy.writer import FilePolicyWriter
-
-                endpoint = _approved_endpoint(message.get("endpoint"))
-                writer_ = FilePolicyWriter(self.args.policy)
-                await asyncio.to_thread(writer_.persist_allow, self.name, endpoint)
-            except Exception as exc:  # the operator's approve call reports it
-                error = f"{type(exc).__name__}: {exc}"
-            writer.write(encode({"reply": message["persist"], "error": error}))
+            # Never on the proxy's word: it is unprivileged, may be compromised, and serves the
+            # admin socket itself, so a rule written here would outlive it unasked. The control
+            # plane persists what the operator approved (SandboxManager.persist_approval).
+            self._record("egress.persist_refused", {"sandbox": self.name})
+            writer.write(encode({"reply": message["persist"], "error": PERSIST_REFUSED}))
 
     def _record(self, event: str, fields: dict[str, Any]) -> None:
         """One dict, not keywords: a proxy's field named `event` or `self` would collide with

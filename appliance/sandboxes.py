@@ -36,7 +36,7 @@ from appliance.store import Store
 from appliance.store.inference_store import InferenceStore
 from appliance.store.sandbox_store import SandboxRecord, SandboxStore
 from sandbox.compile.podman_spec import SUPERVISOR_ENTRYPOINT, policy_digest
-from sandbox.policy import Network, Policy, load_policy
+from sandbox.policy import Endpoint, Network, Policy, load_policy
 from sandbox.yamlfile import YamlError
 
 __all__ = [
@@ -278,10 +278,29 @@ class SandboxManager(SandboxCreation, EgressProxies, SandboxKillSwitch, SandboxR
         self.store_audit("policy.revision", sandbox=name, rev=rev, reason=reason)
         return rev
 
-    def sync_policy_from_proxy(self, name: str, reason: str) -> int:
-        """After a persisted approval the proxy rewrote its file: make that a store revision."""
-        network = read_policy_file(self.paths(name).policy).network
-        return self.apply_network(name, network, reason)
+    @staticmethod
+    def persistable(approval_id: str, host: object, port: object) -> Endpoint:
+        """The rule `approve --persist` may write for a pending `host:port`: one concrete
+        public host and one port, or SandboxError (checked before anything is approved)."""
+        from sandbox.proxy.approvals import approval_endpoint
+
+        try:
+            return approval_endpoint(host, port)
+        except ValueError as exc:
+            raise SandboxError(
+                f"approval {approval_id} cannot be persisted: {exc}",
+                hint="approve it without --persist, or add a rule: `appliance sandbox policy set`",
+            ) from None
+
+    def persist_approval(self, name: str, endpoint: Endpoint, approval_id: str) -> int:
+        """A new revision allowing `endpoint` (from `persistable`), on the operator's command.
+        The proxy never persists: its word alone must not outlive it (egress_main.py)."""
+        _rev, policy = self.policy(name)
+        allow = policy.network.allow
+        network = policy.network.model_copy(
+            update={"allow": allow if endpoint in allow else [*allow, endpoint]}
+        )
+        return self.apply_network(name, network, f"approval {approval_id} persisted")
 
     def store_audit(self, event: str, **fields: Any) -> None:
         inference = InferenceStore(self.config.state_dir)

@@ -211,16 +211,19 @@ def _decide(ctx: typer.Context, approval_id: str, approve: bool, persist: bool) 
 
     with manager(ctx) as m:
         for name, client in _admin_clients(m).items():
-            if any(p["id"] == approval_id for p in client.list()):
+            shown = [p for p in client.list() if p["id"] == approval_id]
+            if shown:
                 if not approve:
                     client.deny(approval_id)
                     console.print(f"denied {approval_id} ({name})")
                     return
-                result = client.approve(approval_id, persist=persist)
-                if result.get("persisted"):
-                    rev = m.sync_policy_from_proxy(name, f"approval {approval_id} persisted")
+                if persist:  # the control plane writes it, on this command: never the proxy
+                    endpoint = m.persistable(approval_id, shown[0]["host"], shown[0]["port"])
+                    client.approve(approval_id)
+                    rev = m.persist_approval(name, endpoint, approval_id)
                     console.print(f"approved {approval_id} ({name}); policy revision {rev}")
                 else:
+                    client.approve(approval_id)
                     console.print(f"approved {approval_id} ({name}) until the proxy restarts")
                 return
     raise NotFoundError(f"no pending approval {approval_id!r}", hint="`appliance approvals list`")

@@ -15,6 +15,30 @@ from sandbox.proxy.options import DEFAULT_MAX_PENDING
 from sandbox.proxy.ports import AuditSink, PolicyWriter
 
 
+def approval_endpoint(host: object, port: object) -> Endpoint:
+    """What an approval may persist: one concrete host and one port, nothing wider (no wildcard,
+    no private or numeric host, no allow_private, default access). ValueError says why not."""
+    from sandbox.proxy.addresses import ip_literal, is_forbidden
+
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ValueError(f"an approval names one port, 1-65535 (not {port!r})")
+    if not isinstance(host, str):
+        raise ValueError(f"an approval names one host (not {host!r})")
+    if "*" in host:
+        raise ValueError(f"an approval names one host, not a wildcard ({host!r})")
+    try:
+        endpoint = Endpoint(host=host, ports=[port])
+    except ValueError:
+        raise ValueError(f"an approval names one host name or address (not {host!r})") from None
+    literal = ip_literal(endpoint.host)
+    if literal is not None and is_forbidden(literal):
+        raise ValueError(f"an approval cannot name a private address ({host!r})")
+    if literal is None and endpoint.host.rsplit(".", 1)[-1].isdigit():
+        # `127.1`, `2130706433`: not a name but an address the resolver reads its own way
+        raise ValueError(f"an approval cannot name a numeric host ({host!r})")
+    return endpoint
+
+
 @dataclass(frozen=True)
 class Verdict:
     approved: bool
@@ -115,7 +139,7 @@ class ApprovalBroker:
         """Release the waiters; with `persist`, first have the control plane write a revision."""
         pending = self.get(approval_id)
         if persist and self._writer is not None:
-            endpoint = Endpoint(host=pending.host, ports=[pending.port])
+            endpoint = approval_endpoint(pending.host, pending.port)
             result = self._writer.persist_allow(pending.sandbox, endpoint)
             if inspect.isawaitable(result):
                 await result

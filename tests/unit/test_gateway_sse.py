@@ -88,3 +88,22 @@ def test_a_token_that_says_usage_is_just_content() -> None:
     chunk = ev({"choices": [{"delta": {"content": "usage"}}]})
     meter = SSEMeter(client_wants_usage=False, chat=False)
     assert meter.feed(chunk) == chunk and meter.usage is None
+
+
+def test_text_bytes_bound_what_a_cut_stream_generated() -> None:
+    """Every string a chunk's choices carry, in UTF-8 bytes (not characters: `é` is 2), role
+    excluded, over every choice: tokens of byte-level BPE cover at least a byte each."""
+    multi = ev(
+        {
+            "choices": [
+                {"index": 0, "delta": {"content": "héllo", "reasoning_content": "ab"}},
+                {"index": 1, "delta": {"tool_calls": [{"function": {"arguments": '{"x":1}'}}]}},
+            ]
+        }
+    )
+    text = ev({"choices": [{"index": 0, "text": "日本"}]})  # completions: 3 bytes a character
+    meter = SSEMeter(client_wants_usage=False, chat=True)
+    run(meter, [ROLE, multi, text])  # cut: no usage, no [DONE]
+    assert meter.usage is None and not meter.done
+    assert meter.text_bytes == 6 + 2 + 7 + 6
+    assert meter.data_events == 2  # the role chunk is not a token

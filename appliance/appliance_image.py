@@ -493,7 +493,7 @@ def build_appliance_image(
 ) -> ApplianceImageRef:
     """Build (or reuse) `localhost/appliance-<target>:<inputs12>` (and `:latest`)."""
     from sandbox.agent_image import podman_build
-    from sandbox.image import ImageBuildError, _locked
+    from sandbox.image import ImageBuildError, build_lock
 
     t = target(name)
     _check_python(t)
@@ -504,7 +504,7 @@ def build_appliance_image(
     digest = inputs_digest(inputs(t, base_id if t.local_base else f"{base_ref} ({base_id})"))
     spec = build_spec(t, base=base_ref, digest=digest, base_id=base_id)
     ours = Path(workdir) / "appliance" / t.name
-    with _locked(ours / ".build.lock"):
+    with build_lock(ours / ".build.lock"):
         found = find_appliance_image(client, t, digest)
         if found is not None:
             progress(f"image: {found.tag} already present")

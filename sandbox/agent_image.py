@@ -39,10 +39,10 @@ from sandbox.image import (
     ImageBuildError,
     ImageRef,
     Progress,
-    _locked,
     _noop,
     _sha256_file,
     build_base_image,
+    build_lock,
 )
 from sandbox.image import recipe_digest as base_recipe_digest
 
@@ -477,7 +477,7 @@ def build_openclaw_image(
     digest = inputs_digest(spec)
     labels = labels_for(spec, digest, base)
     ours = workdir / "openclaw"
-    with _locked(ours / ".build.lock"):
+    with build_lock(ours / ".build.lock"):
         found = find_agent_image(client, digest)
         if found is not None:
             progress(f"image: {found.tag} already present")

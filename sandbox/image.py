@@ -109,7 +109,7 @@ def tag_for(digest: str) -> str:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def build_lock(path: Path) -> Iterator[None]:
     # Two builders (CLI + tests, parallel test workers) must not debootstrap into the same cache.
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
@@ -221,7 +221,7 @@ def build_rootfs_tarball(
     key = cache_key(suite, packages, mirror)
     tarball = workdir / f"rootfs-{suite}-{key}.tar"
     meta = tarball.with_suffix(".json")
-    with _locked(workdir / ".build.lock"):
+    with build_lock(workdir / ".build.lock"):
         if tarball.exists() and meta.exists():
             digest = json.loads(meta.read_text())["digest"]
             progress(f"rootfs: cached {tarball.name} ({digest[:19]})")

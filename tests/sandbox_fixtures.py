@@ -14,7 +14,6 @@ waits for the first and then reuses its result instead of building twice or raci
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import pwd
 import shutil
@@ -28,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sandbox.image import build_lock as cache_lock  # one flock helper: tests and builders share it
+
 # Read at import: the autouse isolated_env fixture strips APPLIANCE_* from the environment.
 IMAGE_CACHE = Path(os.environ.get("APPLIANCE_IMAGE_CACHE", "/var/tmp/appliance-image-cache"))
 SERVICE_USER = os.environ.get("APPLIANCE_SANDBOX_USER", "appliance")
@@ -36,18 +37,6 @@ APPLIANCE = str(Path(sys.executable).parent / "appliance")
 _base_image: list[Any] = []  # the ImageRef, once built or found
 _podman_started = False
 _cpu_image: dict[str, Any] = {}
-
-
-@contextlib.contextmanager
-def cache_lock(path: Path) -> Iterator[None]:
-    """Exclusive across processes (xdist workers, a CLI build) for as long as the block runs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def sandbox_skip_reason() -> str | None:

@@ -121,7 +121,10 @@ def test_max_completion_tokens_cannot_smuggle_a_larger_max_tokens(tmp_path: Path
     ("extra", "param"),
     [
         ({"chat_template": "{% for i in range(99) %}{{ messages }}{% endfor %}"}, "chat_template"),
-        ({"chat_template_kwargs": {"chat_template": "{{ messages * 300 }}"}}, "chat_template_kwargs"),
+        (
+            {"chat_template_kwargs": {"chat_template": "{{ messages * 300 }}"}},
+            "chat_template_kwargs",
+        ),
         ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs"),
         ({"chat_template_kwargs": {"tools": [{"x": 1}] * 3}}, "chat_template_kwargs"),
         ({"chat_template_kwargs": {"enable_thinking": "x" * 50}}, "chat_template_kwargs"),
@@ -208,7 +211,7 @@ def test_an_answer_without_usage_is_charged_its_reservation(tmp_path: Path) -> N
         assert row["completion_tokens"] == 50
 
 
-# -- item 6 and 11: cut streams ---------------------------------------------------------------------
+# -- item 6 and 11: cut streams ------------------------------------------------------------------
 
 
 def _relayed_tokens(lines: Iterator[str]) -> int:

@@ -8,6 +8,7 @@ handed out first, so they run beside the rest of the suite instead of after it.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,14 @@ FIXTURES = REPO / "tests" / "fixtures"
 # Groups handed to the workers first, longest first (fresh machine, 2 cores). The bundle group
 # builds the OpenClaw layer for its bundle; the OpenClaw group comes last and finds it built.
 XDIST_HEAVY = ("bundle", "cpu-image", "openclaw")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background of a non-interactive shell inherits SIGINT ignored, and so
+    # would every CLI the tests start: Python then installs no KeyboardInterrupt handler and the
+    # tests that stop `--watch`/`--follow` with Ctrl-C would wait forever. Children get the default.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(optionalhook=True)

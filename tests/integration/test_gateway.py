@@ -55,8 +55,9 @@ class Env:
     def client(self, secret: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=secret, max_retries=0)
 
-    def totals(self, key_id: str, requests: int, timeout: float = 5.0) -> dict[str, float]:
-        """The key's ledger totals once `requests` rows are in (the writer batches)."""
+    def totals(self, key_id: str, requests: int, timeout: float = 30.0) -> dict[str, float]:
+        """The key's ledger totals once `requests` rows are in and settled (the writer batches;
+        on a loaded machine that can take seconds)."""
         deadline = time.monotonic() + timeout
         while True:
             totals = self.store.usage_totals(key_id)

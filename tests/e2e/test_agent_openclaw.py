@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.up_env import environment
 from tests.sandbox_fixtures import sandbox_skip_reason
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("openclaw")]
@@ -87,12 +87,6 @@ def test_only_an_unreachable_registry_skips() -> None:
         assert registry_unreachable(failure) is None, failure
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cli(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [APPLIANCE, *args], env=env, capture_output=True, text=True, timeout=timeout
@@ -110,18 +104,7 @@ def env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     if (why := sandbox_skip_reason()) is not None:
         pytest.skip(why)
     root = Path(tempfile.mkdtemp(prefix="e2e-"))  # short: unix sockets live under it
-    (root / "models").mkdir()
-    # Share converted weights with the embedded backend's tests: conversion costs ~20 s.
-    (root / "models" / "cache").symlink_to(request.config.cache.mkdir("embedded-models"))
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")},
-        "APPLIANCE_STATE_DIR": str(root / "s"),
-        "APPLIANCE_MODELS_DIR": str(root / "models"),
-        "APPLIANCE_GATEWAY__PORT": str(free_port()),
-        "APPLIANCE_INFERENCE__BACKEND_LISTEN__PORT": str(free_port()),
-        "APPLIANCE_SYSTEM_CONFIG": str(root / "none.yaml"),
-        "XDG_CONFIG_HOME": str(root / "xdg"),
-    }
+    env = environment(root, request.config, state="s")
     ok(env, "up", "--timeout", "300", timeout=330)
     try:
         create = cli(env, "agent", "create", AGENT, "--blueprint", "openclaw", timeout=1500)

@@ -9,6 +9,7 @@ Real processes throughout: the CLI, the supervisor, the embedded model server an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,16 +25,12 @@ import httpx
 import openai
 import pytest
 
+from tests.e2e.up_env import environment
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 APPLIANCE = str(Path(sys.executable).parent / "appliance")
 HUGE = "hello world, the quick brown fox. " * (24 * 2**20 // 34)  # ~24 MB, under the 32 MB cap
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -96,20 +93,8 @@ def wait_until(check, timeout: float, what: str) -> None:
 def appliance(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict]:
-    state = tmp_path_factory.mktemp("state")
-    models = tmp_path_factory.mktemp("models")
-    cache = getattr(request.config, "cache", None)  # converted weights, shared with other tests
-    if cache is not None:
-        (models / "cache").symlink_to(cache.mkdir("embedded-models"))
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")},
-        "APPLIANCE_STATE_DIR": str(state),
-        "APPLIANCE_MODELS_DIR": str(models),
-        "APPLIANCE_GATEWAY__PORT": str(free_port()),
-        "APPLIANCE_INFERENCE__BACKEND_LISTEN__PORT": str(free_port()),
-        "APPLIANCE_SYSTEM_CONFIG": str(state / "none.yaml"),
-        "XDG_CONFIG_HOME": str(state / "xdg"),
-    }
+    env = environment(tmp_path_factory.mktemp("appliance"), request.config)
+    state = Path(env["APPLIANCE_STATE_DIR"])
     argv = [APPLIANCE, "up", "--timeout", "300"]
     racers = [
         subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -121,7 +106,7 @@ def appliance(
     finally:
         cli(env, "down")
         for pid in processes_of(state):  # never leak a server into the rest of the suite
-            with __import__("contextlib").suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
 

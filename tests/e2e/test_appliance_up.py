@@ -7,8 +7,6 @@ driven by the official openai client; then `appliance down` must leave nothing r
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,34 +15,18 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests.e2e.up_env import environment
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 APPLIANCE = str(Path(sys.executable).parent / "appliance")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def appliance_env(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, str]]:
-    state = tmp_path_factory.mktemp("state")
-    models = tmp_path_factory.mktemp("models")
-    # Share converted weights with the embedded backend's tests: conversion costs ~20 s.
-    (models / "cache").symlink_to(request.config.cache.mkdir("embedded-models"))
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")},
-        "APPLIANCE_STATE_DIR": str(state),
-        "APPLIANCE_MODELS_DIR": str(models),
-        "APPLIANCE_GATEWAY__PORT": str(free_port()),
-        "APPLIANCE_INFERENCE__BACKEND_LISTEN__PORT": str(free_port()),
-        "APPLIANCE_SYSTEM_CONFIG": str(state / "none.yaml"),
-        "XDG_CONFIG_HOME": str(state / "xdg"),
-    }
+    env = environment(tmp_path_factory.mktemp("appliance"), request.config)
     up = subprocess.run(
         [APPLIANCE, "up", "--timeout", "300"], env=env, capture_output=True, text=True, timeout=330
     )

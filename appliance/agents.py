@@ -25,7 +25,7 @@ from typing import Any
 from appliance.blueprint_refs import check_compatible, resolve_blueprint
 from appliance.config import ApplianceConfig
 from appliance.errors import ApplianceError, ConfigError, NotFoundError
-from appliance.names import check_name
+from appliance.names import SANDBOX_KEY_PREFIX, check_name
 from appliance.sandboxes import SandboxManager
 from appliance.store import Store
 from appliance.store.agent_store import AgentStore, Deployment
@@ -388,7 +388,7 @@ class AgentManager:
             inference.audit(
                 "key.usage",
                 key_id=record.key_id,
-                key_name=f"sandbox-{name}",
+                key_name=SANDBOX_KEY_PREFIX + name,
                 day_tokens=spend.day_tokens,
                 month_tokens=spend.month_tokens,
                 day_cost=spend.day_cost,

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from appliance.errors import ConfigError
 from hardware.plan_types import PlanOverrides
 from inference.gateway.settings import GatewaySettings, ListenerLimits, Price, UpstreamSettings
+from sandbox.proxy.options import DEFAULT_MAX_PENDING
 from sandbox.yamlfile import (
     Provenance,
     YamlError,
@@ -72,7 +73,7 @@ class SandboxConfig(_Strict):
     # root, never service_user (it owns the Podman socket): it needs to own no file at all.
     proxy_user: str = "nobody"
     # Per sandbox: past this many approvals waiting for the operator, new ones are refused.
-    max_pending_approvals: int = Field(default=10, ge=1, le=1000)
+    max_pending_approvals: int = Field(default=DEFAULT_MAX_PENDING, ge=1, le=1000)
 
 
 class BlueprintsConfig(_Strict):

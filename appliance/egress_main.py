@@ -104,12 +104,17 @@ def _child_setup() -> None:
         os._exit(126)
 
 
-def _listen_unix(path: Path, mode: int) -> socket.socket:
+def listen_unix(path: Path, mode: int) -> socket.socket:
+    """A listening unix socket at `path` (replacing a stale one) with `mode`."""
     path.unlink(missing_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(str(path))
-    os.chmod(path, mode)
-    sock.listen(128)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, mode)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
@@ -126,9 +131,9 @@ class Monitor:
         egress = (
             socket.socket(fileno=a.socket_fd)
             if a.socket_fd is not None
-            else _listen_unix(a.socket, 0o666)  # its directory (the agent uid's) guards it
+            else listen_unix(a.socket, 0o666)  # its directory (the agent uid's) guards it
         )
-        admin = _listen_unix(a.admin_socket, 0o600)  # root's: no proxy can connect by path
+        admin = listen_unix(a.admin_socket, 0o600)  # root's: no proxy can connect by path
         argv = [
             sys.executable, "-m", "sandbox.proxy", "--sandbox", self.name,
             "--socket", str(a.socket), "--socket-fd", str(egress.fileno()),

@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from appliance.audit import audit_path
 from appliance.config import ApplianceConfig
+from appliance.egress_main import listen_unix
 from appliance.sandbox_errors import SandboxError
 from appliance.sandbox_layout import SandboxPaths
 
@@ -57,13 +57,10 @@ class EgressProxies:
                     f"{sock_path} is too long for a unix socket ({UNIX_PATH_MAX} bytes at most)",
                     hint="use a shorter state_dir (or sandbox name)",
                 )
-        egress.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # 0666: the egress directory (the agent uid's, 0700) guards it
+        listener = listen_unix(egress, 0o666)
         gw = self.config.gateway
         try:
-            listener.bind(str(egress))
-            egress.chmod(0o666)  # the egress directory (the agent uid's, 0700) guards it
-            listener.listen(128)
             argv = [
                 sys.executable, "-m", "appliance.egress_main",  # the proxy, auditing to the chain
                 "--sandbox", name,

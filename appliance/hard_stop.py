@@ -15,11 +15,10 @@ from typing import Any, Protocol
 
 from appliance.config import ApplianceConfig
 from appliance.errors import ApplianceError
+from appliance.names import SANDBOX_KEY_PREFIX  # SandboxManager._new_key names sandbox keys so
 from inference.ports import ControlPlaneHooks, KeyRecord
 
 log = logging.getLogger(__name__)
-
-SANDBOX_KEY_PREFIX = "sandbox-"  # SandboxManager._new_key names each sandbox's key this way
 
 
 class KillSwitch(Protocol):

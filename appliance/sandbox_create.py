@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.config import ApplianceConfig
 from appliance.errors import PreflightError
-from appliance.names import SUPERVISOR_DIR, check_name
+from appliance.names import SANDBOX_KEY_PREFIX, SUPERVISOR_DIR, check_name
 from appliance.owned_paths import remove_owned
 from appliance.podman_service import PodmanService
 from appliance.sandbox_errors import SandboxError
@@ -131,7 +131,7 @@ class SandboxCreation:
             config_dir=str(paths.config),
             report_dir=str(paths.report),
             seccomp_path=str(paths.seccomp),
-            state_dir=str(paths.home) if "/home/agent" in policy.filesystem.read_write else None,
+            state_dir=str(paths.home) if HOME in policy.filesystem.read_write else None,
             agent_dir=str(paths.agent) if agent_files is not None else None,
         )
         spec = podman_spec(policy, name=name, image=image, mounts=mounts, command=command)
@@ -227,8 +227,9 @@ class SandboxCreation:
     def _new_key(self, name: str, paths: SandboxPaths, allowed_models: list[str] | None) -> str:
         inference = InferenceStore(self.config.state_dir)
         try:
-            inference.revoke_key(f"sandbox-{name}")  # a re-created sandbox gets a fresh key
-            record, secret = inference.create_key(f"sandbox-{name}", "sandbox", allowed_models)
+            key_name = SANDBOX_KEY_PREFIX + name
+            inference.revoke_key(key_name)  # a re-created sandbox gets a fresh key
+            record, secret = inference.create_key(key_name, "sandbox", allowed_models)
         finally:
             inference.close()
         fd = os.open(paths.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

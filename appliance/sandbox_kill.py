@@ -37,7 +37,8 @@ class SandboxKillSwitch:
         records = [r for n in names if (r := self.boxes.get(n)) is not None]
         errors = self._stop_containers([r.container_id or r.name for r in records])
         stopped: list[str] = []
-        failed = [f"{n}: no such sandbox" for n in names if self.boxes.get(n) is None]
+        found = {r.name for r in records}
+        failed = [f"{n}: no such sandbox" for n in names if n not in found]
         for record, error in zip(records, errors, strict=True):
             self._stop_proxy(self.paths(record.name))  # no egress even if the stop failed
             if error is None:

@@ -62,10 +62,6 @@ class Reservation:
     ts: float  # admission time: the row's day and month
     owner: str  # the gateway process holding it (see Ledger.interrupt_open)
 
-    @property
-    def tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
 
 @dataclass(frozen=True)
 class Settlement:

@@ -55,10 +55,6 @@ def _key(row: tuple[Any, ...]) -> KeyRecord:
 
 def check_scopes(scopes: Iterable[str], owner_kind: OwnerKind) -> tuple[Scope, ...]:
     """The scopes sorted and without repeats, or KeyScopeError (the CLI checks this first)."""
-    return _scope_list(scopes, owner_kind)
-
-
-def _scope_list(scopes: Iterable[str], owner_kind: OwnerKind) -> tuple[Scope, ...]:
     if isinstance(scopes, str):
         raise TypeError("scopes must be a list of names, not a string")
     names = tuple(sorted(set(scopes)))
@@ -156,7 +152,7 @@ class InferenceStore(LedgerMixin):
         Both are set once, with the key: they never change, so the auth cache can hold them."""
         check_key_name(name, owner_kind)  # the one name rule (appliance/names.py)
         models = _model_list(allowed_models)
-        key_scopes = _scope_list(scopes, owner_kind)
+        key_scopes = check_scopes(scopes, owner_kind)
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         record = KeyRecord(
             id="key_" + secrets.token_hex(8),

@@ -217,11 +217,7 @@ class ProcessBackend:
     # ---- readiness ------------------------------------------------------------------------
 
     def health(self, timeout: float = 2.0) -> bool:
-        try:
-            response = httpx.get(self._base_url + self._health_path, timeout=timeout)
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+        return self.probe(timeout) == "ok"
 
     def probe(self, timeout: float = 2.0) -> Probe:
         """One health check that tells busy from dead: "ok" (200); "busy" (it accepted the

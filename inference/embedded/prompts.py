@@ -150,7 +150,7 @@ class PromptReader:
         elif all(isinstance(x, str) for x in p):
             for x in p:  # every text checked before any is tokenized
                 self.check_fits(x)  # type: ignore[arg-type]
-            prompts = [self._encode(x, special) for x in p]  # type: ignore[arg-type]
+            prompts = [self.engine.encode(x, add_special_tokens=special) for x in p]  # type: ignore[arg-type]
         elif all(isinstance(x, int) for x in p):
             prompts = [list(p)]  # type: ignore[arg-type]
         else:

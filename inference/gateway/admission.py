@@ -68,10 +68,6 @@ class Ticket:
     warning: str | None
     settled: bool = False
 
-    @property
-    def prompt_bound(self) -> int:
-        return self.reservation.prompt_tokens
-
 
 def check_context(body: dict[str, Any], context: int | None) -> None:
     """400 `context_length_exceeded` for a prompt that provably cannot fit: a lower bound of

@@ -3,9 +3,11 @@ that owner may still settle it (else the next gateway start settles the row `int
 
 from __future__ import annotations
 
+import functools
 import os
 
 
+@functools.cache  # fixed for the process's life; read once per open row otherwise
 def _host() -> str:
     """`boot-id:pid-namespace-inode`: where a pid means something."""
     try:

@@ -135,10 +135,12 @@ class Ledger(Protocol):
         key_id: str,
         now: float,
         decide: Callable[[Spend, Spend], Reservation | None],
+        needs_spend: bool = True,
     ) -> Reservation | None:
         """In one transaction that no other admission (in any process) interleaves with: call
-        `decide(settled, reserved)` with the key's settled spend and its open reservations, and
-        write the Reservation it returns as an `open` row (None: nothing is written)."""
+        `decide(settled, reserved)` with the key's settled spend and its open reservations (zero
+        when not `needs_spend`: a key without a budget), and write the Reservation it returns as
+        an `open` row (None: nothing is written)."""
         ...
 
     def settle(self, settlements: Sequence[Settlement]) -> None:

@@ -125,12 +125,17 @@ class LedgerMixin:
         key_id: str,
         now: float,
         decide: Callable[[Spend, Spend], Reservation | None],
+        needs_spend: bool = True,
     ) -> Reservation | None:
         conn = self.conn
         with self._admit_lock:
             conn.execute("BEGIN IMMEDIATE")  # the write lock first: nobody admits in between
             try:
-                reservation = decide(self.spend(key_id, now), self.reserved(key_id, now))
+                # Without a budget nothing reads the sums: skip both under the write lock.
+                if needs_spend:
+                    reservation = decide(self.spend(key_id, now), self.reserved(key_id, now))
+                else:
+                    reservation = decide(Spend(), Spend())
                 if reservation is not None:
                     r = reservation
                     conn.execute(

@@ -187,7 +187,7 @@ class Admission:
 
         try:
             reservation = await anyio.to_thread.run_sync(
-                self.ledger.reserve, key.id, now, decide, limiter=self._limiter
+                self.ledger.reserve, key.id, now, decide, budget is not None, limiter=self._limiter
             )
         except Exception:  # the store is locked past its timeout, or broken: fail closed
             log.exception("admission of %s failed", request_id)

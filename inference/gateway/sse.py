@@ -3,8 +3,9 @@
 Each network read is split into whole events; events go out as soon as they are complete (a
 partial event is useless to the client anyway). Usage comes from the backend's final usage chunk,
 which the gateway always asks for; when the client did not ask, that chunk is dropped so the client
-sees exactly the stream it requested. A backend's error event is re-typed as OpenAI's. Cheap byte
-checks keep JSON parsing to those chunks.
+sees exactly the stream it requested. A backend's error event is re-typed as OpenAI's. Each event's
+generated text is counted in UTF-8 bytes (a cut stream's bound); cheap byte checks keep plain
+token events on a path that only parses them.
 """
 
 from __future__ import annotations
@@ -71,11 +72,11 @@ class SSEMeter:
         if b"[DONE]" in event and event.strip().endswith(b"[DONE]"):
             self.done = True
             return event
+        data = _data_json(event)
         if b'"error"' in event:
-            retyped = _retyped_error(event)
+            retyped = _retyped_error(data)
             if retyped is not None:
                 return retyped
-        data = _data_json(event)
         usage = data.get("usage") if isinstance(data, dict) else None
         if not isinstance(usage, dict):
             if b"data:" in event:
@@ -116,10 +117,9 @@ def _string_bytes(node: Any) -> int:
     return 0
 
 
-def _retyped_error(event: bytes) -> bytes | None:
-    """A backend's error event (vLLM: `"type": "BadRequestError"`) in OpenAI's error shape and
-    types; None when the event is not one."""
-    data = _data_json(event)
+def _retyped_error(data: Any) -> bytes | None:
+    """A backend's error event (vLLM: `"type": "BadRequestError"`), parsed, in OpenAI's error
+    shape and types; None when the event is not one."""
     error = data.get("error") if isinstance(data, dict) else None
     if not isinstance(error, dict):
         return None

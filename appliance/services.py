@@ -100,9 +100,10 @@ def gateway_process(config: ApplianceConfig) -> ProcessBackend:
     )
 
 
-def supervisor_pid(config: ApplianceConfig) -> int | None:
-    """The running supervisor's pid, or None (a stale pid file is ignored: its process is gone,
-    or nothing holds the supervisor lock any more, so the pid may be another process's now)."""
+def running_supervisor(config: ApplianceConfig) -> tuple[int, str] | None:
+    """The running supervisor's pid and instance id (see run_state), or None (a stale pid file is
+    ignored: its process is gone, or nothing holds the supervisor lock any more, so the pid may
+    be another process's now)."""
     written = run_state.read_pid_file(pid_file(config))
     if written is None or run_state.supervisor_lock_held(run_dir(config)) is False:
         return None
@@ -112,13 +113,12 @@ def supervisor_pid(config: ApplianceConfig) -> int | None:
         pass  # alive, another user's (status run as non-root)
     except OSError:
         return None
-    return written[0]
+    return written
 
 
-def supervisor_instance(config: ApplianceConfig) -> str | None:
-    """The running supervisor's instance id (see run_state), or None."""
-    written = run_state.read_pid_file(pid_file(config))
-    return written[1] if written and supervisor_pid(config) == written[0] else None
+def supervisor_pid(config: ApplianceConfig) -> int | None:
+    running = running_supervisor(config)
+    return running[0] if running else None
 
 
 def read_services(config: ApplianceConfig) -> dict[str, Any]:

@@ -76,9 +76,9 @@ def _wait_ready(
 def _check_own(config: ApplianceConfig, supervisor: int, instance: str) -> None:
     """What answers on the ports must be this supervisor's children, not a stray server."""
     from appliance.listeners import served_by
-    from appliance.services import read_services, supervisor_instance, supervisor_pid
+    from appliance.services import read_services, running_supervisor
 
-    if supervisor_pid(config) != supervisor or supervisor_instance(config) != instance:
+    if running_supervisor(config) != (supervisor, instance):
         raise BackendError(f"the supervisor (pid {supervisor}) lost its pid file or lock")
     services = read_services(config)
     listen = config.inference.backend_listen

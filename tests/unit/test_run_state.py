@@ -17,7 +17,7 @@ import pytest
 from appliance import run_state
 from appliance.config import load_config
 from appliance.errors import BackendError
-from appliance.services import pid_file, run_dir, supervisor_instance, supervisor_pid
+from appliance.services import pid_file, run_dir, running_supervisor, supervisor_pid
 
 HOLD = """
 import sys, time
@@ -62,13 +62,13 @@ def test_supervisor_pid_is_the_lock_holders_and_a_stale_file_is_ignored() -> Non
     proc = holder(run_dir(config))
     try:
         assert supervisor_pid(config) == proc.pid
-        assert supervisor_instance(config) == "inst-1"
+        assert running_supervisor(config) == (proc.pid, "inst-1")
     finally:
         proc.kill()
         proc.wait()
     # The pid file names a live process (ours) but nothing holds the lock: stale, not "up".
     run_state.write_pid_file(pid_file(config), "inst-2")
-    assert supervisor_pid(config) is None and supervisor_instance(config) is None
+    assert supervisor_pid(config) is None and running_supervisor(config) is None
 
 
 def test_the_pid_file_is_removed_only_by_its_writer(tmp_path: Path) -> None:

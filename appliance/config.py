@@ -76,6 +76,14 @@ class SandboxConfig(_Strict):
     max_pending_approvals: int = Field(default=DEFAULT_MAX_PENDING, ge=1, le=1000)
 
 
+class ControlConfig(_Strict):
+    """The control plane's API: always on <state_dir>/run/control.sock; also on this loopback
+    port for operator tokens (`port: null` turns the port off)."""
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=8070, ge=1, le=65535)
+
+
 class BlueprintsConfig(_Strict):
     dirs: list[Path] = Field(default_factory=list)  # operators' own <name>/<version>/ trees
 
@@ -94,6 +102,7 @@ class ApplianceConfig(_Strict):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     blueprints: BlueprintsConfig = Field(default_factory=BlueprintsConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
 
     @property
     def resolved_models_dir(self) -> Path:

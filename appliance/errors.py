@@ -46,6 +46,25 @@ class BackendError(ApplianceError):
     hint = "see `appliance status` and the service logs in the state directory"
 
 
+class ConflictError(ApplianceError):
+    """The request lost a race or contradicts the current state (HTTP 409): e.g. the approval was
+    already decided, or a sandbox of that name exists."""
+
+    hint = "read the current state (`list` / `status`) and decide again"
+
+
+class ControlPlaneDown(BackendError):
+    """A command that changes state found no control plane to send it to."""
+
+    hint = "start it with `appliance up`"
+
+
+class AuthError(ApplianceError):
+    """The control plane refused the caller: no or bad credentials (401), a role too low (403)."""
+
+    hint = "use the unix socket as root or a member of `appliance-admin`, or an operator token"
+
+
 # Exit codes, RamaLama-style: one table, most specific class first. 2 is typer's usage error.
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (ConfigError, 3),
@@ -53,6 +72,8 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (NotFoundError, 5),
     (PreflightError, 6),
     (BackendError, 7),
+    (AuthError, 8),
+    (ConflictError, 10),
     (ApplianceError, 1),
     (PermissionError, 8),
     (OSError, 9),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +65,18 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("APPLIANCE_SYSTEM_CONFIG", str(tmp_path / "etc" / "appliance.yaml"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("APPLIANCE_STATE_DIR", str(tmp_path / "state"))
+    # No control-plane TCP port unless a test asks: parallel tests would race for the default.
+    monkeypatch.setenv("APPLIANCE_CONTROL__PORT", "null")
     return tmp_path
+
+
+@pytest.fixture
+def control_plane(isolated_env: Path) -> Iterator[subprocess.Popen]:
+    """A real control plane on this test's state dir (its CLI calls that change state need one)."""
+    from tests.control_fixtures import running_control_plane
+
+    with running_control_plane(dict(os.environ), isolated_env / "state") as proc:
+        yield proc
 
 
 _shared_podman_checked = False

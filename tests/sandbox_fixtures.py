@@ -133,6 +133,7 @@ def cli_env(state_dir: Path, scratch: Path) -> dict[str, str]:
         APPLIANCE_STATE_DIR=str(state_dir),
         APPLIANCE_SYSTEM_CONFIG=str(scratch / "no-system-config.yaml"),
         APPLIANCE_SANDBOX__SERVICE_USER=SERVICE_USER,
+        APPLIANCE_CONTROL__PORT="null",  # parallel tests would race for the default port
         XDG_CONFIG_HOME=str(scratch / "xdg"),
     )
     return env

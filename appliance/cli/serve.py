@@ -42,6 +42,24 @@ def gateway(ctx: typer.Context) -> None:
     serve(api, config.gateway.host, config.gateway.port, settings.limits)
 
 
+@app.command("control")
+def control(ctx: typer.Context) -> None:
+    """Serve the control plane's API on <state_dir>/run/control.sock (and control.port)."""
+    from appliance.control.api import create_app
+    from appliance.control.plane import ControlPlane, socket_path
+    from appliance.control.server import bind_tcp, bind_unix, serve
+
+    config = app_context(ctx).config()
+    plane = ControlPlane(config)
+    sockets = [bind_unix(socket_path(config))]
+    if config.control.port is not None:
+        sockets.append(bind_tcp(config.control.host, config.control.port))
+    try:
+        serve(create_app(plane), sockets)
+    finally:
+        plane.close()
+
+
 @app.command("all", hidden=True)
 def supervise_all(
     ctx: typer.Context,

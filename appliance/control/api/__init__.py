@@ -1,0 +1,29 @@
+"""The control plane's HTTP API, /api/v1/...: thin routers (one module per concern) over the
+plane's services; auth is a dependency (deps.py), errors one JSON shape (errors.py)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from appliance import __version__
+from appliance.control.api import errors, status
+from appliance.control.plane import ControlPlane
+
+PREFIX = "/api/v1"
+# Every router module exposes `router`; a new concern adds its module here.
+ROUTERS = [status]
+
+
+def create_app(plane: ControlPlane) -> FastAPI:
+    app = FastAPI(
+        title="appliance control plane",
+        version=__version__,
+        openapi_url=f"{PREFIX}/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.plane = plane
+    errors.install(app)
+    for module in ROUTERS:
+        app.include_router(module.router, prefix=PREFIX)
+    return app

@@ -1,0 +1,78 @@
+"""Who is calling, and may they: auth as FastAPI dependencies (as vLLM's entrypoints do).
+
+Two ways in. The unix socket (mode 0660, group `appliance-admin`): the kernel tells us the peer's
+uid and pid (SO_PEERCRED, read by server.py when the connection is accepted); whoever can connect
+is root or in the admin group, so is an admin. The loopback port: an operator token
+(`Authorization: Bearer …`) with its role. Anything else is 401; a role too low is 403.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import Depends, HTTPException, Request
+
+from appliance.control.plane import ControlPlane
+
+Role = Literal["viewer", "operator", "admin"]
+ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")  # each may do what the ones before may
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    pid: int
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: Literal["unix", "token"]
+    name: str  # "uid:0" for a socket peer, the operator's name for a token
+    role: Role
+    uid: int | None = None
+    pid: int | None = None
+
+    def audit_fields(self) -> dict[str, Any]:
+        """Who did it, as the audit log records every mutation."""
+        fields: dict[str, Any] = {"actor": self.name, "actor_kind": self.kind}
+        if self.uid is not None:
+            fields["actor_uid"] = self.uid
+        if self.pid is not None:
+            fields["actor_pid"] = self.pid
+        return fields
+
+
+def get_plane(request: Request) -> ControlPlane:
+    return request.app.state.plane
+
+
+def principal(request: Request) -> Principal:
+    peer = request.scope.get("state", {}).get("peer")
+    if isinstance(peer, PeerCred):
+        return Principal("unix", f"uid:{peer.uid}", "admin", uid=peer.uid, pid=peer.pid)
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HTTPException(401, "an operator token is required (Authorization: Bearer …)")
+    operator = get_plane(request).authenticate_operator(token.strip())
+    if operator is None:
+        raise HTTPException(401, "unknown or revoked operator token")
+    return Principal("token", operator.name, operator.role)
+
+
+def require(role: Role) -> Callable[..., Principal]:
+    def check(who: Principal = Depends(principal)) -> Principal:
+        if ROLES.index(who.role) < ROLES.index(role):
+            raise HTTPException(403, f"{who.name} is a {who.role}; this needs {role}")
+        return who
+
+    return check
+
+
+# The three dependencies routers use: `who: Principal = Viewer` etc.
+Viewer = Depends(require("viewer"))
+Operator = Depends(require("operator"))
+Admin = Depends(require("admin"))
+Plane = Depends(get_plane)

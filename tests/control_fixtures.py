@@ -1,0 +1,64 @@
+"""A real control plane (`appliance serve control`, a subprocess) for tests whose CLI commands
+change state: since issue 12 those go through its API, so a test that runs them starts one on
+its state dir first. The `control_plane` fixture (tests/conftest.py) does it for the test's own
+isolated environment; `running_control_plane` for an environment a test builds itself."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+APPLIANCE = str(Path(sys.executable).parent / "appliance")
+START_TIMEOUT_S = 30.0
+
+
+def control_socket(state_dir: Path) -> Path:
+    return state_dir / "run" / "control.sock"
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        s.sendall(b"GET /api/v1/openapi.json HTTP/1.0\r\n\r\n")  # a peer: always admin
+        return s.recv(12).startswith(b"HTTP/1.1 200")
+
+
+@contextlib.contextmanager
+def running_control_plane(env: dict[str, str], state_dir: Path) -> Iterator[subprocess.Popen]:
+    """`appliance serve control` with `env`, ready (its socket answers) until the block ends."""
+    log = state_dir.parent / f"control-{os.getpid()}-{time.monotonic_ns()}.log"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [APPLIANCE, "serve", "control"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _answers(control_socket(state_dir)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"control plane did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

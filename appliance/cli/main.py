@@ -20,6 +20,7 @@ from appliance.cli import (
     config_cmd,
     doctor,
     hardware,
+    image,
     keys,
     lifecycle,
     plan,
@@ -84,7 +85,7 @@ app.add_typer(keys.app, name="keys")
 app.add_typer(budget.app, name="budget")
 app.add_typer(sandbox.app, name="sandbox")
 app.add_typer(sandbox.approvals_app, name="approvals")
-app.add_typer(sandbox.image_app, name="image")
+app.add_typer(image.app, name="image")
 app.add_typer(blueprint.app, name="blueprint")
 app.add_typer(agent.app, name="agent")
 app.add_typer(units.app, name="units")

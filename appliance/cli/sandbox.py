@@ -1,4 +1,4 @@
-"""`appliance sandbox`, `approvals`, `kill`/`release` and `image`: agents' sandboxes on Podman."""
+"""`appliance sandbox`, `approvals`, `kill`/`release`: agents' sandboxes on Podman."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from appliance.cli.output import console, err_console, print_json
 app = typer.Typer(help="Create and manage agent sandboxes (rootless Podman).", no_args_is_help=True)
 policy_app = typer.Typer(help="Show or change a sandbox's policy.", no_args_is_help=True)
 approvals_app = typer.Typer(help="Pending egress approvals.", no_args_is_help=True)
-image_app = typer.Typer(help="Sandbox and appliance images (no registry).", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
 
 NameArg = Annotated[str, typer.Argument(help="Sandbox name.", metavar="NAME")]
@@ -269,113 +268,3 @@ def release(ctx: typer.Context) -> None:
         m.boxes.release()
         m.store_audit("release")
     console.print("hold released")
-
-
-# -- image -------------------------------------------------------------------------------------
-
-
-@image_app.command("build")
-def image_build(
-    ctx: typer.Context,
-    suite: Annotated[str, typer.Option(help="Debian suite.")] = "bookworm",
-    mirror: Annotated[str | None, typer.Option(help="Debian mirror URL.")] = None,
-    layer: Annotated[
-        str | None, typer.Option(help="Also build an agent layer on top: `openclaw`.")
-    ] = None,
-    target: Annotated[
-        str | None,
-        typer.Option(
-            help="Build the appliance image for `spark`, `rtx` or `cpu` instead "
-            "(appliance/recipes/; see README: Appliance images)."
-        ),
-    ] = None,
-    base_image: Annotated[
-        str | None,
-        typer.Option(help="With --target: the base image (default: the recipe's FROM)."),
-    ] = None,
-    pull: Annotated[
-        bool,
-        typer.Option(help="With --target spark|rtx: pull the vLLM image if it is not loaded."),
-    ] = False,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="With --target: print the build spec, build nothing.")
-    ] = False,
-) -> None:
-    """Build the base sandbox image with debootstrap (no registry) into the service user's store,
-    or, with --target, an appliance image (backend + gateway) on top of its base."""
-    if target is not None:
-        if layer is not None:
-            raise typer.BadParameter("--layer builds a sandbox image; not with --target")
-        _appliance_image_build(ctx, target, base_image, pull, dry_run)
-        return
-    if base_image is not None or pull or dry_run:
-        raise typer.BadParameter("--base-image, --pull and --dry-run need --target")
-    from sandbox.image import build_base_image
-
-    with manager(ctx) as m:
-        ref = build_base_image(
-            m.podman.start(),
-            workdir=m.config.state_dir / "images",
-            suite=suite,
-            mirror=mirror,
-            progress=lambda line: console.print(line, markup=False, highlight=False),
-        )
-        # -- agent layer (sandbox/agent_image.py): Node + OpenClaw + rg/fd on top of the base.
-        if layer is not None:
-            if layer != "openclaw":
-                raise typer.BadParameter(f"unknown layer {layer!r} (known: openclaw)")
-            from sandbox.agent_image import build_openclaw_image
-
-            agent = build_openclaw_image(
-                m.podman.start(),
-                workdir=m.config.state_dir / "images",
-                base=ref,
-                suite=suite,
-                progress=lambda line: console.print(line, markup=False, highlight=False),
-            )
-    console.print(f"{ref.tag} ({ref.digest})")
-    if layer is not None:
-        console.print(f"{agent.tag} ({agent.inputs_digest})")
-
-
-def _appliance_image_build(
-    ctx: typer.Context, target: str, base_image: str | None, pull: bool, dry_run: bool
-) -> None:
-    """appliance/appliance_image.py: the inference service's image for one target."""
-    from appliance import appliance_image as ai
-
-    if target not in ai.TARGETS:
-        raise typer.BadParameter(f"unknown target {target!r} (known: {', '.join(ai.TARGETS)})")
-    if dry_run:
-        print_json(ai.dry_run(target, base_image))
-        return
-    with manager(ctx) as m:
-        ref = ai.build_appliance_image(
-            m.podman.start(),
-            target,
-            workdir=m.config.state_dir / "images",
-            base=base_image,
-            pull=pull,
-            progress=lambda line: console.print(line, markup=False, highlight=False),
-            service_user=m.config.sandbox.service_user,
-        )
-    console.print(ai.describe(ref))
-
-
-@image_app.command("save")
-def image_save(ctx: typer.Context, ref: str, path: Path) -> None:
-    """Write an image to an OCI archive (for offline hosts)."""
-    from sandbox.image import save_image
-
-    with manager(ctx) as m:
-        save_image(m.podman.start(), ref, path, progress=console.print)
-
-
-@image_app.command("load")
-def image_load(ctx: typer.Context, path: Path) -> None:
-    """Load an OCI archive written by `image save`."""
-    from sandbox.image import load_image
-
-    with manager(ctx) as m:
-        ref = load_image(m.podman.start(), path, progress=console.print)
-    console.print(f"{ref.tag} ({ref.digest})")

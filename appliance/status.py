@@ -51,7 +51,7 @@ def gpus_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, Any]:
 
 def _service(config: ApplianceConfig, name: str) -> dict[str, Any]:
     """The supervisor's view of one service, or an empty dict when no supervisor runs."""
-    from appliance.services import read_services, supervisor_pid
+    from appliance.services.supervisor import read_services, supervisor_pid
 
     if supervisor_pid(config) is None:
         return {}

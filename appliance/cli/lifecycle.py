@@ -1,7 +1,8 @@
 """`appliance up` / `appliance down`: start the supervisor (backend + gateway) and stop it.
 
-Both hold the state dir's lifecycle lock (appliance/run_state.py) from start to end: a second `up`
-or `down` waits for the first, then finds the appliance up (or down), never half-started.
+Both hold the state dir's lifecycle lock (appliance/services/run_state.py) from start to end: a
+second `up` or `down` waits for the first, then finds the appliance up (or down), never
+half-started.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ TimeoutOpt = Annotated[
 
 
 def _spawn_supervisor(config: ApplianceConfig, instance: str) -> subprocess.Popen[bytes]:
-    from appliance.services import cli_argv, log_dir
+    from appliance.services.supervisor import cli_argv, log_dir
 
     log_dir(config).mkdir(parents=True, exist_ok=True)
     with (log_dir(config) / "supervisor.log").open("ab") as log:
@@ -44,7 +45,7 @@ def _spawn_supervisor(config: ApplianceConfig, instance: str) -> subprocess.Pope
 def _wait_ready(
     config: ApplianceConfig, proc: subprocess.Popen[bytes], instance: str, timeout: float
 ) -> None:
-    from appliance.services import log_dir, read_services
+    from appliance.services.supervisor import log_dir, read_services
 
     deadline = time.monotonic() + timeout
     with console.status("starting the appliance") as spinner:
@@ -75,8 +76,8 @@ def _wait_ready(
 
 def _check_own(config: ApplianceConfig, supervisor: int, instance: str) -> None:
     """What answers on the ports must be this supervisor's children, not a stray server."""
-    from appliance.listeners import served_by
-    from appliance.services import read_services, running_supervisor
+    from appliance.services.listeners import served_by
+    from appliance.services.supervisor import read_services, running_supervisor
 
     if running_supervisor(config) != (supervisor, instance):
         raise BackendError(f"the supervisor (pid {supervisor}) lost its pid file or lock")
@@ -93,8 +94,8 @@ def _check_own(config: ApplianceConfig, supervisor: int, instance: str) -> None:
 
 def up(ctx: typer.Context, timeout: TimeoutOpt = 1800.0) -> None:
     """Start the backend and the gateway under a supervisor and wait until both are ready."""
-    from appliance.run_state import lifecycle_lock
-    from appliance.services import run_dir, supervisor_pid
+    from appliance.services.run_state import lifecycle_lock
+    from appliance.services.supervisor import run_dir, supervisor_pid
 
     config = app_context(ctx).config()
     with lifecycle_lock(run_dir(config), timeout, on_wait=err_console.print):
@@ -140,8 +141,8 @@ def _stop(config: ApplianceConfig, pid: int, timeout: float = 60.0) -> None:
 
 def down(ctx: typer.Context) -> None:
     """Stop the supervisor and with it the backend and the gateway."""
-    from appliance.run_state import lifecycle_lock
-    from appliance.services import run_dir, supervisor_pid
+    from appliance.services.run_state import lifecycle_lock
+    from appliance.services.supervisor import run_dir, supervisor_pid
 
     config = app_context(ctx).config()
     with lifecycle_lock(run_dir(config), 120.0, on_wait=err_console.print):

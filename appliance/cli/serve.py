@@ -16,7 +16,7 @@ app = typer.Typer(help="Run one service in the foreground (for systemd units).")
 def backend(ctx: typer.Context) -> None:
     """Serve the planned model: exec `vllm serve ...`, or the embedded model server."""
     from appliance.cli.plan import current_plan
-    from appliance.services import backend_process
+    from appliance.services.supervisor import backend_process
 
     config = app_context(ctx).config()
     proc = backend_process(config, current_plan(ctx))
@@ -69,7 +69,7 @@ def supervise_all(
     import logging
 
     from appliance.cli.plan import current_plan
-    from appliance.services import supervise
+    from appliance.services.supervisor import supervise
     from appliance.store import open_store
 
     # State changes, and each restart with its reason, go to stderr: supervisor.log under `up`.
@@ -90,7 +90,7 @@ def sandboxes(ctx: typer.Context) -> None:
     import signal
     import threading
 
-    from appliance.services import watch_sandboxes
+    from appliance.services.supervisor import watch_sandboxes
 
     config = app_context(ctx).config()
     stop = threading.Event()

@@ -16,7 +16,7 @@ from appliance.cli.options import JsonOpt
 from appliance.cli.output import console, print_json
 
 if TYPE_CHECKING:  # imported lazily at run time: the CLI starts fast
-    from appliance.quadlet_units import QuadletSpec
+    from appliance.services.quadlet import QuadletSpec
 
 app = typer.Typer(help="systemd units for the appliance's services.", no_args_is_help=True)
 
@@ -68,7 +68,7 @@ ModelsOpt = Annotated[
 
 
 def _rendered(ctx: typer.Context, config_file: Path | None) -> dict[str, str]:
-    from appliance.service_units import render_all
+    from appliance.services.systemd import render_all
 
     config = app_context(ctx).config()
     executable = shutil.which("appliance") or str(Path(sys.executable).parent / "appliance")
@@ -84,7 +84,7 @@ def _quadlet_spec(
     models_dir: Path | None,
     config_file: Path | None,
 ) -> QuadletSpec:
-    from appliance.quadlet_units import spec_for
+    from appliance.services.quadlet import spec_for
 
     config = app_context(ctx).config()
     return spec_for(
@@ -123,7 +123,7 @@ def render(
         units = _rendered(ctx, config_file)
         extra: dict[str, object] = {}
     else:
-        from appliance.quadlet_units import MIN_PODMAN, render_quadlet
+        from appliance.services.quadlet import MIN_PODMAN, render_quadlet
 
         spec = _quadlet_spec(
             ctx, container, target, publish_address, allow_non_loopback, models_dir, config_file
@@ -158,7 +158,7 @@ def install(
     without it, `appliance up` runs the same services under its own supervisor). With
     --container IMAGE: the Quadlet files to /etc/containers/systemd, then start the service."""
     from appliance.errors import PreflightError
-    from appliance.service_units import UNIT_DIR, systemd_running
+    from appliance.services.systemd import UNIT_DIR, systemd_running
 
     if container is not None:
         _install_quadlet(
@@ -186,9 +186,9 @@ def _install_quadlet(
     models_dir: Path | None,
     config_file: Path | None,
 ) -> None:
-    from appliance import quadlet_units as q
     from appliance.errors import PreflightError
-    from appliance.service_units import systemd_running
+    from appliance.services import quadlet as q
+    from appliance.services.systemd import systemd_running
 
     spec = _quadlet_spec(
         ctx, image, target, publish_address, allow_non_loopback, models_dir, config_file

@@ -24,8 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from appliance import run_state
 from appliance.config import ApplianceConfig
+from appliance.services import run_state
 from hardware.plan_types import ServingPlan
 from inference.backends import ProcessBackend, Supervisor, VllmBackend
 

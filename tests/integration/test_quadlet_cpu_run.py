@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from appliance import quadlet_units as q
+from appliance.services import quadlet as q
 from tests.sandbox_fixtures import SERVICE_USER
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("cpu-image")]

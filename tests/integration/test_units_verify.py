@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.service_units import render_all
+from appliance.services.systemd import render_all
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ def test_quadlet_sections_and_argv_pass_systemd_analyze_verify(tmp_path: Path) -
     systemd accepts (a stand-in for the generated appliance-inference.service)."""
     if shutil.which("systemd-analyze") is None or shutil.which("podman") is None:
         pytest.skip("systemd-analyze or podman is not installed")
-    from appliance import quadlet_units as q
+    from appliance.services import quadlet as q
 
     for target in sorted(q.RUNTIMES):
         spec = q.spec_for(

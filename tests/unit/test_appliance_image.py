@@ -30,7 +30,7 @@ from appliance import containerfile as cf
 from appliance.cli.context import AppContext
 from appliance.cli.plan import current_plan
 from appliance.config import load_config
-from appliance.services import backend_process
+from appliance.services.supervisor import backend_process
 from hardware.catalog import recipe_book
 from hardware.snapshot import HostSnapshot
 from inference.backends.vllm import flag_value
@@ -43,7 +43,8 @@ UPDATE_GOLDEN = os.environ.get("UPDATE_GOLDEN") == "1"
 RECIPES = sorted(ai.RECIPES.glob("*.Containerfile"))
 # The recorded host each GPU image is checked on (tests/fixtures/hosts, tests/golden/argv).
 GPU_HOSTS = {"spark": "dgx_spark_gb10", "rtx": "rtx_pro_6000_96gb"}
-# What the backend adds to the plan's environment in an offline image (appliance/services.py).
+# What the backend adds to the plan's environment in an offline image
+# (appliance/services/supervisor.py).
 OFFLINE_ENV = {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME"}
 
 

@@ -1,5 +1,6 @@
 """`up` checks that what listens on the gateway's and backend's ports is the supervisor's own
-child (issue 11, item 4): appliance.listeners reads that from /proc, checked with real sockets."""
+child (issue 11, item 4): appliance.services.listeners reads that from /proc, checked with real
+sockets."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 
 import pytest
 
-from appliance.listeners import served_by
+from appliance.services.listeners import served_by
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc")
 

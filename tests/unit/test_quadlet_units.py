@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from appliance import appliance_image as ai
-from appliance import quadlet_units as q
 from appliance.cli.main import app, main
 from appliance.errors import PreflightError
+from appliance.services import quadlet as q
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "units" / "quadlet"
 MODELS = Path("/var/lib/appliance/models")

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from appliance import run_state
 from appliance.config import load_config
 from appliance.errors import BackendError
-from appliance.services import pid_file, run_dir, running_supervisor, supervisor_pid
+from appliance.services import run_state
+from appliance.services.supervisor import pid_file, run_dir, running_supervisor, supervisor_pid
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from appliance import run_state
+from appliance.services import run_state
 run = Path(sys.argv[1])
 run_state.hold_supervisor_lock(run)
 run_state.write_pid_file(run / "supervisor.pid", "inst-1")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.service_units import UNITS, render_all
+from appliance.services.systemd import UNITS, render_all
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "units"
 RENDERED = render_all(

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
-    from inference.embedded.engine import Engine, Request
+    from inference.embedded.engine import Engine
+    from inference.embedded.request import Request
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py), so dashboards built for vLLM read ours too.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,

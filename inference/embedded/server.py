@@ -23,7 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from inference.embedded.engine import Engine, EngineError, InvalidRequest, Output, RequestHandle
+from inference.embedded.engine import Engine
+from inference.embedded.errors import EngineError, InvalidRequest
 from inference.embedded.metrics import VllmMetrics
 from inference.embedded.prompts import PromptReader
 from inference.embedded.protocol import (
@@ -32,6 +33,7 @@ from inference.embedded.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from inference.embedded.request import Output, RequestHandle
 from inference.embedded.sampling import SamplingParams
 
 log = logging.getLogger("inference.embedded")

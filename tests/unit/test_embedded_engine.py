@@ -14,7 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from inference.embedded.engine import Engine, EngineOverloaded, InvalidRequest  # noqa: E402
+from inference.embedded.engine import Engine  # noqa: E402
+from inference.embedded.errors import EngineOverloaded, InvalidRequest  # noqa: E402
 from inference.embedded.hf_runner import HFRunner  # noqa: E402
 from inference.embedded.llama import GROUP, FastLlama, int4_groups, supports  # noqa: E402
 from inference.embedded.runtime import configure_torch  # noqa: E402

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from inference.embedded import weights  # noqa: E402
 from inference.embedded.detok import StopChecker  # noqa: E402
-from inference.embedded.engine import context_error  # noqa: E402
+from inference.embedded.errors import context_error  # noqa: E402
 from inference.embedded.protocol import ChatCompletionRequest, CompletionRequest  # noqa: E402
 from inference.embedded.sampling import SamplingParams, make_generator, sample  # noqa: E402
 

@@ -12,7 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from inference.embedded.engine import Engine, InvalidRequest  # noqa: E402
+from inference.embedded.engine import Engine  # noqa: E402
+from inference.embedded.errors import InvalidRequest  # noqa: E402
 from inference.embedded.llama import FastLlama, KVCache, rope_frequencies  # noqa: E402
 from inference.embedded.prefix_cache import PrefixCache, common_prefix  # noqa: E402
 from inference.embedded.runtime import configure_torch  # noqa: E402

@@ -1,7 +1,7 @@
 """Policy -> the Landlock rule set that the in-sandbox supervisor applies before it execs the agent.
 
-The JSON (written into sandbox.json as "landlock"; the supervisor is stdlib-only, so everything
-it needs is spelled out here rather than imported)::
+The JSON (written into sandbox.json as "landlock"; the rights and the ABI that introduced each
+come from the supervisor's own table, sandbox/supervisor/landlock.py, which is stdlib-only)::
 
     {
       "version": 1,
@@ -39,33 +39,18 @@ from __future__ import annotations
 from typing import Any
 
 from sandbox.policy import Policy
+from sandbox.supervisor.landlock import (
+    FILE_RIGHTS,
+    FS_RIGHTS,
+    LATEST_KNOWN_ABI,
+    NET_RIGHTS,
+    RIGHT_ABI,
+    SCOPES,
+    abi_rights,
+    missing_rights,
+)
 
-LATEST_ABI = 7  # ABI 7 adds audit-log flags only, no new rights
 FORWARDER_PORT = 3128  # the supervisor's 127.0.0.1 forwarder to the egress socket
-
-# Right -> the ABI that introduced it, in the kernel's bit order within each kind.
-FS_RIGHTS: dict[str, int] = {
-    "execute": 1,
-    "write_file": 1,
-    "read_file": 1,
-    "read_dir": 1,
-    "remove_dir": 1,
-    "remove_file": 1,
-    "make_char": 1,
-    "make_dir": 1,
-    "make_reg": 1,
-    "make_sock": 1,
-    "make_fifo": 1,
-    "make_block": 1,
-    "make_sym": 1,
-    "refer": 2,
-    "truncate": 3,
-    "ioctl_dev": 5,
-}
-NET_RIGHTS: dict[str, int] = {"bind_tcp": 4, "connect_tcp": 4}
-SCOPES: dict[str, int] = {"abstract_unix_socket": 6, "signal": 6}
-ALL_RIGHTS: dict[str, int] = {**FS_RIGHTS, **NET_RIGHTS, **SCOPES}
-FILE_RIGHTS = ("execute", "write_file", "read_file", "truncate", "ioctl_dev")
 
 READ_EXEC = ("execute", "read_file", "read_dir")
 READ = ("read_file", "read_dir")
@@ -105,27 +90,16 @@ FIXED_PATHS: tuple[tuple[str, tuple[str, ...], str], ...] = (
 )
 
 
-def abi_rights(abi: int) -> list[str]:
-    """Every right (fs, net, scope) that a kernel with this Landlock ABI handles."""
-    return [name for name, since in ALL_RIGHTS.items() if since <= abi]
-
-
-def missing_rights(abi: int) -> list[str]:
-    """What `best_effort` gives up on this ABI compared with the newest ABI we know."""
-    have = set(abi_rights(abi))
-    return [name for name in abi_rights(LATEST_ABI) if name not in have]
-
-
 def _keep(names: tuple[str, ...] | list[str], abi: int) -> list[str]:
     known = set(abi_rights(abi))
-    return [n for n in ALL_RIGHTS if n in names and n in known]  # canonical order
+    return [n for n in RIGHT_ABI if n in names and n in known]  # canonical order
 
 
 def landlock_rules(policy: Policy, *, abi: int | None = None) -> dict[str, Any]:
-    abi = LATEST_ABI if abi is None else abi
-    if not 1 <= abi <= LATEST_ABI:
-        raise ValueError(f"Landlock ABI {abi} is not one we know (1..{LATEST_ABI})")
-    fs_all = [n for n in FS_RIGHTS if FS_RIGHTS[n] <= abi]
+    abi = LATEST_KNOWN_ABI if abi is None else abi
+    if not 1 <= abi <= LATEST_KNOWN_ABI:
+        raise ValueError(f"Landlock ABI {abi} is not one we know (1..{LATEST_KNOWN_ABI})")
+    fs_all = [n for n, (_bit, since) in FS_RIGHTS.items() if since <= abi]
 
     fs: list[dict[str, Any]] = []
     for path, access, _why in FIXED_PATHS:
@@ -136,8 +110,8 @@ def landlock_rules(policy: Policy, *, abi: int | None = None) -> dict[str, Any]:
     for path in policy.filesystem.read_write:
         fs.append({"path": path, "access": fs_all, "optional": False})
 
-    net_handled = [n for n in NET_RIGHTS if NET_RIGHTS[n] <= abi]
-    scope = [n for n in SCOPES if SCOPES[n] <= abi]
+    net_handled = [n for n, (_bit, since) in NET_RIGHTS.items() if since <= abi]
+    scope = [n for n, (_bit, since) in SCOPES.items() if since <= abi]
     net = {"connect_tcp": [FORWARDER_PORT] if net_handled else [], "bind_tcp": []}
 
     used = {r for rule in fs for r in rule["access"]} | set(fs_all) | set(net_handled) | set(scope)
@@ -146,7 +120,7 @@ def landlock_rules(policy: Policy, *, abi: int | None = None) -> dict[str, Any]:
         "version": 1,
         "compatibility": policy.landlock.compatibility,
         "abi": abi,
-        "min_abi": max(ALL_RIGHTS[r] for r in used) if hard else 0,
+        "min_abi": max(RIGHT_ABI[r] for r in used) if hard else 0,
         "handled": {"fs": fs_all, "net": net_handled, "scope": scope},
         "file_rights": list(FILE_RIGHTS),
         "fs": fs,

@@ -1,13 +1,16 @@
-"""Landlock through ctypes: ABI probe, ruleset build, restrict_self. Stdlib only.
+"""Landlock through ctypes: the rights table, the ABI probe, ruleset build, restrict_self.
 
-Lives next to init.py and is mounted read-only with it into the sandbox. It needs `ctypes`, which
-Debian ships in libpython3.11-stdlib (not in python3-minimal): the image must carry that package.
+Stdlib only: it lives next to init.py and is mounted read-only with it into the sandbox. It needs
+`ctypes`, which Debian ships in libpython3.11-stdlib (not in python3-minimal): the image must carry
+that package. The one table of rights and ABIs: the host's rule compiler (sandbox/compile) and
+`appliance doctor` import it from here, so what is compiled is what the supervisor applies.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import stat
 from dataclasses import dataclass, field
@@ -40,27 +43,43 @@ FS_RIGHTS: dict[str, tuple[int, int]] = {
 NET_RIGHTS: dict[str, tuple[int, int]] = {"bind_tcp": (1 << 0, 4), "connect_tcp": (1 << 1, 4)}
 SCOPES: dict[str, tuple[int, int]] = {"abstract_unix_socket": (1 << 0, 6), "signal": (1 << 1, 6)}
 # Rights that mean something on a non-directory; the kernel rejects the rest (EINVAL) there.
-FILE_ONLY = {"execute", "write_file", "read_file", "truncate", "ioctl_dev"}
+FILE_RIGHTS = ("execute", "write_file", "read_file", "truncate", "ioctl_dev")
 LATEST_KNOWN_ABI = 7  # ABI 7 adds audit-log flags only, no new rights
+# Every right -> the ABI that introduced it, fs then net then scope (the names are distinct).
+RIGHT_ABI: dict[str, int] = {
+    name: since
+    for table in (FS_RIGHTS, NET_RIGHTS, SCOPES)
+    for name, (_bit, since) in table.items()
+}
+
+
+def abi_rights(abi: int) -> list[str]:
+    """Every right (fs, net, scope) that a kernel with this Landlock ABI handles."""
+    return [name for name, since in RIGHT_ABI.items() if since <= abi]
+
+
+def missing_rights(abi: int) -> list[str]:
+    """What `best_effort` gives up on this ABI compared with the newest ABI we know."""
+    have = set(abi_rights(abi))
+    return [name for name in abi_rights(LATEST_KNOWN_ABI) if name not in have]
 
 
 class LandlockError(OSError):
     """A Landlock syscall failed."""
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
+    # Loaded on first use: the host side imports this module for its tables only.
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     libc.prctl.restype = ctypes.c_int
     return libc
 
 
-_LIBC = _libc()
-
-
 def _syscall(*args: int | ctypes.c_void_p | None) -> int:
     conv = [a if a is None or isinstance(a, ctypes.c_void_p) else ctypes.c_long(a) for a in args]
-    ret = _LIBC.syscall(*conv)
+    ret = _libc().syscall(*conv)
     if ret < 0:
         err = ctypes.get_errno()
         raise LandlockError(err, os.strerror(err))
@@ -70,17 +89,22 @@ def _syscall(*args: int | ctypes.c_void_p | None) -> int:
 def prctl(option: int, arg2: int = 0) -> int:
     """prctl(2) with the unused arguments zeroed; raises OSError on failure."""
     z = ctypes.c_ulong(0)
-    ret = _LIBC.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), z, z, z)
+    ret = _libc().prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), z, z, z)
     if ret < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return int(ret)
 
 
+def abi_version() -> int:
+    """The kernel's Landlock ABI; LandlockError (ENOSYS, EOPNOTSUPP, ...) when it has none."""
+    return _syscall(SYS_CREATE_RULESET, None, 0, CREATE_RULESET_VERSION)
+
+
 def probe_abi() -> tuple[int, str]:
     """(ABI version, "") or (0, why) when the kernel has no usable Landlock."""
     try:
-        return _syscall(SYS_CREATE_RULESET, None, 0, CREATE_RULESET_VERSION), ""
+        return abi_version(), ""
     except LandlockError as exc:
         why = {errno.ENOSYS: "kernel built without Landlock", errno.EOPNOTSUPP: "Landlock disabled"}
         return 0, why.get(exc.errno or 0, f"landlock_create_ruleset: {exc.strerror}")
@@ -163,7 +187,7 @@ def restrict(
                 continue
             try:
                 if not stat.S_ISDIR(os.fstat(fd).st_mode):
-                    access = [a for a in access if a in FILE_ONLY]
+                    access = [a for a in access if a in FILE_RIGHTS]
                 allowed = _mask(FS_RIGHTS, access, abi)
                 if allowed:  # an empty mask is ENOMSG, and the path is denied anyway
                     pb = _PathBeneath(allowed=allowed, parent_fd=fd)

@@ -7,7 +7,6 @@ kernel's, not a simulation. Tests running as root start the supervisor through
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -24,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from sandbox.supervisor.landlock import probe_abi
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,13 +34,7 @@ AGENT_UID = 1000
 AS_ROOT = os.getuid() == 0
 
 
-def _landlock_abi() -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    return max(0, int(libc.syscall(ctypes.c_long(444), None, ctypes.c_long(0), ctypes.c_long(1))))
-
-
-ABI = _landlock_abi()
+ABI, _ = probe_abi()
 if not os.path.exists(PY) or ABI < 1 or (AS_ROOT and not shutil.which("setpriv")):
     pytest.skip("needs /usr/bin/python3, Landlock and setpriv", allow_module_level=True)
 

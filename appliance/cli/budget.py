@@ -12,7 +12,7 @@ from appliance.cli.keys import open_inference_store
 from appliance.cli.options import JsonOpt
 from appliance.cli.output import console, print_json
 from appliance.errors import NotFoundError
-from appliance.usage import budget_report
+from appliance.ops.usage import budget_report
 from inference.ports import Budget
 
 app = typer.Typer(help="Show and set per-key inference budgets.", no_args_is_help=True)

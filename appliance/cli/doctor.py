@@ -9,8 +9,8 @@ from rich.table import Table
 from appliance.cli.context import app_context
 from appliance.cli.options import JsonOpt
 from appliance.cli.output import console, print_json
-from appliance.doctor import CheckResult, DoctorEnv, all_ok, run_checks
 from appliance.errors import PreflightError, exit_code_for
+from appliance.ops.doctor import CheckResult, DoctorEnv, all_ok, run_checks
 
 _MARK = {
     "ok": "[green]✓ ok[/]",

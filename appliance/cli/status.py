@@ -187,7 +187,7 @@ def _metrics_line(metrics: dict[str, Any] | None) -> str:
 
 
 def _snapshot(ctx: typer.Context) -> tuple[dict[str, Any], HostSnapshot]:
-    from appliance.status import gather
+    from appliance.ops.status import gather
     from hardware.telemetry import collect
 
     host = collect()

@@ -48,6 +48,6 @@ class ControlPlane:
 
     def status(self) -> dict[str, Any]:
         """What `appliance status --json` prints (the read-only helper, fed by this process)."""
-        from appliance.status import gather
+        from appliance.ops.status import gather
 
         return gather(self.config)

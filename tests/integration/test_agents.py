@@ -18,7 +18,7 @@ import yaml
 from appliance.agents import AgentError, AgentManager
 from appliance.config import load_config
 from appliance.images import ImageMismatch
-from appliance.status import agents_section
+from appliance.ops.status import agents_section
 from appliance.store import open_store
 from appliance.store.inference_store import InferenceStore
 from sandbox.image import recipe_digest

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import ApplianceConfig
-from appliance.doctor import CHECKS, DoctorEnv, landlock_abi, run_checks
+from appliance.ops.doctor import CHECKS, DoctorEnv, landlock_abi, run_checks
 from hardware.snapshot import HostClass, HostSnapshot
 
 pytestmark = pytest.mark.integration

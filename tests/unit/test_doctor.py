@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import socket
 import subprocess
 from collections.abc import Sequence
@@ -11,9 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from appliance import doctor
 from appliance.config import ApplianceConfig, GatewayConfig, ListenConfig
-from appliance.doctor import CHECKS, CheckResult, DoctorEnv, all_ok, run_checks
+from appliance.ops.doctor import (
+    CHECKS,
+    CheckResult,
+    DoctorEnv,
+    all_ok,
+    run_checks,
+    sandbox_host,
+    serving_host,
+)
+from appliance.ops.doctor.env import run_argv
 from hardware.snapshot import GpuInfo, HostClass, HostSnapshot
 from tests.conftest import FIXTURES
 
@@ -147,13 +156,13 @@ def test_non_ok_results_carry_a_fix(env: DoctorEnv, root: Path) -> None:
 
 
 def test_landlock_ok(env: DoctorEnv) -> None:
-    r = doctor.check_landlock(env)
+    r = sandbox_host.check_landlock(env)
     assert (r.status, r.detail) == ("ok", "ABI 7")
 
 
 def test_landlock_enosys_fails_with_kernel_fix(env: DoctorEnv) -> None:
     env.landlock_abi = _raise(errno.ENOSYS)
-    r = doctor.check_landlock(env)
+    r = sandbox_host.check_landlock(env)
     assert r.status == "fail"
     assert "CONFIG_SECURITY_LANDLOCK=y" in (r.fix or "")
     assert "lsm=landlock" in (r.fix or "")
@@ -161,7 +170,7 @@ def test_landlock_enosys_fails_with_kernel_fix(env: DoctorEnv) -> None:
 
 def test_landlock_disabled_at_boot_fails(env: DoctorEnv) -> None:
     env.landlock_abi = _raise(errno.EOPNOTSUPP)
-    r = doctor.check_landlock(env)
+    r = sandbox_host.check_landlock(env)
     assert r.status == "fail"
     assert "not enabled" in r.detail
     assert "lsm=" in (r.fix or "")
@@ -169,7 +178,7 @@ def test_landlock_disabled_at_boot_fails(env: DoctorEnv) -> None:
 
 def test_landlock_without_network_rules_warns(env: DoctorEnv) -> None:
     env.landlock_abi = lambda: 3
-    r = doctor.check_landlock(env)
+    r = sandbox_host.check_landlock(env)
     assert r.status == "warn"
     assert "ABI 3" in r.detail
 
@@ -178,55 +187,55 @@ def test_landlock_without_network_rules_warns(env: DoctorEnv) -> None:
 
 
 def test_seccomp_ok(env: DoctorEnv) -> None:
-    assert doctor.check_seccomp(env).status == "ok"
+    assert sandbox_host.check_seccomp(env).status == "ok"
 
 
 def test_seccomp_without_status_field_fails(env: DoctorEnv, root: Path) -> None:
     _write(root, "/proc/self/status", "Name:\tpython\n")
-    r = doctor.check_seccomp(env)
+    r = sandbox_host.check_seccomp(env)
     assert r.status == "fail"
     assert "CONFIG_SECCOMP" in (r.fix or "")
 
 
 def test_seccomp_without_errno_action_fails(env: DoctorEnv, root: Path) -> None:
     _write(root, "/proc/sys/kernel/seccomp/actions_avail", "kill_thread trap allow\n")
-    r = doctor.check_seccomp(env)
+    r = sandbox_host.check_seccomp(env)
     assert r.status == "fail"
     assert "errno, kill_process" in r.detail
 
 
 def test_userns_ok(env: DoctorEnv) -> None:
-    assert doctor.check_userns(env).status == "ok"
+    assert sandbox_host.check_userns(env).status == "ok"
 
 
 def test_userns_zero_fails_naming_the_sysctl(env: DoctorEnv, root: Path) -> None:
     _write(root, "/proc/sys/user/max_user_namespaces", "0\n")
-    r = doctor.check_userns(env)
+    r = sandbox_host.check_userns(env)
     assert r.status == "fail"
     assert "user.max_user_namespaces" in (r.fix or "")
 
 
 def test_userns_debian_switch_off_fails(env: DoctorEnv, root: Path) -> None:
     _write(root, "/proc/sys/kernel/unprivileged_userns_clone", "0\n")
-    r = doctor.check_userns(env)
+    r = sandbox_host.check_userns(env)
     assert r.status == "fail"
     assert "kernel.unprivileged_userns_clone=1" in (r.fix or "")
     _write(root, "/proc/sys/kernel/unprivileged_userns_clone", "1\n")
-    assert doctor.check_userns(env).status == "ok"
+    assert sandbox_host.check_userns(env).status == "ok"
 
 
 # ---------------------------------------------------------------- service user
 
 
 def test_service_user_ok(env: DoctorEnv) -> None:
-    r = doctor.check_service_user(env)
+    r = sandbox_host.check_service_user(env)
     assert r.status == "ok"
     assert r.detail == "appliance (uid 999): 65536 subuids, 65536 subgids"
 
 
 def test_service_user_missing_fails_with_useradd(env: DoctorEnv) -> None:
     env.config.sandbox.service_user = "agents"  # the fix names the configured user
-    r = doctor.check_service_user(env)
+    r = sandbox_host.check_service_user(env)
     assert r.status == "fail"
     assert "sandbox.service_user" in r.detail
     assert (r.fix or "").startswith("useradd --system --create-home agents && usermod ")
@@ -235,7 +244,7 @@ def test_service_user_missing_fails_with_useradd(env: DoctorEnv) -> None:
 
 def test_service_user_too_few_subuids_fails(env: DoctorEnv, root: Path) -> None:
     _write(root, "/etc/subuid", "appliance:100000:1000\n")
-    r = doctor.check_service_user(env)
+    r = sandbox_host.check_service_user(env)
     assert r.status == "fail"
     assert "1000 subuids" in r.detail
     assert r.fix == ("usermod --add-subuids 100000-165535 --add-subgids 100000-165535 appliance")
@@ -243,41 +252,41 @@ def test_service_user_too_few_subuids_fails(env: DoctorEnv, root: Path) -> None:
 
 def test_service_user_ranges_add_up(env: DoctorEnv, root: Path) -> None:
     _write(root, "/etc/subuid", "appliance:100000:32768\nother:1:65536\nappliance:200000:32768\n")
-    assert doctor.check_service_user(env).status == "ok"
+    assert sandbox_host.check_service_user(env).status == "ok"
 
 
 # ---------------------------------------------------------------- podman, runtime
 
 
 def test_podman_ok_reports_version(env: DoctorEnv) -> None:
-    r = doctor.check_podman(env)
+    r = sandbox_host.check_podman(env)
     assert (r.status, r.detail) == ("ok", "podman 4.9.3")
     assert env.run.calls == [["/usr/bin/podman", "--version"]]  # type: ignore[attr-defined]
 
 
 def test_podman_missing_fails_with_apt_fix(env: DoctorEnv) -> None:
     env.which = _which("runc")
-    r = doctor.check_podman(env)
+    r = sandbox_host.check_podman(env)
     assert r.status == "fail"
     assert r.fix == "apt-get install podman runc uidmap slirp4netns"
 
 
 def test_podman_3_fails(env: DoctorEnv) -> None:
     env.run = FakeRun({"podman": "podman version 3.4.4\n"})
-    r = doctor.check_podman(env)
+    r = sandbox_host.check_podman(env)
     assert r.status == "fail"
     assert ">= 4" in r.detail
 
 
 def test_podman_without_newuidmap_fails(env: DoctorEnv) -> None:
     env.which = _which("podman")
-    r = doctor.check_podman(env)
+    r = sandbox_host.check_podman(env)
     assert r.status == "fail"
     assert r.fix == "apt-get install uidmap"
 
 
 def test_runc_ok(env: DoctorEnv) -> None:
-    r = doctor.check_oci_runtime(env)
+    r = sandbox_host.check_oci_runtime(env)
     assert (r.status, r.detail) == ("ok", "runc version 1.1.12")
 
 
@@ -285,19 +294,19 @@ def test_crun_only_on_hybrid_cgroups_fails(env: DoctorEnv, root: Path) -> None:
     (root / "sys/fs/cgroup/cgroup.controllers").unlink()
     _write(root, "/sys/fs/cgroup/unified/cgroup.controllers", "")  # the hybrid layout
     env.which = _which("crun")
-    r = doctor.check_oci_runtime(env)
+    r = sandbox_host.check_oci_runtime(env)
     assert r.status == "fail"
     assert "--runtime runc" in (r.fix or "")
 
 
 def test_crun_only_on_cgroup_v2_ok(env: DoctorEnv) -> None:
     env.which = _which("crun")
-    assert doctor.check_oci_runtime(env).status == "ok"
+    assert sandbox_host.check_oci_runtime(env).status == "ok"
 
 
 def test_no_runtime_fails(env: DoctorEnv) -> None:
     env.which = _which()
-    r = doctor.check_oci_runtime(env)
+    r = sandbox_host.check_oci_runtime(env)
     assert r.status == "fail"
     assert r.fix == "apt-get install runc"
 
@@ -306,7 +315,12 @@ def test_no_runtime_fails(env: DoctorEnv) -> None:
 
 
 @pytest.mark.parametrize(
-    "check", [doctor.check_nvidia_driver, doctor.check_container_toolkit, doctor.check_cdi_spec]
+    "check",
+    [
+        serving_host.check_nvidia_driver,
+        serving_host.check_container_toolkit,
+        serving_host.check_cdi_spec,
+    ],
 )
 def test_gpu_checks_skip_on_cpu_only_host(env: DoctorEnv, check) -> None:
     r = check(env)
@@ -317,17 +331,17 @@ def test_gpu_checks_skip_on_cpu_only_host(env: DoctorEnv, check) -> None:
 def test_gpu_host_ok_with_driver_toolkit_and_cdi(env: DoctorEnv, root: Path) -> None:
     env.host = GPU_HOST
     _write(root, "/var/run/cdi/nvidia-generated.json", "{}")
-    driver = doctor.check_nvidia_driver(env)
+    driver = serving_host.check_nvidia_driver(env)
     assert driver.status == "ok"
     assert "580.95.05" in driver.detail
-    assert doctor.check_container_toolkit(env).status == "ok"
-    cdi = doctor.check_cdi_spec(env)
+    assert serving_host.check_container_toolkit(env).status == "ok"
+    cdi = serving_host.check_cdi_spec(env)
     assert (cdi.status, cdi.detail) == ("ok", "/var/run/cdi/nvidia-generated.json")
 
 
 def test_gpu_host_without_cdi_spec_fails(env: DoctorEnv) -> None:
     env.host = GPU_HOST
-    r = doctor.check_cdi_spec(env)
+    r = serving_host.check_cdi_spec(env)
     assert r.status == "fail"
     assert r.fix == "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml"
 
@@ -335,7 +349,7 @@ def test_gpu_host_without_cdi_spec_fails(env: DoctorEnv) -> None:
 def test_gpu_host_without_toolkit_warns(env: DoctorEnv) -> None:
     env.host = GPU_HOST
     env.which = _which("podman")
-    r = doctor.check_container_toolkit(env)
+    r = serving_host.check_container_toolkit(env)
     assert r.status == "warn"
     assert "nvidia-container-toolkit" in (r.fix or "")
 
@@ -344,8 +358,8 @@ def test_gpu_host_without_toolkit_warns(env: DoctorEnv) -> None:
 
 
 def test_free_ports_ok(env: DoctorEnv) -> None:
-    assert doctor.check_gateway_port(env).status == "ok"
-    assert doctor.check_backend_port(env).status == "ok"
+    assert serving_host.check_gateway_port(env).status == "ok"
+    assert serving_host.check_backend_port(env).status == "ok"
 
 
 def test_port_held_by_a_bound_socket_is_in_use(env: DoctorEnv) -> None:
@@ -353,7 +367,7 @@ def test_port_held_by_a_bound_socket_is_in_use(env: DoctorEnv) -> None:
         held.bind(("127.0.0.1", 0))
         held.listen()
         env.config.gateway = GatewayConfig(port=held.getsockname()[1])
-        r = doctor.check_gateway_port(env)
+        r = serving_host.check_gateway_port(env)
     assert r.status == "warn"
     assert "in use (by a running appliance?)" in r.detail
     assert (r.fix or "").startswith("fine if the appliance is already up")
@@ -361,7 +375,7 @@ def test_port_held_by_a_bound_socket_is_in_use(env: DoctorEnv) -> None:
 
 def test_non_loopback_gateway_warns(env: DoctorEnv) -> None:
     env.config.gateway = GatewayConfig(host="0.0.0.0", port=_free_port())
-    r = doctor.check_gateway_port(env)
+    r = serving_host.check_gateway_port(env)
     assert r.status == "warn"
     assert "not loopback" in r.detail
     assert "gateway.host" in (r.fix or "")
@@ -369,7 +383,7 @@ def test_non_loopback_gateway_warns(env: DoctorEnv) -> None:
 
 def test_unbindable_address_fails(env: DoctorEnv) -> None:
     env.config.inference.backend_listen = ListenConfig(host="192.0.2.1", port=_free_port())
-    r = doctor.check_backend_port(env)
+    r = serving_host.check_backend_port(env)
     assert r.status == "fail"
     assert "cannot bind 192.0.2.1" in r.detail
 
@@ -379,40 +393,40 @@ def test_unbindable_address_fails(env: DoctorEnv) -> None:
 
 def test_disk_space_ok_for_small_model(env: DoctorEnv) -> None:
     env.required_for = "nano-fp8"
-    r = doctor.check_disk(env)
+    r = serving_host.check_disk(env)
     assert r.status == "ok"
     assert "nano-fp8 needs 0.0 GiB" in r.detail
 
 
 def test_disk_space_fails_for_huge_model(env: DoctorEnv) -> None:
     env.required_gib = 1e9
-    r = doctor.check_disk(env)
+    r = serving_host.check_disk(env)
     assert r.status == "fail"
     assert "models_dir" in (r.fix or "")
 
 
 def test_disk_space_warns_under_twice_the_need(env: DoctorEnv, tmp_path: Path) -> None:
-    free_gib = doctor.shutil.disk_usage(tmp_path).free / 1024**3
+    free_gib = shutil.disk_usage(tmp_path).free / 1024**3
     env.required_gib = free_gib * 0.75
-    r = doctor.check_disk(env)
+    r = serving_host.check_disk(env)
     assert r.status == "warn"
 
 
 def test_disk_space_unknown_model_uses_floor(env: DoctorEnv) -> None:
     env.required_gib = None
-    r = doctor.check_disk(env)
+    r = serving_host.check_disk(env)
     assert "floor 10.0 GiB" in r.detail
 
 
 def test_state_dir_creatable(env: DoctorEnv, tmp_path: Path) -> None:
-    r = doctor.check_state_dir(env)
+    r = serving_host.check_state_dir(env)
     assert (r.status, r.detail) == ("ok", f"{tmp_path / 'state'} creatable in {tmp_path}")
 
 
 def test_state_dir_under_a_file_fails(env: DoctorEnv, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     env.config.state_dir = tmp_path / "file" / "state"
-    r = doctor.check_state_dir(env)
+    r = serving_host.check_state_dir(env)
     assert r.status == "fail"
     assert "not a directory" in r.detail
     assert r.fix
@@ -425,7 +439,7 @@ def test_crashing_check_becomes_a_failed_result(env: DoctorEnv) -> None:
     def broken(_: DoctorEnv) -> CheckResult:
         raise RuntimeError("boom")
 
-    results = run_checks(env, [("broken", broken), ("landlock", doctor.check_landlock)])
+    results = run_checks(env, [("broken", broken), ("landlock", sandbox_host.check_landlock)])
     assert results[0].status == "fail"
     assert results[0].name == "broken"
     assert results[0].detail == "check crashed: RuntimeError: boom"
@@ -494,12 +508,12 @@ def test_cli_human_output_warnings_exit_zero(monkeypatch) -> None:
 
 
 def test_default_run_turns_a_missing_binary_into_a_result(tmp_path: Path) -> None:
-    proc = doctor._run([str(tmp_path / "no-such-tool"), "--version"])
+    proc = run_argv([str(tmp_path / "no-such-tool"), "--version"])
     assert proc.returncode == 126
 
 
 def test_podman_version_failure_fails(env: DoctorEnv) -> None:
     env.run = FakeRun({})
-    r = doctor.check_podman(env)
+    r = sandbox_host.check_podman(env)
     assert r.status == "fail"
     assert "podman: not found" in r.detail

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from appliance import status as status_mod
 from appliance.cli.status import render
 from appliance.config import ApplianceConfig, SandboxConfig
 from appliance.errors import BackendError
-from appliance.status import approvals_section, gather, sandboxes_section
+from appliance.ops import status as status_mod
+from appliance.ops.status import approvals_section, gather, sandboxes_section
 from appliance.store import open_store
 from appliance.store.db import DB_NAME
 from appliance.store.sandbox_store import SandboxStore
@@ -79,7 +79,8 @@ def test_no_sandboxes_never_imports_the_manager(tmp_path: Path) -> None:
     config = make_config(tmp_path, user="no-such-user-here")
     open_store(config.state_dir).close()
     code = (
-        "import sys; from appliance.config import ApplianceConfig; from appliance import status; "
+        "import sys; from appliance.config import ApplianceConfig; "
+        "from appliance.ops import status; "
         f"c = ApplianceConfig(state_dir={str(config.state_dir)!r}); "
         "print(status.sandboxes_section(c, None)['count'], status.approvals_section(c, None)); "
         "print(sorted(m for m in sys.modules if m in HEAVY))"

@@ -118,8 +118,8 @@ def budgets_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, An
     """Per-key spend and budget state, and what the gateway served over the last minute."""
     if not (config.state_dir / DB_NAME).is_file():
         return {"keys": [], "throughput": None}
+    from appliance.ops.usage import budget_report, throughput
     from appliance.store.inference_store import InferenceStore
-    from appliance.usage import budget_report, throughput
 
     with InferenceStore(config.state_dir) as store:
         return {"keys": budget_report(store), "throughput": throughput(store)}

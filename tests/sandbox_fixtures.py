@@ -91,7 +91,7 @@ def ensure_base_image() -> Any:
 
 def cpu_image_skip_reason() -> str | None:
     """Why the CPU appliance image can be neither found nor built here, or None."""
-    from appliance import appliance_image as ai
+    from appliance.packaging import appliance_image as ai
 
     if (why := sandbox_skip_reason()) is not None:
         return why
@@ -111,16 +111,17 @@ def ensure_cpu_image() -> dict[str, Any]:
     build), "first_s" (building or finding it), "again" and "second_s" (asking at once again)}."""
     if _cpu_image:
         return _cpu_image
-    from appliance import appliance_image as ai
+    from appliance.packaging import appliance_image as ai
+    from appliance.packaging.appliance_image_build import build_appliance_image
 
     with cache_lock(IMAGE_CACHE / ".tests-cpu-image.lock"):
         t = ai.target("cpu")
         digest = ai.inputs_digest(ai.inputs(t, ensure_base_image().image_id))
         t0 = time.monotonic()
-        ref = ai.build_appliance_image(podman_client(), "cpu", workdir=IMAGE_CACHE, progress=print)
+        ref = build_appliance_image(podman_client(), "cpu", workdir=IMAGE_CACHE, progress=print)
         first = time.monotonic() - t0
         t0 = time.monotonic()
-        again = ai.build_appliance_image(podman_client(), "cpu", workdir=IMAGE_CACHE)
+        again = build_appliance_image(podman_client(), "cpu", workdir=IMAGE_CACHE)
         second = time.monotonic() - t0
         _cpu_image.update(ref=ref, digest=digest, first_s=first, again=again, second_s=second)
     return _cpu_image

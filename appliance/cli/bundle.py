@@ -1,4 +1,4 @@
-"""`appliance bundle create|verify|install`: the offline bundle (appliance/bundle.py)."""
+"""`appliance bundle create|verify|install`: the offline bundle (appliance/packaging/bundle.py)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def create(
     json_out: JsonOpt = False,
 ) -> None:
     """Write a bundle on a connected machine, for hosts with no network."""
-    from appliance.bundle import CreateOptions, create_bundle
+    from appliance.packaging.bundle import CreateOptions, create_bundle
 
     options = CreateOptions(
         extras=tuple(extras if extras is not None else ["embedded"]),
@@ -66,7 +66,7 @@ def create(
 @app.command("verify")
 def verify(bundle: BundleArg, json_out: JsonOpt = False) -> None:
     """Check every file against SHA256SUMS; nothing unlisted, no links."""
-    from appliance.bundle import BundleError, opened, verify_bundle
+    from appliance.packaging.bundle import BundleError, opened, verify_bundle
 
     with opened(bundle) as root:
         result = verify_bundle(root)
@@ -95,7 +95,7 @@ def install(
     json_out: JsonOpt = False,
 ) -> None:
     """Verify, then install what is not installed yet (a second run changes nothing)."""
-    from appliance.bundle import InstallOptions, install_bundle, opened
+    from appliance.packaging.bundle import InstallOptions, install_bundle, opened
 
     options = InstallOptions(
         venv=venv, wheels=wheels, images=images, models=models, blueprints=blueprints

@@ -53,7 +53,7 @@ def build(
         str | None,
         typer.Option(
             help="Build the appliance image for `spark`, `rtx` or `cpu` instead "
-            "(appliance/recipes/; see README: Appliance images)."
+            "(appliance/packaging/recipes/; see README: Appliance images)."
         ),
     ] = None,
     base_image: Annotated[
@@ -108,8 +108,9 @@ def build(
 def _appliance_image_build(
     ctx: typer.Context, target: str, base_image: str | None, pull: bool, dry_run: bool
 ) -> None:
-    """appliance/appliance_image.py: the inference service's image for one target."""
-    from appliance import appliance_image as ai
+    """appliance/packaging/: the inference service's image for one target."""
+    from appliance.packaging import appliance_image as ai
+    from appliance.packaging.appliance_image_build import build_appliance_image
 
     if target not in ai.TARGETS:
         raise typer.BadParameter(f"unknown target {target!r} (known: {', '.join(ai.TARGETS)})")
@@ -117,7 +118,7 @@ def _appliance_image_build(
         print_json(ai.dry_run(target, base_image))
         return
     with service_podman(ctx) as (config, podman):
-        ref = ai.build_appliance_image(
+        ref = build_appliance_image(
             podman,
             target,
             workdir=config.state_dir / "images",

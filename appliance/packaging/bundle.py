@@ -4,7 +4,7 @@
       manifest.json   what is inside (format, versions, arch, sections)
       SHA256SUMS      every other file, coreutils format: `sha256sum --check` works without us
       install.sh      bootstrap without the appliance: venv + wheels, then `bundle install`
-      wheels/         the pinned wheelhouse (appliance/wheelhouse.py) + requirements.txt
+      wheels/         the pinned wheelhouse (wheelhouse.py) + requirements.txt
       debs/           the host packages' dependency closure as a flat apt repository (optional)
       images/         the sandbox images the blueprints pin, as OCI archives
       blueprints/     the operator's own blueprints (the shipped ones are inside the wheel)
@@ -92,7 +92,7 @@ class CreateOptions:
 
 
 def _ansible_source() -> Path | None:
-    tree = Path(__file__).resolve().parents[1] / "ansible"
+    tree = Path(__file__).resolve().parents[2] / "ansible"
     return tree if (tree / "galaxy.yml").is_file() else None
 
 
@@ -138,7 +138,7 @@ def _bundle_images(
     client: Any, work: Path, pins: Sequence[Any], progress: Progress
 ) -> list[dict[str, str]]:
     """Each pinned image (built from its recipe when missing) saved as an OCI archive."""
-    from appliance.images import resolve_image
+    from appliance.packaging.images import resolve_image
     from sandbox.image import save_image
 
     rows = []
@@ -187,7 +187,7 @@ def create_bundle(
     out: Path, options: CreateOptions, config: ApplianceConfig, progress: Progress = _noop
 ) -> dict[str, Any]:
     """Write the bundle directory `out` (and `out.tar` with options.tar); returns the manifest."""
-    from appliance.wheelhouse import build_wheelhouse
+    from appliance.packaging.wheelhouse import build_wheelhouse
 
     out = out.resolve()
     if out.exists():
@@ -200,7 +200,11 @@ def create_bundle(
         wheelhouse = build_wheelhouse(work / "wheels", extras=options.extras, progress=progress)
         sections["wheels"] = {"extras": list(options.extras), "pins": list(wheelhouse.pins)}
         if options.debs:
-            from appliance.host_packages import HOST_PACKAGES, download_closure, write_index
+            from appliance.packaging.host_packages import (
+                HOST_PACKAGES,
+                download_closure,
+                write_index,
+            )
 
             debs = download_closure(work / "debs", HOST_PACKAGES, progress)
             write_index(work / "debs")
@@ -368,7 +372,7 @@ def _check_host(manifest: dict[str, Any]) -> None:
 
 
 def _install_wheels(root: Path, venv: Path, digests: dict[str, str], report: InstallReport) -> None:
-    from appliance.wheelhouse import install_argv
+    from appliance.packaging.wheelhouse import install_argv
 
     python = venv / "bin" / "python"
     if not python.exists():
@@ -408,7 +412,7 @@ def _freeze(python: Path) -> str:
 def _install_images(
     client: Any, root: Path, rows: Iterable[dict[str, str]], report: InstallReport
 ) -> None:
-    from appliance.images import find_pinned
+    from appliance.packaging.images import find_pinned
     from sandbox.image import load_image
 
     loaded = []

@@ -104,7 +104,7 @@ def pinned_closure(
 
 def _source_tree() -> Path | None:
     """The project checkout this appliance runs from (an editable install), if any."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").is_file() else None
 
 

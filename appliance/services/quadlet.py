@@ -1,8 +1,9 @@
 """Podman Quadlet files for the appliance image (`appliance units render --container IMAGE`).
 
-Where the inference service runs as its container image (appliance/recipes/, `appliance image
-build --target spark|rtx|cpu`), systemd runs the container through Quadlet: a `.container` file
-in /etc/containers/systemd/ becomes `appliance-inference.service` at `systemctl daemon-reload`.
+Where the inference service runs as its container image (appliance/packaging/recipes/,
+`appliance image build --target spark|rtx|cpu`), systemd runs the container through Quadlet: a
+`.container` file in /etc/containers/systemd/ becomes `appliance-inference.service` at
+`systemctl daemon-reload`.
 The state lives in a Podman volume (`appliance-state.volume`: keys, ledger, audit log, logs,
 caches); the GPU images read their weights from the host's models directory, read-only.
 

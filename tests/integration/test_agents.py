@@ -17,8 +17,8 @@ import yaml
 
 from appliance.agents import AgentError, AgentManager
 from appliance.config import load_config
-from appliance.images import ImageMismatch
 from appliance.ops.status import agents_section
+from appliance.packaging.images import ImageMismatch
 from appliance.store import open_store
 from appliance.store.inference_store import InferenceStore
 from sandbox.image import recipe_digest

@@ -48,7 +48,7 @@ def built(cpu_image: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_the_image_is_cached_by_its_inputs(built: dict[str, Any]) -> None:
-    from appliance import appliance_image as ai
+    from appliance.packaging import appliance_image as ai
 
     ref, again = built["ref"], built["again"]
     assert ref.inputs_digest == built["digest"] and ref.tag == ai.tag_for(
@@ -79,7 +79,7 @@ def test_the_venv_is_the_appliances_own_and_root_owned(built: dict[str, Any]) ->
 
     probe = (
         "import importlib.util as u, os, sys, appliance, pathlib;"
-        "r = pathlib.Path(appliance.__file__).parent / 'recipes';"
+        "r = pathlib.Path(appliance.__file__).parent / 'packaging' / 'recipes';"
         "st = os.stat('/opt/appliance/venv/lib');"
         "print(os.getuid(), sys.prefix, u.find_spec('pip') is None, st.st_uid, oct(st.st_mode),"
         " sorted(p.name for p in r.glob('*')))"

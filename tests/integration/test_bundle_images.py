@@ -21,9 +21,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_install_loads_a_missing_pinned_image(tmp_path: Path) -> None:
     if (reason := sandbox_skip_reason()) is not None:
         pytest.skip(reason)
-    from appliance import bundle as b
     from appliance.config import ApplianceConfig
-    from appliance.images import find_pinned
+    from appliance.packaging import bundle as b
+    from appliance.packaging.images import find_pinned
     from sandbox.agent_image import podman_build
     from sandbox.image import RECIPE_LABEL, save_image
 

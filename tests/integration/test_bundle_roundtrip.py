@@ -31,7 +31,7 @@ def bundle() -> Path:
 
 
 def test_the_bundle_verifies_and_lists_what_it_carries(bundle: Path) -> None:
-    from appliance.bundle import read_manifest, verify_bundle
+    from appliance.packaging.bundle import read_manifest, verify_bundle
 
     assert verify_bundle(bundle).ok
     sections = read_manifest(bundle)["sections"]

@@ -15,8 +15,8 @@ import pytest
 from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import parse_wheel_filename
 
-from appliance import appliance_image as ai
-from appliance.wheelhouse import build_wheelhouse, download_wheels, platform_tags
+from appliance.packaging import appliance_image as ai
+from appliance.packaging.wheelhouse import build_wheelhouse, download_wheels, platform_tags
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -1,6 +1,6 @@
-"""Appliance image recipes (appliance/recipes/*.Containerfile) and their builder, without Podman:
-hadolint, the GPU images' run configuration against the planner's golden argv, the vLLM version
-their FROM pins, and the build spec of each target (golden files).
+"""Appliance image recipes (appliance/packaging/recipes/*.Containerfile) and their builder,
+without Podman: hadolint, the GPU images' run configuration against the planner's golden argv,
+the vLLM version their FROM pins, and the build spec of each target (golden files).
 
 Regenerate the spec goldens after a deliberate change with
     UPDATE_GOLDEN=1 pytest tests/unit/test_appliance_image.py
@@ -25,11 +25,12 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from appliance import appliance_image as ai
-from appliance import containerfile as cf
 from appliance.cli.context import AppContext
 from appliance.cli.plan import current_plan
 from appliance.config import load_config
+from appliance.packaging import appliance_image as ai
+from appliance.packaging import appliance_image_build as aib
+from appliance.packaging import containerfile as cf
 from appliance.services.supervisor import backend_process
 from hardware.catalog import recipe_book
 from hardware.snapshot import HostSnapshot
@@ -292,7 +293,7 @@ def test_spark_and_rtx_fail_in_one_line_without_their_base(tmp_path: Path) -> No
 
     for name in GPU_HOSTS:
         with pytest.raises(ai.ApplianceImageError) as err:
-            ai.build_appliance_image(Client(), name, workdir=tmp_path)
+            aib.build_appliance_image(Client(), name, workdir=tmp_path)
         assert "\n" not in str(err.value) and "--pull" in str(err.value)
         assert "podman load" in (err.value.hint or "")
     assert not any(tmp_path.iterdir())
@@ -333,6 +334,6 @@ def test_older_builds_are_pruned_but_one() -> None:
         images = Images()
 
     lines: list[str] = []
-    ai._prune(Client(), ai.target("cpu"), "new", lines.append)
+    aib._prune(Client(), ai.target("cpu"), "new", lines.append)
     assert removed == ["old"]  # "previous" stays for a rollback, "busy" is in use
     assert any("kept busy" in line for line in lines)

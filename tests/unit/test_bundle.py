@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import bundle as b
 from appliance.config import ApplianceConfig
 from appliance.errors import ConfigError
+from appliance.packaging import bundle as b
 
 
 def make_bundle(root: Path) -> Path:

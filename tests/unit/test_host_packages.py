@@ -1,5 +1,6 @@
-"""appliance/host_packages.py: the host package lists match the Ansible role, apt-cache output is
-parsed and its alternatives resolved as apt would, and write_index makes a flat repository."""
+"""appliance/packaging/host_packages.py: the host package lists match the Ansible role, apt-cache
+output is parsed and its alternatives resolved as apt would, and write_index makes a flat
+repository."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from appliance import host_packages as hp
+from appliance.packaging import host_packages as hp
 
 ROLE_DEFAULTS = (
     Path(__file__).resolve().parents[2]

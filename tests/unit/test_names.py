@@ -271,8 +271,8 @@ def test_bundle_install_writes_only_inside_its_destination(tmp_path: Path) -> No
     (to a directory or a file outside) is never written through."""
     import hashlib
 
-    from appliance.bundle import _sync_tree
     from appliance.owned_paths import UnsafePathError
+    from appliance.packaging.bundle import _sync_tree
 
     root, dest, outside = tmp_path / "bundle", tmp_path / "dest", tmp_path / "outside"
     for d in (root / "models" / "sub", dest, outside):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from appliance import appliance_image as ai
 from appliance.cli.main import app, main
 from appliance.errors import PreflightError
+from appliance.packaging import appliance_image as ai
 from appliance.services import quadlet as q
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "units" / "quadlet"

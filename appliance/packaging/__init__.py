@@ -1,0 +1,2 @@
+"""Packaging: the offline bundle, the wheelhouse, host packages, and the appliance images
+(recipes/ and their builder)."""

@@ -13,6 +13,22 @@ from appliance.errors import StateError
 from appliance.store.migrations import MIGRATIONS
 
 DB_NAME = "appliance.db"
+BUSY_TIMEOUT_S = 10.0  # how long a writer waits for another process's write lock
+
+
+def connect(path: Path, *, any_thread: bool = False) -> sqlite3.Connection:
+    """A connection with the store's settings, the one place they are set: WAL (readers never
+    wait for the writer), foreign keys enforced, synchronous=NORMAL (safe with WAL), and a busy
+    wait instead of an immediate "database is locked". `any_thread`: the connection may be used
+    from threads other than the one that opened it (the caller serialises them)."""
+    try:
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, check_same_thread=not any_thread)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.Error as exc:
+        raise StateError(f"{path}: {exc}") from None
+    return conn
 
 
 class Store:
@@ -73,10 +89,8 @@ def open_store(state_dir: Path) -> Store:
     path = state_dir / DB_NAME
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        conn = sqlite3.connect(path, timeout=10.0, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA synchronous=NORMAL")
+        conn = connect(path)
+        conn.isolation_level = None  # migrate() runs its own BEGIN IMMEDIATE ... COMMIT
         migrate(conn, path)
     except sqlite3.Error as exc:
         raise StateError(f"{path}: {exc}") from None

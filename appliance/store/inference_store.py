@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from appliance.audit import ChainWriter, audit_path
-from appliance.errors import ApplianceError, ConfigError, StateError
+from appliance.errors import ApplianceError, ConfigError
 from appliance.names import KeyNameError, check_key_name
-from appliance.store.db import DB_NAME, open_store
+from appliance.store.db import DB_NAME, connect, open_store
 from appliance.store.ledger import LedgerMixin
 from inference.ports import SCOPES, Budget, KeyRecord, OwnerKind, Scope
 
@@ -113,13 +113,7 @@ class InferenceStore(LedgerMixin):
     def conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            try:
-                conn = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA foreign_keys=ON")
-                conn.execute("PRAGMA synchronous=NORMAL")
-            except sqlite3.Error as exc:
-                raise StateError(f"{self.path}: {exc}") from None
+            conn = connect(self.path, any_thread=True)  # close() runs on another thread
             self._local.conn = conn
             with self._conns_lock:
                 self._conns.append(conn)

@@ -6,8 +6,6 @@ the Landlock probe), so tests drive each check against a fake tree instead of th
 
 from __future__ import annotations
 
-import ctypes
-import os
 import platform
 import shutil
 import subprocess
@@ -20,13 +18,13 @@ from pydantic import BaseModel, ConfigDict
 
 from appliance.config import ApplianceConfig
 from hardware.snapshot import HostSnapshot
+from sandbox.supervisor.landlock import abi_version
 
 Status = Literal["ok", "warn", "fail", "skip"]
 RunFn = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
-# landlock_create_ruleset is 444 in the generic syscall table, which both arches use.
-_LANDLOCK_SYSCALL = {"x86_64": 444, "aarch64": 444, "arm64": 444}
-_LANDLOCK_CREATE_RULESET_VERSION = 1 << 0
+# The supervisor's probe uses the generic syscall table's numbers, which both arches use.
+_LANDLOCK_MACHINES = ("x86_64", "aarch64", "arm64")
 
 
 class CheckResult(BaseModel):
@@ -39,23 +37,11 @@ class CheckResult(BaseModel):
 
 
 def landlock_abi() -> int:
-    """The kernel's Landlock ABI version; raises OSError (ENOSYS, EOPNOTSUPP...) if unavailable."""
-    nr = _LANDLOCK_SYSCALL.get(platform.machine())
-    if nr is None or platform.system() != "Linux":
+    """The kernel's Landlock ABI version, probed as the in-sandbox supervisor probes it; raises
+    OSError (ENOSYS, EOPNOTSUPP...) if unavailable."""
+    if platform.machine() not in _LANDLOCK_MACHINES or platform.system() != "Linux":
         raise NotImplementedError(f"no Landlock syscall number known for {platform.machine()}")
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION) returns the ABI version.
-    ret = libc.syscall(
-        ctypes.c_long(nr),
-        None,
-        ctypes.c_size_t(0),
-        ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION),
-    )
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int(ret)
+    return abi_version()
 
 
 def run_argv(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:

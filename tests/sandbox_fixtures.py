@@ -27,7 +27,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sandbox.image import build_lock as cache_lock  # one flock helper: tests and builders share it
+from sandbox.images.base import (
+    build_lock as cache_lock,  # one flock helper: tests and builders share it
+)
 
 # Read at import: the autouse isolated_env fixture strips APPLIANCE_* from the environment.
 IMAGE_CACHE = Path(os.environ.get("APPLIANCE_IMAGE_CACHE", "/var/tmp/appliance-image-cache"))
@@ -82,7 +84,7 @@ def ensure_base_image() -> Any:
     ImageRef."""
     if _base_image:
         return _base_image[0]
-    from sandbox.image import build_base_image
+    from sandbox.images.base import build_base_image
 
     with cache_lock(IMAGE_CACHE / ".tests-base.lock"):  # the import runs outside sandbox's lock
         _base_image.append(build_base_image(podman_client(), workdir=IMAGE_CACHE))

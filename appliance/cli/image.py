@@ -27,11 +27,10 @@ app = typer.Typer(help="Sandbox and appliance images (no registry).", no_args_is
 @contextmanager
 def service_podman(ctx: typer.Context) -> Iterator[tuple[ApplianceConfig, PodmanClient]]:
     """The config and a client on the service user's Podman (started if it is not running)."""
-    from appliance.podman_service import PodmanService
-    from appliance.sandboxes import ensure_ready
+    from sandbox.lifecycle.podman_service import PodmanService, ensure_ready
 
     config = app_context(ctx).config()
-    ensure_ready(config)
+    ensure_ready()
     # The image cache lives under the state dir, private to root as the store would make it.
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     yield config, PodmanService(user=config.sandbox.service_user).start()
@@ -79,7 +78,7 @@ def build(
         raise typer.BadParameter("--base-image, --pull and --dry-run need --target")
     if layer is not None and layer != "openclaw":
         raise typer.BadParameter(f"unknown layer {layer!r} (known: openclaw)")
-    from sandbox.image import build_base_image
+    from sandbox.images.base import build_base_image
 
     with service_podman(ctx) as (config, podman):
         ref = build_base_image(
@@ -89,9 +88,9 @@ def build(
             mirror=mirror,
             progress=_progress,
         )
-        # -- agent layer (sandbox/agent_image.py): Node + OpenClaw + rg/fd on top of the base.
+        # -- agent layer (sandbox/images/openclaw.py): Node + OpenClaw + rg/fd on top of the base.
         if layer is not None:
-            from sandbox.agent_image import build_openclaw_image
+            from sandbox.images.openclaw import build_openclaw_image
 
             agent = build_openclaw_image(
                 podman,
@@ -133,7 +132,7 @@ def _appliance_image_build(
 @app.command("save")
 def save(ctx: typer.Context, ref: str, path: Path) -> None:
     """Write an image to an OCI archive (for offline hosts)."""
-    from sandbox.image import save_image
+    from sandbox.images.base import save_image
 
     with service_podman(ctx) as (_, podman):
         save_image(podman, ref, path, progress=console.print)
@@ -142,7 +141,7 @@ def save(ctx: typer.Context, ref: str, path: Path) -> None:
 @app.command("load")
 def load(ctx: typer.Context, path: Path) -> None:
     """Load an OCI archive written by `image save`."""
-    from sandbox.image import load_image
+    from sandbox.images.base import load_image
 
     with service_podman(ctx) as (_, podman):
         ref = load_image(podman, path, progress=console.print)

@@ -41,8 +41,8 @@ from appliance.packaging.wheelhouse import (
     pinned_closure,
     source_digest,
 )
-from sandbox.agent_image import INPUTS_LABEL, LABEL_PREFIX, find_by_inputs
-from sandbox.image import RECIPE_LABEL
+from sandbox.images.base import RECIPE_LABEL
+from sandbox.images.layers import INPUTS_LABEL, LABEL_PREFIX, find_by_inputs
 
 Progress = Callable[[str], None]
 

@@ -33,7 +33,7 @@ from appliance.packaging.wheelhouse import (
     build_wheelhouse,
     download_wheels,
 )
-from sandbox.agent_image import LABEL_PREFIX
+from sandbox.images.layers import LABEL_PREFIX
 
 # -- the base image ----------------------------------------------------------------------------
 
@@ -69,7 +69,7 @@ def _resolve_base(
     from podman.errors import ImageNotFound
 
     if t.local_base and base is None:
-        from sandbox.image import build_base_image
+        from sandbox.images.base import build_base_image
 
         ref = build_base_image(client, workdir=workdir, progress=progress)
         return ref.tag, ref.image_id
@@ -219,8 +219,8 @@ def build_appliance_image(
     service_user: str = "appliance",
 ) -> ApplianceImageRef:
     """Build (or reuse) `localhost/appliance-<target>:<inputs12>` (and `:latest`)."""
-    from sandbox.agent_image import podman_build
-    from sandbox.image import ImageBuildError, build_lock
+    from sandbox.images.base import ImageBuildError, build_lock
+    from sandbox.images.layers import podman_build
 
     t = target(name)
     _check_python(t)

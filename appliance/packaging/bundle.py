@@ -37,7 +37,7 @@ from typing import Any
 from appliance import __version__
 from appliance.config import ApplianceConfig
 from appliance.errors import ApplianceError, ConfigError
-from appliance.owned_paths import owned_child, remove_owned
+from sandbox.lifecycle.owned_paths import owned_child, remove_owned
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -129,7 +129,7 @@ def _bundle_blueprints(work: Path, dirs: Sequence[Path]) -> tuple[list[dict[str,
 
 
 def _podman(config: ApplianceConfig) -> Any:
-    from appliance.podman_service import PodmanService
+    from sandbox.lifecycle.podman_service import PodmanService
 
     return PodmanService(user=config.sandbox.service_user).start()
 
@@ -139,7 +139,7 @@ def _bundle_images(
 ) -> list[dict[str, str]]:
     """Each pinned image (built from its recipe when missing) saved as an OCI archive."""
     from appliance.packaging.images import resolve_image
-    from sandbox.image import save_image
+    from sandbox.images.base import save_image
 
     rows = []
     for pin in pins:
@@ -413,7 +413,7 @@ def _install_images(
     client: Any, root: Path, rows: Iterable[dict[str, str]], report: InstallReport
 ) -> None:
     from appliance.packaging.images import find_pinned
-    from sandbox.image import load_image
+    from sandbox.images.base import load_image
 
     loaded = []
     for row in rows:

@@ -14,7 +14,7 @@ from typing import Any
 
 from appliance.errors import ConfigError
 from blueprints.model import Image
-from sandbox.image import RECIPE_LABEL
+from sandbox.images.base import RECIPE_LABEL
 
 IMAGE_CACHE = Path("/var/tmp/appliance-image-cache")
 Progress = Callable[[str], None]
@@ -26,9 +26,9 @@ class ImageMismatch(ConfigError):
 
 def known_recipes() -> dict[str, tuple[str, Callable[[Any, Progress], str]]]:
     """recipe digest -> (what, builder(client, progress) -> image id)."""
-    from sandbox.agent_image import build_openclaw_image
-    from sandbox.agent_image import recipe_digest as openclaw_recipe_digest
-    from sandbox.image import build_base_image, recipe_digest
+    from sandbox.images.base import build_base_image, recipe_digest
+    from sandbox.images.openclaw import build_openclaw_image
+    from sandbox.images.openclaw import recipe_digest as openclaw_recipe_digest
 
     def base(client: Any, progress: Progress) -> str:
         return build_base_image(client, workdir=IMAGE_CACHE, progress=progress).image_id

@@ -47,7 +47,7 @@ except Exception as e:
 """
 
 
-# The OpenClaw layer's fetch steps (sandbox/agent_image.py raises ImageBuildError("<step> failed
+# The OpenClaw layer's fetch steps (sandbox/images/openclaw.py raises ImageBuildError("<step> failed
 # (exit N):" + the tool's output)) and the errors those tools print when the network is not there.
 # Only that pair skips: an integrity mismatch, a podman build error or a bug fails the test.
 _FETCH_STEP = re.compile(r"ImageBuildError: (pip download|npm pack|npm install|apt-get) failed")

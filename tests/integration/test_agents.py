@@ -21,7 +21,7 @@ from appliance.ops.status import agents_section
 from appliance.packaging.images import ImageMismatch
 from appliance.store import open_store
 from appliance.store.inference_store import InferenceStore
-from sandbox.image import recipe_digest
+from sandbox.images.base import recipe_digest
 from sandbox.policy import Endpoint
 from tests.sandbox_fixtures import ensure_base_image, sandbox_skip_reason
 

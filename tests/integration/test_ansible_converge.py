@@ -86,8 +86,8 @@ def _podman(*args: str, timeout: float = 600, check: bool = True) -> str:
 
 
 def _host_image() -> str:
-    """The minbase rootfs (cached by sandbox/image.py) imported into root's Podman storage."""
-    from sandbox.image import build_rootfs_tarball
+    """The minbase rootfs (cached by sandbox/images/base.py) imported into root's Podman storage."""
+    from sandbox.images.base import build_rootfs_tarball
     from tests.sandbox_fixtures import IMAGE_CACHE
 
     tarball, digest = build_rootfs_tarball(IMAGE_CACHE)

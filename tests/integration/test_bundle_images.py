@@ -24,8 +24,8 @@ def test_install_loads_a_missing_pinned_image(tmp_path: Path) -> None:
     from appliance.config import ApplianceConfig
     from appliance.packaging import bundle as b
     from appliance.packaging.images import find_pinned
-    from sandbox.agent_image import podman_build
-    from sandbox.image import RECIPE_LABEL, save_image
+    from sandbox.images.base import RECIPE_LABEL, save_image
+    from sandbox.images.layers import podman_build
 
     ensure_base_image()
     client = podman_client()

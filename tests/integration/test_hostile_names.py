@@ -308,7 +308,7 @@ def test_an_agent_create_that_fails_late_leaves_nothing(env: dict[str, str]) -> 
     deployment, sandbox, revision, key, budget, directory, proxy or container remains."""
     import yaml
 
-    from sandbox.image import recipe_digest
+    from sandbox.images.base import recipe_digest
 
     state = _state(env)
     name = f"h1-agent-{os.getpid()}"

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from sandbox.image import build_base_image
+from sandbox.images.base import build_base_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("openclaw")]
 
@@ -38,7 +38,7 @@ def _unreachable() -> str | None:
 
 @pytest.fixture(scope="module")
 def layer() -> Any:
-    from sandbox import agent_image as ai
+    from sandbox.images import openclaw as ai
     from tests.sandbox_fixtures import IMAGE_CACHE, podman_client, sandbox_skip_reason
 
     if (why := sandbox_skip_reason()) is not None:
@@ -56,7 +56,7 @@ def layer() -> Any:
 
 
 def test_the_layer_is_tagged_by_its_inputs_and_labelled_with_the_pins(layer: Any) -> None:
-    from sandbox import agent_image as ai
+    from sandbox.images import openclaw as ai
     from tests.sandbox_fixtures import IMAGE_CACHE, podman_client
 
     labels = layer.labels
@@ -97,7 +97,7 @@ def _logs_when_exited(m: Any, name: str, timeout: float = 60) -> str:
 
 
 def test_openclaw_runs_inside_a_real_sandbox(layer: Any, manager: Any) -> None:
-    from appliance.sandboxes import read_policy_file
+    from sandbox.lifecycle.manager import read_policy_file
 
     name = f"oc-ver-{os.getpid()}"
     script = "openclaw --version && rg --version | head -1 && fd --version && echo done"

@@ -32,14 +32,14 @@ if (_reason := sandbox_skip_reason()) is not None:
 
 from podman import PodmanClient  # noqa: E402
 
-from appliance.podman_service import PodmanService  # noqa: E402
-from sandbox.image import (  # noqa: E402
+from sandbox.images.base import (  # noqa: E402
     REPOSITORY,
     ImageRef,
     build_base_image,
     load_image,
     save_image,
 )
+from sandbox.lifecycle.podman_service import PodmanService  # noqa: E402
 
 PROBE = r"""
 import errno, json, os, socket

@@ -216,8 +216,8 @@ def test_json_schema_matches_the_golden_file() -> None:
 
 
 def test_shipped_blueprints_pin_recipes_this_appliance_builds() -> None:
-    from sandbox.agent_image import recipe_digest as openclaw_recipe
-    from sandbox.image import recipe_digest as base_recipe
+    from sandbox.images.base import recipe_digest as base_recipe
+    from sandbox.images.openclaw import recipe_digest as openclaw_recipe
 
     pins = {
         "localhost/appliance-base": base_recipe(),

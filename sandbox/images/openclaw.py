@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from podman import PodmanClient
-from podman.errors import ImageNotFound
 
-from sandbox.image import (
+from sandbox.images.base import (
     RECIPE_LABEL,
     ImageBuildError,
     ImageRef,
@@ -44,11 +43,16 @@ from sandbox.image import (
     build_base_image,
     build_lock,
 )
-from sandbox.image import recipe_digest as base_recipe_digest
+from sandbox.images.base import recipe_digest as base_recipe_digest
+from sandbox.images.layers import (
+    INPUTS_LABEL,
+    LABEL_PREFIX,
+    find_by_inputs,
+    inputs_digest,
+    podman_build,
+)
 
 REPOSITORY = "localhost/appliance-openclaw"
-LABEL_PREFIX = "org.appliance"
-INPUTS_LABEL = f"{LABEL_PREFIX}.inputs-digest"
 # Bump when the staging layout, launcher or Containerfile changes: part of the inputs digest.
 RECIPE_VERSION = 1
 
@@ -159,10 +163,6 @@ def recipe_digest() -> str:
     return inputs_digest(spec)
 
 
-def inputs_digest(spec: Mapping[str, Any]) -> str:
-    return "sha256:" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
 def tag_for(digest: str) -> str:
     return f"{REPOSITORY}:{digest.removeprefix('sha256:')[:12]}"
 
@@ -184,17 +184,6 @@ def labels_for(spec: Mapping[str, Any], digest: str, base: ImageRef) -> dict[str
     for pkg, version in spec["debs"].items():
         labels[f"{p}.deb.{pkg}"] = version
     return labels
-
-
-def find_by_inputs(client: PodmanClient, tag: str, digest: str) -> tuple[Any, dict[str, str]]:
-    """The image tagged `tag` that carries `digest` as its inputs label, and its labels; a
-    missing tag, a tag collision or a hand-made image is (None, {}): rebuild."""
-    try:
-        img = client.images.get(tag)
-    except ImageNotFound:
-        return None, {}
-    labels = {str(k): str(v) for k, v in (img.labels or {}).items()}
-    return (img, labels) if labels.get(INPUTS_LABEL) == digest else (None, {})
 
 
 def find_agent_image(client: PodmanClient, digest: str) -> AgentImageRef | None:
@@ -397,57 +386,6 @@ def write_context(
         "tar",
     )  # fmt: skip
     tmp.rename(context_tar)
-
-
-def podman_build(
-    client: PodmanClient,
-    context_tar: Path,
-    tag: str,
-    progress: Progress,
-    timeout: float = 1800,
-    params: Mapping[str, Any] | None = None,
-) -> str:
-    """POST the context to the service user's libpod /build: no network, never pull.
-    `params` adds libpod build parameters (buildargs, labels, platform, outputformat)."""
-    params = {
-        "dockerfile": "Containerfile",
-        "t": tag,
-        "networkmode": "none",
-        "pull": False,
-        "layers": False,
-        "rm": True,
-        "forcerm": True,
-        **(params or {}),
-    }
-    with open(context_tar, "rb") as fh:
-        resp = client.api.post(
-            "/build",
-            params=params,
-            data=fh,
-            headers={"Content-Type": "application/x-tar"},
-            stream=True,
-            timeout=timeout,
-        )
-    try:
-        if resp.status_code >= 300:
-            raise ImageBuildError(f"podman build failed ({resp.status_code}): {resp.text.strip()}")
-        image_id = ""
-        for raw in resp.iter_lines():
-            if not raw:
-                continue
-            msg = json.loads(raw)
-            if "error" in msg:
-                raise ImageBuildError(f"podman build: {msg['error']}")
-            line = str(msg.get("stream", "")).strip()
-            if line:
-                progress(f"build: {line}")
-                if len(line) == 64 and all(c in "0123456789abcdef" for c in line):
-                    image_id = line  # the last stream line is the new image's id
-    finally:
-        resp.close()
-    if not image_id:
-        raise ImageBuildError("podman build ended without an image id")
-    return image_id
 
 
 # -- the whole layer ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from appliance.cli.context import app_context
+from appliance.cli.options import JsonOpt
 from appliance.cli.output import console, print_json
 
 if TYPE_CHECKING:
@@ -127,6 +128,22 @@ def _appliance_image_build(
             service_user=config.sandbox.service_user,
         )
     console.print(ai.describe(ref))
+
+
+@app.command("recipes")
+def recipes(json_out: JsonOpt = False) -> None:
+    """The image digests this appliance builds from pinned recipes: what a blueprint may pin
+    (a missing image is built on first use; any other digest must be loaded from an archive)."""
+    from appliance.packaging.images import known_recipes
+
+    rows = [{"digest": d, "image": what} for d, (what, _) in known_recipes().items()]
+    if json_out:
+        print_json(rows)
+        return
+    for row in rows:
+        console.print(
+            f"{row['digest']}  {row['image']}", markup=False, highlight=False, soft_wrap=True
+        )
 
 
 @app.command("save")

@@ -5,7 +5,7 @@ lets them run side by side). Secrets are `sk-app-` + 32 random bytes, urlsafe; o
 is stored, so the store can authenticate a key but never give one back.
 
 Audit events go to two places: the audit_events table (queried by event, for budgets, tests and
-status) and the host's hash-chained audit log (appliance/audit.py, the tamper-evident record).
+status) and the host's hash-chained audit log (appliance/audit/, the tamper-evident record).
 The chain is appended inside the event's transaction, before it commits: an action whose audit
 record cannot be written fails instead of happening unrecorded.
 """

@@ -8,11 +8,12 @@ that goes into it; a changed source file makes a new one and drops the old.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.helpers import cli_env
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path("/var/tmp/appliance-bundle-cache")
@@ -67,9 +68,7 @@ def _create_bundle(key: str, bundle: Path) -> Path:
         if old.name != key:
             shutil.rmtree(old, ignore_errors=True)
     bundle.parent.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    env["APPLIANCE_SYSTEM_CONFIG"] = str(bundle.parent / "no-system-config.yaml")
-    env["APPLIANCE_STATE_DIR"] = str(bundle.parent / "state")
+    env = cli_env(bundle.parent / "state", bundle.parent)
     proc = subprocess.run(
         [APPLIANCE, "bundle", "create", "--out", str(bundle)],
         capture_output=True,

@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 
+# The shared helpers assert (golden files): let pytest explain their failures as it does a test's.
+pytest.register_assert_rewrite("tests.helpers")
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
 

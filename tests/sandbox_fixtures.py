@@ -30,10 +30,10 @@ from typing import Any
 from sandbox.images.base import (
     build_lock as cache_lock,  # one flock helper: tests and builders share it
 )
+from tests.helpers import SERVICE_USER
 
 # Read at import: the autouse isolated_env fixture strips APPLIANCE_* from the environment.
 IMAGE_CACHE = Path(os.environ.get("APPLIANCE_IMAGE_CACHE", "/var/tmp/appliance-image-cache"))
-SERVICE_USER = os.environ.get("APPLIANCE_SANDBOX_USER", "appliance")
 APPLIANCE = str(Path(sys.executable).parent / "appliance")
 
 _base_image: list[Any] = []  # the ImageRef, once built or found
@@ -127,19 +127,6 @@ def ensure_cpu_image() -> dict[str, Any]:
         second = time.monotonic() - t0
         _cpu_image.update(ref=ref, digest=digest, first_s=first, again=again, second_s=second)
     return _cpu_image
-
-
-def cli_env(state_dir: Path, scratch: Path) -> dict[str, str]:
-    """The environment for a CLI subprocess: this state dir, no real config layers."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    env.update(
-        APPLIANCE_STATE_DIR=str(state_dir),
-        APPLIANCE_SYSTEM_CONFIG=str(scratch / "no-system-config.yaml"),
-        APPLIANCE_SANDBOX__SERVICE_USER=SERVICE_USER,
-        APPLIANCE_CONTROL__PORT="null",  # parallel tests would race for the default port
-        XDG_CONFIG_HOME=str(scratch / "xdg"),
-    )
-    return env
 
 
 def run_cli(

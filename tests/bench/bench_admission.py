@@ -31,12 +31,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers import free_port
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from appliance.store.inference_store import InferenceStore
 from inference.ports import Budget, Reservation, Settlement
 from tests.integration.gateway_harness import (
-    free_port,
     start_fake_vllm,
     start_gateway,
     stop,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,15 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.helpers import cli_env, free_port
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 APPLIANCE = str(Path(sys.executable).parent / "appliance")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -41,14 +36,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="ba-"))
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")},
-        "APPLIANCE_STATE_DIR": str(root / "s"),
-        "APPLIANCE_GATEWAY__PORT": str(free_port()),
-        "APPLIANCE_INFERENCE__BACKEND_LISTEN__PORT": str(free_port()),
-        "APPLIANCE_SYSTEM_CONFIG": str(root / "none.yaml"),
-        "XDG_CONFIG_HOME": str(root / "xdg"),
-    }
+    env = cli_env(
+        root / "s",
+        root,
+        APPLIANCE_GATEWAY__PORT=str(free_port()),
+        APPLIANCE_INFERENCE__BACKEND_LISTEN__PORT=str(free_port()),
+    )
     os.environ.update(env)
     subprocess.run([APPLIANCE, "up", "--timeout", "600"], env=env, check=True)
     try:
@@ -59,6 +52,7 @@ def main() -> None:
 
 def run(args: argparse.Namespace) -> None:
     from appliance.agents import AgentManager
+
     from appliance.config import load_config
     from appliance.store import open_store
 

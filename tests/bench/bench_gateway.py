@@ -26,11 +26,12 @@ from pathlib import Path
 
 import httpx
 
+from tests.helpers import free_port
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from appliance.store.inference_store import InferenceStore
 from tests.integration.gateway_harness import (
-    free_port,
     start_fake_vllm,
     start_gateway,
     stop,

@@ -3,12 +3,11 @@ config layers, and the embedded model's converted weights shared with the other 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from tests.integration.gateway_harness import free_port
+from tests.helpers import cli_env, free_port
 
 
 def environment(root: Path, config: pytest.Config, state: str = "state") -> dict[str, str]:
@@ -18,12 +17,10 @@ def environment(root: Path, config: pytest.Config, state: str = "state") -> dict
     cache = getattr(config, "cache", None)  # absent with -p no:cacheprovider
     if cache is not None:  # conversion costs ~20 s: share it with the embedded backend's tests
         (models / "cache").symlink_to(cache.mkdir("embedded-models"))
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")},
-        "APPLIANCE_STATE_DIR": str(root / state),
-        "APPLIANCE_MODELS_DIR": str(models),
-        "APPLIANCE_GATEWAY__PORT": str(free_port()),
-        "APPLIANCE_INFERENCE__BACKEND_LISTEN__PORT": str(free_port()),
-        "APPLIANCE_SYSTEM_CONFIG": str(root / "none.yaml"),
-        "XDG_CONFIG_HOME": str(root / "xdg"),
-    }
+    return cli_env(
+        root / state,
+        root,
+        APPLIANCE_MODELS_DIR=str(models),
+        APPLIANCE_GATEWAY__PORT=str(free_port()),
+        APPLIANCE_INFERENCE__BACKEND_LISTEN__PORT=str(free_port()),
+    )

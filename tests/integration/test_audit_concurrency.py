@@ -18,6 +18,7 @@ import pytest
 
 from appliance.audit import ChainWriter, verify
 from appliance.store.inference_store import InferenceStore
+from tests.helpers import cli_env
 
 pytestmark = pytest.mark.integration
 
@@ -165,7 +166,7 @@ def test_tail_follow_prints_new_records_as_they_land(tmp_path: Path) -> None:
     writer = ChainWriter(state / "audit" / "audit.jsonl")
     writer.append("before", n=0)
     appliance = str(Path(sys.executable).parent / "appliance")
-    env = {**_env(), "APPLIANCE_STATE_DIR": str(state)}
+    env = cli_env(state, tmp_path)
     argv = [appliance, "audit", "tail", "-n", "1", "--follow", "--json", "--event", "keep.*"]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     watchdog = threading.Timer(60, proc.kill)  # a broken follow must fail the test, not hang it

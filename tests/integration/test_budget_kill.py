@@ -20,7 +20,8 @@ from appliance.store import open_store
 from appliance.store.inference_store import InferenceStore
 from appliance.store.sandbox_store import SandboxStore
 from inference.ports import Budget, OwnerKind
-from tests.integration.gateway_harness import free_port, start_fake_vllm, stop, wait_http
+from tests.helpers import free_port
+from tests.integration.gateway_harness import start_fake_vllm, stop, wait_http
 
 pytestmark = pytest.mark.integration
 

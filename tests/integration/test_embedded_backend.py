@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_port
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -32,12 +33,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL = "nemotron"
 REPO = Path(__file__).resolve().parents[2]
 CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(cache_dir: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:

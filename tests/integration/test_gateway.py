@@ -16,7 +16,8 @@ import pytest
 
 from appliance.store.inference_store import InferenceStore
 from inference.ports import Budget
-from tests.integration.gateway_harness import free_port, start_fake_vllm, start_gateway, stop
+from tests.helpers import free_port
+from tests.integration.gateway_harness import start_fake_vllm, start_gateway, stop
 
 pytestmark = pytest.mark.integration
 

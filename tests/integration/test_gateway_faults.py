@@ -13,8 +13,8 @@ import openai
 import pytest
 
 from appliance.store.inference_store import InferenceStore
+from tests.helpers import free_port
 from tests.integration.gateway_harness import (
-    free_port,
     running,
     start_fake_vllm,
     start_gateway,

@@ -18,7 +18,8 @@ from starlette.testclient import TestClient
 
 from appliance.store.inference_store import InferenceStore
 from inference.gateway import GatewaySettings, create_app
-from tests.integration.gateway_harness import free_port, start_fake_vllm, stop
+from tests.helpers import free_port
+from tests.integration.gateway_harness import start_fake_vllm, stop
 
 pytestmark = pytest.mark.integration
 

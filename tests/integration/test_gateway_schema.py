@@ -22,7 +22,8 @@ from schemathesis import GenerationMode
 
 from appliance.store.inference_store import InferenceStore
 from inference.gateway.errors import ERROR_TYPES
-from tests.integration.gateway_harness import free_port, running, start_fake_vllm, start_gateway
+from tests.helpers import free_port
+from tests.integration.gateway_harness import running, start_fake_vllm, start_gateway
 
 pytestmark = pytest.mark.integration
 

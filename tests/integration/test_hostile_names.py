@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import cli_env
 from tests.sandbox_fixtures import (
-    cli_env,
     ensure_base_image,
     podman_client,
     proxy_pids,

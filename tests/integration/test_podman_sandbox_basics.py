@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import SERVICE_USER
 from tests.sandbox_fixtures import IMAGE_CACHE as CACHE
-from tests.sandbox_fixtures import SERVICE_USER, sandbox_skip_reason
+from tests.sandbox_fixtures import sandbox_skip_reason
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

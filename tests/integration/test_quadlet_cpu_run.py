@@ -14,7 +14,6 @@ import os
 import pwd
 import resource
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -25,7 +24,7 @@ from typing import Any
 import pytest
 
 from appliance.services import quadlet as q
-from tests.sandbox_fixtures import SERVICE_USER
+from tests.helpers import SERVICE_USER, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("cpu-image")]
 
@@ -82,12 +81,6 @@ def image(cpu_image: dict[str, Any]) -> str:
     return TAG
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _environment_only() -> list[str]:
     """This machine's rlimits are below rootful Podman's defaults (nofile 1048576), which runc
     then cannot set: not a setting of the unit, so not in its argv."""
@@ -99,7 +92,7 @@ def _environment_only() -> list[str]:
 @pytest.fixture(scope="module")
 def running(image: str) -> Iterator[dict[str, Any]]:
     name, volume = f"appliance-quadlet-itest-{os.getpid()}", f"appliance-itest-{os.getpid()}"
-    spec = q.spec_for(image, host_port=_free_port())
+    spec = q.spec_for(image, host_port=free_port())
     argv = spec.podman_run_argv(name=name, volume=volume)
     # What the .volume's generated service runs, then the container detached (as Quadlet does).
     _podman("volume", "create", "--label", "org.appliance.volume=state", f"systemd-{volume}")

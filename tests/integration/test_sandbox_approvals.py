@@ -39,8 +39,8 @@ import pytest
 import yaml
 
 from sandbox.proxy.addresses import is_forbidden
+from tests.helpers import cli_env
 from tests.sandbox_fixtures import (
-    cli_env,
     ensure_base_image,
     force_remove_container,
     kill_proxies,

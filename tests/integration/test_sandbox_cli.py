@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import ConfigError, exit_code_for
+from tests.helpers import cli_env
 from tests.sandbox_fixtures import (
-    cli_env,
     podman_client,
     proxy_pids,
     run_cli,

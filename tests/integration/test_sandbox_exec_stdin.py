@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import cli_env
 from tests.sandbox_fixtures import (
     APPLIANCE,
-    cli_env,
     ensure_base_image,
     run_cli,
     sandbox_skip_reason,

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from sandbox.supervisor.landlock import probe_abi
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -48,12 +49,6 @@ RW = [
     "remove_dir",
     "truncate",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Box:

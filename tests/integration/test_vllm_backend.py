@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -30,18 +29,13 @@ from inference.backends import (
     VllmBackend,
 )
 from inference.backends.vllm import flag_value
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTS_DIR = REPO / "tests" / "fixtures" / "hosts"
 FAKE = [sys.executable, "-m", "tests.fakes.fake_vllm"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def spark_plan(overrides: PlanOverrides | None = None) -> ServingPlan:

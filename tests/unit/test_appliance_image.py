@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import re
 import shlex
 import shutil
@@ -35,12 +34,12 @@ from appliance.services.supervisor import backend_process
 from hardware.catalog import recipe_book
 from hardware.snapshot import HostSnapshot
 from inference.backends.vllm import flag_value
+from tests.helpers import assert_golden
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTS_DIR = REPO / "tests" / "fixtures" / "hosts"
 ARGV_GOLDEN = REPO / "tests" / "golden" / "argv"
 SPEC_GOLDEN = REPO / "tests" / "golden" / "images"
-UPDATE_GOLDEN = os.environ.get("UPDATE_GOLDEN") == "1"
 RECIPES = sorted(ai.RECIPES.glob("*.Containerfile"))
 # The recorded host each GPU image is checked on (tests/fixtures/hosts, tests/golden/argv).
 GPU_HOSTS = {"spark": "dgx_spark_gb10", "rtx": "rtx_pro_6000_96gb"}
@@ -239,12 +238,7 @@ def test_load_format_the_plan_uses_is_in_the_image(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(ai.TARGETS))
 def test_build_spec_matches_its_golden_file(name: str) -> None:
     text = json.dumps(ai.golden_spec(name), indent=2, sort_keys=True) + "\n"
-    golden = SPEC_GOLDEN / f"{name}.json"
-    if UPDATE_GOLDEN:
-        golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_text(text)
-    assert golden.exists(), f"no golden spec for {name}: run with UPDATE_GOLDEN=1 and review it"
-    assert text == golden.read_text(), "rerun with UPDATE_GOLDEN=1 and review the diff"
+    assert_golden(SPEC_GOLDEN / f"{name}.json", text)
 
 
 @pytest.mark.parametrize("name", sorted(ai.TARGETS))

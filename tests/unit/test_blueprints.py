@@ -6,7 +6,6 @@ UPDATE_GOLDEN=1 pytest tests/unit/test_blueprints.py   # rewrite the schema gold
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import yaml
 from blueprints.catalog import BlueprintError, BlueprintNotFound, Catalog, load_blueprint
 from blueprints.diff import diff, recreates
 from blueprints.model import Blueprint, semver_key
+from tests.helpers import assert_golden
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "blueprint.schema.json"
 DIGEST = "sha256:" + "ab" * 32
@@ -209,9 +209,7 @@ def test_diff_shows_written_and_resolved_changes() -> None:
 def test_json_schema_matches_the_golden_file() -> None:
     schema = Blueprint.model_json_schema()
     text = json.dumps(schema, indent=2, sort_keys=True) + "\n"
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        GOLDEN.write_text(text)
-    assert GOLDEN.read_text() == text, "schema changed: rerun with UPDATE_GOLDEN=1 and review"
+    assert_golden(GOLDEN, text)
     assert schema["additionalProperties"] is False
 
 

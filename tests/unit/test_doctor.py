@@ -25,6 +25,7 @@ from appliance.ops.doctor import (
 from appliance.ops.doctor.env import run_argv
 from hardware.snapshot import GpuInfo, HostClass, HostSnapshot
 from tests.conftest import FIXTURES
+from tests.helpers import free_port
 
 CPU_HOST = HostSnapshot(
     host_class=HostClass.CPU_ONLY,
@@ -48,12 +49,6 @@ def _write(root: Path, path: str, text: str) -> None:
     target = root / path.lstrip("/")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -104,9 +99,9 @@ VERSIONS = {"podman": "podman version 4.9.3\n", "runc": "runc version 1.1.12\nco
 def env(root: Path, tmp_path: Path) -> DoctorEnv:
     config = ApplianceConfig(
         state_dir=tmp_path / "state",
-        gateway=GatewayConfig(port=_free_port()),
+        gateway=GatewayConfig(port=free_port()),
     )
-    config.inference.backend_listen = ListenConfig(port=_free_port())
+    config.inference.backend_listen = ListenConfig(port=free_port())
     return DoctorEnv(
         config=config,
         host=CPU_HOST,
@@ -374,7 +369,7 @@ def test_port_held_by_a_bound_socket_is_in_use(env: DoctorEnv) -> None:
 
 
 def test_non_loopback_gateway_warns(env: DoctorEnv) -> None:
-    env.config.gateway = GatewayConfig(host="0.0.0.0", port=_free_port())
+    env.config.gateway = GatewayConfig(host="0.0.0.0", port=free_port())
     r = serving_host.check_gateway_port(env)
     assert r.status == "warn"
     assert "not loopback" in r.detail
@@ -382,7 +377,7 @@ def test_non_loopback_gateway_warns(env: DoctorEnv) -> None:
 
 
 def test_unbindable_address_fails(env: DoctorEnv) -> None:
-    env.config.inference.backend_listen = ListenConfig(host="192.0.2.1", port=_free_port())
+    env.config.inference.backend_listen = ListenConfig(host="192.0.2.1", port=free_port())
     r = serving_host.check_backend_port(env)
     assert r.status == "fail"
     assert "cannot bind 192.0.2.1" in r.detail

@@ -5,7 +5,6 @@ against a real stand-in vLLM process."""
 from __future__ import annotations
 
 import json
-import socket
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,12 +20,7 @@ from appliance.store.inference_store import InferenceStore
 from inference.gateway import GatewaySettings, create_app
 from inference.gateway.routing import Router
 from inference.ports import Budget, ControlPlaneHooks, KeyRecord
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # closed again on exit: connections are refused
+from tests.helpers import free_port
 
 
 @pytest.fixture
@@ -36,7 +30,7 @@ def store(tmp_path: Path) -> Iterator[InferenceStore]:
 
 
 def make_client(store: InferenceStore, hooks: ControlPlaneHooks | None = None, **settings: Any):
-    base = {"backend_url": f"http://127.0.0.1:{closed_port()}", "aliases": {"smol": "nemotron"}}
+    base = {"backend_url": f"http://127.0.0.1:{free_port()}", "aliases": {"smol": "nemotron"}}
     app = create_app(GatewaySettings(**{**base, **settings}), store, store, store, store, hooks)
     return TestClient(app, raise_server_exceptions=False)
 
@@ -397,7 +391,7 @@ def test_an_unexpected_error_is_a_fixed_500_with_a_request_id_and_the_detail_onl
 
     broken = Broken(store.path.parent)
     app = create_app(
-        GatewaySettings(backend_url=f"http://127.0.0.1:{closed_port()}"),
+        GatewaySettings(backend_url=f"http://127.0.0.1:{free_port()}"),
         broken, store, store, store,
     )  # fmt: skip
     with TestClient(app, raise_server_exceptions=False) as c:

@@ -8,7 +8,6 @@ and read the diff: the golden files are the spec.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,11 +17,11 @@ from hardware.catalog import PLANNER_FLAGS, Recipe, model_table, recipe_book
 from hardware.plan_types import PlanOverrides, ServingPlan
 from hardware.planner import plan_serving
 from hardware.snapshot import GpuInfo, HostClass, HostSnapshot
+from tests.helpers import assert_golden
 
 TESTS = Path(__file__).resolve().parents[1]
 HOSTS_DIR = TESTS / "fixtures" / "hosts"
 GOLDEN_DIR = TESTS / "golden" / "plans"
-UPDATE_GOLDEN = os.environ.get("UPDATE_GOLDEN") == "1"
 
 # The expected outcome per host class: (variant, tensor parallel size).
 EXPECTED = {
@@ -72,12 +71,7 @@ def test_every_fixture_has_an_expectation() -> None:
 @pytest.mark.parametrize("name", HOSTS)
 def test_golden_plan(name: str) -> None:
     actual = dump(plan_serving(load_host(name)))
-    golden = GOLDEN_DIR / f"{name}.json"
-    if UPDATE_GOLDEN:
-        golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_text(actual, encoding="utf-8")
-    assert golden.exists(), f"no golden plan for {name}: run with UPDATE_GOLDEN=1 and review it"
-    assert actual == golden.read_text(encoding="utf-8")
+    assert_golden(GOLDEN_DIR / f"{name}.json", actual)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ UPDATE_GOLDEN=1 pytest tests/unit/test_quadlet_units.py
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from appliance.cli.main import app, main
 from appliance.errors import PreflightError
 from appliance.packaging import appliance_image as ai
 from appliance.services import quadlet as q
+from tests.helpers import assert_golden
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "units" / "quadlet"
 MODELS = Path("/var/lib/appliance/models")
@@ -102,12 +102,7 @@ def test_podman_run_argv_matches_its_golden_file(target: str) -> None:
 
 
 def _golden(target: str, name: str) -> None:
-    text = rendered(target)[name]
-    golden = GOLDEN / target / name
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_text(text)
-    assert golden.read_text() == text, "rerun with UPDATE_GOLDEN=1 and review"
+    assert_golden(GOLDEN / target / name, rendered(target)[name])
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -8,7 +8,6 @@ and read the diff: the golden files are the spec.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,10 @@ from sandbox.supervisor.landlock import (
     abi_rights,
     missing_rights,
 )
+from tests.helpers import assert_golden
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN_DIR = REPO / "tests" / "golden" / "sandbox"
-UPDATE_GOLDEN = os.environ.get("UPDATE_GOLDEN") == "1"
 
 STRICT = """
 filesystem:
@@ -97,12 +96,7 @@ KINDS = ["podman", "argv", "seccomp", "landlock"]
 @pytest.mark.parametrize("case", CASES)
 def test_golden(case: str, kind: str) -> None:
     actual = json.dumps(_compile(case, kind), indent=2, sort_keys=False) + "\n"
-    golden = GOLDEN_DIR / f"{case}.{kind}.json"
-    if UPDATE_GOLDEN:
-        golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_text(actual, encoding="utf-8")
-    assert golden.exists(), f"no golden for {case}.{kind}: run with UPDATE_GOLDEN=1 and review it"
-    assert actual == golden.read_text(encoding="utf-8")
+    assert_golden(GOLDEN_DIR / f"{case}.{kind}.json", actual)
 
 
 # --- Podman spec --------------------------------------------------------------------------------

@@ -5,12 +5,12 @@ UPDATE_GOLDEN=1 pytest tests/unit/test_service_units.py
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from appliance.services.systemd import UNITS, render_all
+from tests.helpers import assert_golden
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "units"
 RENDERED = render_all(
@@ -21,11 +21,7 @@ RENDERED = render_all(
 
 @pytest.mark.parametrize("name", sorted(RENDERED))
 def test_unit_matches_its_golden_file(name: str) -> None:
-    golden = GOLDEN / name
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_text(RENDERED[name])
-    assert golden.read_text() == RENDERED[name], "rerun with UPDATE_GOLDEN=1 and review"
+    assert_golden(GOLDEN / name, RENDERED[name])
 
 
 def test_units_cover_the_services_and_order_them() -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from inference.backends import Backoff, ProcessBackend, Supervisor
 from inference.backends.supervisor import RESTART_HISTORY
+from tests.helpers import free_port
 
 
 class ScriptedBackend:
@@ -134,12 +135,6 @@ def test_restarts_are_logged_with_their_reason_and_the_last_few_kept(
 
 
 # -- ProcessBackend.probe against real sockets ----------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def backend_at(port: int, tmp_path: Path) -> ProcessBackend:
     return ProcessBackend(
         ["true"], base_url=f"http://127.0.0.1:{port}", log_path=tmp_path / "b.log"

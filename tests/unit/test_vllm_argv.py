@@ -7,7 +7,6 @@ and read the diff: each file is the exact line the backend runs on that host.
 
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 
@@ -27,11 +26,11 @@ from inference.backends.vllm import (
     set_flag,
     step_down_sequence,
 )
+from tests.helpers import UPDATE_GOLDEN, assert_golden
 
 TESTS = Path(__file__).resolve().parents[1]
 HOSTS_DIR = TESTS / "fixtures" / "hosts"
 GOLDEN_DIR = TESTS / "golden" / "argv"
-UPDATE_GOLDEN = os.environ.get("UPDATE_GOLDEN") == "1"
 
 
 def load_plan(name: str, overrides: PlanOverrides | None = None) -> ServingPlan:
@@ -62,12 +61,7 @@ def test_every_vllm_host_has_a_golden_and_no_golden_is_stale() -> None:
 def test_golden_launch_line(name: str, tmp_path: Path) -> None:
     plan = load_plan(name)
     line = backend(plan, tmp_path).command_line() + "\n"
-    golden = GOLDEN_DIR / f"{name}.txt"
-    if UPDATE_GOLDEN:
-        golden.parent.mkdir(parents=True, exist_ok=True)
-        golden.write_text(line, encoding="utf-8")
-    assert golden.exists(), f"no golden argv for {name}: run with UPDATE_GOLDEN=1 and review it"
-    assert line == golden.read_text(encoding="utf-8")
+    assert_golden(GOLDEN_DIR / f"{name}.txt", line)
 
 
 @pytest.mark.parametrize("name", VLLM_HOSTS)

@@ -62,6 +62,9 @@ class Runtime(_Strict):
     version: str | None = None  # openclaw: the exact npm version
     integrity: str | None = None  # openclaw: the npm tarball's sha512 integrity
     command: list[str] | None = None  # command: argv run as the agent
+    # command: argv run once per turn (the message and session in $AGENT_MESSAGE and
+    # $AGENT_SESSION, the reply on stdout); none: the agent takes no turns.
+    turn: list[str] | None = None
 
     @model_validator(mode="after")
     def _complete(self) -> Runtime:
@@ -70,10 +73,12 @@ class Runtime(_Strict):
                 raise ValueError("openclaw needs an exact version like 2026.9.6")
             if self.integrity is None or not _INTEGRITY.match(self.integrity):
                 raise ValueError("openclaw needs its npm integrity (sha512-...==)")
-            if self.command is not None:
-                raise ValueError("`command` is for kind: command; openclaw's is fixed")
+            if self.command is not None or self.turn is not None:
+                raise ValueError("`command` and `turn` are for kind: command; openclaw's are fixed")
         elif not self.command:
             raise ValueError("kind: command needs a non-empty `command` list")
+        elif self.turn is not None and not self.turn:
+            raise ValueError("`turn` must be a non-empty argv list (or left out)")
         return self
 
 
@@ -208,7 +213,10 @@ class Blueprint(_Strict):
 
     def digest(self) -> str:
         """sha256 of the canonical blueprint: what a sandbox records it runs."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        if data["runtime"]["turn"] is None:
+            del data["runtime"]["turn"]  # added later: unset, earlier deployments' pins still hold
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 

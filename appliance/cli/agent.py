@@ -1,17 +1,17 @@
-"""`appliance agent create|run|chat|logs|transcript|list|rm`: agents made from blueprints."""
+"""`appliance agent create|run|chat|logs|transcript|list|stop|start|rm`: agents made from
+blueprints, through the control plane's API (which owns them)."""
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from appliance.cli.context import app_context
+from appliance.cli.context import control_client
 from appliance.cli.options import JsonOpt
 from appliance.cli.output import console, err_console, print_json
 
@@ -20,22 +20,15 @@ app = typer.Typer(
 )
 
 NameArg = Annotated[str, typer.Argument(help="Agent name.", metavar="NAME")]
+TURN_FAILED_HINT = "see `appliance agent logs NAME` and `appliance sandbox logs NAME`"
 
 
-@contextmanager
-def agents(ctx: typer.Context) -> Iterator:
-    from appliance.agents import AgentManager
-    from appliance.sandboxes import ensure_ready
-    from appliance.store import open_store
+def blueprint_arg(ref: str) -> str:
+    """A blueprint file is read by the control plane (root, same host): send its absolute
+    path, as this shell's working directory means it. A catalog reference goes as it is."""
+    from blueprints.resolve import is_path_ref
 
-    config = app_context(ctx).config()
-    ensure_ready(config)
-    with open_store(config.state_dir) as store:
-        yield AgentManager(config, store)
-
-
-def _progress(line: str) -> None:
-    err_console.print(f"[dim]{line}[/]", highlight=False)
+    return str(Path(ref).absolute()) if is_path_ref(ref) else ref
 
 
 @app.command("create")
@@ -49,19 +42,22 @@ def create(
 ) -> None:
     """Create the agent's sandbox (image, policy, key, budget) from a blueprint and start it.
     NAME: 1-63 of a-z, 0-9 and '-'. All or nothing: a failure leaves nothing behind."""
-    from appliance.names import check_name
+    from sandbox.names import check_name
 
-    check_name(name, "agent")  # before anything is opened or written
-    with agents(ctx) as m:
-        dep = m.create(name, blueprint, progress=_progress)
-        report = m.sandboxes.enforcement(name) or {}
+    check_name(name, "agent")  # before anything is sent
+    err_console.print(
+        f"[dim]creating {name} from {blueprint} (a first use builds its image: minutes)[/]",
+        highlight=False,
+    )
+    with control_client(ctx) as client:
+        out = client.create_agent(name, blueprint_arg(blueprint))
     if json_out:
-        print_json({"name": name, "blueprint": dep.ref, "digest": dep.digest, "image": dep.image,
-                    "enforcement": report})  # fmt: skip
+        print_json(out)
         return
+    report = out.get("enforcement") or {}
     ll = report.get("landlock", {})
     console.print(
-        f"agent {name} running {dep.ref} · Landlock ABI {ll.get('abi')} "
+        f"agent {name} running {out['blueprint']} · Landlock ABI {ll.get('abi')} "
         f"enforced={ll.get('enforced')} · seccomp {report.get('seccomp_mode')}"
     )
 
@@ -79,25 +75,28 @@ def run(
     """One non-interactive turn: the reply is printed (`--json`: the whole record)."""
     if message == "-":
         message = sys.stdin.read()
-    with agents(ctx) as m:
-        result = m.run(name, message, session=session)
+    with control_client(ctx) as client:
+        result = client.run_turn(name, message, session=session)
+    stderr_tail = str(result.pop("stderr_tail", "") or "")
     if json_out:
-        print_json(result.as_dict())
-    elif result.ok:
-        console.print(result.reply, highlight=False, markup=False)
-    if not result.ok:
-        from appliance.agents import AgentError
+        print_json(result)
+    elif result["ok"]:
+        console.print(result["reply"], highlight=False, markup=False)
+    if not result["ok"]:
+        from appliance.errors import ApplianceError
 
-        detail = (result.raw or {}).get("error") or result.stderr_tail.strip().splitlines()[-1:]
-        raise AgentError(f"the turn failed (exit {result.exit_code}): {detail}")
+        detail = (result.get("raw") or {}).get("error") or stderr_tail.strip().splitlines()[-1:]
+        raise ApplianceError(
+            f"the turn failed (exit {result['exit_code']}): {detail}", hint=TURN_FAILED_HINT
+        )
 
 
 @app.command("chat")
 def chat(ctx: typer.Context, name: NameArg) -> None:
-    """An interactive session: one turn per line you type, all in one OpenClaw session (it
+    """An interactive session: one turn per line you type, all in one session (the runtime
     remembers the conversation); Ctrl-D ends it."""
     session = time.strftime("chat-%Y%m%d-%H%M%S")
-    with agents(ctx) as m:
+    with control_client(ctx) as client:
         while True:
             try:
                 message = console.input("[bold]you>[/] ")
@@ -106,12 +105,12 @@ def chat(ctx: typer.Context, name: NameArg) -> None:
                 return
             if not message.strip():
                 continue
-            result = m.run(name, message, session=session)
+            result = client.run_turn(name, message, session=session)
             console.print(
-                f"[bold]{name}>[/] {result.reply}"
-                if result.ok
+                f"[bold]{name}>[/] {result['reply']}"
+                if result["ok"]
                 else f"[red]failed[/] "
-                f"(exit {result.exit_code}): {result.stderr_tail.strip()[-300:]}",
+                f"(exit {result['exit_code']}): {str(result.get('stderr_tail')).strip()[-300:]}",
                 highlight=False,
             )
 
@@ -119,8 +118,8 @@ def chat(ctx: typer.Context, name: NameArg) -> None:
 @app.command("transcript")
 def transcript(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> None:
     """Every turn of the agent, as recorded on the host."""
-    with agents(ctx) as m:
-        turns = m.transcript(name)
+    with control_client(ctx) as client:
+        turns = client.agent_transcript(name)
     if json_out:
         print_json(turns)
         return
@@ -133,16 +132,15 @@ def transcript(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> 
 @app.command("logs")
 def logs(ctx: typer.Context, name: NameArg) -> None:
     """The agent sandbox's output (PID 1 and the agent's main command)."""
-    with agents(ctx) as m:
-        chunks = m.sandboxes.container(name).logs(stdout=True, stderr=True)
-        sys.stdout.write(b"".join(chunks).decode(errors="replace"))
+    with control_client(ctx) as client:
+        sys.stdout.write(client.sandbox_logs(name))
 
 
 @app.command("list")
 def list_(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     """Every agent with its blueprint, state, turns and tokens today."""
-    with agents(ctx) as m:
-        rows = m.inventory()
+    with control_client(ctx) as client:
+        rows = client.agents()
     if json_out:
         print_json(rows)
         return
@@ -156,9 +154,30 @@ def list_(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     console.print(table)
 
 
+def _state(row: dict[str, Any], json_out: bool) -> None:
+    if json_out:
+        print_json(row)
+    else:
+        console.print(f"{row['name']} {row['state']} ({row['blueprint']})", highlight=False)
+
+
+@app.command("stop")
+def stop(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> None:
+    """Stop the agent's sandbox (and its egress proxy); its home, key and history stay."""
+    with control_client(ctx) as client:
+        _state(client.stop_agent(name), json_out)
+
+
+@app.command("start")
+def start(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> None:
+    """Start a stopped agent's sandbox again (refused while the kill switch holds)."""
+    with control_client(ctx) as client:
+        _state(client.start_agent(name), json_out)
+
+
 @app.command("rm")
 def rm(ctx: typer.Context, name: NameArg) -> None:
     """Remove the agent: its sandbox, key and home (the transcript stays on the host)."""
-    with agents(ctx) as m:
-        m.remove(name)
+    with control_client(ctx) as client:
+        client.remove_agent(name)
     console.print(f"removed {name}")

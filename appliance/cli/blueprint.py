@@ -26,16 +26,16 @@ def catalog(ctx: typer.Context):
     return Catalog(app_context(ctx).config().blueprints.dirs)
 
 
-def resolve(ctx: typer.Context, ref: str):
-    from appliance.blueprint_refs import resolve_blueprint
+def resolve(ctx: typer.Context, ref: str, compatible: bool = False):
+    from appliance.control.blueprints import resolve as resolve_ref
 
-    return resolve_blueprint(catalog(ctx), ref)
+    return resolve_ref(catalog(ctx), ref, compatible=compatible)
 
 
 @app.command("list")
 def list_(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     """Every blueprint and version in the catalog (and the configured user dirs)."""
-    from appliance.blueprint_refs import blueprint_errors
+    from appliance.control.blueprints import blueprint_errors
 
     with blueprint_errors():
         cat = catalog(ctx)
@@ -94,10 +94,7 @@ def validate(
     json_out: JsonOpt = False,
 ) -> None:
     """Check a blueprint file: schema, policy rules, presets, versions (errors as file:line)."""
-    from appliance.blueprint_refs import check_compatible
-
-    bp = resolve(ctx, str(path))
-    check_compatible(bp)
+    bp = resolve(ctx, str(path), compatible=True)
     if json_out:
         print_json({"valid": True, "ref": bp.ref, "digest": bp.digest()})
     else:
@@ -153,14 +150,12 @@ def upgrade(
 ) -> None:
     """Re-create an agent's sandbox on another blueprint version, keeping its home and
     persisted approvals; if the new one fails to start, the old one is restored."""
-    from appliance.cli.agent import _progress, agents
+    from appliance.cli.agent import blueprint_arg
+    from appliance.cli.context import control_client
 
-    with agents(ctx) as m:
-        if to is not None and "@" not in to and not to.endswith((".yaml", ".yml")):
-            current = m.agents.current(sandbox)
-            to = f"{current.blueprint}@{to}" if current else to
-        dep = m.upgrade(sandbox, to, progress=_progress)
-    console.print(f"{sandbox} now runs {dep.ref}")
+    with control_client(ctx) as client:
+        dep = client.upgrade_agent(sandbox, blueprint_arg(to) if to else None)
+    console.print(f"{sandbox} now runs {dep['blueprint']}")
 
 
 @app.command("rollback")
@@ -168,8 +163,8 @@ def rollback(
     ctx: typer.Context, sandbox: Annotated[str, typer.Argument(help="The agent (sandbox).")]
 ) -> None:
     """Go back to the blueprint version the agent ran before its last upgrade."""
-    from appliance.cli.agent import _progress, agents
+    from appliance.cli.context import control_client
 
-    with agents(ctx) as m:
-        dep = m.rollback(sandbox, progress=_progress)
-    console.print(f"{sandbox} is back on {dep.ref}")
+    with control_client(ctx) as client:
+        dep = client.rollback_agent(sandbox)
+    console.print(f"{sandbox} is back on {dep['blueprint']}")

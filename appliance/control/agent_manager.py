@@ -1,13 +1,16 @@
 """Agents: a sandbox, a key and a budget made from a blueprint, and the turns run in it.
 
 `create` resolves the blueprint (catalog or file), finds or builds the image it pins by digest,
-renders the agent's config into a read-only directory, creates the sandbox with the blueprint's
-policy and a key limited to the blueprint's models, and sets that key's budget. A turn (`run`)
-executes the runtime's one-shot command inside the sandbox through the supervisor's `exec` mode
-(the agent's Landlock domain), records the reply on the host (transcript JSONL, audit) and never
-hands the agent a key: inference.local is reached through the egress proxy, which injects it.
-`upgrade` re-creates the sandbox (and its key) on another version around the same home and
-persisted approvals, and goes back when the new one fails.
+renders the runtime's config into a read-only directory, creates the sandbox with the runtime's
+policy and a key limited to the blueprint's models, and sets that key's budget. A turn runs the
+runtime's command inside the sandbox through the supervisor's `exec` mode (the agent's Landlock
+domain), records the reply on the host (transcript JSONL, audit) and never hands the agent a key:
+inference.local is reached through the egress proxy, which injects it. `upgrade` re-creates the
+sandbox (and its key) on another version around the same home and persisted approvals, and goes
+back when the new one fails. What a runtime kind means is blueprints/runtimes' business.
+
+The mechanics only, on one store connection (one thread): the control plane's AgentService
+(agents.py) holds the locks and says who acts.
 """
 
 from __future__ import annotations
@@ -20,42 +23,33 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from appliance.blueprint_refs import check_compatible, resolve_blueprint
 from appliance.config import ApplianceConfig
-from appliance.errors import ApplianceError, ConfigError, NotFoundError
-from appliance.names import SANDBOX_KEY_PREFIX, check_name
-from appliance.sandboxes import SandboxManager
+from appliance.control.blueprints import blueprint_errors, resolve, resolve_deployed
+from appliance.errors import (
+    OPERATOR_ERRORS,
+    ApplianceError,
+    ConfigError,
+    ConflictError,
+    NotFoundError,
+)
 from appliance.store import Store
 from appliance.store.agent_store import AgentStore, Deployment
 from appliance.store.inference_store import InferenceStore
-from appliance.undo import Undo
 from blueprints.catalog import Catalog
 from blueprints.model import Blueprint
+from blueprints.resolve import is_path_ref
+from blueprints.runtimes import AgentRuntime, Exec, Serving, runtime_for
 from inference.ports import Budget
-from sandbox.compile.podman_spec import AGENT_DIR
-from sandbox.policy import Policy
+from sandbox.lifecycle.undo import Undo
+from sandbox.names import SANDBOX_KEY_PREFIX, check_name
+
+if TYPE_CHECKING:
+    from sandbox.lifecycle.manager import SandboxManager
 
 Progress = Callable[[str], None]
-OPENCLAW_CONFIG = "openclaw.json"
-# In the agent's home: writable, persistent across upgrades (the home is the state volume).
-WORKSPACE = "/home/agent/workspace"
-# OpenClaw headless, offline, no self-update, no discovery (REFERENCE.md §8).
-OPENCLAW_ENV = {
-    "OPENCLAW_OFFLINE": "1",
-    "OPENCLAW_NO_AUTO_UPDATE": "1",
-    "OPENCLAW_SKIP_CHANNELS": "1",
-    "OPENCLAW_DISABLE_BONJOUR": "1",
-    "OPENCLAW_NO_RESPAWN": "1",
-    "OPENCLAW_CONFIG_READONLY": "1",
-    "DO_NOT_TRACK": "1",
-    "OPENCLAW_PROXY_URL": "http://127.0.0.1:3128",
-    "OPENCLAW_CONFIG_PATH": f"{AGENT_DIR}/{OPENCLAW_CONFIG}",
-    "OPENCLAW_STATE_DIR": "/home/agent/.openclaw",
-}
 _SESSION = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
-_PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
 
 
 class AgentError(ApplianceError):
@@ -89,110 +83,73 @@ class TurnResult:
         }
 
 
-def render(template: Any, values: dict[str, Any]) -> Any:
-    """Fill `{{name}}` placeholders; a string that is only a placeholder takes the value's type
-    (so `contextWindow: "{{context_tokens}}"` becomes a number). `${VAR}` is left to the agent."""
-    if isinstance(template, dict):
-        return {k: render(v, values) for k, v in template.items()}
-    if isinstance(template, list):
-        return [render(v, values) for v in template]
-    if not isinstance(template, str):
-        return template
-    whole = _PLACEHOLDER.fullmatch(template.strip())
-    if whole:
-        return values[_known(whole.group(1), values)]
-    return _PLACEHOLDER.sub(lambda m: str(values[_known(m.group(1), values)]), template)
-
-
 def key_models(bp: Blueprint) -> list[str]:
     """The models an agent's key may use: the blueprint's `inference.model` and its
     `allowed_models`, as the agent names them (the gateway resolves them through its aliases)."""
     return sorted({bp.inference.model, *bp.inference.allowed_models})
 
 
-def _known(name: str, values: dict[str, Any]) -> str:
-    if name not in values:
-        known = ", ".join(sorted(values))
-        raise ConfigError(f"agent_config: unknown placeholder {{{{{name}}}}} (known: {known})")
-    return name
-
-
 class AgentManager:
-    def __init__(self, config: ApplianceConfig, store: Store) -> None:
+    """The mechanics, on one store connection (one thread); no locks of its own."""
+
+    def __init__(
+        self,
+        config: ApplianceConfig,
+        store: Store,
+        sandboxes: SandboxManager,
+        actor: dict[str, Any] | None = None,
+    ) -> None:
         self.config = config
         self.store = store
-        self.sandboxes = SandboxManager(config, store)
+        self.sandboxes = sandboxes
         self.agents = AgentStore(store)
         self.catalog = Catalog(config.blueprints.dirs)
+        self.actor = actor or {}  # who acts: added to every audit record
+
+    def audit(self, event: str, **fields: Any) -> None:
+        self.sandboxes.store_audit(event, **fields, **self.actor)
 
     # -- blueprints and images ---------------------------------------------------------------
 
     def blueprint(self, ref: str) -> Blueprint:
-        bp = resolve_blueprint(self.catalog, ref)
-        check_compatible(bp)
-        return bp
+        return resolve(self.catalog, ref, compatible=True)
 
     def image(self, bp: Blueprint, progress: Progress) -> str:
         """The local image the blueprint pins (building it if this appliance knows the recipe)."""
-        from appliance.images import resolve_image
+        from appliance.packaging.images import resolve_image
 
         return resolve_image(self.sandboxes.podman.start(), bp.image, progress)
 
+    def _serving(self) -> Serving:
+        """What the backend serves: vLLM's planned max_model_len, or the embedded server's
+        configured (RoPE-extended) context."""
+        plan = (self.store.latest_plan() or {}).get("plan", {})
+        if plan.get("backend") == "vllm":
+            return Serving(context_tokens=int(plan["max_model_len"]), on_vllm=True)
+        return Serving(context_tokens=self.config.inference.embedded_context, on_vllm=False)
+
     # -- create / remove ---------------------------------------------------------------------
-
-    def _policy(self, bp: Blueprint) -> Policy:
-        policy = bp.policy()
-        if bp.runtime.kind != "openclaw":
-            return policy
-        fs = policy.filesystem.model_copy(
-            update={"read_only": [*policy.filesystem.read_only, AGENT_DIR]}
-        )
-        return policy.model_copy(update={"filesystem": fs})
-
-    def _agent_files(self, bp: Blueprint) -> dict[str, str] | None:
-        if bp.runtime.kind != "openclaw":
-            return None
-        values = {
-            "model": bp.inference.model,
-            "timeout_s": int(bp.inference.timeout_s),
-            "context_tokens": bp.inference.context_tokens or self._served_context(),
-            "max_tokens": bp.inference.max_output_tokens or (4096 if self._on_vllm() else 256),
-            "workspace": WORKSPACE,
-        }
-        return {OPENCLAW_CONFIG: json.dumps(render(bp.agent_config, values), indent=2) + "\n"}
-
-    def _plan(self) -> dict[str, Any]:
-        return (self.store.latest_plan() or {}).get("plan", {})
-
-    def _on_vllm(self) -> bool:
-        return self._plan().get("backend") == "vllm"
-
-    def _served_context(self) -> int:
-        """The context the backend serves (what OpenClaw may fill): vLLM's planned
-        max_model_len, or the embedded server's configured (RoPE-extended) context."""
-        if self._on_vllm():
-            return int(self._plan()["max_model_len"])
-        return self.config.inference.embedded_context
-
-    def _command(self, bp: Blueprint) -> list[str]:
-        if bp.runtime.kind == "command":
-            assert bp.runtime.command is not None
-            return list(bp.runtime.command)
-        return ["sleep", "infinity"]  # OpenClaw runs per turn (`agent --local`), no daemon
 
     def create(self, name: str, ref: str, progress: Progress = lambda _: None) -> Deployment:
         """All or nothing: the name is checked first; a failure after the sandbox was made
         removes it (its key and budget with it)."""
-        check_name(name, "agent")
-        if self.agents.current(name) is not None or self.sandboxes.boxes.get(name) is not None:
-            raise AgentError(f"{name!r} exists", hint=f"`appliance agent rm {name}`")
+        self.refuse_existing(name)
         bp = self.blueprint(ref)
         return self._deploy(name, bp, "created", progress)
+
+    def refuse_existing(self, name: str) -> None:
+        """ConflictError when an agent or a sandbox has the name (after the name rule)."""
+        check_name(name, "agent")
+        if self.agents.current(name) is not None or self.sandboxes.boxes.get(name) is not None:
+            raise ConflictError(f"{name!r} exists", hint=f"`appliance agent rm {name}` first")
 
     def _deploy(self, name: str, bp: Blueprint, reason: str, progress: Progress) -> Deployment:
         t0 = time.monotonic()
         image = self.image(bp, progress)
         progress(f"image: {image} ({time.monotonic() - t0:.1f} s)")
+        runtime = runtime_for(bp)
+        with blueprint_errors():  # a bad agent_config template: a ConfigError, nothing made
+            agent_files = runtime.agent_files(self._serving())
         t1 = time.monotonic()
         kept_home = self.sandboxes.paths(name).home.exists()  # an upgrade's: never undone
         with Undo(f"agent {name}") as undo:
@@ -200,30 +157,27 @@ class AgentManager:
             # upgrade or rollback carries its own blueprint's list): never unrestricted.
             self.sandboxes.create(
                 name,
-                self._policy(bp),
-                self._command(bp),
+                runtime.policy(),
+                runtime.command(),
                 image,
-                agent_files=self._agent_files(bp),
+                agent_files=agent_files,
                 allowed_models=key_models(bp),
             )
             undo.add(self.sandboxes.remove, name, keep_home=kept_home)
             progress(f"sandbox: running ({time.monotonic() - t1:.1f} s)")
-            self._ensure_workspace(name)
+            self._ensure_workspace(name, runtime)
             self._set_budget(name, bp)
             dep_id = self.agents.deploy(name, bp.name, bp.version, bp.digest(), image, reason)
             undo.commit()
-        self.sandboxes.store_audit(
-            "agent.deploy", agent=name, blueprint=bp.ref, digest=bp.digest(), reason=reason
-        )
-        deployment = next(d for d in self.agents.history(name) if d.id == dep_id)
-        return deployment
+        self.audit("agent.deploy", agent=name, blueprint=bp.ref, digest=bp.digest(), reason=reason)
+        return next(d for d in self.agents.history(name) if d.id == dep_id)
 
-    def _ensure_workspace(self, name: str) -> None:
+    def _ensure_workspace(self, name: str, runtime: AgentRuntime) -> None:
         """Create the workspace in the agent's home as the agent's (mapped) uid. The home is the
         agent's to write: never follow anything in it as root (a `workspace` symlink to /etc
         would otherwise hand /etc to the agent)."""
         home = self.sandboxes.paths(name).home
-        workspace = home / Path(WORKSPACE).relative_to("/home/agent")
+        workspace = home / Path(runtime.workspace).relative_to("/home/agent")
         try:
             os.mkdir(workspace, 0o700)
         except FileExistsError:
@@ -252,12 +206,22 @@ class AgentManager:
             )
 
     def remove(self, name: str) -> None:
-        self._current(name)
+        self.current(name)
         self.sandboxes.remove(name)
         self.agents.forget(name)
-        self.sandboxes.store_audit("agent.rm", agent=name)
+        self.audit("agent.rm", agent=name)
 
-    def _current(self, name: str) -> Deployment:
+    def stop(self, name: str) -> None:
+        self.current(name)
+        self.sandboxes.stop(name)
+        self.audit("agent.stop", agent=name)
+
+    def start(self, name: str) -> None:
+        self.current(name)
+        self.sandboxes.start(name)
+        self.audit("agent.start", agent=name)
+
+    def current(self, name: str) -> Deployment:
         dep = self.agents.current(name)
         if dep is None:
             raise NotFoundError(f"no agent named {name!r}", hint="`appliance agent list`")
@@ -265,28 +229,37 @@ class AgentManager:
 
     # -- upgrade / rollback ------------------------------------------------------------------
 
-    def upgrade(
-        self, name: str, to: str | None = None, progress: Progress = lambda _: None
-    ) -> Deployment:
-        """Re-create the sandbox on blueprint `to` (default: the newest version of the same
-        blueprint), keeping its home and persisted approvals; back to the old one on failure."""
-        current = self._current(name)
+    def upgrade_target(self, name: str, to: str | None = None) -> Blueprint:
+        """Blueprint `to` (VERSION, NAME@VERSION or a file; default: the newest version of the
+        blueprint the agent runs)."""
+        current = self.current(name)
+        if to is not None and "@" not in to and not is_path_ref(to):
+            to = f"{current.blueprint}@{to}"  # a bare version: of the blueprint it runs
         target = self.blueprint(to or current.blueprint)
         if target.digest() == current.digest:
             raise AgentError(f"{name} already runs {target.ref}", hint="pass --to VERSION")
+        return target
+
+    def upgrade(
+        self, name: str, to: str | None = None, progress: Progress = lambda _: None
+    ) -> Deployment:
+        """Re-create the sandbox on `upgrade_target(name, to)`, keeping its home and persisted
+        approvals; back to the old one on failure."""
+        current = self.current(name)
+        target = self.upgrade_target(name, to)
         return self._switch(name, current, target, f"upgrade from {current.ref}", progress)
 
-    def rollback(self, name: str, progress: Progress = lambda _: None) -> Deployment:
-        current = self._current(name)
+    def rollback_target(self, name: str) -> Blueprint:
+        """The deployment before the current one, still the blueprint it pinned (same digest)."""
+        self.current(name)
         previous = self.agents.previous(name)
         if previous is None:
             raise AgentError(f"{name} has no earlier deployment to go back to")
-        target = self.blueprint(f"{previous.blueprint}@{previous.version}")
-        if target.digest() != previous.digest:
-            raise AgentError(
-                f"{previous.ref} changed since it was deployed (digest {previous.digest[:19]}…)",
-                hint="blueprint versions must not be edited in place: publish a new version",
-            )
+        return resolve_deployed(self.catalog, previous.blueprint, previous.version, previous.digest)
+
+    def rollback(self, name: str, progress: Progress = lambda _: None) -> Deployment:
+        current = self.current(name)
+        target = self.rollback_target(name)
         return self._switch(name, current, target, f"rollback from {current.ref}", progress)
 
     def _switch(
@@ -296,9 +269,9 @@ class AgentManager:
         self.sandboxes.remove(name, keep_home=True)
         try:
             return self._deploy(name, target, reason, progress)
-        except ApplianceError as exc:
+        except OPERATOR_ERRORS as exc:  # ours and the sandbox lifecycle's
             progress(f"{target.ref} failed ({exc}); going back to {old.ref}")
-            self.sandboxes.store_audit("agent.deploy_failed", agent=name, blueprint=target.ref)
+            self.audit("agent.deploy_failed", agent=name, blueprint=target.ref)
             if self.sandboxes.boxes.get(name) is not None:
                 self.sandboxes.remove(name, keep_home=True)
             self._deploy(name, old, f"restored after failed {reason}", progress)
@@ -309,50 +282,47 @@ class AgentManager:
     # -- turns -------------------------------------------------------------------------------
 
     def run(self, name: str, message: str, session: str | None = None) -> TurnResult:
-        """One turn in session `session` (default: a new one). OpenClaw keeps sessions in its
-        SQLite store in the agent's home; each turn's session is exported to the host after."""
-        dep = self._current(name)
-        bp = self.blueprint(f"{dep.blueprint}@{dep.version}")
-        if bp.runtime.kind != "openclaw":
-            raise AgentError(
-                f"{name} runs a plain command ({bp.ref}); it takes no turns",
-                hint=f"`appliance sandbox exec {name} -- CMD`",
-            )
+        """One turn in session `session` (default: a new one), driven as the runtime says;
+        the session is exported to the host after, when the runtime keeps one."""
+        dep = self.current(name)
+        runtime = runtime_for(self.blueprint(f"{dep.blueprint}@{dep.version}"))
         session = session or f"run-{secrets.token_hex(4)}"
         if not _SESSION.fullmatch(session):
             raise ConfigError(f"session {session!r}: use 1-40 of a-z, 0-9 and '-'")
-        argv = [
-            "openclaw", "agent", "--local", "--agent", "main",
-            "--session-key", f"agent:main:{session}", "--message", message, "--json",
-            "--timeout", str(int(bp.inference.timeout_s)),
-        ]  # fmt: skip
+        turn = runtime.turn(message, session)
+        if turn is None:
+            raise AgentError(
+                f"{name} runs a plain command ({dep.ref}); it takes no turns",
+                hint=f"`appliance sandbox exec {name} -- CMD`",
+            )
         t0 = time.monotonic()
-        code, out, err = self.sandboxes.exec(
-            name, argv, env=self._env(), timeout_s=bp.inference.timeout_s + 120
+        code, out, err = self._exec(name, turn)
+        reply = runtime.read_turn(code, out, err)
+        result = TurnResult(
+            agent=name,
+            ok=reply.ok,
+            reply=reply.text,
+            exit_code=code,
+            duration_s=time.monotonic() - t0,
+            usage=reply.usage,
+            session=session,
+            session_id=reply.session_id,
+            raw=reply.raw,
+            stderr_tail=err.decode(errors="replace")[-2000:],
         )
-        result = _turn_result(name, session, code, out, err, time.monotonic() - t0)
         self._record_turn(name, message, result)
-        self._export_session(name, session)
+        if (export := runtime.export_session(session)) is not None:
+            self._export_session(name, session, export)
         return result
 
-    def _env(self) -> dict[str, str]:
-        return {**OPENCLAW_ENV, "OPENCLAW_GATEWAY_TOKEN": secrets.token_hex(16)}
+    def _exec(self, name: str, command: Exec) -> tuple[int, bytes, bytes]:
+        return self.sandboxes.exec(name, command.argv, env=command.env, timeout_s=command.timeout_s)
 
-    def _export_session(self, name: str, session: str) -> Path | None:
-        """OpenClaw's trajectory of `session` (its events.jsonl) copied to the host. Read by the
-        agent, inside the sandbox, and passed over stdout: the host never follows a path the
-        agent controls."""
-        out_dir = f"{WORKSPACE}/.openclaw/trajectory-exports/{session}"
-        script = (
-            f"openclaw sessions export-trajectory --agent main --session-key agent:main:{session} "
-            f"--workspace {WORKSPACE} --output {session} --json >/dev/null "
-            f"&& cat {out_dir}/events.jsonl"
-        )
-        code, out, _err = self.sandboxes.exec(
-            name, ["sh", "-c", script], env=self._env(), timeout_s=120
-        )
+    def _export_session(self, name: str, session: str, export: Exec) -> Path | None:
+        """The session's record, printed by the agent inside the sandbox, written on the host."""
+        code, out, _err = self._exec(name, export)
         if code != 0:
-            self.sandboxes.store_audit("agent.export_failed", agent=name, session=session)
+            self.audit("agent.export_failed", agent=name, session=session)
             return None
         path = self.transcript_path(name).parent / "sessions" / f"{session}.jsonl"
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -367,7 +337,7 @@ class AgentManager:
         with path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(line, sort_keys=True) + "\n")
         self._audit_key_use(name)
-        self.sandboxes.store_audit(
+        self.audit(
             "agent.turn",
             agent=name,
             ok=result.ok,
@@ -433,27 +403,5 @@ class AgentManager:
         return rows
 
 
-def _turn_result(
-    name: str, session: str, code: int, out: bytes, err: bytes, duration: float
-) -> TurnResult:
-    """`openclaw agent --local --json`'s record: payloads[].text and meta.agentMeta."""
-    try:
-        raw = json.loads(out) if out.strip() else None
-    except ValueError:
-        raw = None
-    raw = raw if isinstance(raw, dict) else None
-    payloads = (raw or {}).get("payloads") or []
-    meta = ((raw or {}).get("meta") or {}).get("agentMeta") or {}
-    reply = "\n".join(str(p.get("text") or "") for p in payloads if isinstance(p, dict))
-    return TurnResult(
-        agent=name,
-        ok=code == 0 and bool(payloads),
-        reply=reply,
-        exit_code=code,
-        duration_s=duration,
-        usage=dict(meta.get("usage") or {}),
-        session=session,
-        session_id=meta.get("sessionId"),
-        raw=raw,
-        stderr_tail=err.decode(errors="replace")[-2000:],
-    )
+def deployment_view(dep: Deployment) -> dict[str, Any]:
+    return {"name": dep.agent, "blueprint": dep.ref, "digest": dep.digest, "image": dep.image}

@@ -1,0 +1,51 @@
+"""Blueprint references to blueprints: `name` (the newest version), `name@version`, or a file
+path; the digest pin a deployment recorded; and whether this appliance can run a blueprint.
+
+Errors are the catalog's (BlueprintError and its kinds); the appliance turns them into its own
+(one line, its exit code) where it calls these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from blueprints.catalog import BlueprintError, Catalog, load_blueprint
+from blueprints.model import Blueprint, semver_key
+
+
+class BlueprintIncompatible(BlueprintError):
+    """The blueprint needs a newer appliance than the one running."""
+
+
+class BlueprintChanged(BlueprintError):
+    """name@version no longer has the digest a deployment pinned (edited in place)."""
+
+
+def is_path_ref(ref: str) -> bool:
+    """A file path rather than `name[@version]` (names have no '/' and no .yaml suffix)."""
+    return ref.endswith((".yaml", ".yml")) or "/" in ref
+
+
+def resolve_blueprint(catalog: Catalog, ref: str) -> Blueprint:
+    """A blueprint from the catalog (`name[@version]`) or from a file path."""
+    if is_path_ref(ref):
+        return load_blueprint(Path(ref))
+    return catalog.get(ref)
+
+
+def check_compatible(blueprint: Blueprint, appliance_version: str) -> None:
+    if semver_key(blueprint.min_appliance_version) > semver_key(appliance_version):
+        raise BlueprintIncompatible(
+            f"{blueprint.ref} needs appliance >= {blueprint.min_appliance_version} "
+            f"(this is {appliance_version})"
+        )
+
+
+def resolve_pinned(catalog: Catalog, name: str, version: str, digest: str) -> Blueprint:
+    """name@version as a deployment recorded it: the same digest, or BlueprintChanged."""
+    blueprint = catalog.get(f"{name}@{version}")
+    if blueprint.digest() != digest:
+        raise BlueprintChanged(
+            f"{blueprint.ref} changed since it was deployed (digest {digest[:19]}…)"
+        )
+    return blueprint

@@ -1,0 +1,106 @@
+"""Agent runtimes: what a blueprint's `runtime.kind` means to the appliance, behind one protocol.
+
+A runtime says how its sandbox is made (policy needs, the main command, the config files it
+reads), how one turn is driven (argv and env run in the sandbox as the agent), how the turn's
+output is read, and how a session is exported. The appliance runs what it is told inside the
+sandbox and never branches on the kind itself: a new runtime is one module and one entry in
+RUNTIMES.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from blueprints.catalog import BlueprintError
+from blueprints.model import Blueprint
+from sandbox.policy import Policy
+
+# In the agent's home: writable, persistent across upgrades (the home is the state volume).
+WORKSPACE = "/home/agent/workspace"
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What the inference backend serves, for config that must fit it."""
+
+    context_tokens: int  # the context the backend serves
+    on_vllm: bool  # a GPU backend (room for long replies) rather than the embedded CPU model
+
+
+@dataclass(frozen=True)
+class Exec:
+    """One command run in the sandbox as the agent (inside its Landlock domain)."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A turn's output as the runtime reports it."""
+
+    ok: bool
+    text: str
+    usage: dict[str, Any] = field(default_factory=dict)
+    session_id: str | None = None
+    raw: dict[str, Any] | None = None  # the runtime's own JSON record, when it has one
+
+
+class AgentRuntime(Protocol):
+    """One blueprint's runtime (built by `runtime_for`)."""
+
+    blueprint: Blueprint
+    workspace: str  # made in the agent's home, owned by the agent, before the first turn
+
+    def policy(self) -> Policy:
+        """The sandbox policy: the blueprint's, plus what the runtime needs."""
+        ...
+
+    def command(self) -> list[str]:
+        """How the runtime starts: the sandbox's main command."""
+        ...
+
+    def agent_files(self, serving: Serving) -> dict[str, str] | None:
+        """The rendered config files, mounted read-only in the sandbox (None: none)."""
+        ...
+
+    def turn(self, message: str, session: str) -> Exec | None:
+        """How one turn in `session` is driven (None: this runtime takes no turns)."""
+        ...
+
+    def read_turn(self, exit_code: int, stdout: bytes, stderr: bytes) -> Reply:
+        """The turn's reply, from what its command printed."""
+        ...
+
+    def export_session(self, session: str) -> Exec | None:
+        """A command that prints the session's record on stdout (None: nothing to export)."""
+        ...
+
+
+def _openclaw(bp: Blueprint) -> AgentRuntime:
+    from blueprints.runtimes.openclaw import OpenClawRuntime
+
+    return OpenClawRuntime(bp)
+
+
+def _command(bp: Blueprint) -> AgentRuntime:
+    from blueprints.runtimes.command import CommandRuntime
+
+    return CommandRuntime(bp)
+
+
+RUNTIMES: dict[str, Callable[[Blueprint], AgentRuntime]] = {
+    "openclaw": _openclaw,
+    "command": _command,
+}
+
+
+def runtime_for(bp: Blueprint) -> AgentRuntime:
+    try:
+        make = RUNTIMES[bp.runtime.kind]
+    except KeyError:
+        raise BlueprintError(f"{bp.ref}: no runtime {bp.runtime.kind!r}") from None
+    return make(bp)

@@ -1,11 +1,15 @@
-"""`appliance sandbox`, `approvals`, `kill`/`release`: agents' sandboxes on Podman."""
+"""`appliance sandbox`, `approvals`, `kill`/`release`: agents' sandboxes, as a client of the
+control plane's API (appliance/control/api/sandboxes.py, approvals.py, kill.py). The control plane
+decides and acts; these commands parse, send and print. Nothing running: exit 7, `appliance up`.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -13,6 +17,9 @@ from rich.table import Table
 from appliance.cli.context import app_context
 from appliance.cli.options import JsonOpt
 from appliance.cli.output import console, err_console, print_json
+
+if TYPE_CHECKING:
+    from appliance.control.client import ControlClient
 
 app = typer.Typer(help="Create and manage agent sandboxes (rootless Podman).", no_args_is_help=True)
 policy_app = typer.Typer(help="Show or change a sandbox's policy.", no_args_is_help=True)
@@ -23,14 +30,20 @@ NameArg = Annotated[str, typer.Argument(help="Sandbox name.", metavar="NAME")]
 
 
 @contextmanager
-def manager(ctx: typer.Context):
-    from appliance.sandboxes import SandboxManager, ensure_ready
-    from appliance.store import open_store
+def control(ctx: typer.Context) -> Iterator[ControlClient]:
+    from appliance.control.client import ControlClient
 
-    config = app_context(ctx).config()
-    ensure_ready(config)
-    with open_store(config.state_dir) as store:
-        yield SandboxManager(config, store)
+    with ControlClient(app_context(ctx).config()) as client:
+        yield client
+
+
+def _policy_text(path: Path) -> str:
+    """The file's text, parsed here first: a bad file fails with FILE:LINE before anything is
+    sent (the control plane parses it again; it trusts no client)."""
+    from sandbox.lifecycle.manager import read_policy_file
+
+    read_policy_file(path)
+    return path.read_text(encoding="utf-8")
 
 
 @app.command("create")
@@ -44,35 +57,34 @@ def create(
 ) -> None:
     """Create and start a sandbox whose limits come from POLICY (YAML). NAME: 1-63 of a-z, 0-9
     and '-', starting with a letter or digit. All or nothing: a failure leaves nothing behind."""
-    from appliance.names import check_name
-    from appliance.sandboxes import read_policy_file
+    from sandbox.names import check_name
 
-    check_name(name, "sandbox")  # before anything is read, opened or written
-    parsed = read_policy_file(policy)  # a bad file fails here: nothing is started
-    with manager(ctx) as m:
-        record = m.create(name, parsed, command or None, image)
-        report = m.enforcement(name)
+    check_name(name, "sandbox")  # before anything is read, opened or sent
+    text = _policy_text(policy)
+    with control(ctx) as client:
+        out = client.create_sandbox(name, text, str(policy), command or None, image)
+    report = out.get("enforcement")
     if json_out:
-        print_json({"name": record.name, "state": record.state, "enforcement": report})
-    else:
-        ll = (report or {}).get("landlock", {})
-        console.print(
-            f"sandbox {name} running · Landlock ABI {ll.get('abi')} enforced={ll.get('enforced')}"
-            f" · seccomp {report and report.get('seccomp_mode')}"
+        print_json({"name": out["name"], "state": out["state"], "enforcement": report})
+        return
+    ll = (report or {}).get("landlock", {})
+    console.print(
+        f"sandbox {name} running · Landlock ABI {ll.get('abi')} enforced={ll.get('enforced')}"
+        f" · seccomp {report and report.get('seccomp_mode')}"
+    )
+    limits = (report or {}).get("limits", {})
+    if limits and limits.get("cgroup_memory") is None:
+        err_console.print(
+            "[yellow]warning:[/] no cgroup memory/pids limit on this host (rootless Podman "
+            "needs cgroup v2 with delegation): each process is capped by rlimits instead"
         )
-        limits = (report or {}).get("limits", {})
-        if limits and limits.get("cgroup_memory") is None:
-            err_console.print(
-                "[yellow]warning:[/] no cgroup memory/pids limit on this host (rootless Podman "
-                "needs cgroup v2 with delegation): each process is capped by rlimits instead"
-            )
 
 
 @app.command("list")
 def list_(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     """Every sandbox with its recorded and its Podman state."""
-    with manager(ctx) as m:
-        rows = m.list()
+    with control(ctx) as client:
+        rows = client.sandboxes()
     if json_out:
         print_json(rows)
         return
@@ -89,36 +101,39 @@ def exec_(
     ctx: typer.Context, name: NameArg, command: Annotated[list[str], typer.Argument()]
 ) -> None:
     """Run a command in the sandbox as the agent: seccomp, dropped caps and the agent's Landlock
-    domain apply, as to the agent itself. Stdin is forwarded (like `podman exec -i`) and the
-    exit status is the command's."""
-    from appliance.sandbox_exec import exec_attached
-
-    with manager(ctx) as m:
-        code = exec_attached(m, name, command)
+    domain apply, as to the agent itself. Stdin is read to its end and sent with the command
+    (not a terminal session); the output is printed when it ends and the exit status is the
+    command's."""
+    stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    with control(ctx) as client:
+        code, out, err = client.sandbox_exec(name, command, stdin)
+    sys.stdout.buffer.write(out)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(err)
+    sys.stderr.flush()
     raise typer.Exit(code)
 
 
 @app.command("logs")
 def logs(ctx: typer.Context, name: NameArg) -> None:
     """The sandbox's output (supervisor and agent)."""
-    with manager(ctx) as m:
-        out = b"".join(m.container(name).logs(stdout=True, stderr=True))
-    sys.stdout.write(out.decode(errors="replace"))
+    with control(ctx) as client:
+        sys.stdout.write(client.sandbox_logs(name))
 
 
 @app.command("stop")
 def stop(ctx: typer.Context, name: NameArg) -> None:
     """Stop the sandbox and its egress proxy."""
-    with manager(ctx) as m:
-        m.stop(name)
+    with control(ctx) as client:
+        client.stop_sandbox(name)
     console.print(f"stopped {name}")
 
 
 @app.command("start")
 def start(ctx: typer.Context, name: NameArg) -> None:
     """Start a stopped sandbox again (refused while the kill switch holds)."""
-    with manager(ctx) as m:
-        m.start(name)
+    with control(ctx) as client:
+        client.start_sandbox(name)
     console.print(f"started {name}")
 
 
@@ -131,8 +146,8 @@ def rm(
     ] = False,
 ) -> None:
     """Remove the sandbox, its key and proxy; its policy revisions are kept for re-creation."""
-    with manager(ctx) as m:
-        m.remove(name, keep_home=keep_home)
+    with control(ctx) as client:
+        client.remove_sandbox(name, keep_home=keep_home)
     console.print(f"removed {name}")
 
 
@@ -140,10 +155,10 @@ def rm(
 def reconcile(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     """Match the store with Podman: restart dead proxies and sandboxes that should run.
 
-    `appliance serve all` does this at start and every 30 s; this runs it once, now.
+    The control plane does this at start and every 30 s; this asks it to run once, now.
     """
-    with manager(ctx) as m:
-        out = m.reconcile().as_dict()
+    with control(ctx) as client:
+        out = client.reconcile_sandboxes()
     if json_out:
         print_json(out)
         return
@@ -155,12 +170,15 @@ def reconcile(ctx: typer.Context, json_out: JsonOpt = False) -> None:
 @policy_app.command("show")
 def policy_show(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> None:
     """The sandbox's current policy revision."""
-    with manager(ctx) as m:
-        rev, policy = m.policy(name)
+    import yaml
+
+    with control(ctx) as client:
+        out = client.sandbox_policy(name)
     if json_out:
-        print_json({"rev": rev, "policy": policy})
+        print_json({"rev": out["rev"], "policy": out["policy"]})
     else:
-        console.print(f"# revision {rev}\n{policy.to_yaml()}", highlight=False, markup=False)
+        text = yaml.safe_dump(out["policy"], sort_keys=False)  # as Policy.to_yaml writes it
+        console.print(f"# revision {out['rev']}\n{text}", highlight=False, markup=False)
 
 
 @policy_app.command("set")
@@ -170,32 +188,20 @@ def policy_set(
     policy: Annotated[Path, typer.Option("--policy", exists=True, dir_okay=False)],
 ) -> None:
     """Apply FILE's network rules to the running sandbox (its static part must be unchanged)."""
-    from appliance.sandboxes import read_policy_file
-
-    parsed = read_policy_file(policy)
-    with manager(ctx) as m:
-        rev = m.set_policy(name, parsed)
+    text = _policy_text(policy)
+    with control(ctx) as client:
+        rev = client.set_sandbox_policy(name, text, str(policy))
     console.print(f"{name}: policy revision {rev} applied (network rules reloaded)")
 
 
 # -- approvals ---------------------------------------------------------------------------------
 
 
-def _admin_clients(m: Any) -> dict[str, Any]:
-    from sandbox.proxy import AdminClient
-
-    return {
-        r.name: AdminClient(m.paths(r.name).admin_socket)
-        for r in m.boxes.list()
-        if m.paths(r.name).admin_socket.exists()
-    }
-
-
 @approvals_app.command("list")
 def approvals_list(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     """Requests to unknown hosts waiting for an operator, across all sandboxes."""
-    with manager(ctx) as m:
-        pending = [p for client in _admin_clients(m).values() for p in client.list()]
+    with control(ctx) as client:
+        pending = client.approvals()
     if json_out:
         print_json(pending)
         return
@@ -205,43 +211,28 @@ def approvals_list(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         console.print("no pending approvals")
 
 
-def _decide(ctx: typer.Context, approval_id: str, approve: bool, persist: bool) -> None:
-    from appliance.errors import NotFoundError
-
-    with manager(ctx) as m:
-        for name, client in _admin_clients(m).items():
-            shown = [p for p in client.list() if p["id"] == approval_id]
-            if shown:
-                if not approve:
-                    client.deny(approval_id)
-                    console.print(f"denied {approval_id} ({name})")
-                    return
-                if persist:  # the control plane writes it, on this command: never the proxy
-                    endpoint = m.persistable(approval_id, shown[0]["host"], shown[0]["port"])
-                    client.approve(approval_id)
-                    rev = m.persist_approval(name, endpoint, approval_id)
-                    console.print(f"approved {approval_id} ({name}); policy revision {rev}")
-                else:
-                    client.approve(approval_id)
-                    console.print(f"approved {approval_id} ({name}) until the proxy restarts")
-                return
-    raise NotFoundError(f"no pending approval {approval_id!r}", hint="`appliance approvals list`")
-
-
 @approvals_app.command("approve")
 def approvals_approve(
     ctx: typer.Context,
     approval_id: str,
     persist: Annotated[bool, typer.Option(help="Keep it as a new policy revision.")] = False,
 ) -> None:
-    """Let the held request through (and, with --persist, allow that host from now on)."""
-    _decide(ctx, approval_id, True, persist)
+    """Let the held request through (and, with --persist, allow that host from now on).
+    Already decided (by another operator): exit 10."""
+    with control(ctx) as client:
+        out = client.approve(approval_id, persist=persist)
+    if out["rev"] is not None:
+        console.print(f"approved {approval_id} ({out['sandbox']}); policy revision {out['rev']}")
+    else:
+        console.print(f"approved {approval_id} ({out['sandbox']}) until the proxy restarts")
 
 
 @approvals_app.command("deny")
 def approvals_deny(ctx: typer.Context, approval_id: str) -> None:
-    """Refuse the held request (403 to the agent)."""
-    _decide(ctx, approval_id, False, False)
+    """Refuse the held request (403 to the agent). Already decided: exit 10."""
+    with control(ctx) as client:
+        out = client.deny(approval_id)
+    console.print(f"denied {approval_id} ({out['sandbox']})")
 
 
 # -- kill switch ---------------------------------------------------------------------------------
@@ -254,17 +245,16 @@ def kill(
     hold: Annotated[bool, typer.Option(help="Refuse to start any until `release`.")] = False,
 ) -> None:
     """Stop agents now (SIGTERM, SIGKILL after 3 s)."""
-    with manager(ctx) as m:
-        targets = [r.name for r in m.boxes.list()] if all_ else list(names or [])
-        if not targets and not hold:
-            raise typer.BadParameter("name a sandbox or pass --all")
-        stopped = m.kill(targets, hold, reason="operator kill switch")
+    if not names and not all_ and not hold:
+        raise typer.BadParameter("name a sandbox or pass --all")
+    with control(ctx) as client:
+        out = client.kill(names=list(names or []), all_=all_, hold=hold)
+    stopped = out["stopped"]
     console.print(f"stopped: {', '.join(stopped) or 'none'}" + (" · hold on" if hold else ""))
 
 
 def release(ctx: typer.Context) -> None:
     """Lift the kill switch's hold: sandboxes may start again."""
-    with manager(ctx) as m:
-        m.boxes.release()
-        m.store_audit("release")
+    with control(ctx) as client:
+        client.release()
     console.print("hold released")

@@ -6,8 +6,8 @@ child processes, restarts them with backoff when they die, and records their sta
 <state_dir>/run/services.json for `appliance status` (with each service's last restarts and
 their reasons). `appliance down` sends it SIGTERM. One supervisor per state dir (run_state.py:
 its lock, its pid file, the instance id `up` hands it).
-It also reconciles the sandboxes at start and every 30 s (dead egress proxies, sandboxes that
-should run after a reboot); sandboxes themselves outlive it, as their proxies do.
+Sandboxes are not its concern: the control plane owns and reconciles them (and they outlive
+both, as their proxies do).
 Under systemd, `appliance serve backend|gateway` are the unit commands instead.
 """
 
@@ -30,7 +30,6 @@ from hardware.plan_types import ServingPlan
 from inference.backends import ProcessBackend, Supervisor, VllmBackend
 
 log = logging.getLogger(__name__)
-RECONCILE_INTERVAL_S = 30.0
 
 
 def run_dir(config: ApplianceConfig) -> Path:
@@ -196,38 +195,9 @@ def supervise(config: ApplianceConfig, plan: ServingPlan, instance: str | None =
                 ready_timeout=config.inference.ready_timeout_s,
             )
             supervisors[name].start()
-        threading.Thread(target=watch_sandboxes, args=(config, stop), daemon=True).start()
         stop.wait()
     finally:
         for sup in reversed(supervisors.values()):
             sup.stop(timeout=60)
         run_state.remove_if_mine(pid_file(config), services_file(config))
         os.close(lock)
-
-
-def watch_sandboxes(config: ApplianceConfig, stop: threading.Event) -> None:
-    """Reconcile now, then every RECONCILE_INTERVAL_S until `stop`; never raises."""
-    while True:
-        try:
-            reconcile_sandboxes(config)
-        except Exception as exc:  # Podman down, store locked: try again next round
-            log.warning("sandbox reconciliation failed: %s", exc)
-        if stop.wait(RECONCILE_INTERVAL_S):
-            return
-
-
-def reconcile_sandboxes(config: ApplianceConfig) -> dict[str, list[str]] | None:
-    """One reconciliation, or None where there is nothing to do (no root, no sandboxes)."""
-    from appliance.sandboxes import SandboxManager
-    from appliance.store import open_store
-    from appliance.store.sandbox_store import SandboxStore
-
-    if os.geteuid() != 0:  # sandboxes are root's to manage; a user's `up` has none
-        return None
-    with open_store(config.state_dir) as store:
-        if not SandboxStore(store).list():
-            return None  # do not start a Podman service for nothing
-        out = SandboxManager(config, store).reconcile()
-    if out.changed or out.orphans:
-        log.warning("sandboxes reconciled: %s", out.as_dict())
-    return out.as_dict()

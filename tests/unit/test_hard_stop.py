@@ -11,7 +11,7 @@ import pytest
 
 from appliance.config import ApplianceConfig
 from appliance.errors import NotFoundError
-from appliance.hard_stop import control_plane_hooks, kill_hook, sandbox_for_key
+from appliance.control.killswitch import control_plane_hooks, kill_hook, sandbox_for_key
 from appliance.store.inference_store import InferenceStore
 from inference.ports import KeyRecord
 

@@ -1,0 +1,30 @@
+"""/api/v1/kill and /api/v1/release: the kill switch (appliance/control/killswitch.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from appliance.control.api.deps import Operator, Plane, Principal
+from appliance.control.plane import ControlPlane
+
+router = APIRouter(tags=["kill switch"])
+
+
+class Kill(BaseModel):
+    all: bool = False
+    names: list[str] = Field(default_factory=list)
+    hold: bool = False
+    reason: str = Field("operator kill switch", max_length=1000)
+
+
+@router.post("/kill")
+def kill(body: Kill, who: Principal = Operator, plane: ControlPlane = Plane) -> dict[str, Any]:
+    return plane.kill_switch.kill(who, body.names, body.all, body.hold, body.reason)
+
+
+@router.post("/release")
+def release(who: Principal = Operator, plane: ControlPlane = Plane) -> dict[str, Any]:
+    return plane.kill_switch.release(who)

@@ -1,0 +1,156 @@
+"""Egress approvals across every sandbox's proxy: list, approve (optionally persisted), deny.
+
+The proxies hold the pending requests (in memory, behind their admin sockets); the decision is
+the control plane's. Decisions on one approval id are serialised by the plane's per-id lock and
+remembered here, so of ten operators approving one request at once exactly one wins and the
+others get a ConflictError (409) naming the decision, not a second approval nor a 404. An id no
+proxy holds and none decided here is a NotFoundError (404). The memory is this process's: after
+a restart a request decided before it is simply unknown (404), as the proxy forgot it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from appliance.errors import ConflictError, NotFoundError
+
+if TYPE_CHECKING:
+    from appliance.control.api.deps import Principal
+    from appliance.control.plane import ControlPlane
+    from sandbox.lifecycle.manager import SandboxManager
+    from sandbox.proxy.admin import AdminClient
+
+log = logging.getLogger(__name__)
+
+ADMIN_TIMEOUT_S = 5.0  # per proxy: a wedged proxy fails its own sandbox's listing, not all
+DECIDED_KEPT = 4096  # decided ids remembered for the 409 (oldest forgotten first)
+_ID = re.compile(r"[0-9a-f]{1,64}")  # the proxies' ids are hex (secrets.token_hex)
+
+
+@contextmanager
+def admin_clients(m: SandboxManager) -> Iterator[dict[str, AdminClient]]:
+    """Each sandbox's proxy admin client (sandboxes whose proxy has a socket), closed after."""
+    from sandbox.proxy.admin import AdminClient
+
+    clients = {
+        r.name: AdminClient(m.paths(r.name).admin_socket, timeout=ADMIN_TIMEOUT_S)
+        for r in m.boxes.list()
+        if m.paths(r.name).admin_socket.exists()
+    }
+    try:
+        yield clients
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def _pending(name: str, client: AdminClient) -> list[dict[str, Any]]:
+    try:
+        return client.list()
+    except Exception as exc:  # a proxy that died or hangs: its sandbox shows none, others do
+        log.warning("approvals of %s unreadable: %s", name, exc)
+        return []
+
+
+class ApprovalService:
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+        self._decided: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._decided_lock = threading.Lock()
+
+    def list(self) -> list[dict[str, Any]]:
+        with self.plane.sandboxes.manager(ready=False) as m, admin_clients(m) as clients:
+            return [p for name, client in clients.items() for p in _pending(name, client)]
+
+    def approve(self, who: Principal, approval_id: str, persist: bool) -> dict[str, Any]:
+        return self._decide(who, approval_id, approve=True, persist=persist)
+
+    def deny(self, who: Principal, approval_id: str) -> dict[str, Any]:
+        return self._decide(who, approval_id, approve=False, persist=False)
+
+    def _decide(
+        self, who: Principal, approval_id: str, approve: bool, persist: bool
+    ) -> dict[str, Any]:
+        unknown = NotFoundError(
+            f"no pending approval {approval_id!r}", hint="`appliance approvals list`"
+        )
+        if not _ID.fullmatch(approval_id):
+            raise unknown
+        with self.plane.locked("approval", approval_id):
+            self._refuse_if_decided(approval_id)
+            with self.plane.sandboxes.manager(ready=False) as m, admin_clients(m) as clients:
+                for name, client in clients.items():
+                    shown = [p for p in _pending(name, client) if p["id"] == approval_id]
+                    if shown:
+                        decided = self._apply(m, who, name, client, shown[0], approve, persist)
+                        self._remember(approval_id, decided)
+                        return decided
+            raise unknown
+
+    def _apply(
+        self,
+        m: SandboxManager,
+        who: Principal,
+        name: str,
+        client: AdminClient,
+        pending: dict[str, Any],
+        approve: bool,
+        persist: bool,
+    ) -> dict[str, Any]:
+        approval_id = pending["id"]
+        rev: int | None = None
+        try:
+            if not approve:
+                client.deny(approval_id)
+            elif persist:  # the control plane writes the rule, on this command: never the proxy
+                endpoint = m.persistable(approval_id, pending["host"], pending["port"])
+                client.approve(approval_id)
+                with self.plane.sandboxes.guarded(name) as locked:
+                    rev = locked.persist_approval(name, endpoint, approval_id)
+            else:
+                client.approve(approval_id)
+        except KeyError:  # the proxy settled it meanwhile (its hold timed out)
+            raise NotFoundError(
+                f"no pending approval {approval_id!r} (it timed out)",
+                hint="`appliance approvals list`",
+            ) from None
+        decision = "approved" if approve else "denied"
+        m.store_audit(
+            f"control.approval.{decision}",
+            approval=approval_id,
+            sandbox=name,
+            persist=persist,
+            rev=rev,
+            **who.audit_fields(),
+        )
+        return {
+            "id": approval_id,
+            "sandbox": name,
+            "host": pending["host"],
+            "port": pending["port"],
+            "decision": decision,
+            "persisted": rev is not None,
+            "rev": rev,
+        }
+
+    def _refuse_if_decided(self, approval_id: str) -> None:
+        with self._decided_lock:
+            earlier = self._decided.get(approval_id)
+        if earlier is not None:
+            raise ConflictError(
+                f"approval {approval_id} was already {earlier['decision']} "
+                f"({earlier['sandbox']}, {earlier['host']}:{earlier['port']})",
+                hint="`appliance approvals list` shows what is still pending",
+            )
+
+    def _remember(self, approval_id: str, decided: dict[str, Any]) -> None:
+        with self._decided_lock:
+            self._decided[approval_id] = decided
+            while len(self._decided) > DECIDED_KEPT:
+                self._decided.popitem(last=False)

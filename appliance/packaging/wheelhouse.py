@@ -15,14 +15,13 @@ Python either way. Markers in the closure are evaluated for the target, not for 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -120,6 +119,13 @@ def source_digest() -> str:
     if source is None:
         h.update((metadata.distribution(DIST_NAME).read_text("RECORD") or "").encode())
         return "sha256:" + h.hexdigest()
+    for path in _source_files(source):
+        h.update(str(path.relative_to(source)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def _source_files(source: Path) -> list[Path]:
+    """pyproject.toml and every file of the packages, no bytecode: what the wheel is built from."""
     files = [source / "pyproject.toml"]
     for pkg in _PACKAGES:
         files += [
@@ -127,9 +133,19 @@ def source_digest() -> str:
             for p in (source / pkg).rglob("*")
             if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
         ]
-    for path in sorted(files):
-        h.update(str(path.relative_to(source)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return "sha256:" + h.hexdigest()
+    return sorted(files)
+
+
+def _copy_source(source: Path, into: Path) -> Path:
+    """The checkout's wheel inputs (and the README its metadata names) copied into `into`.
+    `pip wheel` on the checkout itself builds in its build/, whose leftovers (a module since
+    moved or removed) would ship in the wheel; a copy also lets two builders run at once."""
+    readme = source / "README.md"
+    for path in [*_source_files(source), *([readme] if readme.is_file() else [])]:
+        target = into / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    return into
 
 
 def _pip(args: Sequence[str], progress: Progress) -> None:
@@ -224,16 +240,11 @@ def _matching(directory: Path, pins: Sequence[str]) -> list[Path]:
     return found
 
 
-@contextlib.contextmanager
-def _source_lock(source: Path) -> Iterator[None]:
-    # `pip wheel DIR` builds in the tree (build/, *.egg-info): two builders at once would clash.
-    key = hashlib.sha256(str(source).encode()).hexdigest()[:12]
-    with open(Path(tempfile.gettempdir()) / f"appliance-wheel-{key}.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def own_wheel(source: Path, dest: Path, progress: Progress = lambda _: None) -> None:
+    """The appliance's own wheel from its checkout `source`, built from a copy of its files."""
+    with tempfile.TemporaryDirectory(prefix="appliance-source-") as tmp:
+        copy = _copy_source(source, Path(tmp))
+        _pip(["wheel", "--no-deps", "-w", str(dest), str(copy)], progress)
 
 
 def build_wheelhouse(
@@ -256,8 +267,7 @@ def build_wheelhouse(
     # The appliance itself from its checkout when there is one (an editable install has no wheel
     # to download); otherwise the released wheel. Pure Python: the same for every target.
     if source:
-        with _source_lock(source):
-            _pip(["wheel", "--no-deps", "-w", str(dest), str(source)], progress)
+        own_wheel(source, dest, progress)
     else:
         _pip(["wheel", "--no-deps", "-w", str(dest), head], progress)
     if cross:

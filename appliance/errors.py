@@ -6,6 +6,9 @@ tracebacks only with APPLIANCE_DEBUG=1.
 
 from __future__ import annotations
 
+from sandbox.lifecycle import errors as sandbox_errors
+from sandbox.names import InvalidNameError
+
 
 class ApplianceError(Exception):
     """Base of every error the operator should see as one line, not a traceback."""
@@ -65,8 +68,19 @@ class AuthError(ApplianceError):
     hint = "use the unix socket as root or a member of `appliance-admin`, or an operator token"
 
 
+# What the operator sees as one line and a hint: ours, and the sandbox lifecycle's (which imports
+# nothing of ours, so its errors have their own base; each maps onto the same codes below).
+OPERATOR_ERRORS: tuple[type[Exception], ...] = (ApplianceError, sandbox_errors.SandboxError)
+
 # Exit codes, RamaLama-style: one table, most specific class first. 2 is typer's usage error.
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (InvalidNameError, 3),
+    (sandbox_errors.PolicyFileError, 3),
+    (sandbox_errors.SandboxNotFound, 5),
+    (sandbox_errors.HostNotReady, 6),
+    (sandbox_errors.PodmanUnavailable, 7),
+    (sandbox_errors.SandboxConflict, 10),
+    (sandbox_errors.SandboxError, 1),
     (ConfigError, 3),
     (StateError, 4),
     (NotFoundError, 5),

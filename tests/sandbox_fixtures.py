@@ -68,7 +68,7 @@ def podman_client():
     The first start is serialised: two workers starting it at once would each unlink the
     other's socket and leave a podman nobody can reach. Nothing in the suite stops it."""
     global _podman_started
-    from appliance.podman_service import PodmanService
+    from sandbox.lifecycle.podman_service import PodmanService
 
     service = PodmanService(user=SERVICE_USER)
     if _podman_started:
@@ -184,14 +184,14 @@ def sandbox_manager(prefix: str) -> Iterator[Any]:
     """A SandboxManager on its own short state dir (unix socket paths live under it and must
     stay <= 107 bytes); every sandbox it still has is removed afterwards."""
     from appliance.config import load_config
-    from appliance.sandboxes import SandboxManager
+    from appliance.control.wiring import sandbox_manager as build_manager
     from appliance.store import open_store
 
     state = Path(tempfile.mkdtemp(prefix=prefix))
     config = load_config({"state_dir": str(state)})
     try:
         with open_store(config.state_dir) as store:
-            m = SandboxManager(config, store)
+            m = build_manager(config, store)
             try:
                 yield m
             finally:

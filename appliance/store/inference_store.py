@@ -26,10 +26,10 @@ from typing import Any
 
 from appliance.audit import ChainWriter, audit_path
 from appliance.errors import ApplianceError, ConfigError
-from appliance.names import KeyNameError, check_key_name
 from appliance.store.db import DB_NAME, connect, open_store
 from appliance.store.ledger import LedgerMixin
 from inference.ports import SCOPES, Budget, KeyRecord, OwnerKind, Scope
+from sandbox.names import RESERVED, RULE, SANDBOX_KEY_PREFIX, InvalidNameError, check_name, is_valid
 
 SECRET_PREFIX = "sk-app-"
 _MODEL = re.compile(r"^[!-~]{1,256}$")  # printable ASCII, no spaces: what a request can name
@@ -77,6 +77,24 @@ def _model_list(models: Iterable[str] | None) -> tuple[str, ...] | None:
         if not isinstance(name, str) or not _MODEL.match(name):
             raise KeyModelError(f"invalid model name {name!r}")
     return names
+
+
+class KeyNameError(InvalidNameError, ConfigError):
+    """A key name breaks the rule (sandbox/names.py), or a live key already has it."""
+
+    hint = f"key names are {RULE}; `appliance keys list` shows the used ones"
+
+
+def check_key_name(name: str, owner_kind: str) -> str:
+    """A key follows the rule; a sandbox's own key is `sandbox-` + a sandbox name (so the
+    longest sandbox name still has a key)."""
+    rest = name.removeprefix(SANDBOX_KEY_PREFIX) if isinstance(name, str) else name
+    if owner_kind == "sandbox" and rest != name:
+        if is_valid(rest):
+            return name
+        if rest in RESERVED:  # no sandbox has that name: nor does a sandbox's key
+            return check_name(rest, "sandbox key", KeyNameError)
+    return check_name(name, "key", KeyNameError)
 
 
 class KeyModelError(ApplianceError):
@@ -144,7 +162,7 @@ class InferenceStore(LedgerMixin):
         """`allowed_models`: the model names the key may request; None (the default) allows any.
         `scopes`: what else it may do (("metrics",): scrape GET /metrics); none by default.
         Both are set once, with the key: they never change, so the auth cache can hold them."""
-        check_key_name(name, owner_kind)  # the one name rule (appliance/names.py)
+        check_key_name(name, owner_kind)  # the one name rule (sandbox/names.py)
         models = _model_list(allowed_models)
         key_scopes = check_scopes(scopes, owner_kind)
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)

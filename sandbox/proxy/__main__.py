@@ -8,7 +8,7 @@ The key comes from a file only the host user can read, never argv (argv shows in
 SIGHUP reloads the network rules from the policy file; SIGTERM/SIGINT stop.
 Run this way, decisions go to --audit-log as plain JSON lines.
 
-The appliance runs it privilege-separated instead: appliance/egress_main.py (root) binds the
+The appliance runs it privilege-separated instead: sandbox/proxy/monitor.py (root) binds the
 sockets, then starts this module as an unprivileged user with `--privsep-fd FD --socket-fd FD
 --admin-fd FD` and no --policy/--key-file: policy, key, reloads, audit records and persisted
 approvals all go over the link to the monitor (sandbox/proxy/privsep.py), so this process opens

@@ -1,6 +1,6 @@
 """AuditSinks for the proxy process run on its own: JSON lines to a file or stderr, or a list.
 
-The appliance runs the proxy with its hash-chained audit log instead (appliance/egress_main.py
+The appliance runs the proxy with its hash-chained audit log instead (sandbox/proxy/monitor.py
 passes it in as the sink); `python -m sandbox.proxy` on its own keeps writing plain JSON lines.
 """
 

@@ -1,5 +1,5 @@
 """The egress proxy's command line and key file, stdlib only: the privileged monitor
-(appliance/egress_main.py) parses the same flags without loading the proxy itself."""
+(sandbox/proxy/monitor.py) parses the same flags without loading the proxy itself."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The unprivileged proxy's one link to its privileged monitor (privilege separation).
 
 The proxy parses the sandbox's HTTP, so it runs as an unprivileged user with no capabilities
-and opens no file: the monitor (appliance/egress_main.py, root) binds its sockets and hands it
+and opens no file: the monitor (sandbox/proxy/monitor.py, root) binds its sockets and hands it
 the descriptors, and this link, a unix socket pair, carries everything else as JSON lines:
 
     monitor → proxy   {"hello": {"policy": YAML, "source": path, "key": str|null}}   first

@@ -222,9 +222,9 @@ def main() -> None:
     p.add_argument("--compare", type=Path, help="another source tree to run as 'base'")
     p.add_argument(
         "--launcher",
-        choices=("sandbox.proxy", "appliance.egress_main"),
+        choices=("sandbox.proxy", "appliance.control.egress_monitor"),
         default="sandbox.proxy",
-        help="appliance.egress_main: as the appliance runs it (audit chain; as root, "
+        help="appliance.control.egress_monitor: as the appliance runs it (audit chain; as root, "
         "privilege-separated where the tree has that)",
     )
     args = p.parse_args()

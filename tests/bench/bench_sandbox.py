@@ -219,17 +219,17 @@ def summarize(name: str, rows: list[dict[str, float]], total: float) -> None:
 @contextlib.contextmanager
 def managed(tmp: Path) -> Iterator[Any]:
     from appliance.config import load_config
-    from appliance.sandboxes import SandboxManager
+    from appliance.control.wiring import sandbox_manager
     from appliance.store import open_store
 
     state = tmp / "state"
     config = load_config({"state_dir": str(state)})
     with open_store(state) as store:
-        yield SandboxManager(config, store)
+        yield sandbox_manager(config, store)
 
 
 def run(args: argparse.Namespace, tmp: Path) -> None:
-    from appliance.sandboxes import read_policy_file
+    from sandbox.lifecycle.manager import read_policy_file
     from tests.sandbox_fixtures import ensure_base_image, podman_client
 
     ensure_base_image()

@@ -125,7 +125,7 @@ def podman_service() -> Iterator[None]:
     """The service user's Podman API; stopped afterwards only if this test started it."""
     if (reason := _podman_skip_reason()) is not None:
         pytest.skip(reason)
-    from appliance.podman_service import PodmanService
+    from sandbox.lifecycle.podman_service import PodmanService
 
     was_running = PodmanService().is_running()
     yield

@@ -161,18 +161,19 @@ def test_hostile_names_are_refused_and_leave_nothing(env: dict[str, str], case: 
 
 def test_the_library_refuses_them_too_nul_included(env: dict[str, str]) -> None:
     """Every entry point, not only the CLI: SandboxManager, AgentManager, the key store."""
-    from appliance.agents import AgentManager
     from appliance.config import load_config
-    from appliance.names import InvalidNameError
-    from appliance.sandboxes import read_policy_file
+    from appliance.control.agent_manager import AgentManager
+    from appliance.control.wiring import sandbox_manager
     from appliance.store import open_store
     from appliance.store.inference_store import InferenceStore
+    from sandbox.lifecycle.manager import read_policy_file
+    from sandbox.names import InvalidNameError
 
     state = _state(env)
     config = load_config({"state_dir": str(state)})
     policy = read_policy_file(POLICY)
     with open_store(state) as store:
-        agents = AgentManager(config, store)
+        agents = AgentManager(config, store, sandbox_manager(config, store))
         before, rows = _tree(state), _rows(state)
         for case, name in sorted({**hostile_names(), "nul": f"{TAG}\x00b"}.items()):
             with pytest.raises(InvalidNameError):
@@ -228,7 +229,7 @@ def test_the_shared_supervisor_directory_is_no_sandboxs_to_remove(env: dict[str,
     """`sandboxes/supervisor` is the PID-1 code every sandbox mounts read-only: `rm supervisor`
     (sandbox or agent) is refused and leaves it whole; every shared entry beside the sandboxes'
     own directories is a reserved name, so no sandbox can ever be created onto it."""
-    from appliance.names import SHARED_SANDBOX_DIRS
+    from sandbox.names import SHARED_SANDBOX_DIRS
 
     home = service_home()
     assert home is not None

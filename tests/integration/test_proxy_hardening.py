@@ -139,12 +139,12 @@ class Lab:
 
     @property
     def audit(self) -> list[dict[str, Any]]:
-        log = self.manager.config.state_dir / "audit" / "audit.jsonl"
+        log = self.manager.settings.state_dir / "audit" / "audit.jsonl"
         return [json.loads(line) for line in log.read_text().splitlines() if line]
 
 
 def _policy(port: int) -> Any:
-    from appliance.sandboxes import read_policy_file
+    from sandbox.lifecycle.manager import read_policy_file
     from tests.security.test_escape_battery import POLICIES
 
     base = read_policy_file(POLICIES / "default.yaml")
@@ -164,7 +164,7 @@ def lab() -> Iterator[Lab]:
     if (why := sandbox_skip_reason()) is not None:
         pytest.skip(why)
     from appliance.config import load_config
-    from appliance.sandboxes import SandboxManager
+    from appliance.control.wiring import sandbox_manager
     from appliance.store import open_store
 
     ensure_base_image()
@@ -181,7 +181,7 @@ def lab() -> Iterator[Lab]:
     box, other = f"ph-{os.getpid()}", f"ph-other-{os.getpid()}"
     try:
         with open_store(config.state_dir) as store:
-            manager = SandboxManager(config, store)
+            manager = sandbox_manager(config, store)
             try:
                 manager.create(box, _policy(origin.server_address[1]), None)
                 manager.create(other, _policy(origin.server_address[1]), None)
@@ -345,7 +345,7 @@ def test_the_proxy_runs_unprivileged_and_cannot_read_secrets(lab: Lab) -> None:
     assert st["NoNewPrivs"] == "1"
     assert lab.manager.podman.account.pw_uid not in uids  # not the Podman socket's owner
 
-    config = lab.manager.config
+    config = lab.manager.settings
     boxes_fd = os.open(lab.manager.paths(lab.other).root.parent, os.O_PATH | os.O_DIRECTORY)
     targets = {
         "store": str(config.state_dir / DB_NAME),

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from appliance.sandboxes import STOP_TIMEOUT_S, SandboxManager, read_policy_file
+from sandbox.lifecycle.manager import STOP_TIMEOUT_S, SandboxManager, read_policy_file
 from tests.sandbox_fixtures import ensure_base_image, sandbox_manager, sandbox_skip_reason
 from tests.security.test_escape_battery import POLICIES
 

@@ -36,9 +36,10 @@ from pathlib import Path
 import pytest
 
 from appliance.config import load_config
-from appliance.errors import NotFoundError
-from appliance.sandboxes import SandboxManager, read_policy_file
+from appliance.control.wiring import sandbox_manager
 from appliance.store import open_store
+from sandbox.lifecycle.errors import SandboxNotFound
+from sandbox.lifecycle.manager import SandboxManager, read_policy_file
 from tests.sandbox_fixtures import ensure_base_image, sandbox_skip_reason
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -183,7 +184,7 @@ def manager(tmp_path_factory: pytest.TempPathFactory, listeners: dict[str, HostL
     # The host listener stands in for the gateway: the probe's gateway dials have a real target.
     config = load_config({"state_dir": str(state), "gateway": {"port": listeners["gateway"].port}})
     with open_store(state) as store:
-        yield SandboxManager(config, store)
+        yield sandbox_manager(config, store)
 
 
 def run_probe(manager: SandboxManager, name: str, listeners: dict[str, HostListener]) -> dict:
@@ -197,7 +198,7 @@ def run_probe(manager: SandboxManager, name: str, listeners: dict[str, HostListe
     )
     paths = manager.paths(name)
     host_paths = {
-        "read_host_state_db": str(manager.config.state_dir / "appliance.db"),
+        "read_host_state_db": str(manager.settings.state_dir / "appliance.db"),
         "read_host_sandbox_keys": str(paths.key),
         "list_other_sandboxes": str(paths.root.parent),
     }
@@ -226,7 +227,7 @@ def run_probe(manager: SandboxManager, name: str, listeners: dict[str, HostListe
             time.sleep(0.2)
         raise AssertionError(f"no probe output:\n{logs}")
     finally:
-        with contextlib.suppress(NotFoundError):  # create may fail before it records anything
+        with contextlib.suppress(SandboxNotFound):  # create may fail before it records anything
             manager.remove(name)
 
 

@@ -1,6 +1,6 @@
 """What an operator's `approvals approve --persist` may write: one concrete public host, one
 port (sandbox/proxy/approvals.py `approval_endpoint`), checked by the control plane before it
-approves anything (appliance/sandboxes.py `persistable`)."""
+approves anything (sandbox/lifecycle/manager.py `persistable`)."""
 
 from __future__ import annotations
 
@@ -48,13 +48,13 @@ def test_the_control_plane_refuses_before_anything_is_approved_or_written(
     tmp_path: Path, host: str, port: int, why: str
 ) -> None:
     from appliance.config import load_config
-    from appliance.sandbox_errors import SandboxError
-    from appliance.sandboxes import SandboxManager
+    from appliance.control.wiring import sandbox_manager
     from appliance.store import open_store
+    from sandbox.lifecycle.errors import SandboxError
 
     config = load_config({"state_dir": str(tmp_path / "state")})
     with open_store(config.state_dir) as store:
-        m = SandboxManager(config, store)
+        m = sandbox_manager(config, store)
         with pytest.raises(SandboxError) as info:
             m.persistable("a1", host, port)
         assert why in str(info.value) and info.value.hint

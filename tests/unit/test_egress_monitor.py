@@ -1,4 +1,4 @@
-"""The privileged monitor's side of the privsep link (appliance/egress_main.py): what an
+"""The privileged monitor's side of the privsep link (sandbox/proxy/monitor.py): what an
 unprivileged (possibly compromised) proxy may and may not make it write."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from appliance.egress_main import Monitor
 from sandbox.policy import Policy, load_policy
 from sandbox.proxy import MemoryAudit
+from sandbox.proxy.monitor import Monitor
 
 
 class _Wire:

@@ -46,14 +46,14 @@ GOOD = ["a", "0", "web-agent-1", "a" * 63, "9-lives", "x-"]
 
 @pytest.mark.parametrize("name", GOOD)
 def test_the_rule_accepts_plain_names(name: str) -> None:
-    from appliance.names import check_name
+    from sandbox.names import check_name
 
     assert check_name(name, "sandbox") == name
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_the_rule_refuses_hostile_names_with_one_line_and_a_hint(case: str) -> None:
-    from appliance.names import InvalidNameError, check_name
+    from sandbox.names import InvalidNameError, check_name
 
     with pytest.raises(InvalidNameError) as info:
         check_name(HOSTILE[case], "sandbox")
@@ -62,14 +62,14 @@ def test_the_rule_refuses_hostile_names_with_one_line_and_a_hint(case: str) -> N
     assert len(message) < 200, message  # a 300-char name is shown shortened
     assert message.startswith("invalid sandbox name ")
     assert info.value.hint and "a-z, 0-9 and '-'" in info.value.hint
-    assert isinstance(info.value, ConfigError) and exit_code_for(info.value) == 3
+    assert exit_code_for(info.value) == 3  # a config error, as ConfigError
 
 
 def test_every_shared_directory_name_is_reserved() -> None:
     """What the control plane keeps beside the sandboxes' own directories (the supervisor's
     code, mounted read-only by every sandbox) can never be a sandbox's, an agent's or a key's
     name: `rm` of that name would delete what every sandbox runs."""
-    from appliance.names import RESERVED, SHARED_SANDBOX_DIRS, is_valid
+    from sandbox.names import RESERVED, SHARED_SANDBOX_DIRS, is_valid
 
     assert SHARED_SANDBOX_DIRS <= RESERVED
     assert "supervisor" in SHARED_SANDBOX_DIRS
@@ -94,6 +94,7 @@ def _tree(root: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("case", sorted(set(HOSTILE) - {"nul"}))
+@pytest.mark.usefixtures("control_plane")  # `keys list` reads through its API
 def test_keys_create_refuses_hostile_names_and_writes_nothing(
     case: str, isolated_env: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -125,8 +126,8 @@ def test_keys_create_on_a_fresh_state_dir_with_a_bad_name_creates_no_state_dir(
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_the_key_store_refuses_hostile_names(case: str, isolated_env: Path) -> None:
-    from appliance.names import InvalidNameError
     from appliance.store.inference_store import InferenceStore
+    from sandbox.names import InvalidNameError
 
     with InferenceStore(isolated_env / "state") as store:
         with pytest.raises(InvalidNameError):
@@ -169,7 +170,7 @@ def test_sandbox_and_agent_create_refuse_before_touching_the_state_dir(
 
 
 def test_owned_child_accepts_only_strict_children(tmp_path: Path) -> None:
-    from appliance.owned_paths import UnsafePathError, owned_child
+    from sandbox.lifecycle.owned_paths import UnsafePathError, owned_child
 
     parent = tmp_path / "sandboxes"
     parent.mkdir()
@@ -193,7 +194,7 @@ def test_owned_child_accepts_only_strict_children(tmp_path: Path) -> None:
 
 
 def test_remove_owned_deletes_the_child_and_refuses_the_parent(tmp_path: Path) -> None:
-    from appliance.owned_paths import UnsafePathError, remove_owned
+    from sandbox.lifecycle.owned_paths import UnsafePathError, remove_owned
 
     parent = tmp_path / "sandboxes"
     (parent / "a" / "egress").mkdir(parents=True)
@@ -219,11 +220,12 @@ def test_remove_owned_deletes_the_child_and_refuses_the_parent(tmp_path: Path) -
 def test_a_policy_that_is_not_utf8_is_a_config_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from appliance.sandboxes import read_policy_file
+    from sandbox.lifecycle.errors import PolicyFileError
+    from sandbox.lifecycle.manager import read_policy_file
 
     bad = tmp_path / "policy.yaml"
     bad.write_bytes(b"version: 1\nnetwork:\n  allow:\n    - host: caf\xe9.example\n")
-    with pytest.raises(ConfigError, match=rf"^{bad}: not UTF-8"):
+    with pytest.raises(PolicyFileError, match=rf"^{bad}: not UTF-8"):
         read_policy_file(bad)
     code = main(["sandbox", "create", "web", "--policy", str(bad)])
     err = capsys.readouterr().err
@@ -271,8 +273,8 @@ def test_bundle_install_writes_only_inside_its_destination(tmp_path: Path) -> No
     (to a directory or a file outside) is never written through."""
     import hashlib
 
-    from appliance.owned_paths import UnsafePathError
     from appliance.packaging.bundle import _sync_tree
+    from sandbox.lifecycle.owned_paths import UnsafePathError
 
     root, dest, outside = tmp_path / "bundle", tmp_path / "dest", tmp_path / "outside"
     for d in (root / "models" / "sub", dest, outside):

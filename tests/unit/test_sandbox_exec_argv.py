@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from appliance.errors import NotFoundError
-from appliance.sandbox_exec import exec_argv
 from sandbox.compile.podman_spec import SUPERVISOR_ENTRYPOINT
+from sandbox.lifecycle.exec import exec_argv
 from sandbox.policy import Policy
 
 
@@ -52,7 +52,7 @@ def test_exec_argv_of_an_unknown_sandbox_is_not_found_with_a_hint() -> None:
 
 
 def test_the_manager_has_those_public_methods() -> None:
-    from appliance.sandboxes import SandboxManager
+    from sandbox.lifecycle.manager import SandboxManager
 
     for name in ("record", "policy", "require_service"):
         assert callable(getattr(SandboxManager, name, None)), name

@@ -20,13 +20,13 @@ from rich.console import Console
 
 from appliance.cli.status import render
 from appliance.config import ApplianceConfig, SandboxConfig
-from appliance.errors import BackendError
 from appliance.ops import status as status_mod
 from appliance.ops.status import approvals_section, gather, sandboxes_section
 from appliance.store import open_store
 from appliance.store.db import DB_NAME
 from appliance.store.sandbox_store import SandboxStore
 from hardware.snapshot import HostSnapshot
+from sandbox.lifecycle.errors import PodmanUnavailable
 from sandbox.proxy import AdminServer, ApprovalBroker
 from tests.conftest import FIXTURES
 
@@ -85,7 +85,7 @@ def test_no_sandboxes_never_imports_the_manager(tmp_path: Path) -> None:
         "print(status.sandboxes_section(c, None)['count'], status.approvals_section(c, None)); "
         "print(sorted(m for m in sys.modules if m in HEAVY))"
     )
-    heavy = "HEAVY = {'podman', 'appliance.sandboxes', 'appliance.store.sandbox_store'}; "
+    heavy = "HEAVY = {'podman', 'sandbox.lifecycle.manager', 'appliance.store.sandbox_store'}; "
     out = subprocess.run(
         [sys.executable, "-c", heavy + code], capture_output=True, text=True, check=True
     )
@@ -132,7 +132,7 @@ def test_without_service_user_reports_store_state(tmp_path: Path) -> None:
     approvals = approvals_section(config, HOST)
     assert approvals["count"] == 0
     assert approvals["errors"] == [
-        "PreflightError: sandbox service user 'no-such-user-here' does not exist"
+        "HostNotReady: sandbox service user 'no-such-user-here' does not exist"
     ]
 
 
@@ -141,7 +141,7 @@ def test_status_never_starts_podman(tmp_path: Path) -> None:
     add_boxes(config, ("alpha", "running"))
     with open_store(config.state_dir) as store:
         manager = status_mod._manager(config, store)
-        with pytest.raises(BackendError, match="not running"):
+        with pytest.raises(PodmanUnavailable, match="not running"):
             manager.podman.start()
         # list() takes the refusal as "Podman unavailable" and answers from the store
         assert [(r["name"], r["state"]) for r in manager.list()] == [("alpha", "running")]
@@ -164,7 +164,7 @@ class FakeManager:
         return [{"name": "alpha", "container": "running"}, {"name": "beta", "container": "exited"}]
 
     def paths(self, name: str) -> Any:
-        from appliance.sandboxes import SandboxPaths
+        from sandbox.lifecycle.manager import SandboxPaths
 
         return SandboxPaths(root=Path("/nonexistent"), private=private(self.config, name))
 

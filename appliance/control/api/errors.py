@@ -12,9 +12,18 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import errors as e
+from sandbox.lifecycle import errors as sandbox_errors
+from sandbox.names import InvalidNameError
 
 # Most specific class first (as EXIT_CODES). The `type` string is what the client maps back.
 STATUS: list[tuple[type[BaseException], int, str]] = [
+    (InvalidNameError, 422, "config_error"),
+    (sandbox_errors.PolicyFileError, 422, "config_error"),
+    (sandbox_errors.SandboxNotFound, 404, "not_found"),
+    (sandbox_errors.HostNotReady, 412, "preflight_failed"),
+    (sandbox_errors.PodmanUnavailable, 503, "backend_unavailable"),
+    (sandbox_errors.SandboxConflict, 409, "conflict"),
+    (sandbox_errors.SandboxError, 400, "invalid_request"),
     (e.ConfigError, 422, "config_error"),
     (e.StateError, 500, "state_error"),
     (e.NotFoundError, 404, "not_found"),
@@ -45,11 +54,13 @@ def for_exception(exc: BaseException) -> tuple[int, str]:
 
 
 def install(app: FastAPI) -> None:
-    @app.exception_handler(e.ApplianceError)
-    async def _appliance(_: Request, exc: e.ApplianceError) -> JSONResponse:
+    async def _operator(_: Request, exc: Exception) -> JSONResponse:
         status, type_ = for_exception(exc)
         code = getattr(exc, "code", None)
-        return error_response(status, str(exc), type_, exc.hint, code)
+        return error_response(status, str(exc), type_, getattr(exc, "hint", None), code)
+
+    for operator_error in e.OPERATOR_ERRORS:  # ours and the sandbox lifecycle's
+        app.add_exception_handler(operator_error, _operator)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -13,10 +13,10 @@ import os
 import shutil
 from pathlib import Path
 
-from appliance.errors import ApplianceError
+from sandbox.lifecycle.errors import SandboxError
 
 
-class UnsafePathError(ApplianceError):
+class UnsafePathError(SandboxError):
     """A path to delete or write is not strictly inside the directory that owns it."""
 
     hint = (

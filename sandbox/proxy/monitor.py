@@ -1,6 +1,10 @@
 """A sandbox's egress proxy as the appliance runs it: privilege-separated.
 
-    python -m appliance.egress_main <the flags of python -m sandbox.proxy> [--proxy-user USER]
+    python -m appliance.control.egress_monitor <the flags of python -m sandbox.proxy>
+        [--proxy-user USER]
+
+(the appliance's entry point: this module's `main` with its hash-chained audit log as the sink;
+`python -m sandbox.proxy.monitor` on its own appends plain JSON lines to --audit-log instead.)
 
 This process (root, started by the control plane) is the monitor. It never reads the sandbox's
 HTTP. It binds the egress and admin sockets (or takes the bound egress socket, --socket-fd),
@@ -12,14 +16,14 @@ which this process writes. It cannot have an approval persisted: that is the con
 on the operator's command (`appliance approvals approve ID --persist`), never on the proxy's word.
 
 Why a monitor rather than a group-writable audit log: the chain is tamper-evident only against
-someone who cannot rewrite both the log and its head (appliance/audit.py); a proxy that could
+someone who cannot rewrite both the log and its head (appliance/audit/); a proxy that could
 append could also truncate, and one compromised proxy could then rewrite every sandbox's
 history. Here only root processes ever open the chain, and the proxy can add records only for
 its own sandbox and only `egress.*` events.
 
 --audit-log is required and names the chain file (<state_dir>/audit/audit.jsonl). SIGHUP
 re-reads the policy file and sends it to the proxy; SIGTERM/SIGINT stop the proxy, then this.
-Imports stay light (the chain writer and sandbox.proxy.options are stdlib only; no pydantic):
+Imports stay light (the audit sink and sandbox.proxy.options are stdlib only; no pydantic):
 one of these starts per sandbox.
 """
 
@@ -36,10 +40,11 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from appliance.audit import BackgroundAudit, ChainWriter
+from sandbox.proxy.audit import JsonLinesAudit
 from sandbox.proxy.options import parse_args as proxy_args
 from sandbox.proxy.options import read_key
 from sandbox.proxy.privsep import MAX_LINE, encode
@@ -53,6 +58,14 @@ PERSIST_REFUSED = (
 )
 # What the proxy's environment keeps: nothing of the control plane's (tokens, config paths).
 _ENV_KEEP = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE")
+PROG = "egress monitor"
+
+
+class ClosingAuditSink(Protocol):
+    """Where the monitor writes the proxy's records: the host's audit log (opened by path)."""
+
+    def audit(self, event: str, **fields: Any) -> None: ...
+    def close(self) -> None: ...
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, str]:
@@ -61,9 +74,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, str]:
     ours, rest = p.parse_known_args(argv)
     args = proxy_args(rest)
     if args.audit_log is None:
-        raise SystemExit("appliance.egress_main: --audit-log (the audit chain file) is required")
+        raise SystemExit(f"{PROG}: --audit-log (the audit chain file) is required")
     if args.policy is None:
-        raise SystemExit("appliance.egress_main: --policy is required")
+        raise SystemExit(f"{PROG}: --policy is required")
     return args, ours.proxy_user
 
 
@@ -74,12 +87,12 @@ def proxy_identity(user: str) -> tuple[int, int] | None:
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
-        raise SystemExit(f"appliance.egress_main: no user {user!r} (sandbox.proxy_user)") from None
+        raise SystemExit(f"{PROG}: no user {user!r} (sandbox.proxy_user)") from None
     if pw.pw_uid == 0 or pw.pw_gid == 0:
-        raise SystemExit(f"appliance.egress_main: sandbox.proxy_user {user!r} is root")
+        raise SystemExit(f"{PROG}: sandbox.proxy_user {user!r} is root")
     if _has_subids(pw.pw_name, pw.pw_uid):  # e.g. the service user: it owns the Podman socket
         raise SystemExit(
-            f"appliance.egress_main: sandbox.proxy_user {user!r} runs rootless containers "
+            f"{PROG}: sandbox.proxy_user {user!r} runs rootless containers "
             "(it has subordinate ids); the proxy needs a user that owns nothing"
         )
     return pw.pw_uid, pw.pw_gid
@@ -124,7 +137,7 @@ class Monitor:
         self.name = args.sandbox or args.policy.stem
         self.identity = identity
         self.proc: subprocess.Popen[bytes] | None = None
-        self.audit: BackgroundAudit | None = None
+        self.audit: ClosingAuditSink | None = None
 
     def spawn(self, link_fd: int) -> None:
         a = self.args
@@ -200,7 +213,7 @@ class Monitor:
     def _record(self, event: str, fields: dict[str, Any]) -> None:
         """One dict, not keywords: a proxy's field named `event` or `self` would collide with
         the sink's parameters (TypeError, and the monitor would exit). Kept, renamed `name_`,
-        as the chain keeps its own reserved names (appliance/audit.py)."""
+        as the chain keeps its own reserved names (appliance/audit/)."""
         assert self.audit is not None
         safe = {f"{k}_" if k in ("event", "self") else k: v for k, v in fields.items()}
         self.audit.audit(event, **safe)
@@ -231,7 +244,12 @@ class Monitor:
             self.audit.close()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(
+    argv: list[str] | None = None,
+    open_audit: Callable[[Path], ClosingAuditSink] = JsonLinesAudit.open,
+) -> None:
+    """Run the monitor; `open_audit` opens the sink for --audit-log (the appliance passes its
+    hash-chained log; on its own, plain JSON lines)."""
     args, user = parse_args(argv if argv is not None else sys.argv[1:])
     identity = proxy_identity(user)  # a bad policy: the proxy says so (file:line) and exits
     monitor = Monitor(args, identity)
@@ -241,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         monitor.spawn(child.fileno())  # before any thread starts: preexec_fn forks
     finally:
         child.close()
-    monitor.audit = BackgroundAudit(ChainWriter(args.audit_log))
+    monitor.audit = open_audit(args.audit_log)
     try:
         code = asyncio.run(monitor.run(parent, hello))
     finally:

@@ -1,6 +1,6 @@
 """The kill switch: stop the named sandboxes at once, in parallel, and cut their egress.
 
-A mixin of `SandboxManager` (appliance/sandboxes.py), which provides the state (`boxes`,
+A mixin of `SandboxManager` (manager.py), which provides the state (`boxes`,
 `podman`) and `paths`, `_client`, `_stop_proxy` and `store_audit`.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from appliance.podman_service import PodmanService
-from appliance.sandbox_errors import SandboxError
-from appliance.sandbox_layout import SandboxPaths
-from appliance.store.sandbox_store import SandboxStore
+from sandbox.lifecycle.errors import SandboxError
+from sandbox.lifecycle.layout import SandboxPaths
+from sandbox.lifecycle.podman_service import PodmanService
+from sandbox.lifecycle.ports import SandboxRecords
 
 STOP_TIMEOUT_S = 3  # SIGTERM, then SIGKILL: the kill switch must finish within 5 s
 
@@ -20,7 +20,7 @@ STOP_TIMEOUT_S = 3  # SIGTERM, then SIGKILL: the kill switch must finish within 
 class SandboxKillSwitch:
     """`SandboxManager.kill`."""
 
-    boxes: SandboxStore
+    boxes: SandboxRecords
     podman: PodmanService
 
     if TYPE_CHECKING:  # the manager's, and EgressProxies'
@@ -55,15 +55,18 @@ class SandboxKillSwitch:
         """SIGTERM, then SIGKILL after STOP_TIMEOUT_S, for all at once; an error per id or None."""
         if not ids:
             return []
+        from podman.errors import NotFound
+
         self._client()  # the service must be up before the threads connect
 
         def stop(container_id: str) -> str | None:
             try:  # a client per thread: podman-py's requests session is not thread-safe
                 with self.podman.client() as client:
                     client.containers.get(container_id).stop(timeout=STOP_TIMEOUT_S)
-            except Exception as exc:
-                if "no such container" not in str(exc).lower():
-                    return str(exc)
+            except NotFound:  # already gone: stopped as far as the switch is concerned
+                return None
+            except Exception as exc:  # any other failure is reported, and the rest go on
+                return str(exc)
             return None
 
         with ThreadPoolExecutor(max_workers=min(16, len(ids))) as pool:

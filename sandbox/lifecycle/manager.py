@@ -5,37 +5,45 @@ rootless Podman (running as that user) can bind them; starts one egress proxy pr
 sandbox on a unix socket inside the sandbox's egress directory; and drives Podman through
 podman-py on the service user's socket. The agent never sees its key: the proxy holds it.
 
-The manager's steps live by concern: sandbox_create.py (create, all or nothing),
-egress_proxy_launch.py (the proxy process), sandbox_kill.py (the kill switch),
-sandbox_reconcile.py (after a restart or crash), sandbox_layout.py (directories and labels).
+The manager's steps live by concern: create.py (create, all or nothing), proxy_launch.py (the
+proxy process), kill.py (the kill switch), reconcile.py (after a restart or crash), layout.py
+(directories and labels). What it needs from the host comes in through ports.py; the appliance
+builds it in one place (appliance/control/wiring.py `sandbox_manager`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
-from appliance.config import ApplianceConfig
-from appliance.egress_proxy_launch import EgressProxies
-from appliance.errors import ApplianceError, BackendError, NotFoundError, PreflightError
-from appliance.names import check_name
-from appliance.owned_paths import owned_child, remove_owned
-from appliance.podman_service import PodmanService
-from appliance.sandbox_create import SandboxCreation
-from appliance.sandbox_errors import SandboxError
-from appliance.sandbox_kill import STOP_TIMEOUT_S, SandboxKillSwitch
-from appliance.sandbox_layout import SANDBOX_LABEL, STATE_LABEL, SandboxPaths, listed_status
-from appliance.sandbox_reconcile import Reconciled, SandboxReconciliation
-from appliance.store import Store
-from appliance.store.inference_store import InferenceStore
-from appliance.store.sandbox_store import SandboxRecord, SandboxStore
 from sandbox.compile.podman_spec import SUPERVISOR_ENTRYPOINT, policy_digest
+from sandbox.lifecycle.create import SandboxCreation
+from sandbox.lifecycle.errors import (
+    PolicyFileError,
+    SandboxConflict,
+    SandboxError,
+    SandboxNotFound,
+)
+from sandbox.lifecycle.kill import STOP_TIMEOUT_S, SandboxKillSwitch
+from sandbox.lifecycle.layout import SANDBOX_LABEL, STATE_LABEL, SandboxPaths, listed_status
+from sandbox.lifecycle.owned_paths import owned_child, remove_owned
+from sandbox.lifecycle.podman_service import PodmanService
+from sandbox.lifecycle.ports import (
+    AuditSink,
+    LifecycleSettings,
+    SandboxKeys,
+    SandboxRecord,
+    SandboxRecords,
+)
+from sandbox.lifecycle.proxy_launch import EgressProxies
+from sandbox.lifecycle.reconcile import Reconciled, SandboxReconciliation
+from sandbox.names import check_name
 from sandbox.policy import Endpoint, Network, Policy, load_policy
 from sandbox.yamlfile import YamlError
 
@@ -45,7 +53,6 @@ __all__ = [
     "SandboxError",
     "SandboxManager",
     "SandboxPaths",
-    "ensure_ready",
     "read_policy_file",
 ]
 
@@ -53,20 +60,29 @@ REPORT_TIMEOUT_S = 20.0
 
 
 def read_policy_file(path: Path) -> Policy:
+    """The policy in `path`; PolicyFileError (file:line: what is wrong) when it is not one."""
     try:
         return load_policy(path)
     except YamlError as exc:
-        from appliance.errors import ConfigError
-
-        raise ConfigError(str(exc), hint="fix the policy file at the line named") from None
+        raise PolicyFileError(str(exc)) from None
 
 
 class SandboxManager(SandboxCreation, EgressProxies, SandboxKillSwitch, SandboxReconciliation):
-    def __init__(self, config: ApplianceConfig, store: Store) -> None:
-        self.config = config
-        self.store = store
-        self.boxes = SandboxStore(store)
-        self.podman = PodmanService(user=config.sandbox.service_user)
+    """The sandboxes on the service user's Podman, their proxies and keys (ports.py: what the
+    host hands in; appliance/control/wiring.py builds one)."""
+
+    def __init__(
+        self,
+        settings: LifecycleSettings,
+        records: SandboxRecords,
+        keys: SandboxKeys,
+        audit: AuditSink,
+    ) -> None:
+        self.settings = settings
+        self.boxes = records
+        self.keys = keys
+        self.audit = audit
+        self.podman = PodmanService(user=settings.service_user)
         self._podman_client: Any = None
 
     # -- paths and helpers -------------------------------------------------------------------
@@ -75,7 +91,7 @@ class SandboxManager(SandboxCreation, EgressProxies, SandboxKillSwitch, SandboxR
         """The sandbox's directories, each strictly inside the directory that owns it (a name
         like '' or '..' from a record older than the name rule is refused here)."""
         home = Path(self.podman.account.pw_dir)
-        boxes, private = home / "sandboxes", self.config.state_dir / "sandboxes"
+        boxes, private = home / "sandboxes", self.settings.state_dir / "sandboxes"
         paths = SandboxPaths(
             root=owned_child(boxes, boxes / name), private=owned_child(private, private / name)
         )
@@ -85,7 +101,7 @@ class SandboxManager(SandboxCreation, EgressProxies, SandboxKillSwitch, SandboxR
     @property
     def instance(self) -> str:
         """Which control plane owns a container: one Podman may serve several state dirs."""
-        return hashlib.sha256(os.fsencode(self.config.state_dir.resolve())).hexdigest()[:12]
+        return hashlib.sha256(os.fsencode(self.settings.state_dir.resolve())).hexdigest()[:12]
 
     def _labelled(self, name: str | None = None) -> list[Any]:
         """This control plane's sandbox containers on Podman (all, or the one named)."""
@@ -97,11 +113,11 @@ class SandboxManager(SandboxCreation, EgressProxies, SandboxKillSwitch, SandboxR
     def _record(self, name: str) -> SandboxRecord:
         record = self.boxes.get(name)
         if record is None:
-            raise NotFoundError(f"no sandbox named {name!r}", hint="`appliance sandbox list`")
+            raise SandboxNotFound(f"no sandbox named {name!r}", hint="`appliance sandbox list`")
         return record
 
     def record(self, name: str) -> SandboxRecord:
-        """The sandbox's record; NotFoundError (with a hint) for an unknown name."""
+        """The sandbox's record; SandboxNotFound (with a hint) for an unknown name."""
         return self._record(name)
 
     def require_service(self) -> None:
@@ -110,7 +126,7 @@ class SandboxManager(SandboxCreation, EgressProxies, SandboxKillSwitch, SandboxR
 
     def _refuse_if_held(self) -> None:
         if (held := self.boxes.held()) is not None:
-            raise SandboxError(
+            raise SandboxConflict(
                 f"sandboxes are held by the kill switch: {held}",
                 hint="`appliance release` lifts the hold",
             )
@@ -205,18 +221,13 @@ class SandboxManager(SandboxCreation, EgressProxies, SandboxKillSwitch, SandboxR
                 return
         record = self._record(name)
         paths = self.paths(name)  # before anything is removed: refuses '', '.', '..'
-        try:
+        from podman.errors import NotFound
+
+        with contextlib.suppress(NotFound):  # already gone from Podman: still forget it here
             self.container(name).remove(force=True)
-        except Exception as exc:  # already gone from Podman: still forget it here
-            if "no such container" not in str(exc).lower():
-                raise
         self._stop_proxy(paths)
-        inference = InferenceStore(self.config.state_dir)
-        try:
-            if record.key_id:
-                inference.revoke_key(record.key_id)
-        finally:
-            inference.close()
+        if record.key_id:
+            self.keys.revoke(record.key_id)
         remove_owned(paths.root.parent, paths.root)
         remove_owned(paths.private.parent, paths.private)
         if not keep_home:
@@ -237,7 +248,7 @@ class SandboxManager(SandboxCreation, EgressProxies, SandboxKillSwitch, SandboxR
         try:
             for c in self._labelled():
                 live[c.labels[SANDBOX_LABEL]] = listed_status(c)
-        except ApplianceError:
+        except SandboxError:
             pass  # podman unavailable: report what the store knows
         return [
             {
@@ -256,7 +267,7 @@ class SandboxManager(SandboxCreation, EgressProxies, SandboxKillSwitch, SandboxR
     def policy(self, name: str) -> tuple[int, Policy]:
         latest = self.boxes.latest_policy(name)
         if latest is None:
-            raise NotFoundError(f"no policy for sandbox {name!r}")
+            raise SandboxNotFound(f"no policy for sandbox {name!r}")
         return latest
 
     def set_policy(self, name: str, new: Policy) -> int:
@@ -294,7 +305,7 @@ class SandboxManager(SandboxCreation, EgressProxies, SandboxKillSwitch, SandboxR
 
     def persist_approval(self, name: str, endpoint: Endpoint, approval_id: str) -> int:
         """A new revision allowing `endpoint` (from `persistable`), on the operator's command.
-        The proxy never persists: its word alone must not outlive it (egress_main.py)."""
+        The proxy never persists: its word alone must not outlive it (sandbox/proxy/monitor.py)."""
         _rev, policy = self.policy(name)
         allow = policy.network.allow
         network = policy.network.model_copy(
@@ -303,16 +314,5 @@ class SandboxManager(SandboxCreation, EgressProxies, SandboxKillSwitch, SandboxR
         return self.apply_network(name, network, f"approval {approval_id} persisted")
 
     def store_audit(self, event: str, **fields: Any) -> None:
-        inference = InferenceStore(self.config.state_dir)
-        try:
-            inference.audit(event, **fields)
-        finally:
-            inference.close()
-
-
-def ensure_ready(config: ApplianceConfig) -> None:
-    """Fail early, with the fix, when this host cannot run sandboxes at all."""
-    if shutil.which("podman") is None:
-        raise PreflightError("podman is not installed", hint="run scripts/setup.sh as root")
-    if os.geteuid() != 0:
-        raise BackendError("sandboxes are managed by root (the control plane)", hint="use sudo")
+        """One record in the host's audit log (the port handed in)."""
+        self.audit.audit(event, **fields)

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 from sandbox.compile.podman_spec import SUPERVISOR_ENTRYPOINT
 
 if TYPE_CHECKING:
-    from appliance.sandboxes import SandboxManager
+    from sandbox.lifecycle.manager import SandboxManager
 
 
 def exec_argv(m: SandboxManager, name: str, command: list[str]) -> list[str]:
     """The `podman --remote exec -i` argv for `command` in sandbox `name` (as the agent)."""
-    record = m.record(name)  # an unknown name: NotFoundError with a hint
+    record = m.record(name)  # an unknown name: SandboxNotFound with a hint
     _rev, policy = m.policy(name)
     m.require_service()
     return [

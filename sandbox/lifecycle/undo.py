@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from appliance.owned_paths import remove_owned
+from sandbox.lifecycle.owned_paths import remove_owned
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,6 @@ def undo_new_dirs(undo: Undo, dirs: list[Path], shared: Path) -> None:
 def _rmdir_if_empty(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.rmdir()
-
-
-def discard_key(state_dir: Path, key_id: str) -> None:
-    from appliance.store.inference_store import InferenceStore
-
-    with InferenceStore(state_dir) as inference:
-        inference.discard_key(key_id)
 
 
 def end_proxy(proc: subprocess.Popen[bytes], pid_file: Path) -> None:

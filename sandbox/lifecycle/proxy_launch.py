@@ -1,7 +1,8 @@
 """The per-sandbox egress proxy process: bind its socket, launch it, wait for "ready", stop it.
 
-A mixin of `SandboxManager` (appliance/sandboxes.py), which provides `config`. The proxy runs
-`appliance.egress_main` as the proxy user, serving the sandbox's egress socket, holding its key.
+A mixin of `SandboxManager` (manager.py), which provides `settings`. The proxy's privileged
+monitor (sandbox/proxy/monitor.py, started as `settings.monitor_argv`) runs the proxy as the
+proxy user, serving the sandbox's egress socket, holding its key.
 """
 
 from __future__ import annotations
@@ -10,14 +11,12 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
-from appliance.audit import audit_path
-from appliance.config import ApplianceConfig
-from appliance.egress_main import listen_unix
-from appliance.sandbox_errors import SandboxError
-from appliance.sandbox_layout import SandboxPaths
+from sandbox.lifecycle.errors import SandboxError
+from sandbox.lifecycle.layout import SandboxPaths
+from sandbox.lifecycle.ports import LifecycleSettings
+from sandbox.proxy.monitor import listen_unix
 
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 
@@ -25,7 +24,7 @@ UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 class EgressProxies:
     """Start, find and stop a sandbox's egress proxy."""
 
-    config: ApplianceConfig
+    settings: LifecycleSettings
 
     def _proxy_running(self, paths: SandboxPaths) -> int | None:
         """The proxy's pid if it is alive: not a zombie, and not a reused pid."""
@@ -59,21 +58,21 @@ class EgressProxies:
                 )
         # 0666: the egress directory (the agent uid's, 0700) guards it
         listener = listen_unix(egress, 0o666)
-        gw = self.config.gateway
+        settings = self.settings
         try:
             argv = [
-                sys.executable, "-m", "appliance.egress_main",  # the proxy, auditing to the chain
+                *settings.monitor_argv,  # the proxy's monitor, auditing to the host's log
                 "--sandbox", name,
                 "--socket", str(egress),
                 "--socket-fd", str(listener.fileno()),
                 "--policy", str(paths.policy),
                 "--admin-socket", str(paths.admin_socket),
-                "--gateway-url", f"http://{gw.host}:{gw.port}",
+                "--gateway-url", settings.gateway_url,
                 "--key-file", str(paths.key),
-                "--audit-log", str(audit_path(self.config.state_dir)),
-                # the proxy itself runs as this user, with no capabilities (egress_main.py)
-                "--proxy-user", self.config.sandbox.proxy_user,
-                "--max-pending", str(self.config.sandbox.max_pending_approvals),
+                "--audit-log", str(settings.audit_log),
+                # the proxy itself runs as this user, with no capabilities (proxy/monitor.py)
+                "--proxy-user", settings.proxy_user,
+                "--max-pending", str(settings.max_pending_approvals),
             ]  # fmt: skip
             with paths.proxy_log.open("ab") as log:
                 proc = subprocess.Popen(

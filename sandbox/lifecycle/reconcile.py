@@ -1,6 +1,6 @@
 """Reconciliation: make Podman and the proxies match the store after a restart or a crash.
 
-A mixin of `SandboxManager` (appliance/sandboxes.py), which provides `boxes` and `paths`,
+A mixin of `SandboxManager` (manager.py), which provides `boxes` and `paths`,
 `_labelled`, the proxy, `_start_container` and `store_audit`.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from appliance.errors import ApplianceError
-from appliance.owned_paths import UnsafePathError
-from appliance.sandbox_layout import SANDBOX_LABEL, SandboxPaths, listed_status
-from appliance.store.sandbox_store import SandboxStore
+from sandbox.lifecycle.errors import SandboxError
+from sandbox.lifecycle.layout import SANDBOX_LABEL, SandboxPaths, listed_status
+from sandbox.lifecycle.owned_paths import UnsafePathError
+from sandbox.lifecycle.ports import SandboxRecords
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Reconciled:
 class SandboxReconciliation:
     """`SandboxManager.reconcile`."""
 
-    boxes: SandboxStore
+    boxes: SandboxRecords
 
     if TYPE_CHECKING:  # the manager's, and EgressProxies'
 
@@ -88,7 +88,7 @@ class SandboxReconciliation:
                     self._start_proxy(record.name, paths)
                     self._start_container(record.name, container)
                     out.restarted.append(record.name)
-                except ApplianceError as exc:
+                except SandboxError as exc:
                     self.boxes.set_state(record.name, "failed")
                     out.failed.append(f"{record.name}: {exc}")
             else:

@@ -1,8 +1,8 @@
 """Creating a sandbox, all or nothing: its record and policy revision, directories, key, proxy
-and container, each step registered with its undo as soon as it exists (appliance/undo.py).
+and container, each step registered with its undo as soon as it exists (undo.py).
 
-A mixin of `SandboxManager` (appliance/sandboxes.py), which provides the state (`config`,
-`boxes`, `podman`) and the other steps (`paths`, `_client`, the proxy, `_start_container`).
+A mixin of `SandboxManager` (manager.py), which provides the state (`settings`, `boxes`, `keys`,
+`podman`) and the other steps (`paths`, `_client`, the proxy, `_start_container`).
 """
 
 from __future__ import annotations
@@ -11,25 +11,23 @@ import json
 import os
 import shutil
 import subprocess
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.config import ApplianceConfig
-from appliance.errors import PreflightError
-from appliance.names import SANDBOX_KEY_PREFIX, SUPERVISOR_DIR, check_name
-from appliance.owned_paths import remove_owned
-from appliance.podman_service import PodmanService
-from appliance.sandbox_errors import SandboxError
-from appliance.sandbox_layout import STATE_LABEL, SandboxPaths
-from appliance.store.inference_store import InferenceStore
-from appliance.store.sandbox_store import SandboxRecord, SandboxStore
-from appliance.undo import Undo, discard_key, end_proxy, undo_new_dirs
 from sandbox.compile.landlock import landlock_rules
 from sandbox.compile.podman_spec import SandboxMounts, podman_spec
 from sandbox.compile.seccomp import seccomp_profile
+from sandbox.lifecycle.errors import HostNotReady, SandboxConflict
+from sandbox.lifecycle.layout import STATE_LABEL, SandboxPaths
+from sandbox.lifecycle.owned_paths import remove_owned
+from sandbox.lifecycle.podman_service import PodmanService
+from sandbox.lifecycle.ports import LifecycleSettings, SandboxKeys, SandboxRecord, SandboxRecords
+from sandbox.lifecycle.undo import Undo, end_proxy, undo_new_dirs
+from sandbox.names import SANDBOX_KEY_PREFIX, SUPERVISOR_DIR, check_name
 from sandbox.policy import Endpoint, Policy
 
-SUPERVISOR_SRC = Path(__file__).resolve().parent.parent / "sandbox" / "supervisor"
+SUPERVISOR_SRC = Path(__file__).resolve().parent.parent / "supervisor"
 HOME = "/home/agent"
 
 
@@ -39,14 +37,15 @@ def _mapped_uid(service_user: str, container_uid: int) -> int:
         user, start, _count = line.split(":")
         if user == service_user:
             return int(start) + container_uid - 1
-    raise PreflightError(f"no subuid range for {service_user!r}", hint="run `appliance doctor`")
+    raise HostNotReady(f"no subuid range for {service_user!r}", hint="run `appliance doctor`")
 
 
 class SandboxCreation:
     """`SandboxManager.create` and its steps."""
 
-    config: ApplianceConfig
-    boxes: SandboxStore
+    settings: LifecycleSettings
+    boxes: SandboxRecords
+    keys: SandboxKeys
     podman: PodmanService
 
     if TYPE_CHECKING:  # the manager's, and EgressProxies'
@@ -90,7 +89,7 @@ class SandboxCreation:
         command = command or ["sleep", "infinity"]
         with Undo(f"sandbox {name}") as undo:
             if not self.boxes.claim(name, image=image, command=command):
-                raise SandboxError(
+                raise SandboxConflict(
                     f"sandbox {name!r} exists", hint=f"`appliance sandbox rm {name}`"
                 )
             undo.add(self.boxes.delete, name)
@@ -103,7 +102,7 @@ class SandboxCreation:
             if agent_files is not None:
                 self._write_agent_files(paths, agent_files)
             key_id = self._new_key(name, paths, allowed_models)
-            undo.add(discard_key, self.config.state_dir, key_id)
+            undo.add(self.keys.discard, key_id)
             self.boxes.upsert(name, image=image, command=command, state="creating", key_id=key_id)
             self.store_audit("sandbox.create", sandbox=name, policy_rev=rev)
             self._create_container(undo, name, policy, image, command, paths, agent_files)
@@ -136,16 +135,18 @@ class SandboxCreation:
         )
         spec = podman_spec(policy, name=name, image=image, mounts=mounts, command=command)
         spec["labels"][STATE_LABEL] = self.instance
+        from podman.errors import APIError
+
         try:
             container = client.containers.create(**spec)
-        except Exception as exc:  # podman-py's APIError: say what the operator can do
-            if "already in use" not in str(exc):
+        except APIError as exc:  # 409: the name is taken on Podman; say what the operator can do
+            if exc.status_code != HTTPStatus.CONFLICT:
                 raise
-            raise SandboxError(
+            raise SandboxConflict(
                 f"Podman already has a container named {name!r} that this appliance did "
                 "not create (another state dir, or made by hand)",
                 hint=f"pick another name, or remove it: podman rm -f {name} (as the "
-                f"{self.config.sandbox.service_user} user)",
+                f"{self.settings.service_user} user)",
             ) from None
         undo.add(container.remove, force=True)
         self.boxes.set_state(name, "created", container.id)
@@ -178,7 +179,7 @@ class SandboxCreation:
         agent_gid = agent - policy.process.uid + policy.process.gid  # same offset for subgid
         sandboxes = paths.root.parent
         sandboxes.mkdir(mode=0o755, exist_ok=True)
-        supervisor = sandboxes / SUPERVISOR_DIR  # a reserved name: no sandbox's (names.py)
+        supervisor = sandboxes / SUPERVISOR_DIR  # a reserved name: no sandbox's (sandbox/names.py)
         supervisor.mkdir(mode=0o755, exist_ok=True)
         for src in SUPERVISOR_SRC.glob("*.py"):
             shutil.copyfile(src, supervisor / src.name)
@@ -225,14 +226,9 @@ class SandboxCreation:
             target.chmod(0o644)  # root-owned: the agent reads, never writes
 
     def _new_key(self, name: str, paths: SandboxPaths, allowed_models: list[str] | None) -> str:
-        inference = InferenceStore(self.config.state_dir)
-        try:
-            key_name = SANDBOX_KEY_PREFIX + name
-            inference.revoke_key(key_name)  # a re-created sandbox gets a fresh key
-            record, secret = inference.create_key(key_name, "sandbox", allowed_models)
-        finally:
-            inference.close()
+        # A re-created sandbox gets a fresh key (the port revokes a live one of that name).
+        key_id, secret = self.keys.issue(SANDBOX_KEY_PREFIX + name, allowed_models)
         fd = os.open(paths.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secret + "\n")
-        return record.id
+        return key_id

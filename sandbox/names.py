@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-from appliance.errors import ConfigError
+from sandbox.lifecycle.errors import SandboxError
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}", re.ASCII)  # used with fullmatch: no `$` trap
 RULE = "1-63 characters of a-z, 0-9 and '-', starting with a letter or digit"
@@ -26,8 +26,8 @@ SHARED_SANDBOX_DIRS = frozenset({SUPERVISOR_DIR})  # every shared entry in `sand
 RESERVED = SHARED_SANDBOX_DIRS  # one rule for sandboxes, agents and keys: reserved for all
 
 
-class InvalidNameError(ConfigError):
-    """A sandbox, agent or key name breaks the name rule."""
+class InvalidNameError(SandboxError):
+    """A sandbox, agent or key name breaks the name rule (the appliance: a config error, exit 3)."""
 
     hint = f"names are {RULE}, e.g. `web-agent-1` (reserved: {', '.join(sorted(RESERVED))})"
 
@@ -51,21 +51,3 @@ def check_name(name: str, kind: str, error: type[InvalidNameError] = InvalidName
     if not is_valid(name):
         raise error(f"invalid {kind} name {shown(name)}")  # the rule is in the hint
     return name
-
-
-class KeyNameError(InvalidNameError):
-    """A key name breaks the rule, or a live key already has it."""
-
-    hint = f"key names are {RULE}; `appliance keys list` shows the used ones"
-
-
-def check_key_name(name: str, owner_kind: str) -> str:
-    """A key follows the rule; a sandbox's own key is `sandbox-` + a sandbox name (so the
-    longest sandbox name still has a key)."""
-    rest = name.removeprefix(SANDBOX_KEY_PREFIX) if isinstance(name, str) else name
-    if owner_kind == "sandbox" and rest != name:
-        if is_valid(rest):
-            return name
-        if rest in RESERVED:  # no sandbox has that name: nor does a sandbox's key
-            return check_name(rest, "sandbox key", KeyNameError)
-    return check_name(name, "key", KeyNameError)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from appliance.errors import BackendError, PreflightError
+from sandbox.lifecycle.errors import HostNotReady, PodmanUnavailable
 
 if TYPE_CHECKING:
     from podman import PodmanClient
@@ -43,7 +44,7 @@ class PodmanService:
         try:
             return pwd.getpwnam(self.user)
         except KeyError:
-            raise PreflightError(
+            raise HostNotReady(
                 f"sandbox service user {self.user!r} does not exist",
                 hint="run `sudo scripts/setup-service-user.sh` (scripts/setup.sh does it as root)",
             ) from None
@@ -97,7 +98,7 @@ class PodmanService:
         acct = self.account
         same_user = os.geteuid() == acct.pw_uid
         if os.geteuid() != 0 and not same_user:
-            raise PreflightError(
+            raise HostNotReady(
                 f"starting podman as {self.user!r} needs root (running as uid {os.geteuid()})"
             )
         self._ensure_dirs(acct)
@@ -135,14 +136,14 @@ class PodmanService:
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise BackendError(
+                raise PodmanUnavailable(
                     f"podman system service exited with {self._proc.returncode}: " + _tail(log_path)
                 )
             if self.is_running():
                 return self.client()
             time.sleep(0.05)
         self.stop()
-        raise BackendError(
+        raise PodmanUnavailable(
             f"podman system service did not answer on {self.socket} within "
             f"{self.start_timeout_s:.0f} s: " + _tail(log_path)
         )
@@ -188,6 +189,16 @@ class PodmanService:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def ensure_ready() -> None:
+    """Fail early, with the fix, when this host cannot run sandboxes at all."""
+    if shutil.which("podman") is None:
+        raise HostNotReady("podman is not installed", hint="run scripts/setup.sh as root")
+    if os.geteuid() != 0:
+        raise PodmanUnavailable(
+            "sandboxes are managed by root (the control plane)", hint="use sudo"
+        )
 
 
 def _read_pid(path: Path) -> int | None:

@@ -7,13 +7,14 @@ Environment values are read as YAML scalars, so `0.85` is a float and `[a, b]` a
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from appliance.errors import ConfigError
 from hardware.plan_types import PlanOverrides
@@ -35,6 +36,14 @@ _NOT_CONFIG = {"APPLIANCE_CONFIG", "APPLIANCE_DEBUG", "APPLIANCE_SYSTEM_CONFIG"}
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or `localhost`: reachable from this host only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class ListenConfig(_Strict):
@@ -82,6 +91,19 @@ class ControlConfig(_Strict):
 
     host: str = "127.0.0.1"
     port: int | None = Field(default=8070, ge=1, le=65535)
+    # The port takes operator tokens that can change everything: only loopback, unless the
+    # operator says otherwise here (as `units render --allow-non-loopback` for the gateway).
+    allow_non_loopback: bool = False
+
+    @model_validator(mode="after")
+    def _loopback_only(self) -> ControlConfig:
+        if self.port is not None and not is_loopback(self.host) and not self.allow_non_loopback:
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address: the control plane's port would "
+                "be reachable from other hosts; use 127.0.0.1 (or ::1), or set "
+                "control.allow_non_loopback: true to mean it"
+            )
+        return self
 
 
 class BlueprintsConfig(_Strict):

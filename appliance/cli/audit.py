@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
-from collections.abc import Callable
+import time
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -13,18 +12,10 @@ from typing import Annotated, Any
 
 import typer
 
-from appliance.audit import (
-    TamperError,
-    audit_path,
-    follow,
-    last_records,
-    record_line,
-    records,
-    verify,
-)
-from appliance.cli.context import app_context
+from appliance.audit import TamperError, audit_path, record_line, records, verify
+from appliance.cli.context import app_context, control_client
 from appliance.cli.options import JsonOpt
-from appliance.cli.output import console, print_json
+from appliance.cli.output import console, err_console, print_json
 from appliance.errors import ApplianceError
 
 app = typer.Typer(
@@ -32,7 +23,7 @@ app = typer.Typer(
 )
 
 HIDDEN = ("seq", "ts", "event", "prev", "hash")  # shown in the line's head, or noise to people
-Match = Callable[[dict[str, Any]], bool]
+FOLLOW_POLL_S = 0.5
 
 
 class Format(StrEnum):
@@ -42,24 +33,6 @@ class Format(StrEnum):
 
 def _log(ctx: typer.Context) -> Path:
     return audit_path(app_context(ctx).config().state_dir)
-
-
-def _matcher(event: str | None, sandbox: str | None) -> Match | None:
-    if event is None and sandbox is None:
-        return None
-
-    def match(rec: dict[str, Any]) -> bool:
-        if event is not None and not fnmatch.fnmatchcase(rec["event"], event):
-            return False
-        # A kill names its sandboxes in a list; everything else in `sandbox`.
-        return sandbox is None or rec.get("sandbox") == sandbox or sandbox in _names(rec)
-
-    return match
-
-
-def _names(rec: dict[str, Any]) -> list[Any]:
-    names = rec.get("sandboxes")
-    return names if isinstance(names, list) else []
 
 
 def _value(v: Any) -> str:
@@ -98,25 +71,30 @@ def tail(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Show the last records (--json: an array; with --follow, one JSON object a line)."""
-    path = _log(ctx)
-    match = _matcher(event, sandbox)
-    recs, offset = last_records(path, lines, match)
-    if json_out and not follow_:
-        print_json(recs)
-        return
-    for rec in recs:
-        _emit(rec, json_out)
-    if not follow_:
-        if not recs and not json_out:
-            console.print("no matching records" if path.exists() else f"no audit log yet ({path})")
-        return
-    try:
-        for rec in follow(path, offset):
-            if match is None or match(rec):
-                _emit(rec, json_out)
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+    """Show the last records (--json: an array; with --follow, one JSON object a line).
+    Read through the control plane (GET /api/v1/audit)."""
+    with control_client(ctx) as client:
+        page = client.audit_tail(lines, event, sandbox)
+        recs = page["records"]
+        if json_out and not follow_:
+            print_json(recs)
+            return
+        for rec in recs:
+            _emit(rec, json_out)
+        if not follow_:
+            if not recs and not json_out:
+                console.print("no matching records" if page["next"] else "no audit log yet")
+            return
+        try:
+            while True:  # poll for what was appended after the last answer
+                time.sleep(FOLLOW_POLL_S)
+                page = client.audit_tail(lines, event, sandbox, after=page["next"])
+                if page.get("warning"):
+                    err_console.print(f"warning: {page['warning']}", markup=False)
+                for rec in page["records"]:
+                    _emit(rec, json_out)
+        except KeyboardInterrupt:
+            raise typer.Exit(0) from None
 
 
 @app.command("verify")

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from appliance.cli.keys import open_inference_store
+from appliance.cli.context import control_client
 from appliance.cli.options import JsonOpt
 from appliance.cli.output import console, print_json
-from appliance.errors import NotFoundError
-from appliance.ops.usage import budget_report
-from inference.ports import Budget
 
 app = typer.Typer(help="Show and set per-key inference budgets.", no_args_is_help=True)
 
@@ -28,8 +24,8 @@ def show(
 ) -> None:
     """Show each key's limits, what it spent today and this month (UTC), and its state. Limits
     count the reservations of requests in flight too ("held")."""
-    with open_inference_store(ctx) as store:
-        report = budget_report(store, key)
+    with control_client(ctx) as client:
+        report = client.budgets(key)
     if json_out:
         print_json(report)
         return
@@ -72,23 +68,15 @@ def set_budget(
     clear: Annotated[bool, typer.Option("--clear", help="Remove every limit first.")] = False,
 ) -> None:
     """Set limits; the ones not given keep their value (use --clear to start over)."""
-    with open_inference_store(ctx) as store:
-        record = store.find_key(key)
-        if record is None or record.revoked_at is not None:
-            raise NotFoundError(
-                f"no live key named or with id {key!r}", hint="`appliance keys list`"
-            )
-        current = (None if clear else store.get_budget(record.id)) or Budget(record.id)
-        changes = {
-            "daily_tokens": daily_tokens,
-            "monthly_tokens": monthly_tokens,
-            "daily_cost": daily_cost,
-            "monthly_cost": monthly_cost,
-        }
-        budget = replace(current, **{k: v for k, v in changes.items() if v is not None})
-        store.set_budget(budget)
-        report = budget_report(store, record.id)[0]
-    limits = ", ".join(
+    limits = {
+        "daily_tokens": daily_tokens,
+        "monthly_tokens": monthly_tokens,
+        "daily_cost": daily_cost,
+        "monthly_cost": monthly_cost,
+    }
+    with control_client(ctx) as client:
+        report = client.set_budget(key, limits, clear)
+    shown = ", ".join(
         f"{lim['budget'].replace('_', ' ')} {lim['limit']:g}" for lim in report["limits"]
     )
-    console.print(f"budget of [bold]{record.name}[/]: {limits or 'no limits'}")
+    console.print(f"budget of [bold]{report['key']}[/]: {shown or 'no limits'}")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from appliance.config import ApplianceConfig, load_config
+
+if TYPE_CHECKING:
+    from appliance.control.client import ControlClient
 
 
 @dataclass
@@ -32,3 +35,11 @@ def app_context(ctx: typer.Context) -> AppContext:
         obj = AppContext()
         ctx.find_root().obj = obj
     return obj
+
+
+def control_client(ctx: typer.Context) -> ControlClient:
+    """The control plane's API client: every command that changes state goes through it (when
+    nothing answers, its calls raise ControlPlaneDown: exit 7, hint `appliance up`)."""
+    from appliance.control.client import ControlClient  # lazy: httpx only for those commands
+
+    return ControlClient(app_context(ctx).config())

@@ -23,6 +23,7 @@ from appliance.cli import (
     image,
     keys,
     lifecycle,
+    operators,
     plan,
     sandbox,
     serve,
@@ -32,7 +33,7 @@ from appliance.cli import (
 from appliance.cli.context import AppContext
 from appliance.cli.output import print_error
 from appliance.config import check_config_file
-from appliance.errors import ApplianceError, exit_code_for
+from appliance.errors import OPERATOR_ERRORS, exit_code_for
 
 app = typer.Typer(
     name="appliance",
@@ -83,6 +84,7 @@ app.command("down")(lifecycle.down)
 app.add_typer(serve.app, name="serve")
 app.add_typer(keys.app, name="keys")
 app.add_typer(budget.app, name="budget")
+app.add_typer(operators.app, name="operators")
 app.add_typer(sandbox.app, name="sandbox")
 app.add_typer(sandbox.approvals_app, name="approvals")
 app.add_typer(image.app, name="image")
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
-        if isinstance(exc, ApplianceError):
+        if isinstance(exc, OPERATOR_ERRORS):
             print_error(str(exc), exc.hint)
         else:
             print_error(

@@ -7,7 +7,9 @@ or nothing listening on it: ControlPlaneDown (exit 7, hint `appliance up`).
 
 from __future__ import annotations
 
+import base64
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -28,6 +30,7 @@ _ERRORS: dict[str, type[e.ApplianceError]] = {
 }
 
 DEFAULT_TIMEOUT_S = 60.0
+LONG_TIMEOUT_S = 3600.0  # an agent create, upgrade or turn (see the agents block)
 
 
 class ControlClient:
@@ -76,6 +79,167 @@ class ControlClient:
 
     def status(self) -> dict[str, Any]:
         return self.get("/status")
+
+    # -- control-sandboxes: sandboxes, approvals, the kill switch ------------------------------
+
+    def sandboxes(self) -> list[dict[str, Any]]:
+        return self.get("/sandboxes")
+
+    def sandbox(self, name: str) -> dict[str, Any]:
+        return self.get(f"/sandboxes/{_seg(name)}")
+
+    def create_sandbox(
+        self,
+        name: str,
+        policy: str,
+        source: str,
+        command: list[str] | None = None,
+        image: str | None = None,
+    ) -> dict[str, Any]:
+        body = {"name": name, "policy": policy, "source": source, "command": command}
+        return self.post("/sandboxes", body | {"image": image})
+
+    def sandbox_policy(self, name: str) -> dict[str, Any]:
+        return self.get(f"/sandboxes/{_seg(name)}/policy")
+
+    def set_sandbox_policy(self, name: str, policy: str, source: str) -> int:
+        body = {"policy": policy, "source": source}
+        return int(self.put(f"/sandboxes/{_seg(name)}/policy", body)["rev"])
+
+    def stop_sandbox(self, name: str) -> dict[str, Any]:
+        return self.post(f"/sandboxes/{_seg(name)}/stop")
+
+    def start_sandbox(self, name: str) -> dict[str, Any]:
+        return self.post(f"/sandboxes/{_seg(name)}/start")
+
+    def remove_sandbox(self, name: str, keep_home: bool = False) -> dict[str, Any]:
+        return self.delete(f"/sandboxes/{_seg(name)}", params={"keep_home": keep_home})
+
+    def reconcile_sandboxes(self) -> dict[str, list[str]]:
+        return self.post("/sandboxes/reconcile")
+
+    def sandbox_logs(self, name: str) -> str:
+        return str(self.get(f"/sandboxes/{_seg(name)}/logs")["logs"])
+
+    def sandbox_exec(self, name: str, argv: list[str], stdin: bytes) -> tuple[int, bytes, bytes]:
+        """(exit code, stdout, stderr): stdin sent whole, output returned whole (not a stream)."""
+        body = {"argv": argv, "stdin": base64.b64encode(stdin).decode()}
+        out = self.post(f"/sandboxes/{_seg(name)}/exec", body)
+        decode = base64.b64decode
+        return int(out["exit_code"]), decode(out["stdout"]), decode(out["stderr"])
+
+    def approvals(self) -> list[dict[str, Any]]:
+        return self.get("/approvals")
+
+    def approve(self, approval_id: str, persist: bool = False) -> dict[str, Any]:
+        return self.post(f"/approvals/{_seg(approval_id)}/approve", {"persist": persist})
+
+    def deny(self, approval_id: str) -> dict[str, Any]:
+        return self.post(f"/approvals/{_seg(approval_id)}/deny")
+
+    def kill(
+        self,
+        names: list[str] | None = None,
+        all_: bool = False,
+        hold: bool = False,
+        reason: str = "operator kill switch",
+    ) -> dict[str, Any]:
+        body = {"names": list(names or []), "all": all_, "hold": hold, "reason": reason}
+        return self.post("/kill", body)
+
+    def release(self) -> dict[str, Any]:
+        return self.post("/release")
+
+    # -- control-core: operators, keys, budgets, the audit log --------------------------------
+
+    def operators(self) -> list[dict[str, Any]]:
+        return self.get("/operators")
+
+    def create_operator(self, name: str, role: str) -> dict[str, Any]:
+        """The new operator with its token as `secret` (shown this once)."""
+        return self.post("/operators", {"name": name, "role": role})
+
+    def revoke_operator(self, name: str) -> dict[str, Any]:
+        return self.delete(f"/operators/{_seg(name)}")
+
+    def keys(self) -> list[dict[str, Any]]:
+        return self.get("/keys")
+
+    def create_key(
+        self,
+        name: str,
+        owner_kind: str = "client",
+        allowed_models: list[str] | None = None,
+        scopes: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """The new key with its `secret` (shown this once)."""
+        body = {"name": name, "owner_kind": owner_kind, "allowed_models": allowed_models}
+        return self.post("/keys", body | {"scopes": list(scopes or [])})
+
+    def revoke_key(self, name_or_id: str) -> dict[str, Any]:
+        return self.delete(f"/keys/{_seg(name_or_id)}")
+
+    def budgets(self, key: str | None = None) -> list[dict[str, Any]]:
+        return self.get("/budgets", params={"key": key} if key is not None else None)
+
+    def set_budget(self, key: str, limits: dict[str, Any], clear: bool = False) -> dict[str, Any]:
+        """Set the limits given (None: keep); `clear` drops every limit first. The key's row."""
+        return self.put(f"/budgets/{_seg(key)}", {**limits, "clear": clear})
+
+    def audit_tail(
+        self,
+        limit: int = 20,
+        event: str | None = None,
+        sandbox: str | None = None,
+        after: int | None = None,
+    ) -> dict[str, Any]:
+        """{"records", "next"}: the last records, or those after the cursor `after`."""
+        params = {"limit": limit, "event": event, "sandbox": sandbox, "after": after}
+        return self.get("/audit", params={k: v for k, v in params.items() if v is not None})
+
+    def audit_verify(self) -> dict[str, Any]:
+        return self.get("/audit/verify")
+
+    # -- control-agents: agents made from blueprints -------------------------------------------
+    # A create or upgrade may build an image, a turn may wait on a real model: minutes, so these
+    # wait up to LONG_TIMEOUT_S (the turn's own timeout is the runtime's, inside the sandbox).
+
+    def agents(self) -> list[dict[str, Any]]:
+        return self.get("/agents")
+
+    def create_agent(self, name: str, blueprint: str) -> dict[str, Any]:
+        body = {"name": name, "blueprint": blueprint}
+        return self.post("/agents", body, timeout=LONG_TIMEOUT_S)
+
+    def run_turn(self, name: str, message: str, session: str | None = None) -> dict[str, Any]:
+        """The turn's record (as `agent run --json` prints it) plus `stderr_tail`."""
+        body = {"message": message, "session": session}
+        return self.post(f"/agents/{_seg(name)}/turns", body, timeout=LONG_TIMEOUT_S)
+
+    def stop_agent(self, name: str) -> dict[str, Any]:
+        return self.post(f"/agents/{_seg(name)}/stop")
+
+    def start_agent(self, name: str) -> dict[str, Any]:
+        return self.post(f"/agents/{_seg(name)}/start")
+
+    def upgrade_agent(self, name: str, version: str | None = None) -> dict[str, Any]:
+        body = {"version": version}
+        return self.post(f"/agents/{_seg(name)}/upgrade", body, timeout=LONG_TIMEOUT_S)
+
+    def rollback_agent(self, name: str) -> dict[str, Any]:
+        return self.post(f"/agents/{_seg(name)}/rollback", timeout=LONG_TIMEOUT_S)
+
+    def remove_agent(self, name: str) -> dict[str, Any]:
+        return self.delete(f"/agents/{_seg(name)}")
+
+    def agent_transcript(self, name: str) -> list[dict[str, Any]]:
+        return self.get(f"/agents/{_seg(name)}/transcript")
+
+
+def _seg(value: str) -> str:
+    """One path segment, whatever the caller typed ('/' and '..' cannot change the route: dots
+    are escaped too, or '..' would be resolved away before it is sent)."""
+    return quote(value, safe="").replace(".", "%2E")
 
 
 def _error(response: httpx.Response) -> e.ApplianceError:

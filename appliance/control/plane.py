@@ -10,11 +10,22 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.config import ApplianceConfig
 from appliance.store import Store, open_store
+
+if TYPE_CHECKING:
+    from appliance.audit import ChainWriter
+    from appliance.control.agents import AgentService
+    from appliance.control.approvals import ApprovalService
+    from appliance.control.keys import KeyService
+    from appliance.control.killswitch import KillSwitchService
+    from appliance.control.operators import Operator, OperatorService
+    from appliance.control.sandboxes import SandboxService
+    from appliance.store.inference_store import InferenceStore
 
 
 def socket_path(config: ApplianceConfig) -> Path:
@@ -39,11 +50,70 @@ class ControlPlane:
         with lock:
             yield
 
-    def authenticate_operator(self, token: str) -> Any | None:
+    # -- control-core: the audit log, operators, keys and budgets -----------------------------
+
+    @cached_property
+    def audit_log(self) -> ChainWriter:
+        """The host's hash-chained audit log (every API mutation and refusal lands here)."""
+        from appliance.audit import ChainWriter, audit_path
+
+        return ChainWriter(audit_path(self.config.state_dir))
+
+    @cached_property
+    def operators(self) -> OperatorService:
+        from appliance.control.operators import OperatorService
+
+        return OperatorService(self.config.state_dir, self.audit_log)
+
+    @cached_property
+    def inference(self) -> InferenceStore:
+        """Keys and budgets (the gateway reads what is set here from the same store)."""
+        from appliance.store.inference_store import InferenceStore
+
+        return InferenceStore(self.config.state_dir)
+
+    @cached_property
+    def keys(self) -> KeyService:
+        from appliance.control.keys import KeyService
+
+        return KeyService(self.inference)
+
+    def authenticate_operator(self, token: str) -> Operator | None:
         """The live operator holding `token` (with .name and .role), or None."""
-        return None  # operator tokens: not yet
+        return self.operators.authenticate(token)
+
+    # -- control-sandboxes: sandboxes, approvals, the kill switch -----------------------------
+
+    @cached_property
+    def sandboxes(self) -> SandboxService:
+        from appliance.control.sandboxes import SandboxService
+
+        return SandboxService(self)
+
+    @cached_property
+    def approvals(self) -> ApprovalService:
+        from appliance.control.approvals import ApprovalService
+
+        return ApprovalService(self)
+
+    @cached_property
+    def kill_switch(self) -> KillSwitchService:
+        from appliance.control.killswitch import KillSwitchService
+
+        return KillSwitchService(self)
+
+    # -- control-agents: agents made from blueprints ------------------------------------------
+
+    @cached_property
+    def agents(self) -> AgentService:
+        from appliance.control.agents import AgentService
+
+        return AgentService(self)
 
     def close(self) -> None:
+        for built in ("operators", "inference"):  # cached_property: only those ever built
+            if built in self.__dict__:
+                self.__dict__[built].close()
         self.store.close()
 
     def status(self) -> dict[str, Any]:

@@ -166,4 +166,20 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE api_keys ADD COLUMN scopes_json TEXT;
         """,
     ),
+    (
+        "control plane: operators (tokens for its loopback port, stored hashed) and their roles",
+        """
+        -- Only the token's SHA-256 is kept: the store can check a token, never give one back.
+        -- A revoked operator's row stays (who held which name, when); a new one may reuse it.
+        CREATE TABLE operators (
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            name         TEXT NOT NULL,
+            role         TEXT NOT NULL CHECK (role IN ('viewer', 'operator', 'admin')),
+            token_sha256 TEXT NOT NULL UNIQUE,
+            created_at   REAL NOT NULL,
+            revoked_at   REAL
+        );
+        CREATE UNIQUE INDEX operators_live_name ON operators (name) WHERE revoked_at IS NULL;
+        """,
+    ),
 ]

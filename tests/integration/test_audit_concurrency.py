@@ -18,6 +18,7 @@ import pytest
 
 from appliance.audit import ChainWriter, verify
 from appliance.store.inference_store import InferenceStore
+from tests.control_fixtures import running_control_plane
 from tests.helpers import cli_env
 
 pytestmark = pytest.mark.integration
@@ -128,7 +129,8 @@ def test_the_launched_egress_proxy_writes_into_the_chain(tmp_path: Path) -> None
     ChainWriter(chain).append("sandbox.create", sandbox="sbx")  # another writer got there first
     sock = tmp_path / "egress.sock"
     argv = [
-        sys.executable, "-m", "appliance.egress_main", "--sandbox", "sbx", "--socket", str(sock),
+        sys.executable, "-m", "appliance.control.egress_monitor",
+        "--sandbox", "sbx", "--socket", str(sock),
         "--policy", str(policy), "--admin-socket", str(tmp_path / "admin.sock"),
         "--audit-log", str(chain),
     ]  # fmt: skip
@@ -153,7 +155,7 @@ def test_the_launched_egress_proxy_writes_into_the_chain(tmp_path: Path) -> None
 
 def test_egress_main_requires_the_chain_path(tmp_path: Path) -> None:
     argv = [
-        sys.executable, "-m", "appliance.egress_main", "--socket", str(tmp_path / "s"),
+        sys.executable, "-m", "appliance.control.egress_monitor", "--socket", str(tmp_path / "s"),
         "--policy", str(tmp_path / "p.yaml"), "--admin-socket", str(tmp_path / "a"),
     ]  # fmt: skip
     proc = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=60)
@@ -168,19 +170,21 @@ def test_tail_follow_prints_new_records_as_they_land(tmp_path: Path) -> None:
     appliance = str(Path(sys.executable).parent / "appliance")
     env = cli_env(state, tmp_path)
     argv = [appliance, "audit", "tail", "-n", "1", "--follow", "--json", "--event", "keep.*"]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    watchdog = threading.Timer(60, proc.kill)  # a broken follow must fail the test, not hang it
-    watchdog.start()
-    try:
-        time.sleep(2.0)  # let it start and take its offset
-        for n in range(1, 4):
-            writer.append("keep.this", n=n)
-            writer.append("skip.this", n=n)
-        assert proc.stdout is not None
-        got = [json.loads(proc.stdout.readline()) for _ in range(3)]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=10)
-        watchdog.cancel()
+    # `audit tail` reads through the control plane: --follow polls GET /api/v1/audit
+    with running_control_plane(env, state):
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        watchdog = threading.Timer(60, proc.kill)  # a broken follow must fail, not hang
+        watchdog.start()
+        try:
+            time.sleep(2.0)  # let it start and take its offset
+            for n in range(1, 4):
+                writer.append("keep.this", n=n)
+                writer.append("skip.this", n=n)
+            assert proc.stdout is not None
+            got = [json.loads(proc.stdout.readline()) for _ in range(3)]
+        finally:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=10)
+            watchdog.cancel()
     assert [(r["event"], r["n"]) for r in got] == [("keep.this", n) for n in range(1, 4)]
     assert proc.returncode == 0 and b"Traceback" not in err

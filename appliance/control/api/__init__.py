@@ -6,12 +6,26 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from appliance import __version__
-from appliance.control.api import errors, status
+from appliance.control.api import (
+    agents,
+    approvals,
+    audit,
+    budgets,
+    errors,
+    keys,
+    kill,
+    operators,
+    sandboxes,
+    status,
+)
+from appliance.control.api.audit_trail import AuditTrail
 from appliance.control.plane import ControlPlane
 
 PREFIX = "/api/v1"
 # Every router module exposes `router`; a new concern adds its module here.
-ROUTERS = [status]
+ROUTERS = [status, sandboxes, approvals, kill]
+ROUTERS += [operators, keys, budgets, audit]  # control-core
+ROUTERS += [agents]  # control-agents
 
 
 def create_app(plane: ControlPlane) -> FastAPI:
@@ -24,6 +38,8 @@ def create_app(plane: ControlPlane) -> FastAPI:
     )
     app.state.plane = plane
     errors.install(app)
+    # Every mutation and every refusal goes to the hash-chained audit log, with who.
+    app.add_middleware(AuditTrail, sink=plane.audit_log)
     for module in ROUTERS:
         app.include_router(module.router, prefix=PREFIX)
     return app

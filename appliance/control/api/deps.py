@@ -14,10 +14,8 @@ from typing import Any, Literal
 
 from fastapi import Depends, HTTPException, Request
 
+from appliance.control.operators import ROLES, Role
 from appliance.control.plane import ControlPlane
-
-Role = Literal["viewer", "operator", "admin"]
-ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")  # each may do what the ones before may
 
 
 @dataclass(frozen=True)
@@ -52,14 +50,17 @@ def get_plane(request: Request) -> ControlPlane:
 def principal(request: Request) -> Principal:
     peer = request.scope.get("state", {}).get("peer")
     if isinstance(peer, PeerCred):
-        return Principal("unix", f"uid:{peer.uid}", "admin", uid=peer.uid, pid=peer.pid)
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise HTTPException(401, "an operator token is required (Authorization: Bearer …)")
-    operator = get_plane(request).authenticate_operator(token.strip())
-    if operator is None:
-        raise HTTPException(401, "unknown or revoked operator token")
-    return Principal("token", operator.name, operator.role)
+        who = Principal("unix", f"uid:{peer.uid}", "admin", uid=peer.uid, pid=peer.pid)
+    else:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise HTTPException(401, "an operator token is required (Authorization: Bearer …)")
+        operator = get_plane(request).authenticate_operator(token.strip())
+        if operator is None:
+            raise HTTPException(401, "unknown or revoked operator token")
+        who = Principal("token", operator.name, operator.role)
+    request.state.principal = who  # for the audit trail (api/audit_trail.py)
+    return who
 
 
 def require(role: Role) -> Callable[..., Principal]:

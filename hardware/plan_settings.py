@@ -10,21 +10,13 @@ from typing import Any
 from hardware.catalog import Recipe, model_table, recipe_book
 from hardware.plan_fit import MIB_PER_GIB, Device, Fit, cc_text, gib, recipe_setting
 from hardware.plan_types import MemoryBudget, PlanOverrides, Reason
+from hardware.secret_names import is_secret_flag
 
 
 def _flag_value(value: Any) -> str:
     if isinstance(value, dict):
         return json.dumps(value, separators=(",", ":"))
     return str(value)
-
-
-def _is_secret_flag(arg: str) -> bool:
-    name = arg.split("=", 1)[0].lower()
-    if not name.startswith("-"):
-        return False
-    if any(word in name for word in ("api-key", "api_key", "apikey", "secret", "password")):
-        return True
-    return name in ("--token", "-token") or name.endswith(("-token", "_token"))
 
 
 def context_length(fit: Fit) -> tuple[int, str]:
@@ -159,7 +151,8 @@ def merged_recipe_flags(recipes: tuple[Recipe, ...]) -> tuple[dict[str, Any], di
 
 
 def clean_extra_args(args: list[str]) -> tuple[list[str], list[str]]:
-    """Drop secret-bearing flags (and their values): argv is visible to every local user."""
+    """Drop secret-bearing flags (and their values): argv is visible to every local user. The
+    backend refuses the same flags (one rule: hardware/secret_names.py)."""
     kept: list[str] = []
     dropped: list[str] = []
     skip_value = False
@@ -168,7 +161,7 @@ def clean_extra_args(args: list[str]) -> tuple[list[str], list[str]]:
             skip_value = False
             if not arg.startswith("-"):
                 continue
-        if _is_secret_flag(arg):
+        if is_secret_flag(arg):
             dropped.append(arg.split("=", 1)[0])
             skip_value = "=" not in arg
             continue

@@ -16,11 +16,13 @@ the log and the head disagreeing (records cut off the tail, a line torn by a cra
 an `audit.anomaly` record, so the evidence survives the head being rewritten; `verify` reports it.
 
 Fields named like a credential (key, token, secret, password, authorization...) are redacted, and
-so are values that look like one (`sk-...`, `Bearer ...`): the log must never hold a secret.
+so are values that look like one (`sk-...`, `Bearer ...`): the log must never hold a secret. The
+rule is hardware/secret_names.py's, the one every layer asks.
 
 The package: records.py (what a record is, redaction), logfile.py (reading the file, its head),
-writer.py (appending), verify.py (checking the chain). Standard library only: each egress proxy's
-monitor imports it (appliance/control/egress_monitor.py).
+writer.py (appending), verify.py (checking the chain). Standard library only (and the secret
+rule, itself stdlib-only): each egress proxy's monitor imports it
+(appliance/control/egress_monitor.py).
 
 Limits: a plain hash chain is tamper-evident only against someone who does not recompute it.
 Whoever can write both the log and the head can rewrite them consistently, so anchor the head
@@ -41,7 +43,6 @@ from appliance.audit.records import (
     parse_record,
     record_hash,
     record_line,
-    secret_name,
 )
 from appliance.audit.verify import Problem, Verification, verify
 from appliance.audit.writer import BackgroundAudit, ChainWriter
@@ -65,7 +66,6 @@ __all__ = [
     "record_hash",
     "record_line",
     "records",
-    "secret_name",
     "snapshot",
     "verify",
 ]

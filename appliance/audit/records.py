@@ -1,5 +1,6 @@
 """Audit records: where the log lives, what a record is (canonical JSON, its hash, its line),
-the redaction every field goes through on the way in, and parsing a line back."""
+the redaction every field goes through on the way in (the rule is hardware/secret_names.py's),
+and parsing a line back."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.errors import StateError
+from hardware.secret_names import is_secret_name, redact_secret_values
 
 GENESIS = "0" * 64
 AUDIT_DIR = "audit"
@@ -56,38 +58,19 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-_SECRET_WORD = re.compile(
-    r"secrets?|password|passwd|passphrase|authorization|cookie|credentials?|apikey|bearer"
-)
-_SECRET_VALUE = re.compile(r"sk-[A-Za-z0-9_-]{16,}|(?i:bearer)\s+[A-Za-z0-9._~+/=-]+")
-
-
-def secret_name(name: str) -> bool:
-    """key, api_key, x-api-key, accessToken, client_secret: yes. key_id, prompt_tokens: no."""
-    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
-    if not words:
-        return False
-    last = words[-1]
-    return (
-        last in ("key", "auth")
-        or last.endswith(("token", "apikey", "secret"))
-        or any(_SECRET_WORD.fullmatch(w) for w in words)
-    )
-
-
 def clean(value: Any, depth: int = 0) -> Any:
-    """JSON-safe, secret-free copy of a field value."""
+    """JSON-safe, secret-free copy of a field value (hardware/secret_names.py: the one rule)."""
     if depth > 20:
         return REDACTED  # deeper than any real event: do not walk it
     if isinstance(value, Mapping):
         return {
-            str(k): REDACTED if secret_name(str(k)) else clean(v, depth + 1)
+            str(k): REDACTED if is_secret_name(str(k)) else clean(v, depth + 1)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple | set | frozenset):
         return [clean(v, depth + 1) for v in value]
     if isinstance(value, str):
-        return _SECRET_VALUE.sub(REDACTED, value)
+        return redact_secret_values(value, REDACTED)
     if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, float):

@@ -12,6 +12,8 @@ from typing import Any, Literal, Protocol
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from hardware.secret_names import is_secret_flag
+
 BackendState = Literal["starting", "ready", "restarting", "failed", "stopped"]
 ProgressCallback = Callable[[float, str], None]  # (seconds since start, last log line)
 StateCallback = Callable[[BackendState, str], None]  # (new state, why)
@@ -91,23 +93,11 @@ class Backend(Protocol):
 # Secrets never go in argv: /proc/<pid>/cmdline is readable by every local user.
 # --------------------------------------------------------------------------------------------
 
-_SECRET_WORDS = ("api-key", "api_key", "apikey", "secret", "password", "token")
-
 
 def secret_flags(argv: Sequence[str]) -> list[str]:
-    """The flags in argv that would carry a secret (`--api-key`, `--hf-token`, ...)."""
-    found = []
-    for arg in argv:
-        name = arg.split("=", 1)[0].lower()
-        # "--max-num-batched-tokens" names a count, not a credential.
-        if name.startswith("-") and any(w in name for w in _SECRET_WORDS) and "tokens" not in name:
-            found.append(name)
-    return found
-
-
-def is_secret_env(name: str) -> bool:
-    upper = name.upper()
-    return any(w in upper for w in ("KEY", "TOKEN", "SECRET", "PASSWORD")) and "TOKENS" not in upper
+    """The flags in argv that would carry a secret (`--api-key`, `--hf-token`, ...): the one rule
+    of hardware/secret_names.py, which the planner's extra_args filter also applies."""
+    return [arg.split("=", 1)[0].lower() for arg in argv if is_secret_flag(arg)]
 
 
 # --------------------------------------------------------------------------------------------

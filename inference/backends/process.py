@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from hardware.secret_names import has_secret_value, is_secret_name
 from inference.backends.base import (
     BackendMetrics,
     BackendStartError,
@@ -32,7 +33,6 @@ from inference.backends.base import (
     StateCallback,
     fetch_models,
     http_get,
-    is_secret_env,
     parse_metrics,
     secret_flags,
 )
@@ -98,9 +98,10 @@ class ProcessBackend:
         return dict(self._env)
 
     def command_line(self) -> str:
-        """One shell line, env first, as launched; secret env values are masked."""
+        """One shell line, env first, as launched; secret env values are masked (a variable named
+        like a credential, or a value that looks like one: hardware/secret_names.py)."""
         assigns = [
-            f"{k}={'***' if is_secret_env(k) else shlex.quote(v)}"
+            f"{k}={'***' if is_secret_name(k) or has_secret_value(v) else shlex.quote(v)}"
             for k, v in sorted(self._env.items())
         ]
         return " ".join([*assigns, shlex.join(self._argv)])

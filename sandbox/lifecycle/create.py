@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -139,8 +138,10 @@ class SandboxCreation:
 
         try:
             container = client.containers.create(**spec)
-        except APIError as exc:  # 409: the name is taken on Podman; say what the operator can do
-            if exc.status_code != HTTPStatus.CONFLICT:
+        except APIError:
+            # A taken name comes back as a 500 from Podman's storage layer, not a 409: ask
+            # Podman whether that name exists rather than read its message.
+            if not client.containers.exists(name):
                 raise
             raise SandboxConflict(
                 f"Podman already has a container named {name!r} that this appliance did "

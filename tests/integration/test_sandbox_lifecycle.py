@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from sandbox.lifecycle.errors import SandboxConflict
 from sandbox.lifecycle.manager import STOP_TIMEOUT_S, SandboxManager, read_policy_file
 from tests.sandbox_fixtures import ensure_base_image, sandbox_manager, sandbox_skip_reason
 from tests.security.test_escape_battery import POLICIES
@@ -113,10 +114,35 @@ def test_kill_stops_stubborn_agents_in_parallel_within_5_s(manager: SandboxManag
             container = manager.container(name)
             assert container.status in ("exited", "stopped")
             assert manager._proxy_running(manager.paths(name)) is None
-        with pytest.raises(Exception, match="held by the kill switch"):
+        with pytest.raises(SandboxConflict, match="held by the kill switch"):
             manager.start(names[0])
     finally:
         manager.boxes.release()
+
+
+def test_podmans_errors_are_told_apart_by_type_not_by_text(manager: SandboxManager) -> None:
+    """podman-py's 409 APIError and NotFound, not message text: a name Podman already has (made
+    by hand, or by another state dir) is a conflict that leaves nothing behind; a container
+    removed behind the control plane's back is stopped by the kill switch and removed by `rm`."""
+    policy = read_policy_file(POLICIES / "default.yaml")
+    taken, gone = _name("taken"), _name("gone")
+    client = manager._client()
+    client.containers.create(image="localhost/appliance-base:latest", name=taken, command=["true"])
+    try:
+        with pytest.raises(SandboxConflict, match="did not create") as info:
+            manager.create(taken, policy, None)
+        assert f"podman rm -f {taken}" in (info.value.hint or "")
+        assert manager.boxes.get(taken) is None  # the record and everything else undone
+        assert not manager.paths(taken).private.exists() and not manager.paths(taken).root.exists()
+    finally:
+        client.containers.get(taken).remove(force=True)
+
+    manager.create(gone, policy, None)
+    manager.container(gone).remove(force=True)
+    assert manager.kill([gone], hold=False, reason="test") == [gone]
+    assert manager.boxes.get(gone).state == "stopped"
+    manager.remove(gone)
+    assert manager.boxes.get(gone) is None
 
 
 def test_exec_runs_inside_the_agents_landlock_domain(manager: SandboxManager) -> None:

@@ -1,4 +1,5 @@
-"""`appliance up` / `appliance down`: start the supervisor (backend + gateway) and stop it.
+"""`appliance up` / `appliance down`: start the supervisor (control plane, backend, gateway) and
+stop it.
 
 Both hold the state dir's lifecycle lock (appliance/services/run_state.py) from start to end: a
 second `up` or `down` waits for the first, then finds the appliance up (or down), never
@@ -22,6 +23,7 @@ from appliance.cli.output import console, err_console
 from appliance.config import ApplianceConfig
 from appliance.errors import BackendError
 
+SERVICES = ("control", "backend", "gateway")  # what the supervisor runs; `up` waits for each
 TimeoutOpt = Annotated[
     float, typer.Option("--timeout", help="Seconds to wait for the services to be ready.")
 ]
@@ -53,7 +55,7 @@ def _wait_ready(
             services = read_services(config)
             if services.get("instance") != instance:
                 services = {}  # a stale file, or not yet written by our supervisor
-            states = {name: services.get(name, {}).get("state") for name in ("backend", "gateway")}
+            states = {name: services.get(name, {}).get("state") for name in SERVICES}
             if all(state == "ready" for state in states.values()):
                 return
             # A service that must restart before it was ever ready will not get better by waiting.
@@ -83,7 +85,10 @@ def _check_own(config: ApplianceConfig, supervisor: int, instance: str) -> None:
         raise BackendError(f"the supervisor (pid {supervisor}) lost its pid file or lock")
     services = read_services(config)
     listen = config.inference.backend_listen
-    for name, port in (("backend", listen.port), ("gateway", config.gateway.port)):
+    ports = [("backend", listen.port), ("gateway", config.gateway.port)]
+    if config.control.port is not None:
+        ports.append(("control", config.control.port))
+    for name, port in ports:
         pid = services.get(name, {}).get("pid")
         if pid is None or served_by(port, pid) is False:
             raise BackendError(
@@ -93,9 +98,10 @@ def _check_own(config: ApplianceConfig, supervisor: int, instance: str) -> None:
 
 
 def up(ctx: typer.Context, timeout: TimeoutOpt = 1800.0) -> None:
-    """Start the backend and the gateway under a supervisor and wait until both are ready."""
+    """Start the control plane, the backend and the gateway under a supervisor and wait until
+    each is ready."""
     from appliance.services.run_state import lifecycle_lock
-    from appliance.services.supervisor import run_dir, supervisor_pid
+    from appliance.services.supervisor import control_url, run_dir, supervisor_pid
 
     config = app_context(ctx).config()
     with lifecycle_lock(run_dir(config), timeout, on_wait=err_console.print):
@@ -115,7 +121,9 @@ def up(ctx: typer.Context, timeout: TimeoutOpt = 1800.0) -> None:
     gw = config.gateway
     console.print(
         f"up in {time.monotonic() - started:.1f} s: inference.local at "
-        f"http://{gw.host}:{gw.port}/v1 (supervisor pid {proc.pid})"
+        f"http://{gw.host}:{gw.port}/v1, control plane at {control_url(config)} "
+        f"(supervisor pid {proc.pid})",
+        markup=False,
     )
 
 
@@ -140,7 +148,7 @@ def _stop(config: ApplianceConfig, pid: int, timeout: float = 60.0) -> None:
 
 
 def down(ctx: typer.Context) -> None:
-    """Stop the supervisor and with it the backend and the gateway."""
+    """Stop the supervisor and with it the control plane, the backend and the gateway."""
     from appliance.services.run_state import lifecycle_lock
     from appliance.services.supervisor import run_dir, supervisor_pid
 

@@ -51,6 +51,7 @@ def render(report: dict[str, Any], host: HostSnapshot) -> Group:
             f"{_restart_line(inference.get('restarts'))}"
             f"[bold]gateway[/]    {_state(gateway['state'])}  {gateway['url']}\n"
             f"{_restart_line(gateway.get('restarts'))}"
+            f"{_control_line(report.get('control'))}"
             f"[dim]state {app_info['state_dir']}"
             f"{'' if app_info['initialised'] else ' (not initialised: run `appliance up`)'}[/]"
         )
@@ -60,6 +61,15 @@ def render(report: dict[str, Any], host: HostSnapshot) -> Group:
     parts.extend(_approval_lines(report.get("approvals") or {}))
     parts.extend(_agent_lines(report.get("agents") or {}))
     return Group(*parts)
+
+
+def _control_line(control: dict[str, Any] | None) -> str:
+    if not control:  # a report from before the control plane
+        return ""
+    url = escape(control["url"])  # a socket path may hold brackets
+    return f"[bold]control[/]    {_state(control['state'])}  {url}\n" + _restart_line(
+        control.get("restarts")
+    )
 
 
 def _agent_lines(section: dict[str, Any]) -> list[Text]:

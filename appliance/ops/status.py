@@ -114,6 +114,33 @@ def gateway_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, An
     }
 
 
+def _socket_answers(path: Path, timeout: float = 0.2) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+def control_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, Any]:
+    """The control plane: the supervisor's view of it, else whether its socket accepts."""
+    from appliance.control.plane import socket_path
+    from appliance.services.supervisor import control_url
+
+    service = _service(config, "control")
+    path = socket_path(config)
+    return {
+        "url": control_url(config),
+        "socket": str(path),
+        "state": service.get("state") or ("listening" if _socket_answers(path) else "down"),
+        "detail": service.get("detail"),
+        "pid": service.get("pid"),
+        "restarts": service.get("restarts", []),
+    }
+
+
 def budgets_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, Any]:
     """Per-key spend and budget state, and what the gateway served over the last minute."""
     if not (config.state_dir / DB_NAME).is_file():
@@ -166,9 +193,9 @@ def _any_sandbox_state(store: Any) -> bool:
 
 
 def _manager(config: ApplianceConfig, store: Any) -> Any:
-    from appliance.errors import BackendError
-    from appliance.podman_service import PodmanService
-    from appliance.sandboxes import SandboxManager
+    from appliance.control.wiring import sandbox_manager
+    from sandbox.lifecycle.errors import PodmanUnavailable
+    from sandbox.lifecycle.podman_service import PodmanService
 
     class ReuseOnly(PodmanService):
         """Status must never start the service (slow, and a side effect): reuse or refuse."""
@@ -179,10 +206,10 @@ def _manager(config: ApplianceConfig, store: Any) -> Any:
 
         def start(self) -> Any:
             if not self.is_running():
-                raise BackendError("the Podman service is not running")
+                raise PodmanUnavailable("the Podman service is not running")
             return self.client()
 
-    manager = SandboxManager(config, store)
+    manager = sandbox_manager(config, store)
     manager.podman = ReuseOnly(user=config.sandbox.service_user)
     return manager
 
@@ -334,9 +361,10 @@ def agents_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, Any
             ).fetchone()[0]
             if not live:
                 return {"count": 0, "agents": [], "error": None}
-            from appliance.agents import AgentManager  # only when there are agents
+            from appliance.control.agent_manager import AgentManager  # only with agents
+            from appliance.control.wiring import sandbox_manager
 
-            rows = AgentManager(config, store).inventory()
+            rows = AgentManager(config, store, sandbox_manager(config, store)).inventory()
     except Exception as exc:  # a status screen reports what went wrong, it never raises
         return {"count": 0, "agents": [], "error": f"{type(exc).__name__}: {exc}"}
     now = time.time()
@@ -351,6 +379,7 @@ SECTIONS: dict[str, Section] = {
     "gpus": gpus_section,
     "inference": inference_section,
     "gateway": gateway_section,
+    "control": control_section,
     "budgets": budgets_section,
     "sandboxes": sandboxes_section,
     "approvals": approvals_section,

@@ -1,14 +1,14 @@
 """The appliance's long-running services and the supervisor that keeps them up.
 
 `appliance up` starts one detached supervisor process (`appliance supervise`) when no service
-manager is in charge. It runs the backend (vLLM or the embedded model server) and the gateway as
-child processes, restarts them with backoff when they die, and records their state in
-<state_dir>/run/services.json for `appliance status` (with each service's last restarts and
-their reasons). `appliance down` sends it SIGTERM. One supervisor per state dir (run_state.py:
-its lock, its pid file, the instance id `up` hands it).
+manager is in charge. It runs the control plane (`appliance serve control`), the backend (vLLM or
+the embedded model server) and the gateway as child processes, restarts them with backoff when
+they die, and records their state in <state_dir>/run/services.json for `appliance status` (with
+each service's last restarts and their reasons). `appliance down` sends it SIGTERM. One
+supervisor per state dir (run_state.py: its lock, its pid file, the instance id `up` hands it).
 Sandboxes are not its concern: the control plane owns and reconciles them (and they outlive
 both, as their proxies do).
-Under systemd, `appliance serve backend|gateway` are the unit commands instead.
+Under systemd, `appliance serve control|backend|gateway` are the unit commands instead.
 """
 
 from __future__ import annotations
@@ -24,10 +24,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from appliance.config import ApplianceConfig
+from appliance.control.plane import socket_path
 from appliance.services import run_state
 from hardware.plan_types import ServingPlan
 from inference.backends import ProcessBackend, Supervisor, VllmBackend
+from inference.backends.base import BackendStartError
+from inference.backends.supervisor import Probe
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +104,52 @@ def gateway_process(config: ApplianceConfig) -> ProcessBackend:
     )
 
 
+class ControlProcess(ProcessBackend):
+    """`appliance serve control`: its health is asked on its unix socket (the port may be off),
+    and a start is refused while another control plane answers there (its bind would unlink
+    that one's socket)."""
+
+    def __init__(self, argv: list[str], *, socket: Path, url: str, log_path: Path) -> None:
+        super().__init__(argv, base_url=url, log_path=log_path, name="control")
+        self.socket = socket
+
+    def _check_port_free(self) -> None:
+        if self.probe(timeout=0.5) != "down":
+            raise BackendStartError(
+                f"control: a control plane already answers on {self.socket}", retryable=True
+            )
+
+    def probe(self, timeout: float = 2.0) -> Probe:
+        transport = httpx.HTTPTransport(uds=str(self.socket))
+        try:
+            with httpx.Client(transport=transport, timeout=timeout) as client:
+                # Any socket peer may read the API's description: no token, no store query.
+                response = client.get("http://control/api/v1/openapi.json")
+        except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout, httpx.ConnectTimeout):
+            return "busy"
+        except httpx.HTTPError:
+            return "down"
+        return "ok" if response.status_code == 200 else "unhealthy"
+
+
+def control_url(config: ApplianceConfig) -> str:
+    """Where operators reach the control plane: its loopback port, or (port off) its socket."""
+    control = config.control
+    if control.port is None:
+        return f"unix:{socket_path(config)}"
+    host = f"[{control.host}]" if ":" in control.host else control.host
+    return f"http://{host}:{control.port}/api/v1"
+
+
+def control_process(config: ApplianceConfig) -> ControlProcess:
+    return ControlProcess(
+        cli_argv(config, "serve", "control"),
+        socket=socket_path(config),
+        url=control_url(config),
+        log_path=log_dir(config) / "control.log",
+    )
+
+
 def running_supervisor(config: ApplianceConfig) -> tuple[int, str] | None:
     """The running supervisor's pid and instance id (see run_state), or None (a stale pid file is
     ignored: its process is gone, or nothing holds the supervisor lock any more, so the pid may
@@ -161,7 +212,7 @@ class _StateFile:
 
 
 def supervise(config: ApplianceConfig, plan: ServingPlan, instance: str | None = None) -> None:
-    """Run both services until SIGTERM/SIGINT; restart each when it dies (foreground).
+    """Run the services until SIGTERM/SIGINT; restart each when it dies (foreground).
 
     Raises run_state.AlreadySupervised when another supervisor runs for this state dir."""
     lock = run_state.hold_supervisor_lock(run_dir(config))  # held until this process exits
@@ -172,7 +223,12 @@ def supervise(config: ApplianceConfig, plan: ServingPlan, instance: str | None =
     run_state.write_pid_file(pid_file(config), instance)
     log.info("supervisor %d (instance %s) for %s", os.getpid(), instance, config.state_dir)
     states = _StateFile(services_file(config), plan, instance)
-    services = {"backend": backend_process(config, plan), "gateway": gateway_process(config)}
+    # The control plane first: the gateway's budget hard stop asks it (and fails closed).
+    services = {
+        "control": control_process(config),
+        "backend": backend_process(config, plan),
+        "gateway": gateway_process(config),
+    }
     supervisors: dict[str, Supervisor] = {}
     try:
         for name, proc in services.items():

@@ -1,9 +1,11 @@
 """systemd units for the appliance's services, rendered from data (golden-tested).
 
-Under systemd each service is its own unit, restarted by systemd: the backend (`serve backend`:
-vLLM or the embedded model), the gateway (`serve gateway`, after the backend), and the sandbox
-watcher (`serve sandboxes`: reconcile at start and every 30 s). Without systemd (containers,
-these development machines) `appliance up` runs the same three in its own supervisor.
+Under systemd each service is its own unit, restarted by systemd: the control plane (`serve
+control`: the API, sandboxes, agents, approvals, reconciliation), the backend (`serve backend`:
+vLLM or the embedded model), the gateway (`serve gateway`, after both), and the sandbox watcher
+(`serve sandboxes`: asks the control plane to reconcile every 30 s). Without systemd
+(containers, these development machines) `appliance up` runs the control plane, the backend and
+the gateway in its own supervisor.
 Units run as root, the control plane: it drives the service user's rootless Podman and owns the
 state directory; the hardening below confines what that root can write.
 """
@@ -32,6 +34,12 @@ class Unit:
 
 UNITS: tuple[Unit, ...] = (
     Unit(
+        "appliance-control.service",
+        "Appliance control plane (its API on <state_dir>/run/control.sock and control.port)",
+        "serve control",
+        no_new_privileges=False,  # it creates, starts and reconciles sandboxes (Podman)
+    ),
+    Unit(
         "appliance-backend.service",
         "Appliance inference backend (vLLM or the embedded model)",
         "serve backend",
@@ -41,15 +49,18 @@ UNITS: tuple[Unit, ...] = (
         "appliance-gateway.service",
         "Appliance gateway (inference.local)",
         "serve gateway",
-        after=("appliance-backend.service",),
-        wants=("appliance-backend.service",),
-        no_new_privileges=False,  # the budget hard stop stops sandboxes (Podman)
+        after=("appliance-backend.service", "appliance-control.service"),
+        # The budget hard stop asks the control plane (and stops sandboxes itself, fail-closed,
+        # when it does not answer: Podman).
+        wants=("appliance-backend.service", "appliance-control.service"),
+        no_new_privileges=False,
     ),
     Unit(
         "appliance-sandboxes.service",
         "Appliance sandbox watcher (reconciles sandboxes and egress proxies)",
         "serve sandboxes",
-        after=("appliance-gateway.service",),
+        after=("appliance-control.service",),  # it asks the control plane to reconcile
+        wants=("appliance-control.service",),
         no_new_privileges=False,
     ),
 )

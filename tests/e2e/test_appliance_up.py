@@ -1,7 +1,8 @@
 """The whole appliance here: `appliance up` serves real SmolLM2 tokens at inference.local.
 
-Real processes throughout: the CLI, the supervisor, the embedded model server and the gateway,
-driven by the official openai client; then `appliance down` must leave nothing running.
+Real processes throughout: the CLI, the supervisor, the control plane, the embedded model server
+and the gateway, driven by the official openai client; then `appliance down` must leave nothing
+running.
 """
 
 from __future__ import annotations
@@ -81,6 +82,15 @@ def test_up_serves_real_tokens_through_the_gateway(appliance_env: dict[str, str]
     status = json.loads(cli(env, "status", "--json").stdout)
     assert status["inference"]["state"] == "ready"
     assert status["gateway"]["state"] == "ready"
+    # The third service: the control plane the `keys create` above went through.
+    state_dir = Path(env["APPLIANCE_STATE_DIR"])
+    assert status["control"]["state"] == "ready"
+    assert status["control"]["socket"] == str(state_dir / "run" / "control.sock")
+    created_by = [
+        r for r in map(json.loads, (state_dir / "audit" / "audit.jsonl").read_text().splitlines())
+        if r["event"] == "control.request" and r["path"] == "/api/v1/keys"
+    ]  # fmt: skip
+    assert created_by and created_by[0]["status"] == 201 and created_by[0]["actor_kind"] == "unix"
     assert status["inference"]["plan"]["variant"] == "smollm2-135m"
     assert status["inference"]["metrics"]["generation_tokens_total"] >= (
         reply.usage.completion_tokens + chunks[-1].usage.completion_tokens
@@ -122,8 +132,12 @@ def test_up_is_idempotent_and_down_stops_everything(appliance_env: dict[str, str
     again = cli(env, "up")
     assert again.returncode == 0 and "already up" in again.stdout
     services = json.loads((Path(env["APPLIANCE_STATE_DIR"]) / "run" / "services.json").read_text())
-    pids = [services["supervisor_pid"], services["backend"]["pid"], services["gateway"]["pid"]]
+    pids = [services["supervisor_pid"]]
+    pids += [services[name]["pid"] for name in ("control", "backend", "gateway")]
     down = cli(env, "down")
     assert down.returncode == 0, down.stderr
     assert not [pid for pid in pids if alive(pid)]
-    assert json.loads(cli(env, "status", "--json").stdout)["gateway"]["state"] == "down"
+    status = json.loads(cli(env, "status", "--json").stdout)
+    assert status["gateway"]["state"] == "down" and status["control"]["state"] == "down"
+    gone = cli(env, "keys", "create", "after-down")
+    assert gone.returncode == 7 and "appliance up" in gone.stderr

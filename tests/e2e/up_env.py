@@ -23,4 +23,5 @@ def environment(root: Path, config: pytest.Config, state: str = "state") -> dict
         APPLIANCE_MODELS_DIR=str(models),
         APPLIANCE_GATEWAY__PORT=str(free_port()),
         APPLIANCE_INFERENCE__BACKEND_LISTEN__PORT=str(free_port()),
+        APPLIANCE_CONTROL__PORT=str(free_port()),  # the default is on: `up` checks who serves it
     )

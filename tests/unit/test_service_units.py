@@ -27,17 +27,22 @@ def test_unit_matches_its_golden_file(name: str) -> None:
 def test_units_cover_the_services_and_order_them() -> None:
     assert sorted(RENDERED) == [
         "appliance-backend.service",
+        "appliance-control.service",
         "appliance-gateway.service",
         "appliance-sandboxes.service",
     ]
     gateway = RENDERED["appliance-gateway.service"]
-    assert "After=network-online.target appliance-backend.service" in gateway
+    after = "After=network-online.target appliance-backend.service appliance-control.service"
+    assert after in gateway
+    control = RENDERED["appliance-control.service"]
+    assert "--state-dir /var/lib/appliance serve control\n" in control
     assert "ExecStart=/opt/appliance/venv/bin/appliance --state-dir /var/lib/appliance " in gateway
 
 
 def test_units_that_may_start_podman_keep_setuid_helpers_working() -> None:
     # newuidmap is setuid: NoNewPrivileges=yes would break rootless Podman in these units.
     assert "NoNewPrivileges=no" in RENDERED["appliance-sandboxes.service"]
+    assert "NoNewPrivileges=no" in RENDERED["appliance-control.service"]
     assert "NoNewPrivileges=no" in RENDERED["appliance-gateway.service"]
     assert "NoNewPrivileges=yes" in RENDERED["appliance-backend.service"]
     assert all(u.command.startswith("serve ") for u in UNITS)

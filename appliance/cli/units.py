@@ -116,9 +116,9 @@ def render(
     out: Annotated[Path | None, typer.Option(help="Write the files into this directory.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Print (or write to --out) the units: backend, gateway, sandbox watcher; with --container
-    IMAGE, the Quadlet files for the appliance image (and, with --json, the `podman run`
-    they amount to)."""
+    """Print (or write to --out) the units: control plane, backend, gateway, sandbox watcher;
+    with --container IMAGE, the Quadlet files for the appliance image (and, with --json, the
+    `podman run` they amount to)."""
     if container is None:
         units = _rendered(ctx, config_file)
         extra: dict[str, object] = {}

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,6 +207,29 @@ def test_a_second_live_operator_of_one_name_is_refused(plane: Plane) -> None:
     operator_token(plane, "alice", "admin")  # the name is free again
     gone = plane.cli("operators", "revoke", "nobody")
     assert gone.returncode == 5 and "no live operator" in gone.stderr
+
+
+def test_parallel_creates_of_one_operator_make_one(plane: Plane) -> None:
+    """Eight clients at once: one operator (one token that works), seven clear refusals, and
+    every request in the audit chain, which still verifies."""
+
+    def create(_: int) -> httpx.Response:
+        with plane.unix() as client:
+            return client.post("/operators", json={"name": "race", "role": "operator"})
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(create, range(8)))
+    made = [a for a in answers if a.status_code == 201]
+    assert len(made) == 1, [a.text for a in answers]
+    for refused in (a for a in answers if a.status_code != 201):
+        assert_error_shape(refused, 422, "config_error")
+        assert "already exists" in refused.json()["error"]["message"]
+    with plane.tcp(made[0].json()["secret"]) as client:
+        assert client.get("/budgets").status_code == 200
+    posts = [r for r in plane.requests() if r["path"] == "/api/v1/operators"]
+    assert sorted(r["status"] for r in posts) == [201] + [422] * 7
+    assert len([r for r in plane.audit() if r["event"] == "operator.created"]) == 1
+    assert verify(plane.state / "audit" / "audit.jsonl").ok
 
 
 def test_audit_tail_and_verify_through_the_api(plane: Plane) -> None:

@@ -34,13 +34,16 @@ def _answers(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def running_control_plane(env: dict[str, str], state_dir: Path) -> Iterator[subprocess.Popen]:
-    """`appliance serve control` with `env`, ready (its socket answers) until the block ends."""
+def running_control_plane(
+    env: dict[str, str], state_dir: Path, prefix: list[str] | None = None
+) -> Iterator[subprocess.Popen]:
+    """`appliance serve control` with `env`, ready (its socket answers) until the block ends;
+    `prefix` runs it behind e.g. nsenter (the proxies it starts resolve and connect there)."""
     log = state_dir.parent / f"control-{os.getpid()}-{time.monotonic_ns()}.log"
     state_dir.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [APPLIANCE, "serve", "control"],
+            [*(prefix or []), APPLIANCE, "serve", "control"],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,

@@ -37,6 +37,16 @@ def control(ctx: typer.Context) -> Iterator[ControlClient]:
         yield client
 
 
+def _named(name: str) -> str:
+    """`name` as sent in a URL: the empty name names no sandbox and cannot be sent (an
+    older store's '' record is reported by `sandbox reconcile`, never removed through it)."""
+    if not name:
+        from sandbox.names import check_name
+
+        check_name(name, "sandbox")
+    return name
+
+
 def _policy_text(path: Path) -> str:
     """The file's text, parsed here first: a bad file fails with FILE:LINE before anything is
     sent (the control plane parses it again; it trusts no client)."""
@@ -106,7 +116,7 @@ def exec_(
     command's."""
     stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     with control(ctx) as client:
-        code, out, err = client.sandbox_exec(name, command, stdin)
+        code, out, err = client.sandbox_exec(_named(name), command, stdin)
     sys.stdout.buffer.write(out)
     sys.stdout.flush()
     sys.stderr.buffer.write(err)
@@ -118,14 +128,14 @@ def exec_(
 def logs(ctx: typer.Context, name: NameArg) -> None:
     """The sandbox's output (supervisor and agent)."""
     with control(ctx) as client:
-        sys.stdout.write(client.sandbox_logs(name))
+        sys.stdout.write(client.sandbox_logs(_named(name)))
 
 
 @app.command("stop")
 def stop(ctx: typer.Context, name: NameArg) -> None:
     """Stop the sandbox and its egress proxy."""
     with control(ctx) as client:
-        client.stop_sandbox(name)
+        client.stop_sandbox(_named(name))
     console.print(f"stopped {name}")
 
 
@@ -133,7 +143,7 @@ def stop(ctx: typer.Context, name: NameArg) -> None:
 def start(ctx: typer.Context, name: NameArg) -> None:
     """Start a stopped sandbox again (refused while the kill switch holds)."""
     with control(ctx) as client:
-        client.start_sandbox(name)
+        client.start_sandbox(_named(name))
     console.print(f"started {name}")
 
 
@@ -147,7 +157,7 @@ def rm(
 ) -> None:
     """Remove the sandbox, its key and proxy; its policy revisions are kept for re-creation."""
     with control(ctx) as client:
-        client.remove_sandbox(name, keep_home=keep_home)
+        client.remove_sandbox(_named(name), keep_home=keep_home)
     console.print(f"removed {name}")
 
 
@@ -173,7 +183,7 @@ def policy_show(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) ->
     import yaml
 
     with control(ctx) as client:
-        out = client.sandbox_policy(name)
+        out = client.sandbox_policy(_named(name))
     if json_out:
         print_json({"rev": out["rev"], "policy": out["policy"]})
     else:
@@ -190,7 +200,7 @@ def policy_set(
     """Apply FILE's network rules to the running sandbox (its static part must be unchanged)."""
     text = _policy_text(policy)
     with control(ctx) as client:
-        rev = client.set_sandbox_policy(name, text, str(policy))
+        rev = client.set_sandbox_policy(_named(name), text, str(policy))
     console.print(f"{name}: policy revision {rev} applied (network rules reloaded)")
 
 

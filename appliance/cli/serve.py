@@ -27,14 +27,15 @@ def backend(ctx: typer.Context) -> None:
 @app.command("gateway")
 def gateway(ctx: typer.Context) -> None:
     """Serve inference.local (the OpenAI-compatible gateway) on the configured address."""
-    from appliance.hard_stop import control_plane_hooks
+    from appliance.control.killswitch import control_plane_hooks
     from appliance.store.inference_store import InferenceStore
     from inference.gateway.app import create_app
     from inference.gateway.server import serve
 
     config = app_context(ctx).config()
     store = InferenceStore(config.state_dir)
-    # A sandbox's key exhausting its monthly budget stops that sandbox (`appliance kill NAME`).
+    # A sandbox's key exhausting its monthly budget stops that sandbox (`appliance kill NAME`):
+    # asked of the control plane, or done directly when none answers (fail closed).
     hooks = control_plane_hooks(config)
     settings = config.gateway_settings()
     api = create_app(settings, store, store, store, store, hooks)
@@ -45,8 +46,11 @@ def gateway(ctx: typer.Context) -> None:
 @app.command("control")
 def control(ctx: typer.Context) -> None:
     """Serve the control plane's API on <state_dir>/run/control.sock (and control.port)."""
+    import threading
+
     from appliance.control.api import create_app
     from appliance.control.plane import ControlPlane, socket_path
+    from appliance.control.sandboxes import reconcile_forever
     from appliance.control.server import bind_tcp, bind_unix, serve
 
     config = app_context(ctx).config()
@@ -54,9 +58,19 @@ def control(ctx: typer.Context) -> None:
     sockets = [bind_unix(socket_path(config))]
     if config.control.port is not None:
         sockets.append(bind_tcp(config.control.host, config.control.port))
+    # The one reconciler of sandboxes and their proxies: now (after a crash or `kill -9`, what
+    # the store says runs is brought back) and every 30 s, in this process.
+    stop_reconciling = threading.Event()
+    threading.Thread(
+        target=reconcile_forever,
+        args=(plane.sandboxes, stop_reconciling),
+        name="reconcile",
+        daemon=True,
+    ).start()
     try:
         serve(create_app(plane), sockets)
     finally:
+        stop_reconciling.set()
         plane.close()
 
 
@@ -85,15 +99,29 @@ def supervise_all(
 
 @app.command("sandboxes")
 def sandboxes(ctx: typer.Context) -> None:
-    """Reconcile sandboxes and their egress proxies now and every 30 s (the systemd unit's job;
-    `serve all` does the same in its own thread)."""
+    """Ask the control plane to reconcile sandboxes and their proxies now and every 30 s.
+
+    The control plane reconciles on its own (at start and every 30 s); this command only asks
+    it to, and never reconciles itself, so no second reconciler races the control plane's. Kept
+    for the appliance-sandboxes unit, which is redundant with the control plane's unit."""
+    import logging
     import signal
     import threading
 
-    from appliance.services.supervisor import watch_sandboxes
+    from appliance.control.client import ControlClient
+    from appliance.control.sandboxes import RECONCILE_INTERVAL_S
+    from appliance.errors import ApplianceError
 
+    log = logging.getLogger("appliance.serve.sandboxes")
     config = app_context(ctx).config()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    watch_sandboxes(config, stop)
+    while True:
+        try:
+            with ControlClient(config) as client:
+                client.reconcile_sandboxes()
+        except ApplianceError as exc:  # control plane down or Podman unavailable: next round
+            log.warning("sandbox reconciliation not done: %s", exc)
+        if stop.wait(RECONCILE_INTERVAL_S):
+            return

@@ -38,15 +38,16 @@ class ControlPlane:
         self.store: Store = open_store(config.state_dir)
         # One lock per named thing (sandbox, agent, approval): two clients acting on one name are
         # serialised here, so the second sees the first's result (and gets a 409), never a
-        # half-made state. Different names proceed in parallel.
-        self._locks: dict[str, threading.Lock] = {}
+        # half-made state. Different names proceed in parallel. Re-entrant: code that holds a
+        # name may call code that takes the same name again in its thread (no self-deadlock).
+        self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
 
     @contextmanager
     def locked(self, kind: str, name: str) -> Iterator[None]:
         key = f"{kind}:{name}"
         with self._locks_guard:
-            lock = self._locks.setdefault(key, threading.Lock())
+            lock = self._locks.setdefault(key, threading.RLock())
         with lock:
             yield
 

@@ -37,21 +37,28 @@ RECONCILE_INTERVAL_S = 30.0
 
 
 class _Gate:
-    """Many per-name operations at once, or one reconciliation alone (a readers-writer lock)."""
+    """Many per-name operations at once, or one reconciliation alone (a readers-writer lock).
+    A thread already inside may enter again (an agent's service nests its sandbox's calls): it
+    never waits for a reconciliation that waits for it."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._active = 0
         self._exclusive = False
+        self._mine = threading.local()
 
     @contextmanager
     def shared(self) -> Iterator[None]:
+        depth = getattr(self._mine, "depth", 0)
         with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive)
+            if depth == 0:
+                self._cond.wait_for(lambda: not self._exclusive)
             self._active += 1
+        self._mine.depth = depth + 1
         try:
             yield
         finally:
+            self._mine.depth = depth
             with self._cond:
                 self._active -= 1
                 self._cond.notify_all()

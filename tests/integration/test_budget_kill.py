@@ -1,5 +1,6 @@
 """`appliance serve gateway` as a real process: a sandbox key's monthly hard stop reaches the kill
-switch (audited `kill` with the budget reason); a client key's hard stop does not."""
+switch (audited `kill` with the budget reason), through the control plane when one runs and
+directly when none does (fail closed); a client key's hard stop does not."""
 
 from __future__ import annotations
 
@@ -89,12 +90,24 @@ def exhaust(client: openai.OpenAI) -> None:
 
 
 def test_sandbox_key_hard_stop_runs_the_kill_switch(env: Env) -> None:
+    # No control plane runs here: the hook fails closed, stopping the sandbox itself.
     exhaust(env.client("sandbox-demo", "sandbox"))
     (kill,) = env.kills(timeout=5)
     assert "monthly budget hard stop for key sandbox-demo" in kill["reason"]
     assert kill["hold"] is False
     assert kill["sandboxes"] == []  # no such sandbox here: nothing stopped, the attempt audited
     assert [e["key_name"] for e in env.store.audit_events("budget.hard_stop")] == ["sandbox-demo"]
+    assert env.store.audit_events("control.kill") == []  # nobody asked: no control plane
+
+
+def test_sandbox_key_hard_stop_asks_the_control_plane(env: Env, control_plane: object) -> None:
+    exhaust(env.client("sandbox-demo", "sandbox"))
+    (kill,) = env.kills(timeout=10)
+    assert "monthly budget hard stop for key sandbox-demo" in kill["reason"]
+    assert kill["sandboxes"] == [] and kill["hold"] is False
+    (asked,) = env.store.audit_events("control.kill")  # the control plane did it, for the gateway
+    assert asked["sandboxes"] == ["demo"] and asked["hold"] is False
+    assert asked["actor_kind"] == "unix" and asked["actor"] == f"uid:{os.geteuid()}"
 
 
 def test_client_key_hard_stop_is_only_audited(env: Env) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.control_fixtures import running_control_plane
 from tests.helpers import cli_env
 from tests.sandbox_fixtures import (
     ensure_base_image,
@@ -35,6 +36,10 @@ from tests.unit.test_names import HOSTILE
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 POLICY = Path(__file__).resolve().parents[2] / "sandbox" / "policies" / "default.yaml"
+# Left out of the tree comparisons after a failed create: the audit log records the failure, and
+# the store's files change size as the control plane's open connections write and checkpoint
+# (their contents are compared row by row instead, by _rows).
+VOLATILE = ("audit", "appliance.db", "appliance.db-wal", "appliance.db-shm")
 TAG = f"h1x{os.getpid()}"  # in every hostile name that can carry it: leftovers are findable
 
 
@@ -67,11 +72,16 @@ def env() -> Iterator[dict[str, str]]:
     environ = cli_env(scratch / "s", scratch)
     environ["TAG"] = TAG
     try:
-        yield environ
+        # The CLI's changes go through a control plane on this state dir (its log lands in
+        # `scratch`, beside the state dir: the trees compared below are the state dir's).
+        with running_control_plane(environ, scratch / "s"):
+            try:
+                yield environ
+            finally:
+                state = Path(environ["APPLIANCE_STATE_DIR"])
+                for name in _store_names(state):
+                    run_cli("sandbox", "rm", name, env=environ)
     finally:
-        state = Path(environ["APPLIANCE_STATE_DIR"])
-        for name in _store_names(state):
-            run_cli("sandbox", "rm", name, env=environ)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -202,15 +212,24 @@ def test_rm_of_the_empty_name_removes_no_other_sandbox(env: dict[str, str]) -> N
         proc = run_cli("sandbox", "rm", "--", name, env=env)
         assert proc.returncode in (2, 3), proc.stderr
         assert proc.stderr.startswith("appliance: error: invalid sandbox name"), proc.stderr
-    # and a record with such a name (made by an older version) is refused, not followed
+    # and a record with such a name (made by an older version) is refused, not followed: the
+    # CLI cannot even address it (no URL names it), the manager refuses its paths
     with contextlib.closing(sqlite3.connect(state / "appliance.db")) as db, db:
         db.execute(
             "INSERT INTO sandboxes (name, image, command_json, state, created_at, updated_at) "
             "VALUES ('', 'x', '[]', 'stopped', 0, 0)"
         )
     proc = run_cli("sandbox", "rm", "--", "", env=env)
-    assert proc.returncode == 1 and "not strictly inside" in proc.stderr, proc.stderr
+    assert proc.returncode in (2, 3), proc.stderr
+    assert proc.stderr.startswith("appliance: error: invalid sandbox name"), proc.stderr
     assert proc.stderr.count("appliance: error:") == 1 and "  hint: " in proc.stderr
+    from appliance.config import load_config
+    from appliance.control.wiring import sandbox_manager
+    from appliance.store import open_store
+    from sandbox.lifecycle.owned_paths import UnsafePathError
+
+    with open_store(state) as store, pytest.raises(UnsafePathError, match="not strictly inside"):
+        sandbox_manager(load_config({"state_dir": str(state)}), store).remove("")
     # reconciliation reports that record and goes on with the others
     rec = run_cli("sandbox", "reconcile", "--json", env=env)
     assert rec.returncode == 0, rec.stderr
@@ -254,7 +273,7 @@ def test_the_shared_supervisor_directory_is_no_sandboxs_to_remove(env: dict[str,
 def _assert_nothing_left(env: dict[str, str], name: str, before: dict, rows: dict) -> None:
     state, home = _state(env), service_home()
     assert home is not None
-    assert _tree(state, skip=("audit",)) == before  # the audit log records the failure
+    assert _tree(state, skip=VOLATILE) == before
     assert _rows(state) == rows  # no record, revision, key or budget
     assert not (home / "sandboxes" / name).exists()
     assert not (home / "homes" / name).exists()
@@ -267,7 +286,7 @@ def test_a_create_that_fails_late_leaves_nothing(env: dict[str, str], fault: str
     state = _state(env)
     name = f"h1-{fault}-{os.getpid()}"
     assert run_cli("keys", "list", env=env).returncode == 0
-    before, rows = _tree(state, skip=("audit",)), _rows(state)
+    before, rows = _tree(state, skip=VOLATILE), _rows(state)
     policy, extra = POLICY, []
     if fault == "missing-image":  # fails at container create: after record, key, dirs, proxy
         extra = ["--image", f"localhost/h1-no-such-image-{os.getpid()}:latest"]
@@ -330,7 +349,7 @@ def test_an_agent_create_that_fails_late_leaves_nothing(env: dict[str, str]) -> 
         )
     )
     assert run_cli("keys", "list", env=env).returncode == 0
-    before, rows = _tree(state, skip=("audit",)), _rows(state)
+    before, rows = _tree(state, skip=VOLATILE), _rows(state)
     proc = run_cli("agent", "create", name, "--blueprint", str(bp), env=env, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "appliance: error: " in proc.stderr and "refused to start" in proc.stderr

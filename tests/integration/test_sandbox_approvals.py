@@ -13,10 +13,11 @@ or on this host's own interface address (a private/documentation range here), is
 as "resolves to a private or reserved address" — exactly as in production, where approvals are
 for public hosts. To exercise the real path (a *name* that resolves to a *global* address) without
 touching the machine's network, the origin server runs in its own network and mount namespace
-with a global address on its loopback and an /etc/hosts naming the test hosts; `sandbox create`
-runs in those namespaces (via nsenter), so the proxy it starts resolves and connects there, as a
-control plane on a host with a public route would. Every other command runs in the test's own
-namespaces, as an operator's would. `test_approval_never_opens_a_private_address` pins the
+with a global address on its loopback and an /etc/hosts naming the test hosts; the control plane
+(`appliance serve control`, which starts the proxies) runs in those namespaces (via nsenter), so
+each proxy resolves and connects there, as on a host with a public route. Every CLI command runs
+in the test's own namespaces, as an operator's would, and reaches the control plane through its
+unix socket. `test_approval_never_opens_a_private_address` pins the
 private-address behaviour with a name that resolves to 127.0.0.1.
 """
 
@@ -39,6 +40,7 @@ import pytest
 import yaml
 
 from sandbox.proxy.addresses import is_forbidden
+from tests.control_fixtures import running_control_plane
 from tests.helpers import cli_env
 from tests.sandbox_fixtures import (
     ensure_base_image,
@@ -158,7 +160,7 @@ class Lab:
         self.created.add(name)
         argv = ["sandbox", "create", name, "--policy", str(policy_file), "--json"]
         argv += ["--", "python3", "-I", "-c", AGENT]
-        proc = run_cli(*argv, env=self.env, prefix=self.in_namespace, timeout=180)
+        proc = run_cli(*argv, env=self.env, timeout=180)
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
         assert out["state"] == "running" and out["enforcement"]["agent_started"] is True
@@ -251,11 +253,15 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     origin = _origin_namespace(scratch)
     lab = Lab(scratch=scratch, state=state, env=cli_env(state, scratch), origin=origin)
     try:
-        yield lab
+        with running_control_plane(lab.env, state, prefix=lab.in_namespace):
+            try:
+                yield lab
+            finally:
+                for name in sorted(lab.created):
+                    with contextlib.suppress(Exception):
+                        run_cli("sandbox", "rm", name, env=lab.env)
     finally:
         for name in sorted(lab.created):
-            with contextlib.suppress(Exception):
-                run_cli("sandbox", "rm", name, env=lab.env)
             force_remove_container(name)
             kill_proxies(name, state)
         origin.terminate()
@@ -314,10 +320,13 @@ def test_held_request_denied_gets_403(lab: Lab, box: str) -> None:
     assert "origin" not in result["body"].split()  # never reached the server
     assert lab.audit(event="egress.rejected", sandbox=box, approval=pending["id"])
 
-    # a decided id is gone: deciding it again is a not-found error (exit 5), not a traceback
+    # a decided id: deciding it again is a conflict (exit 10) naming the decision, no traceback
     again = lab.cli("approvals", "approve", pending["id"], ok=False)
-    assert again.returncode == 5 and "Traceback" not in again.stderr, again.stderr
-    assert f"no pending approval {pending['id']!r}" in again.stderr
+    assert again.returncode == 10 and "Traceback" not in again.stderr, again.stderr
+    assert f"approval {pending['id']} was already denied ({box}" in again.stderr
+    # and an id no proxy ever held is not found (exit 5)
+    unknown = lab.cli("approvals", "deny", "0badc0de", ok=False)
+    assert unknown.returncode == 5 and "no pending approval '0badc0de'" in unknown.stderr
 
 
 def test_approval_never_opens_a_private_address(lab: Lab, box: str) -> None:

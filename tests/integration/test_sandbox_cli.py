@@ -3,8 +3,9 @@ ConfigError row of appliance/errors.py), one `FILE:LINE: ...` error line plus it
 no traceback, and nothing started: no store record or policy revision, no sandbox directories,
 no egress proxy, and (where Podman is usable) no container.
 
-The policy is parsed before anything touches Podman or needs root, so these run on any machine;
-as root they also run as an unprivileged user, to show the policy error comes first there too.
+The policy is parsed by the CLI before anything is sent to the control plane (none runs here), so
+these run on any machine; as root they also run as an unprivileged user, to show the policy
+error comes first there too.
 """
 
 from __future__ import annotations
@@ -139,9 +140,10 @@ def test_bad_policy_reported_before_the_root_check(workdir: Path, case: str) -> 
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as another user")
-def test_valid_policy_as_unprivileged_user_is_refused_for_root(workdir: Path) -> None:
+def test_valid_policy_as_unprivileged_user_goes_on_to_the_control_plane(workdir: Path) -> None:
     # The control for the test above: the same call with a *valid* policy gets past parsing and
-    # is refused by the root check, so the exit-3 answers really come from the policy.
+    # on to sending it (no control plane runs on this state dir: exit 7, `appliance up`), so
+    # the exit-3 answers really come from the policy.
     good = workdir / "good.yaml"
     good.write_text("version: 1\n")
     good.chmod(0o644)
@@ -149,7 +151,6 @@ def test_valid_policy_as_unprivileged_user_is_refused_for_root(workdir: Path) ->
     env["HOME"] = str(workdir)
     proc = run_cli("sandbox", "create", "cli-good", "--policy", str(good), env=env, user=NOBODY)
     assert "Traceback" not in proc.stderr
-    if shutil.which("podman") is None:  # ensure_ready checks for podman first
-        assert proc.returncode == 6 and "podman is not installed" in proc.stderr, proc.stderr
-    else:
-        assert proc.returncode == 7 and "managed by root" in proc.stderr, proc.stderr
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stderr.startswith("appliance: error: the control plane is not running"), proc.stderr
+    assert "hint: start it with `appliance up`" in proc.stderr

@@ -1,6 +1,8 @@
-"""`appliance sandbox exec` as `podman exec -i`: stdin reaches the command, the exit status is
-the command's, and the command still runs as the agent inside its Landlock domain. An unknown
-sandbox is a one-line error with a hint. Real sandbox, installed CLI, as root."""
+"""`appliance sandbox exec` through the control plane (POST /sandboxes/NAME/exec, which runs
+`podman exec -i`): stdin reaches the command whole, stdout and stderr come back apart and byte
+for byte, the exit status is the command's, and the command still runs as the agent inside its
+Landlock domain. An unknown sandbox is a one-line error with a hint. Real sandbox, installed
+CLI, real control plane, as root."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.control_fixtures import running_control_plane
 from tests.helpers import cli_env
 from tests.sandbox_fixtures import (
     APPLIANCE,
@@ -35,12 +38,15 @@ def sandbox() -> Iterator[tuple[str, dict[str, str]]]:
     scratch = Path(tempfile.mkdtemp(prefix="ex-"))
     env = cli_env(scratch / "s", scratch)
     name = f"h1-exec-{os.getpid()}"
-    made = run_cli("sandbox", "create", name, "--policy", str(POLICY), env=env)
-    assert made.returncode == 0, made.stderr
     try:
-        yield name, env
+        with running_control_plane(env, scratch / "s"):
+            made = run_cli("sandbox", "create", name, "--policy", str(POLICY), env=env)
+            assert made.returncode == 0, made.stderr
+            try:
+                yield name, env
+            finally:
+                run_cli("sandbox", "rm", name, env=env)
     finally:
-        run_cli("sandbox", "rm", name, env=env)
         shutil.rmtree(scratch, ignore_errors=True)
 
 

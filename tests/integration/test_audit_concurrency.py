@@ -153,7 +153,34 @@ def test_the_launched_egress_proxy_writes_into_the_chain(tmp_path: Path) -> None
     assert verify(chain).ok
 
 
-def test_egress_main_requires_the_chain_path(tmp_path: Path) -> None:
+def test_the_monitor_on_its_own_writes_plain_json_lines(tmp_path: Path) -> None:
+    """`python -m sandbox.proxy.monitor` (no appliance): the same records, unchained."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nnetwork:\n  approval:\n    mode: deny\n")
+    log, sock = tmp_path / "egress.jsonl", tmp_path / "egress.sock"
+    argv = [
+        sys.executable, "-m", "sandbox.proxy.monitor", "--sandbox", "sbx", "--socket", str(sock),
+        "--policy", str(policy), "--admin-socket", str(tmp_path / "admin.sock"),
+        "--audit-log", str(log),
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline()
+        assert ready.startswith(b"ready"), proc.stderr.read() if proc.stderr else ready
+        assert b" 403 " in _connect(sock, "denied.example")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    assert proc.returncode == 0
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    events = [r["event"] for r in recs]
+    assert events[0] == "egress.started" and events[-1] == "egress.stopped"
+    assert "egress.deny" in events and all(r["sandbox"] == "sbx" for r in recs)
+    assert not any("hash" in r or "seq" in r for r in recs)  # not the appliance's chain
+
+
+def test_the_egress_monitor_requires_the_chain_path(tmp_path: Path) -> None:
     argv = [
         sys.executable, "-m", "appliance.control.egress_monitor", "--socket", str(tmp_path / "s"),
         "--policy", str(tmp_path / "p.yaml"), "--admin-socket", str(tmp_path / "a"),

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from appliance.control.api.deps import Principal
     from appliance.control.plane import ControlPlane
     from sandbox.lifecycle.manager import SandboxManager
-    from sandbox.proxy.admin import AdminClient
+    from sandbox.proxy.admin_client import AdminClient
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ _ID = re.compile(r"[0-9a-f]{1,64}")  # the proxies' ids are hex (secrets.token_h
 @contextmanager
 def admin_clients(m: SandboxManager) -> Iterator[dict[str, AdminClient]]:
     """Each sandbox's proxy admin client (sandboxes whose proxy has a socket), closed after."""
-    from sandbox.proxy.admin import AdminClient
+    from sandbox.proxy.admin_client import AdminClient
 
     clients = {
         r.name: AdminClient(m.paths(r.name).admin_socket, timeout=ADMIN_TIMEOUT_S)

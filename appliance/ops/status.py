@@ -5,7 +5,6 @@ Later subsystems add their sections to SECTIONS; each takes the config and the h
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -289,30 +288,10 @@ def sandboxes_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, 
     }
 
 
-def _admin_get(socket_path: Path, target: str, timeout: float) -> Any:
-    """One GET on a proxy's admin socket (sandbox/proxy/admin.py: HTTP/1.1, closes after).
-
-    Not AdminClient: importing sandbox.proxy pulls the whole proxy and httpx (~120 ms), which
-    would more than double the cost of `status` for one tiny request.
-    """
-    deadline = time.monotonic() + timeout
-    chunks: list[bytes] = []
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(socket_path))
-        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: proxy-admin\r\n\r\n".encode())
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-            if time.monotonic() > deadline:
-                raise TimeoutError("timed out")
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    status = head.split(b" ", 2)[1:2]
-    if status != [b"200"]:
-        raise OSError(f"HTTP {b''.join(status).decode(errors='replace') or '?'}")
-    return json.loads(body)
-
-
 def _pending(socket_path: Path, name: str, now: float) -> list[dict[str, Any]]:
+    # The control plane's client too (stdlib only: cheap to import, one small GET per proxy).
+    from sandbox.proxy.admin_client import AdminClient
+
     if not socket_path.exists():
         return []  # no proxy: nothing can be waiting
     return [
@@ -323,7 +302,7 @@ def _pending(socket_path: Path, name: str, now: float) -> list[dict[str, Any]]:
             "port": p.get("port"),
             "waiting_s": round(max(0.0, now - float(p.get("created") or now)), 1),
         }
-        for p in _admin_get(socket_path, "/approvals", ADMIN_TIMEOUT_S).get("pending", [])
+        for p in AdminClient(socket_path, timeout=ADMIN_TIMEOUT_S).list()
     ]
 
 

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sandbox.proxy.addresses import is_forbidden, system_resolver
-    from sandbox.proxy.admin import AdminClient, AdminServer
+    from sandbox.proxy.admin import AdminServer
+    from sandbox.proxy.admin_client import AdminClient
     from sandbox.proxy.approvals import ApprovalBroker, Pending, Verdict
     from sandbox.proxy.audit import JsonLinesAudit, MemoryAudit
     from sandbox.proxy.ports import AuditSink, InferenceRoute, PolicyWriter, Resolver
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 _WHERE = {
     "INFERENCE_HOST": "server",
-    "AdminClient": "admin",
+    "AdminClient": "admin_client",
     "AdminServer": "admin",
     "ApprovalBroker": "approvals",
     "AuditSink": "ports",

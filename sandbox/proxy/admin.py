@@ -1,5 +1,5 @@
-"""The approvals control API: JSON over a host-only unix socket, so the CLI (another process)
-can list, approve and deny. Deliberately tiny:
+"""The approvals control API: JSON over a host-only unix socket, so the control plane (another
+process; admin_client.py is its client) can list, approve and deny. Deliberately tiny:
 
     GET  /approvals                        → {"pending": [...]}
     POST /approvals/{id}/approve[?persist=1] → {"approved": {...}, "persisted": bool}
@@ -99,37 +99,3 @@ class AdminServer:
             except KeyError as exc:
                 return 404, {"error": str(exc.args[0])}
         return 404, {"error": f"no such resource {url.path}"}
-
-
-class AdminClient:
-    """What the CLI uses (synchronous; one call, one connection)."""
-
-    def __init__(self, socket_path: str | os.PathLike[str], timeout: float = 10.0) -> None:
-        import httpx  # ~100 ms of imports: the proxy process itself never needs them
-
-        self._client = httpx.Client(
-            transport=httpx.HTTPTransport(uds=os.fspath(socket_path)),
-            base_url="http://proxy-admin",
-            timeout=timeout,
-        )
-
-    def _call(self, method: str, path: str) -> dict[str, Any]:
-        response = self._client.request(method, path)
-        payload: dict[str, Any] = response.json()
-        if response.status_code == 404:
-            raise KeyError(payload.get("error", path))
-        if response.status_code != 200:
-            raise RuntimeError(payload.get("error", f"HTTP {response.status_code}"))
-        return payload
-
-    def list(self) -> list[dict[str, Any]]:
-        return list(self._call("GET", "/approvals")["pending"])
-
-    def approve(self, approval_id: str, persist: bool = False) -> dict[str, Any]:
-        return self._call("POST", f"/approvals/{approval_id}/approve?persist={int(persist)}")
-
-    def deny(self, approval_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/approvals/{approval_id}/deny")
-
-    def close(self) -> None:
-        self._client.close()

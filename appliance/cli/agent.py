@@ -13,7 +13,7 @@ from rich.table import Table
 
 from appliance.cli.context import control_client
 from appliance.cli.options import JsonOpt
-from appliance.cli.output import console, err_console, print_json
+from appliance.cli.output import console, print_json
 
 app = typer.Typer(
     help="Agents: a sandbox, a key and a budget from a blueprint.", no_args_is_help=True
@@ -45,11 +45,7 @@ def create(
     from sandbox.names import check_name
 
     check_name(name, "agent")  # before anything is sent
-    err_console.print(
-        f"[dim]creating {name} from {blueprint} (a first use builds its image: minutes)[/]",
-        highlight=False,
-    )
-    with control_client(ctx) as client:
+    with control_client(ctx) as client:  # a first use builds the image: minutes
         out = client.create_agent(name, blueprint_arg(blueprint))
     if json_out:
         print_json(out)

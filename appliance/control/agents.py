@@ -46,11 +46,16 @@ class AgentService:
             yield AgentManager(self.config, db, sandboxes, actor)
 
     @contextmanager
-    def _guarded(self, who: Principal, name: str) -> Iterator[AgentManager]:
-        """The manager, holding the agent's and then its sandbox's lock."""
+    def _locked(self, name: str) -> Iterator[None]:
+        """The agent's lock (not reentrant: taken once per call, around `_guarded`)."""
         check_name(name, "agent")  # before anything is locked, read or written
+        with self.plane.locked("agent", name):
+            yield
+
+    @contextmanager
+    def _guarded(self, who: Principal, name: str) -> Iterator[AgentManager]:
+        """The manager, holding the sandbox's lock too (the caller holds the agent's)."""
         with (
-            self.plane.locked("agent", name),
             self.plane.sandboxes.guarded(name) as sandboxes,
             open_store(self.config.state_dir) as db,
         ):
@@ -77,7 +82,7 @@ class AgentService:
     def create(self, who: Principal, name: str, ref: str) -> dict[str, Any]:
         check_name(name, "agent")
         ref = blueprint_ref(who, ref)
-        with self.plane.locked("agent", name):
+        with self._locked(name):
             with self._manager(who) as m:
                 m.refuse_existing(name)  # the common conflict, answered before any build
                 blueprint = m.blueprint(ref)
@@ -87,24 +92,24 @@ class AgentService:
                 return {**deployment_view(dep), "enforcement": m.sandboxes.enforcement(name) or {}}
 
     def stop(self, who: Principal, name: str) -> dict[str, Any]:
-        with self._guarded(who, name) as m:
+        with self._locked(name), self._guarded(who, name) as m:
             m.stop(name)
         return self.get(name)
 
     def start(self, who: Principal, name: str) -> dict[str, Any]:
-        with self._guarded(who, name) as m:
+        with self._locked(name), self._guarded(who, name) as m:
             m.start(name)
         return self.get(name)
 
     def remove(self, who: Principal, name: str) -> dict[str, Any]:
-        with self._guarded(who, name) as m:
+        with self._locked(name), self._guarded(who, name) as m:
             m.remove(name)
         return {"name": name, "removed": True}
 
     def upgrade(self, who: Principal, name: str, to: str | None) -> dict[str, Any]:
         """To VERSION, NAME@VERSION or a file (default: the newest version)."""
         to = blueprint_ref(who, to) if to else None
-        with self.plane.locked("agent", name):
+        with self._locked(name):
             with self._manager(who) as m:
                 target = m.upgrade_target(name, to)
             self._prepare_image(who, target)
@@ -112,7 +117,7 @@ class AgentService:
                 return deployment_view(m.upgrade(name, to, progress=_progress))
 
     def rollback(self, who: Principal, name: str) -> dict[str, Any]:
-        with self.plane.locked("agent", name):
+        with self._locked(name):
             with self._manager(who) as m:
                 target = m.rollback_target(name)
             self._prepare_image(who, target)

@@ -51,14 +51,14 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from appliance.agents import AgentManager
-
     from appliance.config import load_config
+    from appliance.control.agent_manager import AgentManager
+    from appliance.control.wiring import sandbox_manager
     from appliance.store import open_store
 
     config = load_config({})
     with open_store(config.state_dir) as store:
-        m = AgentManager(config, store)
+        m = AgentManager(config, store, sandbox_manager(config, store))
         phases: dict[str, list[float]] = {"image": [], "sandbox": [], "agent ready": []}
         totals = []
         for i in range(args.creates):

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from appliance.agents import AgentError, AgentManager
 from appliance.config import load_config
+from appliance.control.agent_manager import AgentError, AgentManager
+from appliance.control.wiring import sandbox_manager
 from appliance.ops.status import agents_section
 from appliance.packaging.images import ImageMismatch
 from appliance.store import open_store
@@ -62,7 +63,7 @@ def manager():
         path.write_text(yaml.safe_dump(blueprint(version, **over)))
     config = load_config({"state_dir": str(root / "s"), "blueprints": {"dirs": [str(catalog)]}})
     with open_store(config.state_dir) as store:
-        m = AgentManager(config, store)
+        m = AgentManager(config, store, sandbox_manager(config, store))
         yield m
         for name in m.agents.agents():
             m.remove(name)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from appliance.control.agent_manager import key_models
 from appliance.store import open_store
 from appliance.store.agent_store import AgentStore
@@ -42,3 +44,23 @@ def test_key_models_are_the_model_and_the_allowed_ones() -> None:
     assert key_models(_bp(model="smol")) == ["smol"]
     bp = _bp(model="default", allowed_models=["big", "default"])
     assert key_models(bp) == ["big", "default"]
+
+
+def test_a_blueprint_file_only_from_a_local_admin_and_only_absolute() -> None:
+    """The control plane reads a blueprint file as root: a token operator names catalog
+    blueprints only; a relative path (the control plane's cwd, not the operator's) is refused."""
+    from appliance.control.agents import blueprint_ref
+    from appliance.control.api.deps import Principal
+    from appliance.errors import AuthError, ConfigError
+
+    peer = Principal("unix", "uid:0", "admin", uid=0, pid=1)
+    token = Principal("token", "ops", "admin")
+    for ref in ("openclaw", "openclaw@1.0.0"):
+        assert blueprint_ref(peer, ref) == ref and blueprint_ref(token, ref) == ref
+    assert blueprint_ref(peer, "/srv/bp/x.yaml") == "/srv/bp/x.yaml"
+    with pytest.raises(AuthError, match="only over the control plane's unix socket"):
+        blueprint_ref(token, "/etc/shadow.yaml")
+    with pytest.raises(AuthError):
+        blueprint_ref(token, "../../etc/x")  # a '/' makes it a path
+    with pytest.raises(ConfigError, match="is relative"):
+        blueprint_ref(peer, "bp/x.yaml")

@@ -1,0 +1,210 @@
+"""Agents through the control plane's API (a real `appliance serve control`, httpx over its unix
+socket) and the CLI as its client: five parallel creates of one name make one agent (the others
+409), a turn of the command runtime, stop/start/rm, every change audited with who made it.
+
+The command runtime keeps this cheap (the base image, no model); the OpenClaw turn through the
+same path is tests/e2e/test_agent_openclaw.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from appliance.audit import audit_path, records
+from sandbox.images.base import recipe_digest
+from tests.control_fixtures import control_socket, running_control_plane
+from tests.helpers import cli_env
+from tests.sandbox_fixtures import ensure_base_image, sandbox_skip_reason
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+APPLIANCE = str(Path(sys.executable).parent / "appliance")
+# The reply names the session and echoes the message: it must arrive unevaluated, as one value.
+TURN = ["sh", "-c", 'printf "%s|%s" "$AGENT_SESSION" "$AGENT_MESSAGE"']
+
+
+def _blueprint(name: str, **runtime: object) -> dict:
+    return {
+        "name": name,
+        "version": "1.0.0",
+        "runtime": {"kind": "command", "command": ["sleep", "infinity"], **runtime},
+        "image": {"name": "localhost/appliance-base", "digest": recipe_digest()},
+        "sandbox": {"base": "default"},
+        "budgets": {"daily_tokens": 1000},
+    }
+
+
+@pytest.fixture(scope="module")
+def plane() -> Iterator[dict[str, str]]:
+    if (why := sandbox_skip_reason()) is not None:
+        pytest.skip(why)
+    ensure_base_image()
+    root = Path(tempfile.mkdtemp(prefix="aa-"))  # short: unix socket paths live under it
+    root.chmod(0o755)
+    catalog = root / "bp"
+    for name, runtime in (("echoer", {"turn": TURN}), ("quiet", {})):
+        path = catalog / name / "1.0.0" / "blueprint.yaml"
+        path.parent.mkdir(parents=True)
+        path.write_text(yaml.safe_dump(_blueprint(name, **runtime)))
+    env = cli_env(root / "s", root, APPLIANCE_BLUEPRINTS__DIRS=json.dumps([str(catalog)]))
+    try:
+        with running_control_plane(env, root / "s"):
+            yield env
+            for row in _client(env).get("/agents").json():
+                _client(env).delete(f"/agents/{row['name']}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _client(env: dict[str, str]) -> httpx.Client:
+    socket = control_socket(Path(env["APPLIANCE_STATE_DIR"]))
+    return httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(socket)),
+        base_url="http://control/api/v1",
+        timeout=300,
+    )
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([APPLIANCE, *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def _audit(env: dict[str, str], agent: str) -> list[dict]:
+    state = Path(env["APPLIANCE_STATE_DIR"])
+    return [r for r in records(audit_path(state)) if r.get("agent") == agent]
+
+
+def test_parallel_creates_of_one_name_make_one_agent(plane: dict[str, str]) -> None:
+    name = f"race-{os.getpid()}"
+
+    def create(_: int) -> httpx.Response:
+        with _client(plane) as client:
+            return client.post("/agents", json={"name": name, "blueprint": "quiet@1.0.0"})
+
+    with ThreadPoolExecutor(5) as pool:
+        responses = list(pool.map(create, range(5)))
+
+    assert sorted(r.status_code for r in responses) == [201, 409, 409, 409, 409]
+    [made] = [r.json() for r in responses if r.status_code == 201]
+    assert made["blueprint"] == "quiet@1.0.0" and made["name"] == name
+    assert made["enforcement"]["landlock"]["enforced"] is True
+    for refused in (r.json()["error"] for r in responses if r.status_code == 409):
+        assert refused["type"] == "conflict" and f"{name!r} exists" in refused["message"]
+        assert refused["hint"] == f"`appliance agent rm {name}` first"
+    with _client(plane) as client:
+        assert [a["name"] for a in client.get("/agents").json()].count(name) == 1
+        assert [s["name"] for s in client.get("/sandboxes").json()].count(name) == 1
+    [deployed] = [r for r in _audit(plane, name) if r["event"] == "agent.deploy"]
+    assert deployed["actor"] == f"uid:{os.geteuid()}" and deployed["actor_kind"] == "unix"
+
+    # The CLI gets the same conflict as its exit code (10), in one line.
+    again = _cli(plane, "agent", "create", name, "--blueprint", "quiet@1.0.0")
+    assert again.returncode == 10, again.stderr
+    assert "appliance: error: " in again.stderr and "Traceback" not in again.stderr
+
+
+def test_a_turn_through_the_api_and_the_cli(plane: dict[str, str]) -> None:
+    name = f"turns-{os.getpid()}"
+    with _client(plane) as client:
+        assert client.post("/agents", json={"name": name, "blueprint": "echoer"}).status_code == 201
+        message = "hello; $(id) `id` --json"
+        turn = client.post(f"/agents/{name}/turns", json={"message": message, "session": "s-1"})
+        assert turn.status_code == 200, turn.text
+        result = turn.json()
+        assert result["ok"] is True and result["exit_code"] == 0
+        assert result["reply"] == f"s-1|{message}"  # as sent: no shell saw it
+        assert result["session"] == "s-1" and result["raw"] is None
+
+        bad = client.post(f"/agents/{name}/turns", json={"message": "x", "session": "../etc"})
+        assert bad.status_code == 422 and bad.json()["error"]["type"] == "config_error"
+        missing = client.post("/agents/nosuch/turns", json={"message": "x"})
+        assert missing.status_code == 404 and missing.json()["error"]["hint"]
+
+    # The CLI: a new session each run unless named; the reply printed, or the whole record.
+    out = _cli(plane, "agent", "run", name, "second", "--json")
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    assert record["reply"].endswith("|second") and record["session"].startswith("run-")
+    assert "stderr_tail" not in record  # `--json` prints what it printed before the API
+    plain = _cli(plane, "agent", "run", name, "third", "--session", "s-1")
+    assert plain.returncode == 0 and plain.stdout == "s-1|third\n"
+
+    transcript = _cli(plane, "agent", "transcript", name, "--json")
+    assert [t["message"] for t in json.loads(transcript.stdout)] == [message, "second", "third"]
+    turns = [r for r in _audit(plane, name) if r["event"] == "agent.turn"]
+    assert len(turns) == 3 and all(r["actor_kind"] == "unix" for r in turns)
+
+
+def test_a_runtime_without_turns_says_so(plane: dict[str, str]) -> None:
+    name = f"noturn-{os.getpid()}"
+    assert _cli(plane, "agent", "create", name, "--blueprint", "quiet").returncode == 0
+    out = _cli(plane, "agent", "run", name, "hello")
+    assert out.returncode != 0 and "takes no turns" in out.stderr
+    assert "hint: `appliance sandbox exec" in out.stderr
+
+
+def test_stop_start_and_rm_through_the_cli(plane: dict[str, str]) -> None:
+    name = f"life-{os.getpid()}"
+    assert _cli(plane, "agent", "create", name, "--blueprint", "quiet").returncode == 0
+    stopped = _cli(plane, "agent", "stop", name, "--json")
+    assert stopped.returncode == 0 and json.loads(stopped.stdout)["state"] == "stopped"
+    started = _cli(plane, "agent", "start", name, "--json")
+    assert started.returncode == 0 and json.loads(started.stdout)["state"] == "running"
+    listed = json.loads(_cli(plane, "agent", "list", "--json").stdout)
+    assert [r["state"] for r in listed if r["name"] == name] == ["running"]
+
+    assert _cli(plane, "agent", "rm", name).returncode == 0
+    gone = _cli(plane, "agent", "rm", name)
+    assert gone.returncode == 5 and "no agent named" in gone.stderr  # NotFound: exit 5
+    events = [r["event"] for r in _audit(plane, name)]
+    assert events == ["agent.deploy", "agent.stop", "agent.start", "agent.rm"]
+
+
+def test_a_blueprint_file_is_sent_as_an_absolute_path(
+    plane: dict[str, str], tmp_path: Path
+) -> None:
+    """`--blueprint ./x.yaml` means the operator's working directory, not the control plane's."""
+    name = f"file-{os.getpid()}"
+    here = Path(tempfile.mkdtemp(prefix="aa-cwd-"))
+    (here / "mine.yaml").write_text(yaml.safe_dump(_blueprint("mine")))
+    try:
+        made = subprocess.run(
+            [APPLIANCE, "agent", "create", name, "--blueprint", "./mine.yaml", "--json"],
+            env=plane, cwd=here, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        assert json.loads(made.stdout)["blueprint"] == "mine@1.0.0"
+        with _client(plane) as client:
+            relative = client.post("/agents", json={"name": "rel", "blueprint": "./mine.yaml"})
+        assert relative.status_code == 422 and "relative" in relative.json()["error"]["message"]
+    finally:
+        _cli(plane, "agent", "rm", name)
+        shutil.rmtree(here, ignore_errors=True)
+
+
+def test_mutating_agent_commands_need_the_control_plane(tmp_path: Path) -> None:
+    """Nothing answers on the socket: one line, exit 7, hint `appliance up` (no Podman needed)."""
+    env = cli_env(tmp_path / "s", tmp_path)
+    for argv in (
+        ["agent", "create", "x", "--blueprint", "shell"],
+        ["agent", "run", "x", "hi"],
+        ["agent", "rm", "x"],
+        ["blueprint", "rollback", "x"],
+    ):
+        out = _cli(env, *argv)
+        assert out.returncode == 7, (argv, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert lines[0].startswith("appliance: error: the control plane is not running"), argv
+        assert "appliance up" in out.stderr and "Traceback" not in out.stderr

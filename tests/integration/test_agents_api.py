@@ -58,6 +58,9 @@ def plane() -> Iterator[dict[str, str]]:
         path = catalog / name / "1.0.0" / "blueprint.yaml"
         path.parent.mkdir(parents=True)
         path.write_text(yaml.safe_dump(_blueprint(name, **runtime)))
+    newer = _blueprint("quiet") | {"version": "1.1.0", "budgets": {"daily_tokens": 2000}}
+    (catalog / "quiet" / "1.1.0").mkdir()
+    (catalog / "quiet" / "1.1.0" / "blueprint.yaml").write_text(yaml.safe_dump(newer))
     env = cli_env(root / "s", root, APPLIANCE_BLUEPRINTS__DIRS=json.dumps([str(catalog)]))
     try:
         with running_control_plane(env, root / "s"):
@@ -170,6 +173,30 @@ def test_stop_start_and_rm_through_the_cli(plane: dict[str, str]) -> None:
     assert gone.returncode == 5 and "no agent named" in gone.stderr  # NotFound: exit 5
     events = [r["event"] for r in _audit(plane, name)]
     assert events == ["agent.deploy", "agent.stop", "agent.start", "agent.rm"]
+
+
+def test_upgrade_and_rollback_through_the_cli(plane: dict[str, str]) -> None:
+    name = f"upg-{os.getpid()}"
+    assert _cli(plane, "agent", "create", name, "--blueprint", "quiet@1.0.0").returncode == 0
+    up = _cli(plane, "blueprint", "upgrade", name, "--to", "1.1.0")  # a bare version: quiet's
+    assert up.returncode == 0 and up.stdout == f"{name} now runs quiet@1.1.0\n", up.stderr
+    same = _cli(plane, "blueprint", "upgrade", name, "--to", "1.1.0")
+    assert same.returncode == 1 and "already runs quiet@1.1.0" in same.stderr
+    back = _cli(plane, "blueprint", "rollback", name)
+    assert back.returncode == 0 and back.stdout == f"{name} is back on quiet@1.0.0\n", back.stderr
+    listed = json.loads(_cli(plane, "agent", "list", "--json").stdout)
+    [row] = [r for r in listed if r["name"] == name]
+    assert row["blueprint"] == "quiet@1.0.0" and row["daily_budget"] == 1000
+    logs = _cli(plane, "agent", "logs", name)
+    assert logs.returncode == 0, logs.stderr
+    deploys = [r for r in _audit(plane, name) if r["event"] == "agent.deploy"]
+    assert [r["reason"] for r in deploys] == [
+        "created",
+        "upgrade from quiet@1.0.0",
+        "rollback from quiet@1.1.0",
+    ]
+    assert all(r["actor_kind"] == "unix" for r in deploys)
+    assert _cli(plane, "agent", "rm", name).returncode == 0
 
 
 def test_a_blueprint_file_is_sent_as_an_absolute_path(

@@ -30,6 +30,8 @@ _ERRORS: dict[str, type[e.ApplianceError]] = {
 }
 
 DEFAULT_TIMEOUT_S = 60.0
+CREATE_TIMEOUT_S = 300.0  # a create may wait for another call on its name (an agent's upgrade)
+EXEC_TIMEOUT_S = 660.0  # the control plane stops an exec'd command after 600 s
 LONG_TIMEOUT_S = 3600.0  # an agent create, upgrade or turn (see the agents block)
 
 
@@ -56,6 +58,11 @@ class ControlClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except (httpx.ConnectError, FileNotFoundError) as exc:
+            if _denied(exc):  # it runs; this user may not connect (0660, appliance-admin)
+                raise e.AuthError(
+                    f"permission denied on {self.socket}",
+                    hint="run it as root or a member of the appliance-admin group",
+                ) from exc
             raise e.ControlPlaneDown(
                 f"the control plane is not running (nothing answers on {self.socket})"
             ) from exc
@@ -97,7 +104,7 @@ class ControlClient:
         image: str | None = None,
     ) -> dict[str, Any]:
         body = {"name": name, "policy": policy, "source": source, "command": command}
-        return self.post("/sandboxes", body | {"image": image})
+        return self.post("/sandboxes", body | {"image": image}, timeout=CREATE_TIMEOUT_S)
 
     def sandbox_policy(self, name: str) -> dict[str, Any]:
         return self.get(f"/sandboxes/{_seg(name)}/policy")
@@ -124,7 +131,7 @@ class ControlClient:
     def sandbox_exec(self, name: str, argv: list[str], stdin: bytes) -> tuple[int, bytes, bytes]:
         """(exit code, stdout, stderr): stdin sent whole, output returned whole (not a stream)."""
         body = {"argv": argv, "stdin": base64.b64encode(stdin).decode()}
-        out = self.post(f"/sandboxes/{_seg(name)}/exec", body)
+        out = self.post(f"/sandboxes/{_seg(name)}/exec", body, timeout=EXEC_TIMEOUT_S)
         decode = base64.b64decode
         return int(out["exit_code"]), decode(out["stdout"]), decode(out["stderr"])
 
@@ -234,6 +241,18 @@ class ControlClient:
 
     def agent_transcript(self, name: str) -> list[dict[str, Any]]:
         return self.get(f"/agents/{_seg(name)}/transcript")
+
+
+def _denied(exc: BaseException) -> bool:
+    """Whether the connect failed for want of permission (EACCES somewhere in the chain)."""
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and link not in chain:  # a chain may loop back on itself
+        if isinstance(link, PermissionError):
+            return True
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    return False
 
 
 def _seg(value: str) -> str:

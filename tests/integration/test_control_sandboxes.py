@@ -409,3 +409,15 @@ def test_control_plane_sigkill_and_restart_recovers_everything(plane: Plane, hol
     assert proxy_pids(holder, plane.state) == proxies[holder]  # untouched: the same process
     assert proxy_pids(spare, plane.state) != proxies[spare]
     plane.cli("sandbox", "rm", spare)
+
+
+def test_a_user_who_may_not_connect_is_told_so_not_that_it_is_down(plane: Plane) -> None:
+    # The socket is 0660 root:appliance-admin (or root's alone) under a private state dir.
+    # Config layers this user can look for (and not find); the state dir stays the plane's.
+    env = {**plane.env, "HOME": "/", "XDG_CONFIG_HOME": "/nonexistent"}
+    env["APPLIANCE_SYSTEM_CONFIG"] = "/nonexistent/config.yaml"
+    proc = run_cli("sandbox", "list", env=env, user=65534)
+    assert proc.returncode == 8, proc.stderr  # AuthError, not ControlPlaneDown's 7
+    first, hint = proc.stderr.splitlines()[:2]
+    assert first == f"appliance: error: permission denied on {plane.socket}", first
+    assert hint == "  hint: run it as root or a member of the appliance-admin group"

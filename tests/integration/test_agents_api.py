@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,7 +55,8 @@ def plane() -> Iterator[dict[str, str]]:
     root = Path(tempfile.mkdtemp(prefix="aa-"))  # short: unix socket paths live under it
     root.chmod(0o755)
     catalog = root / "bp"
-    for name, runtime in (("echoer", {"turn": TURN}), ("quiet", {})):
+    slow = {"turn": ["sh", "-c", "sleep 20; echo late"]}
+    for name, runtime in (("echoer", {"turn": TURN}), ("quiet", {}), ("slow", slow)):
         path = catalog / name / "1.0.0" / "blueprint.yaml"
         path.parent.mkdir(parents=True)
         path.write_text(yaml.safe_dump(_blueprint(name, **runtime)))
@@ -148,6 +150,28 @@ def test_a_turn_through_the_api_and_the_cli(plane: dict[str, str]) -> None:
     assert [t["message"] for t in json.loads(transcript.stdout)] == [message, "second", "third"]
     turns = [r for r in _audit(plane, name) if r["event"] == "agent.turn"]
     assert len(turns) == 3 and all(r["actor_kind"] == "unix" for r in turns)
+
+
+def test_a_long_turn_does_not_hold_up_stop(plane: dict[str, str]) -> None:
+    """A turn takes no lock: `agent stop` (or the kill switch) acts at once and the turn it cut
+    off is not reported as answered."""
+    name = f"slow-{os.getpid()}"
+    with _client(plane) as client:
+        assert client.post("/agents", json={"name": name, "blueprint": "slow"}).status_code == 201
+    with ThreadPoolExecutor(1) as pool:
+        turn = pool.submit(
+            lambda: _client(plane).post(f"/agents/{name}/turns", json={"message": "x"})
+        )
+        time.sleep(2)  # the turn's `sleep 20` is running in the sandbox
+        t0 = time.monotonic()
+        stopped = _cli(plane, "agent", "stop", name, "--json")
+        stop_s = time.monotonic() - t0
+        assert stopped.returncode == 0, stopped.stderr
+        answer = turn.result(timeout=60)
+    assert stop_s < 15, stop_s  # not the 18 s the turn had left: stop did not wait for it
+    assert answer.status_code == 200 and answer.json()["ok"] is False, answer.text
+    assert answer.json()["reply"] != "late"  # cut off, not answered
+    assert _cli(plane, "agent", "rm", name).returncode == 0
 
 
 def test_a_runtime_without_turns_says_so(plane: dict[str, str]) -> None:

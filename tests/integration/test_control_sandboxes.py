@@ -421,3 +421,30 @@ def test_a_user_who_may_not_connect_is_told_so_not_that_it_is_down(plane: Plane)
     first, hint = proc.stderr.splitlines()[:2]
     assert first == f"appliance: error: permission denied on {plane.socket}", first
     assert hint == "  hint: run it as root or a member of the appliance-admin group"
+
+
+def test_kill_hold_and_release_through_the_control_plane(plane: Plane) -> None:
+    name = f"cs-kill-{os.getpid()}"
+    plane.create(name)
+    try:
+        out = plane.cli("kill", name, "--hold")
+        assert out.stdout.strip() == f"stopped: {name} · hold on"
+        assert plane.states()[name] == "stopped" and not proxy_pids(name, plane.state)
+        refused = plane.cli("sandbox", "start", name, ok=False)
+        assert refused.returncode == CONFLICT_EXIT, refused.stderr
+        assert "held by the kill switch" in refused.stderr
+        unknown = plane.cli("kill", "no-such-box", ok=False)
+        assert unknown.returncode == 1 and "no-such-box: no such sandbox" in unknown.stderr
+        assert plane.cli("kill", ok=False).returncode == 2  # nothing named, no --all: usage
+        assert plane.cli("release").stdout.strip() == "hold released"
+        plane.cli("sandbox", "start", name)
+        assert plane.states()[name] == "running" and len(proxy_pids(name, plane.state)) == 1
+        audit = plane.state / "audit" / "audit.jsonl"
+        events = [json.loads(line) for line in audit.read_text().splitlines() if line]
+        kills = [e for e in events if e.get("event") == "control.kill"]
+        assert kills[0]["sandboxes"] == [name] and kills[0]["hold"] is True
+        assert kills[0]["actor_kind"] == "unix" and kills[0]["actor"] == f"uid:{os.geteuid()}"
+        assert [e for e in events if e.get("event") == "release" and e.get("actor_kind") == "unix"]
+    finally:
+        plane.cli("release", ok=False)
+        plane.cli("sandbox", "rm", name)

@@ -50,9 +50,14 @@ def _named(name: str) -> str:
 def _policy_text(path: Path) -> str:
     """The file's text, parsed here first: a bad file fails with FILE:LINE before anything is
     sent (the control plane parses it again; it trusts no client)."""
-    from sandbox.lifecycle.manager import read_policy_file
+    from appliance.errors import ConfigError
+    from sandbox.policy import load_policy  # the policy model only: not the lifecycle, not podman
+    from sandbox.yamlfile import YamlError
 
-    read_policy_file(path)
+    try:
+        load_policy(path)
+    except YamlError as exc:
+        raise ConfigError(str(exc), hint="fix the policy file at the line named") from None
     return path.read_text(encoding="utf-8")
 
 

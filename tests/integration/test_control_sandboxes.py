@@ -350,6 +350,36 @@ def test_hostile_input_through_the_api_is_422_and_makes_nothing(plane: Plane) ->
         assert not proxy_pids(name, plane.state)
 
 
+def test_hostile_input_on_an_existing_sandbox_changes_nothing(plane: Plane, holder: str) -> None:
+    with plane.api() as api:
+        before = api.get(f"/sandboxes/{holder}/policy").json()
+        bad = api.put(
+            f"/sandboxes/{holder}/policy",
+            json={"policy": "version: 1\nnetwork: [\n", "source": "n.yaml"},
+        )
+        assert bad.status_code == 422 and bad.json()["error"]["message"].startswith("n.yaml:3")
+        static = yaml.safe_load((POLICIES / "default.yaml").read_text())
+        static["process"]["uid"] = 1234  # the static part is fixed at creation
+        changed = api.put(
+            f"/sandboxes/{holder}/policy", json={"policy": yaml.safe_dump(static), "source": "s"}
+        )
+        assert changed.status_code == 400, changed.text
+        assert "only `network` can change" in changed.json()["error"]["message"]
+        assert api.get(f"/sandboxes/{holder}/policy").json() == before
+        not_b64 = api.post(f"/sandboxes/{holder}/exec", json={"argv": ["true"], "stdin": "%%"})
+        assert not_b64.status_code == 422 and "not base64" in not_b64.json()["error"]["message"]
+        assert api.post(f"/sandboxes/{holder}/exec", json={"argv": []}).status_code == 422
+        for approval in ("..%2F..%2Fx", "ABCD", "f" * 65, "%2E%2E"):
+            r = api.post(f"/approvals/{approval}/approve", json={})
+            assert r.status_code == 404 and r.json()["error"]["type"] == "not_found", approval
+        assert api.get("/sandboxes/%2E%2E").status_code == 404
+        dots = api.delete("/sandboxes/%2E%2E")
+        assert dots.status_code == 422 and "invalid sandbox name" in dots.json()["error"]["message"]
+        assert api.post("/kill", json={"names": "not-a-list"}).status_code == 422
+    assert plane.states()[holder] == "running"
+    assert len(plane.wait_pending(holder, 2)) >= 2  # its held requests are still there
+
+
 def test_the_sandbox_never_reaches_the_control_plane(plane: Plane) -> None:
     # On the host both ways in answer: the probes below can succeed where they are allowed.
     with socket.create_connection(("127.0.0.1", plane.port), timeout=5) as s:

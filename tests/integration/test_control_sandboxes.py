@@ -7,43 +7,31 @@ control`, a subprocess) with real rootless Podman sandboxes and their egress pro
 - the control plane killed with SIGKILL and started again: the same sandboxes, one live proxy
   each (a proxy that died meanwhile is restarted by the reconciler at start), the same pending
   approvals;
-- the sandbox never reaches the control plane: its socket is not in the sandbox's mount
-  namespace, its port is closed from the sandbox's network namespace, and the egress proxy
-  refuses both, each probe with its specific refusal (and the same probes succeed on the host);
-- hostile input through the API: bad names, policy errors -> 422 naming file:line, nothing made.
+- hostile input through the API: bad names, policy errors -> 422 naming file:line, nothing made;
+- the kill switch and `serve sandboxes` through it.
+test_control_isolation.py: the sandbox never reaches the control plane.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
 
-from tests.control_fixtures import control_socket, running_control_plane
-from tests.helpers import cli_env, free_port
+from tests.integration.control_lab import CONFLICT_EXIT, POLICIES, Plane, started_plane
 from tests.sandbox_fixtures import (
     APPLIANCE,
-    ensure_base_image,
-    force_remove_container,
-    kill_proxies,
     podman_client,
     proxy_pids,
-    run_cli,
     sandbox_skip_reason,
     service_home,
 )
@@ -53,166 +41,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 if (_why := sandbox_skip_reason()) is not None:
     pytest.skip(_why, allow_module_level=True)
 
-POLICIES = Path(__file__).resolve().parents[2] / "sandbox" / "policies"
-HOLD_SECONDS = 600  # held requests must outlive the whole module
-CONFLICT_EXIT = 10
-
-# The agent: holds one request per host named on its command line through the in-sandbox proxy
-# port (each stays pending until an operator decides), then idles.
-AGENT = r"""
-import http.client, sys, threading, time
-def fetch(host):
-    try:
-        c = http.client.HTTPConnection("127.0.0.1", 3128, timeout=900)
-        c.request("GET", f"http://{host}/")
-        print("DONE", host, c.getresponse().status, flush=True)
-    except Exception as exc:
-        print("DONE", host, repr(exc), flush=True)
-for host in sys.argv[1:]:
-    threading.Thread(target=fetch, args=(host,), daemon=True).start()
-print("AGENT READY", flush=True)
-time.sleep(10**6)
-"""
-
-# Run inside the sandbox (as the agent): each probe prints one JSON line with what happened.
-PROBE = r"""
-import json, os, socket, sys
-sock_path, port = sys.argv[1], int(sys.argv[2])
-out = {}
-state_dir = os.path.dirname(os.path.dirname(sock_path))
-for what, path in (("socket", sock_path), ("state_dir", state_dir), ("home", "/home/agent")):
-    try:
-        os.stat(path)
-        out[what] = "exists"
-    except OSError as exc:
-        out[what] = type(exc).__name__
-try:
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(5)
-    s.connect(sock_path)
-    out["unix"] = "connected"
-except OSError as exc:
-    out["unix"] = type(exc).__name__
-try:
-    socket.create_connection(("127.0.0.1", port), timeout=5).close(); out["port"] = "connected"
-except OSError as exc:
-    out["port"] = type(exc).__name__
-def via_proxy(raw):
-    s = socket.create_connection(("127.0.0.1", 3128), timeout=30)
-    s.sendall(raw)
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-        if b"\r\n\r\n" in data and len(data) > 4096:
-            break
-    s.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return {"status": int(head.split()[1]), "body": body.decode(errors="replace")[:300]}
-hp = f"localhost:{port}"
-get = f"GET http://{hp}/api/v1/status HTTP/1.1\r\nHost: {hp}\r\n\r\n"
-out["proxy_get"] = via_proxy(get.encode())
-out["proxy_connect"] = via_proxy(f"CONNECT {hp} HTTP/1.1\r\nHost: {hp}\r\n\r\n".encode())
-target = "http+unix://" + sock_path.replace("/", "%2F") + "/api/v1/status"
-out["proxy_unix"] = via_proxy(f"GET {target} HTTP/1.1\r\nHost: control\r\n\r\n".encode())
-print(json.dumps(out))
-"""
-
-
-@dataclass
-class Plane:
-    """A control plane on a short private state dir (unix socket paths must stay <= 107 B)."""
-
-    scratch: Path
-    env: dict[str, str]
-    port: int
-    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
-    proc: subprocess.Popen | None = None
-    created: set[str] = field(default_factory=set)
-
-    @property
-    def state(self) -> Path:
-        return self.scratch / "s"
-
-    @property
-    def socket(self) -> Path:
-        return control_socket(self.state)
-
-    def start(self) -> None:
-        self.proc = self.stack.enter_context(running_control_plane(self.env, self.state))
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def cli(self, *args: str, ok: bool = True, timeout: float = 180):
-        proc = run_cli(*args, env=self.env, timeout=timeout)
-        if ok:
-            assert proc.returncode == 0, f"appliance {' '.join(args)}: {proc.stderr}"
-        assert "Traceback" not in proc.stderr, proc.stderr
-        return proc
-
-    def api(self) -> httpx.Client:
-        return httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(self.socket)),
-            base_url="http://control/api/v1",
-            timeout=180,
-        )
-
-    def policy_file(self, name: str, **network: Any) -> Path:
-        policy = yaml.safe_load((POLICIES / "default.yaml").read_text())
-        policy["network"]["approval"] = {"mode": "hold", "hold_seconds": HOLD_SECONDS}
-        policy["network"].update(network)
-        path = self.scratch / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(policy, sort_keys=False))
-        return path
-
-    def create(self, name: str, *agent_args: str, policy: Path | None = None) -> None:
-        self.created.add(name)
-        command = ["--", "python3", "-I", "-c", AGENT, *agent_args] if agent_args else []
-        policy = policy or self.policy_file(name)
-        self.cli("sandbox", "create", name, "--policy", str(policy), *command)
-
-    def states(self) -> dict[str, str]:
-        rows = json.loads(self.cli("sandbox", "list", "--json").stdout)
-        return {r["name"]: r["state"] for r in rows}
-
-    def pending(self) -> list[dict[str, Any]]:
-        return json.loads(self.cli("approvals", "list", "--json").stdout)
-
-    def wait_pending(self, box: str, count: int, timeout: float = 60) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            mine = [p for p in self.pending() if p["sandbox"] == box]
-            if len(mine) >= count:
-                return mine
-            time.sleep(0.3)
-        raise AssertionError(f"{box}: fewer than {count} pending approvals after {timeout} s")
-
 
 @pytest.fixture(scope="module")
 def plane() -> Iterator[Plane]:
-    ensure_base_image()
-    scratch = Path(tempfile.mkdtemp(prefix="cs-"))
-    env = cli_env(scratch / "s", scratch)
-    port = free_port()
-    env["APPLIANCE_CONTROL__PORT"] = str(port)  # on, on a free port: the probes try it
-    p = Plane(scratch=scratch, env=env, port=port)
-    try:
-        p.start()
+    with started_plane("cs-") as p:
         yield p
-    finally:
-        if p.proc is not None and p.proc.poll() is None:
-            for name in sorted(p.created):
-                run_cli("sandbox", "rm", name, env=env)
-        p.stack.close()
-        for name in sorted(p.created):
-            force_remove_container(name)
-            kill_proxies(name, p.state)
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -380,39 +213,6 @@ def test_hostile_input_on_an_existing_sandbox_changes_nothing(plane: Plane, hold
     assert len(plane.wait_pending(holder, 2)) >= 2  # its held requests are still there
 
 
-def test_the_sandbox_never_reaches_the_control_plane(plane: Plane) -> None:
-    # On the host both ways in answer: the probes below can succeed where they are allowed.
-    with socket.create_connection(("127.0.0.1", plane.port), timeout=5) as s:
-        s.sendall(b"GET /api/v1/status HTTP/1.0\r\n\r\n")
-        assert s.recv(12).startswith(b"HTTP/1.1 401")  # the port wants an operator token
-    assert plane.socket.is_socket()
-
-    name = f"cs-probe-{os.getpid()}"
-    # Even a rule allowing localhost on the control port does not open it.
-    plane.create(
-        name, policy=plane.policy_file(name, allow=[{"host": "localhost", "ports": [plane.port]}])
-    )
-    try:
-        proc = plane.cli(
-            "sandbox", "exec", name, "--", "python3", "-I", "-c", PROBE,
-            str(plane.socket), str(plane.port),
-        )  # fmt: skip
-        out = json.loads(proc.stdout)
-        assert out["home"] == "exists"  # the stat probe works where there is something
-        assert out["socket"] == "FileNotFoundError" and out["state_dir"] == "FileNotFoundError"
-        assert out["unix"] == "FileNotFoundError"
-        # its own network namespace, and its confinement lets it connect to the proxy port
-        # only (EACCES: the probes through the proxy below do connect)
-        assert out["port"] == "PermissionError"
-        for probe in ("proxy_get", "proxy_connect"):
-            assert out[probe]["status"] == 403, out
-            assert "localhost resolves to a private or reserved address" in out[probe]["body"]
-        assert out["proxy_unix"]["status"] == 400, out
-        assert out["proxy_unix"]["body"] == "a proxy takes CONNECT or an absolute http:// URL\n"
-    finally:
-        plane.cli("sandbox", "rm", name)
-
-
 def test_control_plane_sigkill_and_restart_recovers_everything(plane: Plane, holder: str) -> None:
     spare = f"cs-spare-{os.getpid()}"
     plane.create(spare)
@@ -441,18 +241,6 @@ def test_control_plane_sigkill_and_restart_recovers_everything(plane: Plane, hol
     plane.cli("sandbox", "rm", spare)
 
 
-def test_a_user_who_may_not_connect_is_told_so_not_that_it_is_down(plane: Plane) -> None:
-    # The socket is 0660 root:appliance-admin (or root's alone) under a private state dir.
-    # Config layers this user can look for (and not find); the state dir stays the plane's.
-    env = {**plane.env, "HOME": "/", "XDG_CONFIG_HOME": "/nonexistent"}
-    env["APPLIANCE_SYSTEM_CONFIG"] = "/nonexistent/config.yaml"
-    proc = run_cli("sandbox", "list", env=env, user=65534)
-    assert proc.returncode == 8, proc.stderr  # AuthError, not ControlPlaneDown's 7
-    first, hint = proc.stderr.splitlines()[:2]
-    assert first == f"appliance: error: permission denied on {plane.socket}", first
-    assert hint == "  hint: run it as root or a member of the appliance-admin group"
-
-
 def test_kill_hold_and_release_through_the_control_plane(plane: Plane) -> None:
     name = f"cs-kill-{os.getpid()}"
     plane.create(name)
@@ -478,3 +266,25 @@ def test_kill_hold_and_release_through_the_control_plane(plane: Plane) -> None:
     finally:
         plane.cli("release", ok=False)
         plane.cli("sandbox", "rm", name)
+
+
+def test_serve_sandboxes_only_asks_the_control_plane(plane: Plane) -> None:
+    audit = plane.state / "audit" / "audit.jsonl"
+
+    def asked() -> int:
+        lines = audit.read_text().splitlines() if audit.exists() else []
+        return sum(json.loads(line).get("event") == "control.sandbox.reconcile" for line in lines)
+
+    before = asked()
+    proc = subprocess.Popen(
+        [APPLIANCE, "serve", "sandboxes"], env=plane.env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while asked() == before:  # its first round, at once: through the API, audited with who
+            assert proc.poll() is None and time.monotonic() < deadline, "never asked"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and "Traceback" not in err, err

@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.config import ApplianceConfig
-from appliance.errors import OPERATOR_ERRORS, ConfigError, ControlPlaneDown
+from appliance.errors import OPERATOR_ERRORS, AuthError, ConfigError, ControlPlaneDown
 from inference.ports import ControlPlaneHooks, KeyRecord
 from sandbox.names import SANDBOX_KEY_PREFIX  # SandboxManager._new_key names sandbox keys so
 
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from appliance.control.plane import ControlPlane
 
 log = logging.getLogger(__name__)
+
+ASK_TIMEOUT_S = 15.0  # the switch itself takes < 5 s; past this the control plane is hung
 
 
 class KillSwitch(Protocol):
@@ -104,21 +106,30 @@ def manager_opener(config: ApplianceConfig) -> OpenManager:
 
 
 class ControlPlaneKill:
-    """A KillSwitch that asks the control plane, and fails closed: with no control plane
-    answering, it stops the sandboxes itself (`direct`), so a budget never fails open."""
+    """A KillSwitch that asks the control plane, and fails closed: when the control plane cannot
+    be asked (not running, this user may not connect, or it does not answer in time), it stops
+    the sandboxes itself (`direct`), so a budget never fails open. An answer, even an error
+    (no such sandbox), is the control plane's: nothing is done twice."""
 
-    def __init__(self, config: ApplianceConfig, direct: OpenManager) -> None:
+    def __init__(
+        self, config: ApplianceConfig, direct: OpenManager, timeout: float = ASK_TIMEOUT_S
+    ) -> None:
         self.config = config
         self.direct = direct
+        self.timeout = timeout
 
     def kill(self, names: list[str], hold: bool, reason: str) -> list[str]:
+        import httpx
+
         from appliance.control.client import ControlClient
 
         try:
-            with ControlClient(self.config) as client:
+            with ControlClient(self.config, timeout=self.timeout) as client:
                 return client.kill(names=names, hold=hold, reason=reason)["stopped"]
-        except ControlPlaneDown:
-            log.warning("no control plane answers: stopping %s directly (fail closed)", names)
+        except (ControlPlaneDown, AuthError, httpx.TransportError) as exc:
+            log.warning(
+                "control plane not asked (%s): stopping %s directly (fail closed)", exc, names
+            )
         with self.direct() as manager:
             return manager.kill(names, hold, reason)
 

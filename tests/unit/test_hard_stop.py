@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,8 +13,8 @@ from typing import Any
 import pytest
 
 from appliance.config import ApplianceConfig
-from appliance.errors import NotFoundError
 from appliance.control.killswitch import control_plane_hooks, kill_hook, sandbox_for_key
+from appliance.errors import NotFoundError
 from appliance.store.inference_store import InferenceStore
 from inference.ports import KeyRecord
 
@@ -114,3 +117,53 @@ def test_expected_failures_log_one_line(caplog: pytest.LogCaptureFixture) -> Non
     kill_hook(fake.open)(key("sandbox-demo"))
     (record,) = caplog.records
     assert record.exc_info is None and "no sandbox named 'demo'" in record.getMessage()
+
+
+def _listening(path: Path) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(4)
+    return sock
+
+
+def test_a_hung_control_plane_fails_closed(tmp_path: Path) -> None:
+    """Its socket accepts and never answers: after the timeout the hook stops it directly."""
+    from appliance.control.killswitch import ControlPlaneKill
+    from appliance.control.plane import socket_path
+
+    config = ApplianceConfig(state_dir=tmp_path / "state")
+    direct = FakeManager()
+    with _listening(socket_path(config)):
+        started = time.monotonic()
+        stopped = ControlPlaneKill(config, direct.open, timeout=0.5).kill(["demo"], False, "r")
+    assert stopped == ["demo"] and direct.calls == [(["demo"], False, "r")]
+    assert time.monotonic() - started < 5
+
+
+def test_a_control_plane_that_answers_is_not_second_guessed(tmp_path: Path) -> None:
+    """An error answer (no such sandbox) is the control plane's word: no direct kill after it."""
+    from appliance.control.killswitch import ControlPlaneKill
+    from appliance.control.plane import socket_path
+    from appliance.errors import ApplianceError
+
+    config = ApplianceConfig(state_dir=tmp_path / "state")
+    direct = FakeManager()
+    body = b'{"error": {"message": "no such sandbox", "type": "invalid_request"}}'
+    answer = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+    answer += b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+
+    with _listening(socket_path(config)) as listener:
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        with pytest.raises(ApplianceError, match="no such sandbox"):
+            ControlPlaneKill(config, direct.open, timeout=5).kill(["demo"], False, "r")
+        server.join(5)
+    assert direct.calls == [] and direct.opened == 0

@@ -155,7 +155,22 @@ class SandboxService:
                 )
             record = m.create(name, policy, command or None, image)
             self._audit(m, "control.sandbox.create", who, sandbox=name)
+            self._refuse_if_held_meanwhile(m, name)
             return {"name": record.name, "state": record.state, "enforcement": m.enforcement(name)}
+
+    @staticmethod
+    def _refuse_if_held_meanwhile(m: SandboxManager, name: str) -> None:
+        """The kill switch takes no name lock (it must finish within 5 s): pulled with --hold
+        while this sandbox was being created or started, it may have found nothing to stop yet.
+        Held now: stop what was just started, and say so (fail closed)."""
+        held = m.boxes.held()
+        if held is None:
+            return
+        m.kill([name], False, reason=f"the kill switch held while it started: {held}")
+        raise ConflictError(
+            f"sandbox {name!r} was stopped as it started: the kill switch holds ({held})",
+            hint="`appliance release` lifts the hold; then `appliance sandbox start`",
+        )
 
     def set_policy(self, who: Principal, name: str, policy_text: str, source: str) -> int:
         policy = policy_from_text(policy_text, source)
@@ -174,7 +189,11 @@ class SandboxService:
         return self.get(name)
 
     def start(self, who: Principal, name: str) -> dict[str, Any]:
-        self._act(who, name, "control.sandbox.start", lambda m: m.start(name))
+        def start(m: SandboxManager) -> None:
+            m.start(name)
+            self._refuse_if_held_meanwhile(m, name)
+
+        self._act(who, name, "control.sandbox.start", start)
         return self.get(name)
 
     def remove(self, who: Principal, name: str, keep_home: bool) -> dict[str, Any]:

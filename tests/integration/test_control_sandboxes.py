@@ -288,3 +288,47 @@ def test_serve_sandboxes_only_asks_the_control_plane(plane: Plane) -> None:
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+def test_kill_hold_during_a_create_leaves_nothing_running(plane: Plane) -> None:
+    """The kill switch takes no name lock: pulled while a sandbox is being made, it stops the
+    record's proxy and container as far as they exist, and the create fails and undoes itself
+    (what this test mostly hits), or completes and then stops what it started (409: the window
+    before the record exists, too narrow to aim at here). Either way nothing runs under the
+    hold."""
+    import sqlite3
+
+    name = f"cs-killrace-{os.getpid()}"
+    plane.created.add(name)
+    policy = (POLICIES / "default.yaml").read_text()
+    answers: list[httpx.Response] = []
+
+    def create() -> None:
+        with plane.api() as api:
+            answers.append(api.post("/sandboxes", json={"name": name, "policy": policy}))
+
+    def recorded() -> bool:
+        with sqlite3.connect(plane.state / "appliance.db") as db:
+            return db.execute("SELECT 1 FROM sandboxes WHERE name = ?", (name,)).fetchone()
+
+    maker = threading.Thread(target=create)
+    maker.start()
+    deadline = time.monotonic() + 30
+    while not recorded():  # the create has begun: its record exists, its container may not
+        assert time.monotonic() < deadline and maker.is_alive(), "the create never began"
+        time.sleep(0.005)
+    try:
+        with plane.api() as api:
+            assert api.post("/kill", json={"all": True, "hold": True}).status_code in (200, 400)
+        maker.join(120)
+        (answer,) = answers
+        assert answer.status_code in (201, 400, 409), answer.text
+        state = plane.states().get(name)
+        assert state in (None, "stopped"), (state, answer.text)
+        assert not proxy_pids(name, plane.state)
+        running = [c for c in podman_client().containers.list() if c.name == name]
+        assert running == []
+    finally:
+        plane.cli("release")
+        if name in plane.states():
+            plane.cli("sandbox", "rm", name)

@@ -8,11 +8,10 @@ decision is audited with who took it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from appliance.config import ApplianceConfig
 from appliance.store import Store, open_store
@@ -26,6 +25,31 @@ if TYPE_CHECKING:
     from appliance.control.operators import Operator, OperatorService
     from appliance.control.sandboxes import SandboxService
     from appliance.store.inference_store import InferenceStore
+
+
+T = TypeVar("T")
+
+
+class service(Generic[T]):  # lower case: a decorator, like functools.cached_property
+    """A service built once per plane, on first use. Unlike functools.cached_property it holds
+    the plane's build lock: the first requests arrive on several threads at once, and two
+    ApprovalService or KillSwitchService objects would keep two sets of decisions."""
+
+    def __init__(self, build: Callable[[Any], T]) -> None:
+        self.build = build
+        self.name = build.__name__
+        self.__doc__ = build.__doc__
+
+    def __get__(self, plane: Any, owner: type | None = None) -> T:
+        if plane is None:
+            return self  # type: ignore[return-value]
+        built = plane.__dict__.get(self.name)
+        if built is None:
+            with plane._build_guard:  # re-entrant: a service may use another while being built
+                built = plane.__dict__.get(self.name)
+                if built is None:
+                    built = plane.__dict__[self.name] = self.build(plane)
+        return built
 
 
 def socket_path(config: ApplianceConfig) -> Path:
@@ -42,6 +66,7 @@ class ControlPlane:
         # name may call code that takes the same name again in its thread (no self-deadlock).
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
+        self._build_guard = threading.RLock()
 
     @contextmanager
     def locked(self, kind: str, name: str) -> Iterator[None]:
@@ -53,27 +78,27 @@ class ControlPlane:
 
     # -- control-core: the audit log, operators, keys and budgets -----------------------------
 
-    @cached_property
+    @service
     def audit_log(self) -> ChainWriter:
         """The host's hash-chained audit log (every API mutation and refusal lands here)."""
         from appliance.audit import ChainWriter, audit_path
 
         return ChainWriter(audit_path(self.config.state_dir))
 
-    @cached_property
+    @service
     def operators(self) -> OperatorService:
         from appliance.control.operators import OperatorService
 
         return OperatorService(self.config.state_dir, self.audit_log)
 
-    @cached_property
+    @service
     def inference(self) -> InferenceStore:
         """Keys and budgets (the gateway reads what is set here from the same store)."""
         from appliance.store.inference_store import InferenceStore
 
         return InferenceStore(self.config.state_dir)
 
-    @cached_property
+    @service
     def keys(self) -> KeyService:
         from appliance.control.keys import KeyService
 
@@ -85,19 +110,19 @@ class ControlPlane:
 
     # -- control-sandboxes: sandboxes, approvals, the kill switch -----------------------------
 
-    @cached_property
+    @service
     def sandboxes(self) -> SandboxService:
         from appliance.control.sandboxes import SandboxService
 
         return SandboxService(self)
 
-    @cached_property
+    @service
     def approvals(self) -> ApprovalService:
         from appliance.control.approvals import ApprovalService
 
         return ApprovalService(self)
 
-    @cached_property
+    @service
     def kill_switch(self) -> KillSwitchService:
         from appliance.control.killswitch import KillSwitchService
 
@@ -105,14 +130,14 @@ class ControlPlane:
 
     # -- control-agents: agents made from blueprints ------------------------------------------
 
-    @cached_property
+    @service
     def agents(self) -> AgentService:
         from appliance.control.agents import AgentService
 
         return AgentService(self)
 
     def close(self) -> None:
-        for built in ("operators", "inference"):  # cached_property: only those ever built
+        for built in ("operators", "inference"):  # only those ever built
             if built in self.__dict__:
                 self.__dict__[built].close()
         self.store.close()

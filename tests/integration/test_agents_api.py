@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -47,13 +49,8 @@ def _blueprint(name: str, **runtime: object) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def plane() -> Iterator[dict[str, str]]:
-    if (why := sandbox_skip_reason()) is not None:
-        pytest.skip(why)
-    ensure_base_image()
-    root = Path(tempfile.mkdtemp(prefix="aa-"))  # short: unix socket paths live under it
-    root.chmod(0o755)
+def _environment(root: Path) -> dict[str, str]:
+    """A catalog of test blueprints under `root` and the CLI's environment for `root/s`."""
     catalog = root / "bp"
     slow = {"turn": ["sh", "-c", "sleep 20; echo late"]}
     for name, runtime in (("echoer", {"turn": TURN}), ("quiet", {}), ("slow", slow)):
@@ -63,14 +60,35 @@ def plane() -> Iterator[dict[str, str]]:
     newer = _blueprint("quiet") | {"version": "1.1.0", "budgets": {"daily_tokens": 2000}}
     (catalog / "quiet" / "1.1.0").mkdir()
     (catalog / "quiet" / "1.1.0" / "blueprint.yaml").write_text(yaml.safe_dump(newer))
-    env = cli_env(root / "s", root, APPLIANCE_BLUEPRINTS__DIRS=json.dumps([str(catalog)]))
+    return cli_env(root / "s", root, APPLIANCE_BLUEPRINTS__DIRS=json.dumps([str(catalog)]))
+
+
+@contextmanager
+def _root() -> Iterator[Path]:
+    if (why := sandbox_skip_reason()) is not None:
+        pytest.skip(why)
+    ensure_base_image()
+    root = Path(tempfile.mkdtemp(prefix="aa-"))  # short: unix socket paths live under it
+    root.chmod(0o755)
     try:
-        with running_control_plane(env, root / "s"):
-            yield env
-            for row in _client(env).get("/agents").json():
-                _client(env).delete(f"/agents/{row['name']}")
+        yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _remove_all(env: dict[str, str]) -> None:
+    with _client(env) as client:
+        for row in client.get("/agents").json():
+            client.delete(f"/agents/{row['name']}")
+
+
+@pytest.fixture(scope="module")
+def plane() -> Iterator[dict[str, str]]:
+    with _root() as root:
+        env = _environment(root)
+        with running_control_plane(env, root / "s"):
+            yield env
+            _remove_all(env)
 
 
 def _client(env: dict[str, str]) -> httpx.Client:
@@ -243,6 +261,39 @@ def test_a_blueprint_file_is_sent_as_an_absolute_path(
     finally:
         _cli(plane, "agent", "rm", name)
         shutil.rmtree(here, ignore_errors=True)
+
+
+def test_agents_survive_a_killed_control_plane() -> None:
+    """`kill -9` of the control plane loses no agent: after a restart the same agents run, their
+    sessions and transcripts continue, and a name is still taken (409)."""
+    with _root() as root:
+        env = _environment(root)
+        with running_control_plane(env, root / "s") as proc, _client(env) as client:
+            for name in ("k-echo", "k-quiet"):
+                blueprint = "echoer" if name == "k-echo" else "quiet"
+                made = client.post("/agents", json={"name": name, "blueprint": blueprint})
+                assert made.status_code == 201, made.text
+            turn = client.post("/agents/k-echo/turns", json={"message": "one", "session": "s"})
+            assert turn.json()["reply"] == "s|one"
+            before = client.get("/agents").json()
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        try:
+            with running_control_plane(env, root / "s"), _client(env) as client:
+                after = client.get("/agents").json()
+                assert [(a["name"], a["blueprint"], a["state"]) for a in after] == [
+                    (a["name"], a["blueprint"], a["state"]) for a in before
+                ]
+                assert {a["state"] for a in after} == {"running"}
+                turn = client.post("/agents/k-echo/turns", json={"message": "two", "session": "s"})
+                assert turn.status_code == 200 and turn.json()["reply"] == "s|two"
+                transcript = client.get("/agents/k-echo/transcript").json()
+                assert [t["message"] for t in transcript] == ["one", "two"]
+                again = client.post("/agents", json={"name": "k-quiet", "blueprint": "quiet"})
+                assert again.status_code == 409
+        finally:
+            with running_control_plane(env, root / "s"):
+                _remove_all(env)
 
 
 def test_mutating_agent_commands_need_the_control_plane(tmp_path: Path) -> None:

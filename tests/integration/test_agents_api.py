@@ -28,7 +28,7 @@ import yaml
 from appliance.audit import audit_path, records
 from sandbox.images.base import recipe_digest
 from tests.control_fixtures import control_socket, running_control_plane
-from tests.helpers import cli_env
+from tests.helpers import cli_env, free_port
 from tests.sandbox_fixtures import ensure_base_image, sandbox_skip_reason
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -310,3 +310,49 @@ def test_mutating_agent_commands_need_the_control_plane(tmp_path: Path) -> None:
         lines = out.stderr.strip().splitlines()
         assert lines[0].startswith("appliance: error: the control plane is not running"), argv
         assert "appliance up" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_agent_routes_by_role_on_the_port(tmp_path: Path) -> None:
+    """Over the loopback port with operator tokens: anonymous 401; a viewer lists agents but
+    changes nothing and reads no transcript (403); an operator may not name a blueprint file
+    (the control plane would read it as root): catalog references only."""
+    state = tmp_path / "state"
+    port = free_port()
+    env = cli_env(state, tmp_path, APPLIANCE_CONTROL__PORT=str(port))
+    with running_control_plane(env, state):
+        tokens = {}
+        for role in ("viewer", "operator"):
+            made = _cli(env, "operators", "create", f"{role}-1", "--role", role, "--json")
+            assert made.returncode == 0, made.stderr
+            tokens[role] = json.loads(made.stdout)["secret"]
+
+        def tcp(token: str | None) -> httpx.Client:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            return httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", headers=headers)
+
+        create = {"name": "a1", "blueprint": "shell"}
+        with tcp(None) as anonymous:
+            assert anonymous.get("/agents").status_code == 401
+            assert anonymous.post("/agents", json=create).status_code == 401
+        with tcp(tokens["viewer"]) as viewer:
+            assert viewer.get("/agents").json() == []
+            for refused in (
+                viewer.post("/agents", json=create),
+                viewer.post("/agents/a1/turns", json={"message": "hi"}),
+                viewer.post("/agents/a1/stop"),
+                viewer.delete("/agents/a1"),
+                viewer.get("/agents/a1/transcript"),
+            ):
+                assert refused.status_code == 403 and refused.json()["error"]["type"] == "forbidden"
+        with tcp(tokens["operator"]) as operator:
+            for path in ("/etc/shadow.yaml", "../../etc/x", "/root/bp/blueprint.yml"):
+                refused = operator.post("/agents", json={"name": "a1", "blueprint": path})
+                assert refused.status_code == 403, refused.text
+                assert (
+                    "only over the control plane's unix socket"
+                    in refused.json()["error"]["message"]
+                )
+            upgrade = operator.post("/agents/a1/upgrade", json={"version": "/etc/x.yaml"})
+            assert upgrade.status_code == 403
+            assert operator.get("/agents/a1/transcript").json() == []  # no such agent: no turns
+            assert operator.get("/agents/a%20b/transcript").status_code == 422  # the name rule

@@ -333,6 +333,7 @@ def test_the_host_is_set_up(converged: Converged) -> None:
     images = _ok(host, as_user + "podman images --format '{{.Repository}}:{{.Tag}}'").split()
     assert wanted <= set(images), (wanted, images)
     assert _ok(host, "getent hosts inference.local").split()[0] == "127.0.0.1"
+    assert _ok(host, "getent group appliance-admin").startswith("appliance-admin:")
     shown = json.loads(_ok(host, f"{VENV}/bin/appliance config show --json"))
     assert shown["gateway"]["port"] == GATEWAY_PORT, shown["gateway"]
     assert shown["sandbox"]["service_user"] == SERVICE_USER
@@ -367,6 +368,10 @@ def test_the_appliance_answers_a_completion(
     try:
         _ok(host, "appliance up --timeout 600", timeout=660)
         up = time.monotonic() - t0
+        # The control plane's socket: only root and the appliance-admin group may connect.
+        state = json.loads(_ok(host, "appliance config show --json"))["state_dir"]
+        mode = _ok(host, f"stat -c '%a %U %G' {state}/run/control.sock").split()
+        assert mode == ["660", "root", "appliance-admin"], mode
         key = json.loads(_ok(host, "appliance keys create converge --json"))["secret"]
         request = json.dumps(
             {

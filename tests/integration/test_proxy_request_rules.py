@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.proxy import ApprovalBroker
-from tests.integration.test_egress_proxy import (
+from tests.integration.egress_harness import (
     Env,
     environment,
     exchange,

@@ -16,8 +16,11 @@ from typing import Any
 
 import pytest
 
-# The shared helpers assert (golden files): let pytest explain their failures as it does a test's.
-pytest.register_assert_rewrite("tests.helpers")
+# The shared helpers and proxy harnesses assert (golden files, answers): let pytest explain their
+# failures as it does a test's.
+pytest.register_assert_rewrite(
+    "tests.helpers", "tests.integration.egress_harness", "tests.integration.relay_harness"
+)
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"

@@ -1,7 +1,10 @@
-"""The proxy's byte relays on real sockets: CONNECT tunnels and fixed-length plain-HTTP bodies.
+"""The proxy's CONNECT tunnels on real sockets (tests/integration/relay_harness.py): large
+transfers both ways, pipelined and server-first bytes, half-closes, resets, back-pressure, and no
+fd left behind.
 
 Every test runs twice: spliced in the kernel (os.splice through a pipe) and on the copying path
-the proxy falls back to where splice is not available; both must behave the same."""
+the proxy falls back to where splice is not available; both must behave the same. Fixed-length
+plain-HTTP bodies: test_proxy_splice_bodies.py."""
 
 from __future__ import annotations
 
@@ -11,133 +14,31 @@ import hashlib
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from sandbox.policy import Network
-from sandbox.proxy import ApprovalBroker, EgressProxy, MemoryAudit
-from sandbox.proxy import splice as splice_mod
+from tests.integration.relay_harness import (
+    MB,
+    RelayPath,
+    echo,
+    fd_count,
+    read_all,
+    relay,
+    run,
+    send_all,
+    settle,
+    sha,
+    tunnel,
+    use_relay_path,
+)
 
 pytestmark = pytest.mark.integration
-
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-MB = 1024 * 1024
-
-
-def run(coro: Awaitable[None]) -> None:
-    asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
-
-
-class RelayPath:
-    """Which relay path a test runs on, and how many spliced flows it started."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self.flows = 0
-
-    def expect(self, spliced: int) -> None:
-        assert self.flows == (spliced if self.mode == "splice" else 0), (self.mode, self.flows)
 
 
 @pytest.fixture(params=["splice", "copy"])
 def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> RelayPath:
-    path = RelayPath(request.param)
-    if request.param == "copy":
-        monkeypatch.setattr(splice_mod, "available", lambda: False)
-    elif not splice_mod.available():
-        pytest.skip("os.splice is not available here")
-    real_start = splice_mod._Flow.start
-
-    def counting(self: splice_mod._Flow) -> splice_mod._Flow:
-        path.flows += 1
-        return real_start(self)
-
-    monkeypatch.setattr(splice_mod._Flow, "start", counting)
-    return path
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@contextlib.asynccontextmanager
-async def relay(tmp_path: Path, handler: Handler) -> AsyncIterator[tuple[str, int, EgressProxy]]:
-    """An origin on loopback running `handler`, and a proxy allowed to reach it as origin.test."""
-    origin_side: set[asyncio.StreamWriter] = set()
-
-    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        origin_side.add(writer)
-        await handler(reader, writer)
-
-    server = await asyncio.start_server(tracked, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    net = Network.model_validate(
-        {"allow": [{"host": "origin.test", "ports": [port], "allow_private": True}],
-         "approval": {"mode": "deny"}}
-    )  # fmt: skip
-
-    async def resolver(host: str, port: int) -> list[str]:
-        return ["127.0.0.1"]
-
-    audit = MemoryAudit()
-    sock = str(tmp_path / "egress.sock")
-    proxy = EgressProxy(
-        "sb", sock, net, resolver=resolver, approvals=ApprovalBroker(audit=audit), audit=audit
-    )
-    try:
-        async with proxy:
-            yield sock, port, proxy
-            await settle(proxy, fd_count())
-    finally:
-        server.close()
-        for writer in origin_side:  # handlers a test left waiting
-            writer.close()
-        await asyncio.sleep(0.05)
-
-
-async def tunnel(
-    sock: str, port: int, early: bytes = b""
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_unix_connection(sock)
-    writer.write(f"CONNECT origin.test:{port} HTTP/1.1\r\n\r\n".encode() + early)
-    head = await reader.readuntil(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return reader, writer
-
-
-async def send_all(writer: asyncio.StreamWriter, data: bytes, piece: int = MB) -> None:
-    for i in range(0, len(data), piece):
-        writer.write(data[i : i + piece])
-        await writer.drain()
-
-
-async def read_all(reader: asyncio.StreamReader) -> bytes:
-    out = bytearray()
-    while chunk := await reader.read(MB):
-        out += chunk
-    return bytes(out)
-
-
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError):
-        while data := await reader.read(256 * 1024):
-            writer.write(data)
-            await writer.drain()
-    writer.close()
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-async def settle(proxy: EgressProxy, baseline: int) -> None:
-    """Wait (a little) until the proxy has let go of every connection and fd."""
-    for _ in range(100):
-        if not proxy._tasks and fd_count() <= baseline:
-            return
-        await asyncio.sleep(0.02)
+    return use_relay_path(request.param, monkeypatch)
 
 
 # --- CONNECT tunnels ----------------------------------------------------------------------------
@@ -378,122 +279,6 @@ def test_many_tunnels_leak_no_fds(tmp_path: Path, relay_path: RelayPath) -> None
 
     run(main())
     relay_path.expect(42)
-
-
-# --- plain HTTP bodies --------------------------------------------------------------------------
-
-
-async def http_origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """GET /bytes/N: N pattern bytes; POST: the sha256 of the body; /short: a truncated body."""
-    with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-        while head := (await reader.readuntil(b"\r\n\r\n")).decode():
-            method, target = head.split(" ", 2)[:2]
-            length = next(
-                (int(line.split(":")[1]) for line in head.split("\r\n")
-                 if line.lower().startswith("content-length:")), 0,
-            )  # fmt: skip
-            if method == "POST":
-                body = sha(await reader.readexactly(length)).encode()
-            elif target == "/short":
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"s" * 100_000)
-                await writer.drain()
-                break
-            else:
-                body = pattern(int(target.rsplit("/", 1)[1]))
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-            await writer.drain()
-    writer.close()
-
-
-def pattern(n: int) -> bytes:
-    return (hashlib.sha256(str(n).encode()).digest() * (n // 32 + 1))[:n]
-
-
-async def response(reader: asyncio.StreamReader) -> bytes:
-    head = (await reader.readuntil(b"\r\n\r\n")).decode()
-    assert head.startswith("HTTP/1.1 200"), head
-    length = next(
-        int(line.split(":")[1])
-        for line in head.split("\r\n")
-        if line.lower().startswith("content-")
-    )
-    return await reader.readexactly(length)
-
-
-def test_plain_bodies_both_ways_and_keep_alive(tmp_path: Path, relay_path: RelayPath) -> None:
-    big, small = os.urandom(6 * MB + 5), os.urandom(100_000)  # both over SPLICE_MIN
-
-    async def main() -> None:
-        async with relay(tmp_path, http_origin) as (sock, port, _):
-            reader, writer = await asyncio.open_unix_connection(sock)
-            base = f"http://origin.test:{port}"
-            host = f"Host: origin.test:{port}\r\n"
-
-            def post(body: bytes) -> bytes:
-                head = f"POST {base}/up HTTP/1.1\r\n{host}Content-Length: {len(body)}\r\n\r\n"
-                return head.encode() + body
-
-            def get(n: int) -> bytes:
-                return f"GET {base}/bytes/{n} HTTP/1.1\r\n{host}\r\n".encode()
-
-            # All pipelined in one write: the small body and the request behind it are already in
-            # the proxy's buffer when the body is relayed, which must take exactly its own bytes.
-            writer.write(post(big) + get(9 * MB) + post(small) + get(100))
-            assert await response(reader) == sha(big).encode()
-            assert sha(await response(reader)) == sha(pattern(9 * MB))
-            assert await response(reader) == sha(small).encode()
-            assert await response(reader) == pattern(100)  # small: copied, not spliced
-            writer.write(get(2 * MB))  # the connection still reads after all that
-            assert sha(await response(reader)) == sha(pattern(2 * MB))
-            writer.close()
-
-    run(main())
-    relay_path.expect(4)
-
-
-def test_plain_body_cut_short_closes_the_client(tmp_path: Path, relay_path: RelayPath) -> None:
-    async def main() -> None:
-        async with relay(tmp_path, http_origin) as (sock, port, proxy):
-            baseline = fd_count()
-            reader, writer = await asyncio.open_unix_connection(sock)
-            writer.write(f"GET http://origin.test:{port}/short HTTP/1.1\r\n\r\n".encode())
-            head = await reader.readuntil(b"\r\n\r\n")
-            assert b"Content-Length: 1000000" in head
-            body = await read_all(reader)  # the proxy closes rather than hanging
-            assert body.startswith(b"s" * 100_000) and len(body) < 1_000_000
-            writer.close()
-            await settle(proxy, baseline)
-            assert fd_count() <= baseline
-
-    run(main())
-
-
-# --- when not to splice -------------------------------------------------------------------------
-
-
-class _StubTransport:
-    def is_closing(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None: ...
-
-
-class _StubWriter:
-    def __init__(self, **extra: object) -> None:
-        self.transport = _StubTransport()
-        self._extra = extra
-
-    def get_extra_info(self, name: str) -> object:
-        return self._extra.get(name)
-
-
-def test_tls_and_socketless_transports_are_never_spliced() -> None:
-    with socket.socket() as sock:
-        plain = _StubWriter(socket=sock)
-        tls = _StubWriter(socket=sock, ssl_object=object())  # the socket carries ciphertext
-        assert splice_mod._plain_socket(plain)  # type: ignore[arg-type]
-        assert not splice_mod._plain_socket(tls)  # type: ignore[arg-type]
-        assert not splice_mod._plain_socket(_StubWriter())  # type: ignore[arg-type]
 
 
 def test_proxy_close_ends_live_tunnels(tmp_path: Path, relay_path: RelayPath) -> None:

@@ -62,6 +62,13 @@ class ControlPlaneDown(BackendError):
     hint = "start it with `appliance up`"
 
 
+class ControlPlaneNoAnswer(BackendError):
+    """The control plane took the request and gave no answer (it died, or timed out): whether it
+    acted is unknown."""
+
+    hint = "check the result with `list` / `status` before trying again"
+
+
 class AuthError(ApplianceError):
     """The control plane refused the caller: no or bad credentials (401), a role too low (403)."""
 

@@ -31,7 +31,7 @@ after each append: after a power loss it may lag the log, which verify accepts. 
 scope: the log grows until an operator archives it.
 """
 
-from appliance.audit.logfile import Head, follow, last_records, records, snapshot
+from appliance.audit.logfile import Head, last_records, records, snapshot
 from appliance.audit.records import (
     ANOMALY,
     GENESIS,
@@ -59,7 +59,6 @@ __all__ = [
     "Verification",
     "audit_path",
     "canonical",
-    "follow",
     "head_path",
     "last_records",
     "parse_record",

@@ -6,8 +6,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -149,23 +147,3 @@ def last_records(
     finally:
         os.close(fd)
     return out[::-1], snap.size
-
-
-def follow(path: Path, offset: int, poll_s: float = 0.5) -> Iterator[dict[str, Any]]:
-    """Records appended after `offset`, as they come (until the caller stops iterating)."""
-    while True:
-        size = path.stat().st_size if path.exists() else 0
-        if size < offset:  # cut or replaced under us: carry on from its new end, and say so
-            sys.stderr.write(f"appliance: warning: {path} shrank from {offset} to {size} bytes\n")
-            offset = size
-        if size > offset:
-            with path.open("rb") as f:
-                f.seek(offset)
-                data = f.read(size - offset)
-            complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits
-            offset += len(complete)
-            for raw in complete.splitlines(keepends=True):
-                rec = parse_record(raw)
-                if rec is not None:
-                    yield rec
-        time.sleep(poll_s)

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from appliance.cli.context import app_context, control_client
+from appliance.cli.context import control_client
 from appliance.cli.options import JsonOpt
 from appliance.cli.output import console, err_console, print_json
 
@@ -21,21 +21,11 @@ def _models_cell(key: dict[str, Any]) -> str:
     return "any" if models is None else ", ".join(models) or "none"
 
 
-def _warn_unserved(ctx: typer.Context, models: list[str]) -> None:
-    """A name the gateway cannot resolve now allows nothing until the config names it: say so
-    (a warning, not an error: the config may be about to change)."""
-    if not models:
-        return
-    from inference.gateway.routing import Router
-
-    router = Router(app_context(ctx).config().gateway_settings())
-    for name in models:
-        if router.resolve(name) is None:
-            err_console.print(
-                f"[yellow]warning:[/] model {escape(repr(name))} is not served here (not the "
-                "served model, an alias or an upstream model): it allows nothing until the "
-                "config names it"
-            )
+def _warn(warnings: list[str]) -> None:
+    """The control plane's warnings (a model not served here): on stderr, so --json is the
+    key alone."""
+    for warning in warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 def _when(ts: float | None) -> str:
@@ -69,14 +59,14 @@ def create(
 ) -> None:
     """Create a key and print its secret: it is shown this once and stored only hashed.
     NAME: 1-63 of a-z, 0-9 and '-', starting with a letter or digit."""
-    from appliance.store.inference_store import check_key_name, check_scopes
+    from appliance.store.names import check_key_name, check_scopes
 
     owner_kind = "sandbox" if sandbox else "client"
     check_key_name(name, owner_kind)  # usage errors first, without a round trip
     check_scopes(scope or (), owner_kind)
     with control_client(ctx) as client:
         key = client.create_key(name, owner_kind, allow_model or None, scope or [])
-    _warn_unserved(ctx, list(key["allowed_models"] or ()))
+    _warn(key.pop("warnings", []))
     if json_out:
         print_json(key)
         return

@@ -38,10 +38,9 @@ def create(
 ) -> None:
     """Create an operator and print its token (`Authorization: Bearer …` on control.port): it
     is shown this once and stored only hashed."""
-    from appliance.control.operators import OperatorNameError
-    from sandbox.names import check_name
+    from appliance.store.names import check_operator_name
 
-    check_name(name, "operator", OperatorNameError)  # a usage error, without a round trip
+    check_operator_name(name)  # a usage error, without a round trip
     with control_client(ctx) as client:
         made = client.create_operator(name, role.value)
     if json_out:

@@ -1,4 +1,5 @@
-"""`appliance serve backend|gateway|all`: the foreground commands a service manager runs."""
+"""`appliance serve backend|gateway|control|all`: the foreground commands a service manager
+runs."""
 
 from __future__ import annotations
 
@@ -49,11 +50,15 @@ def control(ctx: typer.Context) -> None:
     import threading
 
     from appliance.control.api import create_app
-    from appliance.control.plane import ControlPlane, socket_path
+    from appliance.control.paths import lock_path, socket_path
+    from appliance.control.plane import ControlPlane
     from appliance.control.sandboxes import reconcile_forever
-    from appliance.control.server import bind_tcp, bind_unix, serve
+    from appliance.control.server import bind_tcp, bind_unix, hold_lock, serve
 
     config = app_context(ctx).config()
+    # One control plane per state dir, for this process's lifetime (released at exit, even on
+    # kill -9): a second one refuses here, before it touches the socket.
+    hold_lock(lock_path(config))
     plane = ControlPlane(config)
     sockets = [bind_unix(socket_path(config))]
     if config.control.port is not None:
@@ -95,33 +100,3 @@ def supervise_all(
     with open_store(config.state_dir) as store:
         store.record_plan(plan.backend, plan.model, plan.model_dump(mode="json"))
     supervise(config, plan, instance)
-
-
-@app.command("sandboxes")
-def sandboxes(ctx: typer.Context) -> None:
-    """Ask the control plane to reconcile sandboxes and their proxies now and every 30 s.
-
-    The control plane reconciles on its own (at start and every 30 s); this command only asks
-    it to, and never reconciles itself, so no second reconciler races the control plane's. Kept
-    for the appliance-sandboxes unit, which is redundant with the control plane's unit."""
-    import logging
-    import signal
-    import threading
-
-    from appliance.control.client import ControlClient
-    from appliance.control.sandboxes import RECONCILE_INTERVAL_S
-    from appliance.errors import ApplianceError
-
-    log = logging.getLogger("appliance.serve.sandboxes")
-    config = app_context(ctx).config()
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    while True:
-        try:
-            with ControlClient(config) as client:
-                client.reconcile_sandboxes()
-        except ApplianceError as exc:  # control plane down or Podman unavailable: next round
-            log.warning("sandbox reconciliation not done: %s", exc)
-        if stop.wait(RECONCILE_INTERVAL_S):
-            return

@@ -2,7 +2,8 @@
 
 Errors come back as the ApplianceError they were raised as (by the `type` in the JSON body), so
 the CLI's exit codes are the same whether a command acted itself or through the API. No socket,
-or nothing listening on it: ControlPlaneDown (exit 7, hint `appliance up`).
+or nothing listening on it: ControlPlaneDown (exit 7, hint `appliance up`). Any other transport
+failure (it died or timed out mid-request): ControlPlaneNoAnswer (exit 7), the outcome unknown.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import httpx
 
 from appliance import errors as e
 from appliance.config import ApplianceConfig
-from appliance.control.plane import socket_path
+from appliance.control.paths import socket_path
 
 # The reverse of api/errors.py's table; 401/403 are AuthError.
 _ERRORS: dict[str, type[e.ApplianceError]] = {
@@ -65,6 +66,11 @@ class ControlClient:
                 ) from exc
             raise e.ControlPlaneDown(
                 f"the control plane is not running (nothing answers on {self.socket})"
+            ) from exc
+        except httpx.TransportError as exc:  # it died or hung mid-request: it may have acted
+            raise e.ControlPlaneNoAnswer(
+                f"{method} {path}: no answer from the control plane "
+                f"({type(exc).__name__}: {exc or 'no detail'}); whether it acted is unknown"
             ) from exc
         if response.is_success:
             return response.json() if response.content else None
@@ -179,7 +185,8 @@ class ControlClient:
         allowed_models: list[str] | None = None,
         scopes: list[str] | None = None,
     ) -> dict[str, Any]:
-        """The new key with its `secret` (shown this once)."""
+        """The new key with its `secret` (shown this once) and `warnings` (e.g. a model not
+        served here)."""
         body = {"name": name, "owner_kind": owner_kind, "allowed_models": allowed_models}
         return self.post("/keys", body | {"scopes": list(scopes or [])})
 
@@ -203,9 +210,6 @@ class ControlClient:
         """{"records", "next"}: the last records, or those after the cursor `after`."""
         params = {"limit": limit, "event": event, "sandbox": sandbox, "after": after}
         return self.get("/audit", params={k: v for k, v in params.items() if v is not None})
-
-    def audit_verify(self) -> dict[str, Any]:
-        return self.get("/audit/verify")
 
     # -- control-agents: agents made from blueprints -------------------------------------------
     # A create or upgrade may build an image, a turn may wait on a real model: minutes, so these

@@ -2,12 +2,12 @@
 
 The control plane owns the configuration (which keys exist, their models, scopes and limits);
 the gateway reads it from the same store on its hot path (admission, the ledger). The store
-audits each change inside its transaction; the API's audit trail adds who asked.
+audits each change inside its transaction, with who asked (`actor`: Principal.audit_fields()).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +37,11 @@ def key_data(key: KeyRecord) -> dict[str, Any]:
 
 
 class KeyService:
-    def __init__(self, store: InferenceStore) -> None:
+    def __init__(self, store: InferenceStore, served: Callable[[str], bool]) -> None:
+        """`served`: whether the gateway resolves a model name now (the served model, an
+        alias or an upstream model), for the create answer's warnings."""
         self.store = store
+        self.served = served
 
     def create(
         self,
@@ -46,21 +49,30 @@ class KeyService:
         owner_kind: OwnerKind = "client",
         allowed_models: Sequence[str] | None = None,
         scopes: Sequence[str] = (),
+        actor: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """The new key with its `secret`: returned this once, stored only hashed."""
-        from appliance.store.inference_store import check_key_name, check_scopes
+        """The new key with its `secret` (returned this once, stored only hashed) and
+        `warnings`: a model it allows that is not served here allows nothing until the config
+        names it (a warning, not an error: the config may be about to change)."""
+        from appliance.store.names import check_key_name, check_scopes
 
         check_key_name(name, owner_kind)  # before the store is touched
         key, secret = self.store.create_key(
-            name, owner_kind, allowed_models, check_scopes(scopes, owner_kind)
+            name, owner_kind, allowed_models, check_scopes(scopes, owner_kind), actor
         )
-        return {**key_data(key), "secret": secret}
+        warnings = [
+            f"model {model!r} is not served here (not the served model, an alias or an "
+            "upstream model): it allows nothing until the config names it"
+            for model in key.allowed_models or ()
+            if not self.served(model)
+        ]
+        return {**key_data(key), "secret": secret, "warnings": warnings}
 
     def list(self) -> list[dict[str, Any]]:
         return [key_data(k) for k in self.store.list_keys()]
 
-    def revoke(self, name_or_id: str) -> dict[str, Any]:
-        revoked = self.store.revoke_key(name_or_id)
+    def revoke(self, name_or_id: str, actor: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        revoked = self.store.revoke_key(name_or_id, actor)
         if revoked is None:
             raise NotFoundError(
                 f"no live key named or with id {name_or_id!r}",
@@ -72,7 +84,13 @@ class KeyService:
         """Each live key's (or one key's) limits, spend, reservations and state."""
         return budget_report(self.store, key)
 
-    def set_budget(self, key: str, limits: dict[str, Any], clear: bool = False) -> dict[str, Any]:
+    def set_budget(
+        self,
+        key: str,
+        limits: dict[str, Any],
+        clear: bool = False,
+        actor: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Set the limits given (None: keep; `clear`: drop every limit first); the key's report.
         The same request twice leaves the same budget: a PUT."""
         record = self.store.find_key(key)
@@ -82,5 +100,5 @@ class KeyService:
             )
         current = (None if clear else self.store.get_budget(record.id)) or Budget(record.id)
         given = {name: limits[name] for name in LIMITS if limits.get(name) is not None}
-        self.store.set_budget(replace(current, **given))
+        self.store.set_budget(replace(current, **given), actor)
         return budget_report(self.store, record.id)[0]

@@ -20,7 +20,13 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.config import ApplianceConfig
-from appliance.errors import OPERATOR_ERRORS, AuthError, ConfigError, ControlPlaneDown
+from appliance.errors import (
+    OPERATOR_ERRORS,
+    AuthError,
+    ConfigError,
+    ControlPlaneDown,
+    ControlPlaneNoAnswer,
+)
 from inference.ports import ControlPlaneHooks, KeyRecord
 from sandbox.names import SANDBOX_KEY_PREFIX  # SandboxManager._new_key names sandbox keys so
 
@@ -119,14 +125,12 @@ class ControlPlaneKill:
         self.timeout = timeout
 
     def kill(self, names: list[str], hold: bool, reason: str) -> list[str]:
-        import httpx
-
         from appliance.control.client import ControlClient
 
         try:
             with ControlClient(self.config, timeout=self.timeout) as client:
                 return client.kill(names=names, hold=hold, reason=reason)["stopped"]
-        except (ControlPlaneDown, AuthError, httpx.TransportError) as exc:
+        except (ControlPlaneDown, AuthError, ControlPlaneNoAnswer) as exc:
             log.warning(
                 "control plane not asked (%s): stopping %s directly (fail closed)", exc, names
             )

@@ -4,7 +4,7 @@ role and a token.
 Tokens are made like inference keys: `sk-op-` + 32 random bytes (urlsafe), shown once and stored
 only as their SHA-256, so the store can check a token but never give one back. The `sk-` prefix
 makes the audit log's secret rule redact one wherever it might appear. Names follow the one name
-rule (sandbox/names.py), checked before anything is written.
+rule (sandbox/names.py, via store/names.py), checked before anything is written.
 
 Socket peers need no token (the socket's mode makes them admins); tokens are for the port.
 """
@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol
 
 from appliance.errors import ConfigError, NotFoundError
 from appliance.store.db import DB_NAME, connect, open_store
-from sandbox.names import InvalidNameError, check_name
+from appliance.store.names import OperatorExistsError, check_operator_name
 
 Role = Literal["viewer", "operator", "admin"]
 ROLES: tuple[Role, ...] = ("viewer", "operator", "admin")  # each may do what the ones before may
@@ -33,12 +33,6 @@ _COLUMNS = "name, role, created_at, revoked_at"
 
 class AuditSink(Protocol):
     def audit(self, event: str, **fields: Any) -> None: ...
-
-
-class OperatorNameError(InvalidNameError, ConfigError):
-    """An operator name breaks the name rule (sandbox/names.py), or a live operator has it."""
-
-    hint = InvalidNameError.hint + "; `appliance operators list` shows the used ones"
 
 
 @dataclass(frozen=True)
@@ -92,7 +86,7 @@ class OperatorService:
 
     def create(self, name: str, role: str, actor: Mapping[str, Any]) -> tuple[Operator, str]:
         """A new live operator and its token (returned this once)."""
-        check_name(name, "operator", OperatorNameError)
+        check_operator_name(name)
         operator = Operator(name=name, role=check_role(role), created_at=time.time())
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         with self._lock:
@@ -105,7 +99,9 @@ class OperatorService:
                     )
                     self._audit.audit("operator.created", name=name, role=role, **actor)
             except sqlite3.IntegrityError:
-                raise OperatorNameError(f"a live operator named {name!r} already exists") from None
+                raise OperatorExistsError(
+                    f"a live operator named {name!r} already exists"
+                ) from None
         return operator, token
 
     def list(self, include_revoked: bool = True) -> list[Operator]:

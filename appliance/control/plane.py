@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from appliance.config import ApplianceConfig
@@ -50,10 +49,6 @@ class service(Generic[T]):  # lower case: a decorator, like functools.cached_pro
                 if built is None:
                     built = plane.__dict__[self.name] = self.build(plane)
         return built
-
-
-def socket_path(config: ApplianceConfig) -> Path:
-    return config.state_dir / "run" / "control.sock"
 
 
 class ControlPlane:
@@ -101,8 +96,10 @@ class ControlPlane:
     @service
     def keys(self) -> KeyService:
         from appliance.control.keys import KeyService
+        from inference.gateway.routing import Router
 
-        return KeyService(self.inference)
+        router = Router(self.config.gateway_settings())
+        return KeyService(self.inference, lambda model: router.resolve(model) is not None)
 
     def authenticate_operator(self, token: str) -> Operator | None:
         """The live operator holding `token` (with .name and .role), or None."""

@@ -247,8 +247,8 @@ class SandboxService:
 
 def reconcile_forever(service: SandboxService, stop: threading.Event) -> None:
     """The control plane's reconciler (its own thread, started by `serve control`): now, then
-    every RECONCILE_INTERVAL_S until `stop`; never raises. The only one: `serve sandboxes` and
-    the supervisor no longer reconcile themselves, so no two reconcilers race."""
+    every RECONCILE_INTERVAL_S until `stop`; never raises. The only one (the supervisor does not
+    reconcile, and control.lock allows one control plane), so no two reconcilers race."""
     while True:
         try:
             out = service.reconcile_if_any()

@@ -125,7 +125,7 @@ def _socket_answers(path: Path, timeout: float = 0.2) -> bool:
 
 def control_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, Any]:
     """The control plane: the supervisor's view of it, else whether its socket accepts."""
-    from appliance.control.plane import socket_path
+    from appliance.control.paths import socket_path
     from appliance.services.supervisor import control_url
 
     service = _service(config, "control")

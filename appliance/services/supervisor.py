@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from appliance.config import ApplianceConfig
-from appliance.control.plane import socket_path
+from appliance.control.paths import socket_path
 from appliance.services import run_state
 from hardware.plan_types import ServingPlan
 from inference.backends import ProcessBackend, Supervisor, VllmBackend

@@ -2,8 +2,8 @@
 
 Under systemd each service is its own unit, restarted by systemd: the control plane (`serve
 control`: the API, sandboxes, agents, approvals, reconciliation), the backend (`serve backend`:
-vLLM or the embedded model), the gateway (`serve gateway`, after both), and the sandbox watcher
-(`serve sandboxes`: asks the control plane to reconcile every 30 s). Without systemd
+vLLM or the embedded model) and the gateway (`serve gateway`, after both). The control plane
+reconciles sandboxes and their proxies itself (at start and every 30 s). Without systemd
 (containers, these development machines) `appliance up` runs the control plane, the backend and
 the gateway in its own supervisor.
 Units run as root, the control plane: it drives the service user's rootless Podman and owns the
@@ -53,14 +53,6 @@ UNITS: tuple[Unit, ...] = (
         # The budget hard stop asks the control plane (and stops sandboxes itself, fail-closed,
         # when it does not answer: Podman).
         wants=("appliance-backend.service", "appliance-control.service"),
-        no_new_privileges=False,
-    ),
-    Unit(
-        "appliance-sandboxes.service",
-        "Appliance sandbox watcher (reconciles sandboxes and egress proxies)",
-        "serve sandboxes",
-        after=("appliance-control.service",),  # it asks the control plane to reconcile
-        wants=("appliance-control.service",),
         no_new_privileges=False,
     ),
 )

@@ -19,17 +19,17 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from appliance.audit import ChainWriter, audit_path
-from appliance.errors import ApplianceError, ConfigError
+from appliance.errors import ApplianceError
 from appliance.store.db import DB_NAME, connect, open_store
 from appliance.store.ledger import LedgerMixin
-from inference.ports import SCOPES, Budget, KeyRecord, OwnerKind, Scope
-from sandbox.names import RESERVED, RULE, SANDBOX_KEY_PREFIX, InvalidNameError, check_name, is_valid
+from appliance.store.names import KeyExistsError, check_key_name, check_scopes
+from inference.ports import Budget, KeyRecord, OwnerKind, Scope
 
 SECRET_PREFIX = "sk-app-"
 _MODEL = re.compile(r"^[!-~]{1,256}$")  # printable ASCII, no spaces: what a request can name
@@ -53,19 +53,6 @@ def _key(row: tuple[Any, ...]) -> KeyRecord:
     )
 
 
-def check_scopes(scopes: Iterable[str], owner_kind: OwnerKind) -> tuple[Scope, ...]:
-    """The scopes sorted and without repeats, or KeyScopeError (the CLI checks this first)."""
-    if isinstance(scopes, str):
-        raise TypeError("scopes must be a list of names, not a string")
-    names = tuple(sorted(set(scopes)))
-    for name in names:
-        if name not in SCOPES:
-            raise KeyScopeError(f"unknown key scope {name!r}")
-    if names and owner_kind == "sandbox":  # the proxy injects a sandbox's key for the agent
-        raise KeyScopeError("a sandbox's key takes no scopes: the agent would hold them")
-    return names  # type: ignore[return-value]
-
-
 def _model_list(models: Iterable[str] | None) -> tuple[str, ...] | None:
     """Sorted and without repeats (a stable record); None stays None: any model."""
     if models is None:
@@ -79,34 +66,10 @@ def _model_list(models: Iterable[str] | None) -> tuple[str, ...] | None:
     return names
 
 
-class KeyNameError(InvalidNameError, ConfigError):
-    """A key name breaks the rule (sandbox/names.py), or a live key already has it."""
-
-    hint = f"key names are {RULE}; `appliance keys list` shows the used ones"
-
-
-def check_key_name(name: str, owner_kind: str) -> str:
-    """A key follows the rule; a sandbox's own key is `sandbox-` + a sandbox name (so the
-    longest sandbox name still has a key)."""
-    rest = name.removeprefix(SANDBOX_KEY_PREFIX) if isinstance(name, str) else name
-    if owner_kind == "sandbox" and rest != name:
-        if is_valid(rest):
-            return name
-        if rest in RESERVED:  # no sandbox has that name: nor does a sandbox's key
-            return check_name(rest, "sandbox key", KeyNameError)
-    return check_name(name, "key", KeyNameError)
-
-
 class KeyModelError(ApplianceError):
     """A model name in a key's allowlist is malformed."""
 
     hint = "model names are 1-256 printable characters without spaces; see GET /v1/models"
-
-
-class KeyScopeError(ConfigError):
-    """A key scope that the gateway does not know, or one a sandbox's key may not have."""
-
-    hint = f"known scopes: {', '.join(SCOPES)}"
 
 
 class InferenceStore(LedgerMixin):
@@ -158,10 +121,12 @@ class InferenceStore(LedgerMixin):
         owner_kind: OwnerKind = "client",
         allowed_models: Sequence[str] | None = None,
         scopes: Sequence[Scope] = (),
+        actor: Mapping[str, Any] | None = None,
     ) -> tuple[KeyRecord, str]:
         """`allowed_models`: the model names the key may request; None (the default) allows any.
         `scopes`: what else it may do (("metrics",): scrape GET /metrics); none by default.
-        Both are set once, with the key: they never change, so the auth cache can hold them."""
+        Both are set once, with the key: they never change, so the auth cache can hold them.
+        `actor`: who asked (Principal.audit_fields()), recorded with the change."""
         check_key_name(name, owner_kind)  # the one name rule (sandbox/names.py)
         models = _model_list(allowed_models)
         key_scopes = check_scopes(scopes, owner_kind)
@@ -199,10 +164,11 @@ class InferenceStore(LedgerMixin):
                         "owner_kind": owner_kind,
                         "allowed_models": None if models is None else list(models),
                         "scopes": list(key_scopes),
+                        **(actor or {}),
                     },
                 )
         except sqlite3.IntegrityError:
-            raise KeyNameError(f"a live key named {name!r} already exists") from None
+            raise KeyExistsError(f"a live key named {name!r} already exists") from None
         return record, secret
 
     def discard_key(self, key_id: str) -> None:
@@ -261,7 +227,9 @@ class InferenceStore(LedgerMixin):
         ).fetchone()
         return _key(row) if row else None
 
-    def revoke_key(self, key_id_or_name: str) -> KeyRecord | None:
+    def revoke_key(
+        self, key_id_or_name: str, actor: Mapping[str, Any] | None = None
+    ) -> KeyRecord | None:
         key = self.find_key(key_id_or_name)
         if key is None or key.revoked_at is not None:
             return None
@@ -271,7 +239,7 @@ class InferenceStore(LedgerMixin):
                 "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
                 (now, key.id),
             )
-            self._audit("key.revoked", key.id, {"name": key.name})
+            self._audit("key.revoked", key.id, {"name": key.name, **(actor or {})})
         self._auth_cache.clear()
         return replace(key, revoked_at=now)
 
@@ -285,8 +253,8 @@ class InferenceStore(LedgerMixin):
         ).fetchone()
         return Budget(key_id, *row) if row else None
 
-    def set_budget(self, budget: Budget) -> None:
-        """A budget with no limit at all removes the key's budget."""
+    def set_budget(self, budget: Budget, actor: Mapping[str, Any] | None = None) -> None:
+        """A budget with no limit at all removes the key's budget. `actor`: who asked."""
         limits = (
             budget.daily_tokens,
             budget.monthly_tokens,
@@ -308,13 +276,16 @@ class InferenceStore(LedgerMixin):
             self._audit(
                 "budget.set",
                 budget.key_id,
-                dict(
-                    zip(
-                        ("daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost"),
-                        limits,
-                        strict=True,
-                    )
-                ),
+                {
+                    **dict(
+                        zip(
+                            ("daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost"),
+                            limits,
+                            strict=True,
+                        )
+                    ),
+                    **(actor or {}),
+                },
             )
 
     def mark_budget_event(self, key_id: str, budget: str, level: str, period: str) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -23,7 +22,6 @@ from tests.helpers import cli_env
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 PER_WRITER = 150
 
 WRITER = r"""
@@ -57,10 +55,6 @@ elif mode == "store":
 """
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO)}
-
-
 def _check(path: Path, expected: dict[str, int]) -> list[dict]:
     result = verify(path)
     assert result.ok, [str(p) for p in result.problems[:5]]
@@ -83,7 +77,7 @@ def test_processes_appending_at_once_lose_nothing(tmp_path: Path) -> None:
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", WRITER, mode, f"w{n}", str(PER_WRITER), str(path), str(go)],
-            env=_env(),
+            env=cli_env(tmp_path / "state", tmp_path),
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -134,7 +128,12 @@ def test_the_launched_egress_proxy_writes_into_the_chain(tmp_path: Path) -> None
         "--policy", str(policy), "--admin-socket", str(tmp_path / "admin.sock"),
         "--audit-log", str(chain),
     ]  # fmt: skip
-    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        argv,
+        env=cli_env(tmp_path / "state", tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert proc.stdout is not None
         ready = proc.stdout.readline()
@@ -163,7 +162,12 @@ def test_the_monitor_on_its_own_writes_plain_json_lines(tmp_path: Path) -> None:
         "--policy", str(policy), "--admin-socket", str(tmp_path / "admin.sock"),
         "--audit-log", str(log),
     ]  # fmt: skip
-    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        argv,
+        env=cli_env(tmp_path / "state", tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert proc.stdout is not None
         ready = proc.stdout.readline()
@@ -185,7 +189,9 @@ def test_the_egress_monitor_requires_the_chain_path(tmp_path: Path) -> None:
         sys.executable, "-m", "appliance.control.egress_monitor", "--socket", str(tmp_path / "s"),
         "--policy", str(tmp_path / "p.yaml"), "--admin-socket", str(tmp_path / "a"),
     ]  # fmt: skip
-    proc = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        argv, env=cli_env(tmp_path / "state", tmp_path), capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 1 and "--audit-log" in proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -8,7 +8,7 @@ control`, a subprocess) with real rootless Podman sandboxes and their egress pro
   each (a proxy that died meanwhile is restarted by the reconciler at start), the same pending
   approvals;
 - hostile input through the API: bad names, policy errors -> 422 naming file:line, nothing made;
-- the kill switch and `serve sandboxes` through it.
+- the kill switch through it.
 test_control_isolation.py: the sandbox never reaches the control plane.
 """
 
@@ -266,28 +266,6 @@ def test_kill_hold_and_release_through_the_control_plane(plane: Plane) -> None:
     finally:
         plane.cli("release", ok=False)
         plane.cli("sandbox", "rm", name)
-
-
-def test_serve_sandboxes_only_asks_the_control_plane(plane: Plane) -> None:
-    audit = plane.state / "audit" / "audit.jsonl"
-
-    def asked() -> int:
-        lines = audit.read_text().splitlines() if audit.exists() else []
-        return sum(json.loads(line).get("event") == "control.sandbox.reconcile" for line in lines)
-
-    before = asked()
-    proc = subprocess.Popen(
-        [APPLIANCE, "serve", "sandboxes"], env=plane.env, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while asked() == before:  # its first round, at once: through the API, audited with who
-            assert proc.poll() is None and time.monotonic() < deadline, "never asked"
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=10)
-    assert proc.returncode == 0 and "Traceback" not in err, err
 
 
 def test_kill_hold_during_a_create_leaves_nothing_running(plane: Plane) -> None:

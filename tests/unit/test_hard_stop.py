@@ -130,7 +130,7 @@ def _listening(path: Path) -> socket.socket:
 def test_a_hung_control_plane_fails_closed(tmp_path: Path) -> None:
     """Its socket accepts and never answers: after the timeout the hook stops it directly."""
     from appliance.control.killswitch import ControlPlaneKill
-    from appliance.control.plane import socket_path
+    from appliance.control.paths import socket_path
 
     config = ApplianceConfig(state_dir=tmp_path / "state")
     direct = FakeManager()
@@ -144,7 +144,7 @@ def test_a_hung_control_plane_fails_closed(tmp_path: Path) -> None:
 def test_a_control_plane_that_answers_is_not_second_guessed(tmp_path: Path) -> None:
     """An error answer (no such sandbox) is the control plane's word: no direct kill after it."""
     from appliance.control.killswitch import ControlPlaneKill
-    from appliance.control.plane import socket_path
+    from appliance.control.paths import socket_path
     from appliance.errors import ApplianceError
 
     config = ApplianceConfig(state_dir=tmp_path / "state")

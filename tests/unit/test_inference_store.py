@@ -17,9 +17,9 @@ from appliance.store.inference_store import (
     SECRET_PREFIX,
     InferenceStore,
     KeyModelError,
-    KeyNameError,
 )
 from appliance.store.migrations import MIGRATIONS
+from appliance.store.names import KeyExistsError, KeyNameError
 from inference.ports import Budget, UsageRecord
 
 
@@ -81,7 +81,7 @@ def test_revoke_from_another_process_applies_after_the_cache_ttl(tmp_path: Path)
 
 def test_live_names_are_unique_but_reusable_after_revoke(store: InferenceStore) -> None:
     store.create_key("dup", "client")
-    with pytest.raises(KeyNameError, match="already exists"):
+    with pytest.raises(KeyExistsError, match="already exists"):
         store.create_key("dup", "client")
     store.revoke_key("dup")
     key, _ = store.create_key("dup", "client")

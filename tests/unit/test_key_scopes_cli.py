@@ -9,7 +9,7 @@ import pytest
 
 from appliance.cli.main import main
 from appliance.errors import ConfigError, exit_code_for
-from appliance.store.inference_store import KeyScopeError
+from appliance.store.names import KeyScopeError
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,8 @@ from appliance.control.api import errors as api_errors
 from appliance.control.wiring import StoreAudit, StoreKeys, sandbox_manager
 from appliance.errors import ConfigError, exit_code_for
 from appliance.store import open_store
-from appliance.store.inference_store import InferenceStore, KeyNameError
+from appliance.store.inference_store import InferenceStore
+from appliance.store.names import KeyNameError
 from sandbox.lifecycle import errors as lifecycle_errors
 from sandbox.names import InvalidNameError
 

@@ -29,7 +29,6 @@ def test_units_cover_the_services_and_order_them() -> None:
         "appliance-backend.service",
         "appliance-control.service",
         "appliance-gateway.service",
-        "appliance-sandboxes.service",
     ]
     gateway = RENDERED["appliance-gateway.service"]
     after = "After=network-online.target appliance-backend.service appliance-control.service"
@@ -41,7 +40,6 @@ def test_units_cover_the_services_and_order_them() -> None:
 
 def test_units_that_may_start_podman_keep_setuid_helpers_working() -> None:
     # newuidmap is setuid: NoNewPrivileges=yes would break rootless Podman in these units.
-    assert "NoNewPrivileges=no" in RENDERED["appliance-sandboxes.service"]
     assert "NoNewPrivileges=no" in RENDERED["appliance-control.service"]
     assert "NoNewPrivileges=no" in RENDERED["appliance-gateway.service"]
     assert "NoNewPrivileges=yes" in RENDERED["appliance-backend.service"]

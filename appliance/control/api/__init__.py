@@ -19,6 +19,7 @@ from appliance.control.api import (
     status,
 )
 from appliance.control.api.audit_trail import AuditTrail
+from appliance.control.api.host_check import LoopbackHostOnly
 from appliance.control.plane import ControlPlane
 
 PREFIX = "/api/v1"
@@ -40,6 +41,8 @@ def create_app(plane: ControlPlane) -> FastAPI:
     errors.install(app)
     # Every mutation and every refusal goes to the hash-chained audit log, with who.
     app.add_middleware(AuditTrail, sink=plane.audit_log)
+    # Outermost (added last): a Host that is not a loopback name is refused before auth and audit.
+    app.add_middleware(LoopbackHostOnly, also=[plane.config.control.host])
     for module in ROUTERS:
         app.include_router(module.router, prefix=PREFIX)
     return app

@@ -36,4 +36,5 @@ def list_budgets(
 def set_budget(
     key: str, body: BudgetLimits, who: Principal = Operator, plane: ControlPlane = Plane
 ) -> dict[str, Any]:
-    return plane.keys.set_budget(key, body.model_dump(exclude={"clear"}), body.clear)
+    limits = body.model_dump(exclude={"clear"})
+    return plane.keys.set_budget(key, limits, body.clear, who.audit_fields())

@@ -23,6 +23,13 @@ class PeerCred:
     pid: int
     uid: int
     gid: int
+    loginuid: int | None = None  # /proc/<pid>/loginuid: who logged in, kept across sudo
+
+    def principal(self) -> Principal:
+        """A socket peer is an admin (the socket's mode let it connect)."""
+        return Principal(
+            "unix", f"uid:{self.uid}", "admin", self.uid, self.pid, loginuid=self.loginuid
+        )
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class Principal:
     role: Role
     uid: int | None = None
     pid: int | None = None
+    loginuid: int | None = None  # a socket peer's login uid: the user behind `sudo`
 
     def audit_fields(self) -> dict[str, Any]:
         """Who did it, as the audit log records every mutation."""
@@ -40,6 +48,8 @@ class Principal:
             fields["actor_uid"] = self.uid
         if self.pid is not None:
             fields["actor_pid"] = self.pid
+        if self.loginuid is not None:
+            fields["actor_loginuid"] = self.loginuid
         return fields
 
 
@@ -50,7 +60,7 @@ def get_plane(request: Request) -> ControlPlane:
 def principal(request: Request) -> Principal:
     peer = request.scope.get("state", {}).get("peer")
     if isinstance(peer, PeerCred):
-        who = Principal("unix", f"uid:{peer.uid}", "admin", uid=peer.uid, pid=peer.pid)
+        who = peer.principal()
     else:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():

@@ -31,11 +31,14 @@ def list_keys(who: Principal = Admin, plane: ControlPlane = Plane) -> list[dict[
 def create_key(
     body: KeyCreate, who: Principal = Admin, plane: ControlPlane = Plane
 ) -> dict[str, Any]:
-    return plane.keys.create(body.name, body.owner_kind, body.allowed_models, body.scopes)
+    """The key with its `secret` (this once) and `warnings` (models not served here)."""
+    return plane.keys.create(
+        body.name, body.owner_kind, body.allowed_models, body.scopes, who.audit_fields()
+    )
 
 
 @router.delete("/keys/{name_or_id}")
 def revoke_key(
     name_or_id: str, who: Principal = Admin, plane: ControlPlane = Plane
 ) -> dict[str, Any]:
-    return plane.keys.revoke(name_or_id)
+    return plane.keys.revoke(name_or_id, who.audit_fields())

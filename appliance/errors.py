@@ -6,6 +6,9 @@ tracebacks only with APPLIANCE_DEBUG=1.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from sandbox.lifecycle import errors as sandbox_errors
 from sandbox.names import InvalidNameError
 
@@ -107,3 +110,27 @@ def exit_code_for(exc: BaseException) -> int:
         if isinstance(exc, exc_type):
             return code
     return 1
+
+
+@contextmanager
+def blueprint_errors() -> Iterator[None]:
+    """The blueprints package's errors as ours (one line, an exit code, a hint): for the control
+    plane and for the CLI's local blueprint commands alike. Imported when used: blueprints pull
+    in pydantic models that `appliance status` has no need of."""
+    from blueprints.catalog import BlueprintError, BlueprintNotFound
+    from blueprints.resolve import BlueprintChanged, BlueprintIncompatible
+
+    try:
+        yield
+    except BlueprintNotFound as exc:
+        raise NotFoundError(str(exc), hint="`appliance blueprint list`") from None
+    except BlueprintIncompatible as exc:
+        raise ConfigError(
+            str(exc), hint="upgrade the appliance or pick an older blueprint version"
+        ) from None
+    except BlueprintChanged as exc:
+        raise ApplianceError(
+            str(exc), hint="blueprint versions must not be edited in place: publish a new version"
+        ) from None
+    except BlueprintError as exc:
+        raise ConfigError(str(exc), hint="fix the blueprint at the line named") from None

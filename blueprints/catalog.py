@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
 from blueprints.model import SEMVER, Blueprint, semver_key
-from sandbox.yamlfile import YamlError, load_yaml, validation_message
+from sandbox.yamlfile import Provenance, YamlError, load_yaml, parse_yaml, validation_message
 
 BUILTIN = Path(__file__).resolve().parent
 FILENAME = "blueprint.yaml"
@@ -32,10 +33,24 @@ def load_blueprint(path: Path) -> Blueprint:
         data, provenance = load_yaml(path)
     except YamlError as exc:
         raise BlueprintError(str(exc)) from None
+    return _validate(data, provenance, str(path))
+
+
+def parse_blueprint(text: str, source: str) -> Blueprint:
+    """A blueprint from its YAML text (as a client sent it); errors name `source`:line. The same
+    blueprint, and digest, as `load_blueprint` of a file holding that text."""
+    try:
+        data, provenance = parse_yaml(text, source)
+    except YamlError as exc:
+        raise BlueprintError(str(exc)) from None
+    return _validate(data, provenance, source)
+
+
+def _validate(data: dict[str, Any], provenance: Provenance, source: str) -> Blueprint:
     try:
         return Blueprint.model_validate(data)
     except ValidationError as exc:
-        raise BlueprintError(validation_message(exc, provenance, str(path))) from None
+        raise BlueprintError(validation_message(exc, provenance, source)) from None
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -25,7 +24,8 @@ from sandbox.policy import (
     Policy,
     Resources,
     Syscalls,
-    load_policy,
+    base_policy,
+    base_policy_names,
 )
 
 SEMVER = re.compile(
@@ -34,7 +34,6 @@ SEMVER = re.compile(
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _INTEGRITY = re.compile(r"^sha512-[A-Za-z0-9+/]{86}==$")
-BASE_POLICIES = Path(__file__).resolve().parent.parent / "sandbox" / "policies"
 
 
 class _Strict(BaseModel):
@@ -143,8 +142,7 @@ class PolicySpec(_Strict):
             raise ValueError("give exactly one of `base` (with optional `additions`) or `policy`")
         if self.policy is not None and self.additions != Additions():
             raise ValueError("`additions` apply to a `base`, not to a whole `policy`")
-        if self.base is not None and not (BASE_POLICIES / f"{self.base}.yaml").is_file():
-            known = sorted(p.stem for p in BASE_POLICIES.glob("*.yaml"))
+        if self.base is not None and self.base not in (known := base_policy_names()):
             raise ValueError(f"unknown base policy {self.base!r} (known: {', '.join(known)})")
         return self
 
@@ -193,7 +191,7 @@ class Blueprint(_Strict):
     def policy(self) -> Policy:
         """The one sandbox policy this blueprint stands for."""
         spec = self.sandbox
-        base = spec.policy if spec.policy is not None else load_policy(_base_path(spec.base))
+        base = spec.policy if spec.policy is not None else _base(spec.base)
         add = spec.additions
         data = base.model_dump(mode="json")
         fs = data["filesystem"]
@@ -220,9 +218,9 @@ class Blueprint(_Strict):
         return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _base_path(name: str | None) -> Path:
-    assert name is not None  # PolicySpec guarantees a base when there is no whole policy
-    return BASE_POLICIES / f"{name}.yaml"
+def _base(name: str | None) -> Policy:
+    assert name is not None  # PolicySpec guarantees a known base when there is no whole policy
+    return base_policy(name)
 
 
 def _union(first: list[Any], more: list[Any]) -> list[Any]:

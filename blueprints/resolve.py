@@ -27,7 +27,8 @@ def is_path_ref(ref: str) -> bool:
 
 
 def resolve_blueprint(catalog: Catalog, ref: str) -> Blueprint:
-    """A blueprint from the catalog (`name[@version]`) or from a file path."""
+    """A blueprint from the catalog (`name[@version]`) or from a file path, read by the calling
+    process: the CLI's, as the operator. The control plane takes references and text only."""
     if is_path_ref(ref):
         return load_blueprint(Path(ref))
     return catalog.get(ref)

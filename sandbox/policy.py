@@ -212,3 +212,19 @@ def load_policy(path: Path) -> Policy:
         return Policy.model_validate(data)
     except ValidationError as exc:
         raise YamlError(validation_message(exc, provenance, str(path))) from None
+
+
+# The policies this package ships (sandbox/policies/NAME.yaml), reached by name only: a blueprint
+# may start from one, and a name never becomes a path outside this directory.
+BASE_POLICIES = Path(__file__).resolve().parent / "policies"
+
+
+def base_policy_names() -> list[str]:
+    return sorted(p.stem for p in BASE_POLICIES.glob("*.yaml"))
+
+
+def base_policy(name: str) -> Policy:
+    """The shipped policy `name`; KeyError for any name that is not one of them."""
+    if name not in base_policy_names():
+        raise KeyError(name)
+    return load_policy(BASE_POLICIES / f"{name}.yaml")

@@ -23,12 +23,20 @@ NameArg = Annotated[str, typer.Argument(help="Agent name.", metavar="NAME")]
 TURN_FAILED_HINT = "see `appliance agent logs NAME` and `appliance sandbox logs NAME`"
 
 
-def blueprint_arg(ref: str) -> str:
-    """A blueprint file is read by the control plane (root, same host): send its absolute
-    path, as this shell's working directory means it. A catalog reference goes as it is."""
+def blueprint_arg(ref: str) -> tuple[str | None, str | None, str]:
+    """(reference, None, "") for a catalog reference; (None, YAML text, file name) for a file,
+    read here as the operator and checked first (a bad one fails with FILE:LINE before anything
+    is sent; the control plane parses the text again). The control plane opens no path."""
+    from appliance.errors import blueprint_errors
+    from blueprints.catalog import load_blueprint
     from blueprints.resolve import is_path_ref
 
-    return str(Path(ref).absolute()) if is_path_ref(ref) else ref
+    if not is_path_ref(ref):
+        return ref, None, ""
+    path = Path(ref)
+    with blueprint_errors():
+        load_blueprint(path)  # cannot read, not UTF-8, bad YAML, bad blueprint: FILE:LINE
+    return None, path.read_text(encoding="utf-8"), ref
 
 
 @app.command("create")
@@ -44,9 +52,10 @@ def create(
     NAME: 1-63 of a-z, 0-9 and '-'. All or nothing: a failure leaves nothing behind."""
     from sandbox.names import check_name
 
-    check_name(name, "agent")  # before anything is sent
+    check_name(name, "agent")  # before anything is read or sent
+    ref, text, source = blueprint_arg(blueprint)
     with control_client(ctx) as client:  # a first use builds the image: minutes
-        out = client.create_agent(name, blueprint_arg(blueprint))
+        out = client.create_agent(name, ref, text, source)
     if json_out:
         print_json(out)
         return

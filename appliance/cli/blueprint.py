@@ -27,15 +27,23 @@ def catalog(ctx: typer.Context):
 
 
 def resolve(ctx: typer.Context, ref: str, compatible: bool = False):
-    from appliance.control.blueprints import resolve as resolve_ref
+    """A catalog reference or a file, read here as the operator (these commands only read);
+    `compatible`: one this appliance can run, or an error."""
+    from appliance import __version__
+    from appliance.errors import blueprint_errors
+    from blueprints.resolve import check_compatible, resolve_blueprint
 
-    return resolve_ref(catalog(ctx), ref, compatible=compatible)
+    with blueprint_errors():
+        blueprint = resolve_blueprint(catalog(ctx), ref)
+        if compatible:
+            check_compatible(blueprint, __version__)
+        return blueprint
 
 
 @app.command("list")
 def list_(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     """Every blueprint and version in the catalog (and the configured user dirs)."""
-    from appliance.control.blueprints import blueprint_errors
+    from appliance.errors import blueprint_errors
 
     with blueprint_errors():
         cat = catalog(ctx)
@@ -145,7 +153,8 @@ def upgrade(
     ctx: typer.Context,
     sandbox: Annotated[str, typer.Argument(help="The agent (sandbox) to move.")],
     to: Annotated[
-        str | None, typer.Option("--to", help="VERSION or NAME@VERSION (default: newest).")
+        str | None,
+        typer.Option("--to", help="VERSION, NAME@VERSION or a blueprint.yaml (default: newest)."),
     ] = None,
 ) -> None:
     """Re-create an agent's sandbox on another blueprint version, keeping its home and
@@ -153,8 +162,9 @@ def upgrade(
     from appliance.cli.agent import blueprint_arg
     from appliance.cli.context import control_client
 
+    ref, text, source = blueprint_arg(to) if to else (None, None, "")
     with control_client(ctx) as client:
-        dep = client.upgrade_agent(sandbox, blueprint_arg(to) if to else None)
+        dep = client.upgrade_agent(sandbox, ref, text, source)
     console.print(f"{sandbox} now runs {dep['blueprint']}")
 
 

@@ -1,13 +1,14 @@
 """Agents: a sandbox, a key and a budget made from a blueprint, and the turns run in it.
 
-`create` resolves the blueprint (catalog or file), finds or builds the image it pins by digest,
-renders the runtime's config into a read-only directory, creates the sandbox with the runtime's
-policy and a key limited to the blueprint's models, and sets that key's budget. A turn runs the
-runtime's command inside the sandbox through the supervisor's `exec` mode (the agent's Landlock
-domain), records the reply on the host (transcript JSONL, audit) and never hands the agent a key:
-inference.local is reached through the egress proxy, which injects it. `upgrade` re-creates the
-sandbox (and its key) on another version around the same home and persisted approvals, and goes
-back when the new one fails. What a runtime kind means is blueprints/runtimes' business.
+`create` takes a catalog reference or a blueprint a client sent as text, finds or builds the
+image it pins by digest, renders the runtime's config into a read-only directory, creates the
+sandbox with the runtime's policy and a key limited to the blueprint's models, and sets that
+key's budget. A turn runs the runtime's command inside the sandbox through the supervisor's
+`exec` mode (the agent's Landlock domain), records the reply on the host (transcript JSONL,
+audit) and never hands the agent a key: inference.local is reached through the egress proxy,
+which injects it. `upgrade` re-creates the sandbox (and its key) on another version around the
+same home and persisted approvals, and goes back when the new one fails. What a runtime kind
+means is blueprints/runtimes' business.
 
 The mechanics only, on one store connection (one thread): the control plane's AgentService
 (agents.py) holds the locks and says who acts.
@@ -26,20 +27,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.config import ApplianceConfig
-from appliance.control.blueprints import blueprint_errors, resolve, resolve_deployed
+from appliance.control.blueprints import resolve, resolve_deployed
 from appliance.errors import (
     OPERATOR_ERRORS,
     ApplianceError,
     ConfigError,
     ConflictError,
     NotFoundError,
+    blueprint_errors,
 )
 from appliance.store import Store
 from appliance.store.agent_store import AgentStore, Deployment
 from appliance.store.inference_store import InferenceStore
 from blueprints.catalog import Catalog
 from blueprints.model import Blueprint
-from blueprints.resolve import is_path_ref
 from blueprints.runtimes import AgentRuntime, Exec, Serving, runtime_for
 from inference.ports import Budget
 from sandbox.lifecycle.undo import Undo
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     from sandbox.lifecycle.manager import SandboxManager
 
 Progress = Callable[[str], None]
+# A catalog reference (`name[@version]`) or a blueprint parsed from a client's YAML text.
+BlueprintSource = str | Blueprint
 _SESSION = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 
 
@@ -111,8 +114,11 @@ class AgentManager:
 
     # -- blueprints and images ---------------------------------------------------------------
 
-    def blueprint(self, ref: str) -> Blueprint:
-        return resolve(self.catalog, ref, compatible=True)
+    def blueprint(self, source: BlueprintSource) -> Blueprint:
+        """A parsed blueprint as it is (checked when parsed); a reference from the catalog."""
+        if isinstance(source, Blueprint):
+            return source
+        return resolve(self.catalog, source, compatible=True)
 
     def image(self, bp: Blueprint, progress: Progress) -> str:
         """The local image the blueprint pins (building it if this appliance knows the recipe)."""
@@ -130,11 +136,13 @@ class AgentManager:
 
     # -- create / remove ---------------------------------------------------------------------
 
-    def create(self, name: str, ref: str, progress: Progress = lambda _: None) -> Deployment:
+    def create(
+        self, name: str, source: BlueprintSource, progress: Progress = lambda _: None
+    ) -> Deployment:
         """All or nothing: the name is checked first; a failure after the sandbox was made
         removes it (its key and budget with it)."""
         self.refuse_existing(name)
-        bp = self.blueprint(ref)
+        bp = self.blueprint(source)
         return self._deploy(name, bp, "created", progress)
 
     def refuse_existing(self, name: str) -> None:
@@ -229,11 +237,11 @@ class AgentManager:
 
     # -- upgrade / rollback ------------------------------------------------------------------
 
-    def upgrade_target(self, name: str, to: str | None = None) -> Blueprint:
-        """Blueprint `to` (VERSION, NAME@VERSION or a file; default: the newest version of the
-        blueprint the agent runs)."""
+    def upgrade_target(self, name: str, to: BlueprintSource | None = None) -> Blueprint:
+        """Blueprint `to` (VERSION, NAME@VERSION or a parsed blueprint; default: the newest
+        version of the blueprint the agent runs)."""
         current = self.current(name)
-        if to is not None and "@" not in to and not is_path_ref(to):
+        if isinstance(to, str) and "@" not in to:
             to = f"{current.blueprint}@{to}"  # a bare version: of the blueprint it runs
         target = self.blueprint(to or current.blueprint)
         if target.digest() == current.digest:
@@ -241,7 +249,7 @@ class AgentManager:
         return target
 
     def upgrade(
-        self, name: str, to: str | None = None, progress: Progress = lambda _: None
+        self, name: str, to: BlueprintSource | None = None, progress: Progress = lambda _: None
     ) -> Deployment:
         """Re-create the sandbox on `upgrade_target(name, to)`, keeping its home and persisted
         approvals; back to the old one on failure."""

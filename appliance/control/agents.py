@@ -14,16 +14,15 @@ switch must not wait for it (a turn cut off that way fails with the exec's error
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from appliance.control.agent_manager import AgentManager, deployment_view
-from appliance.errors import AuthError, ConfigError, NotFoundError
+from appliance.control.agent_manager import AgentManager, BlueprintSource, deployment_view
+from appliance.control.blueprints import check_ref, parse
+from appliance.errors import NotFoundError
 from appliance.store import open_store
 from blueprints.model import Blueprint
-from blueprints.resolve import is_path_ref
 from sandbox.names import check_name
 
 if TYPE_CHECKING:
@@ -47,7 +46,8 @@ class AgentService:
 
     @contextmanager
     def _locked(self, name: str) -> Iterator[None]:
-        """The agent's lock (not reentrant: taken once per call, around `_guarded`)."""
+        """The agent's lock (an RLock, as all the plane's), taken once per call around
+        `_guarded`: the agent's, then the sandbox's, always in that order."""
         check_name(name, "agent")  # before anything is locked, read or written
         with self.plane.locked("agent", name):
             yield
@@ -79,16 +79,17 @@ class AgentService:
 
     # -- changes -----------------------------------------------------------------------------
 
-    def create(self, who: Principal, name: str, ref: str) -> dict[str, Any]:
+    def create(self, who: Principal, name: str, source: BlueprintSource) -> dict[str, Any]:
+        """From a catalog reference or a blueprint parsed from a client's text (`blueprint`)."""
         check_name(name, "agent")
-        ref = blueprint_ref(who, ref)
+        source = checked(source)
         with self._locked(name):
             with self._manager(who) as m:
                 m.refuse_existing(name)  # the common conflict, answered before any build
-                blueprint = m.blueprint(ref)
+                blueprint = m.blueprint(source)
             self._prepare_image(who, blueprint)
             with self._guarded(who, name) as m:
-                dep = m.create(name, ref, progress=_progress)  # checks the name again, locked
+                dep = m.create(name, blueprint, progress=_progress)  # checks the name, locked
                 return {**deployment_view(dep), "enforcement": m.sandboxes.enforcement(name) or {}}
 
     def stop(self, who: Principal, name: str) -> dict[str, Any]:
@@ -106,15 +107,15 @@ class AgentService:
             m.remove(name)
         return {"name": name, "removed": True}
 
-    def upgrade(self, who: Principal, name: str, to: str | None) -> dict[str, Any]:
-        """To VERSION, NAME@VERSION or a file (default: the newest version)."""
-        to = blueprint_ref(who, to) if to else None
+    def upgrade(self, who: Principal, name: str, to: BlueprintSource | None) -> dict[str, Any]:
+        """To VERSION, NAME@VERSION or a parsed blueprint (default: the newest version)."""
+        to = checked(to) if to else None
         with self._locked(name):
             with self._manager(who) as m:
                 target = m.upgrade_target(name, to)
             self._prepare_image(who, target)
             with self._guarded(who, name) as m:
-                return deployment_view(m.upgrade(name, to, progress=_progress))
+                return deployment_view(m.upgrade(name, target, progress=_progress))
 
     def rollback(self, who: Principal, name: str) -> dict[str, Any]:
         with self._locked(name):
@@ -138,22 +139,18 @@ class AgentService:
         raise NotFoundError(f"no agent named {name!r}", hint="`appliance agent list`")
 
 
-def blueprint_ref(who: Principal, ref: str) -> str:
-    """A catalog reference as it is; a file path only from the unix socket (the control plane
-    reads it as root, so only a local admin may name one) and only absolute (a relative one
-    would be read from the control plane's own directory, not the operator's)."""
-    if not is_path_ref(ref):
-        return ref
-    if who.kind != "unix":
-        raise AuthError(
-            "a blueprint file path is accepted only over the control plane's unix socket",
-            hint="put the blueprint in a catalog dir (config blueprints.dirs), use NAME@VERSION",
-        )
-    if not os.path.isabs(ref):
-        raise ConfigError(
-            f"blueprint path {ref!r} is relative", hint="send an absolute path (the CLI does)"
-        )
-    return ref
+def checked(source: BlueprintSource) -> BlueprintSource:
+    """A reference that is no path (the control plane never opens a caller's path), or a
+    blueprint already parsed from text."""
+    return source if isinstance(source, Blueprint) else check_ref(source)
+
+
+def blueprint_source(ref: str | None, text: str | None, source: str) -> BlueprintSource | None:
+    """What a request names: a catalog reference, or a blueprint's YAML text (parsed here;
+    `source`, the client's file name, only labels its error lines)."""
+    if text is not None:
+        return parse(text, source)
+    return check_ref(ref) if ref else None
 
 
 def _progress(line: str) -> None:

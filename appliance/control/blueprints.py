@@ -1,48 +1,41 @@
-"""Blueprint references resolved for the appliance: the blueprints package's errors turned into
-the appliance's (one line, its exit code, a hint), and this appliance's version checked."""
+"""Blueprints as the control plane takes them: a catalog reference (`name[@version]`) or a
+blueprint's YAML text as a client sent it, never a path. The control plane runs as root: a path
+from a caller would be opened as root and its lines quoted back in an error. A file is the CLI's
+to read, as the operator; it sends the text. Errors become the appliance's (appliance.errors)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from appliance import __version__
-from appliance.errors import ApplianceError, ConfigError, NotFoundError
-from blueprints.catalog import BlueprintError, BlueprintNotFound, Catalog
+from appliance.errors import ConfigError, blueprint_errors
+from blueprints.catalog import Catalog, parse_blueprint
 from blueprints.model import Blueprint
-from blueprints.resolve import (
-    BlueprintChanged,
-    BlueprintIncompatible,
-    check_compatible,
-    resolve_blueprint,
-    resolve_pinned,
-)
+from blueprints.resolve import check_compatible, is_path_ref, resolve_pinned
+
+REF_HINT = "name a catalog blueprint (NAME[@VERSION]); the CLI sends a file's YAML text itself"
 
 
-@contextmanager
-def blueprint_errors() -> Iterator[None]:
-    try:
-        yield
-    except BlueprintNotFound as exc:
-        raise NotFoundError(str(exc), hint="`appliance blueprint list`") from None
-    except BlueprintIncompatible as exc:
-        raise ConfigError(
-            str(exc), hint="upgrade the appliance or pick an older blueprint version"
-        ) from None
-    except BlueprintChanged as exc:
-        raise ApplianceError(
-            str(exc), hint="blueprint versions must not be edited in place: publish a new version"
-        ) from None
-    except BlueprintError as exc:
-        raise ConfigError(str(exc), hint="fix the blueprint at the line named") from None
+def check_ref(ref: str) -> str:
+    """`ref` when it is a catalog reference; a path is refused before anything is opened."""
+    if is_path_ref(ref):
+        raise ConfigError("a blueprint reference is NAME[@VERSION], not a file path", hint=REF_HINT)
+    return ref
 
 
 def resolve(catalog: Catalog, ref: str, compatible: bool = False) -> Blueprint:
-    """`name[@version]` or a file path; `compatible`: one this appliance can run, or an error."""
+    """`name[@version]` from the catalog; `compatible`: one this appliance can run, or an error."""
+    check_ref(ref)
     with blueprint_errors():
-        blueprint = resolve_blueprint(catalog, ref)
+        blueprint = catalog.get(ref)
         if compatible:
             check_compatible(blueprint, __version__)
+        return blueprint
+
+
+def parse(text: str, source: str) -> Blueprint:
+    """A blueprint from a client's YAML text (errors name `source`:line), runnable here."""
+    with blueprint_errors():
+        blueprint = parse_blueprint(text, source)
+        check_compatible(blueprint, __version__)
         return blueprint
 
 

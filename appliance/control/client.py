@@ -218,8 +218,16 @@ class ControlClient:
     def agents(self) -> list[dict[str, Any]]:
         return self.get("/agents")
 
-    def create_agent(self, name: str, blueprint: str) -> dict[str, Any]:
-        body = {"name": name, "blueprint": blueprint}
+    def create_agent(
+        self,
+        name: str,
+        blueprint: str | None = None,
+        yaml_text: str | None = None,
+        source: str = "",
+    ) -> dict[str, Any]:
+        """From a catalog reference (`NAME[@VERSION]`) or a blueprint file's YAML text and its
+        name (never a path: the control plane opens no file a caller names)."""
+        body = {"name": name, "blueprint": blueprint, **_blueprint_file(yaml_text, source)}
         return self.post("/agents", body, timeout=LONG_TIMEOUT_S)
 
     def run_turn(self, name: str, message: str, session: str | None = None) -> dict[str, Any]:
@@ -233,8 +241,10 @@ class ControlClient:
     def start_agent(self, name: str) -> dict[str, Any]:
         return self.post(f"/agents/{_seg(name)}/start")
 
-    def upgrade_agent(self, name: str, version: str | None = None) -> dict[str, Any]:
-        body = {"version": version}
+    def upgrade_agent(
+        self, name: str, version: str | None = None, yaml_text: str | None = None, source: str = ""
+    ) -> dict[str, Any]:
+        body = {"version": version, **_blueprint_file(yaml_text, source)}
         return self.post(f"/agents/{_seg(name)}/upgrade", body, timeout=LONG_TIMEOUT_S)
 
     def rollback_agent(self, name: str) -> dict[str, Any]:
@@ -245,6 +255,11 @@ class ControlClient:
 
     def agent_transcript(self, name: str) -> list[dict[str, Any]]:
         return self.get(f"/agents/{_seg(name)}/transcript")
+
+
+def _blueprint_file(yaml_text: str | None, source: str) -> dict[str, str]:
+    """A blueprint file as the CLI read it: its YAML text, and its name for error lines."""
+    return {} if yaml_text is None else {"blueprint_yaml": yaml_text, "source": source}
 
 
 def _denied(exc: BaseException) -> bool:

@@ -241,10 +241,11 @@ def test_upgrade_and_rollback_through_the_cli(plane: dict[str, str]) -> None:
     assert _cli(plane, "agent", "rm", name).returncode == 0
 
 
-def test_a_blueprint_file_is_sent_as_an_absolute_path(
+def test_a_blueprint_file_is_read_by_the_cli_and_sent_as_text(
     plane: dict[str, str], tmp_path: Path
 ) -> None:
-    """`--blueprint ./x.yaml` means the operator's working directory, not the control plane's."""
+    """`--blueprint ./x.yaml` is read by the CLI, as the operator and from the operator's working
+    directory; the control plane gets its YAML text, never a path (a path as a reference: 422)."""
     name = f"file-{os.getpid()}"
     here = Path(tempfile.mkdtemp(prefix="aa-cwd-"))
     (here / "mine.yaml").write_text(yaml.safe_dump(_blueprint("mine")))
@@ -257,8 +258,23 @@ def test_a_blueprint_file_is_sent_as_an_absolute_path(
         assert json.loads(made.stdout)["blueprint"] == "mine@1.0.0"
         with _client(plane) as client:
             relative = client.post("/agents", json={"name": "rel", "blueprint": "./mine.yaml"})
-        assert relative.status_code == 422 and "relative" in relative.json()["error"]["message"]
+        assert relative.status_code == 422, relative.text
+        (here / "bad.yaml").write_text("name: mine\nversion: [1.0.0\n")
+        bad = subprocess.run(
+            [APPLIANCE, "agent", "create", "bad", "--blueprint", "bad.yaml"],
+            env=plane, cwd=here, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert bad.returncode == 3 and "bad.yaml:3:" in bad.stderr, bad.stderr
+        assert _cli(plane, "agent", "create", f"{name}-up", "--blueprint", "quiet").returncode == 0
+        newer = _blueprint("quiet") | {"version": "1.2.0"}
+        (here / "newer.yaml").write_text(yaml.safe_dump(newer))
+        up = subprocess.run(
+            [APPLIANCE, "blueprint", "upgrade", f"{name}-up", "--to", "newer.yaml"],
+            env=plane, cwd=here, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert up.returncode == 0 and "now runs quiet@1.2.0" in up.stdout, up.stderr
     finally:
+        _cli(plane, "agent", "rm", f"{name}-up")
         _cli(plane, "agent", "rm", name)
         shutil.rmtree(here, ignore_errors=True)
 
@@ -314,8 +330,8 @@ def test_mutating_agent_commands_need_the_control_plane(tmp_path: Path) -> None:
 
 def test_agent_routes_by_role_on_the_port(tmp_path: Path) -> None:
     """Over the loopback port with operator tokens: anonymous 401; a viewer lists agents but
-    changes nothing and reads no transcript (403); an operator may not name a blueprint file
-    (the control plane would read it as root): catalog references only."""
+    changes nothing and reads no transcript (403); no one names a blueprint file (422): catalog
+    references, or a blueprint's YAML text."""
     state = tmp_path / "state"
     port = free_port()
     env = cli_env(state, tmp_path, APPLIANCE_CONTROL__PORT=str(port))
@@ -347,12 +363,36 @@ def test_agent_routes_by_role_on_the_port(tmp_path: Path) -> None:
         with tcp(tokens["operator"]) as operator:
             for path in ("/etc/shadow.yaml", "../../etc/x", "/root/bp/blueprint.yml"):
                 refused = operator.post("/agents", json={"name": "a1", "blueprint": path})
-                assert refused.status_code == 403, refused.text
-                assert (
-                    "only over the control plane's unix socket"
-                    in refused.json()["error"]["message"]
-                )
+                assert refused.status_code == 422, refused.text
+                assert "NAME[@VERSION]" in refused.json()["error"]["message"]
             upgrade = operator.post("/agents/a1/upgrade", json={"version": "/etc/x.yaml"})
-            assert upgrade.status_code == 403
+            assert upgrade.status_code == 422
             assert operator.get("/agents/a1/transcript").json() == []  # no such agent: no turns
             assert operator.get("/agents/a%20b/transcript").status_code == 422  # the name rule
+
+
+def test_no_socket_peer_makes_the_control_plane_read_a_host_file(tmp_path: Path) -> None:
+    """The control plane runs as root: a path where a blueprint reference goes is refused (422),
+    for a socket peer too, and a root-only file's content appears in no answer. A blueprint's
+    `sandbox.base` names a policy, never a file. (No Podman needed: nothing gets that far.)"""
+    state = tmp_path / "state"
+    secret = tmp_path / "root-only.yaml"
+    secret.write_text("hunter2-secret-marker: 1\nroot:$6$saltsalt$hash:19000:0:99999:7:::\n")
+    secret.chmod(0o600)
+    env = cli_env(state, tmp_path)
+    with running_control_plane(env, state), _client(env) as client:
+        answers = []
+        for path in (str(secret), "/etc/shadow", "../../etc/shadow", "x.yaml", "a/b"):
+            answers.append(client.post("/agents", json={"name": "a1", "blueprint": path}))
+            answers.append(client.post("/agents/a1/upgrade", json={"version": path}))
+        base = {**_blueprint("mine"), "sandbox": {"base": str(secret.with_suffix(""))}}
+        answers.append(
+            client.post("/agents", json={"name": "a1", "blueprint_yaml": yaml.safe_dump(base)})
+        )
+        for answer in answers:
+            assert answer.status_code == 422, answer.text
+            assert answer.json()["error"]["type"] in ("invalid_request", "config_error")
+            assert "hunter2" not in answer.text and "saltsalt" not in answer.text
+        both = {"name": "a1", "blueprint": "quiet", "blueprint_yaml": "name: x\n"}
+        assert client.post("/agents", json=both).status_code == 422  # one source, not two
+        assert client.get("/agents").json() == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from appliance.control.agent_manager import key_models
 from appliance.store import open_store
@@ -46,21 +47,22 @@ def test_key_models_are_the_model_and_the_allowed_ones() -> None:
     assert key_models(bp) == ["big", "default"]
 
 
-def test_a_blueprint_file_only_from_a_local_admin_and_only_absolute() -> None:
-    """The control plane reads a blueprint file as root: a token operator names catalog
-    blueprints only; a relative path (the control plane's cwd, not the operator's) is refused."""
-    from appliance.control.agents import blueprint_ref
-    from appliance.control.api.deps import Principal
-    from appliance.errors import AuthError, ConfigError
+def test_the_control_plane_takes_references_and_text_never_a_path(tmp_path: Path) -> None:
+    """The control plane runs as root: whoever asks, a path is refused before anything is
+    opened (a file is the CLI's to read, as the operator; it sends the text)."""
+    from appliance.control.agents import blueprint_source
+    from appliance.errors import ConfigError
 
-    peer = Principal("unix", "uid:0", "admin", uid=0, pid=1)
-    token = Principal("token", "ops", "admin")
-    for ref in ("openclaw", "openclaw@1.0.0"):
-        assert blueprint_ref(peer, ref) == ref and blueprint_ref(token, ref) == ref
-    assert blueprint_ref(peer, "/srv/bp/x.yaml") == "/srv/bp/x.yaml"
-    with pytest.raises(AuthError, match="only over the control plane's unix socket"):
-        blueprint_ref(token, "/etc/shadow.yaml")
-    with pytest.raises(AuthError):
-        blueprint_ref(token, "../../etc/x")  # a '/' makes it a path
-    with pytest.raises(ConfigError, match="is relative"):
-        blueprint_ref(peer, "bp/x.yaml")
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("hunter2: 1\n")
+    for ref in ("openclaw", "openclaw@1.0.0", "1.1.0"):
+        assert blueprint_source(ref, None, "") == ref
+    for path in (str(secret), "/etc/shadow", "../../etc/x", "bp/x.yaml", "x.yml"):
+        with pytest.raises(ConfigError, match="not a file path") as info:
+            blueprint_source(path, None, "")
+        assert "hunter2" not in str(info.value)
+    text = yaml.safe_dump(_bp().model_dump(mode="json"))
+    parsed = blueprint_source(None, text, "mine.yaml")
+    assert isinstance(parsed, Blueprint) and parsed.digest() == _bp().digest()
+    with pytest.raises(ConfigError, match=r"^mine.yaml:3:"):
+        blueprint_source(None, "name: x\nversion: [\n", "mine.yaml")

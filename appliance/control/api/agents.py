@@ -7,22 +7,50 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from appliance.control.agents import blueprint_source
 from appliance.control.api.deps import Operator, Plane, Principal, Viewer
 from appliance.control.plane import ControlPlane
+from blueprints.resolve import is_path_ref
 
 router = APIRouter(tags=["agents"])
 
 MESSAGE_MAX = 100_000  # one argv string inside the sandbox (the kernel caps one at 128 KiB)
-REF_MAX = 4096  # NAME[@VERSION] or an absolute blueprint.yaml path
+REF_MAX = 255  # NAME[@VERSION]
+BLUEPRINT_MAX = 1 << 20  # a blueprint is a few KiB of YAML
+NOT_A_PATH = "NAME[@VERSION] is a catalog reference, not a path: send a file as blueprint_yaml"
 
 
-class NewAgent(BaseModel):
-    name: str = Field(max_length=255)
-    blueprint: str = Field(
-        max_length=REF_MAX, description="NAME[@VERSION], or an absolute blueprint.yaml path."
+def _reference(ref: str | None) -> str | None:
+    """Never a host path: the control plane (root) opens no file a caller names (422)."""
+    if ref is not None and is_path_ref(ref):
+        raise ValueError(NOT_A_PATH)
+    return ref
+
+
+class BlueprintText(BaseModel):
+    """A blueprint file as the CLI read it (as the operator): its YAML text, and its name."""
+
+    blueprint_yaml: str | None = Field(
+        None, max_length=BLUEPRINT_MAX, description="A blueprint file's YAML text."
     )
+    source: str = Field("<blueprint>", max_length=4096, description="Its file name, for errors.")
+
+
+class NewAgent(BlueprintText):
+    name: str = Field(max_length=255)
+    blueprint: str | None = Field(
+        None, max_length=REF_MAX, description="NAME[@VERSION] (or send blueprint_yaml)."
+    )
+
+    _ref = field_validator("blueprint")(_reference)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> NewAgent:
+        if (self.blueprint is None) == (self.blueprint_yaml is None):
+            raise ValueError("give one of blueprint (NAME[@VERSION]) or blueprint_yaml")
+        return self
 
 
 class TurnRequest(BaseModel):
@@ -30,10 +58,18 @@ class TurnRequest(BaseModel):
     session: str | None = Field(None, max_length=64, description="Continue this session.")
 
 
-class UpgradeRequest(BaseModel):
+class UpgradeRequest(BlueprintText):
     version: str | None = Field(
-        None, max_length=REF_MAX, description="VERSION, NAME@VERSION or a path; default newest."
+        None, max_length=REF_MAX, description="VERSION or NAME@VERSION; default the newest."
     )
+
+    _ref = field_validator("version")(_reference)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> UpgradeRequest:
+        if self.version is not None and self.blueprint_yaml is not None:
+            raise ValueError("give one of version or blueprint_yaml")
+        return self
 
 
 @router.get("/agents")
@@ -45,7 +81,9 @@ def list_agents(who: Principal = Viewer, plane: ControlPlane = Plane) -> list[di
 def create_agent(
     body: NewAgent, who: Principal = Operator, plane: ControlPlane = Plane
 ) -> dict[str, Any]:
-    return plane.agents.create(who, body.name, body.blueprint)
+    source = blueprint_source(body.blueprint, body.blueprint_yaml, body.source)
+    assert source is not None  # NewAgent requires one
+    return plane.agents.create(who, body.name, source)
 
 
 @router.post("/agents/{name}/turns")
@@ -71,7 +109,8 @@ def start_agent(
 def upgrade_agent(
     name: str, body: UpgradeRequest, who: Principal = Operator, plane: ControlPlane = Plane
 ) -> dict[str, Any]:
-    return plane.agents.upgrade(who, name, body.version)
+    to = blueprint_source(body.version, body.blueprint_yaml, body.source)
+    return plane.agents.upgrade(who, name, to)
 
 
 @router.post("/agents/{name}/rollback")

@@ -13,19 +13,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from blueprints.errors import BlueprintError, BlueprintNotFound
 from blueprints.model import SEMVER, Blueprint, semver_key
 from sandbox.yamlfile import Provenance, YamlError, load_yaml, parse_yaml, validation_message
 
 BUILTIN = Path(__file__).resolve().parent
 FILENAME = "blueprint.yaml"
-
-
-class BlueprintError(ValueError):
-    """A blueprint is invalid or ambiguous; the message names the file (and line)."""
-
-
-class BlueprintNotFound(BlueprintError):
-    """No blueprint (or no such version) by that name."""
 
 
 def load_blueprint(path: Path) -> Blueprint:

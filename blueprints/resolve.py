@@ -9,16 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from blueprints.catalog import BlueprintError, Catalog, load_blueprint
+from blueprints.catalog import Catalog, load_blueprint
+from blueprints.errors import BlueprintChanged, BlueprintIncompatible
 from blueprints.model import Blueprint, semver_key
-
-
-class BlueprintIncompatible(BlueprintError):
-    """The blueprint needs a newer appliance than the one running."""
-
-
-class BlueprintChanged(BlueprintError):
-    """name@version no longer has the digest a deployment pinned (edited in place)."""
 
 
 def is_path_ref(ref: str) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from blueprints.catalog import BlueprintError
+from blueprints.errors import BlueprintError
 from blueprints.model import Blueprint
 from sandbox.policy import Policy
 

@@ -12,7 +12,7 @@ import re
 import secrets
 from typing import Any
 
-from blueprints.catalog import BlueprintError
+from blueprints.errors import BlueprintError
 from blueprints.model import Blueprint
 from blueprints.runtimes import WORKSPACE, Exec, Reply, Serving
 from sandbox.compile.podman_spec import AGENT_DIR

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from blueprints.catalog import BlueprintError, Catalog
+from blueprints.catalog import Catalog
+from blueprints.errors import BlueprintError
 from blueprints.model import Blueprint
 from blueprints.runtimes import RUNTIMES, AgentRuntime, Serving, runtime_for
 from blueprints.runtimes.command import CommandRuntime

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from blueprints.catalog import BlueprintError, load_blueprint, parse_blueprint
+from blueprints.catalog import load_blueprint, parse_blueprint
+from blueprints.errors import BlueprintError
 from blueprints.model import Blueprint
 from sandbox.policy import Policy, base_policy, base_policy_names
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from blueprints.catalog import BlueprintError, BlueprintNotFound, Catalog, load_blueprint
+from blueprints.catalog import Catalog, load_blueprint
 from blueprints.diff import diff, recreates
+from blueprints.errors import BlueprintError, BlueprintNotFound
 from blueprints.model import Blueprint, semver_key
 from tests.helpers import assert_golden
 

@@ -59,6 +59,14 @@ class ConflictError(ApplianceError):
     hint = "read the current state (`list` / `status`) and decide again"
 
 
+class BusyError(ApplianceError):
+    """The control plane's slots for that kind of long call (agent turns, sandbox execs) are all
+    taken (HTTP 429): refused at once rather than queued, so the data plane never starves the
+    control plane (kill, release, status keep their own)."""
+
+    hint = "try again when a running turn or exec has ended"
+
+
 class ControlPlaneDown(BackendError):
     """A command that changes state found no control plane to send it to."""
 
@@ -98,6 +106,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (BackendError, 7),
     (AuthError, 8),
     (ConflictError, 10),
+    (BusyError, 11),
     (ApplianceError, 1),
     (PermissionError, 8),
     (OSError, 9),

@@ -121,19 +121,29 @@ def exec_(
     command's."""
     stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     with control(ctx) as client:
-        code, out, err = client.sandbox_exec(_named(name), command, stdin)
+        code, out, err, truncated = client.sandbox_exec(_named(name), command, stdin)
     sys.stdout.buffer.write(out)
     sys.stdout.flush()
     sys.stderr.buffer.write(err)
     sys.stderr.flush()
+    if truncated:  # the control plane keeps 8 MiB of each stream, then stops the command
+        err_console.print(
+            "appliance: warning: the output was truncated at 8 MiB and the command stopped"
+        )
     raise typer.Exit(code)
 
 
 @app.command("logs")
-def logs(ctx: typer.Context, name: NameArg) -> None:
-    """The sandbox's output (supervisor and agent)."""
+def logs(
+    ctx: typer.Context,
+    name: NameArg,
+    tail: Annotated[
+        int, typer.Option("--tail", min=0, max=100_000, help="The last N lines.")
+    ] = 1000,
+) -> None:
+    """The sandbox's output (supervisor and agent): its last --tail lines."""
     with control(ctx) as client:
-        sys.stdout.write(client.sandbox_logs(_named(name)))
+        sys.stdout.write(client.sandbox_logs(_named(name), tail))
 
 
 @app.command("stop")

@@ -110,14 +110,16 @@ class ApprovalService:
                 client.deny(approval_id)
             elif persist:  # the control plane writes the rule, on this command: never the proxy
                 endpoint = m.persistable(approval_id, pending["host"], pending["port"])
-                client.approve(approval_id)
+                # The rule first: a rule that cannot be written lets nothing through unaudited.
                 with self.plane.sandboxes.guarded(name) as locked:
                     rev = locked.persist_approval(name, endpoint, approval_id)
+                client.approve(approval_id)
             else:
                 client.approve(approval_id)
         except KeyError:  # the proxy settled it meanwhile (its hold timed out)
+            written = f"; its rule was written (rev {rev})" if rev is not None else ""
             raise NotFoundError(
-                f"no pending approval {approval_id!r} (it timed out)",
+                f"no pending approval {approval_id!r} (it timed out{written})",
                 hint="`appliance approvals list`",
             ) from None
         decision = "approved" if approve else "denied"

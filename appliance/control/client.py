@@ -26,6 +26,7 @@ _ERRORS: dict[str, type[e.ApplianceError]] = {
     "preflight_failed": e.PreflightError,
     "backend_unavailable": e.BackendError,
     "conflict": e.ConflictError,
+    "busy": e.BusyError,
     "unauthorized": e.AuthError,
     "forbidden": e.AuthError,
 }
@@ -131,15 +132,21 @@ class ControlClient:
     def reconcile_sandboxes(self) -> dict[str, list[str]]:
         return self.post("/sandboxes/reconcile")
 
-    def sandbox_logs(self, name: str) -> str:
-        return str(self.get(f"/sandboxes/{_seg(name)}/logs")["logs"])
+    def sandbox_logs(self, name: str, tail: int | None = None) -> str:
+        """The last `tail` lines (the control plane's default, 1000, when None)."""
+        path = f"/sandboxes/{_seg(name)}/logs" + (f"?tail={tail}" if tail is not None else "")
+        return str(self.get(path)["logs"])
 
-    def sandbox_exec(self, name: str, argv: list[str], stdin: bytes) -> tuple[int, bytes, bytes]:
-        """(exit code, stdout, stderr): stdin sent whole, output returned whole (not a stream)."""
+    def sandbox_exec(
+        self, name: str, argv: list[str], stdin: bytes
+    ) -> tuple[int, bytes, bytes, bool]:
+        """(exit code, stdout, stderr, truncated): stdin sent whole, output returned whole (not a
+        stream), each stream capped by the control plane (truncated: the command was stopped)."""
         body = {"argv": argv, "stdin": base64.b64encode(stdin).decode()}
         out = self.post(f"/sandboxes/{_seg(name)}/exec", body, timeout=EXEC_TIMEOUT_S)
         decode = base64.b64decode
-        return int(out["exit_code"]), decode(out["stdout"]), decode(out["stderr"])
+        code, truncated = int(out["exit_code"]), bool(out.get("truncated"))
+        return code, decode(out["stdout"]), decode(out["stderr"]), truncated
 
     def approvals(self) -> list[dict[str, Any]]:
         return self.get("/approvals")

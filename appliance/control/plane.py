@@ -59,7 +59,9 @@ class ControlPlane:
         # serialised here, so the second sees the first's result (and gets a 409), never a
         # half-made state. Different names proceed in parallel. Re-entrant: code that holds a
         # name may call code that takes the same name again in its thread (no self-deadlock).
-        self._locks: dict[str, threading.RLock] = {}
+        # Kept only while some thread holds or waits for it (a count each): names asked once
+        # do not pile up for the life of the process.
+        self._locks: dict[str, tuple[threading.RLock, list[int]]] = {}
         self._locks_guard = threading.Lock()
         self._build_guard = threading.RLock()
 
@@ -67,9 +69,16 @@ class ControlPlane:
     def locked(self, kind: str, name: str) -> Iterator[None]:
         key = f"{kind}:{name}"
         with self._locks_guard:
-            lock = self._locks.setdefault(key, threading.RLock())
-        with lock:
-            yield
+            lock, users = self._locks.setdefault(key, (threading.RLock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._locks_guard:
+                users[0] -= 1
+                if users[0] == 0:
+                    del self._locks[key]
 
     # -- control-core: the audit log, operators, keys and budgets -----------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import subprocess
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXEC_TIMEOUT_S = 600.0
+EXEC_OUTPUT_CAP = 8 << 20  # bytes of stdout, and of stderr, an exec returns (base64 on the wire)
+LOGS_TAIL = 1000  # lines of a sandbox's logs returned unless the caller asks for more or fewer
+LOGS_TAIL_MAX = 100_000
+LOGS_BYTES_MAX = 8 << 20
 RECONCILE_INTERVAL_S = 30.0
 
 
@@ -106,7 +110,9 @@ class SandboxService:
 
     @contextmanager
     def guarded(self, name: str) -> Iterator[SandboxManager]:
-        """The manager, holding `name`'s lock (and keeping reconciliation out meanwhile)."""
+        """The manager, holding `name`'s lock (and keeping reconciliation out meanwhile). The
+        name is checked first: no lock is made for a name that cannot exist."""
+        check_name(name, "sandbox")
         with self._gate.shared(), self.plane.locked("sandbox", name), self.manager() as m:
             yield m
 
@@ -130,10 +136,18 @@ class SandboxService:
             rev, policy = m.policy(name)
         return {"rev": rev, "policy": policy.model_dump(mode="json")}
 
-    def logs(self, name: str) -> str:
+    def logs(self, name: str, tail: int = LOGS_TAIL) -> str:
+        """The last `tail` lines of the sandbox's output (never all of it: it is unbounded), and
+        of those at most the last LOGS_BYTES_MAX bytes (a line may be any length)."""
+        kept = bytearray()
         with self.manager() as m:
-            out = b"".join(m.container(name).logs(stdout=True, stderr=True))
-        return out.decode(errors="replace")
+            container = m.container(name)
+            frames = container.logs(stdout=True, stderr=True, tail=tail, stream=True, follow=False)
+            for frame in frames:
+                kept += frame
+                if len(kept) > 2 * LOGS_BYTES_MAX:
+                    del kept[:-LOGS_BYTES_MAX]
+        return bytes(kept[-LOGS_BYTES_MAX:]).decode(errors="replace")
 
     # -- changes -----------------------------------------------------------------------------
 
@@ -153,19 +167,33 @@ class SandboxService:
                 raise ConflictError(
                     f"sandbox {name!r} exists", hint=f"`appliance sandbox rm {name}` first"
                 )
-            record = m.create(name, policy, command or None, image)
+            try:
+                record = m.create(name, policy, command or None, image)
+            except Exception as exc:
+                self._refuse_if_held_meanwhile(m, name, failed=exc)
+                raise
             self._audit(m, "control.sandbox.create", who, sandbox=name)
             self._refuse_if_held_meanwhile(m, name)
             return {"name": record.name, "state": record.state, "enforcement": m.enforcement(name)}
 
     @staticmethod
-    def _refuse_if_held_meanwhile(m: SandboxManager, name: str) -> None:
+    def _refuse_if_held_meanwhile(
+        m: SandboxManager, name: str, failed: Exception | None = None
+    ) -> None:
         """The kill switch takes no name lock (it must finish within 5 s): pulled with --hold
         while this sandbox was being created or started, it may have found nothing to stop yet.
-        Held now: stop what was just started, and say so (fail closed)."""
+        Held now: stop what was just started, and say so (fail closed). A create the switch
+        broke (it stopped the container under it, and the create undid itself) is the same
+        conflict, not whatever error the broken step raised."""
         held = m.boxes.held()
         if held is None:
             return
+        if failed is not None:
+            raise ConflictError(
+                f"sandbox {name!r} was not made: the kill switch held while it started ({held});"
+                f" the create failed: {failed}",
+                hint="`appliance release` lifts the hold; then create it again",
+            ) from failed
         m.kill([name], False, reason=f"the kill switch held while it started: {held}")
         raise ConflictError(
             f"sandbox {name!r} was stopped as it started: the kill switch holds ({held})",
@@ -202,26 +230,28 @@ class SandboxService:
 
     def exec(self, name: str, argv: list[str], stdin: bytes) -> dict[str, Any]:
         """`argv` in the sandbox as the agent, `stdin` fed whole; output whole (base64), not
-        streamed: an interactive session is not what this API offers."""
-        from sandbox.lifecycle.exec import exec_argv
+        streamed: an interactive session is not what this API offers. Each stream is capped
+        at EXEC_OUTPUT_CAP: past it the command is stopped and `truncated` is true."""
+        from sandbox.lifecycle.exec import exec_argv, run_capped, stop_marked
 
         if not argv:
             raise ConfigError("exec needs a command", hint="`appliance sandbox exec NAME -- CMD`")
+        mark = secrets.token_hex(16)
         with self.manager() as m:
-            podman_argv = exec_argv(m, name, argv)
-        try:
-            done = subprocess.run(
-                podman_argv, input=stdin, capture_output=True, timeout=EXEC_TIMEOUT_S, check=False
-            )
-        except subprocess.TimeoutExpired as exc:
+            podman_argv = exec_argv(m, name, argv, mark)
+        done = run_capped(podman_argv, stdin, EXEC_OUTPUT_CAP, EXEC_TIMEOUT_S)
+        if done.truncated or done.timed_out:  # the client is stopped; its session is not
+            stop_marked(mark)
+        if done.timed_out:
             raise ApplianceError(
                 f"{argv[0]} ran past {EXEC_TIMEOUT_S:.0f} s and was stopped",
                 hint="run long commands as the sandbox's own command, not through exec",
-            ) from exc
+            )
         return {
-            "exit_code": done.returncode,
+            "exit_code": done.exit_code,
             "stdout": base64.b64encode(done.stdout).decode(),
             "stderr": base64.b64encode(done.stderr).decode(),
+            "truncated": done.truncated,
         }
 
     def reconcile(self, who: Principal | None = None) -> dict[str, list[str]]:

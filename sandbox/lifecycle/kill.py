@@ -9,7 +9,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from sandbox.lifecycle.errors import SandboxError
+from sandbox.lifecycle.errors import SandboxError, SandboxNotFound
 from sandbox.lifecycle.layout import SandboxPaths
 from sandbox.lifecycle.podman_service import PodmanService
 from sandbox.lifecycle.ports import SandboxRecords
@@ -38,7 +38,8 @@ class SandboxKillSwitch:
         errors = self._stop_containers([r.container_id or r.name for r in records])
         stopped: list[str] = []
         found = {r.name for r in records}
-        failed = [f"{n}: no such sandbox" for n in names if n not in found]
+        unknown = [f"{n}: no such sandbox" for n in names if n not in found]
+        failed = list(unknown)
         for record, error in zip(records, errors, strict=True):
             self._stop_proxy(self.paths(record.name))  # no egress even if the stop failed
             if error is None:
@@ -47,6 +48,11 @@ class SandboxKillSwitch:
             else:
                 failed.append(f"{record.name}: {error}")
         self.store_audit("kill", sandboxes=stopped, failed=failed, hold=hold, reason=reason)
+        if failed == unknown and unknown:  # all it could find, it stopped: a name was wrong
+            raise SandboxNotFound(
+                "the kill switch could not stop " + "; ".join(failed),
+                hint="`appliance sandbox list`",
+            )
         if failed:
             raise SandboxError("the kill switch could not stop " + "; ".join(failed))
         return stopped

@@ -271,13 +271,16 @@ class SandboxManager(SandboxCreation, EgressProxies, SandboxKillSwitch, SandboxR
         return latest
 
     def set_policy(self, name: str, new: Policy) -> int:
-        """Hot-reload the network part; the static part is fixed at creation."""
-        _rev, current = self.policy(name)
+        """Hot-reload the network part; the static part is fixed at creation. Idempotent: the
+        policy in force again is its revision, not a new one (nothing reloaded)."""
+        rev, current = self.policy(name)
         if policy_digest(new) != policy_digest(current):
             raise SandboxError(
                 "only `network` can change on a running sandbox; the static part is fixed",
                 hint=f"re-create it: `appliance sandbox rm {name}` then `sandbox create`",
             )
+        if new.network.model_dump(mode="json") == current.network.model_dump(mode="json"):
+            return rev
         return self.apply_network(name, new.network, "policy set")
 
     def apply_network(self, name: str, network: Network, reason: str) -> int:

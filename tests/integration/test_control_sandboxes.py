@@ -21,6 +21,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -252,7 +253,7 @@ def test_kill_hold_and_release_through_the_control_plane(plane: Plane) -> None:
         assert refused.returncode == CONFLICT_EXIT, refused.stderr
         assert "held by the kill switch" in refused.stderr
         unknown = plane.cli("kill", "no-such-box", ok=False)
-        assert unknown.returncode == 1 and "no-such-box: no such sandbox" in unknown.stderr
+        assert unknown.returncode == 5 and "no-such-box: no such sandbox" in unknown.stderr
         assert plane.cli("kill", ok=False).returncode == 2  # nothing named, no --all: usage
         assert plane.cli("release").stdout.strip() == "hold released"
         plane.cli("sandbox", "start", name)
@@ -268,12 +269,86 @@ def test_kill_hold_and_release_through_the_control_plane(plane: Plane) -> None:
         plane.cli("sandbox", "rm", name)
 
 
+def test_execs_that_fill_their_lane_leave_the_kill_switch_answering(
+    plane: Plane, holder: str
+) -> None:
+    """More `sleep` execs than anyio's default pool has threads (40): the lane runs a few and
+    refuses the rest with 429 at once, and /kill, /release and /status answer meanwhile."""
+    answers: list[httpx.Response] = []
+
+    def sleeper() -> None:
+        with plane.api() as api:
+            answers.append(api.post(f"/sandboxes/{holder}/exec", json={"argv": ["sleep", "15"]}))
+
+    flood = [threading.Thread(target=sleeper) for _ in range(44)]
+    for t in flood:
+        t.start()
+    deadline = time.monotonic() + 30
+    while sum(a.status_code == 429 for a in answers) < 44 - 8:  # refused at once
+        assert time.monotonic() < deadline, [a.status_code for a in answers]
+        time.sleep(0.1)
+    with plane.api() as api:
+        started = time.monotonic()
+        kill = api.post("/kill", json={"names": ["no-such-box"]}, timeout=5)
+        release = api.post("/release", timeout=5)
+        status = api.get("/status", timeout=10)
+        took = time.monotonic() - started
+    for t in flood:
+        t.join(60)
+    assert kill.status_code == 404 and release.status_code == 200 and status.status_code == 200
+    assert took < 10, took
+    busy = next(a for a in answers if a.status_code == 429).json()["error"]
+    assert busy["type"] == "busy" and busy["hint"]
+    assert sorted(a.status_code for a in answers) == [200] * 8 + [429] * 36
+    assert plane.states()[holder] == "running"
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_an_endless_exec_is_truncated_and_memory_stays_bounded(plane: Plane, holder: str) -> None:
+    assert plane.proc is not None
+    before = _peak_rss_mib(plane.proc.pid)
+    started = time.monotonic()
+    out = plane.cli("sandbox", "exec", holder, "--", "yes", ok=False, timeout=120)
+    assert time.monotonic() - started < 60
+    assert len(out.stdout) == 8 << 20 and set(out.stdout.splitlines()) == {"y"}
+    assert "warning: the output was truncated at 8 MiB" in out.stderr
+    assert out.returncode != 0
+    grown = _peak_rss_mib(plane.proc.pid) - before
+    assert grown < 160, f"the control plane grew {grown:.0f} MiB for 8 MiB of output"
+    deadline = time.monotonic() + 10
+    while subprocess.run(["pgrep", "-x", "yes"], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "`yes` still runs in the sandbox"
+        time.sleep(0.2)
+
+
+def test_logs_are_tailed_and_an_unchanged_policy_is_the_same_revision(
+    plane: Plane, holder: str
+) -> None:
+    with plane.api() as api:
+        assert api.get(f"/sandboxes/{holder}/logs", params={"tail": 0}).json()["logs"] == ""
+        assert api.get(f"/sandboxes/{holder}/logs", params={"tail": -1}).status_code == 422
+        shown = api.get(f"/sandboxes/{holder}/policy").json()
+        text = yaml.safe_dump(shown["policy"])
+        for _ in range(3):
+            again = api.put(f"/sandboxes/{holder}/policy", json={"policy": text, "source": "p"})
+            assert again.status_code == 200 and again.json() == {"rev": shown["rev"]}, again.text
+        assert api.get(f"/sandboxes/{holder}/policy").json() == shown
+    one = plane.cli("sandbox", "logs", holder, "--tail", "1").stdout
+    assert len(one.splitlines()) <= 1
+
+
 def test_kill_hold_during_a_create_leaves_nothing_running(plane: Plane) -> None:
     """The kill switch takes no name lock: pulled while a sandbox is being made, it stops the
     record's proxy and container as far as they exist, and the create fails and undoes itself
-    (what this test mostly hits), or completes and then stops what it started (409: the window
-    before the record exists, too narrow to aim at here). Either way nothing runs under the
-    hold."""
+    (what this test mostly hits), or completes and then stops what it started (the window
+    before the record exists, too narrow to aim at here). Either way the create answers 409
+    naming the hold, the kill 200, and nothing runs under the hold."""
     import sqlite3
 
     name = f"cs-killrace-{os.getpid()}"
@@ -297,10 +372,12 @@ def test_kill_hold_during_a_create_leaves_nothing_running(plane: Plane) -> None:
         time.sleep(0.005)
     try:
         with plane.api() as api:
-            assert api.post("/kill", json={"all": True, "hold": True}).status_code in (200, 400)
+            kill = api.post("/kill", json={"all": True, "hold": True})
+        assert kill.status_code == 200 and kill.json()["hold"] is True, kill.text
         maker.join(120)
         (answer,) = answers
-        assert answer.status_code in (201, 400, 409), answer.text
+        assert answer.status_code == 409, answer.text
+        assert "the kill switch held while it started" in answer.json()["error"]["message"]
         state = plane.states().get(name)
         assert state in (None, "stopped"), (state, answer.text)
         assert not proxy_pids(name, plane.state)

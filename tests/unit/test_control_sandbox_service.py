@@ -164,3 +164,21 @@ def test_a_start_the_kill_switch_held_meanwhile_is_stopped(tmp_path: Path) -> No
     with pytest.raises(ConflictError, match="the kill switch holds"):
         _service(manager, tmp_path).start(WHO, "demo")
     assert manager.calls[:2] == [("start", "demo"), ("kill", ["demo"], False)]
+
+
+def test_a_create_the_kill_switch_broke_is_a_conflict(tmp_path: Path) -> None:
+    """Pulled with --hold mid-create, the switch stops the container under the create, which
+    fails and undoes itself: the caller gets the hold's 409, with what failed, not a 400."""
+    manager = _Manager("operator kill switch")
+
+    def broken(*_a: object) -> object:
+        raise RuntimeError("container state improper")
+
+    manager.create = broken  # type: ignore[method-assign]
+    with pytest.raises(ConflictError, match="not made: the kill switch held") as info:
+        _service(manager, tmp_path).create(WHO, "demo", "version: 1\n", "p.yaml", None, None)
+    assert "container state improper" in str(info.value)
+    not_held = _Manager(None)
+    not_held.create = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="container state improper"):  # its own error
+        _service(not_held, tmp_path).create(WHO, "demo", "version: 1\n", "p.yaml", None, None)

@@ -10,6 +10,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from appliance.control.agents import blueprint_source
+from appliance.control.api import lanes
 from appliance.control.api.deps import Operator, Plane, Principal, Viewer
 from appliance.control.plane import ControlPlane
 from blueprints.resolve import is_path_ref
@@ -87,10 +88,11 @@ def create_agent(
 
 
 @router.post("/agents/{name}/turns")
-def run_turn(
+async def run_turn(
     name: str, body: TurnRequest, who: Principal = Operator, plane: ControlPlane = Plane
 ) -> dict[str, Any]:
-    return plane.agents.run(who, name, body.message, body.session)
+    """A turn runs on its own lane (api/lanes.py): 429 when all its slots are taken."""
+    return await lanes.TURNS.run(plane.agents.run, who, name, body.message, body.session)
 
 
 @router.post("/agents/{name}/stop")

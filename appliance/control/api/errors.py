@@ -30,6 +30,7 @@ STATUS: list[tuple[type[BaseException], int, str]] = [
     (e.PreflightError, 412, "preflight_failed"),
     (e.BackendError, 503, "backend_unavailable"),
     (e.ConflictError, 409, "conflict"),
+    (e.BusyError, 429, "busy"),
     (e.AuthError, 403, "forbidden"),
     (e.ApplianceError, 400, "invalid_request"),
 ]

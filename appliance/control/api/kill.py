@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from appliance.control.api import lanes
 from appliance.control.api.deps import Operator, Plane, Principal
 from appliance.control.plane import ControlPlane
 
@@ -20,11 +21,15 @@ class Kill(BaseModel):
     reason: str = Field("operator kill switch", max_length=1000)
 
 
+# Both run on the control lane (api/lanes.py): never behind agent turns or sandbox execs.
 @router.post("/kill")
-def kill(body: Kill, who: Principal = Operator, plane: ControlPlane = Plane) -> dict[str, Any]:
-    return plane.kill_switch.kill(who, body.names, body.all, body.hold, body.reason)
+async def kill(
+    body: Kill, who: Principal = Operator, plane: ControlPlane = Plane
+) -> dict[str, Any]:
+    switch = plane.kill_switch
+    return await lanes.CONTROL.run(switch.kill, who, body.names, body.all, body.hold, body.reason)
 
 
 @router.post("/release")
-def release(who: Principal = Operator, plane: ControlPlane = Plane) -> dict[str, Any]:
-    return plane.kill_switch.release(who)
+async def release(who: Principal = Operator, plane: ControlPlane = Plane) -> dict[str, Any]:
+    return await lanes.CONTROL.run(plane.kill_switch.release, who)

@@ -7,11 +7,13 @@ import base64
 import binascii
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
+from appliance.control.api import lanes
 from appliance.control.api.deps import Operator, Plane, Principal, Viewer
 from appliance.control.plane import ControlPlane
+from appliance.control.sandboxes import LOGS_TAIL, LOGS_TAIL_MAX
 from appliance.errors import ConfigError
 
 router = APIRouter(tags=["sandboxes"])
@@ -92,17 +94,23 @@ def remove(
 
 
 @router.get("/sandboxes/{name}/logs")
-def logs(name: str, who: Principal = Viewer, plane: ControlPlane = Plane) -> dict[str, str]:
-    return {"name": name, "logs": plane.sandboxes.logs(name)}
+def logs(
+    name: str,
+    tail: int = Query(LOGS_TAIL, ge=0, le=LOGS_TAIL_MAX, description="The last N lines."),
+    who: Principal = Viewer,
+    plane: ControlPlane = Plane,
+) -> dict[str, str]:
+    return {"name": name, "logs": plane.sandboxes.logs(name, tail)}
 
 
 @router.post("/sandboxes/{name}/exec")
-def exec_(
+async def exec_(
     name: str, body: ExecRequest, who: Principal = Operator, plane: ControlPlane = Plane
 ) -> dict[str, Any]:
-    """Run argv as the agent with `stdin` (base64) fed whole; stdout/stderr come back base64."""
+    """Run argv as the agent with `stdin` (base64) fed whole; stdout/stderr come back base64,
+    each capped (`truncated`). On its own lane (api/lanes.py): 429 when all its slots are taken."""
     try:
         stdin = base64.b64decode(body.stdin, validate=True)
     except binascii.Error:
         raise ConfigError("stdin: not base64") from None
-    return plane.sandboxes.exec(name, body.argv, stdin)
+    return await lanes.EXECS.run(plane.sandboxes.exec, name, body.argv, stdin)

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from appliance.control.api import lanes
 from appliance.control.api.deps import Plane, Principal, Viewer
 from appliance.control.plane import ControlPlane
 
@@ -13,5 +14,5 @@ router = APIRouter(tags=["status"])
 
 
 @router.get("/status")
-def get_status(who: Principal = Viewer, plane: ControlPlane = Plane) -> dict[str, Any]:
-    return plane.status()
+async def get_status(who: Principal = Viewer, plane: ControlPlane = Plane) -> dict[str, Any]:
+    return await lanes.CONTROL.run(plane.status)  # never behind turns or execs (api/lanes.py)

@@ -9,6 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from blueprints.errors import (
+    BlueprintChanged,
+    BlueprintError,
+    BlueprintIncompatible,
+    BlueprintNotFound,
+)
 from sandbox.lifecycle import errors as sandbox_errors
 from sandbox.names import InvalidNameError
 
@@ -124,11 +130,7 @@ def exit_code_for(exc: BaseException) -> int:
 @contextmanager
 def blueprint_errors() -> Iterator[None]:
     """The blueprints package's errors as ours (one line, an exit code, a hint): for the control
-    plane and for the CLI's local blueprint commands alike. Imported when used: blueprints pull
-    in pydantic models that `appliance status` has no need of."""
-    from blueprints.catalog import BlueprintError, BlueprintNotFound
-    from blueprints.resolve import BlueprintChanged, BlueprintIncompatible
-
+    plane and for the CLI's local blueprint commands alike."""
     try:
         yield
     except BlueprintNotFound as exc:

@@ -78,7 +78,7 @@ def plane() -> Iterator[Plane]:
 def test_the_sandbox_never_reaches_the_control_plane(plane: Plane) -> None:
     # On the host both ways in answer: the probes below can succeed where they are allowed.
     with socket.create_connection(("127.0.0.1", plane.port), timeout=5) as s:
-        s.sendall(b"GET /api/v1/status HTTP/1.0\r\n\r\n")
+        s.sendall(b"GET /api/v1/status HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         assert s.recv(12).startswith(b"HTTP/1.1 401")  # the port wants an operator token
     assert plane.socket.is_socket()
 

@@ -182,4 +182,15 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE UNIQUE INDEX operators_live_name ON operators (name) WHERE revoked_at IS NULL;
         """,
     ),
+    (
+        "agents: each deployment's blueprint as deployed (canonical JSON) and where it came from",
+        """
+        -- `client`: YAML text a client sent (a file, not in the catalog): the agent's turns,
+        -- upgrade and rollback resolve it from blueprint_json, checked against its digest.
+        -- `catalog`: resolved from the catalog by name@version, as every deployment before.
+        ALTER TABLE agent_deployments ADD COLUMN origin TEXT NOT NULL DEFAULT 'catalog'
+            CHECK (origin IN ('catalog', 'client'));
+        ALTER TABLE agent_deployments ADD COLUMN blueprint_json TEXT;
+        """,
+    ),
 ]

@@ -131,8 +131,13 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app: Any, sockets: list[socket.socket]) -> None:
+def server(app: Any) -> uvicorn.Server:
+    """The API's server: each unix connection's peer credentials handed to its requests."""
     config = uvicorn.Config(
         app, http=PeerCredProtocol, lifespan="off", log_level="warning", access_log=False
     )
-    uvicorn.Server(config).run(sockets=sockets)
+    return uvicorn.Server(config)
+
+
+def serve(app: Any, sockets: list[socket.socket]) -> None:
+    server(app).run(sockets=sockets)

@@ -21,9 +21,9 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from appliance.control.api import lanes
 from appliance.control.api.deps import PeerCred, Principal
 
 EVENT = "control.request"
@@ -90,7 +90,9 @@ class AuditTrail:
 
     async def write(self, fields: dict[str, Any]) -> None:
         append = functools.partial(self.sink.audit, EVENT, **fields)
-        await anyio.to_thread.run_sync(append)  # a lock and an fdatasync: off the loop
+        # A lock and an fdatasync: off the loop, and on a lane of its own (api/lanes.py): never
+        # behind the shared pool's slow sync routes (a kill's record is written before its 200).
+        await lanes.AUDIT.run(append)
 
     async def refused_anonymously(self, fields: dict[str, Any]) -> None:
         """Record this refusal now if it opens its address's window, else count it for the

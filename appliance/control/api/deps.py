@@ -4,6 +4,10 @@ Two ways in. The unix socket (mode 0660, group `appliance-admin`): the kernel te
 uid and pid (SO_PEERCRED, read by server.py when the connection is accepted); whoever can connect
 is root or in the admin group, so is an admin. The loopback port: an operator token
 (`Authorization: Bearer …`) with its role. Anything else is 401; a role too low is 403.
+
+All of them are `async`: a sync dependency runs in anyio's shared thread pool, which forty slow
+sync routes (creates, upgrades) can fill, and then even `POST /kill` would wait to be let in. A
+socket peer needs no I/O; a token's lookup (one indexed SELECT) runs on a lane of its own.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any, Literal
 
 from fastapi import Depends, HTTPException, Request
 
+from appliance.control.api import lanes
 from appliance.control.operators import ROLES, Role
 from appliance.control.plane import ControlPlane
 
@@ -53,11 +58,11 @@ class Principal:
         return fields
 
 
-def get_plane(request: Request) -> ControlPlane:
+async def get_plane(request: Request) -> ControlPlane:
     return request.app.state.plane
 
 
-def principal(request: Request) -> Principal:
+async def principal(request: Request) -> Principal:
     peer = request.scope.get("state", {}).get("peer")
     if isinstance(peer, PeerCred):
         who = peer.principal()
@@ -65,7 +70,8 @@ def principal(request: Request) -> Principal:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise HTTPException(401, "an operator token is required (Authorization: Bearer …)")
-        operator = get_plane(request).authenticate_operator(token.strip())
+        plane: ControlPlane = request.app.state.plane
+        operator = await lanes.AUTH.run(plane.authenticate_operator, token.strip())
         if operator is None:
             raise HTTPException(401, "unknown or revoked operator token")
         who = Principal("token", operator.name, operator.role)
@@ -74,7 +80,7 @@ def principal(request: Request) -> Principal:
 
 
 def require(role: Role) -> Callable[..., Principal]:
-    def check(who: Principal = Depends(principal)) -> Principal:
+    async def check(who: Principal = Depends(principal)) -> Principal:
         if ROLES.index(who.role) < ROLES.index(role):
             raise HTTPException(403, f"{who.name} is a {who.role}; this needs {role}")
         return who

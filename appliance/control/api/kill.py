@@ -21,15 +21,19 @@ class Kill(BaseModel):
     reason: str = Field("operator kill switch", max_length=1000)
 
 
-# Both run on the control lane (api/lanes.py): never behind agent turns or sandbox execs.
+# Both run on the control lane (api/lanes.py): never behind agent turns, sandbox execs or the
+# shared pool's sync routes. The service is looked up there too: its first use builds it, under
+# the plane's build lock, which must not be waited for on the event loop.
 @router.post("/kill")
 async def kill(
     body: Kill, who: Principal = Operator, plane: ControlPlane = Plane
 ) -> dict[str, Any]:
-    switch = plane.kill_switch
-    return await lanes.CONTROL.run(switch.kill, who, body.names, body.all, body.hold, body.reason)
+    def pull() -> dict[str, Any]:
+        return plane.kill_switch.kill(who, body.names, body.all, body.hold, body.reason)
+
+    return await lanes.CONTROL.run(pull)
 
 
 @router.post("/release")
 async def release(who: Principal = Operator, plane: ControlPlane = Plane) -> dict[str, Any]:
-    return await lanes.CONTROL.run(plane.kill_switch.release, who)
+    return await lanes.CONTROL.run(lambda: plane.kill_switch.release(who))

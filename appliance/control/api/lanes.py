@@ -5,7 +5,9 @@ dependency). An agent turn may run an hour and a sandbox exec ten minutes: forty
 fill it, and `POST /kill` would wait behind them. So turns and execs run on lanes of their own,
 each with a few slots; a call that finds its lane full is refused at once with BusyError (429),
 never queued. The kill switch, release and status have their own lane too: they queue (each
-ends within seconds) but never behind a turn or an exec.
+ends within seconds) but never behind a turn or an exec. What every request may need before or
+after its route, a token's lookup (api/deps.py) and its audit-trail record (api/audit_trail.py),
+has a lane each as well, so neither waits behind the shared pool's slow sync routes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ T = TypeVar("T")
 TURN_SLOTS = 8  # agent turns at once (each may run up to an hour)
 EXEC_SLOTS = 8  # sandbox execs at once (each may run up to 10 minutes)
 CONTROL_SLOTS = 8  # kill, release, status (each ends within seconds)
+AUTH_SLOTS = 4  # operator token lookups (one indexed SELECT each)
+AUDIT_SLOTS = 4  # audit-trail records (a lock and an fdatasync each)
 
 
 class Lane:
@@ -56,3 +60,5 @@ class Lane:
 TURNS = Lane("agent turns", TURN_SLOTS, refuse_when_full=True)
 EXECS = Lane("sandbox execs", EXEC_SLOTS, refuse_when_full=True)
 CONTROL = Lane("kill switch and status calls", CONTROL_SLOTS, refuse_when_full=False)
+AUTH = Lane("token lookups", AUTH_SLOTS, refuse_when_full=False)
+AUDIT = Lane("audit-trail records", AUDIT_SLOTS, refuse_when_full=False)

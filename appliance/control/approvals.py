@@ -2,23 +2,23 @@
 
 The proxies hold the pending requests (in memory, behind their admin sockets); the decision is
 the control plane's. Decisions on one approval id are serialised by the plane's per-id lock and
-remembered here, so of ten operators approving one request at once exactly one wins and the
-others get a ConflictError (409) naming the decision, not a second approval nor a 404. An id no
-proxy holds and none decided here is a NotFoundError (404). The memory is this process's: after
-a restart a request decided before it is simply unknown (404), as the proxy forgot it too.
+remembered in the store (appliance/store/approval_store.py), so of ten operators approving one
+request at once exactly one wins and the others get a ConflictError (409) naming the decision,
+not a second approval nor a 404; after a restart of the control plane too, though the proxy
+forgot the request once decided. An id no proxy holds and none decided is a NotFoundError (404).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import threading
-from collections import OrderedDict
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from appliance.errors import ConflictError, NotFoundError
+from appliance.store.approval_store import ApprovalDecisions
 
 if TYPE_CHECKING:
     from appliance.control.api.deps import Principal
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ADMIN_TIMEOUT_S = 5.0  # per proxy: a wedged proxy fails its own sandbox's listing, not all
-DECIDED_KEPT = 4096  # decided ids remembered for the 409 (oldest forgotten first)
 _ID = re.compile(r"[0-9a-f]{1,64}")  # the proxies' ids are hex (secrets.token_hex)
 
 
@@ -61,8 +60,10 @@ def _pending(name: str, client: AdminClient) -> list[dict[str, Any]]:
 class ApprovalService:
     def __init__(self, plane: ControlPlane) -> None:
         self.plane = plane
-        self._decided: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._decided_lock = threading.Lock()
+        self.decisions = ApprovalDecisions(plane.config.state_dir)
+
+    def close(self) -> None:
+        self.decisions.close()
 
     def list(self) -> list[dict[str, Any]]:
         with self.plane.sandboxes.manager(ready=False) as m, admin_clients(m) as clients:
@@ -89,7 +90,7 @@ class ApprovalService:
                     shown = [p for p in _pending(name, client) if p["id"] == approval_id]
                     if shown:
                         decided = self._apply(m, who, name, client, shown[0], approve, persist)
-                        self._remember(approval_id, decided)
+                        self._remember(who, decided)
                         return decided
             raise unknown
 
@@ -142,17 +143,19 @@ class ApprovalService:
         }
 
     def _refuse_if_decided(self, approval_id: str) -> None:
-        with self._decided_lock:
-            earlier = self._decided.get(approval_id)
+        earlier = self.decisions.get(approval_id)
         if earlier is not None:
+            where = f"{earlier['sandbox']}, {earlier['host']}:{earlier['port']}"
             raise ConflictError(
-                f"approval {approval_id} was already {earlier['decision']} "
-                f"({earlier['sandbox']}, {earlier['host']}:{earlier['port']})",
+                f"approval {approval_id} was already {earlier['decision']} ({where}) "
+                f"by {earlier['actor']}",
                 hint="`appliance approvals list` shows what is still pending",
             )
 
-    def _remember(self, approval_id: str, decided: dict[str, Any]) -> None:
-        with self._decided_lock:
-            self._decided[approval_id] = decided
-            while len(self._decided) > DECIDED_KEPT:
-                self._decided.popitem(last=False)
+    def _remember(self, who: Principal, decided: dict[str, Any]) -> None:
+        try:
+            self.decisions.record(decided, who.name)
+        except sqlite3.Error as exc:
+            # The decision stands (the proxy has it, the audit log records it): failing the call
+            # now would tell the operator it did not happen. Only a later repeat's 409 is lost.
+            log.warning("decision on approval %s not remembered: %s", decided["id"], exc)

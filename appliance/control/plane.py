@@ -143,7 +143,7 @@ class ControlPlane:
         return AgentService(self)
 
     def close(self) -> None:
-        for built in ("operators", "inference"):  # only those ever built
+        for built in ("operators", "inference", "approvals"):  # only those ever built
             if built in self.__dict__:
                 self.__dict__[built].close()
         self.store.close()

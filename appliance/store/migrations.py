@@ -193,4 +193,21 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE agent_deployments ADD COLUMN blueprint_json TEXT;
         """,
     ),
+    (
+        "control plane: approval decisions, so deciding one twice is a conflict across restarts",
+        """
+        -- A proxy forgets a request once decided; this row is how the control plane, restarted
+        -- or not, answers a second decision with 409 naming the first. Only the newest few
+        -- thousand are kept (appliance/store/approval_store.py).
+        CREATE TABLE approval_decisions (
+            id         TEXT    PRIMARY KEY,
+            sandbox    TEXT    NOT NULL,
+            host       TEXT    NOT NULL,
+            port       INTEGER NOT NULL,
+            decision   TEXT    NOT NULL CHECK (decision IN ('approved', 'denied')),
+            actor      TEXT    NOT NULL,
+            decided_at REAL    NOT NULL
+        );
+        """,
+    ),
 ]

@@ -209,13 +209,17 @@ class Blueprint(_Strict):
             net["approval"] = self.approval.model_dump(mode="json")
         return Policy.model_validate(data)
 
-    def digest(self) -> str:
-        """sha256 of the canonical blueprint: what a sandbox records it runs."""
+    def canonical(self) -> str:
+        """The blueprint as compact JSON with sorted keys: what its digest hashes, and what a
+        deployment stores (`Blueprint.model_validate_json` gives the same blueprint back)."""
         data = self.model_dump(mode="json")
         if data["runtime"]["turn"] is None:
             del data["runtime"]["turn"]  # added later: unset, earlier deployments' pins still hold
-        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
-        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        """sha256 of the canonical blueprint: what a sandbox records it runs."""
+        return "sha256:" + hashlib.sha256(self.canonical().encode()).hexdigest()
 
 
 def _base(name: str | None) -> Policy:

@@ -7,8 +7,10 @@ key's budget. A turn runs the runtime's command inside the sandbox through the s
 `exec` mode (the agent's Landlock domain), records the reply on the host (transcript JSONL,
 audit) and never hands the agent a key: inference.local is reached through the egress proxy,
 which injects it. `upgrade` re-creates the sandbox (and its key) on another version around the
-same home and persisted approvals, and goes back when the new one fails. What a runtime kind
-means is blueprints/runtimes' business.
+same home and persisted approvals, and goes back when the new one fails. Each deployment stores
+its blueprint: one a client sent as text that the catalog does not have (a file) is resolved
+from that copy for its turns, a failed upgrade's return and rollback. What a runtime kind means
+is blueprints/runtimes' business.
 
 The mechanics only, on one store connection (one thread): the control plane's AgentService
 (agents.py) holds the locks and says who acts.
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.config import ApplianceConfig
-from appliance.control.blueprints import resolve, resolve_deployed
+from appliance.control.blueprints import resolve, resolve_deployed, restore_deployed
 from appliance.errors import (
     OPERATOR_ERRORS,
     ApplianceError,
@@ -37,9 +39,10 @@ from appliance.errors import (
     blueprint_errors,
 )
 from appliance.store import Store
-from appliance.store.agent_store import AgentStore, Deployment
+from appliance.store.agent_store import AgentStore, Deployment, Origin
 from appliance.store.inference_store import InferenceStore
 from blueprints.catalog import Catalog
+from blueprints.errors import BlueprintError
 from blueprints.model import Blueprint
 from blueprints.runtimes import AgentRuntime, Exec, Serving, runtime_for
 from inference.ports import Budget
@@ -120,6 +123,26 @@ class AgentManager:
             return source
         return resolve(self.catalog, source, compatible=True)
 
+    def deployed(self, dep: Deployment, pinned: bool = False) -> Blueprint:
+        """The blueprint a deployment runs. A client's (a file's text) from the copy stored with
+        it, checked against its digest; a catalog one by name@version, as the catalog has it now
+        (`pinned`: still with the digest it was deployed with, or an error)."""
+        if dep.origin == "client":
+            assert dep.blueprint_json is not None  # the store refuses one without it
+            return restore_deployed(dep.blueprint_json, dep.digest)
+        if pinned:
+            return resolve_deployed(self.catalog, dep.blueprint, dep.version, dep.digest)
+        return self.blueprint(dep.ref)
+
+    def origin(self, bp: Blueprint) -> Origin:
+        """`catalog` when the catalog has this very blueprint (same digest), else `client`: a
+        file's text that only the deployment's stored copy can give back later."""
+        try:
+            same = self.catalog.get(bp.ref).digest() == bp.digest()
+        except BlueprintError:  # not there, or a catalog it cannot be read from
+            same = False
+        return "catalog" if same else "client"
+
     def image(self, bp: Blueprint, progress: Progress) -> str:
         """The local image the blueprint pins (building it if this appliance knows the recipe)."""
         from appliance.packaging.images import resolve_image
@@ -175,9 +198,26 @@ class AgentManager:
             progress(f"sandbox: running ({time.monotonic() - t1:.1f} s)")
             self._ensure_workspace(name, runtime)
             self._set_budget(name, bp)
-            dep_id = self.agents.deploy(name, bp.name, bp.version, bp.digest(), image, reason)
+            origin = self.origin(bp)
+            dep_id = self.agents.deploy(
+                name,
+                bp.name,
+                bp.version,
+                bp.digest(),
+                image,
+                reason,
+                origin=origin,
+                blueprint_json=bp.canonical(),
+            )
             undo.commit()
-        self.audit("agent.deploy", agent=name, blueprint=bp.ref, digest=bp.digest(), reason=reason)
+        self.audit(
+            "agent.deploy",
+            agent=name,
+            blueprint=bp.ref,
+            digest=bp.digest(),
+            origin=origin,
+            reason=reason,
+        )
         return next(d for d in self.agents.history(name) if d.id == dep_id)
 
     def _ensure_workspace(self, name: str, runtime: AgentRuntime) -> None:
@@ -243,7 +283,16 @@ class AgentManager:
         current = self.current(name)
         if isinstance(to, str) and "@" not in to:
             to = f"{current.blueprint}@{to}"  # a bare version: of the blueprint it runs
-        target = self.blueprint(to or current.blueprint)
+        try:
+            target = self.blueprint(to or current.blueprint)
+        except NotFoundError as exc:
+            if current.origin != "client":
+                raise
+            # Its blueprint came from a file: the catalog need not know any version of it.
+            raise NotFoundError(
+                f"{exc} ({name} runs {current.ref} from a file)",
+                hint=f"pass the new version's file: `appliance blueprint upgrade {name} --to FILE`",
+            ) from None
         if target.digest() == current.digest:
             raise AgentError(f"{name} already runs {target.ref}", hint="pass --to VERSION")
         return target
@@ -263,7 +312,7 @@ class AgentManager:
         previous = self.agents.previous(name)
         if previous is None:
             raise AgentError(f"{name} has no earlier deployment to go back to")
-        return resolve_deployed(self.catalog, previous.blueprint, previous.version, previous.digest)
+        return self.deployed(previous, pinned=True)
 
     def rollback(self, name: str, progress: Progress = lambda _: None) -> Deployment:
         current = self.current(name)
@@ -273,7 +322,7 @@ class AgentManager:
     def _switch(
         self, name: str, current: Deployment, target: Blueprint, reason: str, progress: Progress
     ) -> Deployment:
-        old = self.blueprint(f"{current.blueprint}@{current.version}")
+        old = self.deployed(current)
         self.sandboxes.remove(name, keep_home=True)
         try:
             return self._deploy(name, target, reason, progress)
@@ -293,7 +342,7 @@ class AgentManager:
         """One turn in session `session` (default: a new one), driven as the runtime says;
         the session is exported to the host after, when the runtime keeps one."""
         dep = self.current(name)
-        runtime = runtime_for(self.blueprint(f"{dep.blueprint}@{dep.version}"))
+        runtime = runtime_for(self.deployed(dep))
         session = session or f"run-{secrets.token_hex(4)}"
         if not _SESSION.fullmatch(session):
             raise ConfigError(f"session {session!r}: use 1-40 of a-z, 0-9 and '-'")

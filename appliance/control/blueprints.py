@@ -9,7 +9,7 @@ from appliance import __version__
 from appliance.errors import ConfigError, blueprint_errors
 from blueprints.catalog import Catalog, parse_blueprint
 from blueprints.model import Blueprint
-from blueprints.resolve import check_compatible, is_path_ref, resolve_pinned
+from blueprints.resolve import check_compatible, is_path_ref, resolve_pinned, restore_pinned
 
 REF_HINT = "name a catalog blueprint (NAME[@VERSION]); the CLI sends a file's YAML text itself"
 
@@ -43,5 +43,13 @@ def resolve_deployed(catalog: Catalog, name: str, version: str, digest: str) -> 
     """A deployment's blueprint, still the one it pinned (same digest) and runnable here."""
     with blueprint_errors():
         blueprint = resolve_pinned(catalog, name, version, digest)
+        check_compatible(blueprint, __version__)
+        return blueprint
+
+
+def restore_deployed(canonical: str, digest: str) -> Blueprint:
+    """A deployment's blueprint from the copy it stored (same digest), runnable here."""
+    with blueprint_errors():
+        blueprint = restore_pinned(canonical, digest)
         check_compatible(blueprint, __version__)
         return blueprint

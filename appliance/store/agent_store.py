@@ -1,12 +1,18 @@
-"""Agents in the state store: the blueprint each runs (with its digest), deployment history for
-upgrade and rollback, and turn activity. An agent's sandbox has the agent's name."""
+"""Agents in the state store: the blueprint each runs (with its digest, and the blueprint itself
+as deployed), deployment history for upgrade and rollback, and turn activity. An agent's sandbox
+has the agent's name."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from appliance.store.db import Store
+
+# catalog: resolved by name@version | client: YAML text a client sent, kept in blueprint_json
+Origin = Literal["catalog", "client"]
+ORIGINS: tuple[Origin, ...] = get_args(Origin)
 
 
 @dataclass(frozen=True)
@@ -20,13 +26,18 @@ class Deployment:
     outcome: str  # active | replaced
     reason: str
     created_at: float
+    origin: Origin
+    blueprint_json: str | None  # the canonical blueprint as deployed (None before migration 8)
 
     @property
     def ref(self) -> str:
         return f"{self.blueprint}@{self.version}"
 
 
-_COLUMNS = "id, agent, blueprint, version, digest, image, outcome, reason, created_at"
+_COLUMNS = (
+    "id, agent, blueprint, version, digest, image, outcome, reason, created_at, "
+    "origin, blueprint_json"
+)
 
 
 class AgentStore:
@@ -34,9 +45,23 @@ class AgentStore:
         self.conn = store.conn
 
     def deploy(
-        self, agent: str, blueprint: str, version: str, digest: str, image: str, reason: str
+        self,
+        agent: str,
+        blueprint: str,
+        version: str,
+        digest: str,
+        image: str,
+        reason: str,
+        *,
+        origin: Origin = "catalog",
+        blueprint_json: str | None = None,
     ) -> int:
-        """Record a new active deployment; the previous active one becomes `replaced`."""
+        """Record a new active deployment; the previous active one becomes `replaced`. A
+        `client` deployment carries its blueprint: nothing else can give it back."""
+        if origin not in ORIGINS:
+            raise ValueError(f"origin {origin!r}: one of {', '.join(ORIGINS)}")
+        if origin == "client" and blueprint_json is None:
+            raise ValueError("a client's blueprint is deployed with its blueprint_json")
         with self.conn:
             self.conn.execute(
                 "UPDATE agent_deployments SET outcome = 'replaced' "
@@ -45,8 +70,18 @@ class AgentStore:
             )
             cur = self.conn.execute(
                 f"INSERT INTO agent_deployments ({_COLUMNS}) "
-                "VALUES (NULL, ?, ?, ?, ?, ?, 'active', ?, ?)",
-                (agent, blueprint, version, digest, image, reason, time.time()),
+                "VALUES (NULL, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?)",
+                (
+                    agent,
+                    blueprint,
+                    version,
+                    digest,
+                    image,
+                    reason,
+                    time.time(),
+                    origin,
+                    blueprint_json,
+                ),
             )
         return int(cur.lastrowid or 0)
 

@@ -279,6 +279,57 @@ def test_a_blueprint_file_is_read_by_the_cli_and_sent_as_text(
         shutil.rmtree(here, ignore_errors=True)
 
 
+def test_an_agent_from_a_file_the_catalog_lacks_takes_turns_upgrades_and_rolls_back(
+    plane: dict[str, str],
+) -> None:
+    """The control plane keeps the blueprint a file sent with its deployment: turns, upgrade
+    and rollback need no catalog entry (the catalog has no `filed` at all)."""
+    name = f"filed-{os.getpid()}"
+    here = Path(tempfile.mkdtemp(prefix="aa-cwd-"))
+    v2_turn = ["sh", "-c", 'printf "v2:%s" "$AGENT_MESSAGE"']
+    (here / "v1.yaml").write_text(yaml.safe_dump(_blueprint("filed", turn=TURN)))
+    v2 = _blueprint("filed", turn=v2_turn) | {"version": "1.1.0"}
+    (here / "v2.yaml").write_text(yaml.safe_dump(v2))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [APPLIANCE, *args], env=plane, cwd=here, capture_output=True, text=True, timeout=600
+        )
+
+    try:
+        made = cli("agent", "create", name, "--blueprint", "v1.yaml", "--json")
+        assert made.returncode == 0, made.stderr
+        assert json.loads(made.stdout)["blueprint"] == "filed@1.0.0"
+        first = cli("agent", "run", name, "one", "--session", "s-1")
+        assert (first.returncode, first.stdout) == (0, "s-1|one\n"), first.stderr
+
+        newest = cli("blueprint", "upgrade", name)  # the catalog's newest: it has none
+        assert newest.returncode == 5 and "runs filed@1.0.0 from a file" in newest.stderr
+        assert "--to FILE" in newest.stderr and "Traceback" not in newest.stderr
+        up = cli("blueprint", "upgrade", name, "--to", "v2.yaml")
+        assert up.returncode == 0 and up.stdout == f"{name} now runs filed@1.1.0\n", up.stderr
+        second = cli("agent", "run", name, "two")
+        assert (second.returncode, second.stdout) == (0, "v2:two\n"), second.stderr
+
+        back = cli("blueprint", "rollback", name)
+        assert back.returncode == 0, back.stderr
+        assert back.stdout == f"{name} is back on filed@1.0.0\n"
+        third = cli("agent", "run", name, "three", "--session", "s-1")
+        assert (third.returncode, third.stdout) == (0, "s-1|three\n"), third.stderr
+
+        deploys = [r for r in _audit(plane, name) if r["event"] == "agent.deploy"]
+        assert [(r["blueprint"], r["origin"]) for r in deploys] == [
+            ("filed@1.0.0", "client"),
+            ("filed@1.1.0", "client"),
+            ("filed@1.0.0", "client"),
+        ]
+        turns = [r for r in _audit(plane, name) if r["event"] == "agent.turn"]
+        assert len(turns) == 3 and all(r["ok"] for r in turns)
+    finally:
+        _cli(plane, "agent", "rm", name)
+        shutil.rmtree(here, ignore_errors=True)
+
+
 def test_agents_survive_a_killed_control_plane() -> None:
     """`kill -9` of the control plane loses no agent: after a restart the same agents run, their
     sessions and transcripts continue, and a name is still taken (409)."""

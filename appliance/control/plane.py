@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from appliance.config import ApplianceConfig
-from appliance.store import Store, open_store
+from appliance.store import open_store
 
 if TYPE_CHECKING:
     from appliance.audit import ChainWriter
@@ -54,7 +54,10 @@ class service(Generic[T]):  # lower case: a decorator, like functools.cached_pro
 class ControlPlane:
     def __init__(self, config: ApplianceConfig) -> None:
         self.config = config
-        self.store: Store = open_store(config.state_dir)
+        # Migrated (and checked) now, so a bad state dir fails before anything is served. No
+        # connection is kept: each service opens its own per call or thread (SQLite connections
+        # are not shared between the API's worker threads).
+        open_store(config.state_dir).close()
         # One lock per named thing (sandbox, agent, approval): two clients acting on one name are
         # serialised here, so the second sees the first's result (and gets a 409), never a
         # half-made state. Different names proceed in parallel. Re-entrant: code that holds a
@@ -146,7 +149,6 @@ class ControlPlane:
         for built in ("operators", "inference", "approvals"):  # only those ever built
             if built in self.__dict__:
                 self.__dict__[built].close()
-        self.store.close()
 
     def status(self) -> dict[str, Any]:
         """What `appliance status --json` prints (the read-only helper, fed by this process)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
 import typer
@@ -11,7 +10,14 @@ from rich.table import Table
 
 from appliance.cli.context import control_client
 from appliance.cli.options import JsonOpt
-from appliance.cli.output import console, err_console, print_json
+from appliance.cli.output import (
+    console,
+    err_console,
+    print_json,
+    print_secret_once,
+    revocation_cell,
+    when,
+)
 
 app = typer.Typer(help="Create, list and revoke inference.local API keys.", no_args_is_help=True)
 
@@ -26,10 +32,6 @@ def _warn(warnings: list[str]) -> None:
     key alone."""
     for warning in warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}")
-
-
-def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
 
 
 @app.command("create")
@@ -74,8 +76,7 @@ def create(
     console.print(f"models: {_models_cell(key)}", markup=False)
     if key["scopes"]:
         console.print(f"scopes: {', '.join(key['scopes'])}", markup=False)
-    console.print(key["secret"], markup=False, soft_wrap=True)
-    console.print("[yellow]store this secret now: it is not shown again[/]")
+    print_secret_once(key["secret"], "secret")
 
 
 @app.command("list")
@@ -91,10 +92,9 @@ def list_keys(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         return
     table = Table("name", "id", "owner", "models", "created", "state", box=None)
     for k in keys:
-        revoked = k["revoked_at"]
-        state = f"[red]revoked {_when(revoked)}[/]" if revoked else "[green]live[/]"
         models = escape(_models_cell(k))  # names may hold brackets: never rich markup
-        table.add_row(k["name"], k["id"], k["owner_kind"], models, _when(k["created_at"]), state)
+        state = revocation_cell(k["revoked_at"])
+        table.add_row(k["name"], k["id"], k["owner_kind"], models, when(k["created_at"]), state)
     console.print(table)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from enum import StrEnum
 from typing import Annotated
 
@@ -11,7 +10,7 @@ from rich.table import Table
 
 from appliance.cli.context import control_client
 from appliance.cli.options import JsonOpt
-from appliance.cli.output import console, print_json
+from appliance.cli.output import console, print_json, print_secret_once, revocation_cell, when
 
 app = typer.Typer(
     help="Create, list and revoke operators of the control plane's API port.",
@@ -23,10 +22,6 @@ class RoleChoice(StrEnum):
     viewer = "viewer"  # reads: status, sandboxes, budgets, the audit log
     operator = "operator"  # also acts: sandboxes, approvals, kills, agents, budgets
     admin = "admin"  # also keys and operators
-
-
-def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
 
 
 @app.command("create")
@@ -47,8 +42,7 @@ def create(
         print_json(made)
         return
     console.print(f"created {made['role']} [bold]{made['name']}[/]")
-    console.print(made["secret"], markup=False, soft_wrap=True)
-    console.print("[yellow]store this token now: it is not shown again[/]")
+    print_secret_once(made["secret"], "token")
 
 
 @app.command("list")
@@ -64,9 +58,9 @@ def list_operators(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         return
     table = Table("name", "role", "created", "state", box=None)
     for op in operators:
-        revoked = op["revoked_at"]
-        state = f"[red]revoked {_when(revoked)}[/]" if revoked else "[green]live[/]"
-        table.add_row(op["name"], op["role"], _when(op["created_at"]), state)
+        table.add_row(
+            op["name"], op["role"], when(op["created_at"]), revocation_cell(op["revoked_at"])
+        )
     console.print(table)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 from pydantic import BaseModel
@@ -42,3 +43,19 @@ def fmt(value: Any, unit: str = "", none: str = "n/a") -> str:
     if isinstance(value, float):
         value = f"{value:.1f}"
     return f"{value}{unit}"
+
+
+def when(ts: float | None) -> str:
+    """A store timestamp as local minutes, or '-' for none."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
+
+
+def revocation_cell(revoked_at: float | None) -> str:
+    """A key's or an operator's state, as rich markup."""
+    return f"[red]revoked {when(revoked_at)}[/]" if revoked_at else "[green]live[/]"
+
+
+def print_secret_once(secret: str, noun: str) -> None:
+    """A secret the store keeps only hashed: printed this once, verbatim, with the warning."""
+    console.print(secret, markup=False, soft_wrap=True)
+    console.print(f"[yellow]store this {noun} now: it is not shown again[/]")

@@ -116,49 +116,14 @@ def _connect(sock_path: Path, host: str) -> bytes:
         return s.recv(4096)
 
 
-def test_the_launched_egress_proxy_writes_into_the_chain(tmp_path: Path) -> None:
+def _run_monitor(module: str, log: Path, tmp_path: Path) -> list[dict]:
+    """`python -m MODULE` (an egress monitor) writing to `log`: refuse one CONNECT under a
+    deny-all policy, stop it with SIGTERM, and return the records it wrote."""
     policy = tmp_path / "policy.yaml"
     policy.write_text("version: 1\nnetwork:\n  approval:\n    mode: deny\n")
-    chain = tmp_path / "audit" / "audit.jsonl"
-    ChainWriter(chain).append("sandbox.create", sandbox="sbx")  # another writer got there first
     sock = tmp_path / "egress.sock"
     argv = [
-        sys.executable, "-m", "appliance.control.egress_monitor",
-        "--sandbox", "sbx", "--socket", str(sock),
-        "--policy", str(policy), "--admin-socket", str(tmp_path / "admin.sock"),
-        "--audit-log", str(chain),
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        argv,
-        env=cli_env(tmp_path / "state", tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        ready = proc.stdout.readline()
-        assert ready.startswith(b"ready"), proc.stderr.read() if proc.stderr else ready
-        assert b" 403 " in _connect(sock, "denied.example")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
-    assert proc.returncode == 0
-    recs = [json.loads(line) for line in chain.read_text().splitlines()]
-    events = [r["event"] for r in recs]
-    assert events[0] == "sandbox.create" and events[1] == "egress.started"
-    assert "egress.deny" in events and events[-1] == "egress.stopped"
-    deny = recs[events.index("egress.deny")]
-    assert deny["sandbox"] == "sbx" and deny["host"] == "denied.example"
-    assert verify(chain).ok
-
-
-def test_the_monitor_on_its_own_writes_plain_json_lines(tmp_path: Path) -> None:
-    """`python -m sandbox.proxy.monitor` (no appliance): the same records, unchained."""
-    policy = tmp_path / "policy.yaml"
-    policy.write_text("version: 1\nnetwork:\n  approval:\n    mode: deny\n")
-    log, sock = tmp_path / "egress.jsonl", tmp_path / "egress.sock"
-    argv = [
-        sys.executable, "-m", "sandbox.proxy.monitor", "--sandbox", "sbx", "--socket", str(sock),
+        sys.executable, "-m", module, "--sandbox", "sbx", "--socket", str(sock),
         "--policy", str(policy), "--admin-socket", str(tmp_path / "admin.sock"),
         "--audit-log", str(log),
     ]  # fmt: skip
@@ -177,7 +142,24 @@ def test_the_monitor_on_its_own_writes_plain_json_lines(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
     assert proc.returncode == 0
-    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_the_launched_egress_proxy_writes_into_the_chain(tmp_path: Path) -> None:
+    chain = tmp_path / "audit" / "audit.jsonl"
+    ChainWriter(chain).append("sandbox.create", sandbox="sbx")  # another writer got there first
+    recs = _run_monitor("appliance.control.egress_monitor", chain, tmp_path)
+    events = [r["event"] for r in recs]
+    assert events[0] == "sandbox.create" and events[1] == "egress.started"
+    assert "egress.deny" in events and events[-1] == "egress.stopped"
+    deny = recs[events.index("egress.deny")]
+    assert deny["sandbox"] == "sbx" and deny["host"] == "denied.example"
+    assert verify(chain).ok
+
+
+def test_the_monitor_on_its_own_writes_plain_json_lines(tmp_path: Path) -> None:
+    """`python -m sandbox.proxy.monitor` (no appliance): the same records, unchained."""
+    recs = _run_monitor("sandbox.proxy.monitor", tmp_path / "egress.jsonl", tmp_path)
     events = [r["event"] for r in recs]
     assert events[0] == "egress.started" and events[-1] == "egress.stopped"
     assert "egress.deny" in events and all(r["sandbox"] == "sbx" for r in recs)

@@ -98,15 +98,13 @@ def _audit_failure(audit: Audit | None, name: str, key: KeyRecord, exc: Exceptio
 
 
 def manager_opener(config: ApplianceConfig) -> OpenManager:
-    """Each call opens its own store (the hook runs on a worker thread, not the gateway's)."""
+    """Each call opens its own store (the hook runs on a worker thread, not the gateway's).
+    The lifecycle is imported on first use, not when the gateway starts."""
 
-    @contextmanager
-    def open_manager() -> Iterator[Any]:
-        from appliance.control.wiring import sandbox_manager
-        from appliance.store import open_store
+    def open_manager() -> AbstractContextManager[Any]:
+        from appliance.control.wiring import opened_manager
 
-        with open_store(config.state_dir) as store:
-            yield sandbox_manager(config, store)
+        return opened_manager(config)
 
     return open_manager
 

@@ -101,12 +101,12 @@ class SandboxService:
     @contextmanager
     def manager(self, ready: bool = True) -> Iterator[SandboxManager]:
         """A manager on its own store connection (for this thread, for this call)."""
-        from appliance.control.wiring import ensure_ready, sandbox_manager
+        from appliance.control.wiring import ensure_ready, opened_manager
 
         if ready:
             ensure_ready(self.config)
-        with open_store(self.config.state_dir) as store:
-            yield sandbox_manager(self.config, store)
+        with opened_manager(self.config) as m:
+            yield m
 
     @contextmanager
     def guarded(self, name: str) -> Iterator[SandboxManager]:

@@ -9,12 +9,14 @@ outlive a request's thread), the settings come from the config.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from appliance.audit import audit_path
 from appliance.config import ApplianceConfig
-from appliance.store import Store
+from appliance.store import Store, open_store
 from appliance.store.inference_store import InferenceStore
 from appliance.store.sandbox_store import SandboxStore
 from sandbox.lifecycle.manager import SandboxManager
@@ -78,6 +80,14 @@ def sandbox_manager(config: ApplianceConfig, store: Store) -> SandboxManager:
         StoreKeys(config.state_dir),
         StoreAudit(config.state_dir),
     )
+
+
+@contextmanager
+def opened_manager(config: ApplianceConfig) -> Iterator[SandboxManager]:
+    """A manager on a store connection of its own, closed afterwards: for a caller on its own
+    thread (an API worker, the gateway's hard-stop hook)."""
+    with open_store(config.state_dir) as store:
+        yield sandbox_manager(config, store)
 
 
 def ensure_ready(config: ApplianceConfig) -> None:

@@ -120,6 +120,28 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
 ]
 
 
+# The same classes as HTTP: status and the error body's `type`, most specific first
+# (appliance/control/api/errors.py answers with it; the client maps `type` back to the class).
+HTTP_STATUS: list[tuple[type[BaseException], int, str]] = [
+    (InvalidNameError, 422, "config_error"),
+    (sandbox_errors.PolicyFileError, 422, "config_error"),
+    (sandbox_errors.SandboxNotFound, 404, "not_found"),
+    (sandbox_errors.HostNotReady, 412, "preflight_failed"),
+    (sandbox_errors.PodmanUnavailable, 503, "backend_unavailable"),
+    (sandbox_errors.SandboxConflict, 409, "conflict"),
+    (sandbox_errors.SandboxError, 400, "invalid_request"),
+    (ConfigError, 422, "config_error"),
+    (StateError, 500, "state_error"),
+    (NotFoundError, 404, "not_found"),
+    (PreflightError, 412, "preflight_failed"),
+    (BackendError, 503, "backend_unavailable"),
+    (ConflictError, 409, "conflict"),
+    (BusyError, 429, "busy"),
+    (AuthError, 403, "forbidden"),
+    (ApplianceError, 400, "invalid_request"),
+]
+
+
 def exit_code_for(exc: BaseException) -> int:
     for exc_type, code in EXIT_CODES:
         if isinstance(exc, exc_type):

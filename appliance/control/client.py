@@ -18,18 +18,18 @@ from appliance import errors as e
 from appliance.config import ApplianceConfig
 from appliance.control.paths import socket_path
 
-# The reverse of api/errors.py's table; 401/403 are AuthError.
-_ERRORS: dict[str, type[e.ApplianceError]] = {
-    "config_error": e.ConfigError,
-    "state_error": e.StateError,
-    "not_found": e.NotFoundError,
-    "preflight_failed": e.PreflightError,
-    "backend_unavailable": e.BackendError,
-    "conflict": e.ConflictError,
-    "busy": e.BusyError,
-    "unauthorized": e.AuthError,
-    "forbidden": e.AuthError,
-}
+
+# `type` -> class, the reverse of appliance.errors.HTTP_STATUS (its first, most specific class of
+# ours for each type); a 401 (raised by auth, not by an error class) is an AuthError too.
+def _classes_by_type() -> dict[str, type[e.ApplianceError]]:
+    classes: dict[str, type[e.ApplianceError]] = {"unauthorized": e.AuthError}
+    for cls, _status, type_ in e.HTTP_STATUS:
+        if issubclass(cls, e.ApplianceError):
+            classes.setdefault(type_, cls)
+    return classes
+
+
+_ERRORS = _classes_by_type()
 
 DEFAULT_TIMEOUT_S = 60.0
 CREATE_TIMEOUT_S = 300.0  # a create may wait for another call on its name (an agent's upgrade)

@@ -12,28 +12,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance import errors as e
-from sandbox.lifecycle import errors as sandbox_errors
-from sandbox.names import InvalidNameError
-
-# Most specific class first (as EXIT_CODES). The `type` string is what the client maps back.
-STATUS: list[tuple[type[BaseException], int, str]] = [
-    (InvalidNameError, 422, "config_error"),
-    (sandbox_errors.PolicyFileError, 422, "config_error"),
-    (sandbox_errors.SandboxNotFound, 404, "not_found"),
-    (sandbox_errors.HostNotReady, 412, "preflight_failed"),
-    (sandbox_errors.PodmanUnavailable, 503, "backend_unavailable"),
-    (sandbox_errors.SandboxConflict, 409, "conflict"),
-    (sandbox_errors.SandboxError, 400, "invalid_request"),
-    (e.ConfigError, 422, "config_error"),
-    (e.StateError, 500, "state_error"),
-    (e.NotFoundError, 404, "not_found"),
-    (e.PreflightError, 412, "preflight_failed"),
-    (e.BackendError, 503, "backend_unavailable"),
-    (e.ConflictError, 409, "conflict"),
-    (e.BusyError, 429, "busy"),
-    (e.AuthError, 403, "forbidden"),
-    (e.ApplianceError, 400, "invalid_request"),
-]
 
 
 def error_body(message: str, type_: str, hint: str | None = None, code: str | None = None) -> dict:
@@ -48,7 +26,7 @@ def error_response(
 
 
 def for_exception(exc: BaseException) -> tuple[int, str]:
-    for cls, status, type_ in STATUS:
+    for cls, status, type_ in e.HTTP_STATUS:
         if isinstance(exc, cls):
             return status, type_
     return 500, "internal_error"

@@ -9,13 +9,16 @@ RUNTIMES.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from blueprints.errors import BlueprintError
 from blueprints.model import Blueprint
 from sandbox.policy import Policy
+
+if TYPE_CHECKING:
+    import httpx
 
 # In the agent's home: writable, persistent across upgrades (the home is the state volume).
 WORKSPACE = "/home/agent/workspace"
@@ -49,6 +52,47 @@ class Reply:
     raw: dict[str, Any] | None = None  # the runtime's own JSON record, when it has one
 
 
+@dataclass(frozen=True)
+class Service:
+    """A long-lived runtime: it listens on the sandbox's loopback `port` (the supervisor forwards
+    the agent socket to it) and reads its per-agent token from the env var `token_env`."""
+
+    port: int
+    token_env: str
+    ready_path: str = "/readyz"  # unauthenticated GET: 200 once the runtime takes turns
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Reply text as it streams."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A tool call the runtime reports during a turn (`denied`: refused by its tool policy)."""
+
+    name: str
+    arguments: str = ""
+    denied: bool = False
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of every driven turn."""
+
+    ok: bool
+    text: str
+    usage: dict[str, Any] = field(default_factory=dict)
+    session_id: str | None = None
+    raw: dict[str, Any] | None = None
+    error: str | None = None
+
+
+TurnEvent = Delta | ToolCall | Finished
+
+
 class AgentRuntime(Protocol):
     """One blueprint's runtime (built by `runtime_for`)."""
 
@@ -77,6 +121,18 @@ class AgentRuntime(Protocol):
 
     def export_session(self, session: str) -> Exec | None:
         """A command that prints the session's record on stdout (None: nothing to export)."""
+        ...
+
+    def service(self) -> Service | None:
+        """The long-lived runtime the supervisor keeps up (None: turns are `turn()` execs)."""
+        ...
+
+    def drive(
+        self, http: httpx.Client, token: str, message: str, session: str
+    ) -> Iterator[TurnEvent]:
+        """One turn through the running runtime: Delta and ToolCall events as they come, then
+        one Finished. `http` reaches the runtime's port (through the agent socket); closing
+        the iterator early (the client went away) must cancel the turn in the runtime."""
         ...
 
 

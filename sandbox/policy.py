@@ -12,7 +12,17 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from sandbox.yamlfile import YamlError, load_yaml, parse_yaml, validation_message
 
@@ -63,9 +73,36 @@ class Landlock(_Strict):
     compatibility: Literal["hard_requirement", "best_effort"] = "hard_requirement"
 
 
+FORWARDER_PORT = 3128  # the supervisor's loopback forwarder to the egress socket: never the agent's
+MAX_LISTEN = 16
+
+
 class Process(_Strict):
     uid: int = Field(default=1000, ge=1, le=65534)  # never 0: the agent never runs as root
     gid: int = Field(default=1000, ge=1, le=65534)
+    # Loopback TCP ports the agent's runtime may listen on (Landlock bind_tcp; its own tools and
+    # the supervisor's agent-socket forwarder may connect to them). Strict ints: no `true` or "80".
+    listen: list[StrictInt] = Field(default_factory=list, max_length=MAX_LISTEN)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_ports(cls, ports: list[int]) -> list[int]:
+        for port in ports:
+            if not 1024 <= port <= 65535:
+                raise ValueError(f"listen port {port} is not in 1024..65535")
+            if port == FORWARDER_PORT:
+                raise ValueError(f"listen port {port} is the egress forwarder's")
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"listen ports repeat: {ports}")
+        return sorted(ports)
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_listen(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent when empty: policies without it keep their YAML, digests and golden files.
+        data = handler(self)
+        if not self.listen:
+            data.pop("listen", None)
+        return data
 
 
 def parse_size(value: int | str) -> int:

@@ -20,7 +20,7 @@ come from the supervisor's own table, sandbox/supervisor/landlock.py, which is s
         {"path": "/usr", "access": ["execute", "read_file", "read_dir"], "optional": true},
         ...
       ],
-      "net": {"connect_tcp": [3128], "bind_tcp": []},  # one LANDLOCK_RULE_NET_PORT per port
+      "net": {"connect_tcp": [3128, *listen], "bind_tcp": [*listen]},  # a NET_PORT rule each
       "missing": []          # rights the newest known ABI has that "abi" lacks
     }
 
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sandbox.policy import Policy
+from sandbox.policy import FORWARDER_PORT, Policy
 from sandbox.supervisor.landlock import (
     FILE_RIGHTS,
     FS_RIGHTS,
@@ -49,8 +49,6 @@ from sandbox.supervisor.landlock import (
     abi_rights,
     missing_rights,
 )
-
-FORWARDER_PORT = 3128  # the supervisor's 127.0.0.1 forwarder to the egress socket
 
 READ_EXEC = ("execute", "read_file", "read_dir")
 READ = ("read_file", "read_dir")
@@ -112,7 +110,14 @@ def landlock_rules(policy: Policy, *, abi: int | None = None) -> dict[str, Any]:
 
     net_handled = [n for n, (_bit, since) in NET_RIGHTS.items() if since <= abi]
     scope = [n for n, (_bit, since) in SCOPES.items() if since <= abi]
-    net = {"connect_tcp": [FORWARDER_PORT] if net_handled else [], "bind_tcp": []}
+    # The runtime binds its `listen` ports; its tools and PID 1's agent-socket forwarder (same
+    # net rules) connect to them. Loopback only: the sandbox has no other interface.
+    listen = policy.process.listen
+    net = (
+        {"connect_tcp": [FORWARDER_PORT, *listen], "bind_tcp": list(listen)}
+        if net_handled
+        else {"connect_tcp": [], "bind_tcp": []}
+    )
 
     used = {r for rule in fs for r in rule["access"]} | set(fs_all) | set(net_handled) | set(scope)
     hard = policy.landlock.compatibility == "hard_requirement"

@@ -37,6 +37,7 @@ SUPERVISOR_DIR = "/opt/appliance/supervisor"
 CONFIG_DIR = "/run/appliance/config"
 REPORT_DIR = "/run/appliance/report"
 AGENT_DIR = "/run/appliance/agent"  # the agent's rendered config: readable, never writable
+SOCK_DIR = "/run/appliance/sock"  # PID 1's agent socket, forwarded to the runtime's loopback port
 SUPERVISOR_ENTRYPOINT = ["/usr/bin/python3", "-I", f"{SUPERVISOR_DIR}/init.py"]
 PROXY_URL = "http://127.0.0.1:3128"
 NOFILE = 1024  # the host's hard RLIMIT_NOFILE cannot be raised (no CAP_SYS_RESOURCE)
@@ -55,6 +56,7 @@ class SandboxMounts:
     seccomp_path: str  # the profile from sandbox.compile.seccomp, as a file
     state_dir: str | None = None  # persistent agent home; needs HOME in policy read_write
     agent_dir: str | None = None  # rendered agent config; needs AGENT_DIR in policy read_only
+    sock_dir: str | None = None  # a runtime service's agent socket (the host connects to it)
 
 
 def policy_digest(policy: Policy) -> str:
@@ -119,6 +121,8 @@ def podman_spec(
         if AGENT_DIR not in policy.filesystem.read_only:
             raise ValueError(f"an agent config dir needs {AGENT_DIR} in filesystem.read_only")
         mount_list.append(_bind(mounts.agent_dir, AGENT_DIR, read_only=True))
+    if mounts.sock_dir is not None:  # PID 1 binds there; Landlock keeps the agent out
+        mount_list.append(_bind(mounts.sock_dir, SOCK_DIR, read_only=False))
     for path in sorted(writable):
         if path == HOME and mounts.state_dir is not None:
             mount_list.append(_bind(mounts.state_dir, HOME, read_only=False))

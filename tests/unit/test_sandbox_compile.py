@@ -18,6 +18,7 @@ from sandbox.compile.landlock import landlock_rules
 from sandbox.compile.podman_spec import (
     HOME,
     NOFILE,
+    SOCK_DIR,
     SandboxMounts,
     podman_argv,
     podman_spec,
@@ -326,3 +327,77 @@ def test_landlock_hard_requirement_min_abi_follows_rights() -> None:
 def test_landlock_unknown_abi() -> None:
     with pytest.raises(ValueError):
         landlock_rules(Policy(), abi=8)
+
+
+# --- a runtime service: listen ports and the agent socket's mount --------------------------------
+
+SERVICE_PORT = 18789
+
+
+def _service_policy() -> Policy:
+    base = _policy("openclaw").model_dump(mode="json")
+    base["process"]["listen"] = [SERVICE_PORT]
+    return Policy.model_validate(base)
+
+
+def _service_spec() -> dict[str, Any]:
+    mounts = _mounts("openclaw")
+    mounts = SandboxMounts(**{**vars(mounts), "sock_dir": "/var/lib/appliance/sandboxes/svc/sock"})
+    return podman_spec(
+        _service_policy(),
+        name="sb-service",
+        image="localhost/appliance-sandbox:sha256-0123abcd",
+        mounts=mounts,
+        command=["openclaw", "gateway", "run"],
+    )
+
+
+@pytest.mark.parametrize("kind", ["podman", "argv", "landlock"])
+def test_golden_service(kind: str) -> None:
+    compiled = {
+        "podman": _service_spec,
+        "argv": lambda: podman_argv(_service_spec()),
+        "landlock": lambda: landlock_rules(_service_policy()),
+    }[kind]()
+    actual = json.dumps(compiled, indent=2, sort_keys=False) + "\n"
+    assert_golden(GOLDEN_DIR / f"service.{kind}.json", actual)
+
+
+def test_service_sock_mount_is_the_only_addition() -> None:
+    plain = _spec("openclaw")["mounts"]
+    with_sock = _service_spec()["mounts"]
+    added = [m for m in with_sock if m not in plain]
+    assert added == [
+        {
+            "type": "bind",
+            "source": "/var/lib/appliance/sandboxes/svc/sock",
+            "target": SOCK_DIR,
+            "read_only": False,
+        }
+    ]
+    assert [m for m in with_sock if m != added[0]] == plain
+
+
+def test_landlock_listen_binds_and_connects() -> None:
+    rules = landlock_rules(_service_policy())
+    assert rules["net"] == {"connect_tcp": [3128, SERVICE_PORT], "bind_tcp": [SERVICE_PORT]}
+    two = Policy.model_validate({"process": {"listen": [9000, 8080]}})
+    assert landlock_rules(two)["net"] == {
+        "connect_tcp": [3128, 8080, 9000],
+        "bind_tcp": [8080, 9000],
+    }
+    # A kernel without network rights (ABI < 4) handles none: nothing to list.
+    assert landlock_rules(two, abi=3)["net"] == {"connect_tcp": [], "bind_tcp": []}
+
+
+def test_empty_listen_changes_no_digest() -> None:
+    """`listen: []` is the default and is not serialised: existing digests stay what they were."""
+    for case in CASES:
+        policy = _policy(case)
+        explicit = policy.model_copy(
+            update={"process": policy.process.model_copy(update={"listen": []})}
+        )
+        assert "listen" not in policy.static_part()["process"]
+        assert policy_digest(explicit) == policy_digest(policy)
+        assert "listen" not in policy.to_yaml()
+    assert policy_digest(_service_policy()) != policy_digest(_policy("openclaw"))

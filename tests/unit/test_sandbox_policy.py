@@ -103,3 +103,36 @@ def test_shipped_policies_load(name: str) -> None:
     policy = load_policy(REPO / "sandbox" / "policies" / f"{name}.yaml")
     assert policy.process.uid != 0
     assert "/" not in policy.filesystem.read_write
+
+
+def test_listen_ports_sorted() -> None:
+    policy = parse_policy("process:\n  listen: [18789, 8080]\n", "p.yaml")
+    assert policy.process.listen == [8080, 18789]
+    assert parse_policy(policy.to_yaml(), "again.yaml") == policy  # round trip keeps them
+    assert Policy().process.listen == []
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[80]", "not in 1024..65535"),  # privileged
+        ("[0]", "not in 1024..65535"),
+        ("[-1]", "not in 1024..65535"),
+        ("[65536]", "not in 1024..65535"),
+        ("[99999999999999999999]", "not in 1024..65535"),
+        ("[3128]", "egress forwarder"),  # PID 1's own port: never the agent's
+        ("[8080, 8080]", "repeat"),
+        ("[true]", "valid integer"),  # YAML booleans are not ports
+        ("['8080']", "valid integer"),  # nor strings that look like one
+        ("[8080.0]", "valid integer"),
+        ("8080", "valid list"),
+        ("{a: 1}", "valid list"),
+        ("[" + ", ".join(str(2000 + i) for i in range(17)) + "]", "at most 16"),
+    ],
+)
+def test_listen_hostile_values_name_the_line(value: str, message: str) -> None:
+    text = f"version: 1\nprocess:\n  uid: 1000\n  listen: {value}\n"
+    with pytest.raises(YamlError) as err:
+        parse_policy(text, "p.yaml")
+    assert "p.yaml:4: process.listen" in str(err.value)
+    assert message in str(err.value)

@@ -93,6 +93,7 @@ class Engine:
         self.load_s = 0.0
         self.from_cache = False
         self.weights_kind = "float32"
+        self.demonstration = False  # the small model shipped for trying things out (weights.py)
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._cv = threading.Condition()
@@ -158,6 +159,7 @@ class Engine:
         )
         engine.load_s = loaded.load_s + time.perf_counter() - start
         engine.from_cache = loaded.from_cache
+        engine.demonstration = loaded.source.demonstration
         engine.weights_kind = getattr(model_runner, "weights_kind", "float32 (transformers)")
         del loaded  # FastLlama holds its own (re-laid) copies of the weights
         return engine.start()

@@ -35,6 +35,8 @@ from inference.embedded.protocol import (
 )
 from inference.embedded.request import Output, RequestHandle
 from inference.embedded.sampling import SamplingParams
+from inference.embedded.tool_slot import ToolSlot
+from inference.notices import NOTICE_HEADER
 
 log = logging.getLogger("inference.embedded")
 
@@ -129,6 +131,7 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
     metrics = VllmMetrics(engine, served_model_name)
     # Prompts are tokenized on worker threads, never here: /health must answer during a 24 MB one.
     prompts = PromptReader(engine)
+    tool_slot = ToolSlot(engine.model_root, engine.tokenizer)  # asked once per loaded model
     created = int(time.time())
     app.state.engine = engine
     app.state.metrics = metrics
@@ -184,6 +187,8 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
             "parent": None,
             "max_model_len": engine.max_model_len,
             "permission": [],
+            # What the control plane asks (appliance/control/notices.py): vLLM has no such field.
+            "appliance": {"tools": tool_slot.slot, "demonstration": engine.demonstration},
         }
         return {"object": "list", "data": [card]}
 
@@ -327,6 +332,7 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
         *,
         chat: bool,
         first_texts: list[str] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         """The SSE stream, or the whole response: `fields` makes the endpoint's own part of a
         choice (chat's message, completion's text)."""
@@ -343,9 +349,10 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
                     first_texts=first_texts,
                 ),
                 media_type="text/event-stream",
+                headers=headers,
             )
         choices = await gather(handles, request)
-        return {
+        answer = {
             **head,
             "choices": [
                 {
@@ -363,11 +370,13 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
                 sum(c.cached_tokens for c in choices),
             ),
         }
+        return JSONResponse(answer, headers=headers)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         check_model(body.model)
         prompt = await asyncio.to_thread(prompts.chat, body)
+        notice = tool_slot.notice_for(body.tools)
         handles = submit_all([prompt], _sampling(body, body.max_new_tokens), body.n)
         head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -387,7 +396,10 @@ def create_app(engine: Engine, served_model_name: str) -> FastAPI:
                 },
             }
 
-        return await respond(body, request, handles, head, len(prompt), message, chat=True)
+        headers = {NOTICE_HEADER: notice} if notice else None
+        return await respond(
+            body, request, handles, head, len(prompt), message, chat=True, headers=headers
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:

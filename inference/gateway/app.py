@@ -34,6 +34,7 @@ from inference.gateway.routing import Route, Router
 from inference.gateway.schemas import ChatRequest, CompletionRequest
 from inference.gateway.settings import GatewaySettings
 from inference.gateway.template_fields import check_template_fields
+from inference.notices import NOTICE_HEADER
 from inference.ports import (
     AuditSink,
     BudgetStore,
@@ -224,6 +225,8 @@ def create_app(
         headers = {ROUTE_HEADER: route.target, REQUEST_ID_HEADER: ticket.request_id}
         if ticket.warning:
             headers[WARNING_HEADER] = ticket.warning
+        if route.target == "local" and (notice := response.headers.get(NOTICE_HEADER)):
+            headers[NOTICE_HEADER] = notice  # our own backend's (an upstream's is not ours)
         if not stream or response.status_code != 200:
             return await plain_response(gw.admission, ticket, response, headers)
         return MeteredStream(Relay(gw.admission, ticket, response, wants_usage), headers)

@@ -21,7 +21,14 @@ from sandbox.lifecycle.errors import HostNotReady, SandboxConflict
 from sandbox.lifecycle.layout import STATE_LABEL, SandboxPaths
 from sandbox.lifecycle.owned_paths import remove_owned
 from sandbox.lifecycle.podman_service import PodmanService
-from sandbox.lifecycle.ports import LifecycleSettings, SandboxKeys, SandboxRecord, SandboxRecords
+from sandbox.lifecycle.ports import (
+    LifecycleSettings,
+    RuntimeService,
+    SandboxKeys,
+    SandboxRecord,
+    SandboxRecords,
+)
+from sandbox.lifecycle.runtime import check_service, prepare_service, service_config
 from sandbox.lifecycle.undo import Undo, end_proxy, undo_new_dirs
 from sandbox.names import SANDBOX_KEY_PREFIX, SUPERVISOR_DIR, check_name
 from sandbox.policy import Endpoint, Policy
@@ -72,16 +79,20 @@ class SandboxCreation:
         image: str | None = None,
         agent_files: dict[str, str] | None = None,
         allowed_models: list[str] | None = None,
+        service: RuntimeService | None = None,
     ) -> SandboxRecord:
         """Create and start a sandbox. `agent_files` (name -> text) are mounted read-only at
         /run/appliance/agent (the policy must list that path in read_only). `allowed_models`:
         the only models its key may use (None: any), set when the key is made, before the
-        sandbox runs.
+        sandbox runs. `service`: the command is a long-lived runtime PID 1 keeps up, with an
+        agent socket, a fresh token and check-ins (runtime.py); checked in once before it starts.
 
         All or nothing: the name is checked before anything is written, and a failure at any
         step undoes what this call made (record, revision, directories, key, proxy, container);
         a home kept by `rm --keep-home` stays."""
         check_name(name, "sandbox")
+        if service is not None:
+            check_service(service, policy)
         self._refuse_if_held()
         paths = self.paths(name)
         image = image or "localhost/appliance-base:latest"
@@ -97,14 +108,18 @@ class SandboxCreation:
             rev = self.boxes.add_revision(name, policy, "created")
             undo.add(self.boxes.delete_revision, name, rev)
             undo_new_dirs(undo, [paths.home, paths.private, paths.root], paths.private.parent)
-            self._prepare_dirs(paths, policy, command)
+            agent = self._prepare_dirs(paths, policy, command, service)
+            if service is not None:
+                prepare_service(undo, paths, service, agent)
             if agent_files is not None:
                 self._write_agent_files(paths, agent_files)
             key_id = self._new_key(name, paths, allowed_models)
             undo.add(self.keys.discard, key_id)
             self.boxes.upsert(name, image=image, command=command, state="creating", key_id=key_id)
             self.store_audit("sandbox.create", sandbox=name, policy_rev=rev)
-            self._create_container(undo, name, policy, image, command, paths, agent_files)
+            self._create_container(
+                undo, name, policy, image, command, paths, agent_files, service is not None
+            )
             undo.commit()
         return self._record(name)
 
@@ -117,6 +132,7 @@ class SandboxCreation:
         command: list[str],
         paths: SandboxPaths,
         agent_files: dict[str, str] | None,
+        has_service: bool = False,
     ) -> None:
         """The proxy and the container, each registered in `undo` as soon as it exists."""
         proxy = self._spawn_proxy(name, paths)
@@ -131,6 +147,7 @@ class SandboxCreation:
             seccomp_path=str(paths.seccomp),
             state_dir=str(paths.home) if HOME in policy.filesystem.read_write else None,
             agent_dir=str(paths.agent) if agent_files is not None else None,
+            sock_dir=str(paths.sock) if has_service else None,
         )
         spec = podman_spec(policy, name=name, image=image, mounts=mounts, command=command)
         spec["labels"][STATE_LABEL] = self.instance
@@ -174,7 +191,14 @@ class SandboxCreation:
         )
         return policy.with_network(network)
 
-    def _prepare_dirs(self, paths: SandboxPaths, policy: Policy, command: list[str]) -> None:
+    def _prepare_dirs(
+        self,
+        paths: SandboxPaths,
+        policy: Policy,
+        command: list[str],
+        service: RuntimeService | None = None,
+    ) -> tuple[int, int]:
+        """The sandbox's directories and config; the host uid and gid its agent maps to."""
         acct = self.podman.account
         agent = _mapped_uid(acct.pw_name, policy.process.uid)
         agent_gid = agent - policy.process.uid + policy.process.gid  # same offset for subgid
@@ -213,10 +237,12 @@ class SandboxCreation:
             "egress_socket": "/run/appliance/egress/egress.sock",
             "report_path": "/run/appliance/report/enforcement.json",
             "landlock": landlock_rules(policy),
+            **(service_config(service) if service is not None else {}),
         }  # fmt: skip
         (paths.config / "sandbox.json").write_text(json.dumps(sandbox_json, indent=1))
         (paths.config / "sandbox.json").chmod(0o644)
         (paths.report / "enforcement.json").unlink(missing_ok=True)
+        return agent, agent_gid
 
     def _write_agent_files(self, paths: SandboxPaths, files: dict[str, str]) -> None:
         remove_owned(paths.root, paths.agent)  # nothing stale from an earlier version

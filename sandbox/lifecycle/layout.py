@@ -41,12 +41,32 @@ class SandboxPaths:
         return self.root / "agent"
 
     @property
+    def sock(self) -> Path:
+        return self.root / "sock"  # a runtime service's: PID 1 binds the agent socket here
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.sock / "agent.sock"  # forwarded to the runtime's loopback port
+
+    @property
+    def checkin(self) -> Path:
+        return self.config / "checkin"  # its mtime: when the control plane last checked in
+
+    @property
+    def runtime_env(self) -> Path:
+        return self.config / "runtime-env.json"  # the runtime's secret env (PID 1 reads it)
+
+    @property
     def seccomp(self) -> Path:
         return self.root / "seccomp.json"
 
     @property
     def key(self) -> Path:
         return self.private / "key"
+
+    @property
+    def runtime_token(self) -> Path:
+        return self.private / "runtime-token"  # the runtime's token, for the host to drive it
 
     @property
     def policy(self) -> Path:

@@ -43,6 +43,7 @@ from sandbox.lifecycle.ports import (
 )
 from sandbox.lifecycle.proxy_launch import EgressProxies
 from sandbox.lifecycle.reconcile import Reconciled, SandboxReconciliation
+from sandbox.lifecycle.runtime import SandboxRuntimes, write_checkin
 from sandbox.names import check_name
 from sandbox.policy import Endpoint, Network, Policy, load_policy
 from sandbox.yamlfile import YamlError
@@ -67,7 +68,9 @@ def read_policy_file(path: Path) -> Policy:
         raise PolicyFileError(str(exc)) from None
 
 
-class SandboxManager(SandboxCreation, EgressProxies, SandboxKillSwitch, SandboxReconciliation):
+class SandboxManager(
+    SandboxCreation, EgressProxies, SandboxKillSwitch, SandboxReconciliation, SandboxRuntimes
+):
     """The sandboxes on the service user's Podman, their proxies and keys (ports.py: what the
     host hands in; appliance/control/wiring.py builds one)."""
 
@@ -141,6 +144,9 @@ class SandboxManager(SandboxCreation, EgressProxies, SandboxKillSwitch, SandboxR
     def _start_container(self, name: str, container: Any) -> dict[str, Any]:
         paths = self.paths(name)
         (paths.report / "enforcement.json").unlink(missing_ok=True)
+        if self.has_service(name):  # create, start and reconcile: a fresh check-in first, and
+            paths.agent_socket.unlink(missing_ok=True)  # no socket left by the last container
+            write_checkin(paths)
         container.start()
         report = self._wait_report(paths, container)
         self.boxes.set_state(name, "running")

@@ -17,7 +17,25 @@ from sandbox.policy import Network, Policy
 from sandbox.proxy.options import DEFAULT_MAX_PENDING
 from sandbox.proxy.ports import AuditSink
 
-__all__ = ["AuditSink", "LifecycleSettings", "SandboxKeys", "SandboxRecord", "SandboxRecords"]
+__all__ = [
+    "AuditSink",
+    "LifecycleSettings",
+    "RuntimeService",
+    "SandboxKeys",
+    "SandboxRecord",
+    "SandboxRecords",
+]
+
+
+@dataclass(frozen=True)
+class RuntimeService:
+    """A sandbox whose command is a long-lived runtime that PID 1 keeps up (sandbox/lifecycle/
+    runtime.py writes what the supervisor reads)."""
+
+    port: int | None = None  # loopback port the agent socket forwards to (in process.listen)
+    token_env: str | None = None  # env var that gets a fresh per-sandbox token
+    restart: bool = True  # restart on exit, with backoff
+    fail_closed_after: int = 120  # seconds without a check-in before PID 1 stops it; 0 = off
 
 
 class SandboxRecord(Protocol):

@@ -210,4 +210,26 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "scheduler: each agent's schedule entries, their next and last runs",
+        """
+        -- One row per agent and entry. `entry_key` hashes the entry as deployed (and its
+        -- index): an upgrade that changes an entry gets a fresh row, never the old one's times;
+        -- rows no current deployment has are deleted by the scheduler.
+        CREATE TABLE schedule_state (
+            agent        TEXT    NOT NULL,
+            entry_key    TEXT    NOT NULL,
+            entry_index  INTEGER NOT NULL,
+            next_run_at  REAL,
+            last_run_at  REAL,
+            last_outcome TEXT CHECK (last_outcome IN
+                ('running', 'ok', 'failed', 'cancelled', 'skipped', 'interrupted')),
+            last_reason  TEXT,
+            runs         INTEGER NOT NULL DEFAULT 0,
+            skips        INTEGER NOT NULL DEFAULT 0,
+            updated_at   REAL    NOT NULL,
+            PRIMARY KEY (agent, entry_key)
+        ) WITHOUT ROWID;
+        """,
+    ),
 ]

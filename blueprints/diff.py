@@ -2,7 +2,9 @@
 
 The resolved policy is what an operator must review before an upgrade (a preset or a new base
 can widen the network without a visible `network` change), so it is diffed too, with its static
-part flagged: a static change means the upgrade re-creates the sandbox.
+part flagged: a static change means the upgrade re-creates the sandbox. Schedule entries are
+compared one by one (`schedule.0.cron`); the tool policy and the lifecycle are written into the
+sandbox, so changing them re-creates it too.
 """
 
 from __future__ import annotations
@@ -44,9 +46,17 @@ def _changes(old: dict[str, Any], new: dict[str, Any], prefix: str) -> list[Chan
     ]
 
 
+def _written(bp: Blueprint) -> dict[str, Any]:
+    data = bp.model_dump(mode="json")
+    entries = data.pop("schedule")
+    if entries:  # by index, so one changed prompt is one row
+        data["schedule"] = {str(i): entry for i, entry in enumerate(entries)}
+    return data
+
+
 def diff(old: Blueprint, new: Blueprint) -> list[Change]:
     """Changes in the blueprint as written, then in its resolved `policy.*`."""
-    written = _changes(old.model_dump(mode="json"), new.model_dump(mode="json"), "")
+    written = _changes(_written(old), _written(new), "")
     resolved = _changes(
         old.policy().model_dump(mode="json"), new.policy().model_dump(mode="json"), "policy"
     )
@@ -54,7 +64,8 @@ def diff(old: Blueprint, new: Blueprint) -> list[Change]:
 
 
 def recreates(changes: list[Change]) -> bool:
-    """Whether applying the change needs a new sandbox (anything but the network rules)."""
+    """Whether applying the change needs a new sandbox (a static policy part, the image, the
+    runtime, its tool policy or its lifecycle; not the network rules or the schedule)."""
     return any(
         c.path.startswith("policy.") and not c.path.startswith("policy.network") for c in changes
-    ) or any(c.path.startswith(("image.", "runtime.")) for c in changes)
+    ) or any(c.path.startswith(("image.", "runtime.", "tools.", "lifecycle.")) for c in changes)

@@ -2,9 +2,12 @@
 
 A blueprint names its runtime (OpenClaw at a pinned npm version, or any command), the sandbox
 image pinned by digest, the inference profile, the sandbox policy (a whole one, or a `base`
-policy plus `additions`), network presets, resources, budgets, the approval mode, and the
-agent's config template. `Blueprint.policy()` resolves all of that to one `sandbox` Policy, so
-the rules that policy enforces (no writable `/`, no root agent) hold for blueprints too.
+policy plus `additions`), network presets, resources, budgets, the approval mode, the
+agent's config template, its runtime's tool policy (`tools`), the turns the control plane runs
+on a timetable (`schedule`, blueprints/schedule.py) and how long the sandbox keeps the runtime
+without a control-plane check-in (`lifecycle`). `Blueprint.policy()` resolves the sandbox part
+to one `sandbox` Policy, so the rules that policy enforces (no writable `/`, no root agent) hold
+for blueprints too.
 """
 
 from __future__ import annotations
@@ -12,11 +15,20 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from blueprints.presets import PRESETS, preset_endpoints
+from blueprints.schedule import ScheduleEntry, with_sessions
 from sandbox.policy import (
     Approval,
     Endpoint,
@@ -129,6 +141,52 @@ class Additions(_Strict):
     syscalls: Syscalls = Field(default_factory=Syscalls)
 
 
+def _tool(name: str, *, allowed: bool) -> str:
+    # Imported here: blueprints.runtimes imports this module (its __init__ needs Blueprint).
+    from blueprints.runtimes.tools import check_tool_name
+
+    return check_tool_name(name, allowed=allowed)
+
+
+AllowedTool = Annotated[str, AfterValidator(lambda n: _tool(n, allowed=True))]
+DeniedTool = Annotated[str, AfterValidator(lambda n: _tool(n, allowed=False))]
+
+
+class Tools(_Strict):
+    """The runtime's tool policy: tool names or groups it knows (`read`, `group:messaging`).
+    Deny wins; the tools that let an agent schedule or reconfigure itself are always denied."""
+
+    allowed: list[AllowedTool] = Field(default_factory=list, max_length=200)  # empty: the default
+    denied: list[DeniedTool] = Field(default_factory=list, max_length=200)
+
+    @field_validator("allowed", "denied")
+    @classmethod
+    def _once(cls, names: list[str]) -> list[str]:
+        return list(dict.fromkeys(names))
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> Tools:
+        from blueprints.runtimes.tools import canonical_tool  # see _tool
+
+        allowed = {canonical_tool(n) for n in self.allowed}
+        both = sorted(allowed & {canonical_tool(n) for n in self.denied})
+        if both:
+            raise ValueError(f"{', '.join(both)}: both allowed and denied (deny wins: drop one)")
+        return self
+
+
+class Lifecycle(_Strict):
+    # Seconds without a control-plane check-in before the sandbox stops the agent's runtime.
+    fail_closed_after: int = Field(default=120, ge=0, le=86400)
+
+    @field_validator("fail_closed_after")
+    @classmethod
+    def _off_or_sane(cls, value: int) -> int:
+        if 0 < value < 10:
+            raise ValueError("0 (off) or at least 10 seconds")
+        return value
+
+
 class PolicySpec(_Strict):
     """Either a whole `policy`, or a `base` policy from sandbox/policies plus `additions`."""
 
@@ -161,6 +219,9 @@ class Blueprint(_Strict):
     budgets: Budgets = Field(default_factory=Budgets)
     approval: Approval | None = None  # overrides the policy's
     agent_config: dict[str, Any] = Field(default_factory=dict)  # template, ${VAR} substituted
+    tools: Tools = Field(default_factory=Tools)
+    schedule: list[ScheduleEntry] = Field(default_factory=list)  # run by the control plane
+    lifecycle: Lifecycle = Field(default_factory=Lifecycle)
 
     @field_validator("name")
     @classmethod
@@ -178,6 +239,21 @@ class Blueprint(_Strict):
         if unknown:
             raise ValueError(f"unknown preset {unknown[0]!r} (known: {', '.join(sorted(PRESETS))})")
         return list(dict.fromkeys(names))
+
+    @field_validator("tools")
+    @classmethod
+    def _runtime_knows(cls, tools: Tools, info: ValidationInfo) -> Tools:
+        from blueprints.runtimes.tools import check_tools  # see _tool
+
+        runtime = info.data.get("runtime")
+        if runtime is not None:  # else the runtime's own error is reported
+            check_tools(runtime.kind, tools)
+        return tools
+
+    @field_validator("schedule")
+    @classmethod
+    def _sessions(cls, entries: list[ScheduleEntry]) -> list[ScheduleEntry]:
+        return with_sessions(entries)
 
     @model_validator(mode="after")
     def _resolves(self) -> Blueprint:
@@ -213,13 +289,24 @@ class Blueprint(_Strict):
         """The blueprint as compact JSON with sorted keys: what its digest hashes, and what a
         deployment stores (`Blueprint.model_validate_json` gives the same blueprint back)."""
         data = self.model_dump(mode="json")
+        # Added later: left at their defaults, earlier deployments' digest pins still hold.
         if data["runtime"]["turn"] is None:
-            del data["runtime"]["turn"]  # added later: unset, earlier deployments' pins still hold
+            del data["runtime"]["turn"]
+        for key, default in _LATER_DEFAULTS.items():
+            if data[key] == default:
+                del data[key]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:
         """sha256 of the canonical blueprint: what a sandbox records it runs."""
         return "sha256:" + hashlib.sha256(self.canonical().encode()).hexdigest()
+
+
+_LATER_DEFAULTS: dict[str, Any] = {
+    "tools": Tools().model_dump(mode="json"),
+    "schedule": [],
+    "lifecycle": Lifecycle().model_dump(mode="json"),
+}
 
 
 def _base(name: str | None) -> Policy:

@@ -78,9 +78,14 @@ def show(
     policy: Annotated[bool, typer.Option(help="Print the resolved sandbox policy too.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """A blueprint as loaded (defaults filled in), its digest, and optionally its policy."""
+    """A blueprint as loaded (defaults filled in: tools, schedule, lifecycle), its digest, the
+    tool policy its runtime gets, and optionally its resolved sandbox policy."""
+    from blueprints.runtimes.tools import KNOWN_NAMES, render_tools
+
     bp = resolve(ctx, ref)
     out: dict[str, Any] = {"digest": bp.digest(), "blueprint": bp.model_dump(mode="json")}
+    if KNOWN_NAMES.get(bp.runtime.kind):  # a runtime with a tool policy
+        out["tool_policy"] = render_tools(bp.tools)
     if policy:
         out["policy"] = bp.policy().model_dump(mode="json")
     if json_out:
@@ -90,6 +95,9 @@ def show(
 
     console.print(f"[bold]{bp.ref}[/] {out['digest']}", highlight=False)
     console.print(yaml.safe_dump(out["blueprint"], sort_keys=False).rstrip(), highlight=False)
+    if "tool_policy" in out:
+        console.print("[bold]tool policy the runtime gets[/] (always denied: self-scheduling)")
+        console.print(yaml.safe_dump(out["tool_policy"], sort_keys=False).rstrip(), highlight=False)
     if policy:
         console.print("[bold]resolved policy[/]")
         console.print(yaml.safe_dump(out["policy"], sort_keys=False).rstrip(), highlight=False)
@@ -137,7 +145,10 @@ def diff(ctx: typer.Context, old: RefArg, new: RefArg, json_out: JsonOpt = False
         table.add_row(c.path, json.dumps(c.old), json.dumps(c.new))
     console.print(table)
     if recreates(changes):
-        console.print("applying this re-creates the sandbox (static policy, image or runtime)")
+        console.print(
+            "applying this re-creates the sandbox "
+            "(static policy, image, runtime, tool policy or lifecycle)"
+        )
 
 
 @app.command("schema")

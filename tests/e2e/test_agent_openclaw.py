@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from blueprints.catalog import Catalog
 from tests.e2e.up_env import environment
 from tests.sandbox_fixtures import sandbox_skip_reason
 
@@ -159,7 +160,8 @@ def test_1_a_turn_is_answered_by_the_local_model(env: dict[str, str]) -> None:
     ok(env, "audit", "verify")
     # The inventory.
     [agent] = json.loads(ok(env, "status", "--json"))["agents"]["agents"]
-    assert agent["blueprint"] == "openclaw@1.0.0" and agent["state"] == "running"
+    newest = Catalog().get("openclaw").ref  # `--blueprint openclaw`: the newest version
+    assert agent["blueprint"] == newest and agent["state"] == "running"
     assert agent["turns"] == 1 and agent["tokens_today"] >= spent, agent
     print(f"\nturn: {elapsed:.0f} s, usage {turn['usage']}")
 

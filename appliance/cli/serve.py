@@ -47,14 +47,18 @@ def gateway(ctx: typer.Context) -> None:
 @app.command("control")
 def control(ctx: typer.Context) -> None:
     """Serve the control plane's API on <state_dir>/run/control.sock (and control.port)."""
-    import threading
+    import logging
+    import signal
 
     from appliance.control.api import create_app
     from appliance.control.paths import lock_path, socket_path
     from appliance.control.plane import ControlPlane
-    from appliance.control.sandboxes import reconcile_forever
     from appliance.control.server import bind_tcp, bind_unix, hold_lock, serve
 
+    # Reconciliation, schedule skips, check-in changes and parking go to control.log.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     config = app_context(ctx).config()
     # One control plane per state dir, for this process's lifetime (released at exit, even on
     # kill -9): a second one refuses here, before it touches the socket.
@@ -63,20 +67,17 @@ def control(ctx: typer.Context) -> None:
     sockets = [bind_unix(socket_path(config))]
     if config.control.port is not None:
         sockets.append(bind_tcp(config.control.host, config.control.port))
-    # The one reconciler of sandboxes and their proxies: now (after a crash or `kill -9`, what
-    # the store says runs is brought back) and every 30 s, in this process.
-    stop_reconciling = threading.Event()
-    threading.Thread(
-        target=reconcile_forever,
-        args=(plane.sandboxes, stop_reconciling),
-        name="reconcile",
-        daemon=True,
-    ).start()
+    # The plane's threads: the one reconciler of sandboxes and their proxies (now: after a crash
+    # or `kill -9`, what the store says runs is brought back; then every 30 s), the agents'
+    # check-ins (their sandboxes fail closed without them) and the scheduler.
+    plane.start_threads()
+    # uvicorn re-raises SIGTERM once it has stopped serving; with the default handler that
+    # would end the process before the agents are parked.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        serve(create_app(plane), sockets)
+        serve(create_app(plane), sockets, on_exit=plane.stop_scheduling)
     finally:
-        stop_reconciling.set()
-        plane.close()
+        plane.shutdown()  # the scheduler stopped, then every running agent parked
 
 
 @app.command("all", hidden=True)

@@ -24,6 +24,7 @@ def _state(state: str) -> str:
         "ready": "green",
         "listening": "green",
         "running": "green",
+        "ok": "green",
         "down": "red",
         "failed": "red",
         "missing": "red",
@@ -95,7 +96,26 @@ def _agent_lines(section: dict[str, Any]) -> list[Text]:
                 f"{a['tokens_today']}{budget}  approvals {a.get('pending_approvals', 0)}"
             )
         )
+        if a.get("schedule"):
+            lines.append(Text.from_markup(_schedule_line(a["schedule"])))
     return lines
+
+
+def _schedule_line(schedule: dict[str, Any]) -> str:
+    """An agent's next and last scheduled run (the scheduler's store rows)."""
+
+    def at(ts: float | None) -> str:
+        return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "never"
+
+    last = at(schedule.get("last_run_at"))
+    if schedule.get("last_outcome"):
+        last += f" {_state(escape(schedule['last_outcome']))}"
+    if schedule.get("last_reason"):
+        last += f" ({escape(schedule['last_reason'])})"
+    return (
+        f"    [dim]schedule[/]  {schedule['entries']} entries  "
+        f"next {at(schedule.get('next_run_at'))}  last {last}"
+    )
 
 
 def _yes_no(value: bool | None, yes: str, no: str) -> str:

@@ -7,6 +7,7 @@ decision is audited with who took it.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,12 +22,18 @@ if TYPE_CHECKING:
     from appliance.control.approvals import ApprovalService
     from appliance.control.keys import KeyService
     from appliance.control.killswitch import KillSwitchService
+    from appliance.control.liveness import Liveness
     from appliance.control.operators import Operator, OperatorService
     from appliance.control.sandboxes import SandboxService
+    from appliance.control.scheduler import Scheduler
+    from appliance.control.schedules import DeployedBlueprints, ScheduleService
+    from appliance.control.turns import TurnService
     from appliance.store.inference_store import InferenceStore
 
 
 T = TypeVar("T")
+
+THREAD_JOIN_S = 5.0  # per thread, at shutdown: a reconciliation may be mid-start
 
 
 class service(Generic[T]):  # lower case: a decorator, like functools.cached_property
@@ -67,6 +74,8 @@ class ControlPlane:
         self._locks: dict[str, tuple[threading.RLock, list[int]]] = {}
         self._locks_guard = threading.Lock()
         self._build_guard = threading.RLock()
+        self._threads: list[threading.Thread] = []  # start_threads
+        self._stop_threads: threading.Event | None = None
 
     @contextmanager
     def locked(self, kind: str, name: str) -> Iterator[None]:
@@ -145,8 +154,87 @@ class ControlPlane:
 
         return AgentService(self)
 
+    @service
+    def turns(self) -> TurnService:
+        """Agent turns: gated, driven, streamed and recorded (manual and scheduled alike)."""
+        from appliance.control.turns import TurnService
+
+        return TurnService(self)
+
+    # -- control-schedules: schedules, check-ins, and parking on shutdown ---------------------
+
+    @service
+    def deployed(self) -> DeployedBlueprints:
+        """Each agent's current blueprint (cached per deployment), for the threads below."""
+        from appliance.control.schedules import DeployedBlueprints
+
+        return DeployedBlueprints(self.config)
+
+    @service
+    def scheduler(self) -> Scheduler:
+        from appliance.control.scheduler import Scheduler
+        from appliance.store.schedule_store import ScheduleStore
+
+        return Scheduler(
+            self.deployed.entries,
+            lambda: self.turns,
+            ScheduleStore(self.config.state_dir),
+            self.audit_log.append,
+        )
+
+    @service
+    def schedules(self) -> ScheduleService:
+        from appliance.control.schedules import ScheduleService
+
+        return ScheduleService(self.config, self.deployed)
+
+    @service
+    def liveness(self) -> Liveness:
+        from appliance.control.liveness import Liveness
+        from appliance.control.wiring import opened_manager
+
+        return Liveness(self.deployed, lambda: opened_manager(self.config))
+
+    def start_threads(self) -> None:
+        """The plane's own threads (`serve control`): the sandboxes' reconciler, the agents'
+        check-ins and the scheduler. Only as root: sandboxes are root's to manage."""
+        from appliance.control.sandboxes import reconcile_forever
+
+        self._stop_threads = threading.Event()
+        threads = [("reconcile", reconcile_forever, (self.sandboxes, self._stop_threads))]
+        if os.geteuid() == 0:
+            threads.append(("liveness", self.liveness.run, (self._stop_threads,)))
+            threads.append(("scheduler", self.scheduler.run, (self._stop_threads,)))
+        for name, target, args in threads:
+            thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def stop_scheduling(self) -> None:
+        """No new scheduled turns from now on. Safe in a signal handler: it only sets a flag of
+        a scheduler already built (the handler may interrupt this very thread)."""
+        scheduler = self.__dict__.get("scheduler")
+        if scheduler is not None:
+            scheduler.stop()
+
+    def shutdown(self, park: bool = True) -> None:
+        """The end of `serve control` (SIGTERM): the scheduler first, then the other threads
+        (a reconciliation under way is let finish, briefly: it may be starting a sandbox),
+        then every running agent parked (liveness.park_all), then the services closed."""
+        from appliance.control.liveness import park_all
+        from appliance.control.wiring import opened_manager
+
+        self.stop_scheduling()
+        if self._stop_threads is not None:
+            self._stop_threads.set()
+        for thread in self._threads:
+            thread.join(THREAD_JOIN_S)
+        if park and self._threads and os.geteuid() == 0:
+            park_all(self.deployed, lambda: opened_manager(self.config))
+        self.close()
+
     def close(self) -> None:
-        for built in ("operators", "inference", "approvals"):  # only those ever built
+        for built in ("operators", "inference", "approvals", "scheduler"):  # those ever built
             if built in self.__dict__:
                 self.__dict__[built].close()
 

@@ -20,7 +20,9 @@ import grp
 import os
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -32,6 +34,7 @@ from appliance.errors import ConflictError
 ADMIN_GROUP = "appliance-admin"
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 UNSET_LOGINUID = 4294967295  # (uid_t)-1: no login session (a daemon, or audit disabled)
+GRACEFUL_STOP_S = 5  # open requests after a stop signal (see server())
 
 
 def hold_lock(path: Path) -> int:
@@ -131,13 +134,38 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-def server(app: Any) -> uvicorn.Server:
-    """The API's server: each unix connection's peer credentials handed to its requests."""
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling `on_exit` the moment a stop signal arrives (before its own
+    graceful stop: the scheduler must start no turn meanwhile)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.on_exit is not None:
+            self.on_exit()
+        super().handle_exit(sig, frame)
+
+
+def server(app: Any, on_exit: Callable[[], None] | None = None) -> uvicorn.Server:
+    """The API's server: each unix connection's peer credentials handed to its requests. A
+    request still open GRACEFUL_STOP_S after a stop signal (a streamed turn) is cut off: the
+    control plane has 30 s in all before SIGKILL, and parking the agents needs most of it."""
     config = uvicorn.Config(
-        app, http=PeerCredProtocol, lifespan="off", log_level="warning", access_log=False
+        app,
+        http=PeerCredProtocol,
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_STOP_S,
     )
-    return uvicorn.Server(config)
+    return _Server(config, on_exit)
 
 
-def serve(app: Any, sockets: list[socket.socket]) -> None:
-    server(app).run(sockets=sockets)
+def serve(
+    app: Any, sockets: list[socket.socket], on_exit: Callable[[], None] | None = None
+) -> None:
+    """Until SIGTERM/SIGINT. uvicorn re-raises the signal once it has stopped: whoever must
+    act after it (serve control parks the agents) installs a handler of its own first."""
+    server(app, on_exit).run(sockets=sockets)

@@ -342,14 +342,41 @@ def agents_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, Any
                 return {"count": 0, "agents": [], "error": None}
             from appliance.control.agent_manager import AgentManager  # only with agents
             from appliance.control.wiring import sandbox_manager
+            from appliance.store.schedule_store import read_states
 
             rows = AgentManager(config, store, sandbox_manager(config, store)).inventory()
+            schedules = _schedules(read_states(store.conn))
     except Exception as exc:  # a status screen reports what went wrong, it never raises
         return {"count": 0, "agents": [], "error": f"{type(exc).__name__}: {exc}"}
     now = time.time()
     for row in rows:
         row["uptime_s"] = round(now - row["since"]) if row["state"] == "running" else None
+        row["schedule"] = schedules.get(row["name"])
     return {"count": len(rows), "agents": rows, "error": None}
+
+
+def _schedules(states: list[Any]) -> dict[str, dict[str, Any]]:
+    """Per agent with a schedule: its soonest next run and its latest run or skip (what the
+    control plane's scheduler last wrote: `next_run_at` is stale while it is down)."""
+    out: dict[str, dict[str, Any]] = {}
+    for s in states:
+        agent = out.setdefault(
+            s.agent,
+            {"entries": 0, "next_run_at": None, "last_run_at": None, "last_outcome": None,
+             "last_reason": None},
+        )  # fmt: skip
+        agent["entries"] += 1
+        if s.next_run_at is not None and (
+            agent["next_run_at"] is None or s.next_run_at < agent["next_run_at"]
+        ):
+            agent["next_run_at"] = s.next_run_at
+        if s.last_run_at is not None and (
+            agent["last_run_at"] is None or s.last_run_at > agent["last_run_at"]
+        ):
+            agent.update(
+                last_run_at=s.last_run_at, last_outcome=s.last_outcome, last_reason=s.last_reason
+            )
+    return out
 
 
 SECTIONS: dict[str, Section] = {

@@ -16,6 +16,7 @@ from appliance.control.api import (
     kill,
     operators,
     sandboxes,
+    schedules,
     status,
 )
 from appliance.control.api.audit_trail import AuditTrail
@@ -27,6 +28,7 @@ PREFIX = "/api/v1"
 ROUTERS = [status, sandboxes, approvals, kill]
 ROUTERS += [operators, keys, budgets, audit]  # control-core
 ROUTERS += [agents]  # control-agents
+ROUTERS += [schedules]  # control-schedules
 
 
 def create_app(plane: ControlPlane) -> FastAPI:

@@ -39,8 +39,10 @@ class PeerCred:
 
 @dataclass(frozen=True)
 class Principal:
-    kind: Literal["unix", "token"]
-    name: str  # "uid:0" for a socket peer, the operator's name for a token
+    kind: Literal["unix", "token", "system"]
+    # "uid:0" for a socket peer, the operator's name for a token; "scheduler" (etc.) for the
+    # control plane acting on its own (kind "system": no request behind it)
+    name: str
     role: Role
     uid: int | None = None
     pid: int | None = None

@@ -1,0 +1,110 @@
+"""What the scheduler and the liveness thread read: each agent's current deployment's blueprint
+(cached per deployment: a tick every few seconds must not re-read the catalog), and the view of
+an agent's schedule that `GET /agents/{name}/schedule` answers with."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from appliance.config import ApplianceConfig
+from appliance.control.scheduler import Entry
+from appliance.errors import ApplianceError, NotFoundError
+from appliance.store import open_store
+from appliance.store.agent_store import AgentStore
+from appliance.store.schedule_store import EntryState, read_states
+from blueprints.model import Blueprint
+from sandbox.names import check_name
+
+log = logging.getLogger(__name__)
+
+
+class DeployedBlueprints:
+    """Each agent's current deployment's blueprint, as deployed (pinned to its digest)."""
+
+    def __init__(self, config: ApplianceConfig) -> None:
+        self.config = config
+        self._cache: dict[int, Blueprint | None] = {}  # by deployment id; None: unresolvable
+        self._lock = threading.Lock()
+
+    def current(self) -> dict[str, Blueprint]:
+        """agent -> blueprint, for every agent whose blueprint can be resolved."""
+        from appliance.control.agent_manager import AgentManager
+        from appliance.control.wiring import sandbox_manager
+
+        found: dict[str, Blueprint] = {}
+        with open_store(self.config.state_dir) as store:
+            agents = AgentStore(store)
+            deployments = [d for a in agents.agents() if (d := agents.current(a)) is not None]
+            with self._lock:
+                for dep in deployments:
+                    if dep.id not in self._cache:
+                        manager = AgentManager(
+                            self.config, store, sandbox_manager(self.config, store)
+                        )
+                        try:
+                            self._cache[dep.id] = manager.deployed(dep, pinned=True)
+                        except Exception as exc:  # the catalog lost or changed it: said once
+                            log.warning("agent %s: its blueprint %s: %s", dep.agent, dep.ref, exc)
+                            self._cache[dep.id] = None
+                    if (bp := self._cache[dep.id]) is not None:
+                        found[dep.agent] = bp
+                live = {d.id for d in deployments}
+                self._cache = {i: bp for i, bp in self._cache.items() if i in live}
+        return found
+
+    def entries(self) -> list[Entry]:
+        """Every agent's schedule entries, by agent."""
+        return [
+            Entry(agent, index, spec)
+            for agent, bp in sorted(self.current().items())
+            for index, spec in enumerate(getattr(bp, "schedule", None) or [])
+        ]
+
+
+def schedule_view(entries: list[Entry], states: list[EntryState]) -> list[dict[str, Any]]:
+    """Each entry with its next and last run (None where the scheduler has not planned it yet:
+    the control plane is not running, or has not ticked since the agent was made)."""
+    by_key = {s.entry_key: s for s in states}
+    rows = []
+    for entry in entries:
+        state = by_key.get(entry.key)
+        rows.append(
+            {
+                **entry.describe(),
+                "next_run_at": state.next_run_at if state else None,
+                "last_run_at": state.last_run_at if state else None,
+                "last_outcome": state.last_outcome if state else None,
+                "last_reason": state.last_reason if state else None,
+                "runs": state.runs if state else 0,
+                "skips": state.skips if state else 0,
+            }
+        )
+    return rows
+
+
+class ScheduleService:
+    """`GET /agents/{name}/schedule`: read-only."""
+
+    def __init__(self, config: ApplianceConfig, deployed: DeployedBlueprints) -> None:
+        self.config = config
+        self.deployed = deployed
+
+    def view(self, name: str) -> list[dict[str, Any]]:
+        check_name(name, "agent")
+        bp = self.deployed.current().get(name)
+        if bp is None:
+            with open_store(self.config.state_dir) as store:
+                dep = AgentStore(store).current(name)
+            if dep is None:
+                raise NotFoundError(f"no agent named {name!r}", hint="`appliance agent list`")
+            raise ApplianceError(
+                f"agent {name}'s blueprint {dep.ref} cannot be read, so neither can its schedule",
+                hint="see control.log in the state directory; `appliance agent upgrade` fixes it",
+            )
+        entries = [
+            Entry(name, i, spec) for i, spec in enumerate(getattr(bp, "schedule", None) or [])
+        ]
+        with open_store(self.config.state_dir) as store:
+            return schedule_view(entries, read_states(store.conn, name))

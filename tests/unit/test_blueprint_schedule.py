@@ -64,6 +64,7 @@ def test_every_parses_units(text: str, interval: int) -> None:
         ("30m1h", "not an interval"),
         ("-5m", "not an interval"),
         ("", "not an interval"),
+        ("30m\n", "not an interval"),
         ("1.5h", "not an interval"),
         ("31d", "too long"),
         ("9" * 50 + "m", "not an interval"),
@@ -119,7 +120,7 @@ def test_known_time_zones() -> None:
 
 
 @pytest.mark.parametrize(
-    "session", ["a/b", "../x", "Daily", "-x", "x" * 41, "daily run", "é", "a\nb"]
+    "session", ["a/b", "../x", "Daily", "-x", "x" * 41, "daily run", "é", "a\nb", "daily\n"]
 )
 def test_sessions_are_short_plain_names(session: str) -> None:
     with pytest.raises(ValidationError, match="session"):

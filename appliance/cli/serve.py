@@ -53,7 +53,7 @@ def control(ctx: typer.Context) -> None:
     from appliance.control.api import create_app
     from appliance.control.paths import lock_path, socket_path
     from appliance.control.plane import ControlPlane
-    from appliance.control.server import bind_tcp, bind_unix, hold_lock, serve
+    from appliance.control.server import bind_tcp, bind_unix, hold_lock, server
 
     # Reconciliation, schedule skips, check-in changes and parking go to control.log.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -67,15 +67,22 @@ def control(ctx: typer.Context) -> None:
     sockets = [bind_unix(socket_path(config))]
     if config.control.port is not None:
         sockets.append(bind_tcp(config.control.host, config.control.port))
-    # The plane's threads: the one reconciler of sandboxes and their proxies (now: after a crash
-    # or `kill -9`, what the store says runs is brought back; then every 30 s), the agents'
-    # check-ins (their sandboxes fail closed without them) and the scheduler.
-    plane.start_threads()
-    # uvicorn re-raises SIGTERM once it has stopped serving; with the default handler that
-    # would end the process before the agents are parked.
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    api = server(create_app(plane), on_exit=plane.stop_scheduling)
+
+    def stop(*_: object) -> None:
+        # SIGTERM outside uvicorn's own handler: before it is installed (stop as soon as it
+        # starts), and after it has stopped serving (uvicorn re-raises the signal then: the
+        # default action would end the process before the agents are parked).
+        plane.stop_scheduling()
+        api.should_exit = True
+
+    signal.signal(signal.SIGTERM, stop)
     try:
-        serve(create_app(plane), sockets, on_exit=plane.stop_scheduling)
+        # The plane's threads: the one reconciler of sandboxes and their proxies (now: after a
+        # crash or `kill -9`, what the store says runs is brought back; then every 30 s), the
+        # agents' check-ins (their sandboxes fail closed without them) and the scheduler.
+        plane.start_threads()
+        api.run(sockets=sockets)
     finally:
         plane.shutdown()  # the scheduler stopped, then every running agent parked
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -152,12 +153,19 @@ class Scheduler:
         """No new runs from now on (turns already running go on until they end or are cut)."""
         self._stopped.set()
 
+    def close(self, wait_s: float = 2.0) -> None:
+        """Stopped, the running turns given `wait_s` to record their end, the store closed."""
+        self.stop()
+        self.wait_idle(wait_s)
+        self.store.close()
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait for the running turns' threads (tests, and a shutdown that can afford it)."""
         with self._lock:
             threads = list(self._threads)
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in threads:
-            thread.join(timeout)
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in threads)
 
     def tick(self) -> None:
@@ -261,7 +269,10 @@ class Scheduler:
             self._release(ident)
             with self._lock:
                 self._threads.discard(threading.current_thread())
-        self.store.finished(entry.agent, entry.key, started.timestamp(), outcome, reason)
+        try:
+            self.store.finished(entry.agent, entry.key, started.timestamp(), outcome, reason)
+        except Exception as exc:  # closed at shutdown: the next start marks it interrupted
+            log.warning("scheduled turn of %s ended (%s) unrecorded: %s", entry.agent, outcome, exc)
 
     def _release(self, ident: tuple[str, str]) -> None:
         with self._lock:

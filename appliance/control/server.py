@@ -163,9 +163,5 @@ def server(app: Any, on_exit: Callable[[], None] | None = None) -> uvicorn.Serve
     return _Server(config, on_exit)
 
 
-def serve(
-    app: Any, sockets: list[socket.socket], on_exit: Callable[[], None] | None = None
-) -> None:
-    """Until SIGTERM/SIGINT. uvicorn re-raises the signal once it has stopped: whoever must
-    act after it (serve control parks the agents) installs a handler of its own first."""
-    server(app, on_exit).run(sockets=sockets)
+def serve(app: Any, sockets: list[socket.socket]) -> None:
+    server(app).run(sockets=sockets)

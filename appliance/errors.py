@@ -73,6 +73,14 @@ class BusyError(ApplianceError):
     hint = "try again when a running turn or exec has ended"
 
 
+class TurnRefused(ApplianceError):
+    """The control plane would not start an agent's turn, and says why: the kill switch holds,
+    the agent is stopped, its daily budget is spent, or its runtime is not running (HTTP 409).
+    The refusal is recorded in the agent's transcript and the audit log like any turn."""
+
+    hint = "see `appliance agent list` and `appliance status`"
+
+
 class ControlPlaneDown(BackendError):
     """A command that changes state found no control plane to send it to."""
 
@@ -113,6 +121,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (AuthError, 8),
     (ConflictError, 10),
     (BusyError, 11),
+    (TurnRefused, 12),
     (ApplianceError, 1),
     (PermissionError, 8),
     (OSError, 9),
@@ -137,6 +146,7 @@ HTTP_STATUS: list[tuple[type[BaseException], int, str]] = [
     (BackendError, 503, "backend_unavailable"),
     (ConflictError, 409, "conflict"),
     (BusyError, 429, "busy"),
+    (TurnRefused, 409, "turn_refused"),
     (AuthError, 403, "forbidden"),
     (ApplianceError, 400, "invalid_request"),
 ]

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from appliance.cli.context import control_client
 from appliance.cli.options import JsonOpt
-from appliance.cli.output import console, print_json
+from appliance.cli.output import console, err_console, print_json
+from appliance.errors import ApplianceError, TurnRefused
 
 app = typer.Typer(
     help="Agents: a sandbox, a key and a budget from a blueprint.", no_args_is_help=True
@@ -77,30 +80,28 @@ def run(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """One non-interactive turn: the reply is printed (`--json`: the whole record)."""
+    """One non-interactive turn: the reply is printed as it comes (`--json`: the whole record,
+    at the end). Refused (held, stopped, over budget, runtime down): exit 12, with the reason."""
     if message == "-":
         message = sys.stdin.read()
+    reply = None if json_out else _Reply()
     with control_client(ctx) as client:
-        result = client.run_turn(name, message, session=session)
-    stderr_tail = str(result.pop("stderr_tail", "") or "")
-    if json_out:
-        print_json(result)
-    elif result["ok"]:
-        console.print(result["reply"], highlight=False, markup=False)
-    if not result["ok"]:
-        from appliance.errors import ApplianceError
-
-        detail = (result.get("raw") or {}).get("error") or stderr_tail.strip().splitlines()[-1:]
-        raise ApplianceError(
-            f"the turn failed (exit {result['exit_code']}): {detail}", hint=TURN_FAILED_HINT
-        )
+        done = _take_turn(client.stream_turn(name, message, session=session), reply)
+    if reply is not None:
+        reply.end()
+        _print_notices(done, set())
+    else:
+        print_json(done)
+    if not done["ok"]:
+        raise ApplianceError(_failure(done), hint=TURN_FAILED_HINT)
 
 
 @app.command("chat")
 def chat(ctx: typer.Context, name: NameArg) -> None:
     """An interactive session: one turn per line you type, all in one session (the runtime
-    remembers the conversation); Ctrl-D ends it."""
+    remembers the conversation), each reply printed as it comes; Ctrl-D ends it."""
     session = time.strftime("chat-%Y%m%d-%H%M%S")
+    noticed: set[str] = set()
     with control_client(ctx) as client:
         while True:
             try:
@@ -110,14 +111,60 @@ def chat(ctx: typer.Context, name: NameArg) -> None:
                 return
             if not message.strip():
                 continue
-            result = client.run_turn(name, message, session=session)
-            console.print(
-                f"[bold]{name}>[/] {result['reply']}"
-                if result["ok"]
-                else f"[red]failed[/] "
-                f"(exit {result['exit_code']}): {str(result.get('stderr_tail')).strip()[-300:]}",
-                highlight=False,
-            )
+            console.print(f"[bold]{name}>[/] ", end="")
+            reply = _Reply()
+            try:
+                done = _take_turn(client.stream_turn(name, message, session=session), reply)
+            except TurnRefused as refused:  # the session goes on: it may be released
+                console.print(f"[red]refused[/]: {escape(str(refused))}", highlight=False)
+                continue
+            reply.end()
+            if not done["ok"]:
+                console.print(f"[red]failed[/]: {escape(_failure(done))}", highlight=False)
+            _print_notices(done, noticed)
+
+
+class _Reply:
+    """Reply text written as it streams in (no wrapping, no markup), ended by one newline."""
+
+    def __init__(self) -> None:
+        self.last = "\n"
+
+    def write(self, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self.last = text[-1]
+
+    def end(self) -> None:
+        if self.last != "\n":
+            self.write("\n")
+
+
+def _take_turn(events: Iterator[dict[str, Any]], reply: _Reply | None) -> dict[str, Any]:
+    """The turn's done record (without what only the transport needs); deltas written to
+    `reply` as they come."""
+    for event in events:
+        if event["type"] == "delta" and reply is not None:
+            reply.write(event["text"])
+        elif event["type"] == "done":
+            event.pop("type")
+            event.pop("stderr_tail", None)  # in the API's answer, not in the record
+            return event
+    raise AssertionError("stream_turn ends with the done record or raises")
+
+
+def _failure(done: dict[str, Any]) -> str:
+    code = done.get("exit_code")
+    return f"the turn failed{f' (exit {code})' if code is not None else ''}: {done.get('error')}"
+
+
+def _print_notices(done: dict[str, Any], shown: set[str]) -> None:
+    """Each notice once (dim, on stderr): e.g. that the demonstration model answered."""
+    for notice in done.get("notices") or []:
+        if notice not in shown:
+            shown.add(notice)
+            err_console.print(f"[dim]{escape(notice)}[/]", highlight=False)
 
 
 @app.command("transcript")
@@ -129,9 +176,17 @@ def transcript(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> 
         print_json(turns)
         return
     for t in turns:
-        console.print(f"[bold]you>[/] {t['message']}", highlight=False)
-        console.print(f"[bold]{name}>[/] {t['reply'] or '(no reply: ' + str(t['exit_code']) + ')'}",
-                      highlight=False)  # fmt: skip
+        asker = "you" if t.get("trigger", "manual") == "manual" else t["trigger"]
+        console.print(f"[bold]{asker}>[/] {escape(t['message'])}", highlight=False)
+        console.print(f"[bold]{name}>[/] {escape(_recorded_reply(t))}", highlight=False)
+
+
+def _recorded_reply(turn: dict[str, Any]) -> str:
+    if turn.get("refused"):
+        return f"(refused: {turn['refused']})"
+    if turn.get("cancelled"):
+        return f"(cancelled) {turn['reply']}"
+    return turn["reply"] or f"(no reply: {turn.get('error') or turn.get('exit_code')})"
 
 
 @app.command("logs")

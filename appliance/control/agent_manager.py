@@ -1,16 +1,14 @@
-"""Agents: a sandbox, a key and a budget made from a blueprint, and the turns run in it.
+"""Agents: a sandbox, a key and a budget made from a blueprint.
 
 `create` takes a catalog reference or a blueprint a client sent as text, finds or builds the
 image it pins by digest, renders the runtime's config into a read-only directory, creates the
 sandbox with the runtime's policy and a key limited to the blueprint's models, and sets that
-key's budget. A turn runs the runtime's command inside the sandbox through the supervisor's
-`exec` mode (the agent's Landlock domain), records the reply on the host (transcript JSONL,
-audit) and never hands the agent a key: inference.local is reached through the egress proxy,
-which injects it. `upgrade` re-creates the sandbox (and its key) on another version around the
-same home and persisted approvals, and goes back when the new one fails. Each deployment stores
-its blueprint: one a client sent as text that the catalog does not have (a file) is resolved
-from that copy for its turns, a failed upgrade's return and rollback. What a runtime kind means
-is blueprints/runtimes' business.
+key's budget (the agent never gets a key: inference.local is reached through the egress proxy,
+which injects it). Turns are the plane's TurnService's (turns.py). `upgrade` re-creates the
+sandbox (and its key) on another version around the same home and persisted approvals, and goes
+back when the new one fails. Each deployment stores its blueprint: one a client sent as text that
+the catalog does not have (a file) is resolved from that copy for its turns, a failed upgrade's
+return and rollback. What a runtime kind means is blueprints/runtimes' business.
 
 The mechanics only, on one store connection (one thread): the control plane's AgentService
 (agents.py) holds the locks and says who acts.
@@ -18,13 +16,9 @@ The mechanics only, on one store connection (one thread): the control plane's Ag
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +27,6 @@ from appliance.control.blueprints import resolve, resolve_deployed, restore_depl
 from appliance.errors import (
     OPERATOR_ERRORS,
     ApplianceError,
-    ConfigError,
     ConflictError,
     NotFoundError,
     blueprint_errors,
@@ -44,10 +37,11 @@ from appliance.store.inference_store import InferenceStore
 from blueprints.catalog import Catalog
 from blueprints.errors import BlueprintError
 from blueprints.model import Blueprint
-from blueprints.runtimes import AgentRuntime, Exec, Serving, runtime_for
+from blueprints.runtimes import AgentRuntime, Serving, runtime_for
 from inference.ports import Budget
+from sandbox.lifecycle.ports import RuntimeService
 from sandbox.lifecycle.undo import Undo
-from sandbox.names import SANDBOX_KEY_PREFIX, check_name
+from sandbox.names import check_name
 
 if TYPE_CHECKING:
     from sandbox.lifecycle.manager import SandboxManager
@@ -55,44 +49,31 @@ if TYPE_CHECKING:
 Progress = Callable[[str], None]
 # A catalog reference (`name[@version]`) or a blueprint parsed from a client's YAML text.
 BlueprintSource = str | Blueprint
-_SESSION = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 
 
 class AgentError(ApplianceError):
     hint = "see `appliance agent logs NAME` and `appliance sandbox logs NAME`"
 
 
-@dataclass(frozen=True)
-class TurnResult:
-    agent: str
-    ok: bool
-    reply: str
-    exit_code: int
-    duration_s: float
-    usage: dict[str, Any]
-    session: str  # the session key's last part: `agent run --session` continues it
-    session_id: str | None
-    raw: dict[str, Any] | None  # the runtime's own JSON record
-    stderr_tail: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "agent": self.agent,
-            "ok": self.ok,
-            "reply": self.reply,
-            "exit_code": self.exit_code,
-            "duration_s": round(self.duration_s, 3),
-            "usage": self.usage,
-            "session": self.session,
-            "session_id": self.session_id,
-            "raw": self.raw,
-        }
-
-
 def key_models(bp: Blueprint) -> list[str]:
     """The models an agent's key may use: the blueprint's `inference.model` and its
     `allowed_models`, as the agent names them (the gateway resolves them through its aliases)."""
     return sorted({bp.inference.model, *bp.inference.allowed_models})
+
+
+def runtime_service(runtime: AgentRuntime, bp: Blueprint) -> RuntimeService | None:
+    """What the sandbox's supervisor keeps up for a runtime with a service: restarted when it
+    exits, its port behind the agent socket, a fresh token, stopped when the control plane
+    stops checking in (the blueprint's `lifecycle.fail_closed_after`). None: exec turns."""
+    service = runtime.service()
+    if service is None:
+        return None
+    return RuntimeService(
+        port=service.port,
+        token_env=service.token_env,
+        restart=True,
+        fail_closed_after=bp.lifecycle.fail_closed_after,
+    )
 
 
 class AgentManager:
@@ -193,6 +174,7 @@ class AgentManager:
                 image,
                 agent_files=agent_files,
                 allowed_models=key_models(bp),
+                service=runtime_service(runtime, bp),
             )
             undo.add(self.sandboxes.remove, name, keep_home=kept_home)
             progress(f"sandbox: running ({time.monotonic() - t1:.1f} s)")
@@ -335,101 +317,6 @@ class AgentManager:
             raise AgentError(
                 f"{target.ref} failed to start; {name} is back on {old.ref}: {exc}"
             ) from exc
-
-    # -- turns -------------------------------------------------------------------------------
-
-    def run(self, name: str, message: str, session: str | None = None) -> TurnResult:
-        """One turn in session `session` (default: a new one), driven as the runtime says;
-        the session is exported to the host after, when the runtime keeps one."""
-        dep = self.current(name)
-        runtime = runtime_for(self.deployed(dep))
-        session = session or f"run-{secrets.token_hex(4)}"
-        if not _SESSION.fullmatch(session):
-            raise ConfigError(f"session {session!r}: use 1-40 of a-z, 0-9 and '-'")
-        turn = runtime.turn(message, session)
-        if turn is None:
-            raise AgentError(
-                f"{name} runs a plain command ({dep.ref}); it takes no turns",
-                hint=f"`appliance sandbox exec {name} -- CMD`",
-            )
-        t0 = time.monotonic()
-        code, out, err = self._exec(name, turn)
-        reply = runtime.read_turn(code, out, err)
-        result = TurnResult(
-            agent=name,
-            ok=reply.ok,
-            reply=reply.text,
-            exit_code=code,
-            duration_s=time.monotonic() - t0,
-            usage=reply.usage,
-            session=session,
-            session_id=reply.session_id,
-            raw=reply.raw,
-            stderr_tail=err.decode(errors="replace")[-2000:],
-        )
-        self._record_turn(name, message, result)
-        if (export := runtime.export_session(session)) is not None:
-            self._export_session(name, session, export)
-        return result
-
-    def _exec(self, name: str, command: Exec) -> tuple[int, bytes, bytes]:
-        return self.sandboxes.exec(name, command.argv, env=command.env, timeout_s=command.timeout_s)
-
-    def _export_session(self, name: str, session: str, export: Exec) -> Path | None:
-        """The session's record, printed by the agent inside the sandbox, written on the host."""
-        code, out, _err = self._exec(name, export)
-        if code != 0:
-            self.audit("agent.export_failed", agent=name, session=session)
-            return None
-        path = self.transcript_path(name).parent / "sessions" / f"{session}.jsonl"
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.write_bytes(out)
-        return path
-
-    def _record_turn(self, name: str, message: str, result: TurnResult) -> None:
-        self.agents.record_turn(name)
-        path = self.transcript_path(name)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        line = {"ts": time.time(), "message": message, **result.as_dict()}
-        with path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line, sort_keys=True) + "\n")
-        self._audit_key_use(name)
-        self.audit(
-            "agent.turn",
-            agent=name,
-            ok=result.ok,
-            exit_code=result.exit_code,
-            duration_s=round(result.duration_s, 3),
-            usage=result.usage,
-            session_id=result.session_id,
-        )
-
-    def _audit_key_use(self, name: str) -> None:
-        """A key use summary after each turn: what the agent's key has spent today and this
-        month (the ledger has every request; this is the line an auditor reads)."""
-        record = self.sandboxes.boxes.get(name)
-        if record is None or record.key_id is None:
-            return
-        with InferenceStore(self.config.state_dir) as inference:
-            spend = inference.spend(record.key_id)
-            inference.audit(
-                "key.usage",
-                key_id=record.key_id,
-                key_name=SANDBOX_KEY_PREFIX + name,
-                day_tokens=spend.day_tokens,
-                month_tokens=spend.month_tokens,
-                day_cost=spend.day_cost,
-                month_cost=spend.month_cost,
-            )
-
-    def transcript_path(self, name: str) -> Path:
-        return self.config.state_dir / "agents" / name / "transcript.jsonl"
-
-    def transcript(self, name: str) -> list[dict[str, Any]]:
-        path = self.transcript_path(name)
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     # -- inventory ---------------------------------------------------------------------------
 

@@ -7,8 +7,7 @@ second create of a name that exists is a ConflictError (409), never a half-made 
 image a blueprint pins is found or built first, under the agent's lock only: a build takes
 minutes and must not hold the sandboxes' lock (reconciliation waits on it) meanwhile.
 
-A turn takes no lock: it can run for minutes with a real model, and `agent stop` or the kill
-switch must not wait for it (a turn cut off that way fails with the exec's error).
+Turns are the plane's TurnService's (turns.py): they take no lock.
 """
 
 from __future__ import annotations
@@ -72,11 +71,6 @@ class AgentService:
         with self._manager() as m:
             return m.inventory()
 
-    def transcript(self, name: str) -> list[dict[str, Any]]:
-        check_name(name, "agent")  # the name is a path component on the host
-        with self._manager() as m:
-            return m.transcript(name)
-
     # -- changes -----------------------------------------------------------------------------
 
     def create(self, who: Principal, name: str, source: BlueprintSource) -> dict[str, Any]:
@@ -124,13 +118,6 @@ class AgentService:
             self._prepare_image(who, target)
             with self._guarded(who, name) as m:
                 return deployment_view(m.rollback(name, progress=_progress))
-
-    def run(self, who: Principal, name: str, message: str, session: str | None) -> dict[str, Any]:
-        """One turn: its record, and the runtime's stderr tail (for the CLI's error line)."""
-        check_name(name, "agent")
-        with self._manager(who) as m:
-            result = m.run(name, message, session=session)
-        return {**result.as_dict(), "stderr_tail": result.stderr_tail}
 
     def get(self, name: str) -> dict[str, Any]:
         for row in self.list():

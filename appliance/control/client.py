@@ -9,6 +9,9 @@ failure (it died or timed out mid-request): ControlPlaneNoAnswer (exit 7), the o
 from __future__ import annotations
 
 import base64
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote
 
@@ -55,10 +58,11 @@ class ControlClient:
     def close(self) -> None:
         self._http.close()
 
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One call; the decoded JSON body, or the ApplianceError it answered with."""
+    @contextmanager
+    def _transport(self, method: str, path: str) -> Iterator[None]:
+        """Transport failures as the errors the CLI reports (see the module)."""
         try:
-            response = self._http.request(method, path, **kwargs)
+            yield
         except (httpx.ConnectError, FileNotFoundError) as exc:
             if _denied(exc):  # it runs; this user may not connect (0660, appliance-admin)
                 raise e.AuthError(
@@ -73,6 +77,11 @@ class ControlClient:
                 f"{method} {path}: no answer from the control plane "
                 f"({type(exc).__name__}: {exc or 'no detail'}); whether it acted is unknown"
             ) from exc
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One call; the decoded JSON body, or the ApplianceError it answered with."""
+        with self._transport(method, path):
+            response = self._http.request(method, path, **kwargs)
         if response.is_success:
             return response.json() if response.content else None
         raise _error(response)
@@ -238,9 +247,35 @@ class ControlClient:
         return self.post("/agents", body, timeout=LONG_TIMEOUT_S)
 
     def run_turn(self, name: str, message: str, session: str | None = None) -> dict[str, Any]:
-        """The turn's record (as `agent run --json` prints it) plus `stderr_tail`."""
+        """The turn's done record, answered whole (with `stderr_tail`)."""
         body = {"message": message, "session": session}
         return self.post(f"/agents/{_seg(name)}/turns", body, timeout=LONG_TIMEOUT_S)
+
+    def stream_turn(
+        self, name: str, message: str, session: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The turn's events as they come: {"type": "delta", "text"}, {"type": "tool", ...},
+        then the done record. A refusal is raised (TurnRefused) before any event; closing the
+        iterator early drops the connection, which cancels the turn."""
+        path = f"/agents/{_seg(name)}/turns"
+        body = {"message": message, "session": session, "stream": True}
+        with (
+            self._transport("POST", path),
+            self._http.stream("POST", path, json=body, timeout=LONG_TIMEOUT_S) as response,
+        ):
+            if not response.is_success:
+                response.read()
+                raise _error(response)
+            for line in response.iter_lines():
+                if line.strip():
+                    event = json.loads(line)
+                    yield event
+                    if event.get("type") == "done":
+                        return
+        raise e.ControlPlaneNoAnswer(
+            f"POST {path}: the turn's stream ended without its result (the control plane "
+            "stopped?); see `appliance agent transcript` for what was recorded"
+        )
 
     def stop_agent(self, name: str) -> dict[str, Any]:
         return self.post(f"/agents/{_seg(name)}/stop")

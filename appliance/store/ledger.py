@@ -253,6 +253,24 @@ class LedgerMixin:
             "cost": row[3],
         }
 
+    def usage_between(self, key_id: str, since: float, until: float) -> dict[str, float]:
+        """A key's requests admitted in [since, until] (an agent's turn): their tokens, model
+        time (latency_s), count, and how many are still `open` (not settled yet)."""
+        row = self.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), "
+            "COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(latency_s), 0.0), "
+            "COALESCE(SUM(state = 'open'), 0) "
+            "FROM usage_ledger WHERE key_id = ? AND ts >= ? AND ts <= ?",
+            (key_id, since, until),
+        ).fetchone()
+        return {
+            "requests": row[0],
+            "prompt_tokens": row[1],
+            "completion_tokens": row[2],
+            "latency_s": row[3],
+            "open": row[4],
+        }
+
     def usage_rows(self, key_id: str | None = None) -> list[UsageRecord]:
         where, args = ("WHERE key_id = ?", (key_id,)) if key_id else ("", ())
         rows = self.conn.execute(

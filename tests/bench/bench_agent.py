@@ -53,6 +53,7 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     from appliance.config import load_config
     from appliance.control.agent_manager import AgentManager
+    from appliance.control.client import ControlClient
     from appliance.control.wiring import sandbox_manager
     from appliance.store import open_store
 
@@ -91,10 +92,11 @@ def run(args: argparse.Namespace) -> None:
                     subprocess.run([APPLIANCE, "down"], check=True, capture_output=True)
                     subprocess.run([APPLIANCE, "up"], check=True, capture_output=True)
                 t0 = time.monotonic()
-                result = m.run("bench0", "Reply with the word pong", session=sess)
+                with ControlClient(config, timeout=3600) as client:  # turns: the control plane's
+                    result = client.run_turn("bench0", "Reply with the word pong", session=sess)
                 total = time.monotonic() - t0
-                model_s = float((result.raw or {}).get("meta", {}).get("durationMs", 0)) / 1000
-                rows[kind].append((total, model_s, result.usage))
+                model_s = float((result["raw"] or {}).get("meta", {}).get("durationMs", 0)) / 1000
+                rows[kind].append((total, model_s, result["usage"]))
         print(f"turns (embedded SmolLM2 on this machine), {args.rounds} rounds:")
         for kind, label in (
             ("cold", "cold: new session, model cache empty"),

@@ -39,7 +39,7 @@ def _app(plane: ControlPlane, release: threading.Event) -> Any:
         return {"exit_code": 0, "stdout": "", "stderr": "", "truncated": False}
 
     plane.sandboxes.exec = blocked  # type: ignore[method-assign]
-    plane.agents.run = blocked  # type: ignore[method-assign]
+    plane.turns.run = blocked  # type: ignore[method-assign]
     plane.status = lambda: {"control": "ok"}  # type: ignore[method-assign]
     app = create_app(plane)
     app.dependency_overrides[principal] = lambda: Principal("unix", "uid:0", "admin", uid=0)

@@ -1,13 +1,19 @@
 """/api/v1/agents: list, create, a turn, stop, start, upgrade, rollback, rm, transcript (thin:
-the logic is AgentService's, appliance/control/agents.py). A create, upgrade or turn can take
-minutes (an image build, a real model's turn): clients wait with a long timeout."""
+the logic is AgentService's, appliance/control/agents.py, and TurnService's, turns.py). A
+create, upgrade or turn can take minutes (an image build, a real model's turn): clients wait
+with a long timeout. A turn is answered whole (its done record) or, with `stream: true`, as
+NDJSON: one event per line as the runtime produces it, the done record last. A refused turn is
+a 409 (`turn_refused`) before any byte of a stream."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field, field_validator, model_validator
+from starlette.types import Receive, Scope, Send
 
 from appliance.control.agents import blueprint_source
 from appliance.control.api import lanes
@@ -57,6 +63,7 @@ class NewAgent(BlueprintText):
 class TurnRequest(BaseModel):
     message: str = Field(max_length=MESSAGE_MAX)
     session: str | None = Field(None, max_length=64, description="Continue this session.")
+    stream: bool = Field(False, description="Answer with NDJSON events as the turn runs.")
 
 
 class UpgradeRequest(BlueprintText):
@@ -87,12 +94,38 @@ def create_agent(
     return plane.agents.create(who, body.name, source)
 
 
-@router.post("/agents/{name}/turns")
+class TurnEvents(StreamingResponse):
+    """A turn's events as NDJSON lines. However the response ends (the client went away: the
+    server cancels it), the turn's events are closed: the turn is cancelled and recorded so."""
+
+    media_type = "application/x-ndjson"
+
+    def __init__(self, events: lanes.LaneStream[dict[str, Any]]) -> None:
+        self.events = events
+        super().__init__(_lines(events), headers={"Cache-Control": "no-store"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.events.aclose()
+
+
+async def _lines(events: lanes.LaneStream[dict[str, Any]]) -> Any:
+    async for event in events:
+        yield json.dumps(event) + "\n"
+
+
+@router.post("/agents/{name}/turns", response_model=None)
 async def run_turn(
     name: str, body: TurnRequest, who: Principal = Operator, plane: ControlPlane = Plane
-) -> dict[str, Any]:
-    """A turn runs on its own lane (api/lanes.py): 429 when all its slots are taken."""
-    return await lanes.TURNS.run(plane.agents.run, who, name, body.message, body.session)
+) -> dict[str, Any] | Response:
+    """A turn runs on its own lane (api/lanes.py): 429 when all its slots are taken; a stream
+    holds its slot until it ends."""
+    args = (who, name, body.message, body.session)
+    if not body.stream:
+        return await lanes.TURNS.run(plane.turns.run, *args)
+    return TurnEvents(await lanes.TURNS.open(plane.turns.start, *args))
 
 
 @router.post("/agents/{name}/stop")
@@ -133,4 +166,4 @@ def remove_agent(
 def transcript(
     name: str, who: Principal = Operator, plane: ControlPlane = Plane
 ) -> list[dict[str, Any]]:
-    return plane.agents.transcript(name)
+    return plane.turns.transcript(name)

@@ -4,7 +4,7 @@ A sync route runs in anyio's default thread pool (40 threads, shared by every sy
 dependency). An agent turn may run an hour and a sandbox exec ten minutes: forty of them would
 fill it, and `POST /kill` would wait behind them. So turns and execs run on lanes of their own,
 each with a few slots; a call that finds its lane full is refused at once with BusyError (429),
-never queued. The kill switch, release and status have their own lane too: they queue (each
+never queued (a streamed turn holds its slot until its stream ends). The kill switch, release and status have their own lane too: they queue (each
 ends within seconds) but never behind a turn or an exec. What every request may need before or
 after its route, a token's lookup (api/deps.py) and its audit-trail record (api/audit_trail.py),
 has a lane each as well, so neither waits behind the shared pool's slow sync routes.
@@ -13,8 +13,8 @@ has a lane each as well, so neither waits behind the shared pool's slow sync rou
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -45,16 +45,76 @@ class Lane:
             self._limiter = (loop, anyio.CapacityLimiter(self.slots))
         return self._limiter[1]
 
-    async def run(self, func: Callable[..., T], *args: object) -> T:
+    def _claim(self) -> None:
+        """Count one more call (event-loop thread only), or BusyError when refusing and full."""
         if self.refuse_when_full and self._running >= self.slots:
             raise BusyError(
                 f"{self.slots} {self.what} are running already; this one was not started"
             )
         self._running += 1  # on the event loop's thread, with no await since the check
+
+    async def call(self, func: Callable[..., T], *args: object) -> T:
+        """`func` on one of the lane's threads (the caller holds a slot)."""
+        return await anyio.to_thread.run_sync(func, *args, limiter=self._threads())
+
+    async def run(self, func: Callable[..., T], *args: object) -> T:
+        self._claim()
         try:
-            return await anyio.to_thread.run_sync(func, *args, limiter=self._threads())
+            return await self.call(func, *args)
         finally:
             self._running -= 1
+
+    async def open(self, start: Callable[..., Iterator[T]], *args: object) -> LaneStream[T]:
+        """`start(*args)` on the lane (its errors raised here, before a response starts), then
+        its items, each fetched on the lane. The slot is held until the stream is closed: a turn
+        streamed for an hour holds it for an hour, as a turn answered whole does."""
+        self._claim()
+        try:
+            items = await self.call(start, *args)
+        except BaseException:
+            self._running -= 1
+            raise
+        return LaneStream(self, items)
+
+
+class LaneStream(Generic[T]):
+    """A sync iterator's items, each fetched on its lane; `aclose` (idempotent) closes the
+    iterator on the lane (a generator's `finally` runs: a turn records itself as cancelled) and
+    gives the slot back."""
+
+    def __init__(self, lane: Lane, items: Iterator[T]) -> None:
+        self.lane = lane
+        self.items = items
+        self.closed = False
+
+    def __aiter__(self) -> LaneStream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self.closed:
+            raise StopAsyncIteration
+        # Not abandoned on cancel: a cancelled caller waits for this item, so `aclose` never
+        # finds the generator still running on another thread.
+        item = await self.lane.call(next, self.items, _END)
+        if item is _END:
+            await self.aclose()
+            raise StopAsyncIteration
+        return item  # type: ignore[return-value]
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            close = getattr(self.items, "close", None)
+            if close is not None:
+                with anyio.CancelScope(shield=True):  # also when the request was cancelled
+                    await self.lane.call(close)
+        finally:
+            self.lane._running -= 1
+
+
+_END = object()  # `next`'s default: the iterator is exhausted
 
 
 TURNS = Lane("agent turns", TURN_SLOTS, refuse_when_full=True)

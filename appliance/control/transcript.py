@@ -1,0 +1,44 @@
+"""An agent's turns as the host keeps them: `<state>/agents/NAME/transcript.jsonl`, one JSON line
+per turn (answered, failed, cancelled or refused), and the sessions a runtime exported next to
+it (`sessions/SESSION.jsonl`). Written by the control plane only; the agent never sees it."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from sandbox.names import check_name
+
+
+class TranscriptLog:
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "agents"
+        # Turns of one agent may end at once (a schedule and an operator): whole lines only.
+        self._append_lock = threading.Lock()
+
+    def path(self, name: str) -> Path:
+        check_name(name, "agent")  # a path component on the host
+        return self.root / name / "transcript.jsonl"
+
+    def append(self, name: str, line: dict[str, Any]) -> None:
+        path = self.path(name)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data = json.dumps(line, sort_keys=True) + "\n"
+        with self._append_lock, path.open("a", encoding="utf-8") as fh:
+            fh.write(data)
+
+    def read(self, name: str) -> list[dict[str, Any]]:
+        path = self.path(name)
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def write_session(self, name: str, session: str, record: bytes) -> Path:
+        """A session's record as the runtime printed it (the session name is checked by the
+        caller: 1-40 of a-z, 0-9 and '-')."""
+        path = self.path(name).parent / "sessions" / f"{session}.jsonl"
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.write_bytes(record)
+        return path

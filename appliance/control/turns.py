@@ -1,0 +1,459 @@
+"""Agent turns through the control plane: gated, driven, streamed, recorded (the plane's `turns`).
+
+A turn is refused before it starts (TurnRefused, with the reason) when the kill switch holds, the
+agent's sandbox is not running, its key has spent its daily budget, or its long-lived runtime is
+not running. A runtime with a service (blueprints/runtimes `service()`) is driven over the agent
+socket its sandbox's supervisor forwards to the runtime's loopback port; one without runs its
+`turn()` command in the sandbox (one delta, then done). Each turn, refused ones too, ends in one
+line of the host transcript (transcript.py) and one `agent.turn` audit record: trigger, actor,
+reply, tool calls, duration, and the tokens and model time of the agent key's ledger rows during
+the turn. A denied tool call is an `agent.tool_denied` alarm. Closing a turn's events early (the
+client went away) closes the runtime's stream, which cancels the turn in the runtime, and the
+turn is recorded as cancelled.
+
+No store connection or Podman client is held from one event to the next: the API fetches each
+event on a lane thread, not always the same one, and SQLite connections belong to their thread.
+A turn takes no lock: `agent stop` and the kill switch act at once and cut it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpx
+
+from appliance.control.agent_manager import AgentError, AgentManager
+from appliance.control.notices import turn_notices
+from appliance.control.transcript import TranscriptLog
+from appliance.errors import OPERATOR_ERRORS, ConfigError, TurnRefused
+from appliance.store import open_store
+from appliance.store.agent_store import AgentStore
+from blueprints.runtimes import (
+    AgentRuntime,
+    Delta,
+    Exec,
+    Finished,
+    Reply,
+    Service,
+    ToolCall,
+    runtime_for,
+)
+from sandbox.names import SANDBOX_KEY_PREFIX, check_name
+
+if TYPE_CHECKING:
+    from appliance.control.api.deps import Principal
+    from appliance.control.plane import ControlPlane
+    from sandbox.lifecycle.manager import SandboxManager
+
+log = logging.getLogger(__name__)
+
+Trigger = Literal["manual", "schedule"]
+TRIGGERS: tuple[str, ...] = ("manual", "schedule")
+# Who acts when no client does (a schedule): the control plane itself.
+CONTROL_PLANE_ACTOR: dict[str, Any] = {"actor": "control-plane", "actor_kind": "internal"}
+SESSION = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
+CONNECT_TIMEOUT_S = 10.0
+SETTLE_WAIT_S = 2.0  # the gateway settles a request's ledger row just after its last byte
+ARGUMENTS_MAX = 4096  # characters of a tool call's arguments kept in the transcript
+STDERR_TAIL = 2000
+
+
+@dataclass
+class _Turn:
+    """One turn being driven: what was asked, by whom, and how to reach the runtime."""
+
+    name: str
+    message: str
+    session: str
+    trigger: str
+    actor: dict[str, Any]
+    runtime: AgentRuntime
+    service: Service | None
+    command: Exec | None  # the exec turn of a runtime without a service
+    ts: float = field(default_factory=time.time)
+    t0: float = field(default_factory=time.monotonic)
+    key_id: str | None = None
+    socket: Path | None = None
+    token: str | None = None
+
+
+@dataclass
+class _Outcome:
+    """What the turn came to, filled in as its events arrive."""
+
+    parts: list[str] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False
+    ok: bool = False
+    text: str | None = None
+    exit_code: int | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    session_id: str | None = None
+    raw: dict[str, Any] | None = None
+    error: str | None = None
+    cancelled: bool = False
+    stderr_tail: str = ""
+
+    def finish(self, event: Finished) -> None:
+        self.finished, self.ok, self.text = True, event.ok, event.text
+        self.usage, self.session_id, self.raw = dict(event.usage), event.session_id, event.raw
+        self.error = None if event.ok else (event.error or "the runtime reported a failure")
+
+    def replied(self, reply: Reply, code: int, stderr: bytes) -> None:
+        self.finished, self.ok, self.text, self.exit_code = True, reply.ok, reply.text, code
+        self.usage, self.session_id, self.raw = dict(reply.usage), reply.session_id, reply.raw
+        self.stderr_tail = stderr.decode(errors="replace")[-STDERR_TAIL:]
+        if not reply.ok:
+            last = self.stderr_tail.strip().splitlines()[-1:]
+            self.error = str((reply.raw or {}).get("error") or (last[0] if last else "no output"))
+
+    @property
+    def reply(self) -> str:
+        return self.text if self.text is not None and not self.cancelled else "".join(self.parts)
+
+
+class TurnService:
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+        self.config = plane.config
+        self.transcripts = TranscriptLog(plane.config.state_dir)
+
+    # -- the API -----------------------------------------------------------------------------
+
+    def gate(self, name: str) -> None:
+        """NotFoundError for an unknown agent; TurnRefused (with the reason) when a turn would
+        be refused now. Records nothing: a refused turn is recorded by `stream`."""
+        check_name(name, "agent")
+        with self._agents() as m:
+            runtime = runtime_for(m.deployed(m.current(name)))
+            self._gate(m.sandboxes, name, runtime.service())
+
+    def stream(
+        self,
+        who: Principal | None,
+        name: str,
+        message: str,
+        session: str | None = None,
+        trigger: Trigger = "manual",
+    ) -> Iterator[dict[str, Any]]:
+        """The turn's events: {"type": "delta", "text"}, {"type": "tool", "name", "arguments",
+        "denied"}, then one {"type": "done", ...the transcript record}. Checked and gated at
+        the first `next()` (TurnRefused, NotFoundError, ConfigError raised there, the refusal
+        recorded). `who` None: the control plane acts (a schedule)."""
+        yield from self.start(who, name, message, session, trigger)
+
+    def start(
+        self,
+        who: Principal | None,
+        name: str,
+        message: str,
+        session: str | None = None,
+        trigger: Trigger = "manual",
+    ) -> Iterator[dict[str, Any]]:
+        """`stream`, checked and gated now (raising before any event: the API answers a refusal
+        as an error, before the first byte of a stream)."""
+        return self._events(self._begin(who, name, message, session, trigger))
+
+    def run(
+        self,
+        who: Principal | None,
+        name: str,
+        message: str,
+        session: str | None = None,
+        trigger: Trigger = "manual",
+    ) -> dict[str, Any]:
+        """The whole turn; its done record (the non-streamed API's answer)."""
+        with closing(self.start(who, name, message, session, trigger)) as events:
+            for event in events:
+                if event["type"] == "done":
+                    return event
+        raise AssertionError("a turn's events end with done")  # _events always yields it
+
+    def transcript(self, name: str) -> list[dict[str, Any]]:
+        return self.transcripts.read(name)
+
+    # -- begin: checks and the gate ------------------------------------------------------------
+
+    def _begin(
+        self, who: Principal | None, name: str, message: str, session: str | None, trigger: str
+    ) -> _Turn:
+        check_name(name, "agent")
+        if trigger not in TRIGGERS:
+            raise ConfigError(f"trigger {trigger!r}: one of {', '.join(TRIGGERS)}")
+        session = session or f"run-{secrets.token_hex(4)}"
+        if not SESSION.fullmatch(session):
+            raise ConfigError(f"session {session!r}: use 1-40 of a-z, 0-9 and '-'")
+        actor = who.audit_fields() if who is not None else dict(CONTROL_PLANE_ACTOR)
+        with self._agents(actor) as m:
+            dep = m.current(name)
+            runtime = runtime_for(m.deployed(dep))
+            service = runtime.service()
+            command = None if service is not None else runtime.turn(message, session)
+            if service is None and command is None:
+                raise AgentError(
+                    f"{name} runs a plain command ({dep.ref}); it takes no turns",
+                    hint=f"`appliance sandbox exec {name} -- CMD`",
+                )
+            turn = _Turn(name, message, session, trigger, actor, runtime, service, command)
+            try:
+                turn.key_id = self._gate(m.sandboxes, name, service)
+            except TurnRefused as refused:
+                self._record_refusal(turn, refused)
+                raise
+            if service is not None:
+                turn.socket = m.sandboxes.agent_socket(name)
+                turn.token = m.sandboxes.runtime_token(name)
+        return turn
+
+    def _gate(self, sandboxes: SandboxManager, name: str, service: Service | None) -> str | None:
+        """The agent's key id, or TurnRefused with the first reason that applies."""
+        if (held := sandboxes.boxes.held()) is not None:
+            raise TurnRefused(
+                f"{name}: the kill switch holds every sandbox ({held})",
+                hint="`appliance release` lifts the hold",
+            )
+        record = sandboxes.boxes.get(name)
+        if record is None or record.state != "running":
+            state = record.state if record is not None else "missing"
+            raise TurnRefused(f"{name} is {state}", hint=f"`appliance agent start {name}`")
+        if record.key_id is not None:
+            self._budget_gate(name, record.key_id)
+        if service is not None:
+            runtime = sandboxes.runtime_state(name) or {}
+            state = runtime.get("state") or "not reported yet"
+            if state != "running":
+                why = f": {runtime['reason']}" if runtime.get("reason") else ""
+                raise TurnRefused(
+                    f"{name}'s runtime is {state}{why}", hint=f"`appliance agent logs {name}`"
+                )
+            if not sandboxes.runtime_token(name):
+                raise TurnRefused(
+                    f"{name}'s runtime has no token on the host",
+                    hint=f"re-create it: `appliance agent rm {name}` and `agent create`",
+                )
+        return record.key_id
+
+    def _budget_gate(self, name: str, key_id: str) -> None:
+        """The daily limits of the agent's key against what it spent today (the gateway refuses
+        the model call too; refusing here starts no turn that cannot get an answer)."""
+        inference = self.plane.inference
+        budget = inference.get_budget(key_id)
+        if budget is None or (budget.daily_tokens is None and budget.daily_cost is None):
+            return
+        spend = inference.spend(key_id)
+        over = None
+        if budget.daily_tokens is not None and spend.day_tokens >= budget.daily_tokens:
+            over = f"{spend.day_tokens} of {budget.daily_tokens} tokens"
+        elif budget.daily_cost is not None and spend.day_cost >= budget.daily_cost:
+            over = f"{spend.day_cost:g} of {budget.daily_cost:g} cost"
+        if over is not None:
+            raise TurnRefused(
+                f"{name} is over its daily budget: {over}",
+                hint=f"wait for 00:00 UTC, or raise it: `appliance budget set "
+                f"{SANDBOX_KEY_PREFIX}{name} --daily-tokens N`",
+            )
+
+    # -- the events ----------------------------------------------------------------------------
+
+    def _events(self, turn: _Turn) -> Iterator[dict[str, Any]]:
+        outcome = _Outcome()
+        try:
+            if turn.service is not None:
+                yield from self._driven(turn, outcome)
+            else:
+                yield from self._executed(turn, outcome)
+            if not outcome.finished and outcome.error is None:
+                outcome.error = "the runtime's stream ended without a result"
+        except GeneratorExit:  # closed early: the client went away
+            outcome.cancelled, outcome.ok = True, False
+            outcome.error = "cancelled: the client went away"
+            self._record(turn, outcome)
+            raise
+        except (*OPERATOR_ERRORS, httpx.HTTPError, OSError) as exc:
+            outcome.ok, outcome.error = False, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # recorded as a failed turn all the same
+            log.exception("turn of %s failed", turn.name)
+            outcome.ok, outcome.error = False, f"{type(exc).__name__}: {exc}"
+        yield {"type": "done", **self._record(turn, outcome)}
+
+    def _driven(self, turn: _Turn, outcome: _Outcome) -> Iterator[dict[str, Any]]:
+        """Through the runtime's service, over the agent socket; closing this closes the
+        runtime's request (drive cancels the turn in the runtime)."""
+        assert turn.socket is not None and turn.token is not None  # set by _begin
+        read_s = turn.runtime.blueprint.inference.timeout_s  # the model may be silent this long
+        http = httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(turn.socket)),
+            base_url="http://agent",
+            timeout=httpx.Timeout(read_s, connect=CONNECT_TIMEOUT_S),
+        )
+        with http, closing(turn.runtime.drive(http, turn.token, turn.message, turn.session)) as it:
+            for event in it:
+                if isinstance(event, Delta):
+                    outcome.parts.append(event.text)
+                    yield {"type": "delta", "text": event.text}
+                elif isinstance(event, ToolCall):
+                    call = {
+                        "name": event.name,
+                        "arguments": event.arguments[:ARGUMENTS_MAX],
+                        "denied": event.denied,
+                    }
+                    outcome.tool_calls.append(call)
+                    if event.denied:
+                        self._audit(turn, "agent.tool_denied", tool=event.name)
+                    yield {"type": "tool", **call}
+                elif isinstance(event, Finished):
+                    outcome.finish(event)
+
+    def _executed(self, turn: _Turn, outcome: _Outcome) -> Iterator[dict[str, Any]]:
+        """The runtime's turn command, run in the sandbox as the agent: its reply is one delta
+        (only when it answered); then its session is exported to the host, if it keeps one."""
+        command = turn.command
+        assert command is not None  # set by _begin
+        with self.plane.sandboxes.manager() as sandboxes:
+            code, out, err = sandboxes.exec(
+                turn.name, command.argv, env=command.env, timeout_s=command.timeout_s
+            )
+        outcome.replied(turn.runtime.read_turn(code, out, err), code, err)
+        if outcome.ok and outcome.text:
+            yield {"type": "delta", "text": outcome.text}
+        if (export := turn.runtime.export_session(turn.session)) is not None:
+            self._export_session(turn, export)
+
+    def _export_session(self, turn: _Turn, export: Exec) -> None:
+        """The session's record, printed by the agent inside the sandbox, written on the host."""
+        with self.plane.sandboxes.manager() as sandboxes:
+            code, out, _err = sandboxes.exec(
+                turn.name, export.argv, env=export.env, timeout_s=export.timeout_s
+            )
+        if code != 0:
+            self._audit(turn, "agent.export_failed")
+            return
+        self.transcripts.write_session(turn.name, turn.session, out)
+
+    # -- the record ------------------------------------------------------------------------------
+
+    def _record(self, turn: _Turn, outcome: _Outcome) -> dict[str, Any]:
+        """Transcript line, activity count, key use and `agent.turn`; the done record (with
+        the exec's stderr tail, which the transcript does not keep)."""
+        record = {
+            "agent": turn.name,
+            "ok": outcome.ok,
+            "reply": outcome.reply,
+            "exit_code": outcome.exit_code,
+            "duration_s": round(time.monotonic() - turn.t0, 3),
+            "usage": outcome.usage,
+            "session": turn.session,
+            "session_id": outcome.session_id,
+            "raw": outcome.raw,
+            "trigger": turn.trigger,
+            "actor": turn.actor.get("actor"),
+            "actor_kind": turn.actor.get("actor_kind"),
+            "tokens": self._tokens(turn),
+            "tool_calls": outcome.tool_calls,
+            "notices": self._notices(turn),
+            "cancelled": outcome.cancelled,
+            "error": outcome.error,
+        }
+        self.transcripts.append(turn.name, {"ts": turn.ts, "message": turn.message, **record})
+        with open_store(self.config.state_dir) as db:
+            AgentStore(db).record_turn(turn.name)  # the inventory's turns and last activity
+        self._audit_key_use(turn)
+        self._audit(
+            turn,
+            "agent.turn",
+            ok=outcome.ok,
+            exit_code=outcome.exit_code,
+            duration_s=record["duration_s"],
+            usage=outcome.usage,
+            session_id=outcome.session_id,
+            tokens=record["tokens"],
+            tool_calls=len(outcome.tool_calls),
+            cancelled=outcome.cancelled,
+            error=outcome.error,
+        )
+        return {**record, "stderr_tail": outcome.stderr_tail}
+
+    def _notices(self, turn: _Turn) -> list[str]:
+        """What the reply comes with: e.g. that the embedded demonstration model answered."""
+        bp = turn.runtime.blueprint
+        # Which runtimes send the model tools: OpenClaw's (a `kind: command` one sends none).
+        return turn_notices(self.config, bp.inference.model, tools=bp.runtime.kind == "openclaw")
+
+    def _record_refusal(self, turn: _Turn, refused: TurnRefused) -> None:
+        reason = str(refused)
+        line = {
+            "ts": turn.ts,
+            "message": turn.message,
+            "agent": turn.name,
+            "ok": False,
+            "reply": "",
+            "exit_code": None,
+            "duration_s": 0.0,
+            "session": turn.session,
+            "trigger": turn.trigger,
+            "actor": turn.actor.get("actor"),
+            "actor_kind": turn.actor.get("actor_kind"),
+            "tool_calls": [],
+            "refused": reason,
+        }
+        self.transcripts.append(turn.name, line)
+        self._audit(turn, "agent.turn", ok=False, refused=reason)
+
+    def _tokens(self, turn: _Turn) -> dict[str, Any]:
+        """The agent key's ledger rows admitted during the turn: tokens and model time (waiting
+        a moment for rows the gateway has not settled yet)."""
+        used = {"prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0, "requests": 0}
+        if turn.key_id is not None:
+            deadline = time.monotonic() + SETTLE_WAIT_S
+            while True:
+                used = self.plane.inference.usage_between(turn.key_id, turn.ts, time.time())
+                if not used["open"] or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        return {
+            "prompt": int(used["prompt_tokens"]),
+            "completion": int(used["completion_tokens"]),
+            "total": int(used["prompt_tokens"] + used["completion_tokens"]),
+            "model_time_s": round(float(used["latency_s"]), 3),
+            "requests": int(used["requests"]),
+        }
+
+    def _audit_key_use(self, turn: _Turn) -> None:
+        """A key use summary after each turn: what the agent's key has spent today and this
+        month (the ledger has every request; this is the line an auditor reads)."""
+        if turn.key_id is None:
+            return
+        spend = self.plane.inference.spend(turn.key_id)
+        self.plane.inference.audit(
+            "key.usage",
+            key_id=turn.key_id,
+            key_name=SANDBOX_KEY_PREFIX + turn.name,
+            day_tokens=spend.day_tokens,
+            month_tokens=spend.month_tokens,
+            day_cost=spend.day_cost,
+            month_cost=spend.month_cost,
+        )
+
+    def _audit(self, turn: _Turn, event: str, **fields: Any) -> None:
+        self.plane.inference.audit(
+            event,
+            agent=turn.name,
+            trigger=turn.trigger,
+            session=turn.session,
+            **fields,
+            **turn.actor,
+        )
+
+    @contextmanager
+    def _agents(self, actor: dict[str, Any] | None = None) -> Iterator[AgentManager]:
+        """An AgentManager on its own store connection, for this thread and this step."""
+        with self.plane.sandboxes.manager() as sandboxes, open_store(self.config.state_dir) as db:
+            yield AgentManager(self.config, db, sandboxes, actor)

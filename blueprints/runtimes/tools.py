@@ -109,6 +109,8 @@ def canonical_tool(name: str) -> str:
 
 
 def _hint(name: str, known: frozenset[str]) -> str:
+    if len(name) > MAX_NAME:
+        return ""
     if f"group:{name}" in known:
         return f" (a group is written `group:{name}`)"
     close = difflib.get_close_matches(name.lower(), sorted(known), n=3, cutoff=0.6)
@@ -118,7 +120,7 @@ def _hint(name: str, known: frozenset[str]) -> str:
 def check_tool_name(name: str, *, allowed: bool, kind: str | None = None) -> str:
     """`name` if `kind` (default: any runtime) knows it and, in an allow list, it is not one
     that lets the agent schedule or reconfigure itself; else ValueError saying why."""
-    known = KNOWN_NAMES[kind] if kind else frozenset().union(*KNOWN_NAMES.values())
+    known = KNOWN_NAMES.get(kind, frozenset()) if kind else frozenset().union(*KNOWN_NAMES.values())
     if name not in known:
         shown = repr(name if len(name) <= MAX_NAME else name[:MAX_NAME] + "…")
         where = f"{kind} " if kind else ""

@@ -195,8 +195,11 @@ def main() -> int:
         env.update(read_runtime_env(cfg["runtime_env_file"]))
     abi, why = landlock.probe_abi()
     report = base_report(cfg, abi)
+    service = Runtime(cfg, abi, env, report) if cfg["runtime"] or cfg["checkin"] else None
 
     def refuse(reason: str) -> int:
+        if service is not None:
+            return service.refuse(reason)
         report["landlock"]["error"] = reason
         write_report(report_path, report)
         log(f"agent NOT started (Landlock {ll['compatibility']}): {reason}")
@@ -218,6 +221,8 @@ def main() -> int:
     agent = Launch(cfg, abi, env)  # still single-threaded: the forwarders start after this
     if agent.report is None:
         report["landlock"]["error"] = "agent setup failed before reporting"
+        if service is not None:
+            service.set_state("failed", report["landlock"]["error"])
         write_report(report_path, report)
         return EXIT_SPAWN
     report.update(agent_fields(agent.report))
@@ -227,8 +232,8 @@ def main() -> int:
         return refuse(error)
     for forwarder in forwarders:
         forwarder.start()
-    if cfg["runtime"] or cfg["checkin"]:
-        return Runtime(cfg, abi, env, report, refuse).run(agent)
+    if service is not None:
+        return service.run(agent)
     report["agent_started"] = True
     write_report(report_path, report)
     agent.go()

@@ -16,10 +16,9 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
 from typing import Any
 
-from log import log
+from log import EXIT_LANDLOCK, log
 from procs import reap, stop_group, stop_the_rest
 from report import agent_fields, utc, write_report
 from spawn import FORWARDED, STOPPING, Launch, enforcement_error
@@ -41,14 +40,9 @@ class Runtime:
     """The runtime's state machine: waiting, running, backoff, fail_closed, stopped, failed."""
 
     def __init__(
-        self,
-        cfg: dict[str, Any],
-        abi: int,
-        env: dict[str, str],
-        report: dict[str, Any],
-        refuse: Callable[[str], int],
+        self, cfg: dict[str, Any], abi: int, env: dict[str, str], report: dict[str, Any]
     ) -> None:
-        self.cfg, self.abi, self.env, self.report, self.refuse = cfg, abi, env, report, refuse
+        self.cfg, self.abi, self.env, self.report = cfg, abi, env, report
         rt = cfg["runtime"] or {"restart": "never"}
         self.always = rt["restart"] == "always"
         self.initial = float(rt.get("backoff_initial_s", 1))
@@ -85,10 +79,17 @@ class Runtime:
             "updated_at": utc(),
         }
 
-    def _set(self, state: str, reason: str = "") -> None:
+    def set_state(self, state: str, reason: str = "") -> None:
         self.state, self.reason = state, reason
         self.report["runtime"] = self.section()
         write_report(self.cfg["report_path"], self.report)
+
+    def refuse(self, reason: str) -> int:
+        """Landlock cannot be enforced as required: never started, never retried (exit 3)."""
+        self.report["landlock"]["error"] = reason
+        self.set_state("failed", reason)
+        log(f"agent NOT started (Landlock {self.cfg['landlock']['compatibility']}): {reason}")
+        return EXIT_LANDLOCK
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -97,7 +98,7 @@ class Runtime:
         age = self._checkin_age()
         if self._stale(age):
             first.cancel()
-            self._set("waiting", "no fresh check-in from the control plane yet")
+            self.set_state("waiting", "no fresh check-in from the control plane yet")
             log(f"runtime waiting for the control plane's check-in ({self._silence(age)})")
         else:
             self._go(first)
@@ -151,7 +152,7 @@ class Runtime:
             why = f"control plane silent for {silent} (fail_closed_after={self.after_s:g})"
             self._stop(signal.SIGTERM, "fail closed")
             self.fail_closed_at = time.time()
-            self._set("fail_closed", why)
+            self.set_state("fail_closed", why)
             log(f"{why}: runtime stopped")
         elif not stale and self.state in ("waiting", "fail_closed"):
             log(f"control plane checked in ({self._silence(age)}): starting the runtime")
@@ -175,7 +176,6 @@ class Runtime:
         error = enforcement_error(launch.report["landlock"], self.cfg["landlock"], self.abi)
         if error:
             launch.cancel()
-            self._set("failed", error)
             return self.refuse(error)
         self._go(launch)
         return None
@@ -187,7 +187,7 @@ class Runtime:
         self.pid, self.starts = launch.pid, self.starts + 1
         self.started_mono, self.started_at = time.monotonic(), time.time()
         self.report["agent_started"] = True
-        self._set("running")
+        self.set_state("running")
         log(f"runtime started (pid {self.pid}, start {self.starts})")
 
     def _record(self, status: int | None, why: str) -> tuple[str, float]:
@@ -211,7 +211,7 @@ class Runtime:
             self.pid = None
         stop_the_rest(float(self.cfg["exit_grace_s"]))  # orphans: a restart starts clean
         if not self.always:
-            self._set("stopped", f"runtime {reason}")
+            self.set_state("stopped", f"runtime {reason}")
             log(f"runtime {reason} after {uptime:g} s (restart: never): supervisor exits")
             code = os.waitstatus_to_exitcode(status) if status is not None else 127
             return 128 - code if code < 0 else code  # killed by signal N → 128+N
@@ -219,7 +219,7 @@ class Runtime:
             self.delay = self.initial
         delay, self.delay = self.delay, min(self.delay * 2, self.max_delay)
         self.next_start = time.monotonic() + delay
-        self._set("backoff", f"runtime {reason} after {uptime:g} s: restart in {delay:g} s")
+        self.set_state("backoff", f"runtime {reason} after {uptime:g} s: restart in {delay:g} s")
         log(self.reason)
         return None
 
@@ -234,6 +234,6 @@ class Runtime:
     def _shutdown(self, sig: int) -> int:
         name = signal.Signals(sig).name
         self._stop(sig, f"supervisor stopping on {name}")
-        self._set("stopped", f"supervisor stopping on {name}")
+        self.set_state("stopped", f"supervisor stopping on {name}")
         log(f"runtime stopped: supervisor stopping on {name}")
         return 0

@@ -1,135 +1,33 @@
-"""The in-sandbox supervisor run for real on this host, as a non-root uid, no Podman needed.
-
-Landlock works unprivileged once no_new_privs is set, so the enforcement seen here is the
-kernel's, not a simulation. Tests running as root start the supervisor through
-`setpriv --reuid 1000` so that the real non-root path is exercised.
-"""
+"""The in-sandbox supervisor run for real on this host (tests/integration/supervisor_box.py):
+Landlock, the egress forwarder, signals, reaping, refusals. Without the always-on keys
+(runtime, checkin, agent_socket): test_supervisor_runtime.py covers those."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from sandbox.supervisor.landlock import probe_abi
-from tests.helpers import free_port
+from tests.integration.supervisor_box import ABI, AGENT_UID, AS_ROOT, UNUSABLE, Box, made_box
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-SUPERVISOR = REPO / "sandbox" / "supervisor"
-PY = "/usr/bin/python3"  # the system Python: readable by any uid, unlike one under /root
-AGENT_UID = 1000
-AS_ROOT = os.getuid() == 0
-
-
-ABI, _ = probe_abi()
-if not os.path.exists(PY) or ABI < 1 or (AS_ROOT and not shutil.which("setpriv")):
-    pytest.skip("needs /usr/bin/python3, Landlock and setpriv", allow_module_level=True)
-
-RW = [
-    "read_file",
-    "read_dir",
-    "write_file",
-    "make_reg",
-    "make_dir",
-    "remove_file",
-    "remove_dir",
-    "truncate",
-]
-
-
-class Box:
-    """A temp tree the agent uid can reach: supervisor copy, workspace, secret, report."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.sup = root / "opt" / "supervisor"
-        shutil.copytree(SUPERVISOR, self.sup)  # like the read-only mount in the sandbox
-        self.ws, self.secret_dir, self.report_dir = root / "ws", root / "secret", root / "report"
-        for d in (self.ws, self.secret_dir, self.report_dir):
-            d.mkdir()
-        self.secret = self.secret_dir / "secret.txt"
-        self.secret.write_text("top secret\n")  # world-readable: only Landlock stands in the way
-        self.socket = root / "egress.sock"
-        self.port = free_port()
-        for p in [root, *root.rglob("*")]:
-            os.chmod(p, 0o755 if p.is_dir() else 0o644)
-        if AS_ROOT:
-            for d in (self.ws, self.report_dir):
-                os.chown(d, AGENT_UID, AGENT_UID)
-
-    @property
-    def report(self) -> dict[str, Any]:
-        return json.loads((self.report_dir / "enforcement.json").read_text())
-
-    def config(self, code: str, **landlock: Any) -> Path:
-        ll = {
-            "compatibility": "hard_requirement",
-            "min_abi": 1,
-            "fs": [
-                {"path": "/usr", "access": ["read_file", "read_dir", "execute"]},
-                {"path": str(self.ws), "access": RW},
-            ],
-            "net": {"connect_tcp": [self.port], "bind_tcp": []},
-        }
-        ll.update(landlock)
-        cfg = {
-            "command": [PY, "-I", "-c", textwrap.dedent(code)],
-            "cwd": str(self.ws),
-            "env": {
-                "PATH": "/usr/bin:/bin",
-                "PORT": str(self.port),
-                "WS": str(self.ws),
-                "SECRET": str(self.secret),
-            },
-            "listen": f"127.0.0.1:{self.port}",
-            "egress_socket": str(self.socket),
-            "report_path": str(self.report_dir / "enforcement.json"),
-            "stop_grace_s": 0.5,
-            "exit_grace_s": 0.5,
-            "landlock": ll,
-        }
-        path = self.root / "sandbox.json"
-        path.write_text(json.dumps(cfg))
-        os.chmod(path, 0o644)
-        return path
-
-    def argv(self, as_agent: bool = True) -> list[str]:
-        pre = ["setpriv", f"--reuid={AGENT_UID}", f"--regid={AGENT_UID}", "--clear-groups"]
-        return [*(pre if AS_ROOT and as_agent else []), PY, "-I", str(self.sup / "init.py")]
-
-    def popen(self, cfg: Path, as_agent: bool = True) -> subprocess.Popen[str]:
-        env = {"APPLIANCE_SANDBOX_CONFIG": str(cfg), "PATH": "/usr/bin:/bin"}
-        return subprocess.Popen(
-            self.argv(as_agent), env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-
-    def run(self, code: str, timeout: float = 20, **landlock: Any) -> tuple[int, str, str]:
-        proc = self.popen(self.config(code, **landlock))
-        out, err = proc.communicate(timeout=timeout)
-        return proc.returncode, out, err
+if UNUSABLE:
+    pytest.skip(UNUSABLE, allow_module_level=True)
 
 
 @pytest.fixture
 def box() -> Iterator[Box]:
-    root = Path(tempfile.mkdtemp(prefix="supervisor-test-", dir="/tmp"))
-    try:
-        yield Box(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with made_box() as made:
+        yield made
 
 
 def test_landlock_confines_the_agent_and_the_report_says_so(box: Box) -> None:

@@ -1,0 +1,140 @@
+"""A temp tree in which the in-sandbox supervisor runs for real on this host, as a non-root uid,
+no Podman needed: what tests/integration/test_sandbox_supervisor.py and
+test_supervisor_runtime.py share.
+
+Landlock works unprivileged once no_new_privs is set, so the enforcement seen here is the
+kernel's, not a simulation. Tests running as root start the supervisor through
+`setpriv --reuid 1000` so that the real non-root path is exercised. The tree models the
+sandbox's mounts' ownership: the workspace, report and agent-socket directories are the agent
+uid's, the config directory (sandbox.json, the check-in file) is root's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sandbox.supervisor.landlock import probe_abi
+from tests.helpers import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+SUPERVISOR = REPO / "sandbox" / "supervisor"
+PY = "/usr/bin/python3"  # the system Python: readable by any uid, unlike one under /root
+AGENT_UID = 1000
+AS_ROOT = os.getuid() == 0
+ABI, _ = probe_abi()
+# Why these tests cannot run here (the test modules skip), or None.
+UNUSABLE = (
+    "needs /usr/bin/python3, Landlock and setpriv"
+    if not os.path.exists(PY) or ABI < 1 or (AS_ROOT and not shutil.which("setpriv"))
+    else None
+)
+
+RW = [
+    "read_file",
+    "read_dir",
+    "write_file",
+    "make_reg",
+    "make_dir",
+    "remove_file",
+    "remove_dir",
+    "truncate",
+]
+
+
+class Box:
+    """A temp tree the agent uid can reach: supervisor copy, workspace, secret, report, the
+    agent socket's directory and a root-owned config directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.sup = root / "opt" / "supervisor"
+        shutil.copytree(SUPERVISOR, self.sup)  # like the read-only mount in the sandbox
+        self.ws, self.secret_dir, self.report_dir = root / "ws", root / "secret", root / "report"
+        self.sock_dir, self.config_dir = root / "sock", root / "config"
+        for d in (self.ws, self.secret_dir, self.report_dir, self.sock_dir, self.config_dir):
+            d.mkdir()
+        self.secret = self.secret_dir / "secret.txt"
+        self.secret.write_text("top secret\n")  # world-readable: only Landlock stands in the way
+        self.socket = root / "egress.sock"
+        self.agent_socket = self.sock_dir / "agent.sock"
+        self.checkin = self.config_dir / "checkin"
+        self.runtime_env = self.config_dir / "runtime-env.json"
+        self.port = free_port()
+        for p in [root, *root.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        self.sock_dir.chmod(0o700)  # like paths.sock: the agent uid's alone
+        if AS_ROOT:
+            for d in (self.ws, self.report_dir, self.sock_dir):
+                os.chown(d, AGENT_UID, AGENT_UID)
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return json.loads((self.report_dir / "enforcement.json").read_text())
+
+    def config(self, code: str, service: dict[str, Any] | None = None, **landlock: Any) -> Path:
+        """sandbox.json running `code` as the agent; `service` adds top-level keys (runtime,
+        checkin, agent_socket, ...); `landlock` replaces keys of the Landlock section."""
+        ll = {
+            "compatibility": "hard_requirement",
+            "min_abi": 1,
+            "fs": [
+                {"path": "/usr", "access": ["read_file", "read_dir", "execute"]},
+                {"path": str(self.ws), "access": RW},
+            ],
+            "net": {"connect_tcp": [self.port], "bind_tcp": []},
+        }
+        ll.update(landlock)
+        cfg = {
+            "command": [PY, "-I", "-c", textwrap.dedent(code)],
+            "cwd": str(self.ws),
+            "env": {
+                "PATH": "/usr/bin:/bin",
+                "PORT": str(self.port),
+                "WS": str(self.ws),
+                "SECRET": str(self.secret),
+            },
+            "listen": f"127.0.0.1:{self.port}",
+            "egress_socket": str(self.socket),
+            "report_path": str(self.report_dir / "enforcement.json"),
+            "stop_grace_s": 0.5,
+            "exit_grace_s": 0.5,
+            "landlock": ll,
+            **(service or {}),
+        }
+        path = self.config_dir / "sandbox.json"
+        path.write_text(json.dumps(cfg))
+        os.chmod(path, 0o644)
+        return path
+
+    def argv(self, as_agent: bool = True) -> list[str]:
+        pre = ["setpriv", f"--reuid={AGENT_UID}", f"--regid={AGENT_UID}", "--clear-groups"]
+        return [*(pre if AS_ROOT and as_agent else []), PY, "-I", str(self.sup / "init.py")]
+
+    def popen(self, cfg: Path, as_agent: bool = True) -> subprocess.Popen[str]:
+        env = {"APPLIANCE_SANDBOX_CONFIG": str(cfg), "PATH": "/usr/bin:/bin"}
+        return subprocess.Popen(
+            self.argv(as_agent), env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+
+    def run(self, code: str, timeout: float = 20, **landlock: Any) -> tuple[int, str, str]:
+        proc = self.popen(self.config(code, **landlock))
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+
+
+@contextmanager
+def made_box() -> Iterator[Box]:
+    root = Path(tempfile.mkdtemp(prefix="supervisor-test-", dir="/tmp"))
+    try:
+        yield Box(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -160,7 +160,9 @@ class SandboxManager(
         while time.monotonic() < deadline:
             if report_file.is_file():
                 report = json.loads(report_file.read_text())
-                if not report.get("agent_started"):
+                # A runtime that waits for a check-in did start: Landlock was checked first.
+                waiting = (report.get("runtime") or {}).get("state") == "waiting"
+                if not report.get("agent_started") and not waiting:
                     why = report.get("landlock", {}).get("error") or "agent not started"
                     raise SandboxError(f"sandbox refused to start: {why}")
                 return report

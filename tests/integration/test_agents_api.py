@@ -170,6 +170,101 @@ def test_a_turn_through_the_api_and_the_cli(plane: dict[str, str]) -> None:
     assert len(turns) == 3 and all(r["actor_kind"] == "unix" for r in turns)
 
 
+def _stream(client: httpx.Client, name: str, body: dict) -> tuple[int, list[dict]]:
+    """A streamed turn's status and its NDJSON events (or the error body, as one)."""
+    with client.stream("POST", f"/agents/{name}/turns", json={**body, "stream": True}) as r:
+        r.read()
+        if r.status_code != 200:
+            return r.status_code, [r.json()]
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        return r.status_code, [json.loads(line) for line in r.text.splitlines()]
+
+
+def test_an_exec_turn_streams_through_the_api_and_the_cli(plane: dict[str, str]) -> None:
+    """A runtime without a service: its exec turn is one delta, then the done record; the
+    transcript and the audit log say who asked and how (trigger, actor)."""
+    name = f"stream-{os.getpid()}"
+    with _client(plane) as client:
+        assert client.post("/agents", json={"name": name, "blueprint": "echoer"}).status_code == 201
+        message = 'line one\n{"type": "done"}'  # NDJSON-framed as a string: one event still
+        status, events = _stream(client, name, {"message": message, "session": "s-2"})
+    assert status == 200, events
+    assert [e["type"] for e in events] == ["delta", "done"]
+    assert events[0]["text"] == f"s-2|{message}"
+    done = events[1]
+    assert done["ok"] is True and done["exit_code"] == 0 and done["reply"] == f"s-2|{message}"
+    assert done["trigger"] == "manual" and done["actor"] == f"uid:{os.geteuid()}"
+    assert done["tool_calls"] == [] and done["cancelled"] is False
+    assert done["tokens"] == {
+        "prompt": 0,
+        "completion": 0,
+        "total": 0,
+        "model_time_s": 0.0,
+        "requests": 0,
+    }  # fmt: skip  (an echo makes no model call)
+
+    out = _cli(plane, "agent", "run", name, "via the cli", "--session", "s-2")
+    assert (out.returncode, out.stdout) == (0, "s-2|via the cli\n"), out.stderr
+    [first, second] = json.loads(_cli(plane, "agent", "transcript", name, "--json").stdout)
+    assert first["message"] == message and second["message"] == "via the cli"
+    for line in (first, second):
+        assert line["trigger"] == "manual" and line["actor_kind"] == "unix"
+        assert line["actor"] == f"uid:{os.geteuid()}" and line["session"] == "s-2"
+        assert line["ok"] is True and "stderr_tail" not in line and line["duration_s"] > 0
+    turns = [r for r in _audit(plane, name) if r["event"] == "agent.turn"]
+    assert [(r["trigger"], r["ok"]) for r in turns] == [("manual", True), ("manual", True)]
+    assert _cli(plane, "agent", "rm", name).returncode == 0
+
+
+def test_turns_are_refused_while_held_stopped_or_over_budget(plane: dict[str, str]) -> None:
+    """Each refusal: a 409 `turn_refused` before any byte of a stream, exit 12 with the reason
+    and a hint from the CLI, a transcript line and an agent.turn record saying why."""
+    from appliance.store.inference_store import InferenceStore
+    from inference.ports import UsageRecord
+
+    name = f"gate-{os.getpid()}"
+    state = Path(plane["APPLIANCE_STATE_DIR"])
+    assert _cli(plane, "agent", "create", name, "--blueprint", "echoer").returncode == 0
+
+    def refused(reason: str, hint: str) -> None:
+        with _client(plane) as client:
+            status, [body] = _stream(client, name, {"message": "hi"})
+        assert status == 409 and body["error"]["type"] == "turn_refused", body
+        assert reason in body["error"]["message"] and hint in body["error"]["hint"]
+        out = _cli(plane, "agent", "run", name, "hi")
+        assert out.returncode == 12 and out.stdout == "", out.stderr
+        error, hint_line = out.stderr.strip().splitlines()
+        assert error.startswith("appliance: error: ") and reason in error
+        assert hint in hint_line
+
+    try:
+        assert _cli(plane, "kill", name, "--hold").returncode == 0
+        refused("the kill switch holds every sandbox", "`appliance release`")
+    finally:
+        assert _cli(plane, "release").returncode == 0
+    refused(f"{name} is stopped", f"`appliance agent start {name}`")  # the kill stopped it
+    assert _cli(plane, "agent", "start", name).returncode == 0
+    assert _cli(plane, "agent", "run", name, "back").returncode == 0
+
+    key = f"sandbox-{name}"
+    assert _cli(plane, "budget", "set", key, "--daily-tokens", "10").returncode == 0
+    with InferenceStore(state) as inference:  # what the gateway logs for a model call
+        record = inference.find_key(key)
+        assert record is not None
+        inference.record_usage(UsageRecord(record.id, "m", 8, 4, 0.5, 200, False))
+    refused(f"{name} is over its daily budget: 12 of 10 tokens", f"budget set {key}")
+
+    lines = json.loads(_cli(plane, "agent", "transcript", name, "--json").stdout)
+    reasons = [line.get("refused") for line in lines]
+    assert [r is None for r in reasons] == [False] * 4 + [True] + [False] * 2, reasons
+    assert all(line["trigger"] == "manual" and line["actor_kind"] == "unix" for line in lines)
+    turns = [r for r in _audit(plane, name) if r["event"] == "agent.turn"]
+    assert [bool(r.get("refused")) for r in turns] == [True] * 4 + [False] + [True] * 2
+    listed = json.loads(_cli(plane, "agent", "list", "--json").stdout)
+    assert [r["turns"] for r in listed if r["name"] == name] == [1]  # refusals are no turns
+    assert _cli(plane, "agent", "rm", name).returncode == 0
+
+
 def test_a_long_turn_does_not_hold_up_stop(plane: dict[str, str]) -> None:
     """A turn takes no lock: `agent stop` (or the kill switch) acts at once and the turn it cut
     off is not reported as answered."""

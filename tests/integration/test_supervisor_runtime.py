@@ -518,3 +518,43 @@ def test_the_runtime_cannot_touch_the_checkin_or_the_agent_socket(box: Box, star
     if AS_ROOT:  # the check-in file is root's, as on the host (and its mount is read-only)
         assert res["checkin_write"] == res["checkin_touch"] == "PermissionError"
         assert res["checkin_unlink"] == "PermissionError"
+
+
+def test_restarts_while_the_forwarders_log_from_other_threads(box: Box, started: Any) -> None:
+    """Each restart forks PID 1 while its forwarder threads run: here they are busy logging
+    (no egress socket: every connection fails and says so) and every start fails at exec (the
+    child's own log line), 40 times over. A child that took a lock held by a forwarder thread
+    at fork time would hang, and the starts would stop."""
+    runtime = {"backoff_initial_s": 0.02, "backoff_max_s": 0.02, "healthy_after_s": 30}
+    cfg = box.config("", {"runtime": runtime})
+    data = json.loads(cfg.read_text())
+    data["command"] = ["/usr/bin/no-such-runtime"]
+    cfg.write_text(json.dumps(data))
+    proc = started(cfg)
+    err: list[str] = []
+    drain = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    drain.start()
+    done = threading.Event()
+
+    def hammer() -> None:
+        while not done.is_set():
+            try:
+                socket.create_connection(("127.0.0.1", box.port), timeout=1).close()
+            except OSError:
+                time.sleep(0.01)  # before the listener is up
+
+    hammers = [threading.Thread(target=hammer, daemon=True) for _ in range(4)]
+    [t.start() for t in hammers]
+    try:
+        rt = wait_for(
+            "40 starts", lambda: (r := runtime_state(box)) and r["starts"] >= 40 and r, timeout=30
+        )
+    finally:
+        done.set()
+    assert rt["last_exit"]["code"] == 127 and rt["restarts"] >= 39
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    drain.join(timeout=5)
+    text = "".join(err)
+    assert text.count("agent: cannot start '/usr/bin/no-such-runtime'") >= 40
+    assert text.count("forwarder: cannot reach egress socket") > 40

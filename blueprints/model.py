@@ -30,6 +30,7 @@ from pydantic import (
 from blueprints.presets import PRESETS, preset_endpoints
 from blueprints.schedule import ScheduleEntry, with_sessions
 from sandbox.policy import (
+    FORWARDER_PORT,
     Approval,
     Endpoint,
     Filesystem,
@@ -66,6 +67,20 @@ def _semver(value: str) -> str:
     return value
 
 
+class Serve(_Strict):
+    """A `command` that stays up and takes its turns over HTTP on a sandbox loopback `port`
+    (the OpenResponses subset of blueprints/runtimes/responses.py, token in $AGENT_TOKEN)."""
+
+    port: int = Field(ge=1024, le=65535)
+
+    @field_validator("port")
+    @classmethod
+    def _not_the_forwarder(cls, port: int) -> int:
+        if port == FORWARDER_PORT:
+            raise ValueError(f"port {port} is the sandbox's egress forwarder")
+        return port
+
+
 class Runtime(_Strict):
     """`openclaw` at an exact npm version and integrity, or any `command` (a generic agent)."""
 
@@ -76,6 +91,7 @@ class Runtime(_Strict):
     # command: argv run once per turn (the message and session in $AGENT_MESSAGE and
     # $AGENT_SESSION, the reply on stdout); none: the agent takes no turns.
     turn: list[str] | None = None
+    serve: Serve | None = None  # command: it serves its turns itself (instead of `turn`)
 
     @model_validator(mode="after")
     def _complete(self) -> Runtime:
@@ -84,12 +100,16 @@ class Runtime(_Strict):
                 raise ValueError("openclaw needs an exact version like 2026.9.6")
             if self.integrity is None or not _INTEGRITY.match(self.integrity):
                 raise ValueError("openclaw needs its npm integrity (sha512-...==)")
-            if self.command is not None or self.turn is not None:
-                raise ValueError("`command` and `turn` are for kind: command; openclaw's are fixed")
+            if self.command is not None or self.turn is not None or self.serve is not None:
+                raise ValueError(
+                    "`command`, `turn` and `serve` are for kind: command; openclaw's are fixed"
+                )
         elif not self.command:
             raise ValueError("kind: command needs a non-empty `command` list")
         elif self.turn is not None and not self.turn:
             raise ValueError("`turn` must be a non-empty argv list (or left out)")
+        elif self.turn is not None and self.serve is not None:
+            raise ValueError("give `turn` or `serve`, not both (a served command takes its turns)")
         return self
 
 
@@ -290,8 +310,9 @@ class Blueprint(_Strict):
         deployment stores (`Blueprint.model_validate_json` gives the same blueprint back)."""
         data = self.model_dump(mode="json")
         # Added later: left at their defaults, earlier deployments' digest pins still hold.
-        if data["runtime"]["turn"] is None:
-            del data["runtime"]["turn"]
+        for key in ("turn", "serve"):
+            if data["runtime"][key] is None:
+                del data["runtime"][key]
         for key, default in _LATER_DEFAULTS.items():
             if data[key] == default:
                 del data[key]

@@ -8,9 +8,10 @@ and `includeInOpenClawGroup` makes `group:openclaw`), `dist/tool-policy-shared-*
 `group:plugins`, `bundle-mcp`). A new OpenClaw version means re-reading those files.
 
 Some tools let an agent schedule or reconfigure itself (OpenClaw's `group:automation`:
-`automations` alias `cron`, `gateway`, `plugins`, `openclaw`, `heartbeat_respond`). The control
-plane schedules agents; agents never schedule themselves: those are always denied, and a
-blueprint that allows one is invalid.
+`automations` alias `cron`, `gateway`, `plugins`, `openclaw`, `heartbeat_respond`; the
+memory-core plugin's `intent`). The control plane schedules agents; agents never schedule
+themselves: those are always denied, and a blueprint that allows one is invalid. One tool is
+never denied: `sessions_history`, through which the appliance reads each turn's tool calls.
 """
 
 from __future__ import annotations
@@ -88,16 +89,32 @@ OPENCLAW_ALIASES: dict[str, str] = {
 }
 # Plugin ids OpenClaw takes in allow/deny lists (configured MCP servers' tools).
 OPENCLAW_PLUGIN_IDS: frozenset[str] = frozenset({"bundle-mcp"})
+# Tools of the plugins the openclaw image loads (its `tools.catalog`): memory-core's `intent`
+# keeps standing, event-triggered intents, i.e. an agent that triggers itself.
+OPENCLAW_PLUGIN_TOOLS: dict[str, tuple[str, ...]] = {
+    "memory-core": ("intent",),
+    "file-transfer": ("dir_fetch", "dir_list", "file_fetch", "file_write"),
+    "ollama": ("node_inference",),
+    "talk-voice": ("talk_voice",),
+}
 
 # Tools that let an agent schedule or reconfigure itself: denied in every rendered policy.
 SELF_CONTROL_GROUP = "group:automation"
-SELF_CONTROL_TOOLS: tuple[str, ...] = _OPENCLAW_SECTIONS["automation"]
+SELF_CONTROL_TOOLS: tuple[str, ...] = (*_OPENCLAW_SECTIONS["automation"], "intent")
 ALWAYS_DENIED: tuple[str, ...] = (SELF_CONTROL_GROUP, *SELF_CONTROL_TOOLS)
 SELF_CONTROL_REASON = "the control plane schedules agents; agents never schedule themselves"
+# The appliance reads each turn's tool calls through this tool (OpenClaw's /tools/invoke obeys
+# the agent's tool policy): a policy that denies it would hide them from the host transcript.
+NEVER_DENIED = "sessions_history"
+NEVER_DENIED_REASON = "the appliance reads each turn's tool calls through it"
 
 # What each runtime kind knows (a runtime without tool policy knows none).
 KNOWN_NAMES: dict[str, frozenset[str]] = {
-    "openclaw": OPENCLAW_TOOLS | set(OPENCLAW_GROUPS) | set(OPENCLAW_ALIASES) | OPENCLAW_PLUGIN_IDS,
+    "openclaw": OPENCLAW_TOOLS
+    | set(OPENCLAW_GROUPS)
+    | set(OPENCLAW_ALIASES)
+    | OPENCLAW_PLUGIN_IDS
+    | {t for ts in OPENCLAW_PLUGIN_TOOLS.values() for t in ts},
     "command": frozenset(),
 }
 MAX_NAME = 64
@@ -127,6 +144,8 @@ def check_tool_name(name: str, *, allowed: bool, kind: str | None = None) -> str
         raise ValueError(f"unknown {where}tool {shown}{_hint(name, known)}")
     if allowed and (name == SELF_CONTROL_GROUP or canonical_tool(name) in SELF_CONTROL_TOOLS):
         raise ValueError(f"{name!r} cannot be allowed: {SELF_CONTROL_REASON}")
+    if not allowed and name == NEVER_DENIED:
+        raise ValueError(f"{name!r} cannot be denied: {NEVER_DENIED_REASON}")
     return name
 
 
@@ -139,13 +158,28 @@ def check_tools(kind: str, tools: Tools) -> None:
         check_tool_name(name, allowed=name in tools.allowed, kind=kind)
 
 
+def keep_readable(deny: list[str]) -> list[str]:
+    """`deny` with each group that holds `sessions_history` (group:sessions, group:openclaw)
+    written out as its other members, so that the group's other tools stay denied and the
+    turn's tool calls stay readable (in OpenClaw, deny wins over any allow)."""
+    out: list[str] = []
+    for name in deny:
+        members = OPENCLAW_GROUPS.get(name, frozenset())
+        if NEVER_DENIED in members:
+            out += sorted(members - {NEVER_DENIED})
+        else:
+            out.append(name)
+    return list(dict.fromkeys(out))
+
+
 def render_tools(tools: Tools | None) -> dict[str, list[str]]:
     """The runtime's allow/deny lists: aliases resolved, each name once, and the tools that let
-    an agent schedule or reconfigure itself always denied. An empty `allow` means no allowlist
-    beyond the runtime's own default (leave the key out of its config)."""
+    an agent schedule or reconfigure itself always denied (`sessions_history` never is: see
+    keep_readable). An empty `allow` means no allowlist beyond the runtime's own default
+    (leave the key out of its config)."""
     allowed = [canonical_tool(n) for n in tools.allowed] if tools else []
     denied = [canonical_tool(n) for n in tools.denied] if tools else []
     return {
         "allow": list(dict.fromkeys(allowed)),
-        "deny": list(dict.fromkeys([*denied, *ALWAYS_DENIED])),
+        "deny": keep_readable(list(dict.fromkeys([*denied, *ALWAYS_DENIED]))),
     }

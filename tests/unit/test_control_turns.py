@@ -466,7 +466,7 @@ def test_streams_hold_their_lane_slots_until_they_end(world: World) -> None:
     when they end, turns run again."""
     from appliance.control.api import lanes
 
-    world.script.events = [{"type": "delta", "text": "."} for _ in range(40)]
+    world.script.events = [*_reply(*"." * 40)]
     world.script.pause_s = 0.05
     socket = world.state / "run" / "control.sock"
     clients = [
@@ -492,6 +492,10 @@ def test_streams_hold_their_lane_slots_until_they_end(world: World) -> None:
             client.close()
     world.script.events, world.script.pause_s = _reply("free"), 0.0
     assert world.api.post(f"/agents/{AGENT}/turns", json={"message": "x"}).json()["ok"]
+    # Turns that ended together wrote whole lines (the one refused with 429 wrote none).
+    lines = world.transcript()
+    assert len(lines) == lanes.TURNS.slots + 1 and all(line["ok"] for line in lines)
+    assert sorted(line["reply"] for line in lines) == ["." * 40] * lanes.TURNS.slots + ["free"]
 
 
 def _ndjson_lines(response: httpx.Response) -> list[dict[str, Any]]:
@@ -544,3 +548,19 @@ def test_agent_chat_streams_each_line_in_one_session(world: World) -> None:
     sessions = {r["session"] for r in world.script.requests}
     assert len(world.script.requests) == 2 and len(sessions) == 1
     assert sessions.pop().startswith("chat-")
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../helper", "a/b", "helper\x00", "A" * 64])
+def test_hostile_names_reach_no_path_and_no_record(world: World, name: str) -> None:
+    """The name is a path component on the host (the transcript): refused before anything."""
+    from sandbox.names import InvalidNameError
+
+    for call in (
+        lambda: world.plane.turns.start(None, name, "x"),
+        lambda: next(world.plane.turns.stream(None, name, "x")),
+        lambda: world.plane.turns.gate(name),
+        lambda: world.plane.turns.transcript(name),
+    ):
+        with pytest.raises(InvalidNameError):
+            call()
+    assert not (world.state / "agents").exists() and world.audit("agent.turn") == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ def bind_unix_listener(path: str) -> socket.socket:
     """Bind `path` 0600 (owner only: the agent uid, which the host maps to its own). A socket
     left by an earlier run of this sandbox is replaced; any other kind of file is an error."""
     with contextlib.suppress(FileNotFoundError):
-        if not os.path.islink(path) and os.stat(path).st_mode & 0o170000 == 0o140000:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)  # never reachable by others, not even between bind and chmod

@@ -148,8 +148,8 @@ class Runtime:
         age = self._checkin_age()
         stale = self._stale(age)
         if stale and self.state in ("running", "backoff"):
-            silent = f"{age:.0f} s" if age is not None else "ever (no check-in file)"
-            why = f"control plane silent for {silent} (fail_closed_after={self.after_s:g})"
+            silent = f" for {age:.0f} s" if age is not None else ": no check-in file"
+            why = f"control plane silent{silent} (fail_closed_after={self.after_s:g})"
             self._stop(signal.SIGTERM, "fail closed")
             self.fail_closed_at = time.time()
             self.set_state("fail_closed", why)

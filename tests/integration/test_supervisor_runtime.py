@@ -81,6 +81,11 @@ def runtime_state(box: Box) -> dict[str, Any] | None:
         return None
 
 
+def in_state(box: Box, state: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The report's runtime section, once it shows `state`."""
+    return wait_for(state, lambda: (r := runtime_state(box)) and r["state"] == state and r, timeout)
+
+
 def pids(box: Box) -> list[int]:
     path = box.ws / "pids"
     return [int(p) for p in path.read_text().split()] if path.exists() else []
@@ -168,7 +173,7 @@ def test_backoff_doubles_to_its_maximum_and_resets_after_a_healthy_run(
 def test_a_runtime_in_backoff_shows_when_it_starts_next(box: Box, started: Any) -> None:
     runtime = {"backoff_initial_s": 5, "backoff_max_s": 5, "healthy_after_s": 30}
     started(box.config("import sys; sys.exit(4)", {"runtime": runtime}))
-    rt = wait_for("backoff", lambda: (r := runtime_state(box)) and r["state"] == "backoff" and r)
+    rt = in_state(box, "backoff")
     assert rt["pid"] is None and rt["next_start_at"] is not None
     assert rt["reason"].startswith("runtime exited with code 4 after") and rt["restarts"] == 0
     assert rt["reason"].endswith("restart in 5 s")
@@ -275,7 +280,7 @@ def test_without_a_checkin_the_runtime_waits_then_starts_on_the_first(
         "checkin": {"path": str(box.checkin), "after_s": 5},
     }
     started(box.config(SLEEPER, service))
-    rt = wait_for("waiting", lambda: (r := runtime_state(box)) and r["state"] == "waiting" and r)
+    rt = in_state(box, "waiting")
     assert rt["pid"] is None and rt["starts"] == 0 and rt["fail_closed_after"] == 5
     rep = box.report  # enforcement was checked (a child restricted, never exec'd)
     assert rep["landlock"]["enforced"] is True and rep["agent_started"] is False
@@ -296,7 +301,7 @@ def test_an_old_checkin_file_counts_as_silence(box: Box, started: Any) -> None:
         "checkin": {"path": str(box.checkin), "after_s": 5},
     }
     started(box.config(SLEEPER, service))
-    wait_for("waiting", lambda: (r := runtime_state(box)) and r["state"] == "waiting")
+    in_state(box, "waiting")
     time.sleep(1.2)
     assert pids(box) == []
 
@@ -308,7 +313,7 @@ def test_after_s_zero_turns_fail_closed_off(box: Box, started: Any) -> None:
     }
     started(box.config(SLEEPER, service))  # no check-in file at all
     started_pid(box, 1)
-    rt = wait_for("running", lambda: (r := runtime_state(box)) and r["state"] == "running" and r)
+    rt = in_state(box, "running")
     assert rt["fail_closed_after"] == 0
 
 
@@ -383,7 +388,7 @@ def test_the_agent_socket_closes_cleanly_while_the_runtime_is_down(box: Box, sta
     port = free_port()
     service, net = socket_service(box, port, checkin={"path": str(box.checkin), "after_s": 5})
     proc = started(box.config(http_server(port), service, net=net))  # no check-in: waiting
-    wait_for("waiting", lambda: (r := runtime_state(box)) and r["state"] == "waiting")
+    in_state(box, "waiting")
     for _ in range(3):
         assert post(box.agent_socket, "/", b"hello") == b""  # EOF, no ECONNRESET
     _rc, err = stop(proc)
@@ -504,14 +509,15 @@ def test_the_runtime_cannot_touch_the_checkin_or_the_agent_socket(box: Box, star
         attempt("sock_unlink", lambda: os.unlink(sock))
         attempt("sock_rename", lambda: os.rename(sock, sock + ".moved"))
         attempt("sock_bind", lambda: socket.socket(socket.AF_UNIX).bind(sock + ".2"))
-        with open(os.path.join(os.environ["WS"], "tried.json"), "w") as f: json.dump(res, f)
+        out = os.path.join(os.environ["WS"], "tried")
+        with open(out + ".tmp", "w") as f: json.dump(res, f)
+        os.replace(out + ".tmp", out + ".json")
         time.sleep(60)
     """
     service, net = socket_service(box, port, checkin={"path": str(box.checkin), "after_s": 30})
     started(box.config(code, service, net=net))
-    tried = wait_for("the attempts", lambda: (box.ws / "tried.json").exists() or None)
-    assert tried
-    res = wait_for("json", lambda: json.loads((box.ws / "tried.json").read_text() or "null"))
+    tried = box.ws / "tried.json"
+    res = json.loads(wait_for("the attempts", lambda: tried.exists() and tried.read_text()))
     # The socket's directory is the agent uid's: only Landlock stands in the way there.
     assert res["sock_unlink"] == res["sock_rename"] == res["sock_bind"] == "PermissionError"
     assert box.agent_socket.exists()
@@ -558,3 +564,16 @@ def test_restarts_while_the_forwarders_log_from_other_threads(box: Box, started:
     text = "".join(err)
     assert text.count("agent: cannot start '/usr/bin/no-such-runtime'") >= 40
     assert text.count("forwarder: cannot reach egress socket") > 40
+
+
+def test_a_removed_checkin_file_fails_closed(box: Box, started: Any) -> None:
+    check_in(box)
+    checkin = {"path": str(box.checkin), "after_s": 30}
+    proc = started(box.config(SLEEPER, {"runtime": {"restart": "always"}, "checkin": checkin}))
+    pid = started_pid(box, 1)
+    box.checkin.unlink()
+    wait_for("the runtime stopped", lambda: not alive(pid), 3)
+    rt = in_state(box, "fail_closed")
+    assert rt["reason"] == "control plane silent: no check-in file (fail_closed_after=30)"
+    _rc, err = stop(proc)
+    assert f"{rt['reason']}: runtime stopped" in err

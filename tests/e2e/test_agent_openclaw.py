@@ -1,13 +1,17 @@
-"""The appliance end to end, the way a user drives it: `appliance up` (embedded model) → `agent
-create demo --blueprint openclaw` → `agent run demo "Reply with the word pong"`, then the
-guard rails: egress approval, budget refusal, the monthly hard stop, the kill switch.
+"""An always-on OpenClaw agent, end to end, the way a user drives it: `appliance up` (embedded
+model) → `agent create` from a blueprint file (the catalog's openclaw@1.1.0 with a one-minute
+schedule and `fail_closed_after: 20`) → its runtime (`openclaw gateway run`, kept up by the
+sandbox's supervisor) answers turns without a process start → a schedule fires turns → a crashed
+runtime is restarted → killed services leave the agent to fail closed, and `appliance up` brings
+it back; then the guard rails: egress approval, budget refusal, the monthly hard stop, the kill
+switch (and no scheduled turn while it holds).
 
 Everything is real: the OpenClaw image layer (built from the npm, PyPI and Debian registries once,
-then cached), rootless Podman, the supervisor's Landlock, the egress proxy injecting the key,
-the gateway metering into the ledger, the embedded SmolLM2 producing the tokens. SmolLM2-135M
-will not reliably say "pong": the test checks that the reply came from the model through
-inference.local under this agent's key, not what it says. Slow (one OpenClaw turn is minutes on
-two cores), so the steps share one agent and run in order.
+then cached), rootless Podman, the supervisor's Landlock, the agent socket, the egress proxy
+injecting the key, the gateway metering into the ledger, the embedded SmolLM2 producing the
+tokens. SmolLM2-135M cannot carry OpenClaw's prompt: the test checks that a reply came from the
+model through inference.local under this agent's key, not what it says. Slow (a turn is 20-40 s
+on two cores), so the steps share one agent and one `appliance up`, and run in order.
 """
 
 from __future__ import annotations
@@ -15,24 +19,33 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
+import httpx
 import pytest
+import yaml
 
 from blueprints.catalog import Catalog
 from tests.e2e.up_env import environment
-from tests.sandbox_fixtures import sandbox_skip_reason
+from tests.sandbox_fixtures import podman_client, sandbox_skip_reason, service_home
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("openclaw")]
 
 APPLIANCE = str(Path(sys.executable).parent / "appliance")
 AGENT = f"demo-{os.getpid()}"  # one Podman serves both xdist workers: a name of its own
+SESSION = "e2e"
+FAIL_CLOSED_AFTER = 20
+SCHEDULE_WITHIN_S = 90  # an `every: 1m` entry fires its first turn this soon after the create
+SCHEDULE_PROMPT = "Reply with the word tick"
 # Run inside the sandbox by `sandbox exec`: one request through the agent's own proxy.
 PROBE = """
 import json, sys, urllib.request, urllib.error
@@ -46,6 +59,7 @@ except urllib.error.HTTPError as e:
 except Exception as e:
     print(json.dumps({"status": None, "body": repr(e)}))
 """
+T = TypeVar("T")
 
 
 # The OpenClaw layer's fetch steps (sandbox/images/openclaw.py raises ImageBuildError("<step> failed
@@ -88,6 +102,33 @@ def test_only_an_unreachable_registry_skips() -> None:
         assert registry_unreachable(failure) is None, failure
 
 
+def blueprint_text() -> str:
+    """The catalog's openclaw@1.1.0 under a name of its own (so it is a client's blueprint), with
+    a one-minute schedule and a short fail-closed time."""
+    [entry] = [e for e in Catalog().entries() if (e.name, e.version) == ("openclaw", "1.1.0")]
+    data = yaml.safe_load(entry.path.read_text())
+    data.update(
+        name="e2e-openclaw",
+        description="openclaw@1.1.0, scheduled every minute, failing closed after 20 s",
+        lifecycle={"fail_closed_after": FAIL_CLOSED_AFTER},
+        schedule=[{"every": "1m", "prompt": SCHEDULE_PROMPT, "session": "sched"}],
+    )
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+# -- the appliance ---------------------------------------------------------------------------
+
+
+@dataclass
+class Appliance:
+    env: dict[str, str]
+    created_at: float  # wall clock, when `agent create` returned
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.env["APPLIANCE_STATE_DIR"])
+
+
 def cli(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [APPLIANCE, *args], env=env, capture_output=True, text=True, timeout=timeout
@@ -100,23 +141,117 @@ def ok(env: dict[str, str], *args: str, timeout: float = 600) -> str:
     return done.stdout
 
 
+def up(env: dict[str, str]) -> None:
+    t0 = time.monotonic()
+    ok(env, "up", "--timeout", "300", timeout=330)
+    print(f"\nappliance up: {time.monotonic() - t0:.0f} s", flush=True)
+
+
 @pytest.fixture(scope="module")
-def env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+def app(request: pytest.FixtureRequest) -> Iterator[Appliance]:
     if (why := sandbox_skip_reason()) is not None:
         pytest.skip(why)
     root = Path(tempfile.mkdtemp(prefix="e2e-"))  # short: unix sockets live under it
     env = environment(root, request.config, state="s")
-    ok(env, "up", "--timeout", "300", timeout=330)
+    blueprint = root / "blueprint.yaml"
+    blueprint.write_text(blueprint_text())
+    up(env)
     try:
-        create = cli(env, "agent", "create", AGENT, "--blueprint", "openclaw", timeout=1500)
+        t0 = time.monotonic()
+        create = cli(env, "agent", "create", AGENT, "--blueprint", str(blueprint), timeout=1500)
         if create.returncode != 0 and (why := registry_unreachable(create.stderr)):
             pytest.skip(f"the OpenClaw image cannot be built here: {why}")
         assert create.returncode == 0, create.stdout + create.stderr
-        yield env
+        print(f"agent create: {time.monotonic() - t0:.0f} s", flush=True)
+        yield Appliance(env, time.time())
     finally:
         cli(env, "agent", "rm", AGENT, timeout=120)
         cli(env, "release", timeout=60)
         cli(env, "down", timeout=90)
+
+
+# -- what the test reads ---------------------------------------------------------------------
+
+
+def until(what: str, timeout: float, probe: Callable[[], T | None], every: float = 0.5) -> T:
+    """`probe()`'s first truthy value within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if value := probe():
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s: {what}")
+        time.sleep(every)
+
+
+def sandbox_root() -> Path:
+    home = service_home()
+    assert home is not None  # sandbox_skip_reason() checked the service user
+    return home / "sandboxes" / AGENT
+
+
+def runtime() -> dict[str, Any]:
+    """The supervisor's report on the runtime (no command or API shows it yet: the file the
+    control plane reads, <service home>/sandboxes/NAME/report/enforcement.json, written
+    atomically by PID 1)."""
+    path = sandbox_root() / "report" / "enforcement.json"
+    try:
+        return json.loads(path.read_text()).get("runtime") or {}
+    except FileNotFoundError:
+        return {}
+
+
+def runtime_in(*states: str, timeout: float) -> dict[str, Any]:
+    seen: list[dict[str, Any]] = [{}]
+
+    def probe() -> dict[str, Any] | None:
+        seen[0] = section = runtime()
+        return section if section.get("state") in states else None
+
+    try:
+        return until(f"runtime state in {states}", timeout, probe)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the report says {seen[0]}") from None
+
+
+def gateway_ready() -> bool:
+    """OpenClaw's unauthenticated /readyz, asked through the agent socket as the control plane
+    reaches it (root on the host)."""
+    sock = sandbox_root() / "sock" / "agent.sock"
+    try:
+        transport = httpx.HTTPTransport(uds=str(sock))
+        with httpx.Client(transport=transport, timeout=5) as client:
+            return client.get("http://agent/readyz").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def turn(env: dict[str, str], message: str, session: str = SESSION) -> tuple[dict, float]:
+    t0 = time.monotonic()
+    out = ok(env, "agent", "run", AGENT, message, "--session", session, "--json")
+    return json.loads(out), time.monotonic() - t0
+
+
+def cached_tokens(usage: dict[str, Any]) -> int | None:
+    """Prompt tokens the model served from its prefix cache, in whichever shape the runtime
+    reports usage (OpenClaw's agentMeta, OpenAI Responses, OpenAI chat)."""
+    for found in (
+        usage.get("cacheRead"),
+        (usage.get("input_tokens_details") or {}).get("cached_tokens"),
+        (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
+        usage.get("cached_tokens"),
+    ):
+        if found is not None:
+            return int(found)
+    return None
+
+
+def prefix_cache_hits(env: dict[str, str]) -> float:
+    """The embedded model's prefix-cache hits so far (vLLM's counter, in tokens)."""
+    port = env["APPLIANCE_INFERENCE__BACKEND_LISTEN__PORT"]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    found = re.search(r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)$", text, re.M)
+    return float(found[1]) if found else 0.0
 
 
 def probe(env: dict[str, str], *args: str, timeout: float = 180) -> dict:
@@ -130,110 +265,266 @@ def ledger(env: dict[str, str]) -> dict:
     return key
 
 
-def test_1_a_turn_is_answered_by_the_local_model(env: dict[str, str]) -> None:
-    before = ledger(env)["spend"]["day_tokens"]
-    t0 = time.monotonic()
-    turn = json.loads(
-        ok(env, "agent", "run", AGENT, "Reply with the word pong", "--json", timeout=1200)
-    )
-    elapsed = time.monotonic() - t0
-    assert turn["ok"] is True and turn["reply"].strip(), turn
-    meta = turn["raw"]["meta"]["agentMeta"]
-    assert meta["provider"] == "inference"  # OpenClaw's only provider: inference.local
-    assert turn["usage"]["input"] > 1000 and turn["usage"]["output"] > 0
+def audit(env: dict[str, str], n: int = 400) -> list[dict[str, Any]]:
+    return json.loads(ok(env, "audit", "tail", "-n", str(n), "--json"))
 
-    # Metered under this agent's key (the proxy injected it; the agent's config says "unused").
-    spent = ledger(env)["spend"]["day_tokens"] - before
-    assert spent >= turn["usage"]["input"] + turn["usage"]["output"]
+
+def transcript(env: dict[str, str]) -> list[dict[str, Any]]:
+    return json.loads(ok(env, "agent", "transcript", AGENT, "--json"))
+
+
+def schedule(env: dict[str, str]) -> dict[str, Any]:
+    [entry] = json.loads(ok(env, "agent", "schedule", AGENT, "--json"))
+    return entry
+
+
+# -- the steps, in order ---------------------------------------------------------------------
+
+
+def test_1_the_runtime_is_up_after_create(app: Appliance) -> None:
+    section = runtime_in("running", timeout=60)
+    assert section["pid"] and section["starts"] == 1, section
+    assert section["fail_closed_after"] == FAIL_CLOSED_AFTER, section
+    t0 = time.monotonic()
+    until("OpenClaw's /readyz through the agent socket", 120, gateway_ready, every=1)
+    print(f"gateway ready {time.time() - app.created_at:.0f} s after the create", flush=True)
+    [agent] = json.loads(ok(app.env, "status", "--json"))["agents"]["agents"]
+    assert agent["blueprint"] == "e2e-openclaw@1.1.0" and agent["state"] == "running", agent
+    assert time.monotonic() - t0 < 120
+
+
+def test_2_two_turns_in_one_session_share_the_runtime(app: Appliance) -> None:
+    before = runtime()
+    spent_before = ledger(app.env)["spend"]["day_tokens"]
+    first, first_s = turn(app.env, "Reply with the word pong")
+    assert first["ok"] is True and first["reply"].strip(), first
+    hits = prefix_cache_hits(app.env)
+    again, again_s = turn(app.env, "And again")
+    hits = prefix_cache_hits(app.env) - hits
+    assert again["ok"] is True and again["reply"].strip(), again
+    print(
+        f"turn 1: {first_s:.1f} s wall, {first['duration_s']:.1f} s in the control plane, "
+        f"model {first['tokens']['model_time_s']:.1f} s, tokens {first['tokens']}\n"
+        f"turn 2 (same session): {again_s:.1f} s wall, {again['duration_s']:.1f} s in the "
+        f"control plane, model {again['tokens']['model_time_s']:.1f} s, tokens "
+        f"{again['tokens']}, usage {again['usage']}, prefix cache hits {hits:.0f}",
+        flush=True,
+    )
+    # No process start: the same runtime took both turns.
+    after = runtime()
+    assert (after["pid"], after["starts"]) == (before["pid"], before["starts"]), (before, after)
+    assert after["state"] == "running"
+    # Answered by the model through inference.local under the agent's key: the ledger rows of
+    # that key during each turn (the proxy injected it; the agent's config says "unused").
+    for done in (first, again):
+        tokens = done["tokens"]
+        assert tokens["requests"] >= 1 and tokens["prompt"] > 1000, done
+        assert tokens["completion"] > 0 and tokens["model_time_s"] > 0, done
+        assert done["trigger"] == "manual" and done["session"] == SESSION, done
+    # The second turn resends OpenClaw's prompt: the model's prefix cache serves it.
+    cached = cached_tokens(again["usage"])
+    assert (cached if cached is not None else hits) > 1000, (again["usage"], hits)
+    spent = ledger(app.env)["spend"]["day_tokens"] - spent_before
+    assert spent >= first["tokens"]["total"] + again["tokens"]["total"]
     # The transcript on the host.
-    [recorded] = json.loads(ok(env, "agent", "transcript", AGENT, "--json"))[-1:]
-    assert recorded["message"] == "Reply with the word pong"
-    assert recorded["reply"] == turn["reply"]
-    # OpenClaw's own session record (its SQLite store, exported) is on the host too.
-    exported = Path(env["APPLIANCE_STATE_DIR"]) / "agents" / AGENT / "sessions"
-    events = (exported / f"{turn['session']}.jsonl").read_text().splitlines()
-    assert any("Reply with the word pong" in line for line in events)
-    # The audit log: the egress decision, the inference call, the turn; the chain verifies.
-    events = [r["event"] for r in json.loads(ok(env, "audit", "tail", "-n", "200", "--json"))]
+    lines = [t for t in transcript(app.env) if t.get("session") == SESSION]
+    assert [t["message"] for t in lines] == ["Reply with the word pong", "And again"]
+    for line, done in zip(lines, (first, again), strict=True):
+        assert line["trigger"] == "manual" and line["ok"] is True, line
+        assert line["reply"] == done["reply"] and line["tokens"] == done["tokens"], line
+        assert line["duration_s"] > 0 and line["actor"], line
+    # The audit log: the egress decision, the inference call, the turns; the chain verifies.
+    events = [r["event"] for r in audit(app.env)]
     for event in ("agent.deploy", "egress.allow", "egress.inference", "key.usage", "agent.turn"):
         assert event in events, events
-    ok(env, "audit", "verify")
-    # The inventory.
-    [agent] = json.loads(ok(env, "status", "--json"))["agents"]["agents"]
-    newest = Catalog().get("openclaw").ref  # `--blueprint openclaw`: the newest version
-    assert agent["blueprint"] == newest and agent["state"] == "running"
-    assert agent["turns"] == 1 and agent["tokens_today"] >= spent, agent
-    print(f"\nturn: {elapsed:.0f} s, usage {turn['usage']}")
+    ok(app.env, "audit", "verify")
+    [agent] = json.loads(ok(app.env, "status", "--json"))["agents"]["agents"]
+    assert agent["turns"] >= 2 and agent["tokens_today"] >= spent, agent
 
-    # The same session again: OpenClaw resends its prompt, the model's prefix cache serves it.
+
+def test_3_the_schedule_runs_a_turn(app: Appliance) -> None:
+    def scheduled() -> dict[str, Any] | None:
+        done = [t for t in transcript(app.env) if t["trigger"] == "schedule"]
+        return done[0] if done else None
+
     t0 = time.monotonic()
-    again = json.loads(
-        ok(env, "agent", "run", AGENT, "And again", "--session", turn["session"], "--json")
-    )
-    assert again["ok"] and again["session_id"] == turn["session_id"]
-    assert again["usage"]["cacheRead"] > 1000, again["usage"]
-    print(f"same session: {time.monotonic() - t0:.0f} s, usage {again['usage']}")
+    # Recorded when it ends: started within SCHEDULE_WITHIN_S, then up to 4 minutes of turn.
+    wait_s = app.created_at + SCHEDULE_WITHIN_S + 240 - time.time()
+    first = until("a scheduled turn", wait_s, scheduled, every=2)
+    print(f"scheduled turn recorded after {time.monotonic() - t0:.0f} s more: {first}")
+    assert first["ts"] - app.created_at <= SCHEDULE_WITHIN_S, first
+    assert first["ok"] is True and first.get("refused") is None, first
+    assert first["message"] == SCHEDULE_PROMPT and first["session"] == "sched", first
+    assert first["tokens"]["total"] > 0, first
+    entry = schedule(app.env)
+    assert entry["every"] == "1m" and entry["runs"] >= 1 and entry["last_run_at"], entry
+    assert entry["next_run_at"] and entry["next_run_at"] > time.time() - 5, entry
+    runs = [r for r in audit(app.env) if r["event"] == "schedule.run"]
+    assert runs and runs[0]["agent"] == AGENT, runs
 
 
-def test_2_other_hosts_wait_for_an_operator(env: dict[str, str]) -> None:
+def test_4_a_crashed_runtime_is_restarted_and_recorded(app: Appliance) -> None:
+    before = runtime_in("running", timeout=60)
+    uid = json.loads((sandbox_root() / "report" / "enforcement.json").read_text())["agent_uid"]
+    # Killed from inside the sandbox, as the agent's own user. Not through `sandbox exec`: that
+    # runs the command in a Landlock domain of its own (a sibling of the runtime's), whose
+    # signal scope forbids signalling the runtime. The service user's `podman exec` as the
+    # agent's uid, without the supervisor's exec wrapper, can.
+    container = podman_client().containers.get(AGENT)
+    kill = f"import os; os.kill({before['pid']}, 9)"
+    code, out = container.exec_run(["python3", "-c", kill], user=str(uid))
+    assert code == 0, out
+    t0 = time.monotonic()
+
+    def restarted() -> dict[str, Any] | None:
+        section = runtime()
+        done = section.get("restarts", 0) > before["restarts"] and section["state"] == "running"
+        return section if done else None
+
+    after = until("the runtime running again", 30, restarted)
+    print(f"runtime restarted in {time.monotonic() - t0:.1f} s: {after}", flush=True)
+    assert after["pid"] != before["pid"] and after["starts"] == before["starts"] + 1, after
+    assert after["last_exit"]["signal"] == 9, after
+    # The control plane saw it (its liveness check reads the report every few seconds).
+    event = until(
+        "agent.runtime.restarted in the audit log",
+        30,
+        lambda: [r for r in audit(app.env, 100) if r["event"] == "agent.runtime.restarted"],
+        every=2,
+    )[-1]
+    assert event["agent"] == AGENT and event["last_exit"]["signal"] == 9, event
+    until("the restarted gateway ready", 120, gateway_ready, every=1)
+
+
+def _services(app: Appliance) -> list[int]:
+    """The `appliance up` supervisor and the services it runs, as `appliance status` and
+    `down` find them (appliance/services/run_state.py)."""
+    from appliance.config import load_config
+    from appliance.services import supervisor
+
+    config = load_config({"state_dir": str(app.state_dir)})
+    running = supervisor.running_supervisor(config)
+    assert running is not None, "no supervisor runs"
+    services = supervisor.read_services(config)
+    assert services.get("supervisor_pid") == running[0], services
+    children = [s["pid"] for n, s in services.items() if isinstance(s, dict) and s.get("pid")]
+    assert len(children) == 3, services  # control, backend, gateway
+    return [running[0], *children]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] in "ZX"
+    except (FileNotFoundError, IndexError):
+        return True
+
+
+def test_5_without_its_control_plane_the_agent_fails_closed(app: Appliance) -> None:
+    runtime_in("running", timeout=60)
+    pids = _services(app)
+    for pid in pids:  # the supervisor first: it would restart the others
+        os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    until("the services dead", 10, lambda: all(_gone(p) for p in pids), every=0.1)
+    # Nothing checks in any more: within fail_closed_after (+ the supervisor's own polling),
+    # the runtime is stopped.
+    section = runtime_in("fail_closed", timeout=FAIL_CLOSED_AFTER + 10)
+    print(f"fail closed {time.monotonic() - killed:.1f} s after the kill: {section}", flush=True)
+    assert section["pid"] is None and section["fail_closed_at"], section
+    assert not gateway_ready()
+    # `appliance up` cleans the crash's stale state; the control plane checks in again and the
+    # supervisor starts the runtime again: the agent answers.
+    up(app.env)
+    t0 = time.monotonic()
+    back = runtime_in("running", timeout=60)
+    until("the gateway ready again", 120, gateway_ready, every=1)
+    print(f"runtime back and ready {time.monotonic() - t0:.0f} s after up: {back}", flush=True)
+    done, wall = turn(app.env, "Are you back?")
+    print(f"turn after the restart: {wall:.1f} s", flush=True)
+    assert done["ok"] is True and done["reply"].strip() and done["tokens"]["total"] > 0, done
+    [agent] = json.loads(ok(app.env, "status", "--json"))["agents"]["agents"]
+    assert agent["state"] == "running", agent
+
+
+def test_6_other_hosts_wait_for_an_operator(app: Appliance) -> None:
     held: dict = {}
 
     def ask() -> None:
-        held.update(probe(env, "https://example.com/", "", "60", timeout=120))
+        held.update(probe(app.env, "https://example.com/", "", "60", timeout=120))
 
     asker = threading.Thread(target=ask)
     asker.start()
     pending: list = []
     deadline = time.monotonic() + 30
     while not pending and time.monotonic() < deadline:
-        pending = json.loads(ok(env, "approvals", "list", "--json"))
+        pending = json.loads(ok(app.env, "approvals", "list", "--json"))
         time.sleep(0.5)
     assert [(p["host"], p["port"]) for p in pending] == [("example.com", 443)]
-    ok(env, "approvals", "approve", pending[0]["id"])
+    ok(app.env, "approvals", "approve", pending[0]["id"])
     asker.join(timeout=120)
     # Approved: the proxy now tries the host. With no internet here it cannot reach it, so the
     # request fails upstream instead of being refused by policy.
     assert held and "403" not in json.dumps(held), held
-    events = [r["event"] for r in json.loads(ok(env, "audit", "tail", "-n", "50", "--json"))]
+    events = [r["event"] for r in audit(app.env, 50)]
     assert "egress.held" in events and "egress.approved" in events
 
 
-def test_3_an_exhausted_daily_budget_refuses_the_next_request(env: dict[str, str]) -> None:
-    used = ledger(env)["spend"]["day_tokens"]
-    ok(env, "budget", "set", f"sandbox-{AGENT}", "--daily-tokens", str(max(1, used - 1)))
+def test_7_an_exhausted_daily_budget_refuses_requests_and_turns(app: Appliance) -> None:
+    used = ledger(app.env)["spend"]["day_tokens"]
+    ok(app.env, "budget", "set", f"sandbox-{AGENT}", "--daily-tokens", str(max(1, used - 1)))
     body = json.dumps({"model": "default", "messages": [{"role": "user", "content": "hi"}]})
-    refused = probe(env, "http://inference.local/v1/chat/completions", body)
+    refused = probe(app.env, "http://inference.local/v1/chat/completions", body)
     assert refused["status"] == 429, refused
     assert "budget" in refused["body"], refused
+    # The control plane refuses the turn before it starts (a scheduled one too: same gate).
+    run = cli(app.env, "agent", "run", AGENT, "hi", "--session", SESSION)
+    assert run.returncode == 12 and "over its daily budget" in run.stderr, run.stderr
+    assert transcript(app.env)[-1]["refused"], transcript(app.env)[-1]
 
 
-def test_4_the_monthly_cap_stops_the_agent(env: dict[str, str]) -> None:
-    used = ledger(env)["spend"]["month_tokens"]
-    ok(env, "budget", "set", f"sandbox-{AGENT}", "--clear", "--monthly-tokens", str(used - 1))
+def test_8_the_monthly_cap_stops_the_agent(app: Appliance) -> None:
+    used = ledger(app.env)["spend"]["month_tokens"]
+    ok(app.env, "budget", "set", f"sandbox-{AGENT}", "--clear", "--monthly-tokens", str(used - 1))
     body = json.dumps({"model": "default", "messages": [{"role": "user", "content": "hi"}]})
-    refused = probe(env, "http://inference.local/v1/chat/completions", body)
+    refused = probe(app.env, "http://inference.local/v1/chat/completions", body)
     assert refused["status"] == 429 and "budget" in refused["body"], refused
     deadline = time.monotonic() + 20
     state = ""
     while time.monotonic() < deadline:
-        [agent] = json.loads(ok(env, "status", "--json"))["agents"]["agents"]
+        [agent] = json.loads(ok(app.env, "status", "--json"))["agents"]["agents"]
         if (state := agent["state"]) == "stopped":
             break
         time.sleep(0.5)
     assert state == "stopped"
-    events = json.loads(ok(env, "audit", "tail", "-n", "50", "--json"))
-    kills = [r for r in events if r["event"] == "kill"]
+    kills = [r for r in audit(app.env, 50) if r["event"] == "kill"]
     assert kills and "budget" in kills[-1]["reason"] and AGENT in kills[-1]["sandboxes"]
 
 
-def test_5_the_kill_switch_stops_and_holds(env: dict[str, str]) -> None:
-    ok(env, "budget", "set", f"sandbox-{AGENT}", "--clear")
-    ok(env, "sandbox", "start", AGENT, timeout=120)
+def test_9_the_kill_switch_stops_holds_and_skips_the_schedule(app: Appliance) -> None:
+    ok(app.env, "budget", "set", f"sandbox-{AGENT}", "--clear")
+    ok(app.env, "agent", "start", AGENT, timeout=120)
+    skips = schedule(app.env)["skips"]
     t0 = time.monotonic()
-    ok(env, "kill", "--all", "--hold")
+    ok(app.env, "kill", "--all", "--hold")
     assert time.monotonic() - t0 < 8  # the switch itself is < 5 s; the CLI adds its start-up
-    [agent] = json.loads(ok(env, "status", "--json"))["agents"]["agents"]
+    held_at = time.time()
+    [agent] = json.loads(ok(app.env, "status", "--json"))["agents"]["agents"]
     assert agent["state"] == "stopped"
-    refused = cli(env, "sandbox", "start", AGENT)
+    refused = cli(app.env, "sandbox", "start", AGENT)
     assert refused.returncode != 0 and "kill switch" in refused.stderr
-    ok(env, "release")
+    # The schedule comes due while the hold lasts: skipped, with the reason, and no turn.
+    entry = until(
+        "a scheduled run skipped under the hold",
+        75,
+        lambda: (e := schedule(app.env))["skips"] > skips and e["last_outcome"] == "skipped" and e,
+        every=2,
+    )
+    assert "kill switch" in entry["last_reason"], entry
+    skipped = [r for r in audit(app.env, 100) if r["event"] == "schedule.skipped"]
+    assert skipped and "kill switch" in skipped[-1]["reason"], skipped
+    ran = [t for t in transcript(app.env) if t["trigger"] == "schedule" and t["ts"] >= held_at]
+    assert all(t.get("refused") for t in ran), ran
+    ok(app.env, "release")
+    state = json.loads(ok(app.env, "agent", "start", AGENT, "--json", timeout=120))["state"]
+    assert state == "running"
+    runtime_in("waiting", "running", timeout=30)

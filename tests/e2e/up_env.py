@@ -10,8 +10,9 @@ import pytest
 from tests.helpers import cli_env, free_port
 
 
-def environment(root: Path, config: pytest.Config, state: str = "state") -> dict[str, str]:
-    """Everything under `root` (keep it short where unix sockets will live under it)."""
+def environment(root: Path, config: pytest.Config | None, state: str = "state") -> dict[str, str]:
+    """Everything under `root` (keep it short where unix sockets will live under it); `config`
+    None (a benchmark script, no pytest): the weights are converted into `root`."""
     models = root / "models"
     models.mkdir(parents=True, exist_ok=True)
     cache = getattr(config, "cache", None)  # absent with -p no:cacheprovider

@@ -29,6 +29,13 @@ def test_supervisor_imports_only_the_stdlib_and_its_siblings() -> None:
         assert not foreign, f"{f.name} imports non-stdlib modules {sorted(foreign)}"
 
 
+def test_no_supervisor_module_shadows_the_stdlib() -> None:
+    # init.py puts its directory first on sys.path: a sibling named like a stdlib module
+    # (signal.py, logging.py) would replace it for every import in PID 1.
+    siblings = {f.stem for f in SUPERVISOR.glob("*.py")} - {"__init__"}
+    assert not siblings & set(sys.stdlib_module_names)
+
+
 def test_landlock_right_names_match_the_compiler_contract() -> None:
     text = (SUPERVISOR / "landlock.py").read_text()
     for name in (

@@ -1,4 +1,4 @@
-"""`appliance agent create|run|chat|logs|transcript|list|stop|start|rm`: agents made from
+"""`appliance agent create|run|chat|logs|transcript|schedule|list|stop|start|rm`: agents made from
 blueprints, through the control plane's API (which owns them)."""
 
 from __future__ import annotations
@@ -187,6 +187,38 @@ def _recorded_reply(turn: dict[str, Any]) -> str:
     if turn.get("cancelled"):
         return f"(cancelled) {turn['reply']}"
     return turn["reply"] or f"(no reply: {turn.get('error') or turn.get('exit_code')})"
+
+
+@app.command("schedule")
+def schedule(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> None:
+    """The agent's blueprint schedule: each entry's next and last run, and how that went."""
+    from rich.markup import escape
+
+    with control_client(ctx) as client:
+        entries = client.agent_schedule(name)
+    if json_out:
+        print_json(entries)
+        return
+    if not entries:
+        console.print(f"{escape(name)} has no schedule (its blueprint's `schedule:` is empty)")
+        return
+    table = Table("#", "when", "session", "prompt", "next run", "last run", "outcome")
+    for e in entries:
+        when = f"every {e['every']}" if e.get("every") else f"cron {e['cron']}"
+        when += f" {e['tz']}" if e.get("tz") and e["tz"] != "UTC" else ""
+        if e.get("active_hours"):
+            when += f" ({e['active_hours']['start']}-{e['active_hours']['end']})"
+        outcome = e.get("last_outcome") or "-"
+        if e.get("last_reason"):
+            outcome += f": {e['last_reason']}"
+        prompt = e["prompt"] if len(e["prompt"]) <= 40 else e["prompt"][:39] + "…"
+        cells = (when, e["session"], prompt, _at(e.get("next_run_at")), _at(e.get("last_run_at")))
+        table.add_row(str(e["index"]), *(escape(c) for c in cells), escape(outcome))
+    console.print(table)
+
+
+def _at(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
 @app.command("logs")

@@ -298,6 +298,10 @@ class ControlClient:
     def agent_transcript(self, name: str) -> list[dict[str, Any]]:
         return self.get(f"/agents/{_seg(name)}/transcript")
 
+    def agent_schedule(self, name: str) -> list[dict[str, Any]]:
+        """Each schedule entry with its next and last run (epoch seconds) and last outcome."""
+        return self.get(f"/agents/{_seg(name)}/schedule")
+
 
 def _blueprint_file(yaml_text: str | None, source: str) -> dict[str, str]:
     """A blueprint file as the CLI read it: its YAML text, and its name for error lines."""

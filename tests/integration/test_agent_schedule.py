@@ -135,6 +135,17 @@ def test_schedule_runs_skips_while_held_and_survives_a_graceful_restart(
         )
         assert cli.returncode == 0, cli.stderr
         assert json.loads(cli.stdout)[0]["runs"] >= 1
+        table = subprocess.run(
+            [APPLIANCE, "agent", "schedule", AGENT], env=env, capture_output=True, text=True
+        )
+        assert table.returncode == 0, table.stderr
+        assert "every 1m" in table.stdout and "schedule-0" in table.stdout, table.stdout
+        missing = subprocess.run(
+            [APPLIANCE, "agent", "schedule", "nobody"], env=env, capture_output=True, text=True
+        )
+        assert missing.returncode == 5, missing.stderr  # NotFound, one line, no traceback
+        assert "appliance: error: no agent named 'nobody'" in missing.stderr
+        assert "Traceback" not in missing.stderr
 
         # 2. Held by the kill switch: the next run is skipped with the hold as its reason.
         held = subprocess.run(

@@ -1,25 +1,59 @@
-"""OpenClaw, headless (REFERENCE.md §8): one `openclaw agent --local` per turn, no daemon.
+"""OpenClaw, always on (REFERENCE.md §8-9): `openclaw gateway run` is the sandbox's main process,
+kept up by the supervisor, and each turn is one `POST /v1/responses` to it (blueprints/runtimes/
+responses.py) through the agent socket, in a session kept by its key.
 
-Its config is the blueprint's `agent_config` template rendered for the served model and mounted
-read-only; sessions live in OpenClaw's SQLite store in the agent's home and are exported after
-each turn as a trajectory (events.jsonl) printed on stdout.
+Its config is the blueprint's `agent_config` template rendered for the served model, plus what
+the appliance needs from it (the gateway on loopback port 18789 with its token from the
+environment, the OpenResponses endpoint on, OpenClaw's own cron off, the blueprint's tool policy
+with the self-scheduling tools always denied), mounted read-only. The turn's tool calls are not
+in the response: they are read after it from the session's history (`sessions_history` through
+`POST /tools/invoke`), for the host transcript and the denied-tool alarm.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
-import secrets
+from collections.abc import Iterator
+from fnmatch import fnmatchcase
 from typing import Any
+
+import httpx
 
 from blueprints.errors import BlueprintError
 from blueprints.model import Blueprint
-from blueprints.runtimes import WORKSPACE, Exec, Reply, Serving
+from blueprints.runtimes import WORKSPACE, Finished, Reply, Service, Serving, ToolCall, TurnEvent
+from blueprints.runtimes.responses import (
+    READY_TIMEOUT_S,
+    ProtocolError,
+    bad_session,
+    http_error,
+    one_line,
+    read_bounded,
+    stream_turn,
+    wait_ready,
+)
+from blueprints.runtimes.tools import (
+    NEVER_DENIED,
+    NEVER_DENIED_REASON,
+    OPENCLAW_GROUPS,
+    canonical_tool,
+    keep_readable,
+    render_tools,
+)
 from sandbox.compile.podman_spec import AGENT_DIR
 from sandbox.policy import Policy
 
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "openclaw.json"
-# Headless, offline, no self-update, no discovery (REFERENCE.md §8).
+PORT = 18789  # the gateway's HTTP/WebSocket port, on the sandbox's loopback
+TOKEN_ENV = "OPENCLAW_GATEWAY_TOKEN"  # from the runtime env file the supervisor reads, never argv
+MODEL = "openclaw/main"  # OpenResponses `model`: OpenClaw's agent `main`
+SESSION_HEADER = "x-openclaw-session-key"  # OpenClaw keeps it as agent:main:<session>
+# Offline, no self-update or respawn, no discovery (REFERENCE.md §8). No secret in here: it is
+# the gateway's argv (`env K=V ...`: the supervisor gives a runtime no other environment).
 ENV = {
     "OPENCLAW_OFFLINE": "1",
     "OPENCLAW_NO_AUTO_UPDATE": "1",
@@ -32,8 +66,11 @@ ENV = {
     "OPENCLAW_CONFIG_PATH": f"{AGENT_DIR}/{CONFIG_FILE}",
     "OPENCLAW_STATE_DIR": "/home/agent/.openclaw",
 }
-EXPORT_TIMEOUT_S = 120.0
-TURN_GRACE_S = 120.0  # beyond the model timeout: OpenClaw's own start and shutdown
+# Profiles whose tools include sessions_history (docs/gateway/config-tools/tool-policy.md).
+PROFILES_WITH_HISTORY = frozenset({"coding", "messaging", "full"})
+MAX_TOOL_CALLS = 200  # per turn
+# What OpenClaw answers a call to a tool its policy denies (seen on 2026.9.6).
+_DENIED_RESULT = re.compile(r"Tool \S{1,100} not found|Tool not available|Unknown tool id")
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
 
 
@@ -59,26 +96,91 @@ def _known(name: str, values: dict[str, Any]) -> str:
     return name
 
 
-def _session_key(session: str) -> str:
+def session_key(session: str) -> str:
     return f"agent:main:{session}"
+
+
+def _section(node: dict[str, Any], *path: str) -> dict[str, Any]:
+    """node[path...], made a dict where it is missing (a non-dict there is a template error)."""
+    for depth, key in enumerate(path):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            where = ".".join(path[: depth + 1])
+            raise BlueprintError(f"agent_config.{where}: a mapping, not {type(child).__name__}")
+        node = child
+    return node
+
+
+def _names(tools: dict[str, Any], key: str) -> list[str]:
+    names = tools.get(key, [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise BlueprintError(f"agent_config.tools.{key}: a list of tool names")
+    return names
+
+
+def tool_policy(template_tools: Any, blueprint_tools: Any) -> dict[str, list[str]]:
+    """OpenClaw's tools.allow/deny: the template's lists and the blueprint's `tools:` section
+    (render_tools: self-scheduling tools always denied), sessions_history kept reachable."""
+    tools = template_tools if isinstance(template_tools, dict) else {}
+    rendered = render_tools(blueprint_tools)
+    deny = keep_readable(list(dict.fromkeys([*_names(tools, "deny"), *rendered["deny"]])))
+    for name in deny:
+        if fnmatchcase(NEVER_DENIED, canonical_tool(name.lower())):
+            raise BlueprintError(
+                f"agent_config.tools.deny: {name!r} denies {NEVER_DENIED}: {NEVER_DENIED_REASON}"
+            )
+    allow = list(dict.fromkeys([*_names(tools, "allow"), *rendered["allow"]]))
+    if allow:  # an allowlist: sessions_history on it too
+        allow = list(dict.fromkeys([*allow, NEVER_DENIED]))
+    return {"allow": allow, "deny": deny}
+
+
+def runtime_config(config: dict[str, Any], bp: Blueprint) -> dict[str, Any]:
+    """The rendered template plus what the appliance needs from OpenClaw (set, not defaulted:
+    a template cannot move the port, drop the token, or turn OpenClaw's own cron on)."""
+    gateway = _section(config, "gateway")
+    gateway.update(mode="local", bind="loopback", port=PORT)
+    gateway["auth"] = {"mode": "token", "token": "${" + TOKEN_ENV + "}"}
+    _section(gateway, "http", "endpoints", "responses")["enabled"] = True
+    _section(config, "cron")["enabled"] = False  # the control plane schedules agents
+    tools = _section(config, "tools")
+    policy = tool_policy(tools, bp.tools)
+    tools["deny"] = policy["deny"]
+    if policy["allow"]:
+        if "alsoAllow" in tools:
+            raise BlueprintError(
+                "agent_config.tools.alsoAllow: OpenClaw takes it or an allowlist (tools.allowed)"
+            )
+        tools["allow"] = policy["allow"]
+    elif tools.get("profile", "full") not in PROFILES_WITH_HISTORY:
+        tools["alsoAllow"] = list(dict.fromkeys([*_names(tools, "alsoAllow"), NEVER_DENIED]))
+    return config
 
 
 class OpenClawRuntime:
     workspace = WORKSPACE
+    ready_timeout_s = READY_TIMEOUT_S
 
     def __init__(self, blueprint: Blueprint) -> None:
         self.blueprint = blueprint
 
     def policy(self) -> Policy:
-        """The blueprint's policy with the config directory read-only to the agent."""
+        """The blueprint's policy with the config directory read-only to the agent and the
+        gateway's port open to bind on loopback."""
         policy = self.blueprint.policy()
         fs = policy.filesystem.model_copy(
             update={"read_only": [*policy.filesystem.read_only, AGENT_DIR]}
         )
-        return policy.model_copy(update={"filesystem": fs})
+        listen = sorted({*policy.process.listen, PORT})
+        process = policy.process.model_copy(update={"listen": listen})
+        return policy.model_copy(update={"filesystem": fs, "process": process})
 
     def command(self) -> list[str]:
-        return ["sleep", "infinity"]  # OpenClaw runs per turn (`agent --local`), no daemon
+        env = [f"{key}={value}" for key, value in ENV.items()]
+        return ["/usr/bin/env", *env, "openclaw", "gateway", "run"]
+
+    def service(self) -> Service:
+        return Service(port=PORT, token_env=TOKEN_ENV)
 
     def agent_files(self, serving: Serving) -> dict[str, str]:
         inference = self.blueprint.inference
@@ -89,48 +191,114 @@ class OpenClawRuntime:
             "max_tokens": inference.max_output_tokens or (4096 if serving.on_vllm else 256),
             "workspace": WORKSPACE,
         }
-        config = render(self.blueprint.agent_config, values)
+        config = runtime_config(render(self.blueprint.agent_config, values), self.blueprint)
         return {CONFIG_FILE: json.dumps(config, indent=2) + "\n"}
 
-    def turn(self, message: str, session: str) -> Exec:
-        timeout_s = self.blueprint.inference.timeout_s
-        argv = [
-            "openclaw", "agent", "--local", "--agent", "main",
-            "--session-key", _session_key(session), "--message", message, "--json",
-            "--timeout", str(int(timeout_s)),
-        ]  # fmt: skip
-        return Exec(argv, _env(), timeout_s + TURN_GRACE_S)
+    # Turns are driven through the gateway (drive); none is a command of its own.
+    def turn(self, message: str, session: str) -> None:
+        return None
 
     def read_turn(self, exit_code: int, stdout: bytes, stderr: bytes) -> Reply:
-        """`openclaw agent --local --json`'s record: payloads[].text and meta.agentMeta."""
+        return Reply(ok=False, text="")  # never asked: turn() runs nothing
+
+    def export_session(self, session: str) -> None:
+        return None  # the turn's tool calls come from the session's history (drive)
+
+    def drive(
+        self, http: httpx.Client, token: str, message: str, session: str
+    ) -> Iterator[TurnEvent]:
+        if (error := bad_session(session)) is not None:
+            yield Finished(ok=False, text="", error=error)
+            return
+        if (error := wait_ready(http, self.service().ready_path, self.ready_timeout_s)) is not None:
+            yield Finished(ok=False, text="", error=error)
+            return
+        body = {"model": MODEL, "input": message, "stream": True}
+        result = yield from stream_turn(http, token, body, {SESSION_HEADER: session})
+        if result.response_id is not None:  # a failed turn's calls count too (alarms)
+            try:
+                yield from self.tool_calls(http, token, session, result.response_id)
+            except (ProtocolError, httpx.HTTPError, OSError) as exc:
+                reason = one_line(f"{type(exc).__name__}: {exc}")
+                log.warning("tool calls of %s unread: %s", result.response_id, reason)
+                result.raw = {**(result.raw or {}), "appliance_tool_calls_error": reason}
+        yield result.finished(session_key(session))
+
+    def tool_calls(
+        self, http: httpx.Client, token: str, session: str, run_id: str
+    ) -> list[ToolCall]:
+        """The calls of run `run_id` (OpenClaw's runId is the response id), from the session's
+        history; `denied` when the policy denies the tool or OpenClaw answered it has none."""
+        with http.stream(
+            "POST",
+            "/tools/invoke",
+            json={
+                "tool": NEVER_DENIED,
+                "args": {"sessionKey": session_key(session), "includeTools": True},
+            },
+            headers={"Authorization": f"Bearer {token}"},
+        ) as response:
+            if response.status_code != 200:
+                raise ProtocolError(f"{NEVER_DENIED}: {http_error(response)}")
+            body = read_bounded(response)
         try:
-            raw = json.loads(stdout) if stdout.strip() else None
-        except ValueError:
-            raw = None
-        raw = raw if isinstance(raw, dict) else None
-        payloads = (raw or {}).get("payloads") or []
-        meta = ((raw or {}).get("meta") or {}).get("agentMeta") or {}
-        text = "\n".join(str(p.get("text") or "") for p in payloads if isinstance(p, dict))
-        return Reply(
-            ok=exit_code == 0 and bool(payloads),  # exit 0 without a reply is not a turn
-            text=text,
-            usage=dict(meta.get("usage") or {}),
-            session_id=meta.get("sessionId"),
-            raw=raw,
-        )
-
-    def export_session(self, session: str) -> Exec:
-        """The session's trajectory, read by the agent inside the sandbox and printed: the host
-        never follows a path the agent controls."""
-        out_dir = f"{WORKSPACE}/.openclaw/trajectory-exports/{session}"
-        script = (
-            f"openclaw sessions export-trajectory --agent main --session-key "
-            f"{_session_key(session)} --workspace {WORKSPACE} --output {session} --json "
-            f">/dev/null && cat {out_dir}/events.jsonl"
-        )
-        return Exec(["sh", "-c", script], _env(), EXPORT_TIMEOUT_S)
+            payload = json.loads(body)
+            messages = payload["result"]["details"]["messages"]
+        except (ValueError, TypeError, KeyError):
+            raise ProtocolError(f"{NEVER_DENIED}: not the history it returns") from None
+        if not isinstance(messages, list):
+            raise ProtocolError(f"{NEVER_DENIED}: its messages are not a list")
+        policy = tool_policy(self.blueprint.agent_config.get("tools"), self.blueprint.tools)
+        return calls_of_run(messages, run_id, _expand(policy["deny"]))
 
 
-def _env() -> dict[str, str]:
-    # A fresh gateway token per command: nothing listens on it (no daemon), the config wants one.
-    return {**ENV, "OPENCLAW_GATEWAY_TOKEN": secrets.token_hex(16)}
+def _expand(names: list[str]) -> list[str]:
+    """Deny entries as lowercase tool names and patterns, groups written out."""
+    out: list[str] = []
+    for name in names:
+        name = canonical_tool(name.lower())
+        out += sorted(OPENCLAW_GROUPS.get(name) or {name})
+    return out
+
+
+def calls_of_run(messages: list[Any], run_id: str, deny: list[str]) -> list[ToolCall]:
+    """ToolCall per call in `messages` (OpenClaw's history) made by run `run_id`: the assistant's
+    toolCall parts and the toolResults (a call to a tool OpenClaw does not offer has only its
+    result). A call through the meta-tool `tool_call` is named by the tool it asked for."""
+    calls: dict[str, dict[str, Any]] = {}
+    for message in messages:
+        meta = message.get("__openclaw") if isinstance(message, dict) else None
+        if not isinstance(meta, dict) or meta.get("runId") != run_id:
+            continue
+        if message.get("role") == "assistant" and isinstance(message.get("content"), list):
+            for part in message["content"]:
+                if isinstance(part, dict) and part.get("type") == "toolCall":
+                    call_id = str(part.get("id") or f"#{len(calls)}")
+                    calls[call_id] = {"name": part.get("name"), "args": part.get("arguments")}
+        elif message.get("role") == "toolResult":
+            call_id = str(message.get("toolCallId") or f"#{len(calls)}")
+            call = calls.setdefault(call_id, {"name": message.get("toolName"), "args": None})
+            call["result"] = _result_text(message)
+            call["error"] = message.get("isError") is True
+    return [_tool_call(call, deny) for call in list(calls.values())[:MAX_TOOL_CALLS]]
+
+
+def _result_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    parts = content if isinstance(content, list) else [content]
+    texts = [p.get("text") if isinstance(p, dict) else p for p in parts]
+    return " ".join(t for t in texts if isinstance(t, str))[:1000]
+
+
+def _tool_call(call: dict[str, Any], deny: list[str]) -> ToolCall:
+    name, args = call.get("name"), call.get("args")
+    if name == "tool_call" and isinstance(args, dict) and isinstance(args.get("id"), str):
+        name = args["id"]
+    name = one_line(name, 100) if isinstance(name, str) and name.strip() else "(unnamed)"
+    arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    canonical = canonical_tool(name.lower())
+    refused = (call.get("error") or "Unknown tool id" in call.get("result", "")) and bool(
+        _DENIED_RESULT.search(call.get("result", ""))
+    )
+    denied = refused or any(fnmatchcase(canonical, pattern) for pattern in deny)
+    return ToolCall(name=name, arguments=arguments if args is not None else "", denied=denied)

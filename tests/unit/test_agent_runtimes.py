@@ -1,26 +1,25 @@
-"""The AgentRuntime protocol's two runtimes, without a sandbox: OpenClaw's config rendering, turn
-argv and env, result parsing (against a turn recorded from OpenClaw 2026.9.6 in the e2e test) and
-session export; the command runtime's turn; the lookup by kind."""
+"""The AgentRuntime protocol's two runtimes, without a sandbox: OpenClaw's gateway (argv, service,
+policy) and its rendered config (golden, the tool policy, what a template cannot change); the
+command runtime's turn and `serve`; the lookup by kind. Turns driven over HTTP:
+test_agent_drive.py."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import re
 
 import pytest
 
 from blueprints.catalog import Catalog
 from blueprints.errors import BlueprintError
 from blueprints.model import Blueprint
-from blueprints.runtimes import RUNTIMES, AgentRuntime, Serving, runtime_for
+from blueprints.runtimes import RUNTIMES, AgentRuntime, Service, Serving, runtime_for
 from blueprints.runtimes.command import CommandRuntime
-from blueprints.runtimes.openclaw import CONFIG_FILE, OpenClawRuntime, render
+from blueprints.runtimes.openclaw import CONFIG_FILE, PORT, OpenClawRuntime, render
+from blueprints.runtimes.tools import ALWAYS_DENIED, render_tools
 from sandbox.compile.podman_spec import AGENT_DIR
 from tests.helpers import GOLDEN, assert_golden
 
-RECORDED_TURN = (
-    Path(__file__).resolve().parents[1] / "fixtures" / "openclaw" / "agent-local-turn.json"
-)
 SERVING = Serving(context_tokens=32768, on_vllm=False)
 
 
@@ -68,75 +67,107 @@ def test_the_lookup_gives_each_kind_its_runtime() -> None:
     assert all(r.workspace == "/home/agent/workspace" for r in runtimes)
 
 
-def test_openclaw_config_for_the_shipped_blueprint() -> None:
-    """The shipped blueprint's config as the embedded backend gets it (golden), and the
-    served context and reply budget on vLLM."""
-    runtime = OpenClawRuntime(Catalog().get("openclaw"))
+@pytest.mark.parametrize("ref", ["openclaw@1.1.0", "openclaw@1.0.0"])
+def test_openclaw_config_for_the_shipped_blueprints(ref: str) -> None:
+    """Each shipped blueprint's config as the embedded backend gets it (golden): the template
+    plus what the gateway needs; and the served context and reply budget on vLLM."""
+    runtime = OpenClawRuntime(Catalog().get(ref))
     files = runtime.agent_files(SERVING)
     assert list(files) == [CONFIG_FILE]
-    assert_golden(GOLDEN / "agents" / "openclaw.json", files[CONFIG_FILE])
+    assert_golden(GOLDEN / "agents" / f"{ref.replace('@', '-')}.json", files[CONFIG_FILE])
     config = json.loads(files[CONFIG_FILE])
     assert "{{" not in files[CONFIG_FILE]  # every placeholder filled
+    gateway = config["gateway"]
+    assert (gateway["port"], gateway["bind"], gateway["mode"]) == (PORT, "loopback", "local")
+    assert gateway["auth"] == {"mode": "token", "token": "${OPENCLAW_GATEWAY_TOKEN}"}
+    assert gateway["http"]["endpoints"]["responses"] == {"enabled": True}
+    assert config["cron"] == {"enabled": False}
+    deny = config["tools"]["deny"]
+    assert set(ALWAYS_DENIED) <= set(deny) and "intent" in deny and "cron" not in deny
+    assert "sessions_history" not in deny and "allow" not in config["tools"]
     on_vllm = json.loads(runtime.agent_files(Serving(131072, on_vllm=True))[CONFIG_FILE])
     assert on_vllm != config and "131072" in json.dumps(on_vllm) and "4096" in json.dumps(on_vllm)
 
 
-def test_openclaw_sandbox_runs_no_daemon_and_reads_its_config_read_only() -> None:
+def test_the_1_0_0_template_keeps_its_own_deny_list() -> None:
+    config = json.loads(
+        OpenClawRuntime(Catalog().get("openclaw@1.0.0")).agent_files(SERVING)[CONFIG_FILE]
+    )
+    assert config["tools"]["deny"][:6] == [
+        "browser", "canvas", "message", "image_generate", "music_generate", "video_generate",
+    ]  # fmt: skip
+
+
+def _openclaw_bp(agent_config: dict, **tools: list[str]) -> Blueprint:
+    doc = Catalog().get("openclaw").model_dump(mode="json")
+    return Blueprint.model_validate(doc | {"agent_config": agent_config, "tools": tools})
+
+
+def _config(bp: Blueprint) -> dict:
+    return json.loads(OpenClawRuntime(bp).agent_files(SERVING)[CONFIG_FILE])
+
+
+def test_the_template_cannot_move_the_gateway_or_turn_cron_on() -> None:
+    template = {
+        "gateway": {"port": 9999, "bind": "lan", "auth": {"mode": "none"}, "http": {"x": 1}},
+        "cron": {"enabled": True, "store": "x"},
+    }
+    config = _config(_openclaw_bp(template))
+    assert config["gateway"]["port"] == PORT and config["gateway"]["bind"] == "loopback"
+    assert config["gateway"]["auth"]["mode"] == "token"
+    assert config["gateway"]["http"] == {"x": 1, "endpoints": {"responses": {"enabled": True}}}
+    assert config["cron"] == {"enabled": False, "store": "x"}
+    with pytest.raises(BlueprintError, match=r"agent_config.gateway: a mapping, not str"):
+        _config(_openclaw_bp({"gateway": "open"}))
+    with pytest.raises(BlueprintError, match=r"agent_config.tools.deny: a list of tool names"):
+        _config(_openclaw_bp({"tools": {"deny": "exec"}}))
+
+
+def test_sessions_history_is_never_denied() -> None:
+    """The appliance reads each turn's tool calls through sessions_history (/tools/invoke
+    obeys the agent's tool policy): denying it, directly or by a pattern, is refused; a
+    group that holds it is denied as its other members; an allowlist gets it added."""
+    with pytest.raises(ValueError, match="'sessions_history' cannot be denied: the appliance"):
+        _openclaw_bp({}, denied=["sessions_history"])
+    for bad in ("sessions_history", "sessions_*", "*"):
+        with pytest.raises(BlueprintError, match=f"{re.escape(repr(bad))} denies sessions_h"):
+            _config(_openclaw_bp({"tools": {"deny": [bad]}}))
+    deny = _config(_openclaw_bp({}, denied=["group:sessions"]))["tools"]["deny"]
+    assert "group:sessions" not in deny and "sessions_history" not in deny
+    assert {"sessions_spawn", "sessions_send", "subagents"} <= set(deny)
+    tools = _config(_openclaw_bp({"tools": {"profile": "coding"}}, allowed=["read"]))["tools"]
+    assert tools["allow"] == ["read", "sessions_history"] and "alsoAllow" not in tools
+    tools = _config(_openclaw_bp({"tools": {"profile": "minimal"}}))["tools"]
+    assert tools["alsoAllow"] == ["sessions_history"] and "allow" not in tools
+    with pytest.raises(BlueprintError, match="alsoAllow: OpenClaw takes it or an allowlist"):
+        _config(_openclaw_bp({"tools": {"alsoAllow": ["read"]}}, allowed=["exec"]))
+
+
+def test_self_triggering_tools_cannot_be_allowed() -> None:
+    assert "intent" in ALWAYS_DENIED and "intent" in render_tools(None)["deny"]
+    with pytest.raises(ValueError, match="'intent' cannot be allowed: the control plane"):
+        _openclaw_bp({}, allowed=["intent"])
+    assert (
+        "node_inference" in _config(_openclaw_bp({}, denied=["node_inference"]))["tools"]["deny"]
+    )  # the image's plugin tools are known names
+
+
+def test_openclaw_runs_its_gateway_with_no_secret_in_argv() -> None:
+    """The sandbox's main process is the gateway (golden argv), its env in argv since the
+    supervisor gives a runtime no other; the token comes from the runtime env file."""
     bp = Catalog().get("openclaw")
     runtime = OpenClawRuntime(bp)
-    assert runtime.command() == ["sleep", "infinity"]
-    assert AGENT_DIR in runtime.policy().filesystem.read_only
+    argv = runtime.command()
+    assert_golden(GOLDEN / "agents" / "openclaw.argv.json", json.dumps(argv, indent=1) + "\n")
+    assert argv[0] == "/usr/bin/env" and argv[-3:] == ["openclaw", "gateway", "run"]
+    assert not any("TOKEN" in a for a in argv)
+    assert runtime.service() == Service(port=PORT, token_env="OPENCLAW_GATEWAY_TOKEN")
+    policy = runtime.policy()
+    assert policy.process.listen == [PORT] and bp.policy().process.listen == []
+    assert AGENT_DIR in policy.filesystem.read_only
     assert AGENT_DIR not in bp.policy().filesystem.read_only  # added by the runtime only
-
-
-def test_openclaw_turn_argv_and_env() -> None:
-    runtime = OpenClawRuntime(Catalog().get("openclaw"))
-    turn = runtime.turn("Reply with --json; rm -rf /", "run-1")
-    timeout = int(runtime.blueprint.inference.timeout_s)
-    assert turn.argv == [
-        "openclaw", "agent", "--local", "--agent", "main", "--session-key", "agent:main:run-1",
-        "--message", "Reply with --json; rm -rf /", "--json", "--timeout", str(timeout),
-    ]  # fmt: skip
-    assert turn.timeout_s > timeout  # room for OpenClaw's own start and stop
-    assert turn.env["OPENCLAW_OFFLINE"] == "1" and turn.env["OPENCLAW_CONFIG_READONLY"] == "1"
-    assert turn.env["OPENCLAW_CONFIG_PATH"] == f"{AGENT_DIR}/{CONFIG_FILE}"
-    other = runtime.turn("x", "run-1")
-    assert turn.env["OPENCLAW_GATEWAY_TOKEN"] != other.env["OPENCLAW_GATEWAY_TOKEN"]  # fresh
-
-
-def test_openclaw_reads_a_recorded_turn() -> None:
-    record = RECORDED_TURN.read_bytes()
-    raw = json.loads(record)
-    reply = OpenClawRuntime(Catalog().get("openclaw")).read_turn(0, record, b"")
-    assert reply.ok and reply.raw == raw
-    assert reply.text == "\n".join(p["text"] for p in raw["payloads"]) and reply.text
-    assert reply.session_id == "00f2851c-2b6a-4e19-bda6-63f2e87f4178"
-    assert reply.usage["input"] == 5773 and reply.usage["output"] == 256
-
-
-def test_openclaw_turn_failures_keep_what_there_is() -> None:
-    runtime = OpenClawRuntime(Catalog().get("openclaw"))
-    record = {
-        "payloads": [{"text": "pong", "mediaUrl": None}, {"text": "(truncated)"}],
-        "meta": {"agentMeta": {"sessionId": "s1", "usage": {"input": 9000, "output": 2}}},
-    }
-    reply = runtime.read_turn(0, json.dumps(record).encode(), b"")
-    assert reply.ok and reply.text == "pong\n(truncated)" and reply.session_id == "s1"
-    assert not runtime.read_turn(1, b"not json", b"boom\n").ok
-    assert runtime.read_turn(1, b"not json", b"").raw is None
-    assert not runtime.read_turn(0, b'{"payloads": []}', b"").ok  # exit 0 without a reply
-    assert not runtime.read_turn(0, b"[1, 2]", b"").ok  # JSON, but not a record
-    assert not runtime.read_turn(2, json.dumps(record).encode(), b"").ok  # 2: timed out
-
-
-def test_openclaw_exports_the_session_it_was_given() -> None:
-    export = OpenClawRuntime(Catalog().get("openclaw")).export_session("chat-1")
-    assert export is not None and export.argv[:2] == ["sh", "-c"]
-    script = export.argv[2]
-    assert "--session-key agent:main:chat-1" in script
-    assert script.endswith(
-        "cat /home/agent/workspace/.openclaw/trajectory-exports/chat-1/events.jsonl"
-    )
+    # Its turns are driven through the gateway: no command per turn, no export.
+    assert runtime.turn("hi", "s") is None and runtime.export_session("s") is None
 
 
 def test_the_command_runtime() -> None:
@@ -179,3 +210,46 @@ def test_an_unset_turn_leaves_the_digest_as_it_was() -> None:
         "sha256:be9606f8b0224ff7a2660f328b26302015d8944a60f9664a3e4f664b7af78ed1"
     )
     assert _command_bp(turn=["true"]).digest() != _command_bp().digest()
+
+
+def test_a_served_command() -> None:
+    runtime = CommandRuntime(_command_bp(serve={"port": 8080}))
+    assert runtime.service() == Service(port=8080, token_env="AGENT_TOKEN")
+    assert runtime.policy().process.listen == [8080]
+    assert runtime.turn("hi", "s") is None
+    assert CommandRuntime(_command_bp()).service() is None
+
+
+@pytest.mark.parametrize(
+    ("runtime", "error"),
+    [
+        ({"kind": "command", "command": ["x"], "serve": {"port": 80}}, "greater than or equal"),
+        ({"kind": "command", "command": ["x"], "serve": {"port": 70000}}, "less than or equal"),
+        ({"kind": "command", "command": ["x"], "serve": {"port": 3128}}, "egress forwarder"),
+        ({"kind": "command", "command": ["x"], "serve": {"port": "8080x"}}, "valid integer"),
+        ({"kind": "command", "command": ["x"], "serve": {}}, "port\n  Field required"),
+        ({"kind": "command", "command": ["x"], "serve": {"port": 8080, "x": 1}}, "Extra inputs"),
+        (
+            {"kind": "command", "command": ["x"], "turn": ["y"], "serve": {"port": 8080}},
+            "give `turn` or `serve`, not both",
+        ),
+        (
+            {"kind": "openclaw", "version": "2026.9.6", "integrity": "sha512-" + "A" * 86 + "==",
+             "serve": {"port": 8080}},
+            "are for kind: command",
+        ),
+    ],
+)  # fmt: skip
+def test_serve_is_checked(runtime: dict, error: str) -> None:
+    doc = _command_bp().model_dump(mode="json") | {"runtime": runtime}
+    with pytest.raises(ValueError, match=re.escape(error)):
+        Blueprint.model_validate(doc)
+
+
+def test_an_unset_serve_leaves_the_digest_as_it_was() -> None:
+    assert "serve" not in _command_bp().canonical()
+    served = _command_bp(serve={"port": 8080})
+    assert (
+        '"serve":{"port":8080}' in served.canonical() and served.digest() != _command_bp().digest()
+    )
+    assert Blueprint.model_validate_json(served.canonical()) == served

@@ -1,0 +1,92 @@
+"""GET /api/v1/agents/{name}/schedule (a viewer may read it): each entry of the agent's deployed
+blueprint with its next and last run from the store; an unknown or hostile name is answered in
+the API's one error shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from appliance.config import ApplianceConfig
+from appliance.control.api import create_app
+from appliance.control.plane import ControlPlane
+from appliance.control.scheduler import Entry
+from appliance.store import open_store
+from appliance.store.agent_store import AgentStore
+from appliance.store.schedule_store import ScheduleStore
+from blueprints.model import Blueprint
+
+SCHEDULE = [
+    {"every": "1m", "prompt": "tick"},
+    {"cron": "0 9 * * 1-5", "tz": "Europe/Paris", "prompt": "morning", "session": "daily",
+     "active_hours": {"start": "08:00", "end": "18:00"}},
+]  # fmt: skip
+
+
+def _blueprint() -> Blueprint:
+    return Blueprint.model_validate(
+        {
+            "name": "filed",
+            "version": "1.0.0",
+            "runtime": {"kind": "command", "command": ["sleep", "infinity"]},
+            "image": {"name": "localhost/appliance-base", "digest": "sha256:" + "0" * 64},
+            "sandbox": {"base": "default"},
+            "schedule": SCHEDULE,
+        }
+    )
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> TestClient:
+    config = ApplianceConfig(state_dir=tmp_path / "s")
+    plane = ControlPlane(config)
+    bp = _blueprint()
+    with open_store(config.state_dir) as store:
+        AgentStore(store).deploy(
+            "a1", bp.name, bp.version, bp.digest(), "img", "create",
+            origin="client", blueprint_json=bp.canonical(),
+        )  # fmt: skip
+    _, token = plane.operators.create("watcher", "viewer", {"actor": "test"})
+    client = TestClient(create_app(plane), base_url="http://127.0.0.1/api/v1")
+    client.headers["authorization"] = f"Bearer {token}"
+    return client
+
+
+def test_a_viewer_reads_the_schedule_with_its_runs(api: TestClient, tmp_path: Path) -> None:
+    first = api.get("/agents/a1/schedule")
+    assert first.status_code == 200, first.text
+    rows = first.json()
+    assert [(r["index"], r["every"], r["cron"], r["session"]) for r in rows] == [
+        (0, "1m", None, "schedule-0"),
+        (1, None, "0 9 * * 1-5", "daily"),
+    ]
+    assert rows[1]["tz"] == "Europe/Paris"
+    assert rows[1]["active_hours"] == {"start": "08:00", "end": "18:00"}
+    assert all(r["next_run_at"] is None and r["runs"] == 0 for r in rows)  # not planned yet
+    key = Entry("a1", 0, _blueprint().schedule[0]).key
+    store = ScheduleStore(tmp_path / "s")
+    store.planned("a1", key, 0, 1000.0)
+    store.skipped("a1", key, 940.0, "a1 is held by the kill switch: drill")
+    [row, _] = api.get("/agents/a1/schedule").json()
+    assert (row["next_run_at"], row["last_run_at"], row["skips"]) == (1000.0, 940.0, 1)
+    assert (row["last_outcome"], row["last_reason"]) == (
+        "skipped",
+        "a1 is held by the kill switch: drill",
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "status"), [("nobody", 404), ("Bad..Name", 422), ("x" * 300, 422)]
+)
+def test_unknown_or_hostile_names(api: TestClient, name: str, status: int) -> None:
+    answer = api.get(f"/agents/{name}/schedule")
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["message"] and error["type"] in ("not_found", "config_error")
+
+
+def test_no_token_no_schedule(api: TestClient) -> None:
+    del api.headers["authorization"]
+    assert api.get("/agents/a1/schedule").status_code == 401

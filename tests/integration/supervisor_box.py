@@ -14,13 +14,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import textwrap
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sandbox.supervisor.landlock import probe_abi
 from tests.helpers import free_port
@@ -37,6 +39,15 @@ UNUSABLE = (
     if not os.path.exists(PY) or ABI < 1 or (AS_ROOT and not shutil.which("setpriv"))
     else None
 )
+
+T = TypeVar("T")
+FAST = {"backoff_initial_s": 0.2, "backoff_max_s": 0.4, "healthy_after_s": 30}
+# The runtime writes its pid to ws/pids, one line per start, then sleeps.
+SLEEPER = """
+    import os, time
+    with open(os.path.join(os.environ["WS"], "pids"), "a") as f: f.write(f"{os.getpid()}\\n")
+    time.sleep(60)
+"""
 
 RW = [
     "read_file",
@@ -69,6 +80,7 @@ class Box:
         self.checkin = self.config_dir / "checkin"
         self.runtime_env = self.config_dir / "runtime-env.json"
         self.port = free_port()
+        self.started: list[subprocess.Popen[str]] = []
         for p in [root, *root.rglob("*")]:
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
         self.sock_dir.chmod(0o700)  # like paths.sock: the agent uid's alone
@@ -125,6 +137,11 @@ class Box:
             self.argv(as_agent), env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
 
+    def start(self, cfg: Path) -> subprocess.Popen[str]:
+        """A supervisor left running: stopped (with its runtime) when the box is cleaned up."""
+        self.started.append(self.popen(cfg))
+        return self.started[-1]
+
     def run(self, code: str, timeout: float = 20, **landlock: Any) -> tuple[int, str, str]:
         proc = self.popen(self.config(code, **landlock))
         out, err = proc.communicate(timeout=timeout)
@@ -134,7 +151,75 @@ class Box:
 @contextmanager
 def made_box() -> Iterator[Box]:
     root = Path(tempfile.mkdtemp(prefix="supervisor-test-", dir="/tmp"))
+    box = Box(root)
     try:
-        yield Box(root)
+        yield box
     finally:
+        for proc in box.started:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.communicate(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.communicate()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# -- waiting on an always-on runtime -------------------------------------------------------------
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout: float = 5.0) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (got := check()) is not None and got is not False:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def runtime_state(box: Box) -> dict[str, Any] | None:
+    try:
+        return box.report.get("runtime")
+    except (OSError, ValueError):  # not written yet
+        return None
+
+
+def in_state(box: Box, state: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The report's runtime section, once it shows `state`."""
+    return wait_for(state, lambda: (r := runtime_state(box)) and r["state"] == state and r, timeout)
+
+
+def pids(box: Box) -> list[int]:
+    path = box.ws / "pids"
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def started_pid(box: Box, n: int, timeout: float = 5.0) -> int:
+    """The pid of the runtime's n-th start (1-based), once it has started and said so."""
+    return wait_for(
+        f"start {n}", lambda: pids(box)[n - 1] if len(pids(box)) >= n else None, timeout
+    )
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def check_in(box: Box) -> float:
+    """What the control plane does: rewrite the check-in file (root-owned, like the host's)."""
+    tmp = box.config_dir / "checkin.tmp"
+    tmp.write_text(f"{time.time()}\n")
+    tmp.chmod(0o644)
+    os.replace(tmp, box.checkin)
+    return time.monotonic()
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=10)
+    return proc.returncode, err

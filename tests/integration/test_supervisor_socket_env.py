@@ -6,29 +6,27 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
+import secrets
 import socket
+import subprocess
 import threading
-import time
 from collections.abc import Iterator
-from itertools import pairwise
-from textwrap import dedent
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.helpers import free_port
 from tests.integration.supervisor_box import (
+    AGENT_UID,
+    AS_ROOT,
     FAST,
     SLEEPER,
     UNUSABLE,
     Box,
-    alive,
     check_in,
     in_state,
     made_box,
-    pids,
-    runtime_state,
     started_pid,
     stop,
     wait_for,
@@ -177,9 +175,7 @@ def test_the_runtime_env_file_reaches_the_runtime_only(box: Box) -> None:
 
 
 @pytest.mark.parametrize("content", ["[1, 2]", '{"K": 3}', "not json {secret-value"])
-def test_a_bad_runtime_env_file_exits_2_without_quoting_it(
-    box: Box, content: str
-) -> None:
+def test_a_bad_runtime_env_file_exits_2_without_quoting_it(box: Box, content: str) -> None:
     box.runtime_env.write_text(content)
     service = {"runtime": {"restart": "always"}, "runtime_env_file": str(box.runtime_env)}
     proc = box.start(box.config(SLEEPER, service))

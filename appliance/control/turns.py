@@ -117,7 +117,9 @@ class _Outcome:
 
     @property
     def reply(self) -> str:
-        return self.text if self.text is not None and not self.cancelled else "".join(self.parts)
+        """The runtime's final text; what was streamed when it gave none (a failure) or the
+        turn was cut off (cancelled): what the client saw."""
+        return self.text if self.text and not self.cancelled else "".join(self.parts)
 
 
 class TurnService:
@@ -323,6 +325,7 @@ class TurnService:
             )
         outcome.replied(turn.runtime.read_turn(code, out, err), code, err)
         if outcome.ok and outcome.text:
+            outcome.parts.append(outcome.text)
             yield {"type": "delta", "text": outcome.text}
         if (export := turn.runtime.export_session(turn.session)) is not None:
             self._export_session(turn, export)

@@ -74,7 +74,8 @@ class Liveness:
                 return
 
     def tick(self) -> float:
-        """One round; the interval until the next."""
+        """One round; the interval until the next. Every agent is checked in, its blueprint
+        resolvable or not (a catalog file edited in place must not stop a running agent)."""
         blueprints = self.deployed.current()
         if not blueprints:
             return CHECKIN_EVERY_S
@@ -95,7 +96,7 @@ class Liveness:
                     log.debug("runtime state of %s unreadable: %s", name, exc)
                     continue
                 self._observe(manager, name, state)
-        return checkin_interval(list(blueprints.values()))
+        return checkin_interval([bp for bp in blueprints.values() if bp is not None])
 
     def _observe(self, manager: SandboxManager, name: str, state: dict[str, Any] | None) -> None:
         if not state:

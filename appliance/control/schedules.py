@@ -28,12 +28,13 @@ class DeployedBlueprints:
         self._cache: dict[int, Blueprint | None] = {}  # by deployment id; None: unresolvable
         self._lock = threading.Lock()
 
-    def current(self) -> dict[str, Blueprint]:
-        """agent -> blueprint, for every agent whose blueprint can be resolved."""
+    def current(self) -> dict[str, Blueprint | None]:
+        """agent -> its blueprint, for every agent (None: the blueprint cannot be resolved any
+        more, e.g. its catalog file was edited in place; the agent still exists and runs)."""
         from appliance.control.agent_manager import AgentManager
         from appliance.control.wiring import sandbox_manager
 
-        found: dict[str, Blueprint] = {}
+        found: dict[str, Blueprint | None] = {}
         with open_store(self.config.state_dir) as store:
             agents = AgentStore(store)
             deployments = [d for a in agents.agents() if (d := agents.current(a)) is not None]
@@ -48,8 +49,7 @@ class DeployedBlueprints:
                         except Exception as exc:  # the catalog lost or changed it: said once
                             log.warning("agent %s: its blueprint %s: %s", dep.agent, dep.ref, exc)
                             self._cache[dep.id] = None
-                    if (bp := self._cache[dep.id]) is not None:
-                        found[dep.agent] = bp
+                    found[dep.agent] = self._cache[dep.id]
                 live = {d.id for d in deployments}
                 self._cache = {i: bp for i, bp in self._cache.items() if i in live}
         return found
@@ -59,7 +59,8 @@ class DeployedBlueprints:
         return [
             Entry(agent, index, spec)
             for agent, bp in sorted(self.current().items())
-            for index, spec in enumerate(getattr(bp, "schedule", None) or [])
+            if bp is not None
+            for index, spec in enumerate(bp.schedule)
         ]
 
 
@@ -93,18 +94,15 @@ class ScheduleService:
 
     def view(self, name: str) -> list[dict[str, Any]]:
         check_name(name, "agent")
-        bp = self.deployed.current().get(name)
+        agents = self.deployed.current()
+        if name not in agents:
+            raise NotFoundError(f"no agent named {name!r}", hint="`appliance agent list`")
+        bp = agents[name]
         if bp is None:
-            with open_store(self.config.state_dir) as store:
-                dep = AgentStore(store).current(name)
-            if dep is None:
-                raise NotFoundError(f"no agent named {name!r}", hint="`appliance agent list`")
             raise ApplianceError(
-                f"agent {name}'s blueprint {dep.ref} cannot be read, so neither can its schedule",
+                f"agent {name}'s blueprint cannot be resolved, so neither can its schedule",
                 hint="see control.log in the state directory; `appliance agent upgrade` fixes it",
             )
-        entries = [
-            Entry(name, i, spec) for i, spec in enumerate(getattr(bp, "schedule", None) or [])
-        ]
+        entries = [Entry(name, i, spec) for i, spec in enumerate(bp.schedule)]
         with open_store(self.config.state_dir) as store:
             return schedule_view(entries, read_states(store.conn, name))

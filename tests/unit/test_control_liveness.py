@@ -106,6 +106,13 @@ def test_running_unheld_agents_are_checked_in() -> None:
     assert manager.checkins == ["a1"]
 
 
+def test_an_agent_whose_blueprint_is_gone_is_still_checked_in() -> None:
+    manager, deployed, opened = rig("a1")
+    deployed.agents["a1"] = None  # its catalog file edited in place: the agent still runs
+    assert Liveness(deployed, opened).tick() == 5.0  # type: ignore[arg-type]
+    assert manager.checkins == ["a1"]
+
+
 def test_runtime_changes_are_audited_once_each() -> None:
     manager, deployed, opened = rig("a1")
     liveness = Liveness(deployed, opened)  # type: ignore[arg-type]

@@ -48,6 +48,8 @@ def api(tmp_path: Path) -> TestClient:
             "a1", bp.name, bp.version, bp.digest(), "img", "create",
             origin="client", blueprint_json=bp.canonical(),
         )  # fmt: skip
+        # From a catalog blueprint the catalog no longer has.
+        AgentStore(store).deploy("gone", "ghost", "1.0.0", "sha256:" + "1" * 64, "img", "create")
     _, token = plane.operators.create("watcher", "viewer", {"actor": "test"})
     client = TestClient(create_app(plane), base_url="http://127.0.0.1/api/v1")
     client.headers["authorization"] = f"Bearer {token}"
@@ -90,3 +92,11 @@ def test_unknown_or_hostile_names(api: TestClient, name: str, status: int) -> No
 def test_no_token_no_schedule(api: TestClient) -> None:
     del api.headers["authorization"]
     assert api.get("/agents/a1/schedule").status_code == 401
+
+
+def test_an_agent_whose_blueprint_cannot_be_resolved(api: TestClient) -> None:
+    answer = api.get("/agents/gone/schedule")
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["message"] == (
+        "agent gone's blueprint cannot be resolved, so neither can its schedule"
+    )

@@ -171,7 +171,7 @@ def test_a_stale_checkin_stops_the_runtime_and_a_fresh_one_restarts_it(box: Box)
     silent = last[0]
     wait_for("the runtime stopped", lambda: not alive(pid), after + 4)
     gone = time.monotonic() - silent
-    assert after <= gone <= after + 2, gone
+    assert after - 0.1 <= gone <= after + 2, gone  # mtime is a little before `silent`
     rt = runtime_state(box)
     assert rt is not None and rt["state"] == "fail_closed" and rt["fail_closed_at"]
     assert (

@@ -240,7 +240,10 @@ class OpenClawRuntime:
         ) as response:
             if response.status_code != 200:
                 raise ProtocolError(f"{NEVER_DENIED}: {http_error(response)}")
-            body = read_bounded(response)
+            try:
+                body = read_bounded(response)
+            except ProtocolError as exc:
+                raise ProtocolError(f"{NEVER_DENIED}: {exc}") from None
         try:
             payload = json.loads(body)
             messages = payload["result"]["details"]["messages"]

@@ -100,12 +100,15 @@ def http_error(response: httpx.Response) -> str:
     """One line for a non-200 answer: its status and the message it gave, if any."""
     try:
         body = read_bounded(response, 64 << 10)
+    except (ProtocolError, httpx.HTTPError):
+        body = b""
+    try:
         payload = json.loads(body)
-        error = payload.get("error") if isinstance(payload, dict) else None
-        message = error.get("message") if isinstance(error, dict) else error
-        detail = str(message) if message else body.decode(errors="replace")
-    except (ValueError, ProtocolError, httpx.HTTPError):
-        detail = ""
+    except ValueError:
+        payload = None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    message = error.get("message") if isinstance(error, dict) else error
+    detail = str(message) if message else body.decode(errors="replace")
     status = f"HTTP {response.status_code}"
     if response.status_code in (401, 403):
         reason = one_line(detail or "no reason")

@@ -25,7 +25,6 @@ import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
@@ -33,6 +32,7 @@ import httpx
 from appliance.control.agent_manager import AgentError, AgentManager
 from appliance.control.notices import turn_notices
 from appliance.control.transcript import TranscriptLog
+from appliance.control.turn_events import AgentSocketTransport, Outcome, TurnEvents
 from appliance.errors import OPERATOR_ERRORS, ConfigError, TurnRefused
 from appliance.store import open_store
 from appliance.store.agent_store import AgentStore
@@ -41,7 +41,6 @@ from blueprints.runtimes import (
     Delta,
     Exec,
     Finished,
-    Reply,
     Service,
     ToolCall,
     runtime_for,
@@ -63,7 +62,6 @@ SESSION = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 CONNECT_TIMEOUT_S = 10.0
 SETTLE_WAIT_S = 2.0  # the gateway settles a request's ledger row just after its last byte
 ARGUMENTS_MAX = 4096  # characters of a tool call's arguments kept in the transcript
-STDERR_TAIL = 2000
 
 
 @dataclass
@@ -81,45 +79,8 @@ class _Turn:
     ts: float = field(default_factory=time.time)
     t0: float = field(default_factory=time.monotonic)
     key_id: str | None = None
-    socket: Path | None = None
+    transport: AgentSocketTransport | None = None  # to the runtime's service
     token: str | None = None
-
-
-@dataclass
-class _Outcome:
-    """What the turn came to, filled in as its events arrive."""
-
-    parts: list[str] = field(default_factory=list)
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
-    finished: bool = False
-    ok: bool = False
-    text: str | None = None
-    exit_code: int | None = None
-    usage: dict[str, Any] = field(default_factory=dict)
-    session_id: str | None = None
-    raw: dict[str, Any] | None = None
-    error: str | None = None
-    cancelled: bool = False
-    stderr_tail: str = ""
-
-    def finish(self, event: Finished) -> None:
-        self.finished, self.ok, self.text = True, event.ok, event.text
-        self.usage, self.session_id, self.raw = dict(event.usage), event.session_id, event.raw
-        self.error = None if event.ok else (event.error or "the runtime reported a failure")
-
-    def replied(self, reply: Reply, code: int, stderr: bytes) -> None:
-        self.finished, self.ok, self.text, self.exit_code = True, reply.ok, reply.text, code
-        self.usage, self.session_id, self.raw = dict(reply.usage), reply.session_id, reply.raw
-        self.stderr_tail = stderr.decode(errors="replace")[-STDERR_TAIL:]
-        if not reply.ok:
-            last = self.stderr_tail.strip().splitlines()[-1:]
-            self.error = str((reply.raw or {}).get("error") or (last[0] if last else "no output"))
-
-    @property
-    def reply(self) -> str:
-        """The runtime's final text; what was streamed when it gave none (a failure) or the
-        turn was cut off (cancelled): what the client saw."""
-        return self.text if self.text and not self.cancelled else "".join(self.parts)
 
 
 class TurnService:
@@ -162,7 +123,9 @@ class TurnService:
     ) -> Iterator[dict[str, Any]]:
         """`stream`, checked and gated now (raising before any event: the API answers a refusal
         as an error, before the first byte of a stream)."""
-        return self._events(self._begin(who, name, message, session, trigger))
+        turn = self._begin(who, name, message, session, trigger)
+        interrupt = turn.transport.interrupt if turn.transport is not None else None
+        return TurnEvents(self._events(turn), interrupt)
 
     def run(
         self,
@@ -211,7 +174,7 @@ class TurnService:
                 self._record_refusal(turn, refused)
                 raise
             if service is not None:
-                turn.socket = m.sandboxes.agent_socket(name)
+                turn.transport = AgentSocketTransport(m.sandboxes.agent_socket(name))
                 turn.token = m.sandboxes.runtime_token(name)
         return turn
 
@@ -266,7 +229,7 @@ class TurnService:
     # -- the events ----------------------------------------------------------------------------
 
     def _events(self, turn: _Turn) -> Iterator[dict[str, Any]]:
-        outcome = _Outcome()
+        outcome = Outcome()
         try:
             if turn.service is not None:
                 yield from self._driven(turn, outcome)
@@ -275,24 +238,25 @@ class TurnService:
             if not outcome.finished and outcome.error is None:
                 outcome.error = "the runtime's stream ended without a result"
         except GeneratorExit:  # closed early: the client went away
-            outcome.cancelled, outcome.ok = True, False
-            outcome.error = "cancelled: the client went away"
+            outcome.cancel()
             self._record(turn, outcome)
             raise
         except (*OPERATOR_ERRORS, httpx.HTTPError, OSError) as exc:
-            outcome.ok, outcome.error = False, f"{type(exc).__name__}: {exc}"
+            outcome.fail(exc)
         except Exception as exc:  # recorded as a failed turn all the same
             log.exception("turn of %s failed", turn.name)
-            outcome.ok, outcome.error = False, f"{type(exc).__name__}: {exc}"
+            outcome.fail(exc)
+        if turn.transport is not None and turn.transport.interrupted:
+            outcome.cancel()  # the client went away while the runtime was silent
         yield {"type": "done", **self._record(turn, outcome)}
 
-    def _driven(self, turn: _Turn, outcome: _Outcome) -> Iterator[dict[str, Any]]:
+    def _driven(self, turn: _Turn, outcome: Outcome) -> Iterator[dict[str, Any]]:
         """Through the runtime's service, over the agent socket; closing this closes the
         runtime's request (drive cancels the turn in the runtime)."""
-        assert turn.socket is not None and turn.token is not None  # set by _begin
+        assert turn.transport is not None and turn.token is not None  # set by _begin
         read_s = turn.runtime.blueprint.inference.timeout_s  # the model may be silent this long
         http = httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(turn.socket)),
+            transport=turn.transport,
             base_url="http://agent",
             timeout=httpx.Timeout(read_s, connect=CONNECT_TIMEOUT_S),
         )
@@ -314,7 +278,7 @@ class TurnService:
                 elif isinstance(event, Finished):
                     outcome.finish(event)
 
-    def _executed(self, turn: _Turn, outcome: _Outcome) -> Iterator[dict[str, Any]]:
+    def _executed(self, turn: _Turn, outcome: Outcome) -> Iterator[dict[str, Any]]:
         """The runtime's turn command, run in the sandbox as the agent: its reply is one delta
         (only when it answered); then its session is exported to the host, if it keeps one."""
         command = turn.command
@@ -343,7 +307,7 @@ class TurnService:
 
     # -- the record ------------------------------------------------------------------------------
 
-    def _record(self, turn: _Turn, outcome: _Outcome) -> dict[str, Any]:
+    def _record(self, turn: _Turn, outcome: Outcome) -> dict[str, Any]:
         """Transcript line, activity count, key use and `agent.turn`; the done record (with
         the exec's stderr tail, which the transcript does not keep)."""
         record = {

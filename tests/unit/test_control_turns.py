@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import socket
 import socketserver
 import subprocess
 import sys
@@ -59,6 +61,7 @@ class Script:
 
     events: list[dict[str, Any]] = field(default_factory=list)
     pause_s: float = 0.0  # between events
+    silence_s: float = 0.0  # before the first event (a long prefill), watching for a hang-up
     usage: tuple[int, int, float] | None = None  # a ledger row "the gateway" writes per turn
     requests: list[dict[str, Any]] = field(default_factory=list)
     hung_up: threading.Event = field(default_factory=threading.Event)
@@ -89,6 +92,10 @@ def _handler(script: Script, key_id: str, state_dir: Path) -> type[BaseHTTPReque
             self.send_response(200)
             self.send_header("content-type", "application/x-ndjson")
             self.end_headers()
+            self.wfile.flush()
+            if not self.stay_silent(script.silence_s):
+                script.hung_up.set()
+                return
             try:
                 for event in script.events:
                     time.sleep(script.pause_s)
@@ -98,6 +105,16 @@ def _handler(script: Script, key_id: str, state_dir: Path) -> type[BaseHTTPReque
                 script.hung_up.set()
                 return
             script.finished.set()
+
+        def stay_silent(self, seconds: float) -> bool:
+            """Send nothing for `seconds`, as a runtime does while its model reads the prompt;
+            False as soon as the client hangs up (it sent its request: any more is EOF)."""
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                readable, _, _ = select.select([self.connection], [], [], 0.05)
+                if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
+                    return False
+            return True
 
     return Runtime
 
@@ -448,6 +465,28 @@ def test_a_client_that_hangs_up_cancels_the_turn_in_the_runtime(world: World) ->
     world.script.events, world.script.pause_s = _reply("again"), 0.0
     again = world.api.post(f"/agents/{AGENT}/turns", json={"message": "x"})
     assert again.json()["reply"] == "again"
+
+
+def test_a_hang_up_while_the_runtime_is_silent_cancels_at_once(world: World) -> None:
+    """No event to notice the hang-up at: the control plane cuts the runtime's connection the
+    moment its client goes, not when the runtime next speaks (here: 30 s later)."""
+    world.script.silence_s = 30.0
+    world.script.events = _reply("too late")
+    body = {"message": "think", "session": "s-6", "stream": True}
+    with world.api.stream("POST", f"/agents/{AGENT}/turns", json=body) as response:
+        assert response.status_code == 200
+        time.sleep(0.5)  # the turn is waiting on its runtime
+        hung_up_at = time.monotonic()
+    assert world.script.hung_up.wait(5), "the runtime's connection was not cut"
+    assert time.monotonic() - hung_up_at < 5
+    deadline = time.monotonic() + 5
+    while not world.transcript() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [line] = world.transcript()
+    assert line["cancelled"] is True and line["reply"] == "" and line["session"] == "s-6"
+    assert line["error"] == "cancelled: the client went away"
+    world.script.silence_s = 0.0  # the lane slot is back
+    assert world.api.post(f"/agents/{AGENT}/turns", json={"message": "x"}).json()["ok"]
 
 
 def test_closing_the_events_early_cancels_and_records(world: World) -> None:

@@ -94,15 +94,20 @@ def create_agent(
     return plane.agents.create(who, body.name, source)
 
 
-class TurnEvents(StreamingResponse):
+class TurnStream(StreamingResponse):
     """A turn's events as NDJSON lines. However the response ends (the client went away: the
-    server cancels it), the turn's events are closed: the turn is cancelled and recorded so."""
+    server cancels it), the turn's events are closed: the turn is cancelled and recorded so.
+    A disconnect interrupts the turn at once, even while its runtime sends nothing."""
 
     media_type = "application/x-ndjson"
 
     def __init__(self, events: lanes.LaneStream[dict[str, Any]]) -> None:
         self.events = events
         super().__init__(_lines(events), headers={"Cache-Control": "no-store"})
+
+    async def listen_for_disconnect(self, receive: Receive) -> None:
+        await super().listen_for_disconnect(receive)
+        self.events.interrupt()  # a turn waiting on a silent runtime stops waiting now
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -125,7 +130,7 @@ async def run_turn(
     args = (who, name, body.message, body.session)
     if not body.stream:
         return await lanes.TURNS.run(plane.turns.run, *args)
-    return TurnEvents(await lanes.TURNS.open(plane.turns.start, *args))
+    return TurnStream(await lanes.TURNS.open(plane.turns.start, *args))
 
 
 @router.post("/agents/{name}/stop")

@@ -4,10 +4,11 @@ A sync route runs in anyio's default thread pool (40 threads, shared by every sy
 dependency). An agent turn may run an hour and a sandbox exec ten minutes: forty of them would
 fill it, and `POST /kill` would wait behind them. So turns and execs run on lanes of their own,
 each with a few slots; a call that finds its lane full is refused at once with BusyError (429),
-never queued (a streamed turn holds its slot until its stream ends). The kill switch, release and status have their own lane too: they queue (each
-ends within seconds) but never behind a turn or an exec. What every request may need before or
-after its route, a token's lookup (api/deps.py) and its audit-trail record (api/audit_trail.py),
-has a lane each as well, so neither waits behind the shared pool's slow sync routes.
+never queued (a streamed turn holds its slot until its stream ends). The kill switch, release
+and status have their own lane too: they queue (each ends within seconds) but never behind a turn
+or an exec. What every request may need before or after its route, a token's lookup (api/deps.py)
+and its audit-trail record (api/audit_trail.py), has a lane each as well, so neither waits behind
+the shared pool's slow sync routes.
 """
 
 from __future__ import annotations
@@ -100,6 +101,13 @@ class LaneStream(Generic[T]):
             await self.aclose()
             raise StopAsyncIteration
         return item  # type: ignore[return-value]
+
+    def interrupt(self) -> None:
+        """Its consumer is gone (event-loop thread): an iterator with `interrupt()` (a turn
+        waiting on its runtime) stops waiting for its next item now; `aclose` follows."""
+        interrupt = getattr(self.items, "interrupt", None)
+        if interrupt is not None and not self.closed:
+            interrupt()
 
     async def aclose(self) -> None:
         if self.closed:

@@ -1,10 +1,11 @@
 """Agent runtimes: what a blueprint's `runtime.kind` means to the appliance, behind one protocol.
 
 A runtime says how its sandbox is made (policy needs, the main command, the config files it
-reads), how one turn is driven (argv and env run in the sandbox as the agent), how the turn's
-output is read, and how a session is exported. The appliance runs what it is told inside the
-sandbox and never branches on the kind itself: a new runtime is one module and one entry in
-RUNTIMES.
+reads) and how one turn is driven: either through a long-lived service the sandbox's supervisor
+keeps up (`service()`, `drive()`: OpenClaw's gateway, a `kind: command` with `serve:`; the
+HTTP protocol is responses.py), or as a command run in the sandbox per turn (`turn()`,
+`read_turn()`, `export_session()`). The appliance runs what it is told inside the sandbox and
+never branches on the kind itself: a new runtime is one module and one entry in RUNTIMES.
 """
 
 from __future__ import annotations

@@ -61,20 +61,29 @@ def _shut(sock: socket.socket) -> None:
 
 
 class TurnEvents(Iterator[dict[str, Any]]):
-    """A turn's events (a generator: `close` records it as cancelled) and `interrupt`."""
+    """A turn's events (a generator: `close` records it as cancelled) and `interrupt`.
+    `unstarted` runs when it is closed before its first event was asked for (a generator
+    closed then runs none of its code: the turn would go unrecorded)."""
 
     def __init__(
         self,
         events: Generator[dict[str, Any], None, None],
         interrupt: Callable[[], None] | None = None,
+        unstarted: Callable[[], None] | None = None,
     ) -> None:
         self._events = events
         self._interrupt = interrupt
+        self._unstarted = unstarted
+        self._started = False
 
     def __next__(self) -> dict[str, Any]:
+        self._started = True
         return next(self._events)
 
     def close(self) -> None:
+        if not self._started and self._unstarted is not None:
+            self._started = True  # once
+            self._unstarted()
         self._events.close()
 
     def interrupt(self) -> None:

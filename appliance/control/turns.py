@@ -125,7 +125,7 @@ class TurnService:
         as an error, before the first byte of a stream)."""
         turn = self._begin(who, name, message, session, trigger)
         interrupt = turn.transport.interrupt if turn.transport is not None else None
-        return TurnEvents(self._events(turn), interrupt)
+        return TurnEvents(self._events(turn), interrupt, lambda: self._never_started(turn))
 
     def run(
         self,
@@ -353,6 +353,14 @@ class TurnService:
         bp = turn.runtime.blueprint
         # Which runtimes send the model tools: OpenClaw's (a `kind: command` one sends none).
         return turn_notices(self.config, bp.inference.model, tools=bp.runtime.kind == "openclaw")
+
+    def _never_started(self, turn: _Turn) -> None:
+        """Gated, then closed before it ran (the client went at once): cancelled all the same."""
+        if turn.transport is not None:
+            turn.transport.close()
+        outcome = Outcome()
+        outcome.cancel()
+        self._record(turn, outcome)
 
     def _record_refusal(self, turn: _Turn, refused: TurnRefused) -> None:
         reason = str(refused)

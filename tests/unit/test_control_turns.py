@@ -500,6 +500,14 @@ def test_closing_the_events_early_cancels_and_records(world: World) -> None:
     assert line["cancelled"] is True and line["trigger"] == "schedule"
 
 
+def test_a_turn_closed_before_it_ran_is_recorded_cancelled(world: World) -> None:
+    world.script.events = _reply("never asked")
+    world.plane.turns.start(None, AGENT, "go", "s-7").close()
+    [line] = world.transcript()
+    assert line["cancelled"] is True and line["session"] == "s-7" and line["reply"] == ""
+    assert world.script.requests == []  # the runtime was never asked
+
+
 def test_streams_hold_their_lane_slots_until_they_end(world: World) -> None:
     """Eight slow streams take the lane's eight slots; a ninth turn is refused (429) at once;
     when they end, turns run again."""

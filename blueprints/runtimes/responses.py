@@ -194,10 +194,11 @@ def wait_ready(http: httpx.Client, path: str, timeout_s: float = READY_TIMEOUT_S
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            response = http.get(path, timeout=READY_REQUEST_S)
-            if response.status_code == 200:
+            with http.stream("GET", path, timeout=READY_REQUEST_S) as response:  # body unread
+                status = response.status_code
+            if status == 200:
                 return None
-            last = f"{path} answered HTTP {response.status_code}"
+            last = f"{path} answered HTTP {status}"
         except (httpx.HTTPError, OSError) as exc:
             last = one_line(f"{type(exc).__name__}: {exc}")
         left = deadline - time.monotonic()
@@ -240,11 +241,15 @@ def stream_turn(
                     continue
                 if (delta := _apply(result, event, data)) is not None:
                     yield Delta(delta)
-    except ProtocolError as exc:
-        return result.fail(str(exc))
+    except ProtocolError as exc:  # after its last event, the turn stands as it ended
+        return result if result.ended else result.fail(str(exc))
     except (httpx.HTTPError, OSError) as exc:
         reason = one_line(f"{type(exc).__name__}: {exc}")
-        return result.fail(f"the connection to the runtime failed: {reason}")
+        return (
+            result
+            if result.ended
+            else result.fail(f"the connection to the runtime failed: {reason}")
+        )
     if not result.ended:
         return result.fail("the runtime's stream ended before the response did")
     return result

@@ -423,3 +423,42 @@ def test_openclaw_turn_closed_early_closes_the_gateways_stream(gateway: StandIn)
         turn.close()
         assert gateway.disconnected.wait(5), "the gateway never saw the client go"
     assert [p for p, _h, _b in gateway.requests] == ["/v1/responses"]  # no history after it
+
+
+COMPLETED = {
+    "type": "response.completed",
+    "response": {
+        "id": "resp_1",
+        "status": "completed",
+        "usage": {"input_tokens": "9", "output_tokens": -1},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        sse("{not json"),  # garbage after the last event
+        b"data: \xff\n\n",  # not UTF-8
+        sse(*[DELTA] * 40),  # a runtime that goes on talking: not read to its end
+    ],
+)
+def test_what_follows_the_last_event_does_not_undo_the_turn(gateway: StandIn, after: bytes) -> None:
+    gateway.answer = http(sse(CREATED, DELTA, COMPLETED) + after)
+    gateway.history = http(b'{"ok":true,"result":{"details":{"messages":[]}}}', "application/json")
+    deltas, _calls, done = split(drive(openclaw(), gateway.port, "hi", "s1"))
+    assert done.ok and deltas == ["partial "] and done.text == "partial "
+    assert done.usage == {"input": 0, "output": 0, "cacheRead": 0, "cacheWrite": 0, "total": 0}
+
+
+def test_a_runtime_never_ready_says_what_it_answered(gateway: StandIn) -> None:
+    class NotReady(_Handler):
+        def do_GET(self) -> None:
+            self.wfile.write(http(b"x" * (1 << 20), "text/plain", "503 Service Unavailable"))
+
+    gateway.RequestHandlerClass = NotReady
+    runtime = openclaw()
+    runtime.ready_timeout_s = 1
+    error = failed(drive(runtime, gateway.port, "hi", "s1"))
+    assert error == "the runtime was not ready within 1 s (/readyz answered HTTP 503)"
+    assert gateway.requests == []  # no turn was sent

@@ -13,107 +13,47 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from appliance.audit import audit_path, records
-from sandbox.images.base import recipe_digest
-from tests.control_fixtures import control_socket, running_control_plane
+from tests.agent_fixtures import (
+    APPLIANCE,
+    TURN,
+    agent_audit,
+    api_client,
+    blueprint_doc,
+    catalog_env,
+    remove_agents,
+    run_cli,
+    sandbox_root,
+)
+from tests.control_fixtures import running_control_plane
 from tests.helpers import cli_env, free_port
-from tests.sandbox_fixtures import ensure_base_image, sandbox_skip_reason
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-APPLIANCE = str(Path(sys.executable).parent / "appliance")
-# The reply names the session and echoes the message: it must arrive unevaluated, as one value.
-TURN = ["sh", "-c", 'printf "%s|%s" "$AGENT_SESSION" "$AGENT_MESSAGE"']
-
-
-def _blueprint(name: str, **runtime: object) -> dict:
-    return {
-        "name": name,
-        "version": "1.0.0",
-        "runtime": {"kind": "command", "command": ["sleep", "infinity"], **runtime},
-        "image": {"name": "localhost/appliance-base", "digest": recipe_digest()},
-        "sandbox": {"base": "default"},
-        "budgets": {"daily_tokens": 1000},
-    }
-
-
-def _environment(root: Path) -> dict[str, str]:
-    """A catalog of test blueprints under `root` and the CLI's environment for `root/s`."""
-    catalog = root / "bp"
-    slow = {"turn": ["sh", "-c", "sleep 20; echo late"]}
-    for name, runtime in (("echoer", {"turn": TURN}), ("quiet", {}), ("slow", slow)):
-        path = catalog / name / "1.0.0" / "blueprint.yaml"
-        path.parent.mkdir(parents=True)
-        path.write_text(yaml.safe_dump(_blueprint(name, **runtime)))
-    newer = _blueprint("quiet") | {"version": "1.1.0", "budgets": {"daily_tokens": 2000}}
-    (catalog / "quiet" / "1.1.0").mkdir()
-    (catalog / "quiet" / "1.1.0" / "blueprint.yaml").write_text(yaml.safe_dump(newer))
-    return cli_env(root / "s", root, APPLIANCE_BLUEPRINTS__DIRS=json.dumps([str(catalog)]))
-
-
-@contextmanager
-def _root() -> Iterator[Path]:
-    if (why := sandbox_skip_reason()) is not None:
-        pytest.skip(why)
-    ensure_base_image()
-    root = Path(tempfile.mkdtemp(prefix="aa-"))  # short: unix socket paths live under it
-    root.chmod(0o755)
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def _remove_all(env: dict[str, str]) -> None:
-    with _client(env) as client:
-        for row in client.get("/agents").json():
-            client.delete(f"/agents/{row['name']}")
 
 
 @pytest.fixture(scope="module")
 def plane() -> Iterator[dict[str, str]]:
-    with _root() as root:
-        env = _environment(root)
+    with sandbox_root() as root:
+        env = catalog_env(root)
         with running_control_plane(env, root / "s"):
             yield env
-            _remove_all(env)
-
-
-def _client(env: dict[str, str]) -> httpx.Client:
-    socket = control_socket(Path(env["APPLIANCE_STATE_DIR"]))
-    return httpx.Client(
-        transport=httpx.HTTPTransport(uds=str(socket)),
-        base_url="http://control/api/v1",
-        timeout=300,
-    )
-
-
-def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([APPLIANCE, *args], env=env, capture_output=True, text=True, timeout=600)
-
-
-def _audit(env: dict[str, str], agent: str) -> list[dict]:
-    state = Path(env["APPLIANCE_STATE_DIR"])
-    return [r for r in records(audit_path(state)) if r.get("agent") == agent]
+            remove_agents(env)
 
 
 def test_parallel_creates_of_one_name_make_one_agent(plane: dict[str, str]) -> None:
     name = f"race-{os.getpid()}"
 
     def create(_: int) -> httpx.Response:
-        with _client(plane) as client:
+        with api_client(plane) as client:
             return client.post("/agents", json={"name": name, "blueprint": "quiet@1.0.0"})
 
     with ThreadPoolExecutor(5) as pool:
@@ -126,21 +66,21 @@ def test_parallel_creates_of_one_name_make_one_agent(plane: dict[str, str]) -> N
     for refused in (r.json()["error"] for r in responses if r.status_code == 409):
         assert refused["type"] == "conflict" and f"{name!r} exists" in refused["message"]
         assert refused["hint"] == f"`appliance agent rm {name}` first"
-    with _client(plane) as client:
+    with api_client(plane) as client:
         assert [a["name"] for a in client.get("/agents").json()].count(name) == 1
         assert [s["name"] for s in client.get("/sandboxes").json()].count(name) == 1
-    [deployed] = [r for r in _audit(plane, name) if r["event"] == "agent.deploy"]
+    [deployed] = [r for r in agent_audit(plane, name) if r["event"] == "agent.deploy"]
     assert deployed["actor"] == f"uid:{os.geteuid()}" and deployed["actor_kind"] == "unix"
 
     # The CLI gets the same conflict as its exit code (10), in one line.
-    again = _cli(plane, "agent", "create", name, "--blueprint", "quiet@1.0.0")
+    again = run_cli(plane, "agent", "create", name, "--blueprint", "quiet@1.0.0")
     assert again.returncode == 10, again.stderr
     assert "appliance: error: " in again.stderr and "Traceback" not in again.stderr
 
 
-def test_a_turn_through_the_api_and_the_cli(plane: dict[str, str]) -> None:
+def test_a_turn_through_the_api_and_therun_cli(plane: dict[str, str]) -> None:
     name = f"turns-{os.getpid()}"
-    with _client(plane) as client:
+    with api_client(plane) as client:
         assert client.post("/agents", json={"name": name, "blueprint": "echoer"}).status_code == 201
         message = "hello; $(id) `id` --json"
         turn = client.post(f"/agents/{name}/turns", json={"message": message, "session": "s-1"})
@@ -156,184 +96,89 @@ def test_a_turn_through_the_api_and_the_cli(plane: dict[str, str]) -> None:
         assert missing.status_code == 404 and missing.json()["error"]["hint"]
 
     # The CLI: a new session each run unless named; the reply printed, or the whole record.
-    out = _cli(plane, "agent", "run", name, "second", "--json")
+    out = run_cli(plane, "agent", "run", name, "second", "--json")
     assert out.returncode == 0, out.stderr
     record = json.loads(out.stdout)
     assert record["reply"].endswith("|second") and record["session"].startswith("run-")
     assert "stderr_tail" not in record  # `--json` prints what it printed before the API
-    plain = _cli(plane, "agent", "run", name, "third", "--session", "s-1")
+    plain = run_cli(plane, "agent", "run", name, "third", "--session", "s-1")
     assert plain.returncode == 0 and plain.stdout == "s-1|third\n"
 
-    transcript = _cli(plane, "agent", "transcript", name, "--json")
+    transcript = run_cli(plane, "agent", "transcript", name, "--json")
     assert [t["message"] for t in json.loads(transcript.stdout)] == [message, "second", "third"]
-    turns = [r for r in _audit(plane, name) if r["event"] == "agent.turn"]
+    turns = [r for r in agent_audit(plane, name) if r["event"] == "agent.turn"]
     assert len(turns) == 3 and all(r["actor_kind"] == "unix" for r in turns)
-
-
-def _stream(client: httpx.Client, name: str, body: dict) -> tuple[int, list[dict]]:
-    """A streamed turn's status and its NDJSON events (or the error body, as one)."""
-    with client.stream("POST", f"/agents/{name}/turns", json={**body, "stream": True}) as r:
-        r.read()
-        if r.status_code != 200:
-            return r.status_code, [r.json()]
-        assert r.headers["content-type"].startswith("application/x-ndjson")
-        return r.status_code, [json.loads(line) for line in r.text.splitlines()]
-
-
-def test_an_exec_turn_streams_through_the_api_and_the_cli(plane: dict[str, str]) -> None:
-    """A runtime without a service: its exec turn is one delta, then the done record; the
-    transcript and the audit log say who asked and how (trigger, actor)."""
-    name = f"stream-{os.getpid()}"
-    with _client(plane) as client:
-        assert client.post("/agents", json={"name": name, "blueprint": "echoer"}).status_code == 201
-        message = 'line one\n{"type": "done"}'  # NDJSON-framed as a string: one event still
-        status, events = _stream(client, name, {"message": message, "session": "s-2"})
-    assert status == 200, events
-    assert [e["type"] for e in events] == ["delta", "done"]
-    assert events[0]["text"] == f"s-2|{message}"
-    done = events[1]
-    assert done["ok"] is True and done["exit_code"] == 0 and done["reply"] == f"s-2|{message}"
-    assert done["trigger"] == "manual" and done["actor"] == f"uid:{os.geteuid()}"
-    assert done["tool_calls"] == [] and done["cancelled"] is False
-    assert done["tokens"] == {
-        "prompt": 0,
-        "completion": 0,
-        "total": 0,
-        "model_time_s": 0.0,
-        "requests": 0,
-    }  # fmt: skip  (an echo makes no model call)
-
-    out = _cli(plane, "agent", "run", name, "via the cli", "--session", "s-2")
-    assert (out.returncode, out.stdout) == (0, "s-2|via the cli\n"), out.stderr
-    [first, second] = json.loads(_cli(plane, "agent", "transcript", name, "--json").stdout)
-    assert first["message"] == message and second["message"] == "via the cli"
-    for line in (first, second):
-        assert line["trigger"] == "manual" and line["actor_kind"] == "unix"
-        assert line["actor"] == f"uid:{os.geteuid()}" and line["session"] == "s-2"
-        assert line["ok"] is True and "stderr_tail" not in line and line["duration_s"] > 0
-    turns = [r for r in _audit(plane, name) if r["event"] == "agent.turn"]
-    assert [(r["trigger"], r["ok"]) for r in turns] == [("manual", True), ("manual", True)]
-    assert _cli(plane, "agent", "rm", name).returncode == 0
-
-
-def test_turns_are_refused_while_held_stopped_or_over_budget(plane: dict[str, str]) -> None:
-    """Each refusal: a 409 `turn_refused` before any byte of a stream, exit 12 with the reason
-    and a hint from the CLI, a transcript line and an agent.turn record saying why."""
-    from appliance.store.inference_store import InferenceStore
-    from inference.ports import UsageRecord
-
-    name = f"gate-{os.getpid()}"
-    state = Path(plane["APPLIANCE_STATE_DIR"])
-    assert _cli(plane, "agent", "create", name, "--blueprint", "echoer").returncode == 0
-
-    def refused(reason: str, hint: str) -> None:
-        with _client(plane) as client:
-            status, [body] = _stream(client, name, {"message": "hi"})
-        assert status == 409 and body["error"]["type"] == "turn_refused", body
-        assert reason in body["error"]["message"] and hint in body["error"]["hint"]
-        out = _cli(plane, "agent", "run", name, "hi")
-        assert out.returncode == 12 and out.stdout == "", out.stderr
-        error, hint_line = out.stderr.strip().splitlines()
-        assert error.startswith("appliance: error: ") and reason in error
-        assert hint in hint_line
-
-    try:
-        assert _cli(plane, "kill", name, "--hold").returncode == 0
-        refused("the kill switch holds every sandbox", "`appliance release`")
-    finally:
-        assert _cli(plane, "release").returncode == 0
-    refused(f"{name} is stopped", f"`appliance agent start {name}`")  # the kill stopped it
-    assert _cli(plane, "agent", "start", name).returncode == 0
-    assert _cli(plane, "agent", "run", name, "back").returncode == 0
-
-    key = f"sandbox-{name}"
-    assert _cli(plane, "budget", "set", key, "--daily-tokens", "10").returncode == 0
-    with InferenceStore(state) as inference:  # what the gateway logs for a model call
-        record = inference.find_key(key)
-        assert record is not None
-        inference.record_usage(UsageRecord(record.id, "m", 8, 4, 0.5, 200, False))
-    refused(f"{name} is over its daily budget: 12 of 10 tokens", f"budget set {key}")
-
-    lines = json.loads(_cli(plane, "agent", "transcript", name, "--json").stdout)
-    reasons = [line.get("refused") for line in lines]
-    assert [r is None for r in reasons] == [False] * 4 + [True] + [False] * 2, reasons
-    assert all(line["trigger"] == "manual" and line["actor_kind"] == "unix" for line in lines)
-    turns = [r for r in _audit(plane, name) if r["event"] == "agent.turn"]
-    assert [bool(r.get("refused")) for r in turns] == [True] * 4 + [False] + [True] * 2
-    listed = json.loads(_cli(plane, "agent", "list", "--json").stdout)
-    assert [r["turns"] for r in listed if r["name"] == name] == [1]  # refusals are no turns
-    assert _cli(plane, "agent", "rm", name).returncode == 0
 
 
 def test_a_long_turn_does_not_hold_up_stop(plane: dict[str, str]) -> None:
     """A turn takes no lock: `agent stop` (or the kill switch) acts at once and the turn it cut
     off is not reported as answered."""
     name = f"slow-{os.getpid()}"
-    with _client(plane) as client:
+    with api_client(plane) as client:
         assert client.post("/agents", json={"name": name, "blueprint": "slow"}).status_code == 201
     with ThreadPoolExecutor(1) as pool:
         turn = pool.submit(
-            lambda: _client(plane).post(f"/agents/{name}/turns", json={"message": "x"})
+            lambda: api_client(plane).post(f"/agents/{name}/turns", json={"message": "x"})
         )
         time.sleep(2)  # the turn's `sleep 20` is running in the sandbox
         t0 = time.monotonic()
-        stopped = _cli(plane, "agent", "stop", name, "--json")
+        stopped = run_cli(plane, "agent", "stop", name, "--json")
         stop_s = time.monotonic() - t0
         assert stopped.returncode == 0, stopped.stderr
         answer = turn.result(timeout=60)
     assert stop_s < 15, stop_s  # not the 18 s the turn had left: stop did not wait for it
     assert answer.status_code == 200 and answer.json()["ok"] is False, answer.text
     assert answer.json()["reply"] != "late"  # cut off, not answered
-    assert _cli(plane, "agent", "rm", name).returncode == 0
+    assert run_cli(plane, "agent", "rm", name).returncode == 0
 
 
 def test_a_runtime_without_turns_says_so(plane: dict[str, str]) -> None:
     name = f"noturn-{os.getpid()}"
-    assert _cli(plane, "agent", "create", name, "--blueprint", "quiet").returncode == 0
-    out = _cli(plane, "agent", "run", name, "hello")
+    assert run_cli(plane, "agent", "create", name, "--blueprint", "quiet").returncode == 0
+    out = run_cli(plane, "agent", "run", name, "hello")
     assert out.returncode != 0 and "takes no turns" in out.stderr
     assert "hint: `appliance sandbox exec" in out.stderr
 
 
-def test_stop_start_and_rm_through_the_cli(plane: dict[str, str]) -> None:
+def test_stop_start_and_rm_through_therun_cli(plane: dict[str, str]) -> None:
     name = f"life-{os.getpid()}"
-    assert _cli(plane, "agent", "create", name, "--blueprint", "quiet").returncode == 0
-    stopped = _cli(plane, "agent", "stop", name, "--json")
+    assert run_cli(plane, "agent", "create", name, "--blueprint", "quiet").returncode == 0
+    stopped = run_cli(plane, "agent", "stop", name, "--json")
     assert stopped.returncode == 0 and json.loads(stopped.stdout)["state"] == "stopped"
-    started = _cli(plane, "agent", "start", name, "--json")
+    started = run_cli(plane, "agent", "start", name, "--json")
     assert started.returncode == 0 and json.loads(started.stdout)["state"] == "running"
-    listed = json.loads(_cli(plane, "agent", "list", "--json").stdout)
+    listed = json.loads(run_cli(plane, "agent", "list", "--json").stdout)
     assert [r["state"] for r in listed if r["name"] == name] == ["running"]
 
-    assert _cli(plane, "agent", "rm", name).returncode == 0
-    gone = _cli(plane, "agent", "rm", name)
+    assert run_cli(plane, "agent", "rm", name).returncode == 0
+    gone = run_cli(plane, "agent", "rm", name)
     assert gone.returncode == 5 and "no agent named" in gone.stderr  # NotFound: exit 5
-    events = [r["event"] for r in _audit(plane, name)]
+    events = [r["event"] for r in agent_audit(plane, name)]
     assert events == ["agent.deploy", "agent.stop", "agent.start", "agent.rm"]
 
 
-def test_upgrade_and_rollback_through_the_cli(plane: dict[str, str]) -> None:
+def test_upgrade_and_rollback_through_therun_cli(plane: dict[str, str]) -> None:
     name = f"upg-{os.getpid()}"
-    assert _cli(plane, "agent", "create", name, "--blueprint", "quiet@1.0.0").returncode == 0
-    up = _cli(plane, "blueprint", "upgrade", name, "--to", "1.1.0")  # a bare version: quiet's
+    assert run_cli(plane, "agent", "create", name, "--blueprint", "quiet@1.0.0").returncode == 0
+    up = run_cli(plane, "blueprint", "upgrade", name, "--to", "1.1.0")  # a bare version: quiet's
     assert up.returncode == 0 and up.stdout == f"{name} now runs quiet@1.1.0\n", up.stderr
-    same = _cli(plane, "blueprint", "upgrade", name, "--to", "1.1.0")
+    same = run_cli(plane, "blueprint", "upgrade", name, "--to", "1.1.0")
     assert same.returncode == 1 and "already runs quiet@1.1.0" in same.stderr
-    back = _cli(plane, "blueprint", "rollback", name)
+    back = run_cli(plane, "blueprint", "rollback", name)
     assert back.returncode == 0 and back.stdout == f"{name} is back on quiet@1.0.0\n", back.stderr
-    listed = json.loads(_cli(plane, "agent", "list", "--json").stdout)
+    listed = json.loads(run_cli(plane, "agent", "list", "--json").stdout)
     [row] = [r for r in listed if r["name"] == name]
     assert row["blueprint"] == "quiet@1.0.0" and row["daily_budget"] == 1000
-    logs = _cli(plane, "agent", "logs", name)
+    logs = run_cli(plane, "agent", "logs", name)
     assert logs.returncode == 0, logs.stderr
-    deploys = [r for r in _audit(plane, name) if r["event"] == "agent.deploy"]
+    deploys = [r for r in agent_audit(plane, name) if r["event"] == "agent.deploy"]
     assert [r["reason"] for r in deploys] == [
         "created",
         "upgrade from quiet@1.0.0",
         "rollback from quiet@1.1.0",
     ]
     assert all(r["actor_kind"] == "unix" for r in deploys)
-    assert _cli(plane, "agent", "rm", name).returncode == 0
+    assert run_cli(plane, "agent", "rm", name).returncode == 0
 
 
 def test_a_blueprint_file_is_read_by_the_cli_and_sent_as_text(
@@ -343,7 +188,7 @@ def test_a_blueprint_file_is_read_by_the_cli_and_sent_as_text(
     directory; the control plane gets its YAML text, never a path (a path as a reference: 422)."""
     name = f"file-{os.getpid()}"
     here = Path(tempfile.mkdtemp(prefix="aa-cwd-"))
-    (here / "mine.yaml").write_text(yaml.safe_dump(_blueprint("mine")))
+    (here / "mine.yaml").write_text(yaml.safe_dump(blueprint_doc("mine")))
     try:
         made = subprocess.run(
             [APPLIANCE, "agent", "create", name, "--blueprint", "./mine.yaml", "--json"],
@@ -351,7 +196,7 @@ def test_a_blueprint_file_is_read_by_the_cli_and_sent_as_text(
         )  # fmt: skip
         assert made.returncode == 0, made.stderr
         assert json.loads(made.stdout)["blueprint"] == "mine@1.0.0"
-        with _client(plane) as client:
+        with api_client(plane) as client:
             relative = client.post("/agents", json={"name": "rel", "blueprint": "./mine.yaml"})
         assert relative.status_code == 422, relative.text
         (here / "bad.yaml").write_text("name: mine\nversion: [1.0.0\n")
@@ -360,8 +205,10 @@ def test_a_blueprint_file_is_read_by_the_cli_and_sent_as_text(
             env=plane, cwd=here, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert bad.returncode == 3 and "bad.yaml:3:" in bad.stderr, bad.stderr
-        assert _cli(plane, "agent", "create", f"{name}-up", "--blueprint", "quiet").returncode == 0
-        newer = _blueprint("quiet") | {"version": "1.2.0"}
+        assert (
+            run_cli(plane, "agent", "create", f"{name}-up", "--blueprint", "quiet").returncode == 0
+        )
+        newer = blueprint_doc("quiet") | {"version": "1.2.0"}
         (here / "newer.yaml").write_text(yaml.safe_dump(newer))
         up = subprocess.run(
             [APPLIANCE, "blueprint", "upgrade", f"{name}-up", "--to", "newer.yaml"],
@@ -369,8 +216,8 @@ def test_a_blueprint_file_is_read_by_the_cli_and_sent_as_text(
         )  # fmt: skip
         assert up.returncode == 0 and "now runs quiet@1.2.0" in up.stdout, up.stderr
     finally:
-        _cli(plane, "agent", "rm", f"{name}-up")
-        _cli(plane, "agent", "rm", name)
+        run_cli(plane, "agent", "rm", f"{name}-up")
+        run_cli(plane, "agent", "rm", name)
         shutil.rmtree(here, ignore_errors=True)
 
 
@@ -382,8 +229,8 @@ def test_an_agent_from_a_file_the_catalog_lacks_takes_turns_upgrades_and_rolls_b
     name = f"filed-{os.getpid()}"
     here = Path(tempfile.mkdtemp(prefix="aa-cwd-"))
     v2_turn = ["sh", "-c", 'printf "v2:%s" "$AGENT_MESSAGE"']
-    (here / "v1.yaml").write_text(yaml.safe_dump(_blueprint("filed", turn=TURN)))
-    v2 = _blueprint("filed", turn=v2_turn) | {"version": "1.1.0"}
+    (here / "v1.yaml").write_text(yaml.safe_dump(blueprint_doc("filed", turn=TURN)))
+    v2 = blueprint_doc("filed", turn=v2_turn) | {"version": "1.1.0"}
     (here / "v2.yaml").write_text(yaml.safe_dump(v2))
 
     def cli(*args: str) -> subprocess.CompletedProcess:
@@ -412,25 +259,25 @@ def test_an_agent_from_a_file_the_catalog_lacks_takes_turns_upgrades_and_rolls_b
         third = cli("agent", "run", name, "three", "--session", "s-1")
         assert (third.returncode, third.stdout) == (0, "s-1|three\n"), third.stderr
 
-        deploys = [r for r in _audit(plane, name) if r["event"] == "agent.deploy"]
+        deploys = [r for r in agent_audit(plane, name) if r["event"] == "agent.deploy"]
         assert [(r["blueprint"], r["origin"]) for r in deploys] == [
             ("filed@1.0.0", "client"),
             ("filed@1.1.0", "client"),
             ("filed@1.0.0", "client"),
         ]
-        turns = [r for r in _audit(plane, name) if r["event"] == "agent.turn"]
+        turns = [r for r in agent_audit(plane, name) if r["event"] == "agent.turn"]
         assert len(turns) == 3 and all(r["ok"] for r in turns)
     finally:
-        _cli(plane, "agent", "rm", name)
+        run_cli(plane, "agent", "rm", name)
         shutil.rmtree(here, ignore_errors=True)
 
 
 def test_agents_survive_a_killed_control_plane() -> None:
     """`kill -9` of the control plane loses no agent: after a restart the same agents run, their
     sessions and transcripts continue, and a name is still taken (409)."""
-    with _root() as root:
-        env = _environment(root)
-        with running_control_plane(env, root / "s") as proc, _client(env) as client:
+    with sandbox_root() as root:
+        env = catalog_env(root)
+        with running_control_plane(env, root / "s") as proc, api_client(env) as client:
             for name in ("k-echo", "k-quiet"):
                 blueprint = "echoer" if name == "k-echo" else "quiet"
                 made = client.post("/agents", json={"name": name, "blueprint": blueprint})
@@ -441,7 +288,7 @@ def test_agents_survive_a_killed_control_plane() -> None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(30)
         try:
-            with running_control_plane(env, root / "s"), _client(env) as client:
+            with running_control_plane(env, root / "s"), api_client(env) as client:
                 after = client.get("/agents").json()
                 assert [(a["name"], a["blueprint"], a["state"]) for a in after] == [
                     (a["name"], a["blueprint"], a["state"]) for a in before
@@ -455,7 +302,7 @@ def test_agents_survive_a_killed_control_plane() -> None:
                 assert again.status_code == 409
         finally:
             with running_control_plane(env, root / "s"):
-                _remove_all(env)
+                remove_agents(env)
 
 
 def test_mutating_agent_commands_need_the_control_plane(tmp_path: Path) -> None:
@@ -467,7 +314,7 @@ def test_mutating_agent_commands_need_the_control_plane(tmp_path: Path) -> None:
         ["agent", "rm", "x"],
         ["blueprint", "rollback", "x"],
     ):
-        out = _cli(env, *argv)
+        out = run_cli(env, *argv)
         assert out.returncode == 7, (argv, out.stderr)
         lines = out.stderr.strip().splitlines()
         assert lines[0].startswith("appliance: error: the control plane is not running"), argv
@@ -484,7 +331,7 @@ def test_agent_routes_by_role_on_the_port(tmp_path: Path) -> None:
     with running_control_plane(env, state):
         tokens = {}
         for role in ("viewer", "operator"):
-            made = _cli(env, "operators", "create", f"{role}-1", "--role", role, "--json")
+            made = run_cli(env, "operators", "create", f"{role}-1", "--role", role, "--json")
             assert made.returncode == 0, made.stderr
             tokens[role] = json.loads(made.stdout)["secret"]
 
@@ -526,12 +373,12 @@ def test_no_socket_peer_makes_the_control_plane_read_a_host_file(tmp_path: Path)
     secret.write_text("hunter2-secret-marker: 1\nroot:$6$saltsalt$hash:19000:0:99999:7:::\n")
     secret.chmod(0o600)
     env = cli_env(state, tmp_path)
-    with running_control_plane(env, state), _client(env) as client:
+    with running_control_plane(env, state), api_client(env) as client:
         answers = []
         for path in (str(secret), "/etc/shadow", "../../etc/shadow", "x.yaml", "a/b"):
             answers.append(client.post("/agents", json={"name": "a1", "blueprint": path}))
             answers.append(client.post("/agents/a1/upgrade", json={"version": path}))
-        base = {**_blueprint("mine"), "sandbox": {"base": str(secret.with_suffix(""))}}
+        base = {**blueprint_doc("mine"), "sandbox": {"base": str(secret.with_suffix(""))}}
         answers.append(
             client.post("/agents", json={"name": "a1", "blueprint_yaml": yaml.safe_dump(base)})
         )

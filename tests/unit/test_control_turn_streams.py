@@ -1,0 +1,181 @@
+"""Turns streamed through the control plane (no Podman; tests/turn_fixtures.py): a client that
+hangs up cancels the turn in the runtime (mid-reply, or while the runtime is silent), a turn
+closed early or before it ran is recorded cancelled, streams hold their lane slots, and the CLI
+prints the reply as it streams (`agent run`, `agent chat`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.turn_fixtures import AGENT, APPLIANCE, NOTICE, World, reply_events, turn_world
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    with turn_world(tmp_path, monkeypatch) as made:
+        yield made
+
+
+# -- a client that goes away --------------------------------------------------------------------
+
+
+def test_a_client_that_hangs_up_cancels_the_turn_in_the_runtime(world: World) -> None:
+    world.script.events = [{"type": "delta", "text": f"{i} "} for i in range(200)]
+    world.script.pause_s = 0.05  # 10 s of reply
+    body = {"message": "count", "session": "s-3", "stream": True}
+    with world.api.stream("POST", f"/agents/{AGENT}/turns", json=body) as response:
+        lines = response.iter_lines()
+        assert json.loads(next(lines)) == {"type": "delta", "text": "0 "}
+    # The connection is closed: the runtime's side sees its client go within a few events.
+    assert world.script.hung_up.wait(5), "the runtime's stream was not closed"
+    assert not world.script.finished.is_set()
+    deadline = time.monotonic() + 5
+    while not world.transcript() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [line] = world.transcript()
+    assert line["cancelled"] is True and line["ok"] is False and line["session"] == "s-3"
+    assert line["reply"].startswith("0 ") and len(line["reply"].split()) < 200
+    [turn] = world.audit("agent.turn")
+    assert turn["cancelled"] is True
+    # Its lane slot is back: the next turn runs.
+    world.script.events, world.script.pause_s = reply_events("again"), 0.0
+    again = world.api.post(f"/agents/{AGENT}/turns", json={"message": "x"})
+    assert again.json()["reply"] == "again"
+
+
+def test_a_hang_up_while_the_runtime_is_silent_cancels_at_once(world: World) -> None:
+    """No event to notice the hang-up at: the control plane cuts the runtime's connection the
+    moment its client goes, not when the runtime next speaks (here: 30 s later)."""
+    world.script.silence_s = 30.0
+    world.script.events = reply_events("too late")
+    body = {"message": "think", "session": "s-6", "stream": True}
+    with world.api.stream("POST", f"/agents/{AGENT}/turns", json=body) as response:
+        assert response.status_code == 200
+        time.sleep(0.5)  # the turn is waiting on its runtime
+        hung_up_at = time.monotonic()
+    assert world.script.hung_up.wait(5), "the runtime's connection was not cut"
+    assert time.monotonic() - hung_up_at < 5
+    deadline = time.monotonic() + 5
+    while not world.transcript() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [line] = world.transcript()
+    assert line["cancelled"] is True and line["reply"] == "" and line["session"] == "s-6"
+    assert line["error"] == "cancelled: the client went away"
+    world.script.silence_s = 0.0  # the lane slot is back
+    assert world.api.post(f"/agents/{AGENT}/turns", json={"message": "x"}).json()["ok"]
+
+
+def test_closing_the_events_early_cancels_and_records(world: World) -> None:
+    world.script.events = [{"type": "delta", "text": "tick "} for _ in range(100)]
+    world.script.pause_s = 0.05
+    events = world.plane.turns.start(None, AGENT, "go", "s-4", "schedule")
+    assert next(events) == {"type": "delta", "text": "tick "}
+    events.close()
+    assert world.script.hung_up.wait(5)
+    [line] = world.transcript()
+    assert line["cancelled"] is True and line["trigger"] == "schedule"
+
+
+def test_a_turn_closed_before_it_ran_is_recorded_cancelled(world: World) -> None:
+    world.script.events = reply_events("never asked")
+    world.plane.turns.start(None, AGENT, "go", "s-7").close()
+    [line] = world.transcript()
+    assert line["cancelled"] is True and line["session"] == "s-7" and line["reply"] == ""
+    assert world.script.requests == []  # the runtime was never asked
+
+
+def test_streams_hold_their_lane_slots_until_they_end(world: World) -> None:
+    """Eight slow streams take the lane's eight slots; a ninth turn is refused (429) at once;
+    when they end, turns run again."""
+    from appliance.control.api import lanes
+
+    world.script.events = [*reply_events(*"." * 40)]
+    world.script.pause_s = 0.05
+    socket = world.state / "run" / "control.sock"
+    clients = [
+        httpx.Client(transport=httpx.HTTPTransport(uds=str(socket)), base_url="http://c/api/v1")
+        for _ in range(lanes.TURNS.slots)
+    ]
+    responses = []
+    try:
+        for client in clients:
+            body = {"message": "slow", "stream": True}
+            response = client.send(client.build_request("POST", f"/agents/{AGENT}/turns",
+                                                        json=body), stream=True)  # fmt: skip
+            responses.append(response)
+            assert response.status_code == 200
+        busy = world.api.post(f"/agents/{AGENT}/turns", json={"message": "one more"})
+        assert busy.status_code == 429 and busy.json()["error"]["type"] == "busy"
+        for response in responses:
+            assert _ndjson_lines(response)[-1]["type"] == "done"
+    finally:
+        for response in responses:
+            response.close()
+        for client in clients:
+            client.close()
+    world.script.events, world.script.pause_s = reply_events("free"), 0.0
+    assert world.api.post(f"/agents/{AGENT}/turns", json={"message": "x"}).json()["ok"]
+    # Turns that ended together wrote whole lines (the one refused with 429 wrote none).
+    lines = world.transcript()
+    assert len(lines) == lanes.TURNS.slots + 1 and all(line["ok"] for line in lines)
+    assert sorted(line["reply"] for line in lines) == ["." * 40] * lanes.TURNS.slots + ["free"]
+
+
+def _ndjson_lines(response: httpx.Response) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in response.iter_lines() if line]
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+
+
+def test_agent_run_prints_the_reply_as_it_streams_then_the_notice_once(world: World) -> None:
+    world.script.events = [
+        {"type": "delta", "text": "first "},
+        *[{"type": "delta", "text": "."} for _ in range(30)],
+        {"type": "finished", "ok": True, "text": "first " + "." * 30},
+    ]
+    world.script.pause_s = 0.1  # 3 s of reply
+    proc = subprocess.Popen(
+        [APPLIANCE, "agent", "run", AGENT, "go", "--session", "s-5"],
+        env=world.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.read(6)  # arrives while the runtime is still streaming
+        assert first == b"first " and not world.script.finished.is_set()
+        rest, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert first + rest == b"first " + b"." * 30 + b"\n"
+    assert err.decode().count(NOTICE) == 1
+
+    as_json = world.cli("agent", "run", AGENT, "again", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    record = json.loads(as_json.stdout)  # the done record only, no deltas before it
+    assert record["reply"] == "first " + "." * 30 and record["notices"] == [NOTICE]
+    assert "stderr_tail" not in record and "type" not in record
+
+
+def test_agent_chat_streams_each_line_in_one_session(world: World) -> None:
+    world.script.events = reply_events("one ", "reply")
+    chat = subprocess.run(
+        [APPLIANCE, "agent", "chat", AGENT],
+        env=world.env, input="hello\n\nagain\n", capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.count(f"{AGENT}> one reply\n") == 2, chat.stdout
+    assert chat.stderr.count(NOTICE) == 1  # once per chat, not per line
+    sessions = {r["session"] for r in world.script.requests}
+    assert len(world.script.requests) == 2 and len(sessions) == 1
+    assert sessions.pop().startswith("chat-")

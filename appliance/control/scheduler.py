@@ -23,10 +23,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.errors import TurnRefused
-from blueprints.schedule import in_active_hours, next_run
+from blueprints.schedule import ScheduleEntry, in_active_hours, next_run
 
 if TYPE_CHECKING:
     from appliance.control.api.deps import Principal
@@ -44,37 +45,32 @@ class Entry:
 
     agent: str
     index: int
-    spec: Any  # the blueprint's schedule entry (every|cron, tz, active_hours, prompt, session)
+    spec: ScheduleEntry
 
     @property
     def key(self) -> str:
-        """The entry as deployed and its index, hashed: a changed entry is a new one."""
-        spec = self.spec.model_dump(mode="json") if hasattr(self.spec, "model_dump") else self.spec
-        text = json.dumps({"index": self.index, "entry": spec}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:32]
+        """The entry as deployed and its index, hashed: a changed entry is a new one. Computed
+        once: the scheduler asks for it on every tick."""
+        return _entry_key(self.index, self.spec)
 
     @property
     def session(self) -> str:
-        return getattr(self.spec, "session", None) or f"schedule-{self.index}"
-
-    @property
-    def prompt(self) -> str:
-        return self.spec.prompt
+        return self.spec.session or f"schedule-{self.index}"  # the blueprint fills it in
 
     def describe(self) -> dict[str, Any]:
         """The entry as `agent schedule` shows it."""
-        hours = getattr(self.spec, "active_hours", None)
         return {
             "index": self.index,
-            "every": getattr(self.spec, "every", None),
-            "cron": getattr(self.spec, "cron", None),
-            "tz": getattr(self.spec, "tz", None) or "UTC",
-            "active_hours": hours.model_dump(mode="json")
-            if hasattr(hours, "model_dump")
-            else hours,
-            "prompt": self.prompt,
+            **self.spec.model_dump(mode="json", include={"every", "cron", "tz", "active_hours"}),
+            "prompt": self.spec.prompt,
             "session": self.session,
         }
+
+
+@lru_cache(maxsize=4096)
+def _entry_key(index: int, spec: ScheduleEntry) -> str:  # entries are frozen: hashable
+    text = json.dumps({"index": index, "entry": spec.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 class Turns(Protocol):
@@ -103,10 +99,9 @@ def system_principal(name: str) -> Principal:
     return Principal("system", name, "operator")
 
 
-def _hours(spec: Any) -> str:
-    hours = getattr(spec, "active_hours", None)
-    tz = getattr(spec, "tz", None) or "UTC"
-    return f"{hours.start}-{hours.end} {tz}" if hours is not None else tz
+def _hours(spec: ScheduleEntry) -> str:
+    hours = spec.active_hours
+    return f"{hours.start}-{hours.end} {spec.tz}" if hours is not None else spec.tz
 
 
 class Scheduler:
@@ -248,7 +243,7 @@ class Scheduler:
         try:
             done: dict[str, Any] = {}
             stream = turns.stream(
-                self.who, entry.agent, entry.prompt, entry.session, trigger="schedule"
+                self.who, entry.agent, entry.spec.prompt, entry.session, trigger="schedule"
             )
             for event in stream:  # to the end: the turn's record is written when it ends
                 if event.get("type") == "done":

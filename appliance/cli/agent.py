@@ -117,6 +117,8 @@ def chat(ctx: typer.Context, name: NameArg) -> None:
                 done = _take_turn(client.stream_turn(name, message, session=session), reply)
             except TurnRefused as refused:  # the session goes on: it may be released
                 console.print(f"[red]refused[/]: {escape(str(refused))}", highlight=False)
+                if refused.hint:
+                    console.print(f"  [dim]hint: {escape(refused.hint)}[/]", highlight=False)
                 continue
             reply.end()
             if not done["ok"]:

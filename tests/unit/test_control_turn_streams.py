@@ -179,3 +179,17 @@ def test_agent_chat_streams_each_line_in_one_session(world: World) -> None:
     sessions = {r["session"] for r in world.script.requests}
     assert len(world.script.requests) == 2 and len(sessions) == 1
     assert sessions.pop().startswith("chat-")
+
+
+def test_agent_chat_goes_on_after_a_refused_line(world: World) -> None:
+    """A refusal in a chat is one line with its hint; the chat goes on (it may be released)."""
+    world.runtime.update(state="fail_closed", reason="control plane silent for 130 s")
+    chat = subprocess.run(
+        [APPLIANCE, "agent", "chat", AGENT],
+        env=world.env, input="hello\nagain\n", capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+    refused = f"refused: {AGENT}'s runtime is fail_closed: control plane silent for 130 s\n"
+    assert chat.stdout.count(refused) == 2, chat.stdout
+    assert chat.stdout.count(f"hint: `appliance agent logs {AGENT}`") == 2
+    assert world.script.requests == [] and len(world.transcript()) == 2

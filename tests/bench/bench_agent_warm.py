@@ -17,9 +17,9 @@ each with its wall time, the model's time for that turn (the sum of latency_s of
 ledger rows admitted during it) and the overhead (wall - model). Targets: a warm turn's overhead
 <= 2 s and its wall time <= 20 s with the embedded model.
 (c) idle memory of the always-on agent: RSS and PSS of every process in its sandbox (the
-    container's PID 1 and its descendants, from the host's /proc) and of its egress proxy, right
-    after the runtime is ready and again after the turns and --idle seconds; how many idle agents
-    fit in 10 GiB.
+    container's PID 1 and its descendants, from the host's /proc) and of its egress proxy and
+    the monitor that launched it (on the host), right after the runtime is ready and again
+    after the turns and --idle seconds; how many idle agents fit in 10 GiB.
 
     sudo .venv/bin/python tests/bench/bench_agent_warm.py [--old 2] [--warm 3] [--json out.json]
 """
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from tests.e2e.up_env import environment  # noqa: E402
-from tests.sandbox_fixtures import podman_client, proxy_pids  # noqa: E402
+from tests.sandbox_fixtures import podman_client  # noqa: E402
 
 APPLIANCE = str(Path(sys.executable).parent / "appliance")
 AGENT = "bench-warm"
@@ -239,7 +239,7 @@ def memory(m: Any, state_dir: Path) -> dict[str, Any]:
         pid = todo.pop()
         sandbox.append(proc_memory(pid))
         todo.extend(children.get(pid, []))
-    proxy = [proc_memory(pid) for pid in proxy_pids(AGENT, state_dir)]
+    proxy = [proc_memory(pid) for pid in host_side(AGENT, state_dir)]
     rss = sum(p["rss_kib"] for p in sandbox)
     pss = sum(p["pss_kib"] for p in sandbox)
     proxy_rss = sum(p["rss_kib"] for p in proxy)
@@ -255,6 +255,24 @@ def memory(m: Any, state_dir: Path) -> dict[str, Any]:
         "agents_in_10_gib_rss": int(10 * GIB / 1024 // per_agent_kib) if per_agent_kib else None,
         "agents_in_10_gib_pss": int(10 * GIB / 1024 // (pss + proxy_pss)) if pss else None,
     }
+
+
+def host_side(sandbox: str, state_dir: Path) -> list[int]:
+    """The sandbox's processes on the host: its egress proxy and the monitor that launched it
+    (matched on their argv: the module, the sandbox's name, this state dir)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0") if proc.name.isdigit() else []
+        except OSError:
+            continue
+        if (
+            {b"sandbox.proxy", b"appliance.control.egress_monitor"} & set(argv)
+            and sandbox.encode() in argv
+            and any(str(state_dir).encode() in a for a in argv)
+        ):
+            pids.append(int(proc.name))
+    return pids
 
 
 def proc_memory(pid: int) -> dict[str, Any]:

@@ -102,7 +102,7 @@ def _agent_lines(section: dict[str, Any]) -> list[Text]:
 
 
 def _schedule_line(schedule: dict[str, Any]) -> str:
-    """An agent's next and last scheduled run (the scheduler's store rows)."""
+    """An agent's next and last scheduled run, and its last skip (the scheduler's store rows)."""
 
     def at(ts: float | None) -> str:
         return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "never"
@@ -112,10 +112,14 @@ def _schedule_line(schedule: dict[str, Any]) -> str:
         last += f" {_state(escape(schedule['last_outcome']))}"
     if schedule.get("last_reason"):
         last += f" ({escape(schedule['last_reason'])})"
-    return (
+    line = (
         f"    [dim]schedule[/]  {schedule['entries']} entries  "
         f"next {at(schedule.get('next_run_at'))}  last {last}"
     )
+    if schedule.get("last_skip_at"):
+        why = escape(schedule.get("last_skip_reason") or "")
+        line += f"  skipped {at(schedule['last_skip_at'])} ({why})"
+    return line
 
 
 def _yes_no(value: bool | None, yes: str, no: str) -> str:

@@ -5,9 +5,11 @@ Every TICK_S the scheduler reads each agent's current deployment's `schedule:` e
 service (`trigger="schedule"`, acting as the system principal `scheduler`), each in a thread of
 its own, consumed to the end. A run is skipped, with its reason, when it falls outside the
 entry's active hours, when the same entry's previous run still runs, when MAX_RUNNING scheduled
-turns run already, or when the turn gate refuses it (held, stopped, over budget, runtime down).
-Every run and skip goes to the store (schedule_state: next/last run, outcome, reason) and to the
-audit log (`schedule.run`, `schedule.skipped`).
+turns run already, or when the turn service refuses it (held, stopped, over budget, runtime
+down: `turns.start` gates the turn and records the refusal in the transcript and the audit log,
+as for a manual turn). Every run and skip goes to the store (schedule_state: next and last run
+with its outcome, last skip with its reason) and to the audit log (`schedule.run`,
+`schedule.skipped`).
 
 Runs missed while the control plane was down are not replayed: an entry's first next run in
 this process is computed from now, whatever the store says it was.
@@ -21,6 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -73,14 +76,22 @@ def _entry_key(index: int, spec: ScheduleEntry) -> str:  # entries are frozen: h
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+class TurnEvents(Protocol):
+    """A started turn's events (appliance/control/turn_events.py TurnEvents)."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+    def __next__(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
 class Turns(Protocol):
     """What the scheduler needs of the turn service (appliance/control/turns.py)."""
 
-    def gate(self, name: str) -> None: ...
-
-    def stream(
+    def start(
         self, who: Principal, name: str, message: str, session: str | None, trigger: str = ...
-    ) -> Iterator[dict[str, Any]]: ...
+    ) -> TurnEvents:
+        """The turn gated now: TurnRefused (recorded by the service) before any event."""
+        ...
 
 
 Clock = Callable[[], datetime]
@@ -209,7 +220,7 @@ class Scheduler:
             running_since = self._running.get(ident)
             full = len(self._running) >= self.max_running
             if running_since is None and not full:
-                self._running[ident] = now  # reserved before the gate: no second run slips in
+                self._running[ident] = now  # reserved before the start: no second run slips in
         if running_since is not None:
             since = running_since.strftime("%H:%M:%SZ")
             self._skip(entry, now, f"the previous run (started {since}) is still running")
@@ -217,18 +228,21 @@ class Scheduler:
         if full:
             self._skip(entry, now, f"{self.max_running} scheduled turns are running already")
             return
-        try:
-            turns = self.turns()
-            turns.gate(entry.agent)
+        try:  # gated here, once: a refusal is in the transcript and the audit log already
+            events = self.turns().start(
+                self.who, entry.agent, entry.spec.prompt, entry.session, trigger="schedule"
+            )
         except Exception as exc:  # TurnRefused (held, stopped, over budget), or the agent gone
             self._release(ident)
+            if not isinstance(exc, TurnRefused):
+                log.warning("scheduled turn of %s not started: %s", entry.agent, _reason(exc))
             self._skip(entry, now, _reason(exc))
             return
         self.store.started(entry.agent, entry.key, now.timestamp())
         self.audit("schedule.run", **self._fields(entry), **self.who.audit_fields())
         thread = threading.Thread(
             target=self._turn,
-            args=(turns, entry, now),
+            args=(events, entry, now),
             name=f"schedule-{entry.agent}-{entry.index}",
             daemon=True,  # a shutdown parks the sandbox under it; it does not wait for it
         )
@@ -236,27 +250,20 @@ class Scheduler:
             self._threads.add(thread)
         thread.start()
 
-    def _turn(self, turns: Turns, entry: Entry, started: datetime) -> None:
+    def _turn(self, events: TurnEvents, entry: Entry, started: datetime) -> None:
         ident = (entry.agent, entry.key)
         outcome: Outcome = "ok"
         reason: str | None = None
         try:
             done: dict[str, Any] = {}
-            stream = turns.stream(
-                self.who, entry.agent, entry.spec.prompt, entry.session, trigger="schedule"
-            )
-            for event in stream:  # to the end: the turn's record is written when it ends
-                if event.get("type") == "done":
-                    done = event
+            with closing(events):
+                for event in events:  # to the end: the turn's record is written when it ends
+                    if event.get("type") == "done":
+                        done = event
             if done.get("cancelled"):
                 outcome, reason = "cancelled", done.get("error") or "cancelled"
             elif done.get("ok") is False:
                 outcome, reason = "failed", done.get("error") or "the turn failed"
-        except TurnRefused as exc:  # refused between the gate and the turn
-            outcome, reason = "skipped", _reason(exc)
-            self.audit(
-                "schedule.skipped", **self._fields(entry), reason=reason, **self.who.audit_fields()
-            )
         except Exception as exc:
             outcome, reason = "failed", _reason(exc)
             log.warning("scheduled turn of %s failed: %s", entry.agent, reason)

@@ -1,12 +1,16 @@
 """What the scheduler and the liveness thread read: each agent's current deployment's blueprint
-(cached per deployment: a tick every few seconds must not re-read the catalog), and the view of
-an agent's schedule that `GET /agents/{name}/schedule` answers with."""
+(cached per deployment: a tick every few seconds must not re-read the catalog; one that cannot
+be resolved is tried again after RETRY_S), and the view of an agent's schedule that
+`GET /agents/{name}/schedule` answers with."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from appliance.config import ApplianceConfig
 from appliance.control.scheduler import Entry
@@ -17,15 +21,31 @@ from appliance.store.schedule_store import EntryState, read_states
 from blueprints.model import Blueprint
 from sandbox.names import check_name
 
+if TYPE_CHECKING:
+    from appliance.control.agent_manager import AgentManager
+    from appliance.store.agent_store import Deployment
+
 log = logging.getLogger(__name__)
+
+RETRY_S = 60.0  # an unresolvable blueprint (its catalog file missing or edited) is tried again
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    blueprint: Blueprint | None  # None: it could not be resolved
+    error: str | None = None
+    retry_at: float | None = None  # monotonic; None: resolved, for the deployment's lifetime
 
 
 class DeployedBlueprints:
     """Each agent's current deployment's blueprint, as deployed (pinned to its digest)."""
 
-    def __init__(self, config: ApplianceConfig) -> None:
+    def __init__(
+        self, config: ApplianceConfig, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = config
-        self._cache: dict[int, Blueprint | None] = {}  # by deployment id; None: unresolvable
+        self.clock = clock
+        self._cache: dict[int, _Resolved] = {}  # by deployment id
         self._lock = threading.Lock()
 
     def current(self) -> dict[str, Blueprint | None]:
@@ -38,21 +58,38 @@ class DeployedBlueprints:
         with open_store(self.config.state_dir) as store:
             agents = AgentStore(store)
             deployments = [d for a in agents.agents() if (d := agents.current(a)) is not None]
+            manager: AgentManager | None = None
             with self._lock:
                 for dep in deployments:
-                    if dep.id not in self._cache:
-                        manager = AgentManager(
-                            self.config, store, sandbox_manager(self.config, store)
-                        )
-                        try:
-                            self._cache[dep.id] = manager.deployed(dep, pinned=True)
-                        except Exception as exc:  # the catalog lost or changed it: said once
-                            log.warning("agent %s: its blueprint %s: %s", dep.agent, dep.ref, exc)
-                            self._cache[dep.id] = None
-                    found[dep.agent] = self._cache[dep.id]
+                    cached = self._cache.get(dep.id)
+                    if cached is None or (
+                        cached.retry_at is not None and self.clock() >= cached.retry_at
+                    ):
+                        if manager is None:
+                            manager = AgentManager(
+                                self.config, store, sandbox_manager(self.config, store)
+                            )
+                        self._cache[dep.id] = cached = self._resolve(manager, dep, cached)
+                    found[dep.agent] = cached.blueprint
                 live = {d.id for d in deployments}
-                self._cache = {i: bp for i, bp in self._cache.items() if i in live}
+                self._cache = {i: r for i, r in self._cache.items() if i in live}
         return found
+
+    def _resolve(
+        self, manager: AgentManager, dep: Deployment, before: _Resolved | None
+    ) -> _Resolved:
+        """The deployment's blueprint, or the failure to try again after RETRY_S (its catalog
+        file may come back: a failure is not cached for good)."""
+        try:
+            bp = manager.deployed(dep, pinned=True)
+        except Exception as exc:  # the catalog lost or changed it: said when it changes
+            error = str(exc) or type(exc).__name__
+            if before is None or before.error != error:
+                log.warning("agent %s: its blueprint %s: %s", dep.agent, dep.ref, error)
+            return _Resolved(None, error, self.clock() + RETRY_S)
+        if before is not None:
+            log.info("agent %s: its blueprint %s resolves again", dep.agent, dep.ref)
+        return _Resolved(bp)
 
     def entries(self) -> list[Entry]:
         """Every agent's schedule entries, by agent."""
@@ -78,6 +115,8 @@ def schedule_view(entries: list[Entry], states: list[EntryState]) -> list[dict[s
                 "last_run_at": state.last_run_at if state else None,
                 "last_outcome": state.last_outcome if state else None,
                 "last_reason": state.last_reason if state else None,
+                "last_skip_at": state.last_skip_at if state else None,
+                "last_skip_reason": state.last_skip_reason if state else None,
                 "runs": state.runs if state else 0,
                 "skips": state.skips if state else 0,
             }

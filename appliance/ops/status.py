@@ -356,14 +356,15 @@ def agents_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, Any
 
 
 def _schedules(states: list[Any]) -> dict[str, dict[str, Any]]:
-    """Per agent with a schedule: its soonest next run and its latest run or skip (what the
-    control plane's scheduler last wrote: `next_run_at` is stale while it is down)."""
+    """Per agent with a schedule: its soonest next run, its latest run (with its outcome) and
+    its latest skip (with the reason), over its entries: what the control plane's scheduler last
+    wrote (`next_run_at` is stale while it is down)."""
     out: dict[str, dict[str, Any]] = {}
     for s in states:
         agent = out.setdefault(
             s.agent,
             {"entries": 0, "next_run_at": None, "last_run_at": None, "last_outcome": None,
-             "last_reason": None},
+             "last_reason": None, "last_skip_at": None, "last_skip_reason": None},
         )  # fmt: skip
         agent["entries"] += 1
         if s.next_run_at is not None and (
@@ -376,6 +377,10 @@ def _schedules(states: list[Any]) -> dict[str, dict[str, Any]]:
             agent.update(
                 last_run_at=s.last_run_at, last_outcome=s.last_outcome, last_reason=s.last_reason
             )
+        if s.last_skip_at is not None and (
+            agent["last_skip_at"] is None or s.last_skip_at > agent["last_skip_at"]
+        ):
+            agent.update(last_skip_at=s.last_skip_at, last_skip_reason=s.last_skip_reason)
     return out
 
 

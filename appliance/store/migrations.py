@@ -215,19 +215,23 @@ MIGRATIONS: list[tuple[str, str]] = [
         """
         -- One row per agent and entry. `entry_key` hashes the entry as deployed (and its
         -- index): an upgrade that changes an entry gets a fresh row, never the old one's times;
-        -- rows no current deployment has are deleted by the scheduler.
+        -- rows no current deployment has are deleted by the scheduler. The last run (started,
+        -- and how it went) and the last skip are kept apart: a skip while a run goes on must
+        -- not hide that run's outcome.
         CREATE TABLE schedule_state (
-            agent        TEXT    NOT NULL,
-            entry_key    TEXT    NOT NULL,
-            entry_index  INTEGER NOT NULL,
-            next_run_at  REAL,
-            last_run_at  REAL,
-            last_outcome TEXT CHECK (last_outcome IN
-                ('running', 'ok', 'failed', 'cancelled', 'skipped', 'interrupted')),
-            last_reason  TEXT,
-            runs         INTEGER NOT NULL DEFAULT 0,
-            skips        INTEGER NOT NULL DEFAULT 0,
-            updated_at   REAL    NOT NULL,
+            agent            TEXT    NOT NULL,
+            entry_key        TEXT    NOT NULL,
+            entry_index      INTEGER NOT NULL,
+            next_run_at      REAL,
+            last_run_at      REAL,
+            last_outcome     TEXT CHECK (last_outcome IN
+                ('running', 'ok', 'failed', 'cancelled', 'interrupted')),
+            last_reason      TEXT,
+            last_skip_at     REAL,
+            last_skip_reason TEXT,
+            runs             INTEGER NOT NULL DEFAULT 0,
+            skips            INTEGER NOT NULL DEFAULT 0,
+            updated_at       REAL    NOT NULL,
             PRIMARY KEY (agent, entry_key)
         ) WITHOUT ROWID;
         """,

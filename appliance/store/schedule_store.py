@@ -1,5 +1,6 @@
 """Schedule state in the store (schedule_state, migration 10): per agent and schedule entry, when
-it runs next, when it last ran or was skipped, and how that went.
+it runs next, when its last run started and how it went, and when it was last skipped and why
+(kept apart: a skip while a run goes on must not hide that run's outcome).
 
 An entry's row is keyed by `entry_key`, a hash of the entry as deployed and its index: an upgrade
 that changes an entry starts a fresh row instead of inheriting the old one's times, and `retain`
@@ -18,7 +19,8 @@ from typing import Any, Literal
 
 from appliance.store.db import DB_NAME, connect, open_store
 
-Outcome = Literal["running", "ok", "failed", "cancelled", "skipped", "interrupted"]
+# A run's outcome (a skip is no run: it has its own columns).
+Outcome = Literal["running", "ok", "failed", "cancelled", "interrupted"]
 
 
 @dataclass(frozen=True)
@@ -27,9 +29,11 @@ class EntryState:
     entry_key: str
     entry_index: int
     next_run_at: float | None
-    last_run_at: float | None  # when the last run started, or the last skip was decided
-    last_outcome: Outcome | None
-    last_reason: str | None
+    last_run_at: float | None  # when the last run started
+    last_outcome: Outcome | None  # how it went (`running` until it ends)
+    last_reason: str | None  # why it failed or was cancelled
+    last_skip_at: float | None  # when a run was last skipped
+    last_skip_reason: str | None
     runs: int
     skips: int
     updated_at: float
@@ -40,7 +44,7 @@ class EntryState:
 
 _COLUMNS = (
     "agent, entry_key, entry_index, next_run_at, last_run_at, last_outcome, last_reason, "
-    "runs, skips, updated_at"
+    "last_skip_at, last_skip_reason, runs, skips, updated_at"
 )
 
 
@@ -101,34 +105,32 @@ class ScheduleStore:
             )
 
     def started(self, agent: str, entry_key: str, at: float) -> None:
-        self._last(agent, entry_key, at, "running", None, "runs = runs + 1")
+        """A run started at `at` (its outcome `running` until `finished`)."""
+        with self._lock, self._conn:
+            self._conn.execute(
+                "UPDATE schedule_state SET last_run_at = ?, last_outcome = 'running', "
+                "last_reason = NULL, runs = runs + 1, updated_at = ? "
+                "WHERE agent = ? AND entry_key = ?",
+                (at, time.time(), agent, entry_key),
+            )
 
     def skipped(self, agent: str, entry_key: str, at: float, reason: str) -> None:
-        self._last(agent, entry_key, at, "skipped", reason, "skips = skips + 1")
+        """A run not started, and why; the last run's columns are left as they are."""
+        with self._lock, self._conn:
+            self._conn.execute(
+                "UPDATE schedule_state SET last_skip_at = ?, last_skip_reason = ?, "
+                "skips = skips + 1, updated_at = ? WHERE agent = ? AND entry_key = ?",
+                (at, reason, time.time(), agent, entry_key),
+            )
 
     def finished(
         self, agent: str, entry_key: str, started_at: float, outcome: Outcome, reason: str | None
     ) -> None:
-        """A run's end, unless a later skip of the same entry is already the last thing."""
+        """The end of the run started at `started_at` (a later run of the entry, which only a
+        new process could start meanwhile, is not overwritten)."""
         with self._lock, self._conn:
             self._conn.execute(
                 "UPDATE schedule_state SET last_outcome = ?, last_reason = ?, updated_at = ? "
                 "WHERE agent = ? AND entry_key = ? AND last_run_at = ?",
                 (outcome, reason, time.time(), agent, entry_key, started_at),
-            )
-
-    def _last(
-        self,
-        agent: str,
-        entry_key: str,
-        at: float,
-        outcome: Outcome,
-        reason: str | None,
-        count: str,
-    ) -> None:
-        with self._lock, self._conn:
-            self._conn.execute(
-                f"UPDATE schedule_state SET last_run_at = ?, last_outcome = ?, last_reason = ?, "
-                f"{count}, updated_at = ? WHERE agent = ? AND entry_key = ?",
-                (at, outcome, reason, time.time(), agent, entry_key),
             )

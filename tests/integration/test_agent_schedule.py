@@ -3,8 +3,9 @@ and a `kind: command` agent whose blueprint says `schedule: [{every: 1m, prompt:
 
 - a turn with trigger `schedule`, by the `scheduler`, lands in the transcript within 90 s of
   the agent's creation (and in the audit log, and in `agent schedule`);
-- while `kill --all --hold` holds, the next run is skipped with the hold as its reason, and no
-  turn runs;
+- while `kill --all --hold` holds, the next run is skipped with the hold as its reason (beside
+  the last run's outcome, which it does not hide), and no turn runs: the refusal is a refused
+  `schedule` line in the transcript, as a refused manual turn is;
 - a graceful stop of the control plane (SIGTERM, as `appliance down` and systemd send) parks the
   running agent (container stopped, recorded state still `running`), and the next control plane
   brings it back.
@@ -100,9 +101,12 @@ def _wait(what: str, timeout: float, probe: Callable[[], T | None], every: float
         time.sleep(every)
 
 
-def _scheduled_turns(client: httpx.Client) -> list[dict[str, Any]]:
+def _scheduled_turns(client: httpx.Client, refused: bool = False) -> list[dict[str, Any]]:
+    """The transcript's schedule turns that ran (`refused`: those refused instead)."""
     turns = client.get(f"/agents/{AGENT}/transcript").json()
-    return [t for t in turns if t.get("trigger") == "schedule"]
+    return [
+        t for t in turns if t.get("trigger") == "schedule" and bool(t.get("refused")) == refused
+    ]
 
 
 def test_schedule_runs_skips_while_held_and_survives_a_graceful_restart(
@@ -157,20 +161,32 @@ def test_schedule_runs_skips_while_held_and_survives_a_graceful_restart(
             "a skipped run",
             75,
             lambda: [
-                e
-                for e in client.get(f"/agents/{AGENT}/schedule").json()
-                if e["last_outcome"] == "skipped"
+                e for e in client.get(f"/agents/{AGENT}/schedule").json() if e["last_skip_at"]
             ],
         )
-        assert "held" in skipped[0]["last_reason"] or "kill switch" in skipped[0]["last_reason"]
+        reason = skipped[0]["last_skip_reason"]
+        assert "kill switch" in reason, skipped
+        assert skipped[0]["last_outcome"] == "ok", skipped  # the last run's, not hidden
         assert len(_scheduled_turns(client)) == turns_before  # no turn ran
+        [refused, *_] = _scheduled_turns(client, refused=True)  # in the transcript all the same
+        assert refused["refused"] == reason and refused["actor"] == "scheduler", refused
+        assert refused["ok"] is False and refused["message"] == "tick", refused
         [skip, *_] = _audit(state, "schedule.skipped")
-        assert skip["reason"] == skipped[0]["last_reason"] and skip["actor"] == "scheduler"
+        assert skip["reason"] == reason and skip["actor"] == "scheduler"
+        assert any(
+            r.get("refused") == reason and r.get("trigger") == "schedule"
+            for r in _audit(state, "agent.turn")
+        )
         status = subprocess.run(
             [APPLIANCE, "status", "--json"], env=env, capture_output=True, text=True
         )
         [row] = [a for a in json.loads(status.stdout)["agents"]["agents"] if a["name"] == AGENT]
-        assert row["schedule"]["last_outcome"] == "skipped", row
+        assert row["schedule"]["last_skip_reason"] == reason, row
+        assert row["schedule"]["last_outcome"] == "ok", row
+        table = subprocess.run(
+            [APPLIANCE, "agent", "schedule", AGENT, "--json"], env=env, capture_output=True
+        )
+        assert json.loads(table.stdout)[0]["last_skip_reason"] == reason
 
         # 3. Released and started again; then a graceful stop parks it.
         assert client.post("/release").status_code == 200

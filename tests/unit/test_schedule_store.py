@@ -1,6 +1,6 @@
 """Schedule state in the store (migration 10, appliance/store/schedule_store.py): a store at
-migration 9 with data upgrades in place; rows are per agent and entry key; a run's end does not
-overwrite a later skip; rows no deployment has any more are deleted."""
+migration 9 with data upgrades in place; rows are per agent and entry key; a skip is kept beside
+the last run and never hides its outcome; rows no deployment has any more are deleted."""
 
 from __future__ import annotations
 
@@ -37,11 +37,13 @@ def test_migration_10_upgrades_a_store_at_9_and_keeps_its_data(tmp_path: Path) -
     assert (row.agent, row.entry_key, row.next_run_at, row.runs) == ("a1", "k1", 100.0, 0)
 
 
-def test_outcomes_are_checked_by_the_schema(tmp_path: Path) -> None:
+@pytest.mark.parametrize("outcome", ["maybe", "skipped"])  # a skip is no run's outcome
+def test_outcomes_are_checked_by_the_schema(tmp_path: Path, outcome: str) -> None:
     with open_store(tmp_path) as store, pytest.raises(sqlite3.IntegrityError):
         store.conn.execute(
             "INSERT INTO schedule_state (agent, entry_key, entry_index, last_outcome, "
-            "updated_at) VALUES ('a', 'k', 0, 'maybe', 0)"
+            "updated_at) VALUES ('a', 'k', 0, ?, 0)",
+            (outcome,),
         )
 
 
@@ -50,18 +52,20 @@ def test_runs_skips_and_a_late_end(tmp_path: Path) -> None:
     schedules.planned("a1", "k1", 0, 60.0)
     schedules.started("a1", "k1", 60.0)
     schedules.skipped("a1", "k1", 120.0, "the previous run is still running")
+    [row] = schedules.states("a1")
+    assert (row.last_run_at, row.last_outcome) == (60.0, "running")  # a skip hides no run
+    assert (row.last_skip_at, row.last_skip_reason) == (120.0, "the previous run is still running")
     schedules.finished("a1", "k1", 60.0, "ok", None)  # the first run ends after the skip
     [row] = schedules.states("a1")
-    assert (row.last_run_at, row.last_outcome, row.last_reason) == (
-        120.0,
-        "skipped",
-        "the previous run is still running",
-    )
+    assert (row.last_run_at, row.last_outcome, row.last_reason) == (60.0, "ok", None)
+    assert (row.last_skip_at, row.last_skip_reason) == (120.0, "the previous run is still running")
     assert (row.runs, row.skips) == (1, 1)
     schedules.started("a1", "k1", 180.0)
     schedules.finished("a1", "k1", 180.0, "failed", "exit code 3")
+    schedules.finished("a1", "k1", 60.0, "cancelled", None)  # not the last run any more
     [row] = schedules.states("a1")
     assert (row.last_outcome, row.last_reason, row.runs) == ("failed", "exit code 3", 2)
+    assert row.last_skip_at == 120.0
 
 
 def test_retain_and_interrupted(tmp_path: Path) -> None:

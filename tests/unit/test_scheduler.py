@@ -1,7 +1,9 @@
 """The control plane's scheduler (appliance/control/scheduler.py) on a fake clock and a fake turn
 service, with the real schedule store: a due entry runs as a `schedule` turn by the `scheduler`
 principal; an overlapping run, a refused turn and a run outside active hours are skipped with
-their reason (store and audit); runs missed while the control plane was down are not replayed."""
+their reason (store and audit), a refused one through the turn service (which records it in the
+transcript) and never through a separate gate; a skip does not hide the outcome of the run it
+overlapped; runs missed while the control plane was down are not replayed."""
 
 from __future__ import annotations
 
@@ -31,11 +33,13 @@ class Clock:
 
 
 class FakeTurns:
-    """gate() refuses the names in `refused`; stream() records the call, waits for `release`
-    when `block` is set, and fails when `fail` is set."""
+    """start() refuses the names in `refused` (as TurnService does: the refusal recorded, as
+    in its transcript, then TurnRefused); else it records the call and returns the events,
+    which wait for `release` when `block` is set, and fail when `fail` is set."""
 
     def __init__(self) -> None:
         self.refused: dict[str, str] = {}
+        self.refusals: list[dict[str, Any]] = []  # the transcript's refused lines
         self.calls: list[dict[str, Any]] = []
         self.block = False
         self.release = threading.Event()
@@ -43,16 +47,18 @@ class FakeTurns:
         self.fail: str | None = None
         self.done: dict[str, Any] = {"type": "done", "ok": True}
 
-    def gate(self, name: str) -> None:
-        if name in self.refused:
-            raise TurnRefused(self.refused[name])
-
-    def stream(
+    def start(
         self, who: Any, name: str, message: str, session: str | None, trigger: str = "manual"
     ) -> Iterator[dict[str, Any]]:
-        self.calls.append(
-            {"who": who, "name": name, "message": message, "session": session, "trigger": trigger}
-        )
+        call = {"who": who, "name": name, "message": message, "session": session}
+        call["trigger"] = trigger
+        if name in self.refused:
+            self.refusals.append({**call, "refused": self.refused[name]})
+            raise TurnRefused(self.refused[name])
+        self.calls.append(call)
+        return self._events()
+
+    def _events(self) -> Iterator[dict[str, Any]]:
         self.started.set()
         if self.block:
             assert self.release.wait(10)
@@ -134,13 +140,24 @@ def test_a_run_while_the_previous_one_runs_is_skipped(tmp_path: Path) -> None:
     rig.tick_at(120)  # the first still runs
     assert len(rig.turns.calls) == 1
     row = rig.row()
-    assert row.last_outcome == "skipped" and row.skips == 1 and row.runs == 1
-    assert row.last_reason == "the previous run (started 10:01:00Z) is still running"
+    assert (row.last_run_at, row.last_outcome) == (
+        (T0 + timedelta(minutes=1)).timestamp(),
+        "running",
+    )
+    assert row.last_skip_at == (T0 + timedelta(minutes=2)).timestamp()
+    assert row.last_skip_reason == "the previous run (started 10:01:00Z) is still running"
+    assert row.skips == 1 and row.runs == 1
     [skipped] = rig.events("schedule.skipped")
-    assert skipped["reason"] == row.last_reason and skipped["actor"] == "scheduler"
+    assert skipped["reason"] == row.last_skip_reason and skipped["actor"] == "scheduler"
     rig.turns.release.set()
     assert rig.scheduler.wait_idle(5)
-    assert rig.row().last_outcome == "skipped"  # the later skip stays the last thing
+    row = rig.row()  # the overlapped run's outcome is recorded, the skip kept beside it
+    assert (row.last_run_at, row.last_outcome, row.last_reason) == (
+        (T0 + timedelta(minutes=1)).timestamp(),
+        "ok",
+        None,
+    )
+    assert row.last_skip_reason == "the previous run (started 10:01:00Z) is still running"
     rig.tick_at(180)  # free again: runs
     assert rig.scheduler.wait_idle(5)
     assert len(rig.turns.calls) == 2 and rig.row().last_outcome == "ok"
@@ -154,13 +171,18 @@ def test_a_refused_turn_is_skipped_with_its_reason(tmp_path: Path) -> None:
     rig.tick_at(120)
     assert rig.turns.calls == []
     row = rig.row()
-    assert (row.last_outcome, row.last_reason) == (
-        "skipped",
+    assert (row.last_run_at, row.last_outcome) == (None, None)  # no run yet
+    assert (row.last_skip_at, row.last_skip_reason) == (
+        (T0 + timedelta(minutes=2)).timestamp(),
         "a1 is held by the kill switch: drill",
     )
     assert row.skips == 2 and row.runs == 0
-    assert [e["reason"] for e in rig.events("schedule.skipped")] == [row.last_reason] * 2
+    assert [e["reason"] for e in rig.events("schedule.skipped")] == [row.last_skip_reason] * 2
     assert rig.events("schedule.run") == []
+    # Each refusal went through the turn service (its transcript line), as a schedule turn.
+    assert [(r["trigger"], r["who"].name, r["refused"]) for r in rig.turns.refusals] == [
+        ("schedule", "scheduler", "a1 is held by the kill switch: drill")
+    ] * 2
     del rig.turns.refused["a1"]  # released: the next one runs
     rig.tick_at(180)
     assert rig.scheduler.wait_idle(5) and len(rig.turns.calls) == 1
@@ -171,12 +193,15 @@ def test_outside_active_hours_is_skipped(tmp_path: Path) -> None:
     rig = Rig(tmp_path, [{**EVERY_MINUTE[0], "active_hours": window, "tz": "Europe/Paris"}])
     rig.tick_at(0)
     rig.tick_at(60)  # 11:01 in Paris: outside
-    assert rig.turns.calls == []
-    assert rig.row().last_reason == "outside active hours (09:00-10:02 Europe/Paris)"
+    assert rig.turns.calls == [] and rig.turns.refusals == []  # never asked: no turn at all
+    assert rig.row().last_skip_reason == "outside active hours (09:00-10:02 Europe/Paris)"
     rig.set_schedule([{**EVERY_MINUTE[0], "active_hours": window}])  # UTC: 10:02 is the end
     rig.tick_at(61)  # a changed entry is a new one: planned from now
     rig.tick_at(121)  # 10:02:01 UTC: the end is excluded
-    assert rig.turns.calls == [] and rig.row().last_outcome == "skipped"
+    assert (
+        rig.turns.calls == []
+        and rig.row().last_skip_at == (T0 + timedelta(seconds=121)).timestamp()
+    )
     rig.set_schedule([{**EVERY_MINUTE[0], "active_hours": {"start": "09:00", "end": "18:00"}}])
     rig.tick_at(122)
     rig.tick_at(182)
@@ -256,7 +281,7 @@ def test_entries_of_several_agents_run_in_parallel_and_are_capped(tmp_path: Path
     rig.tick_at(0)
     rig.tick_at(60)
     rows = {s.agent: s for s in rig.store.states()}
-    assert [rows[f"a{n}"].last_outcome for n in range(agents)] == ["running", "running", "skipped"]
-    assert rows["a2"].last_reason == "2 scheduled turns are running already"
+    assert [rows[f"a{n}"].last_outcome for n in range(agents)] == ["running", "running", None]
+    assert rows["a2"].last_skip_reason == "2 scheduled turns are running already"
     rig.turns.release.set()
     assert rig.scheduler.wait_idle(5)

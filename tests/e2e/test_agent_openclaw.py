@@ -44,6 +44,7 @@ APPLIANCE = str(Path(sys.executable).parent / "appliance")
 AGENT = f"demo-{os.getpid()}"  # one Podman serves both xdist workers: a name of its own
 SESSION = "e2e"
 FAIL_CLOSED_AFTER = 20
+MAX_OUTPUT_TOKENS = 32
 SCHEDULE_WITHIN_S = 90  # an `every: 1m` entry fires its first turn this soon after the create
 SCHEDULE_PROMPT = "Reply with the word tick"
 # Run inside the sandbox by `sandbox exec`: one request through the agent's own proxy.
@@ -104,12 +105,14 @@ def test_only_an_unreachable_registry_skips() -> None:
 
 def blueprint_text() -> str:
     """The catalog's openclaw@1.1.0 under a name of its own (so it is a client's blueprint), with
-    a one-minute schedule and a short fail-closed time."""
+    a one-minute schedule, a short fail-closed time and short replies (decoding is most of a
+    turn on two cores; the test checks where a reply came from, not what it says)."""
     [entry] = [e for e in Catalog().entries() if (e.name, e.version) == ("openclaw", "1.1.0")]
     data = yaml.safe_load(entry.path.read_text())
     data.update(
         name="e2e-openclaw",
         description="openclaw@1.1.0, scheduled every minute, failing closed after 20 s",
+        inference={**data["inference"], "max_output_tokens": MAX_OUTPUT_TOKENS},
         lifecycle={"fail_closed_after": FAIL_CLOSED_AFTER},
         schedule=[{"every": "1m", "prompt": SCHEDULE_PROMPT, "session": "sched"}],
     )

@@ -61,16 +61,16 @@ def key_models(bp: Blueprint) -> list[str]:
     return sorted({bp.inference.model, *bp.inference.allowed_models})
 
 
-def runtime_service(runtime: AgentRuntime, bp: Blueprint) -> RuntimeService | None:
-    """What the sandbox's supervisor keeps up for a runtime with a service: restarted when it
-    exits, its port behind the agent socket, a fresh token, stopped when the control plane
-    stops checking in (the blueprint's `lifecycle.fail_closed_after`). None: exec turns."""
+def runtime_service(runtime: AgentRuntime, bp: Blueprint) -> RuntimeService:
+    """What the sandbox's supervisor does with every agent's main process: restarts it when it
+    exits, and stops it when the control plane stops checking in (the blueprint's
+    `lifecycle.fail_closed_after`). A runtime with a service also gets its port behind the
+    agent socket and a fresh token; one without (exec turns, or none) gets neither, but is kept
+    up and fails closed all the same."""
     service = runtime.service()
-    if service is None:
-        return None
     return RuntimeService(
-        port=service.port,
-        token_env=service.token_env,
+        port=service.port if service is not None else None,
+        token_env=service.token_env if service is not None else None,
         restart=True,
         fail_closed_after=bp.lifecycle.fail_closed_after,
     )

@@ -9,9 +9,10 @@ and `agent.runtime.running` when it runs again after either.
 
 On shutdown (`appliance down`, systemd stop: SIGTERM) the caller stops the scheduler first, then
 `park_all` stops every running agent's sandbox (parked: its recorded state stays `running`, so
-the next control plane's reconciliation brings it back unless held), in parallel, within
-PARK_DEADLINE_S: the supervisor (and systemd's TimeoutStopSec) give the control plane 30 s
-after SIGTERM before SIGKILL, and the API's own graceful stop takes part of that.
+the next control plane's reconciliation brings it back unless held), by a deadline the caller
+takes at the signal (plane.py: the supervisor and systemd's TimeoutStopSec allow 30 s from
+SIGTERM to SIGKILL, and the API's graceful stop and the threads' joins come out of the same
+budget). What is not parked by then is left to the supervisor's fail-closed rule.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,12 @@ log = logging.getLogger(__name__)
 CHECKIN_EVERY_S = 5.0
 MIN_INTERVAL_S = 1.0
 DEFAULT_FAIL_CLOSED_AFTER_S = 120
-PARK_DEADLINE_S = 20.0  # of the 30 s between SIGTERM and SIGKILL
+# Parking one sandbox at worst: its container's stop (SIGTERM, SIGKILL after the park timeout:
+# the supervisor's stop grace + 2 s = 12 s, sandbox/lifecycle/runtime.py) and its egress proxy's.
+PARK_NEEDS_S = 14.0
+PARK_DEADLINE_S = 20.0  # park_all's own, when no caller's deadline is given
+# In parallel, not one after another: with 12 s a container at worst, in sequence only one agent
+# would fit in the budget. The parks start in name order and each is audited with its place.
 PARK_THREADS = 8
 SHUTDOWN_REASON = "control plane shutdown"
 
@@ -59,6 +64,8 @@ class Liveness:
         self.deployed = deployed
         self.open_manager = open_manager
         self.who = system_principal("control-plane")
+        # Of the agents there now: a removed one's are dropped (a new agent of the same name
+        # starts from a fresh baseline, not from its predecessor's restarts and failures).
         self._seen: dict[str, dict[str, Any]] = {}  # each runtime's last section seen
         self._owed_running: set[str] = set()  # restarted or failed closed: say when it runs
 
@@ -77,26 +84,33 @@ class Liveness:
         """One round; the interval until the next. Every agent is checked in, its blueprint
         resolvable or not (a catalog file edited in place must not stop a running agent)."""
         blueprints = self.deployed.current()
-        if not blueprints:
-            return CHECKIN_EVERY_S
-        with self.open_manager() as manager:
-            held = manager.boxes.held()
-            for name in sorted(blueprints):
-                record = manager.boxes.get(name)
-                if record is None:
-                    continue
-                if record.state == "running" and held is None:
-                    try:
-                        manager.checkin(name)
-                    except Exception as exc:  # one agent's directory must not stop the rest
-                        log.warning("check-in of %s failed: %s", name, exc)
-                try:
-                    state = manager.runtime_state(name)
-                except Exception as exc:  # a report being rewritten: read next round
-                    log.debug("runtime state of %s unreadable: %s", name, exc)
-                    continue
-                self._observe(manager, name, state)
+        present: set[str] = set()
+        if blueprints:
+            with self.open_manager() as manager:
+                self._round(manager, sorted(blueprints), present)
+        # An agent gone (or its sandbox) is forgotten; a round that failed forgets nothing.
+        self._seen = {n: s for n, s in self._seen.items() if n in present}
+        self._owed_running &= present
         return checkin_interval([bp for bp in blueprints.values() if bp is not None])
+
+    def _round(self, manager: SandboxManager, names: list[str], present: set[str]) -> None:
+        held = manager.boxes.held()
+        for name in names:
+            record = manager.boxes.get(name)
+            if record is None:
+                continue
+            present.add(name)
+            if record.state == "running" and held is None:
+                try:
+                    manager.checkin(name)
+                except Exception as exc:  # one agent's directory must not stop the rest
+                    log.warning("check-in of %s failed: %s", name, exc)
+            try:
+                state = manager.runtime_state(name)
+            except Exception as exc:  # a report being rewritten: read next round
+                log.debug("runtime state of %s unreadable: %s", name, exc)
+                continue
+            self._observe(manager, name, state)
 
     def _observe(self, manager: SandboxManager, name: str, state: dict[str, Any] | None) -> None:
         if not state:
@@ -134,11 +148,16 @@ class Liveness:
 def park_all(
     deployed: DeployedBlueprints,
     open_manager: OpenManager,
-    deadline_s: float = PARK_DEADLINE_S,
+    deadline: float | None = None,
 ) -> dict[str, list[str]]:
-    """Park every agent whose sandbox runs, in name order, PARK_THREADS at a time; what is not
-    parked within `deadline_s` is left to the supervisor's fail-closed rule. Never raises."""
+    """Park every agent whose sandbox runs, PARK_THREADS at a time, started in name order (each
+    `sandbox.parked` carries its place in that order); stop waiting at `deadline` (monotonic;
+    default PARK_DEADLINE_S from now): what is not parked by then is reported `unfinished` and
+    left to the supervisor's fail-closed rule. Daemon threads: a park still under way at the
+    deadline does not hold the process's exit. Never raises."""
     started = time.monotonic()
+    if deadline is None:
+        deadline = started + PARK_DEADLINE_S
     out: dict[str, list[str]] = {"parked": [], "failed": [], "unfinished": []}
     try:
         agents = sorted(deployed.current())
@@ -150,23 +169,39 @@ def park_all(
     if not running:
         return out
 
-    def park(name: str) -> None:
-        with open_manager() as manager:  # a connection per thread
-            manager.park(name, reason=SHUTDOWN_REASON)
+    queue = iter(enumerate(running, start=1))
+    outcomes: dict[str, str | None] = {}  # name -> None (parked) or the error
+    lock = threading.Lock()
+    all_done = threading.Event()
 
-    pool = ThreadPoolExecutor(
-        max_workers=min(PARK_THREADS, len(running)), thread_name_prefix="park"
-    )
-    futures = {pool.submit(park, name): name for name in running}
-    done, _ = wait(futures, timeout=max(0.0, deadline_s - (time.monotonic() - started)))
-    pool.shutdown(wait=False, cancel_futures=True)
-    for future, name in futures.items():
-        if future not in done:
-            out["unfinished"].append(name)
-        elif (exc := future.exception()) is not None:
-            out["failed"].append(f"{name}: {exc}")
-        else:
-            out["parked"].append(name)
+    def worker() -> None:
+        while True:
+            with lock:  # the next name in order
+                order, name = next(queue, (0, ""))
+            if not name:
+                return
+            try:
+                with open_manager() as manager:  # a connection per thread
+                    manager.park(name, reason=SHUTDOWN_REASON, order=order)
+                error = None
+            except Exception as exc:
+                error = str(exc) or type(exc).__name__
+            with lock:
+                outcomes[name] = error
+                if len(outcomes) == len(running):
+                    all_done.set()
+
+    for n in range(min(PARK_THREADS, len(running))):
+        threading.Thread(target=worker, name=f"park-{n}", daemon=True).start()
+    all_done.wait(max(0.0, deadline - time.monotonic()))
+    with lock:
+        for name in running:
+            if name not in outcomes:
+                out["unfinished"].append(name)
+            elif (error := outcomes[name]) is not None:
+                out["failed"].append(f"{name}: {error}")
+            else:
+                out["parked"].append(name)
     elapsed = round(time.monotonic() - started, 2)
     log.warning("control plane shutdown: agents parked in %.1f s: %s", elapsed, out)
     try:
@@ -174,6 +209,7 @@ def park_all(
             manager.store_audit(
                 "control.shutdown",
                 **out,
+                order=running,
                 duration_s=elapsed,
                 **system_principal("control-plane").audit_fields(),
             )

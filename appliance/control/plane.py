@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -33,7 +34,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-THREAD_JOIN_S = 5.0  # per thread, at shutdown: a reconciliation may be mid-start
+# From the stop signal to the agents parked: the supervisor and systemd (TimeoutStopSec) send
+# SIGKILL 30 s after SIGTERM. The API's graceful stop (server.py GRACEFUL_STOP_S), the threads'
+# joins and the parking all come out of this one budget.
+SHUTDOWN_BUDGET_S = 25.0
 
 
 class service(Generic[T]):  # lower case: a decorator, like functools.cached_property
@@ -76,6 +80,7 @@ class ControlPlane:
         self._build_guard = threading.RLock()
         self._threads: list[threading.Thread] = []  # start_threads
         self._stop_threads: threading.Event | None = None
+        self._stop_signalled_at: float | None = None  # monotonic: the shutdown budget's start
 
     @contextmanager
     def locked(self, kind: str, name: str) -> Iterator[None]:
@@ -211,8 +216,11 @@ class ControlPlane:
             thread.start()
 
     def stop_scheduling(self) -> None:
-        """No new scheduled turns from now on. Safe in a signal handler: it only sets a flag of
-        a scheduler already built (the handler may interrupt this very thread)."""
+        """No new scheduled turns from now on; the shutdown budget starts at the first call
+        (the stop signal). Safe in a signal handler: it only sets a time and a flag of a
+        scheduler already built (the handler may interrupt this very thread)."""
+        if self._stop_signalled_at is None:
+            self._stop_signalled_at = time.monotonic()
         scheduler = self.__dict__.get("scheduler")
         if scheduler is not None:
             scheduler.stop()
@@ -220,23 +228,31 @@ class ControlPlane:
     def shutdown(self, park: bool = True) -> None:
         """The end of `serve control` (SIGTERM): the scheduler first, then the other threads
         (a reconciliation under way is let finish, briefly: it may be starting a sandbox),
-        then every running agent parked (liveness.park_all), then the services closed."""
-        from appliance.control.liveness import park_all
+        then every running agent parked (liveness.park_all), then the services closed; all
+        within SHUTDOWN_BUDGET_S of the stop signal, the joins leaving parking what one
+        sandbox's park needs at worst (liveness.PARK_NEEDS_S)."""
+        from appliance.control.liveness import PARK_NEEDS_S, park_all
         from appliance.control.wiring import opened_manager
 
         self.stop_scheduling()
+        assert self._stop_signalled_at is not None  # set just now, or by the signal
+        deadline = self._stop_signalled_at + SHUTDOWN_BUDGET_S
         if self._stop_threads is not None:
             self._stop_threads.set()
-        for thread in self._threads:
-            thread.join(THREAD_JOIN_S)
+        for thread in self._threads:  # one deadline for them all, not a timeout each
+            thread.join(max(0.0, deadline - PARK_NEEDS_S - time.monotonic()))
         if park and self._threads and os.geteuid() == 0:
-            park_all(self.deployed, lambda: opened_manager(self.config))
-        self.close()
+            park_all(self.deployed, lambda: opened_manager(self.config), deadline=deadline)
+        self.close(wait_s=max(0.0, deadline - time.monotonic()))
 
-    def close(self) -> None:
-        for built in ("operators", "inference", "approvals", "scheduler"):  # those ever built
+    def close(self, wait_s: float = 2.0) -> None:
+        """The services ever built closed (the scheduler's running turns given up to `wait_s`
+        to record their end)."""
+        for built in ("operators", "inference", "approvals"):
             if built in self.__dict__:
                 self.__dict__[built].close()
+        if "scheduler" in self.__dict__:
+            self.__dict__["scheduler"].close(wait_s=min(2.0, wait_s))
 
     def status(self) -> dict[str, Any]:
         """What `appliance status --json` prints (the read-only helper, fed by this process)."""

@@ -174,13 +174,17 @@ class SandboxRuntimes:
         runtime = report.get("runtime") if report else None
         return runtime if isinstance(runtime, dict) else None
 
-    def park(self, name: str, reason: str) -> None:
+    def park(self, name: str, reason: str, order: int | None = None) -> None:
         """Stop the container and its egress, keeping the record's state: the next reconcile
-        starts it again unless the kill switch holds (control-plane shutdown)."""
+        starts it again unless the kill switch holds (control-plane shutdown). `order`: its
+        place among the sandboxes parked together (recorded)."""
         from podman.errors import NotFound
 
         record = self._record(name)
         with contextlib.suppress(NotFound):
             self.container(name).stop(timeout=STOP_TIMEOUT_S)
         self._stop_proxy(self.paths(name))
-        self.store_audit("sandbox.parked", sandbox=name, reason=reason, state=record.state)
+        placed = {"order": order} if order is not None else {}
+        self.store_audit(
+            "sandbox.parked", sandbox=name, reason=reason, state=record.state, **placed
+        )

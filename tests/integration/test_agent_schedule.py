@@ -198,9 +198,10 @@ def test_schedule_runs_skips_while_held_and_survives_a_graceful_restart(
         stopped_in = time.monotonic() - stop_began
     assert stopped_in < 30, stopped_in
     [parked] = _audit(state, "sandbox.parked")
-    assert parked["reason"] == "control plane shutdown"
+    assert parked["reason"] == "control plane shutdown" and parked["order"] == 1, parked
     [shutdown] = _audit(state, "control.shutdown")
     assert shutdown["parked"] == [AGENT] and shutdown["actor"] == "control-plane"
+    assert shutdown["order"] == [AGENT], shutdown
     container = _container_state(env)
     assert container in ("exited", "stopped"), container
 

@@ -19,6 +19,6 @@ def schedule(
     name: str, who: Principal = Viewer, plane: ControlPlane = Plane
 ) -> list[dict[str, Any]]:
     """Each entry (every|cron, tz, active_hours, prompt, session) with next_run_at, last_run_at
-    (epoch seconds), last_outcome (running|ok|failed|cancelled|skipped|interrupted), last_reason,
-    and its run and skip counts."""
+    (epoch seconds), last_outcome (running|ok|failed|cancelled|interrupted), last_reason, its
+    last skip (last_skip_at, last_skip_reason), and its run and skip counts."""
     return plane.schedules.view(name)

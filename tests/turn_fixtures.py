@@ -61,7 +61,9 @@ class Script:
     pause_s: float = 0.0  # between events
     silence_s: float = 0.0  # before the first event (a long prefill), watching for a hang-up
     usage: tuple[int, int, float] | None = None  # a ledger row "the gateway" writes per turn
-    requests: list[dict[str, Any]] = field(default_factory=list)
+    ready_status: int = 200  # what GET /readyz answers
+    requests: list[dict[str, Any]] = field(default_factory=list)  # the POSTs
+    ready_checks: int = 0
     hung_up: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
 
@@ -76,6 +78,12 @@ def _handler(script: Script, key_id: str, state_dir: Path) -> type[BaseHTTPReque
 
         def log_message(self, *args: object) -> None:  # a unix peer has no address to log
             pass
+
+        def do_GET(self) -> None:
+            script.ready_checks += 1
+            self.send_response(script.ready_status)
+            self.send_header("content-length", "0")
+            self.end_headers()
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
@@ -140,9 +148,9 @@ class FakeRuntime:
                 elif event["type"] == "tool":
                     yield ToolCall(event["name"], event.get("arguments", ""), event["denied"])
                 else:
-                    usage = event.get("usage", {})
+                    usage, raw = event.get("usage", {}), event.get("raw")
                     yield Finished(
-                        event["ok"], event["text"], usage, "sid-1", None, event.get("error")
+                        event["ok"], event["text"], usage, "sid-1", raw, event.get("error")
                     )
 
 

@@ -3,6 +3,7 @@ blueprints, through the control plane's API (which owns them)."""
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -24,6 +25,20 @@ app = typer.Typer(
 
 NameArg = Annotated[str, typer.Argument(help="Agent name.", metavar="NAME")]
 TURN_FAILED_HINT = "see `appliance agent logs NAME` and `appliance sandbox logs NAME`"
+# What the agent writes must not drive the operator's terminal (clear it, set the clipboard with
+# OSC 52, retitle it, hide text with \r): escape sequences whole (CSI, OSC/DCS/APC/PM/SOS up to
+# their terminator, two-byte ESC X), then every other C0/C1 control but \n and \t, and DEL.
+_ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI
+    r"|\x1b[\]PX^_][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"  # OSC, DCS, SOS, PM, APC
+    r"|\x1b[ -/]*[0-~]"  # two-byte (and nF) sequences
+)
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    r"""`text` (the agent's) with no escape sequence or control character but \n and \t."""
+    return _CONTROLS.sub("", _ESCAPES.sub("", text))
 
 
 def blueprint_arg(ref: str) -> tuple[str | None, str | None, str]:
@@ -127,12 +142,17 @@ def chat(ctx: typer.Context, name: NameArg) -> None:
 
 
 class _Reply:
-    """Reply text written as it streams in (no wrapping, no markup), ended by one newline."""
+    """Reply text written as it streams in (no wrapping, no markup), ended by one newline; to a
+    terminal, without the agent's escape sequences and control characters (terminal_safe). A
+    pipe or a file gets the text as the agent wrote it."""
 
     def __init__(self) -> None:
         self.last = "\n"
+        self.tty = sys.stdout.isatty()
 
     def write(self, text: str) -> None:
+        if self.tty:
+            text = terminal_safe(text)
         if text:
             sys.stdout.write(text)
             sys.stdout.flush()
@@ -158,7 +178,8 @@ def _take_turn(events: Iterator[dict[str, Any]], reply: _Reply | None) -> dict[s
 
 def _failure(done: dict[str, Any]) -> str:
     code = done.get("exit_code")
-    return f"the turn failed{f' (exit {code})' if code is not None else ''}: {done.get('error')}"
+    error = terminal_safe(str(done.get("error")))  # the runtime's words, on one error line
+    return f"the turn failed{f' (exit {code})' if code is not None else ''}: {error}"
 
 
 def _print_notices(done: dict[str, Any], shown: set[str]) -> None:
@@ -179,8 +200,11 @@ def transcript(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> 
         return
     for t in turns:
         asker = "you" if t.get("trigger", "manual") == "manual" else t["trigger"]
-        console.print(f"[bold]{asker}>[/] {escape(t['message'])}", highlight=False)
-        console.print(f"[bold]{name}>[/] {escape(_recorded_reply(t))}", highlight=False)
+        message, reply = t["message"], _recorded_reply(t)
+        if console.is_terminal:
+            message, reply = terminal_safe(message), terminal_safe(reply)
+        console.print(f"[bold]{asker}>[/] {escape(message)}", highlight=False)
+        console.print(f"[bold]{name}>[/] {escape(reply)}", highlight=False)
 
 
 def _recorded_reply(turn: dict[str, Any]) -> str:

@@ -268,7 +268,7 @@ class ControlClient:
                 raise _error(response)
             for line in response.iter_lines():
                 if line.strip():
-                    event = json.loads(line)
+                    event = _event(path, line, name)
                     yield event
                     if event.get("type") == "done":
                         return
@@ -301,6 +301,21 @@ class ControlClient:
     def agent_schedule(self, name: str) -> list[dict[str, Any]]:
         """Each schedule entry with its next and last run (epoch seconds) and last outcome."""
         return self.get(f"/agents/{_seg(name)}/schedule")
+
+
+def _event(path: str, line: str, agent: str) -> dict[str, Any]:
+    """One NDJSON line of a turn's stream: an event, or ControlPlaneNoAnswer (not ours)."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        event = None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        raise e.ControlPlaneNoAnswer(
+            f"POST {path}: the turn's stream sent a line that is not an event: {line[:80]!r}",
+            hint="is the socket the control plane's? `appliance status`; what the turn did: "
+            f"`appliance agent transcript {agent}`",
+        )
+    return event
 
 
 def _blueprint_file(yaml_text: str | None, source: str) -> dict[str, str]:

@@ -161,7 +161,3 @@ def server(app: Any, on_exit: Callable[[], None] | None = None) -> uvicorn.Serve
         timeout_graceful_shutdown=GRACEFUL_STOP_S,
     )
     return _Server(config, on_exit)
-
-
-def serve(app: Any, sockets: list[socket.socket]) -> None:
-    server(app).run(sockets=sockets)

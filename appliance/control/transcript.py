@@ -1,6 +1,7 @@
 """An agent's turns as the host keeps them: `<state>/agents/NAME/transcript.jsonl`, one JSON line
-per turn (answered, failed, cancelled or refused), and the sessions a runtime exported next to
-it (`sessions/SESSION.jsonl`). Written by the control plane only; the agent never sees it."""
+per turn (answered, failed, cancelled or refused). Written by the control plane only; the agent
+never sees it. Its `tool_calls` are the calls as the runtime reports them: OpenClaw's are read
+from a session history the agent can rewrite (blueprints/runtimes/openclaw.py)."""
 
 from __future__ import annotations
 
@@ -34,11 +35,3 @@ class TranscriptLog:
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def write_session(self, name: str, session: str, record: bytes) -> Path:
-        """A session's record as the runtime printed it (the session name is checked by the
-        caller: 1-40 of a-z, 0-9 and '-')."""
-        path = self.path(name).parent / "sessions" / f"{session}.jsonl"
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.write_bytes(record)
-        return path

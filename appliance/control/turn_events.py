@@ -1,47 +1,75 @@
 """A turn while it runs (turns.py): what it has come to so far, and how it is cut off.
 
-`AgentSocketTransport` is the HTTP transport to an agent's runtime over its agent socket, with
-`interrupt()`: it shuts down the connections of the responses it gave out, from any thread, so a
-drive blocked reading a runtime that is silent (a long prefill on a CPU) returns at once; closing
-the drive then cancels the turn in the runtime. `TurnEvents` is a turn's events with that
-`interrupt()`: the API calls it the moment the client disconnects, then closes the events.
+`AgentSocketTransport` is the HTTP transport to an agent's runtime over its agent socket. The
+socket lives in a directory the agent owns, and the control plane is root: each connection opens
+the path with O_PATH|O_NOFOLLOW, checks that what it got is a socket (not a symlink the agent put
+there, pointing at some other socket of the host) and connects through /proc/self/fd/N, so what
+was checked is what is reached (AgentSocketRefused otherwise: the turn fails, saying why). Its
+`interrupt()` (from any thread) shuts down every connection it made, so a drive blocked on a
+runtime that is silent (a long prefill on a CPU, a runtime not ready yet) returns at once, and
+refuses any request after it with TurnInterrupted, which drive() lets through (no retry, no
+wait for readiness); closing the drive then cancels the turn in the runtime. `TurnEvents` is a
+turn's events with that `interrupt()`: the API calls it the moment the client disconnects, then
+closes the events.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import stat
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpcore
 import httpx
 
-from blueprints.runtimes import Finished, Reply
+from blueprints.runtimes import Finished, Reply, TurnStopped
 
 STDERR_TAIL = 2000  # characters of an exec turn's stderr kept for the error line
+KEEPALIVE_S = 5.0  # as httpx's default pool
 
 
-class AgentSocketTransport(httpx.BaseTransport):
+class TurnInterrupted(TurnStopped):
+    """The turn's client went away: its transport makes no more requests."""
+
+
+class AgentSocketRefused(TurnStopped):
+    """The agent socket's path is not a socket (the agent may have replaced it)."""
+
+
+class AgentSocketTransport(httpx.HTTPTransport):
     def __init__(self, path: Path) -> None:
-        self._inner = httpx.HTTPTransport(uds=str(path))
+        super().__init__(uds=str(path))
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self.interrupted = False
+        # httpx takes no network backend: its pool is made again, with ours (same uds).
+        self._pool = httpcore.ConnectionPool(
+            uds=str(path), keepalive_expiry=KEEPALIVE_S, network_backend=_CheckedUnix(self)
+        )
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        response = self._inner.handle_request(request)
-        stream = response.extensions.get("network_stream")  # httpcore's, per response
-        sock = stream.get_extra_info("socket") if stream is not None else None
-        if sock is not None:
-            with self._lock:
-                self._sockets.append(sock)
-                interrupted = self.interrupted
-            if interrupted:  # the client went away while this request was being answered
-                _shut(sock)
-        return response
+        if self.interrupted:
+            raise TurnInterrupted("the turn was interrupted: its client went away")
+        try:
+            return super().handle_request(request)
+        except httpx.TransportError as exc:
+            if self.interrupted:  # cut by interrupt() while it waited for the answer
+                raise TurnInterrupted("the turn was interrupted: its client went away") from exc
+            raise
+
+    def connected(self, sock: socket.socket) -> None:
+        """A new connection (the network backend's): kept to be shut by interrupt()."""
+        with self._lock:
+            self._sockets.append(sock)
+            interrupted = self.interrupted
+        if interrupted:  # interrupt() ran while it connected
+            _shut(sock)
 
     def interrupt(self) -> None:
         with self._lock:
@@ -50,8 +78,38 @@ class AgentSocketTransport(httpx.BaseTransport):
         for sock in sockets:
             _shut(sock)
 
-    def close(self) -> None:
-        self._inner.close()
+
+class _CheckedUnix(httpcore.SyncBackend):
+    """Connects to the agent socket only if it is a socket (see the module)."""
+
+    def __init__(self, transport: AgentSocketTransport) -> None:
+        self.transport = transport
+
+    def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        try:  # the last component only: the directories above it are root's
+            fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:  # not there (yet): as a refused connection, retried
+            raise httpcore.ConnectError(f"{path}: {exc.strerror}") from exc
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISSOCK(mode):
+                what = "a symlink" if stat.S_ISLNK(mode) else "not a socket"
+                raise AgentSocketRefused(
+                    f"{path} is {what}, not the agent socket its supervisor binds: the turn "
+                    "is refused (was it replaced from inside the sandbox?)"
+                )
+            stream = super().connect_unix_socket(f"/proc/self/fd/{fd}", timeout, socket_options)
+        finally:
+            os.close(fd)
+        sock = stream.get_extra_info("socket")
+        if sock is not None:
+            self.transport.connected(sock)
+        return stream
 
 
 def _shut(sock: socket.socket) -> None:

@@ -6,10 +6,12 @@ not running. A runtime with a service (blueprints/runtimes `service()`) is drive
 socket its sandbox's supervisor forwards to the runtime's loopback port; one without runs its
 `turn()` command in the sandbox (one delta, then done). Each turn, refused ones too, ends in one
 line of the host transcript (transcript.py) and one `agent.turn` audit record: trigger, actor,
-reply, tool calls, duration, and the tokens and model time of the agent key's ledger rows during
-the turn. A denied tool call is an `agent.tool_denied` alarm. Closing a turn's events early (the
-client went away) closes the runtime's stream, which cancels the turn in the runtime, and the
-turn is recorded as cancelled.
+reply, tool calls (as the runtime reports them: the agent may have rewritten what they are read
+from, see blueprints/runtimes/openclaw.py), duration, and the tokens and model time of the agent
+key's ledger rows during the turn (`tokens.overlapping`: another turn of the agent ran at the
+same time, and each counts the other's rows too). A denied tool call is an `agent.tool_denied`
+alarm. Closing a turn's events early (the client went away) before it finished closes the
+runtime's stream, which cancels the turn in the runtime, and the turn is recorded as cancelled.
 
 No store connection or Podman client is held from one event to the next: the API fetches each
 event on a lane thread, not always the same one, and SQLite connections belong to their thread.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -40,9 +43,11 @@ from blueprints.runtimes import (
     AgentRuntime,
     Delta,
     Exec,
+    ExecTurns,
     Finished,
     Service,
     ToolCall,
+    TurnStopped,
     runtime_for,
 )
 from sandbox.names import SANDBOX_KEY_PREFIX, check_name
@@ -62,9 +67,12 @@ SESSION = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 CONNECT_TIMEOUT_S = 10.0
 SETTLE_WAIT_S = 2.0  # the gateway settles a request's ledger row just after its last byte
 ARGUMENTS_MAX = 4096  # characters of a tool call's arguments kept in the transcript
+# What the transcript keeps of the runtime's own record of the turn (the whole response, up to
+# 1 MiB, is the reply again); the last is the appliance's note that tool calls went unread.
+RAW_KEPT = ("id", "status", "usage", "appliance_tool_calls_error")
 
 
-@dataclass
+@dataclass(eq=False)  # one object per turn (TurnService._active holds them)
 class _Turn:
     """One turn being driven: what was asked, by whom, and how to reach the runtime."""
 
@@ -81,6 +89,7 @@ class _Turn:
     key_id: str | None = None
     transport: AgentSocketTransport | None = None  # to the runtime's service
     token: str | None = None
+    overlapping: bool = False  # another turn of the agent ran while this one did
 
 
 class TurnService:
@@ -88,6 +97,9 @@ class TurnService:
         self.plane = plane
         self.config = plane.config
         self.transcripts = TranscriptLog(plane.config.state_dir)
+        # Turns running now, per agent: whose ledger rows a turn's token window also holds.
+        self._active: dict[str, list[_Turn]] = {}
+        self._active_lock = threading.Lock()
 
     # -- the API -----------------------------------------------------------------------------
 
@@ -127,21 +139,6 @@ class TurnService:
         interrupt = turn.transport.interrupt if turn.transport is not None else None
         return TurnEvents(self._events(turn), interrupt, lambda: self._never_started(turn))
 
-    def run(
-        self,
-        who: Principal | None,
-        name: str,
-        message: str,
-        session: str | None = None,
-        trigger: Trigger = "manual",
-    ) -> dict[str, Any]:
-        """The whole turn; its done record (the non-streamed API's answer)."""
-        with closing(self.start(who, name, message, session, trigger)) as events:
-            for event in events:
-                if event["type"] == "done":
-                    return event
-        raise AssertionError("a turn's events end with done")  # _events always yields it
-
     def transcript(self, name: str) -> list[dict[str, Any]]:
         return self.transcripts.read(name)
 
@@ -161,7 +158,9 @@ class TurnService:
             dep = m.current(name)
             runtime = runtime_for(m.deployed(dep))
             service = runtime.service()
-            command = None if service is not None else runtime.turn(message, session)
+            command = None
+            if service is None and isinstance(runtime, ExecTurns):
+                command = runtime.turn(message, session)
             if service is None and command is None:
                 raise AgentError(
                     f"{name} runs a plain command ({dep.ref}); it takes no turns",
@@ -176,7 +175,24 @@ class TurnService:
             if service is not None:
                 turn.transport = AgentSocketTransport(m.sandboxes.agent_socket(name))
                 turn.token = m.sandboxes.runtime_token(name)
+        self._enter(turn)
         return turn
+
+    def _enter(self, turn: _Turn) -> None:
+        with self._active_lock:
+            others = self._active.setdefault(turn.name, [])
+            for other in others:
+                other.overlapping = True
+            turn.overlapping = bool(others)
+            others.append(turn)
+
+    def _leave(self, turn: _Turn) -> None:
+        with self._active_lock:
+            others = self._active.get(turn.name, [])
+            if turn in others:
+                others.remove(turn)
+            if not others:
+                self._active.pop(turn.name, None)
 
     def _gate(self, sandboxes: SandboxManager, name: str, service: Service | None) -> str | None:
         """The agent's key id, or TurnRefused with the first reason that applies."""
@@ -238,15 +254,16 @@ class TurnService:
             if not outcome.finished and outcome.error is None:
                 outcome.error = "the runtime's stream ended without a result"
         except GeneratorExit:  # closed early: the client went away
-            outcome.cancel()
+            if not outcome.finished:  # (a turn that had finished stands as it ended)
+                outcome.cancel()
             self._record(turn, outcome)
             raise
-        except (*OPERATOR_ERRORS, httpx.HTTPError, OSError) as exc:
+        except (*OPERATOR_ERRORS, TurnStopped, httpx.HTTPError, OSError) as exc:
             outcome.fail(exc)
         except Exception as exc:  # recorded as a failed turn all the same
             log.exception("turn of %s failed", turn.name)
             outcome.fail(exc)
-        if turn.transport is not None and turn.transport.interrupted:
+        if turn.transport is not None and turn.transport.interrupted and not outcome.finished:
             outcome.cancel()  # the client went away while the runtime was silent
         yield {"type": "done", **self._record(turn, outcome)}
 
@@ -280,36 +297,27 @@ class TurnService:
 
     def _executed(self, turn: _Turn, outcome: Outcome) -> Iterator[dict[str, Any]]:
         """The runtime's turn command, run in the sandbox as the agent: its reply is one delta
-        (only when it answered); then its session is exported to the host, if it keeps one."""
-        command = turn.command
-        assert command is not None  # set by _begin
+        (only when it answered)."""
+        command, runtime = turn.command, turn.runtime
+        assert command is not None and isinstance(runtime, ExecTurns)  # as _begin set them
         with self.plane.sandboxes.manager() as sandboxes:
             code, out, err = sandboxes.exec(
                 turn.name, command.argv, env=command.env, timeout_s=command.timeout_s
             )
-        outcome.replied(turn.runtime.read_turn(code, out, err), code, err)
+        outcome.replied(runtime.read_turn(code, out, err), code, err)
         if outcome.ok and outcome.text:
             outcome.parts.append(outcome.text)
             yield {"type": "delta", "text": outcome.text}
-        if (export := turn.runtime.export_session(turn.session)) is not None:
-            self._export_session(turn, export)
-
-    def _export_session(self, turn: _Turn, export: Exec) -> None:
-        """The session's record, printed by the agent inside the sandbox, written on the host."""
-        with self.plane.sandboxes.manager() as sandboxes:
-            code, out, _err = sandboxes.exec(
-                turn.name, export.argv, env=export.env, timeout_s=export.timeout_s
-            )
-        if code != 0:
-            self._audit(turn, "agent.export_failed")
-            return
-        self.transcripts.write_session(turn.name, turn.session, out)
 
     # -- the record ------------------------------------------------------------------------------
 
     def _record(self, turn: _Turn, outcome: Outcome) -> dict[str, Any]:
         """Transcript line, activity count, key use and `agent.turn`; the done record (with
         the exec's stderr tail, which the transcript does not keep)."""
+        try:
+            tokens = self._tokens(turn)
+        finally:
+            self._leave(turn)  # after its token window closed: a turn now is no overlap
         record = {
             "agent": turn.name,
             "ok": outcome.ok,
@@ -319,11 +327,11 @@ class TurnService:
             "usage": outcome.usage,
             "session": turn.session,
             "session_id": outcome.session_id,
-            "raw": outcome.raw,
+            "raw": _raw_kept(outcome.raw),
             "trigger": turn.trigger,
             "actor": turn.actor.get("actor"),
             "actor_kind": turn.actor.get("actor_kind"),
-            "tokens": self._tokens(turn),
+            "tokens": {**tokens, "overlapping": turn.overlapping},
             "tool_calls": outcome.tool_calls,
             "notices": self._notices(turn),
             "cancelled": outcome.cancelled,
@@ -384,7 +392,9 @@ class TurnService:
 
     def _tokens(self, turn: _Turn) -> dict[str, Any]:
         """The agent key's ledger rows admitted during the turn: tokens and model time (waiting
-        a moment for rows the gateway has not settled yet)."""
+        a moment for rows the gateway has not settled yet). The rows are the key's, not the
+        turn's: when another turn of the agent ran meanwhile (`turn.overlapping`), both count
+        each other's rows."""
         used = {"prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0, "requests": 0}
         if turn.key_id is not None:
             deadline = time.monotonic() + SETTLE_WAIT_S
@@ -432,3 +442,8 @@ class TurnService:
         """An AgentManager on its own store connection, for this thread and this step."""
         with self.plane.sandboxes.manager() as sandboxes, open_store(self.config.state_dir) as db:
             yield AgentManager(self.config, db, sandboxes, actor)
+
+
+def _raw_kept(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the record keeps of the runtime's own record of the turn (RAW_KEPT)."""
+    return None if raw is None else {k: raw[k] for k in RAW_KEPT if k in raw}

@@ -3,16 +3,17 @@
 A runtime says how its sandbox is made (policy needs, the main command, the config files it
 reads) and how one turn is driven: either through a long-lived service the sandbox's supervisor
 keeps up (`service()`, `drive()`: OpenClaw's gateway, a `kind: command` with `serve:`; the
-HTTP protocol is responses.py), or as a command run in the sandbox per turn (`turn()`,
-`read_turn()`, `export_session()`). The appliance runs what it is told inside the sandbox and
-never branches on the kind itself: a new runtime is one module and one entry in RUNTIMES.
+HTTP protocol is responses.py), or as a command run in the sandbox per turn (a runtime that
+is also an `ExecTurns`: `turn()`, `read_turn()`). The appliance runs what it is told inside the
+sandbox and never branches on the kind itself: a new runtime is one module and one entry in
+RUNTIMES.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from blueprints.errors import BlueprintError
 from blueprints.model import Blueprint
@@ -94,6 +95,13 @@ class Finished:
 TurnEvent = Delta | ToolCall | Finished
 
 
+class TurnStopped(Exception):
+    """Raised by the HTTP client a drive() is handed when the turn must go no further: its
+    client went away (the turn was interrupted), or the agent socket is not a socket. Not an
+    HTTP error: drive() and its helpers let it through (no retry, no Finished); the caller
+    records the turn."""
+
+
 class AgentRuntime(Protocol):
     """One blueprint's runtime (built by `runtime_for`)."""
 
@@ -112,20 +120,9 @@ class AgentRuntime(Protocol):
         """The rendered config files, mounted read-only in the sandbox (None: none)."""
         ...
 
-    def turn(self, message: str, session: str) -> Exec | None:
-        """How one turn in `session` is driven (None: this runtime takes no turns)."""
-        ...
-
-    def read_turn(self, exit_code: int, stdout: bytes, stderr: bytes) -> Reply:
-        """The turn's reply, from what its command printed."""
-        ...
-
-    def export_session(self, session: str) -> Exec | None:
-        """A command that prints the session's record on stdout (None: nothing to export)."""
-        ...
-
     def service(self) -> Service | None:
-        """The long-lived runtime the supervisor keeps up (None: turns are `turn()` execs)."""
+        """The long-lived runtime the supervisor keeps up (None: turns are ExecTurns' execs,
+        or there are none)."""
         ...
 
     def drive(
@@ -133,7 +130,21 @@ class AgentRuntime(Protocol):
     ) -> Iterator[TurnEvent]:
         """One turn through the running runtime: Delta and ToolCall events as they come, then
         one Finished. `http` reaches the runtime's port (through the agent socket); closing
-        the iterator early (the client went away) must cancel the turn in the runtime."""
+        the iterator early (the client went away) must cancel the turn in the runtime.
+        TurnStopped from `http` is let through."""
+        ...
+
+
+@runtime_checkable
+class ExecTurns(Protocol):
+    """A runtime without a service that takes its turns as a command run in the sandbox."""
+
+    def turn(self, message: str, session: str) -> Exec | None:
+        """How one turn in `session` is run (None: this runtime takes no turns)."""
+        ...
+
+    def read_turn(self, exit_code: int, stdout: bytes, stderr: bytes) -> Reply:
+        """The turn's reply, from what its command printed."""
         ...
 
 

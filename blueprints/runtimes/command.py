@@ -67,9 +67,6 @@ class CommandRuntime:
         text = stdout.decode(errors="replace").rstrip("\n")
         return Reply(ok=exit_code == 0, text=text)
 
-    def export_session(self, session: str) -> None:
-        return None  # a plain command keeps no sessions the appliance knows how to read
-
     def drive(
         self, http: httpx.Client, token: str, message: str, session: str
     ) -> Iterator[TurnEvent]:

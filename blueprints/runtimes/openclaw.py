@@ -5,9 +5,17 @@ responses.py) through the agent socket, in a session kept by its key.
 Its config is the blueprint's `agent_config` template rendered for the served model, plus what
 the appliance needs from it (the gateway on loopback port 18789 with its token from the
 environment, the OpenResponses endpoint on, OpenClaw's own cron off, the blueprint's tool policy
-with the self-scheduling tools always denied), mounted read-only. The turn's tool calls are not
-in the response: they are read after it from the session's history (`sessions_history` through
-`POST /tools/invoke`), for the host transcript and the denied-tool alarm.
+with the self-scheduling tools always denied), mounted read-only.
+
+The turn's tool calls are not in the response: they are read after it from the session's history
+(`sessions_history` through `POST /tools/invoke`), for the host transcript and the denied-tool
+alarm (`agent.tool_denied`). That history is OpenClaw's, in the agent's writable state dir
+(OPENCLAW_STATE_DIR, in its home): the agent's own tools (exec, write) can rewrite it before it
+is read. So the transcript's tool calls are the calls as the runtime reports them, not a
+tamper-proof account, and the alarm's limit is that: it fires for a denied call still in the
+history when it is read; an agent that rewrites its history in the same turn can hide one. What
+stops a denied tool is OpenClaw's tool policy (rendered read-only) and the sandbox (Landlock,
+the egress proxy), not the alarm.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import httpx
 
 from blueprints.errors import BlueprintError
 from blueprints.model import Blueprint
-from blueprints.runtimes import WORKSPACE, Finished, Reply, Service, Serving, ToolCall, TurnEvent
+from blueprints.runtimes import WORKSPACE, Finished, Service, Serving, ToolCall, TurnEvent
 from blueprints.runtimes.responses import (
     READY_TIMEOUT_S,
     ProtocolError,
@@ -193,16 +201,6 @@ class OpenClawRuntime:
         }
         config = runtime_config(render(self.blueprint.agent_config, values), self.blueprint)
         return {CONFIG_FILE: json.dumps(config, indent=2) + "\n"}
-
-    # Turns are driven through the gateway (drive); none is a command of its own.
-    def turn(self, message: str, session: str) -> None:
-        return None
-
-    def read_turn(self, exit_code: int, stdout: bytes, stderr: bytes) -> Reply:
-        return Reply(ok=False, text="")  # never asked: turn() runs nothing
-
-    def export_session(self, session: str) -> None:
-        return None  # the turn's tool calls come from the session's history (drive)
 
     def drive(
         self, http: httpx.Client, token: str, message: str, session: str

@@ -6,7 +6,8 @@ The runtime is the agent's own process, inside its sandbox: what it answers is u
 failure (not ready, refused token, an HTTP error, a stream that is not one, a connection that
 drops) becomes a `Finished(ok=False, error=<one line>)`, never an exception, so the turn's record
 is kept; lines, replies and bodies are bounded. Closing the generator closes the HTTP stream,
-which is how a turn is cancelled in the runtime.
+which is how a turn is cancelled in the runtime. TurnStopped, raised by the transport when the
+turn is stopped from outside (its client went away), is let through: not retried, not waited out.
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ class Result:
 
 def wait_ready(http: httpx.Client, path: str, timeout_s: float = READY_TIMEOUT_S) -> str | None:
     """None once GET `path` answers 200; else, after `timeout_s`, why not (one line). A runtime
-    just (re)started refuses connections, or its agent socket drops them, until it listens."""
+    just (re)started refuses connections, or its agent socket drops them, until it listens.
+    TurnStopped (not an HTTP error) ends the wait at once."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:

@@ -13,7 +13,7 @@ import pytest
 from blueprints.catalog import Catalog
 from blueprints.errors import BlueprintError
 from blueprints.model import Blueprint
-from blueprints.runtimes import RUNTIMES, AgentRuntime, Service, Serving, runtime_for
+from blueprints.runtimes import RUNTIMES, AgentRuntime, ExecTurns, Service, Serving, runtime_for
 from blueprints.runtimes.command import CommandRuntime
 from blueprints.runtimes.openclaw import CONFIG_FILE, PORT, OpenClawRuntime, render
 from blueprints.runtimes.tools import ALWAYS_DENIED, render_tools
@@ -166,14 +166,14 @@ def test_openclaw_runs_its_gateway_with_no_secret_in_argv() -> None:
     assert policy.process.listen == [PORT] and bp.policy().process.listen == []
     assert AGENT_DIR in policy.filesystem.read_only
     assert AGENT_DIR not in bp.policy().filesystem.read_only  # added by the runtime only
-    # Its turns are driven through the gateway: no command per turn, no export.
-    assert runtime.turn("hi", "s") is None and runtime.export_session("s") is None
+    # Its turns are driven through the gateway: no command per turn.
+    assert not isinstance(runtime, ExecTurns)
 
 
 def test_the_command_runtime() -> None:
     runtime = CommandRuntime(_command_bp())
     assert runtime.command() == ["sleep", "infinity"]
-    assert runtime.agent_files(SERVING) is None and runtime.export_session("s") is None
+    assert runtime.agent_files(SERVING) is None and isinstance(runtime, ExecTurns)
     assert runtime.policy() == runtime.blueprint.policy()
     assert runtime.turn("hi", "s") is None  # no `turn`: it takes no turns
 

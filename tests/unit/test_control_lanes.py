@@ -38,8 +38,11 @@ def _app(plane: ControlPlane, release: threading.Event) -> Any:
         release.wait(30)  # a `sleep` in a sandbox, or an agent's hour-long turn
         return {"exit_code": 0, "stdout": "", "stderr": "", "truncated": False}
 
+    def turn(*_args: object) -> Iterator[dict[str, Any]]:
+        yield {"type": "done", **blocked()}
+
     plane.sandboxes.exec = blocked  # type: ignore[method-assign]
-    plane.turns.run = blocked  # type: ignore[method-assign]
+    plane.turns.start = turn  # type: ignore[method-assign]
     plane.status = lambda: {"control": "ok"}  # type: ignore[method-assign]
     app = create_app(plane)
     app.dependency_overrides[principal] = lambda: Principal("unix", "uid:0", "admin", uid=0)

@@ -77,6 +77,27 @@ def test_no_answer_is_exit_7_with_the_outcome_unknown(
     assert "unknown" in message and "`list` / `status`" in (caught.value.hint or "")
 
 
+@pytest.mark.parametrize("line", [b"<html>", b"[1, 2]", b'{"no": "type"}'])
+def test_a_turn_stream_line_that_is_not_an_event_is_no_answer(tmp_path: Path, line: bytes) -> None:
+    """Not a bare ValueError from the NDJSON: the outcome is unknown, with a hint."""
+    config = ApplianceConfig(state_dir=tmp_path / "state")
+    body = b'{"type": "delta", "text": "hi"}\n' + line + b"\n"
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+    answer += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    with (
+        fake_control_plane(config, answer),
+        ControlClient(config, timeout=5) as client,
+        pytest.raises(ControlPlaneNoAnswer) as caught,
+    ):
+        events = client.stream_turn("demo", "hello")
+        assert next(events) == {"type": "delta", "text": "hi"}
+        next(events)
+    assert exit_code_for(caught.value) == 7
+    assert str(caught.value).startswith("POST /agents/demo/turns: the turn's stream sent a line ")
+    assert line.decode() in str(caught.value)
+    assert "`appliance agent transcript demo`" in (caught.value.hint or "")
+
+
 def test_the_cli_prints_one_line_and_a_hint_when_the_control_plane_dies(tmp_path: Path) -> None:
     from tests.helpers import cli_env
 

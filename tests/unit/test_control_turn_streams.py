@@ -1,11 +1,15 @@
 """Turns streamed through the control plane (no Podman; tests/turn_fixtures.py): a client that
-hangs up cancels the turn in the runtime (mid-reply, or while the runtime is silent), a turn
-closed early or before it ran is recorded cancelled, streams hold their lane slots, and the CLI
-prints the reply as it streams (`agent run`, `agent chat`)."""
+hangs up cancels the turn in the runtime (mid-reply, while the runtime is silent or not ready
+yet, or waiting for a whole answer), a turn closed early or before it ran is recorded cancelled,
+streams hold their lane slots, and the CLI prints the reply as it streams (`agent run`, `agent
+chat`), with no escape sequence of the agent's reaching a terminal."""
 
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,6 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
+from appliance.control import turns as turns_module
+from appliance.control.api import lanes
+from blueprints.model import Blueprint
+from blueprints.runtimes.command import CommandRuntime
 from tests.turn_fixtures import AGENT, APPLIANCE, NOTICE, World, reply_events, turn_world
 
 
@@ -69,6 +77,57 @@ def test_a_hang_up_while_the_runtime_is_silent_cancels_at_once(world: World) -> 
     [line] = world.transcript()
     assert line["cancelled"] is True and line["reply"] == "" and line["session"] == "s-6"
     assert line["error"] == "cancelled: the client went away"
+    world.script.silence_s = 0.0  # the lane slot is back
+    assert world.api.post(f"/agents/{AGENT}/turns", json={"message": "x"}).json()["ok"]
+
+
+def test_a_hang_up_while_the_runtime_is_not_ready_frees_the_slot_at_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real adapter waiting for its runtime (/readyz 503, for up to 120 s): the hang-up ends
+    the wait, the turn never reaches the runtime, its lane slot is back within a second."""
+    served = Blueprint.model_validate(
+        {
+            "name": "served",
+            "version": "1.0.0",
+            "runtime": {"kind": "command", "command": ["x"], "serve": {"port": 8080}},
+            "image": {"name": "localhost/appliance-base", "digest": "sha256:" + "ab" * 32},
+            "sandbox": {"base": "default"},
+        }
+    )
+    monkeypatch.setattr(turns_module, "runtime_for", lambda _bp: CommandRuntime(served))
+    world.script.ready_status = 503
+    body = {"message": "hi", "session": "s-9", "stream": True}
+    with world.api.stream("POST", f"/agents/{AGENT}/turns", json=body) as response:
+        assert response.status_code == 200
+        deadline = time.monotonic() + 5
+        while world.script.ready_checks < 2:  # it is waiting for the runtime
+            assert time.monotonic() < deadline, "the runtime was never asked if it is ready"
+            time.sleep(0.02)
+        hung_up_at = time.monotonic()
+    while lanes.TURNS._running and time.monotonic() - hung_up_at < 5:  # the slots in use
+        time.sleep(0.02)
+    assert time.monotonic() - hung_up_at < 1.2, "the turn's lane slot was not given back"
+    [line] = world.transcript()
+    assert line["cancelled"] is True and line["error"] == "cancelled: the client went away"
+    checks = world.script.ready_checks
+    time.sleep(1.0)
+    assert world.script.ready_checks == checks and world.script.requests == []  # no POST
+
+
+def test_a_turn_answered_whole_is_cancelled_when_its_client_hangs_up(world: World) -> None:
+    """Not streamed: the control plane watches for the disconnect all the same."""
+    world.script.silence_s = 30.0
+    world.script.events = reply_events("too late")
+    body = {"message": "think", "session": "s-10"}
+    with pytest.raises(httpx.ReadTimeout):
+        world.api.post(f"/agents/{AGENT}/turns", json=body, timeout=httpx.Timeout(10, read=1))
+    assert world.script.hung_up.wait(5), "the runtime's connection was not cut"
+    deadline = time.monotonic() + 5
+    while not world.transcript() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [line] = world.transcript()
+    assert line["cancelled"] is True and line["session"] == "s-10"
     world.script.silence_s = 0.0  # the lane slot is back
     assert world.api.post(f"/agents/{AGENT}/turns", json={"message": "x"}).json()["ok"]
 
@@ -165,6 +224,40 @@ def test_agent_run_prints_the_reply_as_it_streams_then_the_notice_once(world: Wo
     record = json.loads(as_json.stdout)  # the done record only, no deltas before it
     assert record["reply"] == "first " + "." * 30 and record["notices"] == [NOTICE]
     assert "stderr_tail" not in record and "type" not in record
+
+
+HOSTILE = ("safe \x1b]52;c;ZXZpbA==\x07text", "\x1b[2J\x1b[31m end\x9b2J\r\x08!\x1bc\t.")
+
+
+def test_agent_run_keeps_the_agents_escape_sequences_off_a_terminal(world: World) -> None:
+    """A reply that would set the clipboard (OSC 52), clear the screen, colour it, move the
+    cursor back: to a terminal, the text only; to a pipe, as the agent wrote it."""
+    world.script.events = reply_events(*HOSTILE)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [APPLIANCE, "agent", "run", AGENT, "go"],
+        env=world.env, stdout=follower, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    os.close(follower)
+    out = b""
+    try:
+        while select.select([leader], [], [], 30)[0]:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the command ended, the terminal is closed
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        os.close(leader)
+    assert out == b"safe text end2J!\t.\r\n"  # (the terminal writes \n as \r\n)
+    piped = subprocess.run(
+        [APPLIANCE, "agent", "run", AGENT, "again"], env=world.env, capture_output=True, timeout=60
+    )
+    assert piped.returncode == 0 and piped.stdout == ("".join(HOSTILE) + "\n").encode()
 
 
 def test_agent_chat_streams_each_line_in_one_session(world: World) -> None:

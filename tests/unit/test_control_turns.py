@@ -6,17 +6,31 @@ and hostile names."""
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from appliance.control import turns as turns_module
 from appliance.errors import TurnRefused
 from appliance.store import open_store
 from appliance.store.inference_store import InferenceStore
 from appliance.store.sandbox_store import SandboxStore
+from blueprints.runtimes import Exec, Reply
 from inference.ports import UsageRecord
-from tests.turn_fixtures import AGENT, NOTICE, TOKEN, World, ndjson, reply_events, turn_world
+from tests.turn_fixtures import (
+    AGENT,
+    NOTICE,
+    TOKEN,
+    Sandboxes,
+    World,
+    ndjson,
+    reply_events,
+    turn_world,
+)
 
 
 @pytest.fixture
@@ -48,7 +62,8 @@ def test_a_streamed_turn_through_the_api_is_recorded_with_tokens_tools_and_actor
     done = events[-1]
     assert done["ok"] is True and done["reply"] == "Hello" and done["session"] == "s-1"
     assert done["tokens"] == {
-        "prompt": 120, "completion": 30, "total": 150, "model_time_s": 1.25, "requests": 1
+        "prompt": 120, "completion": 30, "total": 150, "model_time_s": 1.25, "requests": 1,
+        "overlapping": False,
     }  # fmt: skip
     assert done["notices"] == [NOTICE] and done["trigger"] == "manual"
     # The runtime got the message as sent, with its token; nothing else did.
@@ -100,6 +115,93 @@ def test_the_agent_socket_gone_is_a_failed_turn_recorded(world: World, tmp_path:
     done = world.api.post(f"/agents/{AGENT}/turns", json={"message": "x"}).json()
     assert done["ok"] is False and "ConnectError" in done["error"], done
     assert world.transcript()[-1]["error"] == done["error"]
+
+
+def test_a_symlink_in_place_of_the_agent_socket_is_not_followed(
+    world: World, tmp_path: Path
+) -> None:
+    """The socket's directory is the agent's: a symlink there to another socket of the host
+    (root connects) is refused, and that socket is never reached."""
+    elsewhere = tmp_path / "elsewhere.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(elsewhere))
+    listener.listen()
+    listener.settimeout(0.5)
+    with world.plane.sandboxes.manager() as sandboxes:
+        agent_socket = sandboxes.socket
+    agent_socket.unlink()
+    agent_socket.symlink_to(elsewhere)
+    world.script.events = reply_events("never")
+    try:
+        done = world.api.post(f"/agents/{AGENT}/turns", json={"message": "x"}).json()
+        with pytest.raises(TimeoutError):
+            listener.accept()  # nothing connected to it
+    finally:
+        listener.close()
+    assert done["ok"] is False and done["cancelled"] is False
+    assert done["error"].startswith(f"AgentSocketRefused: {agent_socket} is a symlink, not "), done
+    assert "refused" in done["error"] and world.transcript()[-1]["error"] == done["error"]
+    assert world.script.requests == []
+
+
+def test_the_record_keeps_the_runtimes_id_status_and_usage_only(world: World) -> None:
+    """The runtime's whole response (up to 1 MiB, the reply again) is not kept line after line."""
+    raw = {"id": "resp_1", "status": "completed", "usage": {"total_tokens": 5},
+           "output": [{"type": "message", "content": [{"text": "x" * 100_000}]}]}  # fmt: skip
+    world.script.events = [*reply_events("hi")[:-1], {**reply_events("hi")[-1], "raw": raw}]
+    done = world.api.post(f"/agents/{AGENT}/turns", json={"message": "x"}).json()
+    kept = {"id": "resp_1", "status": "completed", "usage": {"total_tokens": 5}}
+    assert done["raw"] == kept and world.transcript()[-1]["raw"] == kept
+
+
+def test_turns_of_one_agent_at_once_say_their_tokens_overlap(world: World) -> None:
+    """Their token windows hold each other's ledger rows: each says so; a turn alone does not."""
+    world.script.events = reply_events("a ", "b")
+    world.script.usage = (10, 5, 0.5)
+    first = world.plane.turns.start(None, AGENT, "one", "s-1")
+    assert next(first)["type"] == "delta"  # the first turn is in its runtime now
+    second = list(world.plane.turns.stream(None, AGENT, "two", "s-2"))
+    rest = list(first)
+    assert second[-1]["tokens"]["overlapping"] is rest[-1]["tokens"]["overlapping"] is True
+    assert rest[-1]["tokens"]["requests"] == 2  # its own row and the second turn's
+    alone = list(world.plane.turns.stream(None, AGENT, "three", "s-3"))[-1]
+    assert alone["tokens"]["overlapping"] is False and alone["tokens"]["requests"] == 1
+    assert [t["tokens"]["overlapping"] for t in world.transcript()] == [True, True, False]
+
+
+class _ExecRuntime:
+    """A runtime without a service: a command per turn (as a `kind: command` with `turn:`)."""
+
+    def __init__(self, blueprint: Any) -> None:
+        self.blueprint = blueprint
+
+    def service(self) -> None:
+        return None
+
+    def turn(self, message: str, session: str) -> Exec:
+        return Exec(["echo", message])
+
+    def read_turn(self, exit_code: int, stdout: bytes, stderr: bytes) -> Reply:
+        return Reply(ok=exit_code == 0, text=stdout.decode())
+
+
+def test_an_exec_turn_that_finished_stands_when_its_client_leaves_at_the_last_event(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran = threading.Event()
+
+    def exec_(self: Sandboxes, name: str, argv: list[str], **_kw: Any) -> tuple[int, bytes, bytes]:
+        ran.set()
+        return 0, b"all done", b""
+
+    monkeypatch.setattr(turns_module, "runtime_for", _ExecRuntime)
+    monkeypatch.setattr(Sandboxes, "exec", exec_, raising=False)
+    events = world.plane.turns.start(None, AGENT, "go", "s-8")
+    assert next(events) == {"type": "delta", "text": "all done"}
+    events.close()  # the client went away before the done record
+    [line] = world.transcript()
+    assert ran.is_set() and line["ok"] is True and line["cancelled"] is False
+    assert line["reply"] == "all done" and line["error"] is None
 
 
 # -- refusals ----------------------------------------------------------------------------------

@@ -3,14 +3,16 @@ the logic is AgentService's, appliance/control/agents.py, and TurnService's, tur
 create, upgrade or turn can take minutes (an image build, a real model's turn): clients wait
 with a long timeout. A turn is answered whole (its done record) or, with `stream: true`, as
 NDJSON: one event per line as the runtime produces it, the done record last. A refused turn is
-a 409 (`turn_refused`) before any byte of a stream."""
+a 409 (`turn_refused`) before any byte of a stream. Either way, a client that disconnects before
+the turn ends cancels it in the runtime at once, and it is recorded cancelled."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from fastapi import APIRouter
+import anyio
+from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field, field_validator, model_validator
 from starlette.types import Receive, Scope, Send
@@ -121,16 +123,45 @@ async def _lines(events: lanes.LaneStream[dict[str, Any]]) -> Any:
         yield json.dumps(event) + "\n"
 
 
+async def _whole(request: Request, events: lanes.LaneStream[dict[str, Any]]) -> dict[str, Any]:
+    """The turn's done record. The client gone first: the turn is interrupted (as a stream's
+    is), so it ends at once, recorded cancelled; its slot is given back either way."""
+
+    async def interrupt_on_disconnect() -> None:
+        # The body was read: what the server receives next is the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        events.interrupt()
+
+    done: dict[str, Any] | None = None
+    try:
+        async with anyio.create_task_group() as watching:
+            watching.start_soon(interrupt_on_disconnect)
+            async for event in events:
+                if event["type"] == "done":
+                    done = event
+            watching.cancel_scope.cancel()
+    finally:
+        await events.aclose()
+    if done is None:
+        raise AssertionError("a turn's events end with done")  # TurnService._events yields it
+    return done
+
+
 @router.post("/agents/{name}/turns", response_model=None)
 async def run_turn(
-    name: str, body: TurnRequest, who: Principal = Operator, plane: ControlPlane = Plane
+    request: Request,
+    name: str,
+    body: TurnRequest,
+    who: Principal = Operator,
+    plane: ControlPlane = Plane,
 ) -> dict[str, Any] | Response:
-    """A turn runs on its own lane (api/lanes.py): 429 when all its slots are taken; a stream
-    holds its slot until it ends."""
-    args = (who, name, body.message, body.session)
+    """A turn runs on its own lane (api/lanes.py): 429 when all its slots are taken; it holds
+    its slot until it ends (a stream: until the stream does)."""
+    events = await lanes.TURNS.open(plane.turns.start, who, name, body.message, body.session)
     if not body.stream:
-        return await lanes.TURNS.run(plane.turns.run, *args)
-    return TurnStream(await lanes.TURNS.open(plane.turns.start, *args))
+        return await _whole(request, events)
+    return TurnStream(events)
 
 
 @router.post("/agents/{name}/stop")

@@ -20,7 +20,7 @@ come from the supervisor's own table, sandbox/supervisor/landlock.py, which is s
         {"path": "/usr", "access": ["execute", "read_file", "read_dir"], "optional": true},
         ...
       ],
-      "net": {"connect_tcp": [3128, *listen], "bind_tcp": [*listen]},  # a NET_PORT rule each
+      "net": {"connect_tcp": [3128], "bind_tcp": [*listen]},  # a NET_PORT rule each
       "missing": []          # rights the newest known ABI has that "abi" lacks
     }
 
@@ -110,11 +110,13 @@ def landlock_rules(policy: Policy, *, abi: int | None = None) -> dict[str, Any]:
 
     net_handled = [n for n, (_bit, since) in NET_RIGHTS.items() if since <= abi]
     scope = [n for n, (_bit, since) in SCOPES.items() if since <= abi]
-    # The runtime binds its `listen` ports; its tools and PID 1's agent-socket forwarder (same
-    # net rules) connect to them. Loopback only: the sandbox has no other interface.
+    # The runtime binds its `listen` ports; nothing in the agent's domain may connect to them:
+    # the agent's tools would drive their own runtime around the control plane's gate. PID 1's
+    # agent-socket forwarder connects from its own domain, which adds that one port (see
+    # `own_net` in sandbox/supervisor/init.py). Loopback only: the sandbox has no other interface.
     listen = policy.process.listen
     net = (
-        {"connect_tcp": [FORWARDER_PORT, *listen], "bind_tcp": list(listen)}
+        {"connect_tcp": [FORWARDER_PORT], "bind_tcp": list(listen)}
         if net_handled
         else {"connect_tcp": [], "bind_tcp": []}
     )

@@ -12,9 +12,14 @@ from typing import Any
 
 import landlock
 from log import EXIT_CONFIG, die
+from timing import EXIT_GRACE_S, STOP_GRACE_S
 
 DEFAULT_CONFIG = "/run/appliance/config/sandbox.json"
 RESTART_POLICIES = ("always", "never")
+# Who may connect to the agent socket: "outside" (the default) = only a peer outside PID 1's pid
+# namespace, i.e. the host; "any" = no check (tests that run the supervisor as a plain process,
+# where host and sandbox share one pid namespace). See init.py's docstring.
+SOCKET_PEERS = ("outside", "any")
 RUNTIME_DEFAULTS = {
     "restart": "always",
     "backoff_initial_s": 1.0,
@@ -43,8 +48,8 @@ def load_config(path: str) -> dict[str, Any]:
             die(EXIT_CONFIG, f"{path}: '{key}' must be a path")
     cfg.setdefault("cwd", "/")
     cfg.setdefault("listen", "127.0.0.1:3128")
-    cfg.setdefault("stop_grace_s", 10.0)  # SIGTERM → SIGKILL of the agent's group
-    cfg.setdefault("exit_grace_s", 2.0)  # agent gone → remaining children get this long
+    cfg.setdefault("stop_grace_s", STOP_GRACE_S)
+    cfg.setdefault("exit_grace_s", EXIT_GRACE_S)
     ll = cfg.setdefault("landlock", {})
     ll.setdefault("compatibility", "hard_requirement")
     ll.setdefault("min_abi", 1)
@@ -90,6 +95,9 @@ def _service_keys(cfg: dict[str, Any], path: str) -> None:
             isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535
         ):
             die(EXIT_CONFIG, f'{path}: \'agent_socket\' must be {{"path": "/...", "port": N}}')
+        sock = {"peers": "outside", **sock}
+        if sock["peers"] not in SOCKET_PEERS:
+            die(EXIT_CONFIG, f"{path}: agent_socket.peers must be outside|any")
     cfg["agent_socket"] = sock
     checkin = cfg.get("checkin")
     if checkin is not None:

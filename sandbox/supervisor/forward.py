@@ -5,6 +5,14 @@
   is then closed cleanly, and the host tells that from the report's `runtime` state.
 
 Both listeners are bound before PID 1 restricts itself with Landlock (binding is a Landlock right).
+
+Who may use the agent socket: connecting to a unix socket is not a Landlock-controlled action, and
+the agent (same uid) can reach the socket's path inside the sandbox. The runtime behind it holds
+the keys of the agent's own turns, so a connection from inside would drive the runtime around the
+control plane's gate and transcript. `outside_only` admits a peer only when SO_PEERCRED's pid is 0:
+the kernel gives 0 for a peer outside the reader's pid namespace (the host's control plane) and the
+peer's pid for every process of the sandbox, `podman exec` ones included. The peer's credentials
+are the kernel's, taken at connect(): nobody can forge them.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import contextlib
 import os
 import socket
 import stat
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +29,9 @@ from collections.abc import Callable
 from log import log
 
 Connect = Callable[[], socket.socket]
+Admit = Callable[[socket.socket], str | None]  # why a connection is refused, or None
 DRAIN_S = 2.0  # how long a refused client gets to close its side before we close ours
+REFUSED_LOG_S = 10.0  # at most one "refused" line per this long (a hostile loop floods nothing)
 
 
 def bind_tcp_listener(listen: str) -> socket.socket:
@@ -69,6 +80,21 @@ def tcp_upstream(port: int) -> Connect:
     return lambda: socket.create_connection(("127.0.0.1", port), timeout=5)
 
 
+def peer_pid(conn: socket.socket) -> int:
+    """The connecting process's pid as PID 1's pid namespace sees it (0: outside it)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[0]
+
+
+def outside_only(conn: socket.socket) -> str | None:
+    """Admit only a peer outside the sandbox's pid namespace (see the module docstring)."""
+    try:
+        pid = peer_pid(conn)
+    except OSError as exc:
+        return f"peer credentials unreadable ({exc})"
+    return None if pid == 0 else f"pid {pid} is inside the sandbox"
+
+
 def _pump(src: socket.socket, dst: socket.socket) -> None:
     """Copy until EOF, then half-close dst so the peer sees EOF but can still answer."""
     try:
@@ -94,14 +120,24 @@ def _refuse(client: socket.socket) -> None:
 
 class Forwarder:
     """Accepts on `listener` and pipes each connection to a fresh `connect()` (`target` names
-    it in log lines: at most one "cannot reach" line per `quiet_s`)."""
+    it in log lines: at most one "cannot reach" line per `quiet_s`). With `admit`, a connection
+    it refuses is closed at once, unanswered, and counted in `refused` (one accept thread
+    writes it; the main thread reads it for the report)."""
 
     def __init__(
-        self, name: str, listener: socket.socket, connect: Connect, target: str, quiet_s: float
+        self,
+        name: str,
+        listener: socket.socket,
+        connect: Connect,
+        target: str,
+        quiet_s: float,
+        admit: Admit | None = None,
     ) -> None:
         self.name, self.listener, self.connect, self.target = name, listener, connect, target
-        self.quiet_s = quiet_s
+        self.quiet_s, self.admit = quiet_s, admit
+        self.refused = 0
         self._quiet_until = 0.0  # a benign race between threads: at worst one line more
+        self._refused_quiet_until = 0.0
 
     def start(self) -> None:
         threading.Thread(target=self._serve, name=self.name, daemon=True).start()
@@ -114,7 +150,17 @@ class Forwarder:
                 log(f"{self.name}: accept failed: {exc}")
                 time.sleep(0.05)
                 continue
+            if self.admit is not None and (why := self.admit(conn)) is not None:
+                conn.close()
+                self._note_refusal(why)
+                continue
             threading.Thread(target=self._bridge, args=(conn,), daemon=True).start()
+
+    def _note_refusal(self, why: str) -> None:
+        self.refused += 1
+        if time.monotonic() >= self._refused_quiet_until:
+            self._refused_quiet_until = time.monotonic() + REFUSED_LOG_S
+            log(f"{self.name}: connection refused: {why} (refused so far: {self.refused})")
 
     def _bridge(self, client: socket.socket) -> None:
         try:

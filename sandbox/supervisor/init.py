@@ -2,8 +2,10 @@
 `python3 -I /opt/appliance/supervisor/init.py` by the non-root agent uid.
 
 Order of work, and why:
-1. refuse root; no_new_privs, not dumpable (the agent shares our uid: no /proc/1/mem, no ptrace),
-   empty the capability bounding set as far as we are allowed;
+1. refuse root; remove the previous run's report (a stopped or killed container leaves its last
+   one behind: until this run writes its own, the host must find none rather than a stale one);
+   no_new_privs, not dumpable (the agent shares our uid: no /proc/1/mem, no ptrace), empty the
+   capability bounding set as far as we are allowed;
 2. bind the forwarders' listeners (before Landlock: binding is a Landlock right): TCP
    127.0.0.1:3128 for egress and, for an always-on runtime, the agent socket (unix, 0600); read
    the runtime's secret env file;
@@ -21,14 +23,26 @@ Order of work, and why:
 escape the agent's Landlock domain; this applies the same ruleset (same hard_requirement rule),
 then execs CMD with the agent's environment (never the runtime's secret env file).
 
-PID 1's own domain: every policy rule plus read on the stdlib, this directory and /proc, and
-write on the report directory. A child's domain can only narrow its parent's, so PID 1's domain
-must be a superset of the agent's; the point is that a compromised PID 1 (say through a
-forwarder) gains nothing beyond the agent's view but the report file. Connecting to the egress
-unix socket is not a Landlock-controlled action up to ABI 7 (ABI 6 scopes *abstract* sockets
-only), and a future unix-socket right stays allowed because we only handle the rights we know, so
-the forwarder keeps working. Both domains set the signal and abstract-socket scopes (ABI >= 6):
-the agent cannot signal PID 1 or reach abstract sockets outside its domain.
+PID 1's own domain: every policy rule plus read on the stdlib, this directory and /proc, write
+on the report directory, and connect to the runtime's port for the agent socket's forwarder
+(`own_net`): the agent's domain may bind that port but not connect to it, so the agent cannot
+drive its own runtime around the control plane. A child's domain can only narrow its parent's,
+so PID 1's domain must be a superset of the agent's; the point is that a compromised PID 1 (say
+through a forwarder) gains nothing beyond the agent's view but the report file and that port.
+Connecting to the egress unix socket is not a Landlock-controlled action up to ABI 7 (ABI 6
+scopes *abstract* sockets only), and a future unix-socket right stays allowed because we only
+handle the rights we know, so the forwarder keeps working. Both domains set the signal and
+abstract-socket scopes (ABI >= 6): the agent cannot signal PID 1 or reach abstract sockets
+outside its domain.
+
+The agent socket's peers (`agent_socket.peers`): the socket's path is reachable from inside the
+sandbox and a unix connect() is not a Landlock right, so PID 1 checks who connects. "outside"
+(the default) admits only a peer outside PID 1's pid namespace (SO_PEERCRED pid 0: the host's
+control plane) and refuses every process of the sandbox (closed unanswered, counted in the
+report's `agent_socket.refused`, logged at most once per 10 s). That test means something only
+when PID 1 is the init of its own pid namespace, as in every sandbox; a supervisor that is not
+(getpid() != 1) refuses to start with "outside" rather than guess. "any" turns the check off: only
+for tests that run the supervisor as a plain process (host and "sandbox" share one namespace).
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, NoReturn
 
@@ -46,7 +61,14 @@ from typing import Any, NoReturn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import landlock
 from config import DEFAULT_CONFIG, load_config, read_runtime_env
-from forward import Forwarder, bind_tcp_listener, bind_unix_listener, tcp_upstream, unix_upstream
+from forward import (
+    Forwarder,
+    bind_tcp_listener,
+    bind_unix_listener,
+    outside_only,
+    tcp_upstream,
+    unix_upstream,
+)
 from log import EXIT_CONFIG, EXIT_LANDLOCK, EXIT_SPAWN, die, log
 from procs import reap, stop_the_rest
 from report import agent_fields, base_report, write_report
@@ -95,11 +117,12 @@ def own_net(cfg: dict[str, Any]) -> dict[str, list[int]]:
     return {**net, "connect_tcp": [*net.get("connect_tcp", []), sock["port"]]}
 
 
-def supervise(agent: int, cfg: dict[str, Any]) -> int:
+def supervise(agent: int, cfg: dict[str, Any], tick: Callable[[], None]) -> int:
     """Without `runtime`/`checkin`: wait for the agent, forwarding signals; its exit code."""
     stop_at: float | None = None
     while True:
         info = signal.sigtimedwait({*FORWARDED, signal.SIGCHLD}, 0.5)
+        tick()
         if info is not None and info.si_signo in FORWARDED:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(agent, info.si_signo)
@@ -165,13 +188,40 @@ def bind_listeners(cfg: dict[str, Any]) -> list[Forwarder]:
     out = [Forwarder("forwarder", egress, unix_upstream(path), f"egress socket {path}", 0.0)]
     sock: dict[str, Any] | None = cfg["agent_socket"]
     if sock is not None:
+        outside = sock["peers"] == "outside"
+        if outside and os.getpid() != 1:
+            die(
+                EXIT_CONFIG,
+                f"agent_socket.peers 'outside' needs the supervisor to be PID 1 of its own pid "
+                f"namespace (its pid is {os.getpid()}): it cannot tell the host from the sandbox",
+            )
         try:
             listener: socket.socket = bind_unix_listener(sock["path"])
         except OSError as exc:
             die(EXIT_CONFIG, f"cannot bind the agent socket {sock['path']}: {exc}")
         target = f"the runtime on 127.0.0.1:{sock['port']}"
-        out.append(Forwarder("agent socket", listener, tcp_upstream(sock["port"]), target, 10.0))
+        admit = outside_only if outside else None
+        upstream = tcp_upstream(sock["port"])
+        out.append(Forwarder("agent socket", listener, upstream, target, 10.0, admit))
     return out
+
+
+def refusal_counter(
+    report: dict[str, Any], path: str, forwarders: list[Forwarder]
+) -> Callable[[], None]:
+    """The main loops' tick: the agent socket's refusals into the report (written from the main
+    thread only, like every other change), at most once per tick."""
+    found = [f for f in forwarders if f.admit is not None]
+    if not found:
+        return lambda: None
+    section = report["agent_socket"]
+
+    def tick() -> None:
+        if found[0].refused != section["refused"]:
+            section["refused"] = found[0].refused
+            write_report(path, report)
+
+    return tick
 
 
 def main() -> int:
@@ -184,6 +234,8 @@ def main() -> int:
             "agent uid (podman --user)",
         )
     cfg = load_config(os.environ.get("APPLIANCE_SANDBOX_CONFIG", DEFAULT_CONFIG))
+    with contextlib.suppress(FileNotFoundError):  # the previous run's (step 1 above)
+        os.unlink(cfg["report_path"])
     harden_self()
     if os.getpid() != 1:  # outside a PID namespace (tests): orphans still come to us
         landlock.prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -195,7 +247,10 @@ def main() -> int:
         env.update(read_runtime_env(cfg["runtime_env_file"]))
     abi, why = landlock.probe_abi()
     report = base_report(cfg, abi)
-    service = Runtime(cfg, abi, env, report) if cfg["runtime"] or cfg["checkin"] else None
+    if cfg["agent_socket"] is not None:
+        report["agent_socket"] = {"peers": cfg["agent_socket"]["peers"], "refused": 0}
+    tick = refusal_counter(report, report_path, forwarders)
+    service = Runtime(cfg, abi, env, report, tick) if cfg["runtime"] or cfg["checkin"] else None
 
     def refuse(reason: str) -> int:
         if service is not None:
@@ -237,7 +292,7 @@ def main() -> int:
     report["agent_started"] = True
     write_report(report_path, report)
     agent.go()
-    return supervise(agent.pid, cfg)
+    return supervise(agent.pid, cfg, tick)
 
 
 if __name__ == "__main__":

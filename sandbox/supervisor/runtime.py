@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from log import EXIT_LANDLOCK, log
@@ -40,9 +41,15 @@ class Runtime:
     """The runtime's state machine: waiting, running, backoff, fail_closed, stopped, failed."""
 
     def __init__(
-        self, cfg: dict[str, Any], abi: int, env: dict[str, str], report: dict[str, Any]
+        self,
+        cfg: dict[str, Any],
+        abi: int,
+        env: dict[str, str],
+        report: dict[str, Any],
+        tick: Callable[[], None] = lambda: None,
     ) -> None:
         self.cfg, self.abi, self.env, self.report = cfg, abi, env, report
+        self.tick = tick  # called on every turn of the loop (init.py: refusals into the report)
         rt = cfg["runtime"] or {"restart": "never"}
         self.always = rt["restart"] == "always"
         self.initial = float(rt.get("backoff_initial_s", 1))
@@ -108,6 +115,7 @@ class Runtime:
             if self.state == "backoff":
                 timeout = min(timeout, max(0.01, self.next_start - time.monotonic()))
             info = signal.sigtimedwait({*FORWARDED, signal.SIGCHLD}, timeout)
+            self.tick()
             if info is not None and info.si_signo in STOPPING:
                 return self._shutdown(info.si_signo)
             if info is not None and info.si_signo in FORWARDED and self.pid is not None:

@@ -4,13 +4,16 @@ test_supervisor_runtime.py share.
 
 Landlock works unprivileged once no_new_privs is set, so the enforcement seen here is the
 kernel's, not a simulation. Tests running as root start the supervisor through
-`setpriv --reuid 1000` so that the real non-root path is exercised. The tree models the
+`setpriv --reuid 1000` so that the real non-root path is exercised; with `pid_ns=True` (root
+only) through `unshare --pid --fork --mount-proc` too, so that it is PID 1 of its own pid
+namespace as in a sandbox (the agent socket's peer rule needs that). The tree models the
 sandbox's mounts' ownership: the workspace, report and agent-socket directories are the agent
 uid's, the config directory (sandbox.json, the check-in file) is root's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,6 +42,10 @@ UNUSABLE = (
     if not os.path.exists(PY) or ABI < 1 or (AS_ROOT and not shutil.which("setpriv"))
     else None
 )
+
+# Why PID 1-of-a-namespace tests cannot run here, or None.
+NO_PID_NS = None if AS_ROOT and shutil.which("unshare") else "needs root and unshare(1)"
+PID_NS = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
 
 T = TypeVar("T")
 FAST = {"backoff_initial_s": 0.2, "backoff_max_s": 0.4, "healthy_after_s": 30}
@@ -127,19 +134,29 @@ class Box:
         os.chmod(path, 0o644)
         return path
 
-    def argv(self, as_agent: bool = True) -> list[str]:
+    def argv(self, as_agent: bool = True, pid_ns: bool = False) -> list[str]:
         pre = ["setpriv", f"--reuid={AGENT_UID}", f"--regid={AGENT_UID}", "--clear-groups"]
-        return [*(pre if AS_ROOT and as_agent else []), PY, "-I", str(self.sup / "init.py")]
+        return [
+            *(PID_NS if pid_ns else []),
+            *(pre if AS_ROOT and as_agent else []),
+            *[PY, "-I", str(self.sup / "init.py")],
+        ]
 
-    def popen(self, cfg: Path, as_agent: bool = True) -> subprocess.Popen[str]:
+    def popen(
+        self, cfg: Path, as_agent: bool = True, pid_ns: bool = False
+    ) -> subprocess.Popen[str]:
         env = {"APPLIANCE_SANDBOX_CONFIG": str(cfg), "PATH": "/usr/bin:/bin"}
         return subprocess.Popen(
-            self.argv(as_agent), env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            self.argv(as_agent, pid_ns),
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
 
-    def start(self, cfg: Path) -> subprocess.Popen[str]:
+    def start(self, cfg: Path, pid_ns: bool = False) -> subprocess.Popen[str]:
         """A supervisor left running: stopped (with its runtime) when the box is cleaned up."""
-        self.started.append(self.popen(cfg))
+        self.started.append(self.popen(cfg, pid_ns=pid_ns))
         return self.started[-1]
 
     def run(self, code: str, timeout: float = 20, **landlock: Any) -> tuple[int, str, str]:
@@ -157,7 +174,7 @@ def made_box() -> Iterator[Box]:
     finally:
         for proc in box.started:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                signal_supervisor(proc, signal.SIGTERM)
                 try:
                     proc.communicate(timeout=5)
                 except subprocess.TimeoutExpired:
@@ -219,7 +236,23 @@ def check_in(box: Box) -> float:
     return time.monotonic()
 
 
+def supervisor_pid(proc: subprocess.Popen[str]) -> int:
+    """The supervisor's pid (on this host's side): under unshare(1), its only child."""
+    if proc.args[0] != PID_NS[0]:  # type: ignore[index]
+        return proc.pid
+    kids = f"/proc/{proc.pid}/task/{proc.pid}/children"
+    first = wait_for("the supervisor under unshare", lambda: Path(kids).read_text().split())[0]
+    return int(first)
+
+
+def signal_supervisor(proc: subprocess.Popen[str], sig: int) -> None:
+    """What a container stop does. unshare(1) neither forwards nor acts on SIGTERM: the
+    supervisor gets it directly."""
+    with contextlib.suppress(ProcessLookupError, FileNotFoundError, AssertionError):
+        os.kill(supervisor_pid(proc), sig)
+
+
 def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
-    proc.send_signal(signal.SIGTERM)
+    signal_supervisor(proc, signal.SIGTERM)
     _out, err = proc.communicate(timeout=10)
     return proc.returncode, err

@@ -75,13 +75,20 @@ def post(path: Path, target: str, body: bytes) -> bytes:
         return got
 
 
-def socket_service(box: Box, port: int, **extra: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def socket_service(
+    box: Box, port: int, peers: str = "any", **extra: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The always-on keys and the agent's net rules for a runtime on `port`. `peers: any`: this
+    supervisor is a plain process, it cannot tell the host from the sandbox (the peer rule:
+    test_supervisor_peers.py, in a pid namespace)."""
     service = {
         "runtime": {"restart": "always", **FAST},
-        "agent_socket": {"path": str(box.agent_socket), "port": port},
+        "agent_socket": {"path": str(box.agent_socket), "port": port, "peers": peers},
         **extra,
     }
-    net = {"connect_tcp": [box.port, port], "bind_tcp": [port]}  # what policy `listen` compiles to
+    # What policy `listen` compiles to: bind, never connect. PID 1 adds the connect in its own
+    # domain (init.py `own_net`): every forwarded request here goes through that grant.
+    net = {"connect_tcp": [box.port], "bind_tcp": [port]}
     return service, net
 
 

@@ -378,14 +378,13 @@ def test_service_sock_mount_is_the_only_addition() -> None:
     assert [m for m in with_sock if m != added[0]] == plain
 
 
-def test_landlock_listen_binds_and_connects() -> None:
+def test_landlock_listen_binds_but_never_connects() -> None:
+    """The agent's domain binds its runtime's ports but cannot connect to them (it would drive
+    its runtime around the control plane); PID 1's forwarder adds the connect in its own."""
     rules = landlock_rules(_service_policy())
-    assert rules["net"] == {"connect_tcp": [3128, SERVICE_PORT], "bind_tcp": [SERVICE_PORT]}
+    assert rules["net"] == {"connect_tcp": [3128], "bind_tcp": [SERVICE_PORT]}
     two = Policy.model_validate({"process": {"listen": [9000, 8080]}})
-    assert landlock_rules(two)["net"] == {
-        "connect_tcp": [3128, 8080, 9000],
-        "bind_tcp": [8080, 9000],
-    }
+    assert landlock_rules(two)["net"] == {"connect_tcp": [3128], "bind_tcp": [8080, 9000]}
     # A kernel without network rights (ABI < 4) handles none: nothing to list.
     assert landlock_rules(two, abi=3)["net"] == {"connect_tcp": [], "bind_tcp": []}
 

@@ -24,17 +24,22 @@ from typing import TYPE_CHECKING, Any
 
 from sandbox.compile.podman_spec import CONFIG_DIR, SOCK_DIR
 from sandbox.lifecycle.errors import SandboxError, SandboxNotFound
-from sandbox.lifecycle.kill import STOP_TIMEOUT_S
 from sandbox.lifecycle.layout import SandboxPaths
 from sandbox.lifecycle.owned_paths import remove_owned
 from sandbox.lifecycle.ports import RuntimeService, SandboxRecord
 from sandbox.lifecycle.undo import Undo
 from sandbox.policy import Policy
+from sandbox.supervisor.timing import EXIT_GRACE_S, STOP_GRACE_S
 
 AGENT_SOCKET = f"{SOCK_DIR}/agent.sock"
 CHECKIN = f"{CONFIG_DIR}/checkin"
 RUNTIME_ENV_FILE = f"{CONFIG_DIR}/runtime-env.json"
 BACKOFF_INITIAL_S, BACKOFF_MAX_S, HEALTHY_AFTER_S = 1, 60, 60
+# Podman's SIGKILL to PID 1 must come after PID 1's own stop: SIGTERM to the runtime's group,
+# SIGKILL after STOP_GRACE_S, orphans SIGKILLed after EXIT_GRACE_S; then PID 1 records `stopped`.
+# The kill switch's 3 s (kill.py) would cut a slow runtime's stop short and leave the report
+# saying `running` with a dead pid.
+PARK_TIMEOUT_S = int(STOP_GRACE_S + EXIT_GRACE_S) + 2
 _ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}", re.ASCII)
 
 
@@ -182,7 +187,7 @@ class SandboxRuntimes:
 
         record = self._record(name)
         with contextlib.suppress(NotFound):
-            self.container(name).stop(timeout=STOP_TIMEOUT_S)
+            self.container(name).stop(timeout=PARK_TIMEOUT_S)
         self._stop_proxy(self.paths(name))
         placed = {"order": order} if order is not None else {}
         self.store_audit(

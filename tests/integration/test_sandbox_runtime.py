@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -21,7 +22,9 @@ import pytest
 from sandbox.lifecycle.errors import SandboxError
 from sandbox.lifecycle.manager import SandboxManager, read_policy_file
 from sandbox.lifecycle.ports import RuntimeService
+from sandbox.lifecycle.runtime import PARK_TIMEOUT_S
 from sandbox.policy import Policy
+from sandbox.supervisor.timing import STOP_GRACE_S
 from tests.sandbox_fixtures import ensure_base_image, sandbox_manager, sandbox_skip_reason
 from tests.security.test_escape_battery import POLICIES
 
@@ -46,6 +49,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 http.server.HTTPServer(("127.0.0.1", {PORT}), Handler).serve_forever()
 """
 COMMAND = ["python3", "-c", SERVER]
+IGNORE_SIGTERM = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+IGNORES_SIGTERM = ["python3", "-c", IGNORE_SIGTERM + SERVER]
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +122,7 @@ def test_the_host_drives_the_runtime_over_the_agent_socket(manager: SandboxManag
     config = json.loads((paths.config / "sandbox.json").read_text())
     assert config["agent_socket"] == {"path": "/run/appliance/sock/agent.sock", "port": PORT}
     assert config["checkin"]["after_s"] == FAIL_CLOSED_AFTER
-    assert config["landlock"]["net"] == {"connect_tcp": [3128, PORT], "bind_tcp": [PORT]}
+    assert config["landlock"]["net"] == {"connect_tcp": [3128], "bind_tcp": [PORT]}
     # The token is in two files only: never in the container's argv or environment.
     token = manager.runtime_token(name)
     assert token and len(token) >= 43
@@ -158,6 +163,8 @@ def ask_over(path_or_addr):
     data = b""
     while chunk := s.recv(65536):
         data += chunk
+    if not data:
+        return "closed"
     head, _, body = data.partition(b"\r\n\r\n")
     return [head.split()[1].decode(), json.loads(body)["host"]]
 def unix_connect(path):
@@ -213,13 +220,25 @@ def test_the_agent_cannot_touch_the_socket_the_checkin_or_the_token(
     # Neither the host's control socket nor another sandbox's agent socket exists in here.
     assert results["control_socket"] == "ENOENT", results
     assert results["other_agent_socket"] == "ENOENT", results
-    # Its own agent socket and port lead to its own runtime only (no token: 401).
-    assert results["own_agent_socket"] == ["401", name], results
-    assert results["own_loopback"] == ["401", name], results
+    # Nor can it drive its own runtime: Landlock refuses a connect to the runtime's port (the
+    # agent's domain may only bind it), and PID 1 closes the agent socket unanswered for any
+    # peer inside the sandbox, counting it. The host still drives the runtime.
+    assert results["own_agent_socket"] in ("closed", "ECONNRESET", "EPIPE"), results
+    assert results["own_loopback"] == "EACCES", results
+    _wait_refused(manager, name, 1)
     assert results["token_in_env"] is False, results  # `exec` never gets the runtime's env
     # Nothing was changed: the socket is there and the runtime still answers.
     assert sorted(p.name for p in manager.paths(name).sock.iterdir()) == ["agent.sock"]
     assert _answer(manager, name)["host"] == name
+
+
+def _wait_refused(manager: SandboxManager, name: str, count: int) -> None:
+    """PID 1 counts refusals into its report on its next tick (0.5 s)."""
+    want = {"peers": "outside", "refused": count}
+    deadline = time.monotonic() + 5
+    while (manager.enforcement(name) or {}).get("agent_socket") != want:
+        assert time.monotonic() < deadline, ("refusals", want, manager.enforcement(name))
+        time.sleep(0.1)
 
 
 def test_fails_closed_without_checkins_and_comes_back(manager: SandboxManager) -> None:
@@ -291,6 +310,27 @@ def test_park_keeps_the_state_and_reconcile_brings_it_back(manager: SandboxManag
     assert name in out.stopped and name not in out.restarted
     with pytest.raises(httpx.TransportError):  # nothing listens on the socket left behind
         _ask(manager, name, manager.runtime_token(name))
+
+
+def test_park_outlasts_a_runtime_that_ignores_sigterm(manager: SandboxManager) -> None:
+    """Parking gives PID 1 the time of its own stop (SIGTERM to the runtime's group, SIGKILL
+    after stop_grace_s): the report then says `stopped`, never `running` with a dead pid; the
+    next start's report is the new run's."""
+    name = _name("stubborn")
+    manager.create(name, _policy(), IGNORES_SIGTERM, service=SERVICE)
+    _answer(manager, name)
+    t0 = time.monotonic()
+    manager.park(name, "control plane stopping")
+    took = time.monotonic() - t0
+    state = manager.runtime_state(name)
+    assert state is not None and state["state"] == "stopped" and state["pid"] is None, state
+    assert state["last_exit"]["signal"] == signal.SIGKILL, state
+    assert STOP_GRACE_S - 1 <= took <= PARK_TIMEOUT_S + 2, took
+
+    manager.start(name)
+    assert _answer(manager, name)["ok"] is True
+    state = manager.runtime_state(name)
+    assert state is not None and state["state"] == "running" and state["starts"] == 1, state
 
 
 def test_start_checks_in_before_the_container_starts(manager: SandboxManager) -> None:

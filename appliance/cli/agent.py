@@ -228,8 +228,7 @@ def schedule(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> No
     if not entries:
         console.print(f"{escape(name)} has no schedule (its blueprint's `schedule:` is empty)")
         return
-    columns = ("#", "when", "session", "prompt", "next run", "last run", "outcome", "last skip")
-    table = Table(*columns)
+    table = Table("#", "when", "session", "prompt", "next run", "last run", "outcome")
     for e in entries:
         when = f"every {e['every']}" if e.get("every") else f"cron {e['cron']}"
         when += f" {e['tz']}" if e.get("tz") and e["tz"] != "UTC" else ""
@@ -238,12 +237,11 @@ def schedule(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> No
         outcome = e.get("last_outcome") or "-"
         if e.get("last_reason"):
             outcome += f": {e['last_reason']}"
-        skip = _at(e.get("last_skip_at"))  # beside the last run: a skip hides no outcome
-        if e.get("last_skip_reason"):
-            skip += f": {e['last_skip_reason']}"
+        if e.get("last_skip_at"):  # beside the last run's outcome: a skip hides none
+            outcome += f"\nlast skipped {_at(e['last_skip_at'])}: {e.get('last_skip_reason')}"
         prompt = e["prompt"] if len(e["prompt"]) <= 40 else e["prompt"][:39] + "…"
         cells = (when, e["session"], prompt, _at(e.get("next_run_at")), _at(e.get("last_run_at")))
-        table.add_row(str(e["index"]), *(escape(c) for c in (*cells, outcome, skip)))
+        table.add_row(str(e["index"]), *(escape(c) for c in cells), escape(outcome))
     console.print(table)
 
 

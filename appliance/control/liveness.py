@@ -25,6 +25,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from appliance.control.scheduler import system_principal
+from sandbox.lifecycle.runtime import PARK_TIMEOUT_S
 
 if TYPE_CHECKING:
     from appliance.control.schedules import DeployedBlueprints
@@ -35,12 +36,12 @@ log = logging.getLogger(__name__)
 CHECKIN_EVERY_S = 5.0
 MIN_INTERVAL_S = 1.0
 DEFAULT_FAIL_CLOSED_AFTER_S = 120
-# Parking one sandbox at worst: its container's stop (SIGTERM, SIGKILL after the park timeout:
-# the supervisor's stop grace + 2 s = 12 s, sandbox/lifecycle/runtime.py) and its egress proxy's.
-PARK_NEEDS_S = 14.0
+# Parking one sandbox at worst: its container's stop (SIGTERM to PID 1, SIGKILL after the park
+# timeout, which outlasts PID 1's own stop of the runtime) and its egress proxy's, 2 s.
+PARK_NEEDS_S = PARK_TIMEOUT_S + 2.0
 PARK_DEADLINE_S = 20.0  # park_all's own, when no caller's deadline is given
-# In parallel, not one after another: with 12 s a container at worst, in sequence only one agent
-# would fit in the budget. The parks start in name order and each is audited with its place.
+# In parallel, not one after another: at PARK_NEEDS_S a sandbox at worst, in sequence only one
+# agent would fit in the budget. The parks start in name order and each is audited with its place.
 PARK_THREADS = 8
 SHUTDOWN_REASON = "control plane shutdown"
 

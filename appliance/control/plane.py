@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 # From the stop signal to the agents parked: the supervisor and systemd (TimeoutStopSec) send
-# SIGKILL 30 s after SIGTERM. The API's graceful stop (server.py GRACEFUL_STOP_S), the threads'
-# joins and the parking all come out of this one budget.
+# SIGKILL 30 s after SIGTERM. The API's graceful stop (server.py GRACEFUL_STOP_S, 5 s), the
+# threads' joins (until 25 - 16 = 9 s) and the parking (liveness.PARK_NEEDS_S, 16 s at worst)
+# all come out of this one budget.
 SHUTDOWN_BUDGET_S = 25.0
 
 

@@ -521,10 +521,10 @@ def test_9_the_kill_switch_stops_holds_and_skips_the_schedule(app: Appliance) ->
     entry = until(
         "a scheduled run skipped under the hold",
         75,
-        lambda: (e := schedule(app.env))["skips"] > skips and e["last_outcome"] == "skipped" and e,
+        lambda: (e := schedule(app.env))["skips"] > skips and e["last_skip_at"] and e,
         every=2,
     )
-    assert "kill switch" in entry["last_reason"], entry
+    assert "kill switch" in entry["last_skip_reason"], entry
     skipped = [r for r in audit(app.env, 100) if r["event"] == "schedule.skipped"]
     assert skipped and "kill switch" in skipped[-1]["reason"], skipped
     ran = [t for t in transcript(app.env) if t["trigger"] == "schedule" and t["ts"] >= held_at]

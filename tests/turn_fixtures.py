@@ -62,6 +62,7 @@ class Script:
     silence_s: float = 0.0  # before the first event (a long prefill), watching for a hang-up
     usage: tuple[int, int, float] | None = None  # a ledger row "the gateway" writes per turn
     ready_status: int = 200  # what GET /readyz answers
+    sse: bool = False  # events as server-sent events (a real adapter's protocol), not NDJSON
     requests: list[dict[str, Any]] = field(default_factory=list)  # the POSTs
     ready_checks: int = 0
     hung_up: threading.Event = field(default_factory=threading.Event)
@@ -96,7 +97,8 @@ def _handler(script: Script, key_id: str, state_dir: Path) -> type[BaseHTTPReque
                         UsageRecord(key_id, "m", prompt, completion, latency, 200, True)
                     )
             self.send_response(200)
-            self.send_header("content-type", "application/x-ndjson")
+            ctype = "text/event-stream" if script.sse else "application/x-ndjson"
+            self.send_header("content-type", ctype)
             self.end_headers()
             self.wfile.flush()
             if not self.stay_silent(script.silence_s):
@@ -105,7 +107,8 @@ def _handler(script: Script, key_id: str, state_dir: Path) -> type[BaseHTTPReque
             try:
                 for event in script.events:
                     time.sleep(script.pause_s)
-                    self.wfile.write(json.dumps(event).encode() + b"\n")
+                    line = json.dumps(event).encode()
+                    self.wfile.write(b"data: " + line + b"\n\n" if script.sse else line + b"\n")
                     self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
                 script.hung_up.set()

@@ -292,7 +292,9 @@ class TurnService:
                     if event.denied:
                         self._audit(turn, "agent.tool_denied", tool=event.name)
                     yield {"type": "tool", **call}
-                elif isinstance(event, Finished):
+                # A failure after an interrupt is the interrupt's (the connection cut): the turn
+                # is cancelled. An answer the runtime completed stands.
+                elif isinstance(event, Finished) and (event.ok or not turn.transport.interrupted):
                     outcome.finish(event)
 
     def _executed(self, turn: _Turn, outcome: Outcome) -> Iterator[dict[str, Any]]:

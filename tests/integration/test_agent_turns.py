@@ -72,6 +72,7 @@ def test_an_exec_turn_streams_through_the_api_and_therun_cli(plane: dict[str, st
         "total": 0,
         "model_time_s": 0.0,
         "requests": 0,
+        "overlapping": False,
     }  # fmt: skip  (an echo makes no model call)
 
     out = run_cli(plane, "agent", "run", name, "via the cli", "--session", "s-2")

@@ -81,11 +81,8 @@ def test_a_hang_up_while_the_runtime_is_silent_cancels_at_once(world: World) -> 
     assert world.api.post(f"/agents/{AGENT}/turns", json={"message": "x"}).json()["ok"]
 
 
-def test_a_hang_up_while_the_runtime_is_not_ready_frees_the_slot_at_once(
-    world: World, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A real adapter waiting for its runtime (/readyz 503, for up to 120 s): the hang-up ends
-    the wait, the turn never reaches the runtime, its lane slot is back within a second."""
+def _served_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turns driven by a real adapter (a `kind: command` with `serve:`: /readyz, then SSE)."""
     served = Blueprint.model_validate(
         {
             "name": "served",
@@ -96,6 +93,35 @@ def test_a_hang_up_while_the_runtime_is_not_ready_frees_the_slot_at_once(
         }
     )
     monkeypatch.setattr(turns_module, "runtime_for", lambda _bp: CommandRuntime(served))
+
+
+def test_a_real_adapters_turn_cut_off_mid_reply_is_cancelled(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapter reads the cut connection as a failed turn: recorded cancelled, not failed."""
+    _served_command(monkeypatch)
+    world.script.sse, world.script.pause_s = True, 0.05
+    world.script.events = [
+        {"type": "response.output_text.delta", "delta": f"{i} "} for i in range(200)
+    ]
+    body = {"message": "count", "session": "s-11", "stream": True}
+    with world.api.stream("POST", f"/agents/{AGENT}/turns", json=body) as response:
+        assert json.loads(next(response.iter_lines())) == {"type": "delta", "text": "0 "}
+    assert world.script.hung_up.wait(5), "the runtime's stream was not closed"
+    deadline = time.monotonic() + 5
+    while not world.transcript() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [line] = world.transcript()
+    assert line["cancelled"] is True and line["error"] == "cancelled: the client went away"
+    assert line["reply"].startswith("0 ")
+
+
+def test_a_hang_up_while_the_runtime_is_not_ready_frees_the_slot_at_once(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real adapter waiting for its runtime (/readyz 503, for up to 120 s): the hang-up ends
+    the wait, the turn never reaches the runtime, its lane slot is back within a second."""
+    _served_command(monkeypatch)
     world.script.ready_status = 503
     body = {"message": "hi", "session": "s-9", "stream": True}
     with world.api.stream("POST", f"/agents/{AGENT}/turns", json=body) as response:

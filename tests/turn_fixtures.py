@@ -176,6 +176,9 @@ class Sandboxes:
     def runtime_state(self, name: str) -> dict[str, Any]:
         return dict(self.runtime)
 
+    def has_service(self, name: str) -> bool:
+        return True  # every agent's main process is kept up and checked in
+
 
 @dataclass
 class World:

@@ -207,7 +207,9 @@ class TurnService:
             raise TurnRefused(f"{name} is {state}", hint=f"`appliance agent start {name}`")
         if record.key_id is not None:
             self._budget_gate(name, record.key_id)
-        if service is not None:
+        # Every agent's main process is kept up and fails closed (an exec-turn one's too): a
+        # turn is refused while it is not running, whichever way turns reach it.
+        if service is not None or sandboxes.has_service(name):
             runtime = sandboxes.runtime_state(name) or {}
             state = runtime.get("state") or "not reported yet"
             if state != "running":
@@ -215,11 +217,11 @@ class TurnService:
                 raise TurnRefused(
                     f"{name}'s runtime is {state}{why}", hint=f"`appliance agent logs {name}`"
                 )
-            if not sandboxes.runtime_token(name):
-                raise TurnRefused(
-                    f"{name}'s runtime has no token on the host",
-                    hint=f"re-create it: `appliance agent rm {name}` and `agent create`",
-                )
+        if service is not None and not sandboxes.runtime_token(name):
+            raise TurnRefused(
+                f"{name}'s runtime has no token on the host",
+                hint=f"re-create it: `appliance agent rm {name}` and `agent create`",
+            )
         return record.key_id
 
     def _budget_gate(self, name: str, key_id: str) -> None:

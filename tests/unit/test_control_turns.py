@@ -204,6 +204,22 @@ def test_an_exec_turn_that_finished_stands_when_its_client_leaves_at_the_last_ev
     assert line["reply"] == "all done" and line["error"] is None
 
 
+def test_an_exec_turn_is_refused_while_the_agents_main_process_failed_closed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every agent's main process is kept up and checked in, an exec-turn one's too: a turn
+    while it is stopped (the control plane was away) is refused, not run beside it."""
+    ran = threading.Event()
+    monkeypatch.setattr(turns_module, "runtime_for", _ExecRuntime)
+    monkeypatch.setattr(Sandboxes, "exec", lambda *_a, **_k: ran.set(), raising=False)
+    world.runtime.update(state="fail_closed", reason="control plane silent for 25 s")
+    with pytest.raises(TurnRefused, match="runtime is fail_closed: control plane silent"):
+        world.plane.turns.start(None, AGENT, "go", "s-9")
+    assert not ran.is_set()
+    [line] = world.transcript()
+    assert "fail_closed" in line["refused"]
+
+
 # -- refusals ----------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ pytest.importorskip("torch")
 httpx = pytest.importorskip("httpx")
 
 from inference.embedded import weights  # noqa: E402
-from tests.integration.test_embedded_backend import MODEL, start_server, stop_server  # noqa: E402
+from tests.embedded_fixtures import MODEL, start_server, stop_server  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

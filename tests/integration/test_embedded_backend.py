@@ -11,15 +11,10 @@ import asyncio
 import json
 import os
 import re
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from tests.helpers import free_port
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -27,93 +22,21 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from inference.embedded import weights  # noqa: E402
+from tests.embedded_fixtures import (  # noqa: E402
+    CHAT,
+    MODEL,
+    chat,
+    metric,
+    start_server,
+    stop_server,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-MODEL = "nemotron"
-REPO = Path(__file__).resolve().parents[2]
-CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
-
-
-def start_server(cache_dir: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """`python -m inference.embedded` on a free port; returns once /health answers 200."""
-    port = free_port()
-    argv = [sys.executable, "-m", "inference.embedded", "--port", str(port),
-            "--served-model-name", MODEL, "--cache-dir", str(cache_dir), *extra]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300  # a cold start converts the GGUF
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server not healthy in time: {log.read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(scope="session")
-def weights_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        weights.default_gguf()
-    except weights.ModelNotFound as exc:
-        pytest.skip(str(exc))
-    cache = getattr(request.config, "cache", None)
-    return cache.mkdir("embedded-models") if cache else tmp_path_factory.mktemp("embedded-models")
-
-
-@pytest.fixture(scope="session")
-def server(weights_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("embedded") / "server.log"
-    proc, url = start_server(weights_cache, log)
-    yield url
-    stop_server(proc)
-
-
-@pytest.fixture(scope="session")
-def tokenizer(server: str, weights_cache: Path) -> object:
-    """The model's tokenizer, loaded independently of the server (from the weights cache)."""
-    from transformers import AutoTokenizer
-
-    src = weights.resolve(None)
-    return AutoTokenizer.from_pretrained(weights.cache_dir_for(src, weights_cache))
-
-
-@pytest.fixture
-def client(server: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def chat(client: openai.OpenAI, **kw: object) -> object:
-    args = {"model": MODEL, "messages": CHAT, "max_tokens": 24, "temperature": 0, **kw}
-    return client.chat.completions.create(**args)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """One sample's value from Prometheus text (0 when absent)."""
-    for line in text.splitlines():
-        if line.startswith((name + "{", name + " ")) and all(
-            f'{k}="{v}"' in line for k, v in labels.items()
-        ):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
 
 # -- basic routes ------------------------------------------------------------------------------
+
+
 def test_models_health_version(client: openai.OpenAI, server: str) -> None:
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
@@ -171,102 +94,6 @@ def test_raw_sse_framing(server: str) -> None:
     for ev in events[:-2]:
         assert ev.startswith("data: ")
         assert json.loads(ev[6:])["object"] == "chat.completion.chunk"
-
-
-TOOLS = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
-NOTICE = "tools ignored: SmolLM2-135M-Instruct.Q4_1's chat template has no tool slot"
-
-
-def test_tools_pass_through_to_the_template(client: openai.OpenAI) -> None:
-    resp = chat(client, tools=TOOLS, max_tokens=4)
-    assert resp.choices[0].message.role == "assistant"
-
-
-def test_tools_the_template_cannot_show_are_named_not_dropped_silently(
-    server: str, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """SmolLM2's template has no tool slot: a header on every such answer, streamed or not; the
-    model card says so for the control plane; the log warns once, however many requests."""
-    card = httpx.get(f"{server}/v1/models").json()["data"][0]
-    assert card["appliance"] == {"tools": False, "demonstration": True}
-    body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "tools": TOOLS}
-    for _ in range(3):
-        r = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
-        assert r.status_code == 200 and r.headers["x-appliance-notice"] == NOTICE
-    with httpx.stream(
-        "POST", f"{server}/v1/chat/completions", json={**body, "stream": True}, timeout=60
-    ) as r:
-        assert r.headers["x-appliance-notice"] == NOTICE
-        assert r.read().decode().endswith("data: [DONE]\n\n")
-    plain = httpx.post(f"{server}/v1/chat/completions", json={**body, "tools": None}, timeout=60)
-    assert plain.status_code == 200 and "x-appliance-notice" not in plain.headers
-    log = next(Path(tmp_path_factory.getbasetemp()).glob("embedded*/server.log")).read_text()
-    assert log.count("no tool slot") == 1, log
-
-
-@pytest.fixture(scope="module")
-def gateway(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """inference.local (the gateway's own process) in front of the embedded server: URL, key."""
-    from appliance.store.inference_store import InferenceStore
-    from tests.integration.gateway_harness import start_gateway, stop
-
-    state, port = tmp_path_factory.mktemp("gateway"), free_port()
-    proc = start_gateway(state, port, {"backend_url": server, "served_model_name": MODEL})
-    try:
-        with InferenceStore(state) as store:
-            secret = store.create_key("notice-test", "client")[1]
-        yield f"http://127.0.0.1:{port}", secret
-    finally:
-        stop(proc)
-
-
-def test_the_gateway_relays_the_notice(gateway: tuple[str, str]) -> None:
-    url, secret = gateway
-    headers = {"authorization": f"Bearer {secret}"}
-    body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "tools": TOOLS}
-    r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
-    assert r.status_code == 200 and r.headers["x-appliance-notice"] == NOTICE
-    assert r.headers["x-appliance-route"] == "local"
-    streamed = {**body, "stream": True}
-    with httpx.stream(
-        "POST", f"{url}/v1/chat/completions", json=streamed, headers=headers, timeout=60
-    ) as r:
-        assert r.status_code == 200 and r.headers["x-appliance-notice"] == NOTICE
-        assert r.read().decode().endswith("data: [DONE]\n\n")
-    plain = {**body, "tools": None}
-    r = httpx.post(f"{url}/v1/chat/completions", json=plain, headers=headers, timeout=60)
-    assert r.status_code == 200 and "x-appliance-notice" not in r.headers
-
-
-def test_the_gateway_relays_no_notice_from_an_upstream(
-    server: str, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """The same server as an upstream: its x-appliance-notice is not ours to pass on (an
-    upstream is a third party), the answer is."""
-    from appliance.store.inference_store import InferenceStore
-    from tests.integration.gateway_harness import start_gateway, stop
-
-    state, port = tmp_path_factory.mktemp("gateway-up"), free_port()
-    settings = {
-        "backend_url": f"http://127.0.0.1:{free_port()}",  # no local backend
-        "served_model_name": "local-model",
-        "upstream": {"base_url": f"{server}/v1", "models": [MODEL]},
-    }
-    proc = start_gateway(state, port, settings)
-    try:
-        with InferenceStore(state) as store:
-            secret = store.create_key("upstream-test", "client")[1]
-        body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "tools": TOOLS}
-        r = httpx.post(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
-            json=body,
-            headers={"authorization": f"Bearer {secret}"},
-            timeout=60,
-        )
-        assert r.status_code == 200 and r.headers["x-appliance-route"] == "upstream"
-        assert "x-appliance-notice" not in r.headers
-    finally:
-        stop(proc)
 
 
 # -- sampling controls ---------------------------------------------------------------------------

@@ -80,11 +80,13 @@ def old_turn_argv(message: str, session: str, timeout_s: int) -> list[str]:
 
 
 def old_export_argv(session: str) -> list[str]:
+    """The old export, after removing the previous one: OpenClaw refuses to write over it
+    (EEXIST), so the old path's export failed from a session's second turn on."""
     out_dir = f"{WORKSPACE}/.openclaw/trajectory-exports/{session}"
     script = (
-        f"openclaw sessions export-trajectory --agent main --session-key agent:main:{session} "
-        f"--workspace {WORKSPACE} --output {session} --json >/dev/null "
-        f"&& cat {out_dir}/events.jsonl"
+        f"rm -rf {out_dir} && openclaw sessions export-trajectory --agent main "
+        f"--session-key agent:main:{session} --workspace {WORKSPACE} --output {session} "
+        f"--json >/dev/null && cat {out_dir}/events.jsonl"
     )
     return ["sh", "-c", script]
 
@@ -295,12 +297,12 @@ def proc_memory(pid: int) -> dict[str, Any]:
 
 def report(f: dict[str, Any]) -> None:
     print(f"\nruntime ready {f['runtime_ready_s']} s after create; {f['runtime']}")
-    print(f"\n{'turn':28} {'wall s':>7} {'model s':>8} {'overhead s':>11} {'prompt':>7}")
+    print(f"\n{'turn':36} {'wall s':>7} {'model s':>8} {'overhead s':>11} {'prompt':>7}")
     for r in [*f["old"], *f["warm"]]:
         label = {"old": "old: agent --local + export", "warm": "always-on: agent run"}[r["path"]]
         label += " (opens)" if r["turn"] == 0 else ""
         print(
-            f"{label:28} {r['wall_s']:7.1f} {r['model_s']:8.1f} {r['overhead_s']:11.1f} "
+            f"{label:36} {r['wall_s']:7.1f} {r['model_s']:8.1f} {r['overhead_s']:11.1f} "
             f"{r['prompt_tokens']:7d}"
         )
 

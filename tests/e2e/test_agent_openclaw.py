@@ -20,47 +20,47 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import httpx
 import pytest
-import yaml
 
-from blueprints.catalog import Catalog
+from tests.e2e.openclaw_agent import (
+    AGENT,
+    FAIL_CLOSED_AFTER,
+    SCHEDULE_PROMPT,
+    SESSION,
+    Appliance,
+    audit,
+    blueprint_text,
+    cached_tokens,
+    cli,
+    gateway_ready,
+    gone,
+    ledger,
+    ok,
+    prefix_cache_hits,
+    probe,
+    runtime,
+    runtime_in,
+    sandbox_root,
+    schedule,
+    service_pids,
+    transcript,
+    turn,
+    until,
+    up,
+)
 from tests.e2e.up_env import environment
-from tests.sandbox_fixtures import podman_client, sandbox_skip_reason, service_home
+from tests.sandbox_fixtures import podman_client, sandbox_skip_reason
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("openclaw")]
 
-APPLIANCE = str(Path(sys.executable).parent / "appliance")
-AGENT = f"demo-{os.getpid()}"  # one Podman serves both xdist workers: a name of its own
-SESSION = "e2e"
-FAIL_CLOSED_AFTER = 20
-MAX_OUTPUT_TOKENS = 32
 SCHEDULE_WITHIN_S = 90  # an `every: 1m` entry fires its first turn this soon after the create
-SCHEDULE_PROMPT = "Reply with the word tick"
-# Run inside the sandbox by `sandbox exec`: one request through the agent's own proxy.
-PROBE = """
-import json, sys, urllib.request, urllib.error
-url, body = sys.argv[1], (sys.argv[2].encode() if len(sys.argv) > 2 else None)
-req = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
-try:
-    with urllib.request.urlopen(req, timeout=int(sys.argv[3]) if len(sys.argv) > 3 else 120) as r:
-        print(json.dumps({"status": r.status, "body": r.read().decode()[:500]}))
-except urllib.error.HTTPError as e:
-    print(json.dumps({"status": e.code, "body": e.read().decode()[:500]}))
-except Exception as e:
-    print(json.dumps({"status": None, "body": repr(e)}))
-"""
-T = TypeVar("T")
 
 
 # The OpenClaw layer's fetch steps (sandbox/images/openclaw.py raises ImageBuildError("<step> failed
@@ -103,53 +103,6 @@ def test_only_an_unreachable_registry_skips() -> None:
         assert registry_unreachable(failure) is None, failure
 
 
-def blueprint_text() -> str:
-    """The catalog's openclaw@1.1.0 under a name of its own (so it is a client's blueprint), with
-    a one-minute schedule, a short fail-closed time and short replies (decoding is most of a
-    turn on two cores; the test checks where a reply came from, not what it says)."""
-    [entry] = [e for e in Catalog().entries() if (e.name, e.version) == ("openclaw", "1.1.0")]
-    data = yaml.safe_load(entry.path.read_text())
-    data.update(
-        name="e2e-openclaw",
-        description="openclaw@1.1.0, scheduled every minute, failing closed after 20 s",
-        inference={**data["inference"], "max_output_tokens": MAX_OUTPUT_TOKENS},
-        lifecycle={"fail_closed_after": FAIL_CLOSED_AFTER},
-        schedule=[{"every": "1m", "prompt": SCHEDULE_PROMPT, "session": "sched"}],
-    )
-    return yaml.safe_dump(data, sort_keys=False)
-
-
-# -- the appliance ---------------------------------------------------------------------------
-
-
-@dataclass
-class Appliance:
-    env: dict[str, str]
-    created_at: float  # wall clock, when `agent create` returned
-
-    @property
-    def state_dir(self) -> Path:
-        return Path(self.env["APPLIANCE_STATE_DIR"])
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [APPLIANCE, *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def ok(env: dict[str, str], *args: str, timeout: float = 600) -> str:
-    done = cli(env, *args, timeout=timeout)
-    assert done.returncode == 0, f"{args}: {done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
-def up(env: dict[str, str]) -> None:
-    t0 = time.monotonic()
-    ok(env, "up", "--timeout", "300", timeout=330)
-    print(f"\nappliance up: {time.monotonic() - t0:.0f} s", flush=True)
-
-
 @pytest.fixture(scope="module")
 def app(request: pytest.FixtureRequest) -> Iterator[Appliance]:
     if (why := sandbox_skip_reason()) is not None:
@@ -171,114 +124,6 @@ def app(request: pytest.FixtureRequest) -> Iterator[Appliance]:
         cli(env, "agent", "rm", AGENT, timeout=120)
         cli(env, "release", timeout=60)
         cli(env, "down", timeout=90)
-
-
-# -- what the test reads ---------------------------------------------------------------------
-
-
-def until(what: str, timeout: float, probe: Callable[[], T | None], every: float = 0.5) -> T:
-    """`probe()`'s first truthy value within `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if value := probe():
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:.0f} s: {what}")
-        time.sleep(every)
-
-
-def sandbox_root() -> Path:
-    home = service_home()
-    assert home is not None  # sandbox_skip_reason() checked the service user
-    return home / "sandboxes" / AGENT
-
-
-def runtime() -> dict[str, Any]:
-    """The supervisor's report on the runtime (no command or API shows it yet: the file the
-    control plane reads, <service home>/sandboxes/NAME/report/enforcement.json, written
-    atomically by PID 1)."""
-    path = sandbox_root() / "report" / "enforcement.json"
-    try:
-        return json.loads(path.read_text()).get("runtime") or {}
-    except FileNotFoundError:
-        return {}
-
-
-def runtime_in(*states: str, timeout: float) -> dict[str, Any]:
-    seen: list[dict[str, Any]] = [{}]
-
-    def probe() -> dict[str, Any] | None:
-        seen[0] = section = runtime()
-        return section if section.get("state") in states else None
-
-    try:
-        return until(f"runtime state in {states}", timeout, probe)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; the report says {seen[0]}") from None
-
-
-def gateway_ready() -> bool:
-    """OpenClaw's unauthenticated /readyz, asked through the agent socket as the control plane
-    reaches it (root on the host)."""
-    sock = sandbox_root() / "sock" / "agent.sock"
-    try:
-        transport = httpx.HTTPTransport(uds=str(sock))
-        with httpx.Client(transport=transport, timeout=5) as client:
-            return client.get("http://agent/readyz").status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def turn(env: dict[str, str], message: str, session: str = SESSION) -> tuple[dict, float]:
-    t0 = time.monotonic()
-    out = ok(env, "agent", "run", AGENT, message, "--session", session, "--json")
-    return json.loads(out), time.monotonic() - t0
-
-
-def cached_tokens(usage: dict[str, Any]) -> int | None:
-    """Prompt tokens the model served from its prefix cache, in whichever shape the runtime
-    reports usage (OpenClaw's agentMeta, OpenAI Responses, OpenAI chat)."""
-    for found in (
-        usage.get("cacheRead"),
-        (usage.get("input_tokens_details") or {}).get("cached_tokens"),
-        (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
-        usage.get("cached_tokens"),
-    ):
-        if found is not None:
-            return int(found)
-    return None
-
-
-def prefix_cache_hits(env: dict[str, str]) -> float:
-    """The embedded model's prefix-cache hits so far (vLLM's counter, in tokens)."""
-    port = env["APPLIANCE_INFERENCE__BACKEND_LISTEN__PORT"]
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    found = re.search(r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)$", text, re.M)
-    return float(found[1]) if found else 0.0
-
-
-def probe(env: dict[str, str], *args: str, timeout: float = 180) -> dict:
-    out = ok(env, "sandbox", "exec", AGENT, "--", "python3", "-c", PROBE, *args, timeout=timeout)
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def ledger(env: dict[str, str]) -> dict:
-    report = json.loads(ok(env, "status", "--json"))
-    [key] = [k for k in report["budgets"]["keys"] if k["key"] == f"sandbox-{AGENT}"]
-    return key
-
-
-def audit(env: dict[str, str], n: int = 400) -> list[dict[str, Any]]:
-    return json.loads(ok(env, "audit", "tail", "-n", str(n), "--json"))
-
-
-def transcript(env: dict[str, str]) -> list[dict[str, Any]]:
-    return json.loads(ok(env, "agent", "transcript", AGENT, "--json"))
-
-
-def schedule(env: dict[str, str]) -> dict[str, Any]:
-    [entry] = json.loads(ok(env, "agent", "schedule", AGENT, "--json"))
-    return entry
 
 
 # -- the steps, in order ---------------------------------------------------------------------
@@ -399,36 +244,13 @@ def test_4_a_crashed_runtime_is_restarted_and_recorded(app: Appliance) -> None:
     until("the restarted gateway ready", 120, gateway_ready, every=1)
 
 
-def _services(app: Appliance) -> list[int]:
-    """The `appliance up` supervisor and the services it runs, as `appliance status` and
-    `down` find them (appliance/services/run_state.py)."""
-    from appliance.config import load_config
-    from appliance.services import supervisor
-
-    config = load_config({"state_dir": str(app.state_dir)})
-    running = supervisor.running_supervisor(config)
-    assert running is not None, "no supervisor runs"
-    services = supervisor.read_services(config)
-    assert services.get("supervisor_pid") == running[0], services
-    children = [s["pid"] for n, s in services.items() if isinstance(s, dict) and s.get("pid")]
-    assert len(children) == 3, services  # control, backend, gateway
-    return [running[0], *children]
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] in "ZX"
-    except (FileNotFoundError, IndexError):
-        return True
-
-
 def test_5_without_its_control_plane_the_agent_fails_closed(app: Appliance) -> None:
     runtime_in("running", timeout=60)
-    pids = _services(app)
+    pids = service_pids(app)
     for pid in pids:  # the supervisor first: it would restart the others
         os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
-    until("the services dead", 10, lambda: all(_gone(p) for p in pids), every=0.1)
+    until("the services dead", 10, lambda: all(gone(p) for p in pids), every=0.1)
     # Nothing checks in any more: within fail_closed_after (+ the supervisor's own polling),
     # the runtime is stopped.
     section = runtime_in("fail_closed", timeout=FAIL_CLOSED_AFTER + 10)

@@ -35,6 +35,8 @@ class SandboxKillSwitch:
         if hold:
             self.boxes.hold(reason)
         records = [r for n in names if (r := self.boxes.get(n)) is not None]
+        for record in records:  # the desired state first: a reconcile meanwhile must not see
+            self.boxes.set_state(record.name, "stopped")  # `running` with its container stopped
         errors = self._stop_containers([r.container_id or r.name for r in records])
         stopped: list[str] = []
         found = {r.name for r in records}
@@ -43,7 +45,6 @@ class SandboxKillSwitch:
         for record, error in zip(records, errors, strict=True):
             self._stop_proxy(self.paths(record.name))  # no egress even if the stop failed
             if error is None:
-                self.boxes.set_state(record.name, "stopped")
                 stopped.append(record.name)
             else:
                 failed.append(f"{record.name}: {error}")

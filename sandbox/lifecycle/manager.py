@@ -141,7 +141,7 @@ class SandboxManager(
 
     # -- container state ---------------------------------------------------------------------
 
-    def _start_container(self, name: str, container: Any) -> dict[str, Any]:
+    def _start_container(self, name: str, container: Any, record: bool = True) -> dict[str, Any]:
         paths = self.paths(name)
         (paths.report / "enforcement.json").unlink(missing_ok=True)
         if self.has_service(name):  # create, start and reconcile: a fresh check-in first, and
@@ -149,7 +149,8 @@ class SandboxManager(
             write_checkin(paths)
         container.start()
         report = self._wait_report(paths, container)
-        self.boxes.set_state(name, "running")
+        if record:  # reconcile's restart does not: the record already says so, or a kill wrote
+            self.boxes.set_state(name, "running")  # `stopped` meanwhile, and that must stay
         self.store_audit("sandbox.start", sandbox=name, landlock_abi=report["landlock"]["abi"])
         return report
 

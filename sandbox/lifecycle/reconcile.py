@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sandbox.lifecycle.errors import SandboxError
+from sandbox.lifecycle.kill import STOP_TIMEOUT_S
 from sandbox.lifecycle.layout import SANDBOX_LABEL, SandboxPaths, listed_status
 from sandbox.lifecycle.owned_paths import UnsafePathError
 from sandbox.lifecycle.ports import SandboxRecords
@@ -44,7 +45,9 @@ class SandboxReconciliation:
 
         def paths(self, name: str) -> SandboxPaths: ...
         def _labelled(self, name: str | None = None) -> list[Any]: ...
-        def _start_container(self, name: str, container: Any) -> dict[str, Any]: ...
+        def _start_container(
+            self, name: str, container: Any, record: bool = True
+        ) -> dict[str, Any]: ...
         def store_audit(self, event: str, **fields: Any) -> None: ...
         def _proxy_running(self, paths: SandboxPaths) -> int | None: ...
         def _start_proxy(self, name: str, paths: SandboxPaths) -> None: ...
@@ -76,6 +79,12 @@ class SandboxReconciliation:
                     self.boxes.set_state(record.name, "missing")
                     self.store_audit("sandbox.missing", sandbox=record.name)
                 out.missing.append(record.name)
+            elif listed_status(container) == "running" and record.state == "stopped":
+                # The record is the desired state: a kill records it before it stops the
+                # container, so this one is being killed (or its stop failed): it stays down.
+                self._stop_proxy(paths)
+                self._stop_unwanted(record.name, container, out)
+                out.stopped.append(record.name)
             elif listed_status(container) == "running":
                 if self._proxy_running(paths) is None:
                     self._start_proxy(record.name, paths)
@@ -83,14 +92,20 @@ class SandboxReconciliation:
                 if record.state != "running":
                     self.boxes.set_state(record.name, "running", container.id)
                 out.running.append(record.name)
-            elif record.state == "running" and not held:
+            elif record.state == "running" and not held and self._still_wanted(record.name):
                 try:
                     self._start_proxy(record.name, paths)
-                    self._start_container(record.name, container)
-                    out.restarted.append(record.name)
+                    self._start_container(record.name, container, record=False)
                 except SandboxError as exc:
                     self.boxes.set_state(record.name, "failed")
                     out.failed.append(f"{record.name}: {exc}")
+                    continue
+                if self._still_wanted(record.name):
+                    out.restarted.append(record.name)
+                else:  # killed or held while it started: the kill may have missed it
+                    self._stop_proxy(paths)
+                    self._stop_unwanted(record.name, container, out)
+                    out.stopped.append(record.name)
             else:
                 self._stop_proxy(paths)
                 if record.state not in ("stopped", "failed"):
@@ -100,3 +115,16 @@ class SandboxReconciliation:
         if out.changed:
             self.store_audit("sandbox.reconcile", **out.as_dict())
         return out
+
+    def _still_wanted(self, name: str) -> bool:
+        """Read again just before (and after) a restart: a kill since the list wins."""
+        record = self.boxes.get(name)
+        return record is not None and record.state == "running" and self.boxes.held() is None
+
+    def _stop_unwanted(self, name: str, container: Any, out: Reconciled) -> None:
+        try:
+            container.stop(timeout=STOP_TIMEOUT_S)
+        except Exception as exc:  # reported; the next pass tries again
+            out.failed.append(f"{name}: could not stop it: {exc}")
+        if (record := self.boxes.get(name)) is not None and record.state != "stopped":
+            self.boxes.set_state(name, "stopped")

@@ -40,6 +40,38 @@ except urllib.error.HTTPError as e:
 except Exception as e:
     print(json.dumps({"status": None, "body": repr(e)}))
 """
+# Run inside the sandbox by `sandbox exec` (the agent's Landlock ruleset): what the agent can do
+# to reach its own gateway or change its config. Each attempt prints its errno name, "closed"
+# (connected, but nothing answered) or "answered"/"written".
+INSIDE = """
+import errno, json, socket, sys
+out = {}
+def attempt(name, fn):
+    try:
+        out[name] = fn()
+    except OSError as e:
+        out[name] = errno.errorcode.get(e.errno, str(e))
+def tcp():
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+    s.close()
+    return "connected"
+def unix():
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect("/run/appliance/sock/agent.sock")
+    s.sendall(b"GET /readyz HTTP/1.0\\r\\n\\r\\n")
+    data = s.recv(100)
+    s.close()
+    return "answered" if data else "closed"
+def write():
+    with open(sys.argv[2], "a") as f:
+        f.write(" ")
+    return "written"
+attempt("gateway_port", tcp)
+attempt("agent_socket", unix)
+attempt("config_write", write)
+print(json.dumps(out))
+"""
 T = TypeVar("T")
 
 

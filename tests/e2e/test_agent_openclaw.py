@@ -27,11 +27,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from blueprints.runtimes.openclaw import PORT as OPENCLAW_PORT
 from tests.e2e.openclaw_agent import (
     AGENT,
     FAIL_CLOSED_AFTER,
+    INSIDE,
     SCHEDULE_PROMPT,
     SESSION,
     Appliance,
@@ -242,6 +245,43 @@ def test_4_a_crashed_runtime_is_restarted_and_recorded(app: Appliance) -> None:
     )[-1]
     assert event["agent"] == AGENT and event["last_exit"]["signal"] == 9, event
     until("the restarted gateway ready", 120, gateway_ready, every=1)
+
+
+def test_4b_the_agent_cannot_reach_its_gateway_or_enable_its_cron(app: Appliance) -> None:
+    """From inside the sandbox (the agent's Landlock ruleset): the gateway's port and the agent
+    socket lead nowhere, the rendered config is read-only, and OpenClaw's own CLI cannot turn
+    its cron on; from the host, even with the gateway's token, the cron tool is not there."""
+    config = sandbox_root() / "agent" / "openclaw.json"
+    before = config.read_bytes()
+    assert json.loads(before)["cron"]["enabled"] is False
+    out = ok(app.env, "sandbox", "exec", AGENT, "--", "python3", "-c", INSIDE,
+             str(OPENCLAW_PORT), "/run/appliance/agent/openclaw.json")  # fmt: skip
+    reached = json.loads(out.strip().splitlines()[-1])
+    assert reached["gateway_port"] == "EACCES", reached  # Landlock: connect to 3128 only
+    # PID 1 admits the host side only: closed at once, whatever the probe saw first.
+    assert reached["agent_socket"] in ("closed", "EPIPE", "ECONNRESET"), reached
+    assert reached["config_write"] in ("EROFS", "EACCES"), reached
+    # OpenClaw's own CLI, pointed at the config the runtime reads.
+    enable = cli(app.env, "sandbox", "exec", AGENT, "--", "env",
+                 "OPENCLAW_CONFIG_PATH=/run/appliance/agent/openclaw.json",
+                 "OPENCLAW_STATE_DIR=/home/agent/.openclaw", "openclaw", "config", "set",
+                 "cron.enabled", "true", timeout=180)  # fmt: skip
+    assert enable.returncode != 0, enable.stdout + enable.stderr
+    assert config.read_bytes() == before
+    # The host, with the runtime's own token: OpenClaw's cron tool is denied by the rendered
+    # tool policy (and by /tools/invoke's own HTTP deny list).
+    token = (app.state_dir / "sandboxes" / AGENT / "runtime-token").read_text().strip()
+    transport = httpx.HTTPTransport(uds=str(sandbox_root() / "sock" / "agent.sock"))
+    with httpx.Client(transport=transport, timeout=30) as client:
+        invoked = client.post(
+            "http://agent/tools/invoke",
+            json={"tool": "cron", "args": {"action": "status"}},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    # OpenClaw names cron by its canonical name, automations.
+    assert invoked.status_code == 404, invoked.text
+    assert "Tool not available: automations" in invoked.text, invoked.text
+    assert runtime()["state"] == "running"
 
 
 def test_5_without_its_control_plane_the_agent_fails_closed(app: Appliance) -> None:

@@ -89,6 +89,7 @@ class AgentService:
     def stop(self, who: Principal, name: str) -> dict[str, Any]:
         with self._locked(name), self._guarded(who, name) as m:
             m.stop(name)
+        self.plane.turns.interrupt([name], "the agent was stopped")  # not left waiting 120 s
         return self.get(name)
 
     def start(self, who: Principal, name: str) -> dict[str, Any]:
@@ -99,6 +100,7 @@ class AgentService:
     def remove(self, who: Principal, name: str) -> dict[str, Any]:
         with self._locked(name), self._guarded(who, name) as m:
             m.remove(name)
+        self.plane.turns.interrupt([name], "the agent was removed")
         return {"name": name, "removed": True}
 
     def upgrade(self, who: Principal, name: str, to: BlueprintSource | None) -> dict[str, Any]:

@@ -178,6 +178,8 @@ class KillSwitchService:
                 stopped = m.kill(targets, hold, reason=reason)
             finally:  # who pulled it, also when some sandbox could not be stopped
                 m.store_audit("control.kill", sandboxes=targets, hold=hold, **who.audit_fields())
+                # Their turns end now, cancelled, not after waiting for a runtime that is gone.
+                self.plane.turns.interrupt(targets, f"the kill switch stopped it ({reason})")
         return {"stopped": stopped, "hold": hold}
 
     def release(self, who: Principal) -> dict[str, Any]:

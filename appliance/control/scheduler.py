@@ -216,11 +216,15 @@ class Scheduler:
         if not in_active_hours(entry.spec, now):
             self._skip(entry, now, f"outside active hours ({_hours(entry.spec)})")
             return
+        refusal = self._refusal(entry.agent)  # first: under a hold, a skip names the hold
         with self._lock:
             running_since = self._running.get(ident)
             full = len(self._running) >= self.max_running
             if running_since is None and not full:
                 self._running[ident] = now  # reserved before the start: no second run slips in
+        if refusal is not None and (running_since is not None or full):
+            self._skip(entry, now, refusal)  # (with a free slot, start() records the refusal)
+            return
         if running_since is not None:
             since = running_since.strftime("%H:%M:%SZ")
             self._skip(entry, now, f"the previous run (started {since}) is still running")
@@ -275,6 +279,16 @@ class Scheduler:
             self.store.finished(entry.agent, entry.key, started.timestamp(), outcome, reason)
         except Exception as exc:  # closed at shutdown: the next start marks it interrupted
             log.warning("scheduled turn of %s ended (%s) unrecorded: %s", entry.agent, outcome, exc)
+
+    def _refusal(self, agent: str) -> str | None:
+        """Why the turn service's gate refuses the agent's turn now (it records nothing)."""
+        try:
+            self.turns().gate(agent)
+        except TurnRefused as exc:
+            return _reason(exc)
+        except Exception:  # an agent gone, say: start() says so, and records it
+            return None
+        return None
 
     def _release(self, ident: tuple[str, str]) -> None:
         with self._lock:

@@ -32,6 +32,7 @@ from blueprints.runtimes import Finished, Reply, TurnStopped
 
 STDERR_TAIL = 2000  # characters of an exec turn's stderr kept for the error line
 KEEPALIVE_S = 5.0  # as httpx's default pool
+CLIENT_GONE = "the client went away"
 
 
 class TurnInterrupted(TurnStopped):
@@ -48,6 +49,7 @@ class AgentSocketTransport(httpx.HTTPTransport):
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self.interrupted = False
+        self.reason = CLIENT_GONE  # why it was interrupted (the first interrupt's)
         # httpx takes no network backend: its pool is made again, with ours (same uds).
         self._pool = httpcore.ConnectionPool(
             uds=str(path), keepalive_expiry=KEEPALIVE_S, network_backend=_CheckedUnix(self)
@@ -55,12 +57,12 @@ class AgentSocketTransport(httpx.HTTPTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if self.interrupted:
-            raise TurnInterrupted("the turn was interrupted: its client went away")
+            raise TurnInterrupted(f"the turn was interrupted: {self.reason}")
         try:
             return super().handle_request(request)
         except httpx.TransportError as exc:
             if self.interrupted:  # cut by interrupt() while it waited for the answer
-                raise TurnInterrupted("the turn was interrupted: its client went away") from exc
+                raise TurnInterrupted(f"the turn was interrupted: {self.reason}") from exc
             raise
 
     def connected(self, sock: socket.socket) -> None:
@@ -71,8 +73,10 @@ class AgentSocketTransport(httpx.HTTPTransport):
         if interrupted:  # interrupt() ran while it connected
             _shut(sock)
 
-    def interrupt(self) -> None:
+    def interrupt(self, reason: str = CLIENT_GONE) -> None:
         with self._lock:
+            if not self.interrupted:
+                self.reason = reason
             self.interrupted = True
             sockets = list(self._sockets)
         for sock in sockets:
@@ -183,8 +187,8 @@ class Outcome:
     def fail(self, exc: BaseException) -> None:
         self.ok, self.error = False, f"{type(exc).__name__}: {exc}"
 
-    def cancel(self) -> None:
-        self.cancelled, self.ok, self.error = True, False, "cancelled: the client went away"
+    def cancel(self, reason: str = CLIENT_GONE) -> None:
+        self.cancelled, self.ok, self.error = True, False, f"cancelled: {reason}"
 
     @property
     def reply(self) -> str:

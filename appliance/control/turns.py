@@ -35,7 +35,12 @@ import httpx
 from appliance.control.agent_manager import AgentError, AgentManager
 from appliance.control.notices import turn_notices
 from appliance.control.transcript import TranscriptLog
-from appliance.control.turn_events import AgentSocketTransport, Outcome, TurnEvents
+from appliance.control.turn_events import (
+    CLIENT_GONE,
+    AgentSocketTransport,
+    Outcome,
+    TurnEvents,
+)
 from appliance.errors import OPERATOR_ERRORS, ConfigError, TurnRefused
 from appliance.store import open_store
 from appliance.store.agent_store import AgentStore
@@ -138,6 +143,17 @@ class TurnService:
         turn = self._begin(who, name, message, session, trigger)
         interrupt = turn.transport.interrupt if turn.transport is not None else None
         return TurnEvents(self._events(turn), interrupt, lambda: self._never_started(turn))
+
+    def interrupt(self, names: list[str], reason: str) -> int:
+        """Cut the turns the named agents are driving now (the kill switch, `agent stop`/`rm`):
+        each stops waiting for its runtime at once and ends cancelled, saying `reason`. Thread-
+        safe; the number of turns cut (an exec turn ends with its container)."""
+        with self._active_lock:
+            turns = [t for n in names for t in self._active.get(n, [])]
+        for turn in turns:
+            if turn.transport is not None:
+                turn.transport.interrupt(reason)
+        return sum(t.transport is not None for t in turns)
 
     def transcript(self, name: str) -> list[dict[str, Any]]:
         return self.transcripts.read(name)
@@ -257,7 +273,7 @@ class TurnService:
                 outcome.error = "the runtime's stream ended without a result"
         except GeneratorExit:  # closed early: the client went away
             if not outcome.finished:  # (a turn that had finished stands as it ended)
-                outcome.cancel()
+                outcome.cancel(turn.transport.reason if turn.transport else CLIENT_GONE)
             self._record(turn, outcome)
             raise
         except (*OPERATOR_ERRORS, TurnStopped, httpx.HTTPError, OSError) as exc:
@@ -266,7 +282,7 @@ class TurnService:
             log.exception("turn of %s failed", turn.name)
             outcome.fail(exc)
         if turn.transport is not None and turn.transport.interrupted and not outcome.finished:
-            outcome.cancel()  # the client went away while the runtime was silent
+            outcome.cancel(turn.transport.reason)  # cut while the runtime was silent
         yield {"type": "done", **self._record(turn, outcome)}
 
     def _driven(self, turn: _Turn, outcome: Outcome) -> Iterator[dict[str, Any]]:

@@ -2,8 +2,9 @@
 service, with the real schedule store: a due entry runs as a `schedule` turn by the `scheduler`
 principal; an overlapping run, a refused turn and a run outside active hours are skipped with
 their reason (store and audit), a refused one through the turn service (which records it in the
-transcript) and never through a separate gate; a skip does not hide the outcome of the run it
-overlapped; runs missed while the control plane was down are not replayed."""
+transcript); the gate is asked first (it records nothing), so a skip under a hold names the hold,
+not the overlap; a skip does not hide the outcome of the run it overlapped; runs missed while the
+control plane was down are not replayed."""
 
 from __future__ import annotations
 
@@ -57,6 +58,10 @@ class FakeTurns:
             raise TurnRefused(self.refused[name])
         self.calls.append(call)
         return self._events()
+
+    def gate(self, name: str) -> None:  # records nothing, as TurnService.gate
+        if name in self.refused:
+            raise TurnRefused(self.refused[name])
 
     def _events(self) -> Iterator[dict[str, Any]]:
         self.started.set()
@@ -161,6 +166,22 @@ def test_a_run_while_the_previous_one_runs_is_skipped(tmp_path: Path) -> None:
     rig.tick_at(180)  # free again: runs
     assert rig.scheduler.wait_idle(5)
     assert len(rig.turns.calls) == 2 and rig.row().last_outcome == "ok"
+
+
+def test_under_a_hold_a_run_overlapping_the_cut_one_names_the_hold(tmp_path: Path) -> None:
+    """The gate before the overlap: the kill switch cut the run in flight (it is still ending)
+    and holds; the next skip says so, not that the previous run is still running."""
+    rig = Rig(tmp_path, EVERY_MINUTE)
+    rig.turns.block = True
+    rig.tick_at(0)
+    rig.tick_at(60)
+    assert rig.turns.started.wait(5)
+    rig.turns.refused["a1"] = "a1 is held by the kill switch: drill"
+    rig.tick_at(120)
+    assert rig.row().last_skip_reason == "a1 is held by the kill switch: drill"
+    assert len(rig.turns.calls) == 1
+    rig.turns.release.set()
+    assert rig.scheduler.wait_idle(5)
 
 
 def test_a_refused_turn_is_skipped_with_its_reason(tmp_path: Path) -> None:

@@ -258,20 +258,30 @@ def logs(ctx: typer.Context, name: NameArg) -> None:
 
 @app.command("list")
 def list_(ctx: typer.Context, json_out: JsonOpt = False) -> None:
-    """Every agent with its blueprint, state, turns and tokens today."""
+    """Every agent with its blueprint, state, runtime, turns and tokens today."""
     with control_client(ctx) as client:
         rows = client.agents()
     if json_out:
         print_json(rows)
         return
     table = Table(show_edge=False, pad_edge=False)
-    for col in ("name", "blueprint", "state", "turns", "tokens today"):
+    for col in ("name", "blueprint", "state", "runtime", "turns", "tokens today"):
         table.add_column(col)
     for r in rows:
         budget = f" / {r['daily_budget']}" if r["daily_budget"] else ""
-        table.add_row(r["name"], r["blueprint"], r["state"], str(r["turns"]),
-                      f"{r['tokens_today']}{budget}")  # fmt: skip
+        table.add_row(r["name"], r["blueprint"], r["state"], _runtime(r.get("runtime")),
+                      str(r["turns"]), f"{r['tokens_today']}{budget}")  # fmt: skip
     console.print(table)
+
+
+def _runtime(view: dict[str, Any] | None) -> str:
+    """`running`, `fail_closed`, `backoff (2 restarts)`; `-` with no runtime report."""
+    if not view:
+        return "-"
+    restarts = view.get("restarts") or 0
+    if not restarts:
+        return str(view["state"])
+    return f"{view['state']} ({restarts} restart{'' if restarts == 1 else 's'})"
 
 
 def _state(row: dict[str, Any], json_out: bool) -> None:

@@ -329,6 +329,7 @@ class AgentManager:
                 record = self.sandboxes.boxes.get(name)
                 last_turn, turns = self.agents.activity(name)
                 key_id = record.key_id if record else None
+                running = record is not None and record.state == "running"
                 spend = inference.spend(key_id) if key_id else None
                 budget = inference.get_budget(key_id) if key_id else None
                 rows.append(
@@ -342,9 +343,38 @@ class AgentManager:
                         "last_activity": last_turn,
                         "tokens_today": spend.day_tokens if spend else 0,
                         "daily_budget": budget.daily_tokens if budget else None,
+                        # A stopped sandbox's report is its last word, maybe stale: not shown.
+                        "runtime": self._runtime(name) if running else None,
                     }
                 )
         return rows
+
+    def _runtime(self, name: str) -> dict[str, Any] | None:
+        """The supervisor's report, read from its file (no Podman): what `agent list` shows."""
+        try:
+            return runtime_view(self.sandboxes.runtime_state(name))
+        except (OSError, ValueError, *OPERATOR_ERRORS):  # unreadable, half written, gone
+            return None
+
+
+# The supervisor's runtime states (sandbox/supervisor): anything else in a report (which the
+# sandbox side writes) reads as unknown, so no text of the sandbox's reaches a terminal.
+RUNTIME_STATES = ("waiting", "running", "backoff", "stopped", "fail_closed", "failed")
+
+
+def runtime_view(section: Any) -> dict[str, Any] | None:
+    """State, restarts and the last exit's reason of a report's `runtime` section, checked."""
+    if not isinstance(section, dict):
+        return None
+    state = section.get("state")
+    restarts = section.get("restarts")
+    last_exit = section.get("last_exit")
+    reason = last_exit.get("reason") if isinstance(last_exit, dict) else None
+    return {
+        "state": state if state in RUNTIME_STATES else "unknown",
+        "restarts": restarts if type(restarts) is int and restarts >= 0 else 0,
+        "last_exit_reason": reason[:200] if isinstance(reason, str) else None,
+    }
 
 
 def deployment_view(dep: Deployment) -> dict[str, Any]:

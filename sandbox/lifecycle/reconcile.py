@@ -122,9 +122,12 @@ class SandboxReconciliation:
         return record is not None and record.state == "running" and self.boxes.held() is None
 
     def _stop_unwanted(self, name: str, container: Any, out: Reconciled) -> None:
+        """Stop a container whose record says it should not run (audited)."""
         try:
             container.stop(timeout=STOP_TIMEOUT_S)
         except Exception as exc:  # reported; the next pass tries again
             out.failed.append(f"{name}: could not stop it: {exc}")
+        else:
+            self.store_audit("sandbox.stop", sandbox=name, reason="reconcile: killed or held")
         if (record := self.boxes.get(name)) is not None and record.state != "stopped":
             self.boxes.set_state(name, "stopped")

@@ -125,6 +125,7 @@ def test_a_kill_during_the_restart_of_a_stopped_container_wins(
     container.on_start = lambda: manager.kill(["demo"], hold=hold, reason="hard stop")
     out = manager.reconcile()
     assert "demo" not in out.restarted and "demo" in out.stopped
+    assert "sandbox.stop" in manager.audited  # reconcile stopped what it had started
     _assert_killed_stays_down(manager)
 
 

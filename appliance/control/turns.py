@@ -110,25 +110,11 @@ class TurnService:
 
     def gate(self, name: str) -> None:
         """NotFoundError for an unknown agent; TurnRefused (with the reason) when a turn would
-        be refused now. Records nothing: a refused turn is recorded by `stream`."""
+        be refused now. Records nothing: a refused turn is recorded by `start`."""
         check_name(name, "agent")
         with self._agents() as m:
             runtime = runtime_for(m.deployed(m.current(name)))
             self._gate(m.sandboxes, name, runtime.service())
-
-    def stream(
-        self,
-        who: Principal | None,
-        name: str,
-        message: str,
-        session: str | None = None,
-        trigger: Trigger = "manual",
-    ) -> Iterator[dict[str, Any]]:
-        """The turn's events: {"type": "delta", "text"}, {"type": "tool", "name", "arguments",
-        "denied"}, then one {"type": "done", ...the transcript record}. Checked and gated at
-        the first `next()` (TurnRefused, NotFoundError, ConfigError raised there, the refusal
-        recorded). `who` None: the control plane acts (a schedule)."""
-        yield from self.start(who, name, message, session, trigger)
 
     def start(
         self,
@@ -138,8 +124,11 @@ class TurnService:
         session: str | None = None,
         trigger: Trigger = "manual",
     ) -> Iterator[dict[str, Any]]:
-        """`stream`, checked and gated now (raising before any event: the API answers a refusal
-        as an error, before the first byte of a stream)."""
+        """A turn, checked and gated now: TurnRefused, NotFoundError or ConfigError raised
+        before any event (the refusal recorded), so the API answers a refusal as an error before
+        the first byte of a stream. Then its events: {"type": "delta", "text"}, {"type": "tool",
+        "name", "arguments", "denied"}, and one {"type": "done", ...the transcript record}.
+        `who` None: the control plane acts (a schedule)."""
         turn = self._begin(who, name, message, session, trigger)
         interrupt = turn.transport.interrupt if turn.transport is not None else None
         return TurnEvents(self._events(turn), interrupt, lambda: self._never_started(turn))

@@ -160,11 +160,11 @@ def test_turns_of_one_agent_at_once_say_their_tokens_overlap(world: World) -> No
     world.script.usage = (10, 5, 0.5)
     first = world.plane.turns.start(None, AGENT, "one", "s-1")
     assert next(first)["type"] == "delta"  # the first turn is in its runtime now
-    second = list(world.plane.turns.stream(None, AGENT, "two", "s-2"))
+    second = list(world.plane.turns.start(None, AGENT, "two", "s-2"))
     rest = list(first)
     assert second[-1]["tokens"]["overlapping"] is rest[-1]["tokens"]["overlapping"] is True
     assert rest[-1]["tokens"]["requests"] == 2  # its own row and the second turn's
-    alone = list(world.plane.turns.stream(None, AGENT, "three", "s-3"))[-1]
+    alone = list(world.plane.turns.start(None, AGENT, "three", "s-3"))[-1]
     assert alone["tokens"]["overlapping"] is False and alone["tokens"]["requests"] == 1
     assert [t["tokens"]["overlapping"] for t in world.transcript()] == [True, True, False]
 
@@ -270,16 +270,15 @@ def test_a_refused_turn_is_a_409_before_any_byte_and_is_recorded(
 
 
 def test_a_scheduled_turn_is_gated_and_recorded_as_the_control_plane(world: World) -> None:
-    """What the scheduler calls: `stream(None, ..., trigger="schedule")` in its own thread."""
+    """What the scheduler calls: `start(None, ..., trigger="schedule")`."""
     world.script.events = reply_events("done for today")
-    events = list(world.plane.turns.stream(None, AGENT, "summarise", "daily", "schedule"))
+    events = list(world.plane.turns.start(None, AGENT, "summarise", "daily", "schedule"))
     assert events[-1]["reply"] == "done for today" and events[-1]["trigger"] == "schedule"
     assert events[-1]["actor"] == "control-plane"
     with open_store(world.state) as store:
         SandboxStore(store).hold("night")
-    refused = world.plane.turns.stream(None, AGENT, "summarise", "daily", "schedule")
     with pytest.raises(TurnRefused, match="holds every sandbox"):
-        next(refused)
+        world.plane.turns.start(None, AGENT, "summarise", "daily", "schedule")
     with pytest.raises(TurnRefused):
         world.plane.turns.gate(AGENT)  # the gate alone records nothing
     assert [(t["trigger"], t["actor"], "refused" in t) for t in world.transcript()] == [
@@ -308,7 +307,6 @@ def test_hostile_names_reach_no_path_and_no_record(world: World, name: str) -> N
 
     for call in (
         lambda: world.plane.turns.start(None, name, "x"),
-        lambda: next(world.plane.turns.stream(None, name, "x")),
         lambda: world.plane.turns.gate(name),
         lambda: world.plane.turns.transcript(name),
     ):

@@ -11,23 +11,16 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.supervisor_box import ABI, AGENT_UID, AS_ROOT, UNUSABLE, Box, made_box
+from tests.integration.supervisor_box import ABI, AGENT_UID, AS_ROOT, UNUSABLE, Box
 
 pytestmark = pytest.mark.integration
 
 if UNUSABLE:
     pytest.skip(UNUSABLE, allow_module_level=True)
-
-
-@pytest.fixture
-def box() -> Iterator[Box]:
-    with made_box() as made:
-        yield made
 
 
 def test_landlock_confines_the_agent_and_the_report_says_so(box: Box) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 
@@ -22,7 +21,6 @@ from tests.integration.supervisor_box import (
     NO_PID_NS,
     UNUSABLE,
     Box,
-    made_box,
     stop,
     supervisor_pid,
     wait_for,
@@ -89,12 +87,6 @@ except OSError as exc:
     print(errno.errorcode.get(exc.errno, str(exc)))
 """
 NO_ANSWER = ("closed", "ECONNRESET", "EPIPE")  # refused: closed at once, whatever was sent
-
-
-@pytest.fixture
-def box() -> Iterator[Box]:
-    with made_box() as made:
-        yield made
 
 
 @pytest.mark.skipif(NO_PID_NS is not None, reason=NO_PID_NS or "")

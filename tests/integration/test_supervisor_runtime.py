@@ -12,7 +12,6 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from itertools import pairwise
 from textwrap import dedent
 from typing import Any
@@ -27,7 +26,6 @@ from tests.integration.supervisor_box import (
     alive,
     check_in,
     in_state,
-    made_box,
     pids,
     runtime_state,
     started_pid,
@@ -39,12 +37,6 @@ pytestmark = pytest.mark.integration
 
 if UNUSABLE:
     pytest.skip(UNUSABLE, allow_module_level=True)
-
-
-@pytest.fixture
-def box() -> Iterator[Box]:
-    with made_box() as made:
-        yield made
 
 
 # -- restarts ------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import secrets
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from tests.integration.supervisor_box import (
     Box,
     check_in,
     in_state,
-    made_box,
     started_pid,
     stop,
     wait_for,
@@ -36,12 +34,6 @@ pytestmark = pytest.mark.integration
 
 if UNUSABLE:
     pytest.skip(UNUSABLE, allow_module_level=True)
-
-
-@pytest.fixture
-def box() -> Iterator[Box]:
-    with made_box() as made:
-        yield made
 
 
 def http_server(port: int) -> str:

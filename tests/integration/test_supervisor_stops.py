@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,7 +21,6 @@ from tests.integration.supervisor_box import (
     alive,
     check_in,
     in_state,
-    made_box,
     runtime_state,
     started_pid,
     stop,
@@ -33,12 +31,6 @@ pytestmark = pytest.mark.integration
 
 if UNUSABLE:
     pytest.skip(UNUSABLE, allow_module_level=True)
-
-
-@pytest.fixture
-def box() -> Iterator[Box]:
-    with made_box() as made:
-        yield made
 
 
 def _idle(box: Box, state: str) -> dict[str, Any]:

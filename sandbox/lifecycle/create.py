@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,22 @@ def _mapped_uid(service_user: str, container_uid: int) -> int:
         if user == service_user:
             return int(start) + container_uid - 1
     raise HostNotReady(f"no subuid range for {service_user!r}", hint="run `appliance doctor`")
+
+
+def install_file(src: Path, dest: Path) -> None:
+    """Copy `src` to `dest` (0644) unless it is there already, by rename: every sandbox mounts
+    this one supervisor directory, and one starting while another's create rewrote a module in
+    place read half a file (an ImportError at start, seen with two creates at once)."""
+    data = src.read_bytes()
+    try:
+        if dest.read_bytes() == data:
+            return
+    except FileNotFoundError:
+        pass
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_bytes(data)
+    tmp.chmod(0o644)
+    os.replace(tmp, dest)
 
 
 class SandboxCreation:
@@ -209,8 +225,7 @@ class SandboxCreation:
         supervisor = sandboxes / SUPERVISOR_DIR  # a reserved name: no sandbox's (sandbox/names.py)
         supervisor.mkdir(mode=0o755, exist_ok=True)
         for src in SUPERVISOR_SRC.glob("*.py"):
-            shutil.copyfile(src, supervisor / src.name)
-            (supervisor / src.name).chmod(0o644)
+            install_file(src, supervisor / src.name)
         for d in (paths.root, paths.config):
             d.mkdir(mode=0o755, parents=True, exist_ok=True)
         # The egress directory too is the agent's alone: its socket (0666, bound by root) then

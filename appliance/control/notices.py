@@ -23,6 +23,7 @@ RETRY_S = 5.0  # after a failed ask
 
 _cache: dict[str, tuple[float, dict[str, Any] | None]] = {}  # url -> (good until, facts)
 _lock = threading.Lock()
+_asking = threading.Lock()
 
 
 def demonstration(model: str) -> str:
@@ -63,15 +64,18 @@ def backend_facts(config: ApplianceConfig) -> dict[str, Any] | None:
     """{"model", "tools", "demonstration"} from the local backend's card for the served model;
     None when it cannot be asked or does not say (vLLM). Cached per backend address."""
     url = backend_url(config)
-    now = time.monotonic()
-    with _lock:
-        hit = _cache.get(url)
-    if hit is not None and now < hit[0]:
-        return hit[1]
-    facts = _ask(url, config.inference.served_model_name)
-    with _lock:
-        _cache[url] = (now + (CACHE_S if facts is not None else RETRY_S), facts)
-    return facts
+    # One ask at a time: turns racing on a cold cache wait for the first one's answer instead
+    # of each asking (sixteen asks at once could each miss the timeout on a busy machine).
+    with _asking:
+        now = time.monotonic()
+        with _lock:
+            hit = _cache.get(url)
+        if hit is not None and now < hit[0]:
+            return hit[1]
+        facts = _ask(url, config.inference.served_model_name)
+        with _lock:
+            _cache[url] = (now + (CACHE_S if facts is not None else RETRY_S), facts)
+        return facts
 
 
 def backend_url(config: ApplianceConfig) -> str:

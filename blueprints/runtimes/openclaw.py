@@ -33,8 +33,10 @@ from blueprints.errors import BlueprintError
 from blueprints.model import Blueprint
 from blueprints.runtimes import WORKSPACE, Finished, Service, Serving, ToolCall, TurnEvent
 from blueprints.runtimes.responses import (
+    MAX_REPLY_CHARS,
     READY_TIMEOUT_S,
     ProtocolError,
+    Result,
     bad_session,
     http_error,
     one_line,
@@ -77,6 +79,7 @@ ENV = {
 # Profiles whose tools include sessions_history (docs/gateway/config-tools/tool-policy.md).
 PROFILES_WITH_HISTORY = frozenset({"coding", "messaging", "full"})
 MAX_TOOL_CALLS = 200  # per turn
+UNSTREAMABLE = "cannot be represented as an append-only response stream"  # OpenClaw's error
 # What OpenClaw answers a call to a tool its policy denies (seen on 2026.9.6).
 _DENIED_RESULT = re.compile(r"Tool \S{1,100} not found|Tool not available|Unknown tool id")
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
@@ -213,20 +216,24 @@ class OpenClawRuntime:
             return
         body = {"model": MODEL, "input": message, "stream": True}
         result = yield from stream_turn(http, token, body, {SESSION_HEADER: session})
-        if result.response_id is not None:  # a failed turn's calls count too (alarms)
-            try:
-                yield from self.tool_calls(http, token, session, result.response_id)
-            except (ProtocolError, httpx.HTTPError, OSError) as exc:
-                reason = one_line(f"{type(exc).__name__}: {exc}")
-                log.warning("tool calls of %s unread: %s", result.response_id, reason)
-                result.raw = {**(result.raw or {}), "appliance_tool_calls_error": reason}
+        if result.response_id is None:
+            yield result.finished(session_key(session))
+            return
+        try:  # a failed turn's calls count too (alarms)
+            messages = self.history(http, token, session)
+        except (ProtocolError, httpx.HTTPError, OSError) as exc:
+            reason = one_line(f"{type(exc).__name__}: {exc}")
+            log.warning("tool calls of %s unread: %s", result.response_id, reason)
+            result.raw = {**(result.raw or {}), "appliance_tool_calls_error": reason}
+        else:
+            policy = tool_policy(self.blueprint.agent_config.get("tools"), self.blueprint.tools)
+            yield from calls_of_run(messages, result.response_id, _expand(policy["deny"]))
+            if not result.ok and UNSTREAMABLE in (result.error or ""):
+                _reply_from_history(result, messages, result.response_id)
         yield result.finished(session_key(session))
 
-    def tool_calls(
-        self, http: httpx.Client, token: str, session: str, run_id: str
-    ) -> list[ToolCall]:
-        """The calls of run `run_id` (OpenClaw's runId is the response id), from the session's
-        history; `denied` when the policy denies the tool or OpenClaw answered it has none."""
+    def history(self, http: httpx.Client, token: str, session: str) -> list[Any]:
+        """The session's messages, through sessions_history."""
         with http.stream(
             "POST",
             "/tools/invoke",
@@ -249,8 +256,38 @@ class OpenClawRuntime:
             raise ProtocolError(f"{NEVER_DENIED}: not the history it returns") from None
         if not isinstance(messages, list):
             raise ProtocolError(f"{NEVER_DENIED}: its messages are not a list")
-        policy = tool_policy(self.blueprint.agent_config.get("tools"), self.blueprint.tools)
-        return calls_of_run(messages, run_id, _expand(policy["deny"]))
+        return messages
+
+
+def _reply_from_history(result: Result, messages: list[Any], run_id: str) -> None:
+    """OpenClaw fails a streamed turn whose final reply is not the text it streamed plus more (it
+    rewrote the start, e.g. dropped a timestamp the model echoed) after the run has completed:
+    the turn stands, with its reply read from the history."""
+    if (text := reply_of_run(messages, run_id)) is None:
+        return
+    result.ok, result.text, result.error = True, text, None
+    result.raw = {**(result.raw or {}), "appliance_reply_from_history": True}
+
+
+def _of_run(message: Any, run_id: str) -> bool:
+    meta = message.get("__openclaw") if isinstance(message, dict) else None
+    return isinstance(meta, dict) and meta.get("runId") == run_id
+
+
+def reply_of_run(messages: list[Any], run_id: str) -> str | None:
+    """The text of run `run_id`'s last assistant message with text in `messages`, if any."""
+    for message in reversed(messages):
+        if not _of_run(message, run_id) or message.get("role") != "assistant":
+            continue
+        parts = message.get("content") if isinstance(message.get("content"), list) else []
+        texts = [
+            p["text"]
+            for p in parts
+            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        ]
+        if texts:
+            return "".join(texts)[:MAX_REPLY_CHARS]
+    return None
 
 
 def _expand(names: list[str]) -> list[str]:
@@ -268,8 +305,7 @@ def calls_of_run(messages: list[Any], run_id: str, deny: list[str]) -> list[Tool
     result). A call through the meta-tool `tool_call` is named by the tool it asked for."""
     calls: dict[str, dict[str, Any]] = {}
     for message in messages:
-        meta = message.get("__openclaw") if isinstance(message, dict) else None
-        if not isinstance(meta, dict) or meta.get("runId") != run_id:
+        if not _of_run(message, run_id):
             continue
         if message.get("role") == "assistant" and isinstance(message.get("content"), list):
             for part in message["content"]:

@@ -355,16 +355,19 @@ def test_8_the_monthly_cap_stops_the_agent(app: Appliance) -> None:
     body = json.dumps({"model": "default", "messages": [{"role": "user", "content": "hi"}]})
     refused = probe(app.env, "http://inference.local/v1/chat/completions", body)
     assert refused["status"] == 429 and "budget" in refused["body"], refused
-    deadline = time.monotonic() + 20
-    state = ""
+    # The kill records `stopped` before it stops the container, and audits once it has: wait
+    # for the audit, which comes last.
+    deadline = time.monotonic() + 30
+    kills: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
-        [agent] = json.loads(ok(app.env, "status", "--json"))["agents"]["agents"]
-        if (state := agent["state"]) == "stopped":
+        records = audit(app.env, 50)
+        if kills := [r for r in records if r["event"] == "kill" and "budget" in r["reason"]]:
             break
         time.sleep(0.5)
-    assert state == "stopped"
-    kills = [r for r in audit(app.env, 50) if r["event"] == "kill"]
-    assert kills and "budget" in kills[-1]["reason"] and AGENT in kills[-1]["sandboxes"]
+    assert kills and AGENT in kills[-1]["sandboxes"], records
+    [agent] = json.loads(ok(app.env, "status", "--json"))["agents"]["agents"]
+    assert agent["state"] == "stopped", agent
 
 
 def test_9_the_kill_switch_stops_holds_and_skips_the_schedule(app: Appliance) -> None:

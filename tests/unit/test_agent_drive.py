@@ -375,6 +375,39 @@ def test_openclaw_hostile_answers_are_failed_turns(
     assert failed(drive(openclaw(), gateway.port, "hi", "s1")).startswith(error)
 
 
+UNSTREAMABLE = {  # OpenClaw 2026.9.6, when its final reply does not extend what it streamed
+    "type": "response.failed",
+    "response": {"id": "resp_1", "status": "failed", "usage": {"input_tokens": 9,
+                 "output_tokens": 4, "total_tokens": 13},
+                 "error": {"code": "server_error", "message": "Assistant output cannot be "
+                           "represented as an append-only response stream."}},
+}  # fmt: skip
+
+
+def test_openclaw_reply_it_could_not_stream_is_read_from_the_history(gateway: StandIn) -> None:
+    """Seen in CI: the model echoed the timestamp OpenClaw puts before the user's message,
+    OpenClaw streamed it then dropped it from the final reply, and failed the completed run."""
+    gateway.answer = http(sse(CREATED, {**DELTA, "delta": "[Mon 2026-12-07 20:43 UTC] pong"},
+                              UNSTREAMABLE, "[DONE]"))  # fmt: skip
+    gateway.history = history_with(
+        _run("resp_1", role="assistant", content=[{"type": "text", "text": "pong"}]),
+        _run("resp_0", role="assistant", content=[{"type": "text", "text": "earlier"}]),
+    )
+    _deltas, _calls, done = split(drive(openclaw(), gateway.port, "hi", "s1"))
+    assert done.ok and done.text == "pong" and done.error is None
+    assert done.usage["total"] == 13 and done.raw and done.raw["appliance_reply_from_history"]
+
+
+def test_openclaw_unstreamable_reply_missing_from_the_history_fails_the_turn(
+    gateway: StandIn,
+) -> None:
+    gateway.answer = http(sse(CREATED, DELTA, UNSTREAMABLE, "[DONE]"))
+    gateway.history = history_with(
+        _run("resp_1", role="assistant", content=[{"type": "toolCall", "id": "c", "name": "x"}])
+    )
+    assert "append-only response stream" in failed(drive(openclaw(), gateway.port, "hi", "s1"))
+
+
 def test_openclaw_not_ready_and_hung_up() -> None:
     """A gateway still starting (the agent socket drops the connection: nothing listens)."""
     listener = socket.socket()

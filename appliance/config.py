@@ -64,8 +64,18 @@ class GatewayConfig(ListenConfig):
     limits: ListenerLimits = Field(default_factory=ListenerLimits)
 
 
+class ContainerConfig(_Strict):
+    """The backend inside the appliance image, under Podman (appliance/packaging/recipes/):
+    `backend: container`, or `auto` on a GPU host whose venv has no `vllm`."""
+
+    image: str | None = None  # default: localhost/appliance-<target>:latest
+    target: Literal["spark", "rtx", "cpu"] | None = None  # default: from the host (target_for)
+
+
 class InferenceConfig(_Strict):
-    backend: Literal["auto", "vllm", "embedded"] = "auto"  # auto: what the planner picks
+    # auto: what the planner picks (vLLM on a GPU, in the appliance image when the venv has no
+    # vllm; else the embedded model); container: the planner's pick, in the appliance image
+    backend: Literal["auto", "vllm", "embedded", "container"] = "auto"
     served_model_name: str = "nemotron"
     embedded_model: str | None = None  # a local HF dir or GGUF; default: SmolLM2-135M
     # the embedded model's context; past its native length (SmolLM2: 8,192) RoPE is NTK-scaled
@@ -74,6 +84,7 @@ class InferenceConfig(_Strict):
     ready_timeout_s: float = Field(default=1800.0, gt=0)  # real model loads take minutes
     vllm: PlanOverrides = Field(default_factory=PlanOverrides)  # planner overrides
     backend_listen: ListenConfig = Field(default_factory=lambda: ListenConfig(port=8000))
+    container: ContainerConfig = Field(default_factory=ContainerConfig)
 
 
 class SandboxConfig(_Strict):

@@ -41,6 +41,7 @@ from appliance.packaging.wheelhouse import (
     pinned_closure,
     source_digest,
 )
+from hardware.snapshot import HostClass, HostSnapshot
 from sandbox.images.base import RECIPE_LABEL
 from sandbox.images.layers import INPUTS_LABEL, LABEL_PREFIX, find_by_inputs
 
@@ -129,6 +130,16 @@ TARGETS: dict[str, Target] = {
         ),
     )
 }
+
+
+def target_for(host: HostSnapshot, machine: str | None = None) -> str:
+    """The image target for a host: `spark` on a DGX Spark (GB10) or any other arm64 GPU host
+    (`machine`: platform.machine(), this host's by default), `rtx` on any other GPU host, `cpu`
+    without a GPU."""
+    if not host.gpus:
+        return "cpu"
+    machine = machine or host_platform.machine()
+    return "spark" if host.host_class == HostClass.DGX_SPARK or machine == "aarch64" else "rtx"
 
 
 def target(name: str) -> Target:

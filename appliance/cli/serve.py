@@ -22,7 +22,12 @@ def backend(ctx: typer.Context) -> None:
     config = app_context(ctx).config()
     proc = backend_process(config, current_plan(ctx))
     err_console.print(f"exec: {proc.command_line()}")
-    os.execvpe(proc.argv[0], proc.argv, {**os.environ, **proc.env})
+    argv = proc.spawn_argv()  # the `podman run` around it on the container path
+    if proc.container is not None and (user := proc.container.account.popen_kwargs(os.geteuid())):
+        os.setgroups([])  # the service user's rootless Podman, as the supervisor runs it
+        os.setgid(int(user["group"]))  # type: ignore[call-overload]
+        os.setuid(int(user["user"]))  # type: ignore[call-overload]
+    os.execvpe(argv[0], argv, proc.spawn_env())
 
 
 @app.command("gateway")

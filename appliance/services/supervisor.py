@@ -9,6 +9,11 @@ supervisor per state dir (run_state.py: its lock, its pid file, the instance id 
 Sandboxes are not its concern: the control plane owns and reconciles them (and they outlive
 both, as their proxies do).
 Under systemd, `appliance serve control|backend|gateway` are the unit commands instead.
+
+The backend runs on the host (the venv's `vllm` or embedded server) or, on the container path
+(serving_path), as the foreground `podman run` of the appliance image running the same argv
+(inference/backends/container.py): as the service user's rootless Podman when we are root (the
+store `appliance image build --target` builds into), else as the invoking user's own Podman.
 """
 
 from __future__ import annotations
@@ -16,22 +21,32 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
+import shutil
 import signal
 import sys
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
 from appliance.config import ApplianceConfig
 from appliance.control.paths import socket_path
+from appliance.errors import ConfigError
 from appliance.services import run_state
 from hardware.plan_types import ServingPlan
 from inference.backends import ProcessBackend, Supervisor, VllmBackend
 from inference.backends.base import BackendStartError
+from inference.backends.container import (
+    CACHE_MOUNT,
+    ContainerSpec,
+    PodmanAccount,
+    cache_volume_name,
+    container_name,
+)
 from inference.backends.supervisor import Probe
 
 log = logging.getLogger(__name__)
@@ -58,38 +73,117 @@ def cli_argv(config: ApplianceConfig, *args: str) -> list[str]:
     return [sys.executable, "-m", "appliance", "--state-dir", str(config.state_dir), *args]
 
 
-def embedded_argv(config: ApplianceConfig, plan: ServingPlan) -> list[str]:
+# The image's venv (appliance/packaging/recipes/*.Containerfile) and the embedded server's
+# converted-weights cache on the container's writable cache volume.
+IMAGE_PYTHON = "/opt/appliance/venv/bin/python"
+CONTAINER_EMBEDDED_CACHE = f"{CACHE_MOUNT}/cache"
+ServingPath = Literal["host", "container"]
+
+
+def serving_path(config: ApplianceConfig, plan: ServingPlan) -> ServingPath:
+    """Where the backend runs: `container` when the config says so, or when it is `auto`, the
+    plan is vLLM and this host has no `vllm` to exec (the venv has none: the normal case)."""
+    backend = config.inference.backend
+    if backend == "container":
+        return "container"
+    if backend == "auto" and plan.backend == "vllm" and shutil.which("vllm") is None:
+        return "container"
+    return "host"
+
+
+def container_target(config: ApplianceConfig, plan: ServingPlan, machine: str | None = None) -> str:
+    """The appliance image target: the configured one, else `cpu` for the embedded model and,
+    for vLLM, `spark` on arm64 (DGX Spark) and `rtx` elsewhere (as target_for(host))."""
+    if config.inference.container.target is not None:
+        return config.inference.container.target
+    if plan.backend != "vllm":
+        return "cpu"
+    return "spark" if (machine or platform.machine()) == "aarch64" else "rtx"
+
+
+def podman_account(config: ApplianceConfig) -> PodmanAccount:
+    """Root runs the service user's rootless Podman (its runtime dir made if /run lost it);
+    anyone else their own."""
+    if os.geteuid() != 0:
+        return PodmanAccount()
+    from sandbox.lifecycle.podman_service import PodmanService
+
+    service = PodmanService(user=config.sandbox.service_user)
+    acct = service.account
+    service.ensure_runtime_dir()
+    return PodmanAccount(uid=acct.pw_uid, gid=acct.pw_gid, env=service.env(), home=acct.pw_dir)
+
+
+def backend_container(
+    config: ApplianceConfig,
+    plan: ServingPlan,
+    *,
+    account: PodmanAccount | None = None,
+    machine: str | None = None,
+) -> ContainerSpec:
+    target = container_target(config, plan, machine)
+    gpu = target != "cpu"
+    return ContainerSpec(
+        image=config.inference.container.image or f"localhost/appliance-{target}:latest",
+        name=container_name(config.state_dir),
+        cache_volume=cache_volume_name(config.state_dir),
+        gpu=gpu,
+        models_dir=config.resolved_models_dir if gpu else None,
+        account=account if account is not None else podman_account(config),
+    )
+
+
+def embedded_argv(
+    config: ApplianceConfig, plan: ServingPlan, *, in_container: bool = False
+) -> list[str]:
     listen = config.inference.backend_listen
+    python = IMAGE_PYTHON if in_container else sys.executable
+    cache = CONTAINER_EMBEDDED_CACHE if in_container else str(config.resolved_models_dir / "cache")
     argv = [
-        sys.executable, "-m", "inference.embedded",
+        python, "-m", "inference.embedded",
         "--host", listen.host,
         "--port", str(listen.port),
         "--served-model-name", config.inference.served_model_name,
-        "--cache-dir", str(config.resolved_models_dir / "cache"),
+        "--cache-dir", cache,
         "--max-num-seqs", str(plan.max_num_seqs),
         "--max-model-len", str(plan.max_model_len),
     ]  # fmt: skip
     if config.inference.embedded_model:
+        if in_container:
+            raise ConfigError(
+                "inference.embedded_model is a host path or id; the container serves the "
+                "image's own embedded model",
+                hint="unset inference.embedded_model, or set inference.backend to embedded",
+            )
         argv += ["--model", config.inference.embedded_model]
     return argv
 
 
-def backend_process(config: ApplianceConfig, plan: ServingPlan) -> ProcessBackend:
+def backend_process(
+    config: ApplianceConfig, plan: ServingPlan, *, container: ContainerSpec | None = None
+) -> ProcessBackend:
+    """The backend service; on the container path (serving_path) in the appliance image
+    (`container`: the spec to use, default backend_container())."""
     log = log_dir(config) / "backend.log"
+    if container is None and serving_path(config, plan) == "container":
+        container = backend_container(config, plan)
     if plan.backend == "vllm":
         return VllmBackend(
             plan,
             log_path=log,
             offline=config.inference.offline,
             hf_home=config.resolved_models_dir / "hf",
+            container=container,
         )
     listen = config.inference.backend_listen
     return ProcessBackend(
-        embedded_argv(config, plan),
+        embedded_argv(config, plan, in_container=container is not None),
         base_url=f"http://{listen.host}:{listen.port}",
         log_path=log,
         name="embedded",
         env={"HF_HUB_OFFLINE": "1"} if config.inference.offline else None,
+        container=container,
+        warmup_model=config.inference.served_model_name,
     )
 
 

@@ -3,6 +3,10 @@
 The child runs in its own session (so its process group can be signalled as a whole: vLLM forks
 engine-core and worker processes), with stdout and stderr appended to a log file whose last line
 feeds the progress display while a model loads (minutes on real hardware).
+With a `container` (container.py) the child is the foreground `podman run` of the appliance
+image around `argv`; `argv` stays the inner command (what the OOM step-down edits).
+A backend given a `warmup_model` is ready only after one tiny completion was answered: vLLM
+JIT-compiles on its first request, which must not be a user's.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from inference.backends.base import (
     parse_metrics,
     secret_flags,
 )
+from inference.backends.container import ContainerSpec
 from inference.backends.supervisor import Probe, Supervisor
+from inference.backends.warmup import warm_up
 
 _TAIL_BYTES = 16 * 1024
 
@@ -56,8 +62,12 @@ class ProcessBackend:
         api_path: str = "/v1",
         api_key: str | None = None,
         cwd: str | Path | None = None,
+        container: ContainerSpec | None = None,
+        warmup_model: str | None = None,
     ) -> None:
         self.name = name
+        self.container = container
+        self.warmup_model = warmup_model
         self._argv = list(argv)
         self._check_argv(self._argv)
         self._base_url = base_url.rstrip("/")
@@ -97,6 +107,22 @@ class ProcessBackend:
         """The variables set on top of the inherited environment."""
         return dict(self._env)
 
+    def spawn_argv(self) -> list[str]:
+        """What start() runs: argv, or the `podman run` around it."""
+        if self.container is None:
+            return list(self._argv)
+        return self.container.run_argv(self._argv, self._env)
+
+    def spawn_env(self) -> dict[str, str]:
+        """The spawned process's whole environment (podman's: the account's plus the values
+        its `--env=NAME` flags copy into the container)."""
+        if self.container is None:
+            return {**os.environ, **self._env}
+        return self.container.process_env(os.environ, self._env)
+
+    def _spawn_user(self) -> dict[str, Any]:
+        return self.container.account.popen_kwargs(os.geteuid()) if self.container else {}
+
     def command_line(self) -> str:
         """One shell line, env first, as launched; secret env values are masked (a variable named
         like a credential, or a value that looks like one: hardware/secret_names.py)."""
@@ -104,7 +130,7 @@ class ProcessBackend:
             f"{k}={'***' if is_secret_name(k) or has_secret_value(v) else shlex.quote(v)}"
             for k, v in sorted(self._env.items())
         ]
-        return " ".join([*assigns, shlex.join(self._argv)])
+        return " ".join([*assigns, shlex.join(self.spawn_argv())])
 
     @property
     def base_url(self) -> str:
@@ -142,20 +168,23 @@ class ProcessBackend:
             log.write(f"\n=== {stamp} start {self.name}: {self.command_line()}\n".encode())
             log.flush()
             self._log_offset = log.tell()
+            argv = self.spawn_argv()
+            cwd = self._cwd
+            if cwd is None and self.container is not None:
+                cwd = self.container.account.home
             try:
                 self._proc = subprocess.Popen(
-                    self._argv,
+                    argv,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env={**os.environ, **self._env},
-                    cwd=self._cwd,
+                    env=self.spawn_env(),
+                    cwd=cwd,
                     start_new_session=True,  # its own process group: stop() reaches its children
+                    **self._spawn_user(),
                 )
             except OSError as exc:
-                raise BackendStartError(
-                    f"cannot run {self._argv[0]!r}: {exc}", retryable=False
-                ) from None
+                raise BackendStartError(f"cannot run {argv[0]!r}: {exc}", retryable=False) from None
         self.starts += 1
 
     def _check_port_free(self) -> None:
@@ -171,10 +200,13 @@ class ProcessBackend:
             )
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM to the whole process group, SIGKILL after `grace` seconds."""
+        """SIGTERM to the whole process group, SIGKILL after `grace` seconds. In a container:
+        `podman stop` first (it waits `grace`), then the same for `podman run`'s group."""
         proc = self._proc
         if proc is None:
             return
+        if self.container is not None:
+            self._stop_container(proc, grace)
         if proc.poll() is None:
             self._signal_group(proc.pid, signal.SIGTERM)
             try:
@@ -184,6 +216,35 @@ class ProcessBackend:
                 proc.wait()
         # Children that outlived the leader (vLLM's engine core holds GPU memory).
         self._signal_group(proc.pid, signal.SIGKILL)
+
+    def _stop_container(self, proc: subprocess.Popen[bytes], grace: float) -> None:
+        assert self.container is not None
+        if proc.poll() is None:
+            self._podman(self.container.stop_argv(grace), timeout=grace + 30)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)  # `podman run --rm` removes the container, then exits
+        if proc.returncode is None or proc.returncode < 0:
+            # `podman run` was killed (or will be): its --rm did not happen.
+            self._podman(self.container.remove_argv(), timeout=60)
+
+    def _podman(self, argv: list[str], timeout: float) -> None:
+        """One podman command as the container's account; its output goes to the log."""
+        assert self.container is not None
+        with (
+            contextlib.suppress(OSError, subprocess.TimeoutExpired),
+            self.log_path.open("ab") as log,
+        ):
+            subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.container.process_env(os.environ, {}),
+                cwd=self.container.account.home,
+                timeout=timeout,
+                check=False,
+                **self._spawn_user(),
+            )
 
     @staticmethod
     def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -240,9 +301,11 @@ class ProcessBackend:
         cancel: threading.Event | None = None,
         interval: float = 0.25,
     ) -> None:
-        """Poll /health until 200; raise if the process exits, the time runs out or `cancel`."""
+        """Poll /health until 200, then warm up (`warmup_model`); raise if the process exits,
+        the time runs out or `cancel`."""
         started = time.monotonic()
-        while True:
+
+        def check() -> None:
             if cancel is not None and cancel.is_set():
                 raise BackendStopped(f"{self.name}: start cancelled")
             code = self.returncode
@@ -252,20 +315,37 @@ class ProcessBackend:
                     log_tail=self.log_tail(),
                     returncode=code,
                 )
-            if self.health():
-                return
-            elapsed = time.monotonic() - started
-            if elapsed >= timeout:
+            if time.monotonic() - started >= timeout:
                 raise BackendTimeout(
                     f"{self.name} not healthy after {timeout:.0f} s: {self.last_log_line()}",
                     log_tail=self.log_tail(),
                 )
+
+        while True:
+            check()
+            if self.health():
+                break
             if progress is not None:
-                progress(elapsed, self.last_log_line())
+                progress(time.monotonic() - started, self.progress_line())
             if cancel is not None:
                 cancel.wait(interval)
             else:
                 time.sleep(interval)
+        if self.warmup_model is None:
+            return
+        warm_up(
+            self.api_base,
+            self.warmup_model,
+            self.auth_headers(),
+            timeout=max(1.0, timeout - (time.monotonic() - started)),
+            check=check,
+            report=lambda line: progress(time.monotonic() - started, line) if progress else None,
+            interval=interval,
+        )
+
+    def progress_line(self) -> str:
+        """What the progress display shows while starting: the log's latest line."""
+        return self.last_log_line()
 
     def launch(
         self,

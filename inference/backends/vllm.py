@@ -22,6 +22,7 @@ from inference.backends.base import (
     BackendTimeout,
     ProgressCallback,
 )
+from inference.backends.container import ContainerSpec
 from inference.backends.process import ProcessBackend
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,31 @@ def set_flag(argv: Sequence[str], flag: str, value: str) -> list[str]:
     return out if found else [*out, flag, value]
 
 
+# --------------------------------------------------------------------------------------------
+# Load progress from the log (pure)
+# --------------------------------------------------------------------------------------------
+
+# vLLM's multiprocess output is prefixed by the process it came from; tqdm redraws with \r.
+_PROCESS_PREFIX = re.compile(r"^\((?:EngineCore|Worker|APIServer)[^)]*pid=\d+\)\s*")
+_SHARDS = re.compile(r"Loading safetensors checkpoint shards:\s*(\d+)% Completed \| (\d+)/(\d+)")
+
+
+def load_progress(log_tail: str) -> str:
+    """The progress line for a loading vLLM: the latest non-empty `\r`/newline segment of its
+    log (without the process prefix), with the weight-loading bar shown as
+    `loading weights 45% (9/20 shards)`."""
+    for segment in reversed(re.split(r"[\r\n]", log_tail)):
+        text = _PROCESS_PREFIX.sub("", segment.strip()).strip()
+        if text:
+            break
+    else:
+        return ""
+    if found := _SHARDS.search(text):
+        pct, done, total = found.groups()
+        return f"loading weights {int(pct)}% ({done}/{total} shards)"
+    return text[:200]
+
+
 def _connect_host(host: str | None) -> str:
     if host in (None, "", "0.0.0.0"):
         return "127.0.0.1"
@@ -190,9 +216,15 @@ class VllmBackend(ProcessBackend):
         extra_env: Mapping[str, str] | None = None,
         limits: StepLimits | None = None,
         on_step_down: Callable[[Reason], None] | None = None,
+        container: ContainerSpec | None = None,
+        warm_up: bool = True,
     ) -> None:
+        """`hf_home`: the host's Hugging Face home (in a `container`, the same directory is
+        mounted there as container.hf_home, which vLLM is given)."""
         if plan.backend != "vllm" or plan.argv[:2] != ["vllm", "serve"]:
             raise ValueError(f"not a vLLM plan (backend {plan.backend!r})")
+        if container is not None and model_path is not None:
+            raise ValueError("a local model directory is not mounted into the container")
         self._plan = plan
         self._offline = offline
         self._model_path = Path(model_path) if model_path is not None else None
@@ -206,7 +238,10 @@ class VllmBackend(ProcessBackend):
         env = {**plan.env, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}  # never phone home
         if offline:
             env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        if hf_home is not None:
+        self._host_hf_home = Path(hf_home) if hf_home is not None else None
+        if container is not None:
+            env["HF_HOME"] = container.hf_home
+        elif hf_home is not None:
             env["HF_HOME"] = str(hf_home)
         if api_key:
             env["VLLM_API_KEY"] = api_key  # vLLM reads it when --api-key is absent: not in argv
@@ -220,6 +255,8 @@ class VllmBackend(ProcessBackend):
             env=env,
             name="vllm",
             api_key=api_key,
+            container=container,
+            warmup_model=plan.served_model_name if warm_up else None,
         )
 
     @property
@@ -249,17 +286,27 @@ class VllmBackend(ProcessBackend):
                     f"model directory {self._model_path} does not exist", retryable=False
                 )
             return
-        if not self._offline or Path(self.model).is_dir():
+        if self.container is not None:
+            # The container reads the host's <models_dir>/hf read-only (and the image is
+            # offline): the weights must be there before it starts.
+            cache = hf_hub_cache({"HF_HOME": str(self._host_hf_home or "")})
+            why = f"the container reads its weights read-only from {cache}"
+        elif self._offline and not Path(self.model).is_dir():
+            cache = hf_hub_cache({**os.environ, **self.env})
+            why = "the appliance is offline (HF_HUB_OFFLINE=1)"
+        else:
             return
-        cache = hf_hub_cache({**os.environ, **self.env})
         snapshots = cache / f"models--{self.model.replace('/', '--')}" / "snapshots"
         if not (snapshots.is_dir() and any(snapshots.iterdir())):
             raise BackendStartError(
-                f"model {self.model} is not in the Hugging Face cache ({cache}) and the appliance "
-                "is offline (HF_HUB_OFFLINE=1): install it from an offline bundle or give a local "
-                "model directory",
+                f"model {self.model} is not in the Hugging Face cache ({cache}) and {why}: "
+                "download it (`appliance up` does), install it from an offline bundle or give a "
+                "local model directory",
                 retryable=False,
             )
+
+    def progress_line(self) -> str:
+        return load_progress(self.log_tail(5))
 
     def _current(self) -> tuple[float, int]:
         util = flag_value(self.argv, "--gpu-memory-utilization")

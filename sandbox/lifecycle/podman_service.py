@@ -170,6 +170,11 @@ class PodmanService:
         self.socket.unlink(missing_ok=True)
         return stopped
 
+    def ensure_runtime_dir(self) -> None:
+        """The user's runtime dir (and the socket's), as start() makes them: for other rootless
+        podman commands run as this user (the appliance's backend container)."""
+        self._ensure_dirs(self.account)
+
     def _ensure_dirs(self, acct: pwd.struct_passwd) -> None:
         # /run is a tmpfs: the runtime dir made by setup-service-user.sh is gone after a reboot.
         rd = self.runtime_dir

@@ -14,22 +14,44 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from appliance.cli.context import app_context
-from appliance.cli.output import console, err_console
+from appliance.cli.options import SnapshotOpt
+from appliance.cli.output import console, err_console, print_json
 from appliance.config import ApplianceConfig
 from appliance.errors import BackendError
+
+if TYPE_CHECKING:
+    from appliance.services.bringup.steps import Bringup
+    from hardware.plan_types import ServingPlan
 
 SERVICES = ("control", "backend", "gateway")  # what the supervisor runs; `up` waits for each
 TimeoutOpt = Annotated[
     float, typer.Option("--timeout", help="Seconds to wait for the services to be ready.")
 ]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run", help="Print the steps and every command they would run; start nothing."
+    ),
+]
+ContainerOpt = Annotated[
+    bool,
+    typer.Option(
+        "--container",
+        help="Serve from the appliance image under Podman (inference.backend container, this run).",
+    ),
+]
+UpJsonOpt = Annotated[bool, typer.Option("--json", help="With --dry-run: the steps as JSON.")]
 
 
-def _spawn_supervisor(config: ApplianceConfig, instance: str) -> subprocess.Popen[bytes]:
+def _spawn_supervisor(
+    config: ApplianceConfig, instance: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`env`: what the supervisor gets on top of ours (--container reaches it that way)."""
     from appliance.services.supervisor import cli_argv, log_dir
 
     log_dir(config).mkdir(parents=True, exist_ok=True)
@@ -41,6 +63,7 @@ def _spawn_supervisor(config: ApplianceConfig, instance: str) -> subprocess.Pope
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
 
 
@@ -97,21 +120,71 @@ def _check_own(config: ApplianceConfig, supervisor: int, instance: str) -> None:
             )
 
 
-def up(ctx: typer.Context, timeout: TimeoutOpt = 1800.0) -> None:
+def _bring_up_plan(
+    ctx: typer.Context, snapshot: Path | None, container: bool
+) -> tuple[ApplianceConfig, ServingPlan, Bringup]:
+    """The steps for this host (probed) or a recorded one (nothing probed)."""
+    from appliance.cli.plan import current_plan, load_snapshot
+    from appliance.services.bringup import facts as host_facts
+    from appliance.services.bringup.steps import Options, plan_steps, serving_container
+    from hardware.telemetry import collect
+
+    flags = {"inference": {"backend": "container"}} if container else {}
+    config = app_context(ctx).config(**flags)
+    host = load_snapshot(snapshot) if snapshot else collect()
+    plan = current_plan(ctx, host, **flags)
+    if snapshot:
+        facts = host_facts.recorded()
+    else:
+        spec = serving_container(config, host, plan, live=True)
+        facts = host_facts.probe(config, host, plan, image=spec.image if spec else None)
+    options = Options(container=container, agent=os.environ.get("APPLIANCE_NO_AGENT") != "1")
+    return config, plan, plan_steps(host, config, plan, facts, options)
+
+
+def up(
+    ctx: typer.Context,
+    timeout: TimeoutOpt = 1800.0,
+    dry_run: DryRunOpt = False,
+    snapshot: SnapshotOpt = None,
+    container: ContainerOpt = False,
+    json_out: UpJsonOpt = False,
+) -> None:
     """Start the control plane, the backend and the gateway under a supervisor and wait until
-    each is ready."""
+    each is ready; first the appliance image, the CDI spec and the weights where the host needs
+    them (--dry-run prints every step and command instead)."""
+    from appliance.services.bringup.run import refuse_blocked, run_prepare, serve_banner
+    from appliance.services.bringup.steps import CONTAINER_ENV, render
     from appliance.services.run_state import lifecycle_lock
     from appliance.services.supervisor import control_url, run_dir, supervisor_pid
 
-    config = app_context(ctx).config()
+    if snapshot is not None and not dry_run:
+        raise typer.BadParameter(
+            "a recorded host is for --dry-run only (nothing runs on it)",
+            param_hint="--host-snapshot",
+        )
+    if json_out and not dry_run:
+        raise typer.BadParameter("--json goes with --dry-run", param_hint="--json")
+    config, plan, bringup = _bring_up_plan(ctx, snapshot, container)
+    if dry_run:
+        if json_out:
+            print_json(bringup)
+        else:
+            typer.echo(render(bringup, snapshot), nl=False)
+        return
     with lifecycle_lock(run_dir(config), timeout, on_wait=err_console.print):
         pid = supervisor_pid(config)
         if pid is not None:
             console.print(f"already up (supervisor pid {pid})")
             return
+        refuse_blocked(bringup)  # before anything starts: one line and its fix
         started = time.monotonic()
+        run_prepare(config, plan, bringup, say=_say)
+        _say(serve_banner(bringup))
         instance = uuid.uuid4().hex
-        proc = _spawn_supervisor(config, instance)
+        proc = _spawn_supervisor(
+            config, instance, {CONTAINER_ENV: "container"} if container else None
+        )
         try:
             _wait_ready(config, proc, instance, timeout)
             _check_own(config, proc.pid, instance)
@@ -125,6 +198,10 @@ def up(ctx: typer.Context, timeout: TimeoutOpt = 1800.0) -> None:
         f"(supervisor pid {proc.pid})",
         markup=False,
     )
+
+
+def _say(line: str) -> None:
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _stop(config: ApplianceConfig, pid: int, timeout: float = 60.0) -> None:

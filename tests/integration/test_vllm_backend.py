@@ -93,7 +93,8 @@ def test_start_wait_ready_with_progress_then_models_and_metrics(make_backend) ->
     assert time.monotonic() - t0 >= 1.5
     assert len(calls) >= 3, calls  # called while the model "loads"
     assert [c[0] for c in calls] == sorted(c[0] for c in calls)
-    assert any("Loading safetensors checkpoint shards" in line for _, line in calls)
+    # vLLM's weight-loading bar as the status shows it (tests/unit/test_backend_container.py)
+    assert any(line == "loading weights 50% (2/4 shards)" for _, line in calls), calls
     assert b.health()
 
     models = b.models()
@@ -101,14 +102,17 @@ def test_start_wait_ready_with_progress_then_models_and_metrics(make_backend) ->
     assert models[0]["root"] == b.plan.model and models[0]["owned_by"] == "vllm"
     assert models[0]["max_model_len"] == b.plan.max_model_len
 
+    # Ready means warmed up: one completion of one token ("Hello": one prompt token) answered.
+    warm = b.metrics()
+    assert (warm.prompt_tokens, warm.generation_tokens, warm.requests_finished) == (1, 1, 1)
     body = {"model": "nemotron", "messages": [{"role": "user", "content": "one two three"}]}
     answer = httpx.post(f"{b.api_base}/chat/completions", json={**body, "max_tokens": 5}).json()
     assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
     m = b.metrics()
-    assert (m.prompt_tokens, m.generation_tokens, m.requests_finished) == (3, 5, 1)
-    assert m.finished_reasons == {"stop": 0, "length": 1, "abort": 0}
+    assert (m.prompt_tokens, m.generation_tokens, m.requests_finished) == (1 + 3, 1 + 5, 2)
+    assert m.finished_reasons == {"stop": 0, "length": 2, "abort": 0}
     assert m.requests_running == 0 and m.kv_cache_usage == 0
-    assert m.ttft_count == 1 and m.ttft_mean is not None
+    assert m.ttft_count == 2 and m.ttft_mean is not None
 
     pid = b.pid
     assert pid is not None
@@ -291,9 +295,36 @@ def test_api_key_guards_v1_and_never_shows_in_ps(tmp_path: Path) -> None:
         # The same server seen as an upstream: healthy only with the right key.
         assert UpstreamBackend(b.api_base, api_key="sk-local-secret").health()
         assert not UpstreamBackend(b.api_base, api_key="wrong").health()
-        assert UpstreamBackend(b.api_base, api_key="sk-local-secret").scrape().prompt_tokens == 0
+        # The warm-up went through with the key: its one prompt token is counted.
+        assert UpstreamBackend(b.api_base, api_key="sk-local-secret").scrape().prompt_tokens == 1
     finally:
         b.stop()
+
+
+def test_ready_only_after_the_warm_up_answered(make_backend) -> None:
+    """The first request is slow (vLLM compiles on it): `ready` waits for it, and the progress
+    says so while /health is already 200."""
+    b = make_backend(FAKE_VLLM_TOKEN_DELAY="1.0")
+    calls: list[tuple[float, str]] = []
+    b.launch(timeout=30, progress=lambda elapsed, line: calls.append((elapsed, line)))
+    warming = [e for e, line in calls if line.startswith("warming up")]
+    assert warming and max(warming) >= 0.75, calls  # reported all through the slow request
+    assert b.metrics().requests_finished == 1
+
+
+def test_a_refused_warm_up_fails_the_start_for_good(tmp_path: Path) -> None:
+    """A warm-up the backend refuses with a 4xx (here: a model it does not serve) cannot succeed
+    on a retry: not retryable, and nothing left running."""
+    b = ProcessBackend(
+        [*FAKE, "serve", "m", "--port", str(port := free_port())],
+        base_url=f"http://127.0.0.1:{port}",
+        log_path=tmp_path / "fake.log",
+        env={"PYTHONPATH": str(REPO)},
+        warmup_model="not-served",
+    )
+    with pytest.raises(BackendStartError, match="warm-up request refused: HTTP 404") as caught:
+        b.launch(timeout=30)
+    assert not caught.value.retryable and not b.running
 
 
 def test_offline_needs_the_model_in_the_cache(tmp_path: Path) -> None:

@@ -24,18 +24,19 @@ def host_summary(host: HostSnapshot) -> str:
 
 def gpu_table(host: HostSnapshot) -> Table:
     table = Table(show_edge=False, pad_edge=False)
-    for col in ("#", "name", "cc", "memory used/total", "util", "temp", "power", "clocks", "notes"):
+    columns = ("#", "name", "cc", "memory used/total", "util", "temp", "power draw/limit")
+    for col in (*columns, "clocks", "throttle", "notes"):
         table.add_column(col)
     for g in host.gpus:
         if g.memory_total_mib is None:
             mem = "n/a"
         else:
             mem = f"{fmt(g.memory_used_mib)}/{g.memory_total_mib} MiB"
-            if g.unified_memory:
-                mem += " (unified)"
+            if g.unified_memory:  # GB10: NVML has none; telemetry reads the host's /proc/meminfo
+                mem += " host memory (unified)"
+        # None: the driver does not say; []: it says nothing holds the clocks back
+        throttle = "n/a" if g.throttle_reasons is None else ", ".join(g.throttle_reasons) or "none"
         notes = []
-        if g.throttle_reasons:
-            notes.append("throttle: " + ", ".join(g.throttle_reasons))
         if g.ecc_enabled is not None:
             notes.append(f"ECC {'on' if g.ecc_enabled else 'off'}")
         if g.mig_enabled:
@@ -51,6 +52,7 @@ def gpu_table(host: HostSnapshot) -> Table:
             fmt(g.temperature_c, "°C"),
             f"{fmt(g.power_draw_w, 'W')}/{fmt(g.power_limit_w, 'W')}",
             f"{fmt(g.clock_sm_mhz)}/{fmt(g.clock_memory_mhz)} MHz",
+            throttle,
             "; ".join(notes),
         )
     return table

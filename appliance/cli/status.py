@@ -15,7 +15,7 @@ from rich.text import Text
 from appliance.cli.context import app_context
 from appliance.cli.hardware import gpu_table, host_summary
 from appliance.cli.options import IntervalOpt, JsonOpt, WatchOpt
-from appliance.cli.output import console, fmt, print_json
+from appliance.cli.output import console, print_json
 from hardware.snapshot import HostSnapshot
 
 
@@ -48,6 +48,7 @@ def render(report: dict[str, Any], host: HostSnapshot) -> Group:
             f"\n[bold]inference[/]  {_state(inference['state'])}{_detail(inference)}  "
             f"{inference['endpoint']}  "
             f"plan: {planned}\n"
+            f"{_container_line(inference.get('container'))}"
             f"{_metrics_line(inference['metrics'])}"
             f"{_restart_line(inference.get('restarts'))}"
             f"[bold]gateway[/]    {_state(gateway['state'])}  {gateway['url']}\n"
@@ -208,16 +209,40 @@ def _restart_line(restarts: list[dict[str, Any]] | None) -> str:
     )
 
 
+def _container_line(container: dict[str, Any] | None) -> str:
+    if not container:  # the venv path: the backend is a host process
+        return ""
+    image = escape(container.get("image") or "image unknown")
+    return f"           container {escape(container.get('name') or '?')}  ({image})\n"
+
+
 def _metrics_line(metrics: dict[str, Any] | None) -> str:
+    """vLLM's own figures from its /metrics (None: not exported, shown as n/a, never 0)."""
     if not metrics:
         return ""
     kv = metrics["kv_cache_usage"]
     return (
-        f"           requests running {fmt(metrics['requests_running'])}, "
-        f"waiting {fmt(metrics['requests_waiting'])} · KV cache "
-        f"{'n/a' if kv is None else f'{kv:.0%}'} · tokens in/out "
-        f"{fmt(metrics['prompt_tokens_total'])}/{fmt(metrics['generation_tokens_total'])}\n"
+        f"           requests running {_count(metrics['requests_running'])}, "
+        f"waiting {_count(metrics['requests_waiting'])} · KV cache "
+        f"{'n/a' if kv is None else f'{kv:.1%}'} · {_rate_text(metrics.get('generation_rate'))}"
+        f" · tokens in/out "
+        f"{_count(metrics['prompt_tokens_total'])}/{_count(metrics['generation_tokens_total'])}\n"
     )
+
+
+def _count(value: float | None) -> str:
+    """A gauge or counter (Prometheus floats) as a whole number; None: not exported."""
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def _rate_text(rate: dict[str, Any] | None) -> str:
+    """`tokens/s (last 1 s) 42.0`: the counter's change, and over which window."""
+    if not rate or rate.get("tokens_per_s") is None:
+        why = (rate or {}).get("reason")
+        return f"tokens/s n/a ({escape(why)})" if why else "tokens/s n/a"
+    window = rate["window_s"]
+    since = ", since the last status" if rate.get("method") == "previous_status" else ""
+    return f"tokens/s (last {window:.0f} s{since}) {rate['tokens_per_s']:.1f}"
 
 
 def _snapshot(ctx: typer.Context) -> tuple[dict[str, Any], HostSnapshot]:

@@ -45,7 +45,12 @@ def host_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, Any]:
 
 
 def gpus_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, Any]:
-    return {"count": len(host.gpus), "devices": [g.model_dump(mode="json") for g in host.gpus]}
+    devices = [
+        # GB10: NVML has no memory figures; telemetry reports the host's RAM (/proc/meminfo)
+        {**g.model_dump(mode="json"), "memory_source": "host" if g.unified_memory else "device"}
+        for g in host.gpus
+    ]
+    return {"count": len(host.gpus), "devices": devices}
 
 
 def _service(config: ApplianceConfig, name: str) -> dict[str, Any]:
@@ -57,21 +62,23 @@ def _service(config: ApplianceConfig, name: str) -> dict[str, Any]:
     return read_services(config).get(name, {})
 
 
-def _backend_metrics(base_url: str) -> dict[str, Any] | None:
-    from inference.backends.base import BackendUnavailable, http_get, parse_metrics
+def _backend_metrics(
+    config: ApplianceConfig, endpoint: str, service: dict[str, Any]
+) -> dict[str, Any] | None:
+    from appliance.ops.backend_metrics import backend_metrics  # httpx, prometheus: only if up
+    from appliance.services.supervisor import run_dir
 
-    try:
-        metrics = parse_metrics(http_get(base_url + "/metrics", timeout=0.5).text)
-    except BackendUnavailable:
-        return None
-    return {
-        "requests_running": metrics.requests_running,
-        "requests_waiting": metrics.requests_waiting,
-        "kv_cache_usage": metrics.kv_cache_usage,
-        "prompt_tokens_total": metrics.prompt_tokens,
-        "generation_tokens_total": metrics.generation_tokens,
-        "ttft_mean_s": metrics.ttft_mean,
-    }
+    return backend_metrics(endpoint, run_dir(config), service.get("pid"))
+
+
+def _container(service: dict[str, Any]) -> dict[str, Any] | None:
+    """The backend's container (name, image) when the supervisor runs it in one, else None."""
+    container = service.get("container")
+    if isinstance(container, str):
+        return {"name": container, "image": service.get("image")}
+    if isinstance(container, dict):
+        return {"name": container.get("name"), "image": container.get("image")}
+    return None
 
 
 def inference_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, Any]:
@@ -85,7 +92,8 @@ def inference_section(config: ApplianceConfig, host: HostSnapshot) -> dict[str, 
         "detail": service.get("detail"),
         "pid": service.get("pid"),
         "restarts": service.get("restarts", []),  # the last few: {"at", "reason", "restart"}
-        "metrics": _backend_metrics(endpoint) if listening else None,
+        "metrics": _backend_metrics(config, endpoint, service) if listening else None,
+        "container": _container(service),
         "plan": None,
     }
     if (config.state_dir / DB_NAME).is_file():

@@ -30,8 +30,16 @@ from sandbox.yamlfile import (
 
 SYSTEM_CONFIG = Path("/etc/appliance/appliance.yaml")
 ENV_PREFIX = "APPLIANCE_"
-# Variables that steer the CLI itself rather than naming a config key.
-_NOT_CONFIG = {"APPLIANCE_CONFIG", "APPLIANCE_DEBUG", "APPLIANCE_SYSTEM_CONFIG"}
+# Variables that steer the CLI itself, or the scripts (setup.sh, appliance-up.sh, whose
+# environment every `appliance` they run inherits), rather than naming a config key.
+_NOT_CONFIG = {
+    "APPLIANCE_CONFIG",
+    "APPLIANCE_DEBUG",
+    "APPLIANCE_SYSTEM_CONFIG",
+    "APPLIANCE_NO_AGENT",
+    "APPLIANCE_NO_SANDBOX",
+    "APPLIANCE_VENV",
+}
 
 
 class _Strict(BaseModel):

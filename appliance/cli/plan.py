@@ -18,7 +18,11 @@ from hardware.plan_types import ServingPlan
 from hardware.snapshot import HostSnapshot
 
 
+SNAPSHOT_HINT = "give a HostSnapshot JSON file: `appliance hardware --json` writes one"
+
+
 def load_snapshot(path: Path) -> HostSnapshot:
+    """A recorded host; anything else is one line naming the file (and the field)."""
     from pydantic import ValidationError
 
     try:
@@ -26,7 +30,12 @@ def load_snapshot(path: Path) -> HostSnapshot:
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{path}: {loc}: {first['msg']}") from None
+        where = f"{path}: {loc}" if loc else str(path)
+        raise ConfigError(f"{where}: {first['msg']}", hint=SNAPSHOT_HINT) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text", hint=SNAPSHOT_HINT) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror or exc}", hint=SNAPSHOT_HINT) from None
 
 
 def current_plan(

@@ -301,6 +301,12 @@ class _StateFile:
                 "url": proc.base_url,
                 "log": str(proc.log_path),
                 "restarts": restarts or [],  # the last few, oldest first, with their reasons
+                # the container path: which container runs it (`appliance status` shows it)
+                "container": (
+                    {"name": proc.container.name, "image": proc.container.image}
+                    if proc.container is not None
+                    else None
+                ),
             }
             run_state.write_atomically(self.path, json.dumps(self.data, indent=2))
 

@@ -29,9 +29,12 @@ from appliance.config import ApplianceConfig, InferenceConfig, ListenConfig
 from appliance.ops import backend_metrics as bm
 from appliance.ops.status import gather
 from appliance.services import run_state
-from appliance.services.supervisor import pid_file, run_dir, services_file
+from appliance.services.supervisor import _StateFile, pid_file, run_dir, services_file
+from hardware.planner import plan_serving
 from hardware.snapshot import HostSnapshot
 from hardware.telemetry import collect
+from inference.backends.container import ContainerSpec
+from inference.backends.process import ProcessBackend
 from tests.conftest import REPO
 from tests.fakes.fake_nvml import GB10, H100_80GB_HBM3_SXM, FakeNVML, not_supported
 from tests.helpers import free_port
@@ -257,38 +260,54 @@ def test_another_backends_scrape_is_not_compared(
 def test_the_container_path_shows_the_backends_container(
     tmp_path: Path, host: HostSnapshot, vllm: dict[str, Any]
 ) -> None:
-    """The supervisor's services.json as the container path writes it; the backend (here the
-    stand-in) listens on the same configured loopback address, so its figures read the same."""
+    """services.json as the supervisor writes it for a backend in the appliance image; the
+    backend (here the stand-in) listens on the same configured loopback address, so its figures
+    read the same as on the venv path."""
     config = config_for(tmp_path, vllm["port"])
     run_dir(config).mkdir(parents=True)
+    spec = ContainerSpec(
+        image="localhost/appliance-spark:latest",
+        name="appliance-backend-0123abcd",
+        cache_volume="appliance-backend-cache-0123abcd",
+    )
+    backend = ProcessBackend(
+        ["vllm", "serve", "nemotron"],
+        base_url=vllm["base"],
+        log_path=tmp_path / "backend.log",
+        name="backend",
+        container=spec,
+    )
+    states = _StateFile(services_file(config), plan_serving(host, port=vllm["port"]), "test")
     lock = run_state.hold_supervisor_lock(run_dir(config))  # this test plays the supervisor
     try:
         run_state.write_pid_file(pid_file(config), "test")
-        backend = {
-            "state": "ready",
-            "detail": "",
-            "pid": vllm["proc"].pid,
-            "container": {"name": "appliance-backend-0123abcd", "image": "localhost/x:latest"},
-            "restarts": [],
-        }
-        services_file(config).write_text(json.dumps({"backend": backend}))
+        states.update("backend", backend, "ready", "")
         start_requests(vllm["base"], 1)
         wait_until(lambda: running(vllm["base"])[0] == 1, 20, "a running request")
         report = gather(config, host)
     finally:
         os.close(lock)
     inference = report["inference"]
-    assert inference["state"] == "ready" and inference["pid"] == vllm["proc"].pid
+    assert inference["state"] == "ready"
     assert inference["container"] == {
         "name": "appliance-backend-0123abcd",
-        "image": "localhost/x:latest",
+        "image": "localhost/appliance-spark:latest",
     }
     assert inference["metrics"]["requests_running"] == 1
     assert inference["metrics"]["generation_rate"]["tokens_per_s"] > 0
-    kept = json.loads((run_dir(config) / bm.SCRAPE_FILE).read_text())
-    assert kept["backend"]["pid"] == vllm["proc"].pid  # a restarted backend is not compared
     text = screen(report, host)
-    assert "container appliance-backend-0123abcd  (localhost/x:latest)" in text
+    assert "container appliance-backend-0123abcd  (localhost/appliance-spark:latest)" in text
+
+
+def test_the_supervisors_state_says_no_container_on_the_venv_path(
+    tmp_path: Path, host: HostSnapshot
+) -> None:
+    config = config_for(tmp_path, free_port())
+    run_dir(config).mkdir(parents=True)
+    backend = ProcessBackend(["x"], base_url="http://127.0.0.1:1", log_path=tmp_path / "b.log")
+    states = _StateFile(services_file(config), plan_serving(host), "test")
+    states.update("backend", backend, "ready", "")
+    assert json.loads(services_file(config).read_text())["backend"]["container"] is None
 
 
 # -- nothing running, unknowns, and something else on the port ----------------------------------

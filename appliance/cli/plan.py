@@ -47,6 +47,7 @@ def current_plan(
 
     config = app_context(ctx).config(**flags)
     host = host or collect()
+    # `auto` and `container` plan alike: the planner's pick (where it runs: serving_path)
     if config.inference.backend == "embedded" and host.gpus:
         why = "inference.backend is 'embedded' in the config: GPUs left unused"
         host = host.model_copy(update={"gpus": [], "nvml_error": why})

@@ -188,16 +188,25 @@ class ProcessBackend:
         self.starts += 1
 
     def _check_port_free(self) -> None:
-        """Refuse to start when something already answers there: its /health would fool us."""
-        parts = urlsplit(self._base_url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        with (
-            contextlib.suppress(OSError),
-            socket.create_connection((parts.hostname or "127.0.0.1", port), timeout=0.5),
-        ):
+        """Refuse to start when something already answers there: its /health would fool us.
+        In a container: our own container left by a supervisor killed -9 (its `podman run` is
+        in a session of its own, so it outlived it) is removed first, as --replace would."""
+        if self._port_in_use() and self.container is not None:
+            self._podman(self.container.remove_argv(), timeout=60)
+        if self._port_in_use():
+            port = urlsplit(self._base_url).port
             raise BackendStartError(
                 f"{self.name}: port {port} is already in use (a stale server?)", retryable=True
             )
+
+    def _port_in_use(self) -> bool:
+        parts = urlsplit(self._base_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname or "127.0.0.1", port), timeout=0.5).close()
+        except OSError:
+            return False
+        return True
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM to the whole process group, SIGKILL after `grace` seconds. In a container:

@@ -357,3 +357,25 @@ REAL_LINES = [
 @pytest.mark.parametrize(("tail", "shown"), REAL_LINES)
 def test_load_progress(tail: str, shown: str) -> None:
     assert load_progress(tail) == shown
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"), [("dgx_spark_gb10", "vllm"), ("cpu_only", "embedded")]
+)
+def test_backend_container_plans_like_auto(
+    host: str, expected: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import click
+
+    from appliance.cli.context import AppContext
+    from appliance.cli.plan import current_plan
+
+    snapshot = HostSnapshot.model_validate_json((HOSTS_DIR / f"{host}.json").read_text())
+    plans = {}
+    for backend in ("auto", "container"):
+        monkeypatch.setenv("APPLIANCE_STATE_DIR", str(tmp_path))
+        monkeypatch.setenv("APPLIANCE_INFERENCE__BACKEND", backend)
+        ctx = click.Context(click.Command("plan"), obj=AppContext())
+        plans[backend] = current_plan(ctx, snapshot)  # type: ignore[arg-type]
+    assert plans["container"].backend == expected
+    assert plans["container"] == plans["auto"]

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -264,7 +265,7 @@ def _record_checksums(models_dir: Path, model: str, snapshot: Path) -> dict[str,
         "files": files,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # per writer
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     tmp.chmod(0o644)
     tmp.replace(path)

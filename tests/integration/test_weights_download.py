@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import httpx
 import pytest
 from huggingface_hub import constants as hub_constants
 
-from appliance.errors import exit_code_for
+from appliance.errors import NotFoundError, exit_code_for
 from appliance.packaging.hub_errors import (
     GatedModelError,
     HubTokenRefusedError,
@@ -211,6 +212,37 @@ def test_verify_names_a_file_changed_on_disk(tmp_path: Path, monkeypatch: pytest
     blob = (path / "tokenizer.json").resolve()
     blob.write_text('{"tampered": true}')
     assert verify(models, MODEL) == ["tokenizer.json"]
+
+
+def test_a_snapshot_with_the_hubs_listing_but_no_checksums_is_present(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a bundle may carry it: the hub's own tree listing says which files make it whole."""
+    models = tmp_path / "models"
+    with running_hub(tmp_path, {MODEL: {}}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        path = download(MODEL, models, progress=False)
+    checksums_path(models, MODEL).unlink()
+    status = weights_status(models, MODEL)
+    assert status.present and status.path == path and "no checksums recorded" in status.detail
+    (path / SHARD).resolve().unlink()
+    assert "incomplete: 7 of 8 files" in weights_status(models, MODEL).detail
+    with pytest.raises(NotFoundError):
+        verify(models, MODEL)
+
+
+def test_two_downloads_at_once_both_end_with_one_whole_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = tmp_path / "models"
+    with running_hub(tmp_path, {MODEL: {}}, shard_mib=8) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        with ThreadPoolExecutor(2) as pool:
+            paths = list(pool.map(lambda _: download(MODEL, models, progress=False), range(2)))
+        commit = hub.commit()
+    assert paths[0] == paths[1] == snapshot_of(models, commit)
+    assert weights_status(models, MODEL).present and verify(models, MODEL) == []
+    assert not list(checksums_path(models, MODEL).parent.glob("*.tmp"))
 
 
 def test_a_blob_that_does_not_match_its_etag_is_removed_and_refused(

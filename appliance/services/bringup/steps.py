@@ -83,11 +83,11 @@ def shell_line(argv: list[str]) -> str:
 
 
 def machine_of(host: HostSnapshot, *, live: bool) -> str | None:
-    """The CPU architecture the image target follows: this host's (None), or for a recorded
-    host, which records none, arm64 on a DGX Spark and x86_64 otherwise."""
-    if live:
-        return None
-    return "aarch64" if host.host_class == HostClass.DGX_SPARK else "x86_64"
+    """The CPU architecture the image target follows (as target_for): arm64 on a DGX Spark,
+    else this host's (None), or for a recorded host, which records none, x86_64."""
+    if host.host_class == HostClass.DGX_SPARK:
+        return "aarch64"
+    return None if live else "x86_64"
 
 
 def supervisor_argv(config: ApplianceConfig, options: Options) -> list[str]:
@@ -220,7 +220,7 @@ def _weights(config: ApplianceConfig, plan: ServingPlan, facts: Facts) -> Step:
     wanted = with_headroom(need) if need is not None else None
     size = f"{wanted / GIB:.1f} GiB with headroom" if wanted is not None else "size unknown"
     where = f"{plan.model} ({size}) into {models / 'hf' / 'hub'}"
-    how = "downloaded with progress, resumable, checksums recorded (the command: its equivalent)"
+    how = "downloaded (progress bar, resumable, checksums recorded; as the command below)"
     step.commands = [["env", f"HF_HOME={models / 'hf'}", "hf", "download", plan.model]]
     if not facts.live:
         step.why = f"{where}: free space checked first, then {how} ({UNKNOWN})"
@@ -277,11 +277,21 @@ def _agent(facts: Facts, options: Options) -> Step:
 
 
 def environment_line(facts: Facts, image: str | None) -> str:
-    """Podman and systemd here, and whether the Quadlet units are an alternative."""
+    """Podman and systemd here, and the units systemd could run instead of `appliance up`: the
+    Quadlet files of the appliance image (container path), the venv's units (host path)."""
     from appliance.services.quadlet import MIN_PODMAN
 
     need = f"{MIN_PODMAN[0]}.{MIN_PODMAN[1]}"
-    quadlet = f"`appliance units render --container {image or 'IMAGE'}`"
+    if image is None:
+        units = "`appliance units render` (the same services as systemd units)"
+        if not facts.live:
+            return (
+                f"Podman and systemd: {UNKNOWN}; under systemd, {units} instead of `appliance up`"
+            )
+        if facts.systemd:
+            return f"systemd: {units} is the alternative to `appliance up`"
+        return "no systemd: `appliance up` supervises the services itself"
+    quadlet = f"`appliance units render --container {image}`"
     if not facts.live:
         return (
             f"Podman and systemd: {UNKNOWN}; where Podman >= {need} and systemd run, {quadlet} "

@@ -292,16 +292,32 @@ def verify(models_dir: Path, model: str) -> list[str]:
     return bad
 
 
-def _open_up(models_dir: Path) -> None:
-    """Dirs 0755, files 0644 (whatever the umask was): models_dir and all of hf/ beneath it
-    (the cache, its locks and tree listings, the checksums)."""
-    models_dir.chmod(0o755)
-    for root, _dirs, files in os.walk(models_dir / "hf"):
-        os.chmod(root, 0o755)
-        for name in files:
-            full = os.path.join(root, name)
-            if not os.path.islink(full):
-                os.chmod(full, 0o644)
+def _open_up(models_dir: Path, model: str) -> None:
+    """Dirs 0755, files 0644 whatever the umask was: the way down to the repo, the repo, its
+    lock files and its checksums (other repos in the cache are left as they are)."""
+    hf, cache = models_dir / "hf", hub_cache(models_dir)
+    for directory in (models_dir, hf, cache, hf / "checksums", cache / ".locks"):
+        if directory.is_dir():
+            directory.chmod(0o755)
+    for top in (cache / repo_folder(model), cache / ".locks" / repo_folder(model)):
+        for root, _dirs, files in os.walk(top):
+            os.chmod(root, 0o755)
+            for name in files:
+                if not os.path.islink(full := os.path.join(root, name)):
+                    os.chmod(full, 0o644)
+    for file in (cache / "CACHEDIR.TAG", checksums_path(models_dir, model)):
+        if file.is_file():
+            file.chmod(0o644)
+
+
+def bytes_on_disk(models_dir: Path, model: str) -> int:
+    """What the repo's finished files take already: subtract it from required_bytes before
+    check_disk when a download resumes."""
+    blobs = hub_cache(models_dir) / repo_folder(model) / "blobs"
+    try:
+        return sum(f.stat().st_size for f in blobs.iterdir() if f.is_file())
+    except OSError:
+        return 0
 
 
 # ---------------------------------------------------------------------------- download
@@ -386,5 +402,5 @@ def download(model: str, models_dir: Path, *, progress: bool = True) -> Path:
         check_disk(models_dir, sum(f.file_size or 0 for f in planned if f.will_download))
         snapshot = Path(snapshot_download(model, tqdm_class=_bar_class(progress), **common))
     _record_checksums(models_dir, model, snapshot)
-    _open_up(models_dir)
+    _open_up(models_dir, model)
     return snapshot

@@ -33,6 +33,7 @@ from appliance.packaging.hub_errors import (
     WeightsCorruptError,
 )
 from appliance.packaging.weights import (
+    bytes_on_disk,
     checksums_path,
     download,
     hub_cache,
@@ -185,6 +186,9 @@ def test_download_fetches_what_vllm_needs_with_checksums_and_open_permissions(
         assert status.present and status.path == path
         assert "8 files" in status.detail and "checksums recorded" in status.detail
         assert verify(models, MODEL) == []
+        assert bytes_on_disk(models, MODEL) == sum(
+            (hub.repos[MODEL] / name).stat().st_size for name in WANTED
+        )
 
         before = hub.stats()
         assert download(MODEL, models, progress=False) == path  # present: the Hub is not asked
@@ -299,6 +303,7 @@ def test_after_a_failed_download_a_second_call_fetches_only_what_did_not_finish(
         assert not checksums_path(models, MODEL).exists()
         others = {name: hub.served(name) for name in WANTED - {SHARD}}
         assert all(others[name] == (hub.repos[MODEL] / name).stat().st_size for name in others)
+        assert bytes_on_disk(models, MODEL) == sum(others.values())  # no partial file kept
 
         path = download(MODEL, models, progress=False)
         assert {name: hub.served(name) for name in others} == others  # not fetched again

@@ -224,8 +224,8 @@ def _metrics_line(metrics: dict[str, Any] | None) -> str:
     return (
         f"           requests running {_count(metrics['requests_running'])}, "
         f"waiting {_count(metrics['requests_waiting'])} · KV cache "
-        f"{'n/a' if kv is None else f'{kv:.1%}'} · {_rate_text(metrics.get('generation_rate'))}"
-        f" · tokens in/out "
+        f"{'n/a' if kv is None else f'{kv:.1%}'}\n"
+        f"           {_rate_text(metrics.get('generation_rate'))} · tokens in/out "
         f"{_count(metrics['prompt_tokens_total'])}/{_count(metrics['generation_tokens_total'])}\n"
     )
 

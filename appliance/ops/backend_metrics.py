@@ -69,6 +69,7 @@ def _remember(path: Path, identity: dict[str, Any], metrics: BackendMetrics) -> 
         ) as tmp:
             tmp.write(json.dumps(record))
         try:
+            os.chmod(tmp.name, 0o644)  # like services.json: a non-root status may read it
             os.replace(tmp.name, path)
         except OSError:
             os.unlink(tmp.name)

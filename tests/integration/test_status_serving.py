@@ -240,6 +240,7 @@ def test_status_calls_at_once_never_fail_and_leave_one_good_scrape(
     kept = json.loads((run_dir(config) / bm.SCRAPE_FILE).read_text())
     assert kept["generation_tokens"] > 0
     assert [p.name for p in run_dir(config).iterdir()] == [bm.SCRAPE_FILE]  # no temp left
+    assert (run_dir(config) / bm.SCRAPE_FILE).stat().st_mode & 0o777 == 0o644
 
 
 def test_another_backends_scrape_is_not_compared(
@@ -333,26 +334,48 @@ def test_nothing_running_is_read_only_and_shows_no_metrics(tmp_path: Path) -> No
     assert "requests running" not in text
 
 
-class _NotPrometheus(http.server.BaseHTTPRequestHandler):
+class _Metrics(http.server.BaseHTTPRequestHandler):
+    body = b""
+
     def do_GET(self) -> None:
-        body = b"<html>not metrics</html>"
         self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(self.body)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(self.body)
 
     def log_message(self, *args: Any) -> None:
         pass
 
 
+@contextlib.contextmanager
+def serving(body: bytes) -> Iterator[int]:
+    handler = type("Handler", (_Metrics,), {"body": body})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_something_else_on_the_backends_port_is_no_metrics(
     tmp_path: Path, host: HostSnapshot
 ) -> None:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotPrometheus)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        report = gather(config_for(tmp_path, server.server_address[1]), host)
-    finally:
-        server.shutdown()
+    with serving(b"<html>not metrics</html>") as port:
+        report = gather(config_for(tmp_path, port), host)
     assert report["inference"]["state"] == "listening"
     assert report["inference"]["metrics"] is None
+
+
+def test_a_backend_that_exports_none_of_vllms_figures_shows_them_unknown(
+    tmp_path: Path, host: HostSnapshot
+) -> None:
+    with serving(b"# HELP other_total x\n# TYPE other_total counter\nother_total 3\n") as port:
+        report = gather(config_for(tmp_path, port), host)
+    metrics = report["inference"]["metrics"]
+    assert metrics["requests_running"] is None and metrics["kv_cache_usage"] is None
+    assert metrics["generation_rate"]["reason"] == "not exported by the backend"
+    text = screen(report, host)
+    assert "requests running n/a, waiting n/a · KV cache n/a" in text
+    assert "tokens/s n/a (not exported by the backend) · tokens in/out n/a/n/a" in text

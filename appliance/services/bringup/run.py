@@ -8,6 +8,7 @@ does anything, and each step that runs either completes or raises (one line and 
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -134,3 +135,27 @@ def serve_banner(bringup: Bringup) -> str:
     numbered = [s for s in bringup.steps if s.id in (*PREPARE, "serve")]
     serve = numbered[-1]
     return f"[{len(numbered)}/{len(numbered)}] {serve.title}: {serve.why}"
+
+
+def container_pid(config: ApplianceConfig, plan: ServingPlan) -> int | None:
+    """The host pid of the backend container's first process, which listens on the backend port
+    (conmon is its parent, not `podman run`); None when podman cannot say."""
+    from appliance.services.supervisor import backend_container
+
+    spec = backend_container(config, plan)
+    argv = [spec.podman, "--runtime", "runc", "inspect", "--format", "{{.State.Pid}}", spec.name]
+    try:
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env=spec.process_env(os.environ, {}),
+            cwd=spec.account.home,
+            **spec.account.popen_kwargs(os.geteuid()),  # type: ignore[arg-type]
+        )
+        pid = int(done.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    return pid if pid > 0 else None

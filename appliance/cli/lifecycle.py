@@ -85,18 +85,25 @@ def _wait_ready(
             broken = [n for n, s in states.items() if s in ("failed", "restarting")]
             if proc.poll() is not None or broken:
                 name = broken[0] if broken else "supervisor"
-                log = Path(services.get(name, {}).get("log") or log_dir(config) / f"{name}.log")
-                tail = log.read_text(errors="replace")[-1500:] if log.is_file() else ""
-                raise BackendError(
-                    f"{name} failed to start: {services.get(name, {}).get('detail', '')}\n"
-                    f"--- {log} (last lines)\n{tail.strip()}",
-                    hint=f"see the logs in {log_dir(config)}",
-                )
+                break
             if time.monotonic() > deadline:
                 raise BackendError(f"not ready after {timeout:.0f} s: {states}")
             detail = services.get("backend", {}).get("detail", "")
             spinner.update(f"backend {states['backend'] or 'starting'} · {detail[:80]}")
             time.sleep(0.5)
+    # The log's last lines for context, then the failure as one line (vLLM's out-of-memory
+    # detail already says what to do: free GPU memory or plan a smaller model).
+    log = Path(services.get(name, {}).get("log") or log_dir(config) / f"{name}.log")
+    tail = log.read_text(errors="replace")[-1500:].strip() if log.is_file() else ""
+    if tail:
+        err_console.print(f"--- {log} (last lines)\n{tail}", markup=False, highlight=False)
+    detail = (services.get(name, {}).get("detail") or "").strip()
+    exited = f"exited with code {proc.returncode}" if proc.returncode is not None else ""
+    why = detail.splitlines()[0] if detail else exited or "no detail recorded"
+    raise BackendError(
+        f"{name} failed to start: {why}",
+        hint=f"its log's last lines are above; every service's log is in {log_dir(config)}",
+    )
 
 
 def _check_own(

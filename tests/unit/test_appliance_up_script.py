@@ -3,6 +3,7 @@ before anything runs."""
 
 from __future__ import annotations
 
+import hashlib
 import stat
 import subprocess
 import sys
@@ -93,3 +94,66 @@ def test_bad_flags_stop_before_anything_runs(
     assert done.returncode == 2
     assert f"appliance-up: {message}" in done.stderr
     assert not calls.exists()
+
+
+@pytest.fixture
+def fake_venv(tmp_path: Path) -> tuple[dict[str, str], Path, Path]:
+    """A venv whose `appliance` and `python` record their calls (python runs the script's JSON
+    one-liner for real): the script's real path without installing or starting anything.
+    setup.sh finds its base stamp (nothing to install) unless asked for the embedded extra."""
+    venv, calls = tmp_path / "venv", tmp_path / "calls.log"
+    (venv / "bin").mkdir(parents=True)
+    pyproject_hash = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    (venv / f".installed-{pyproject_hash}-base").touch()
+    python = venv / "bin" / "python"
+    python.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\n'
+        f'echo "python $*" >> {calls}\n'
+    )
+    appliance = venv / "bin" / "appliance"
+    appliance.write_text(
+        "#!/bin/sh\n"
+        f'echo "appliance $*" >> {calls}\n'
+        'case "$*" in\n'
+        '  *--dry-run*--json*) echo "{\\"embedded_on_host\\": $FAKE_EMBEDDED}";;\n'
+        '  up|"up --container") exit "${FAKE_UP_EXIT:-0}";;\n'
+        "esac\n"
+    )
+    for script in (python, appliance):
+        script.chmod(0o755)
+    env = cli_env(tmp_path / "state", tmp_path, APPLIANCE_VENV=str(venv))
+    env.update(APPLIANCE_NO_SANDBOX="1", APPLIANCE_NO_AGENT="1", PATH="/usr/bin:/bin")
+    return env, calls, venv
+
+
+def test_embedded_on_the_host_gets_its_extra_then_up_and_status(
+    fake_venv: tuple[dict[str, str], Path, Path],
+) -> None:
+    env, calls, _ = fake_venv
+    done = run({**env, "FAKE_EMBEDDED": "true"})
+    assert done.returncode == 0, done.stderr
+    lines = calls.read_text().splitlines()
+    assert lines[0] == "appliance up --dry-run --json"
+    assert "python -m pip install -q --disable-pip-version-check -e .[embedded]" in lines
+    assert lines[-2:] == ["appliance up", "appliance status"]
+
+
+def test_the_container_path_skips_the_embedded_extra(
+    fake_venv: tuple[dict[str, str], Path, Path],
+) -> None:
+    env, calls, _ = fake_venv
+    done = run({**env, "FAKE_EMBEDDED": "false"}, "--container")
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text().splitlines() == [
+        "appliance up --dry-run --json --container",
+        "appliance up --container",
+        "appliance status",
+    ]
+
+
+def test_a_failed_up_stops_the_script(fake_venv: tuple[dict[str, str], Path, Path]) -> None:
+    env, calls, _ = fake_venv
+    done = run({**env, "FAKE_EMBEDDED": "false", "FAKE_UP_EXIT": "6"})
+    assert done.returncode == 6
+    assert calls.read_text().splitlines()[-1] == "appliance up"  # no agent, no status

@@ -47,7 +47,7 @@ def doctor(ctx: typer.Context, json_out: JsonOpt = False) -> None:
 
     host = collect()
     env = DoctorEnv(config=app_context(ctx).config(), host=host)
-    plan = current_plan(ctx, host)
+    plan = env.plan = current_plan(ctx, host)
     if plan.memory is not None:
         # weights_gib is per GPU after tensor parallelism; the disk holds all shards.
         env.required_gib = plan.memory.weights_gib * plan.tensor_parallel_size

@@ -20,6 +20,7 @@ from appliance.ops.doctor.serving_host import (
     check_disk,
     check_gateway_port,
     check_nvidia_driver,
+    check_serving_path,
     check_state_dir,
 )
 
@@ -34,6 +35,7 @@ CHECKS: list[tuple[str, CheckFn]] = [
     ("nvidia driver", check_nvidia_driver),
     ("container toolkit", check_container_toolkit),
     ("cdi spec", check_cdi_spec),
+    ("serving path", check_serving_path),
     ("gateway port", check_gateway_port),
     ("backend port", check_backend_port),
     ("model disk space", check_disk),

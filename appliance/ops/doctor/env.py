@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from appliance.config import ApplianceConfig
+from hardware.plan_types import ServingPlan
 from hardware.snapshot import HostSnapshot
 from sandbox.supervisor.landlock import abi_version
 
@@ -64,6 +65,7 @@ class DoctorEnv:
     landlock_abi: Callable[[], int] = landlock_abi
     required_gib: float | None = None  # the planned model's weights on disk; None: unknown
     required_for: str | None = None  # what needs required_gib, for the detail ("super-nvfp4")
+    plan: ServingPlan | None = None  # what the appliance would serve; None: planned from `host`
 
     def path(self, absolute: str) -> Path:
         return self.root / absolute.lstrip("/")

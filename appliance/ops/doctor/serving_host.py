@@ -82,6 +82,61 @@ def check_cdi_spec(env: DoctorEnv) -> CheckResult:
     )
 
 
+def check_serving_path(env: DoctorEnv) -> CheckResult:
+    """Where the backend runs (the host, or the appliance image under Podman: serving_path) and
+    whether it can start there: vLLM or the embedded model's packages, or Podman and the image."""
+    import importlib.util
+
+    from appliance.services.bringup.facts import embedded_modules, image_present
+    from appliance.services.supervisor import container_target, serving_path
+    from hardware.planner import plan_serving
+
+    name = "serving path"
+    plan = env.plan or plan_serving(env.host, env.config.inference.vllm)
+    what = "vLLM" if plan.backend == "vllm" else "the embedded model"
+    if serving_path(env.config, plan) == "host":
+        if plan.backend == "vllm":
+            vllm = env.which("vllm")
+            if vllm is None:
+                return CheckResult(
+                    name=name,
+                    status="fail",
+                    detail="inference.backend is vllm (on the host) but no vllm is on PATH",
+                    fix="install vLLM into the venv, or set inference.backend to auto or "
+                    "container (vLLM in the appliance image)",
+                )
+            return CheckResult(name=name, status="ok", detail=f"vLLM on the host ({vllm})")
+        missing = [m for m in embedded_modules(env.config) if importlib.util.find_spec(m) is None]
+        if missing:
+            return CheckResult(
+                name=name,
+                status="fail",
+                detail=f"the embedded model on the host; not installed: {', '.join(missing)}",
+                fix="scripts/setup.sh embedded",
+            )
+        return CheckResult(name=name, status="ok", detail="the embedded model on the host")
+    target = container_target(env.config, plan)
+    image = env.config.inference.container.image or f"localhost/appliance-{target}:latest"
+    if env.which("podman") is None:
+        return CheckResult(
+            name=name,
+            status="fail",
+            detail=f"{what} in the appliance image {image}, but podman is not installed",
+            fix="run scripts/setup.sh as root (it installs Podman)",
+        )
+    build = f"appliance image build --target {target}" + (" --pull" if target != "cpu" else "")
+    present = image_present(env.config, image)
+    if present:
+        return CheckResult(name=name, status="ok", detail=f"{what} in the appliance image {image}")
+    state = "not in the store" if present is False else "not found (podman could not say)"
+    return CheckResult(
+        name=name,
+        status="warn",
+        detail=f"{what} in the appliance image {image}: {state}",
+        fix=f"`{build}` (`appliance up` builds it), or `appliance bundle install BUNDLE` offline",
+    )
+
+
 # ---------------------------------------------------------------- ports, disk, state
 
 

@@ -150,8 +150,18 @@ class ContainerSpec:
         ]
 
     def remove_argv(self) -> list[str]:
-        """Removes what a killed `podman run --rm` left behind (nothing if it is gone)."""
-        return [self.podman, "--runtime", RUNTIME, "rm", "--force", "--ignore", self.name]
+        """Removes what a killed `podman run --rm` left behind (nothing if it is gone), at once:
+        it is stopped already, or a leftover of a supervisor that was killed."""
+        return [
+            self.podman,
+            "--runtime",
+            RUNTIME,
+            "rm",
+            "--force",
+            "--time=0",
+            "--ignore",
+            self.name,
+        ]
 
     def process_env(self, base: Mapping[str, str], values: Mapping[str, str]) -> dict[str, str]:
         """podman's environment: the account's (or `base`) plus the inner env's values."""

@@ -193,6 +193,9 @@ class ProcessBackend:
         in a session of its own, so it outlived it) is removed first, as --replace would."""
         if self._port_in_use() and self.container is not None:
             self._podman(self.container.remove_argv(), timeout=60)
+            deadline = time.monotonic() + 5  # the port is released as the process goes
+            while self._port_in_use() and time.monotonic() < deadline:
+                time.sleep(0.1)
         if self._port_in_use():
             port = urlsplit(self._base_url).port
             raise BackendStartError(
@@ -239,6 +242,7 @@ class ProcessBackend:
     def _podman(self, argv: list[str], timeout: float) -> None:
         """One podman command as the container's account; its output goes to the log."""
         assert self.container is not None
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with (
             contextlib.suppress(OSError, subprocess.TimeoutExpired),
             self.log_path.open("ab") as log,

@@ -101,6 +101,11 @@ def container_target(config: ApplianceConfig, plan: ServingPlan, machine: str | 
     return "spark" if (machine or platform.machine()) == "aarch64" else "rtx"
 
 
+def container_image(config: ApplianceConfig, target: str) -> str:
+    """The configured image, else the local tag `appliance image build --target` gives."""
+    return config.inference.container.image or f"localhost/appliance-{target}:latest"
+
+
 def podman_account(config: ApplianceConfig) -> PodmanAccount:
     """Root runs the service user's rootless Podman (its runtime dir made if /run lost it);
     anyone else their own."""
@@ -124,7 +129,7 @@ def backend_container(
     target = container_target(config, plan, machine)
     gpu = target != "cpu"
     return ContainerSpec(
-        image=config.inference.container.image or f"localhost/appliance-{target}:latest",
+        image=container_image(config, target),
         name=container_name(config.state_dir),
         cache_volume=cache_volume_name(config.state_dir),
         gpu=gpu,

@@ -53,11 +53,12 @@ def _skip_reason() -> str | None:
 
 
 def user_podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """podman as the service user, with its rootless environment."""
+    """podman as the service user, with its rootless environment only (not the tests' own
+    XDG_CONFIG_HOME, which that user cannot read)."""
     pw = pwd.getpwnam(SERVICE_USER)
-    env = [f"HOME={pw.pw_dir}", f"XDG_RUNTIME_DIR=/run/user/{pw.pw_uid}"]
+    env = [f"HOME={pw.pw_dir}", f"XDG_RUNTIME_DIR=/run/user/{pw.pw_uid}", f"PATH={os.defpath}"]
     return subprocess.run(
-        ["runuser", "-u", SERVICE_USER, "--", "env", *env, "podman", *args],
+        ["runuser", "-u", SERVICE_USER, "--", "env", "-i", *env, "podman", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -379,3 +379,16 @@ def test_backend_container_plans_like_auto(
         plans[backend] = current_plan(ctx, snapshot)  # type: ignore[arg-type]
     assert plans["container"].backend == expected
     assert plans["container"] == plans["auto"]
+
+
+def test_the_backends_import_nothing_of_appliance_or_sandbox() -> None:
+    """inference declares what it needs (PodmanAccount: uid/gid/env handed in by appliance)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, inference.backends, inference.backends.container, inference.backends.warmup;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('appliance', 'sandbox')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

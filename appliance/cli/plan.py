@@ -17,7 +17,6 @@ from appliance.errors import ConfigError
 from hardware.plan_types import ServingPlan
 from hardware.snapshot import HostSnapshot
 
-
 SNAPSHOT_HINT = "give a HostSnapshot JSON file: `appliance hardware --json` writes one"
 
 

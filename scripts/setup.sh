@@ -45,7 +45,22 @@ spec="."
 [ -n "$EXTRAS" ] && spec=".[${EXTRAS}]"
 hash="$(sha256sum pyproject.toml | cut -c1-16)"
 stamp="$VENV/.installed-$hash-${EXTRAS:-base}"
-if [ ! -f "$stamp" ]; then
+# A stamp of this pyproject whose extras include every requested one satisfies the request:
+# `setup.sh` (base) after `setup.sh embedded,test` installs nothing, so appliance-up.sh run beside
+# a test suite never reinstalls the package under it.
+covers() {  # STAMP: 0 when its extras include each of $EXTRAS
+  local have=",${1##*/.installed-"$hash"-}," want
+  local -a wanted=()
+  IFS=, read -ra wanted <<<"$EXTRAS"
+  for want in "${wanted[@]}"; do
+    [[ -z "$want" || "$have" == *",$want,"* ]] || return 1
+  done
+}
+installed=0
+for existing in "$VENV/.installed-$hash-"*; do
+  if [ -f "$existing" ] && covers "$existing"; then installed=1; break; fi
+done
+if ((!installed)); then
   echo "setup: installing $spec into $VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade "pip>=24"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$spec"

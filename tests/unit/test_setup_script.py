@@ -1,0 +1,75 @@
+"""scripts/setup.sh's install decision: a stamp of this pyproject whose extras include the
+requested ones is enough (appliance-up.sh's `setup.sh` beside a suite set up with
+`setup.sh embedded,test` must not reinstall the package under the running tests)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+SCRIPT = REPO / "scripts" / "setup.sh"
+PYPROJECT_HASH = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:16]
+
+
+def run_setup(tmp_path: Path, stamps: list[str], extras: str | None) -> tuple[list[str], set[str]]:
+    """setup.sh on a venv whose `python` only records its calls, with these stamps; what it ran
+    and the stamps it left."""
+    venv, calls = tmp_path / "venv", tmp_path / "calls.log"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    python.chmod(0o755)
+    for stamp in stamps:
+        (venv / f".installed-{stamp}").touch()
+    env = {"PATH": "/usr/bin:/bin", "APPLIANCE_VENV": str(venv), "APPLIANCE_NO_SANDBOX": "1"}
+    argv = [str(SCRIPT)] + ([extras] if extras is not None else [])
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ran = calls.read_text().splitlines() if calls.exists() else []
+    left = {p.name.removeprefix(".installed-") for p in venv.glob(".installed-*")}
+    return ran, left
+
+
+@pytest.mark.parametrize(
+    ("stamp", "extras"),
+    [
+        ("embedded,test", None),  # the base install after the suite's own
+        ("embedded,test", "embedded"),
+        ("embedded,test", "test,embedded"),  # the order does not matter
+        ("base", None),
+        ("embedded", "embedded"),
+    ],
+)
+def test_a_stamp_whose_extras_cover_the_request_installs_nothing(
+    tmp_path: Path, stamp: str, extras: str | None
+) -> None:
+    ran, left = run_setup(tmp_path, [f"{PYPROJECT_HASH}-{stamp}"], extras)
+    assert ran == []
+    assert left == {f"{PYPROJECT_HASH}-{stamp}"}  # nothing added, nothing removed
+
+
+@pytest.mark.parametrize(
+    ("stamps", "extras"),
+    [
+        (["{hash}-base"], "embedded"),  # the base stamp does not cover an extra
+        (["{hash}-test"], "embedded,test"),  # only part of the request
+        (["{hash}-embedded-gpu"], "embedded"),  # a longer name is not the extra
+        (["0123456789abcdef-embedded,test"], None),  # another pyproject's stamp
+        ([], None),
+    ],
+)
+def test_a_request_no_stamp_covers_installs_and_stamps_it(
+    tmp_path: Path, stamps: list[str], extras: str | None
+) -> None:
+    stamps = [s.format(hash=PYPROJECT_HASH) for s in stamps]
+    ran, left = run_setup(tmp_path, stamps, extras)
+    spec = f".[{extras}]" if extras else "."
+    assert f"-m pip install -q --disable-pip-version-check -e {spec}" in ran, ran
+    requested = f"{PYPROJECT_HASH}-{extras or 'base'}"
+    # Its stamp added; this pyproject's other stamps kept, another pyproject's removed.
+    assert left == {requested} | {s for s in stamps if s.startswith(PYPROJECT_HASH)}

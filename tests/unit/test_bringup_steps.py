@@ -15,7 +15,9 @@ import pytest
 from appliance.cli.main import main
 from appliance.config import ApplianceConfig, load_config
 from appliance.errors import ApplianceError, PreflightError, exit_code_for
+from appliance.packaging.weights import ALLOW_PATTERNS
 from appliance.services.bringup.facts import Facts, recorded
+from appliance.services.bringup.image_facts import ImageFacts
 from appliance.services.bringup.run import _cdi, refuse_blocked, run_command
 from appliance.services.bringup.steps import GIB, TOOLKIT_FIX, Options, Step, plan_steps
 from hardware.planner import plan_serving
@@ -24,6 +26,19 @@ from tests.conftest import FIXTURES
 
 STATE = Path("/var/lib/appliance")
 SPARK = "dgx_spark_gb10"
+INPUTS = "sha256:" + "c" * 64  # the current inputs' digest
+OLD_INPUTS = "sha256:" + "0" * 64
+SPARK_LATEST = "localhost/appliance-spark:latest"
+# `:latest` is the build of the current inputs, its base in the store.
+CURRENT = ImageFacts(
+    ref=SPARK_LATEST,
+    present=True,
+    built_from=INPUTS,
+    base="vllm/vllm-openai:v0.24.0 (1234)",
+    current=INPUTS,
+    current_tag="localhost/appliance-spark:cccccccccccc",
+    current_tag_present=True,
+)
 # A GPU host as `probe()` would see it when everything is in place.
 READY = Facts(
     live=True,
@@ -33,7 +48,7 @@ READY = Facts(
     nvidia_ctk="/usr/bin/nvidia-ctk",
     cdi_spec="/etc/cdi/nvidia.yaml",
     free_bytes=2000 * GIB,
-    image=True,
+    image=CURRENT,
     weights=True,
     weights_detail="complete in /var/lib/appliance/models/hf/hub",
     embedded_installed=True,
@@ -75,14 +90,88 @@ def test_everything_in_place_is_done_and_only_serve_is_left() -> None:
 
 
 def test_image_absent_is_built_and_podman_absent_is_blocked() -> None:
-    image = steps_for(SPARK, replace(READY, image=False))["image"]
+    absent = replace(CURRENT, present=False, built_from=None, current_tag_present=False)
+    image = steps_for(SPARK, replace(READY, image=absent))["image"]
     assert image.state == "todo"
     assert image.commands == [["appliance", "image", "build", "--target", "spark", "--pull"]]
     assert "appliance bundle install" in image.why  # the offline way
-    cpu = steps_for("cpu_only", replace(READY, image=False), backend="container")["image"]
+    cpu_absent = ImageFacts(ref="localhost/appliance-cpu:latest", present=False)
+    cpu = steps_for("cpu_only", replace(READY, image=cpu_absent), backend="container")["image"]
     assert cpu.commands == [["appliance", "image", "build", "--target", "cpu"]]  # built here
     blocked = steps_for(SPARK, replace(READY, podman=None, image=None))["image"]
     assert blocked.state == "blocked" and blocked.fix and "setup.sh" in blocked.fix
+
+
+def test_latest_of_older_code_is_rebuilt_not_served() -> None:
+    """After a code change `:latest` is the old code's image: the step builds the current one
+    (a lookup when that build is in the store already) instead of calling it done."""
+    old = replace(CURRENT, built_from=OLD_INPUTS, current_tag_present=False)
+    image = steps_for(SPARK, replace(READY, image=old))["image"]
+    assert image.state == "todo"
+    assert image.commands == [["appliance", "image", "build", "--target", "spark", "--pull"]]
+    assert "built from other inputs (000000000000)" in image.why
+    assert "localhost/appliance-spark:cccccccccccc" in image.why
+    retag = steps_for(SPARK, replace(READY, image=replace(old, current_tag_present=True)))
+    assert retag["image"].state == "todo" and "a lookup" in retag["image"].why
+    cpu = ImageFacts(
+        ref="localhost/appliance-cpu:latest",
+        present=True,
+        built_from=OLD_INPUTS,
+        base="64ce69dea940",
+        current=INPUTS,
+        current_tag="localhost/appliance-cpu:cccccccccccc",
+        current_tag_present=False,
+    )
+    cpu_step = steps_for("cpu_only", replace(READY, image=cpu), backend="container")["image"]
+    assert cpu_step.state == "todo"
+    assert cpu_step.commands == [["appliance", "image", "build", "--target", "cpu"]]
+    current = replace(cpu, built_from=INPUTS, current_tag_present=True)
+    cpu_done = steps_for("cpu_only", replace(READY, image=current), backend="container")["image"]
+    assert cpu_done.state == "done" and cpu_done.commands == []
+
+
+def test_a_gpu_image_without_its_vllm_base_is_used_as_it_is() -> None:
+    """An offline host that loaded a bundle has `:latest` but not the vLLM image: it is not
+    asked to pull; the step says which inputs the image was built from and how to rebuild."""
+    loaded = ImageFacts(ref=SPARK_LATEST, present=True, built_from=OLD_INPUTS)
+    image = steps_for(SPARK, replace(READY, image=loaded))["image"]
+    assert image.state == "done" and image.commands == []
+    assert "built from inputs 000000000000" in image.why
+    assert "`appliance image build --target spark --pull`" in image.why
+    # The cpu base is built here: without it, the image of the current inputs is built.
+    cpu = ImageFacts(ref="localhost/appliance-cpu:latest", present=True, built_from=OLD_INPUTS)
+    cpu_step = steps_for("cpu_only", replace(READY, image=cpu), backend="container")["image"]
+    assert cpu_step.state == "todo" and cpu_step.commands
+
+
+def configured_steps(facts: Facts, image: str = "registry.example/acme/appliance:1") -> Step:
+    config = ApplianceConfig(state_dir=STATE)
+    config.inference.container.image = image
+    snapshot = host(SPARK)
+    plan = plan_serving(snapshot, config.inference.vllm)
+    bringup = plan_steps(snapshot, config, plan, facts, Options())
+    step = bringup.step("image")
+    assert step is not None and bringup.image == image
+    return step
+
+
+def test_a_configured_image_must_be_there() -> None:
+    ref = "registry.example/acme/appliance:1"
+    missing = configured_steps(replace(READY, image=ImageFacts(ref, False, configured=True)))
+    assert missing.state == "blocked" and missing.commands == []  # never built or pulled here
+    assert missing.why == f"inference.container.image {ref} is not in the store"
+    assert missing.fix and "podman load" in missing.fix and "\n" not in missing.fix
+    there = configured_steps(replace(READY, image=ImageFacts(ref, True, configured=True)))
+    assert there.state == "done" and there.commands == []
+    unknown = configured_steps(recorded())
+    assert unknown.state == "todo" and "not probed" in unknown.why and unknown.commands == []
+    with pytest.raises(PreflightError, match="is not in the store"):
+        config = ApplianceConfig(state_dir=STATE)
+        config.inference.container.image = ref
+        snapshot = host(SPARK)
+        plan = plan_serving(snapshot, config.inference.vllm)
+        facts = replace(READY, image=ImageFacts(ref, False, configured=True))
+        refuse_blocked(plan_steps(snapshot, config, plan, facts, Options()))
 
 
 def test_cdi_spec_absent_is_generated_with_the_toolkit() -> None:
@@ -107,6 +196,7 @@ def test_cdi_not_root_is_blocked_with_sudo() -> None:
 def test_weights_absent_are_downloaded_and_a_short_disk_is_blocked() -> None:
     todo = steps_for(SPARK, replace(READY, weights=False))["weights"]
     assert todo.state == "todo"
+    include = [a for p in ALLOW_PATTERNS for a in ("--include", p)]
     assert todo.commands == [
         [
             "env",
@@ -114,11 +204,54 @@ def test_weights_absent_are_downloaded_and_a_short_disk_is_blocked() -> None:
             "hf",
             "download",
             "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-NVFP4",
+            *include,
+            "--cache-dir",
+            "/var/lib/appliance/models/hf/hub",
         ]
     ]
     short = steps_for(SPARK, replace(READY, weights=False, free_bytes=10 * GIB))["weights"]
     assert short.state == "blocked"
     assert "only 10.0 GiB free" in short.why and "models_dir" in (short.fix or "")
+
+
+def test_a_resumed_download_needs_room_only_for_the_rest() -> None:
+    """Super NVFP4 is ~70 GiB: with 60 GiB of it fetched, 30 GiB free is room enough."""
+    resumed = replace(READY, weights=False, free_bytes=30 * GIB, weights_on_disk=60 * GIB)
+    step = steps_for(SPARK, resumed)["weights"]
+    assert step.state == "todo" and "60.0 GiB of it fetched already" in step.why
+    short = steps_for(SPARK, replace(resumed, weights_on_disk=10 * GIB))["weights"]
+    assert short.state == "blocked" and "only 30.0 GiB free" in short.why
+
+
+def test_the_run_checks_the_disk_for_the_rest_of_a_resumed_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run.py's own check before download(): the blobs on disk (a sparse file here: it takes no
+    space) count, so a download that resumes is not refused for the whole model's size."""
+    import shutil
+
+    from appliance.packaging import weights
+    from appliance.services.bringup.run import _weights
+
+    models = tmp_path / "models"
+    free = shutil.disk_usage(tmp_path).free
+    need = free + 8 * GIB  # more than this disk has
+    plan = plan_serving(host(SPARK), ApplianceConfig().inference.vllm)
+    blobs = weights.hub_cache(models) / weights.repo_folder(plan.model) / "blobs"
+    blobs.mkdir(parents=True)
+    with (blobs / "part").open("wb") as blob:
+        blob.truncate(need - GIB)  # all but 1 GiB fetched
+    fetched: list[str] = []
+    monkeypatch.setattr(weights, "required_bytes", lambda _plan: need)
+    monkeypatch.setattr(weights, "download", lambda m, d, progress: fetched.append(m) or d)
+    config = load_config({"state_dir": str(tmp_path / "state"), "models_dir": str(models)})
+    step = Step(id="weights", title="model weights", state="todo", why="")
+    seen: list[str] = []
+    _weights(config, plan, step, seen.append)
+    assert fetched == [plan.model] and seen[0] == f"    disk: room for 1.0 GiB at {models}"
+    (blobs / "part").unlink()  # nothing fetched yet: the whole model does not fit
+    with pytest.raises(PreflightError, match="not enough disk space"):
+        _weights(config, plan, step, seen.append)
 
 
 def test_host_vllm_needs_no_image_or_cdi_but_weights() -> None:
@@ -152,12 +285,35 @@ def test_already_up_is_done() -> None:
 
 def test_container_flag_reaches_the_supervisor_through_its_env() -> None:
     serve = steps_for("cpu_only", READY, backend="container")["serve"]
-    assert serve.commands[0][:2] == ["env", "APPLIANCE_INFERENCE__BACKEND=container"]
-    assert serve.commands[0][2] == sys.executable
+    assert serve.commands[0] == [
+        "env",
+        "APPLIANCE_INFERENCE__BACKEND=container",
+        "appliance",  # the entry point the user types, not this interpreter's path
+        "--state-dir",
+        str(STATE),
+        "serve",
+        "all",
+        "--instance",
+        "<instance>",
+    ]
     # and that variable is what the supervisor's config reads
     assert load_config({}, {"APPLIANCE_INFERENCE__BACKEND": "container"}).inference.backend == (
         "container"
     )
+
+
+def test_the_venvs_python_is_shown_relative_to_the_checkout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The embedded server on the host runs as the venv's python: shown as typed from the
+    checkout, not as this machine's absolute path."""
+    checkout = Path(__file__).resolve().parents[2]
+    monkeypatch.setattr(sys, "executable", str(checkout / ".venv" / "bin" / "python"))
+    serve = steps_for("cpu_only", READY)["serve"]
+    assert serve.commands[-1][:3] == ["env", "HF_HUB_OFFLINE=1", ".venv/bin/python"]
+    assert not any(str(checkout) in arg for argv in serve.commands for arg in argv)
+    monkeypatch.setattr(sys, "executable", "/opt/py/bin/python3")  # a venv elsewhere: as it is
+    assert steps_for("cpu_only", READY)["serve"].commands[-1][2] == "/opt/py/bin/python3"
 
 
 def test_quadlet_alternative_only_where_it_can_run() -> None:
@@ -310,7 +466,7 @@ def test_probe_of_this_host_is_live_and_starts_nothing(isolated_env: Path) -> No
     facts = probe(config, snapshot, plan, image="localhost/appliance-none:latest")
     assert facts.live and facts.root == (os.geteuid() == 0)
     assert facts.podman is None  # PATH is empty here
-    assert facts.image is None  # no podman to ask
+    assert facts.image is not None and facts.image.present is None  # no podman to ask
     assert facts.free_bytes is not None and facts.free_bytes > 0
     assert facts.supervisor_pid is None
     assert not (isolated_env / "state").exists()

@@ -87,7 +87,8 @@ def check_serving_path(env: DoctorEnv) -> CheckResult:
     whether it can start there: vLLM or the embedded model's packages, or Podman and the image."""
     import importlib.util
 
-    from appliance.services.bringup.facts import embedded_modules, image_present
+    from appliance.services.bringup.facts import embedded_modules
+    from appliance.services.bringup.image_facts import image_present
     from appliance.services.supervisor import container_target, serving_path
     from hardware.planner import plan_serving
 

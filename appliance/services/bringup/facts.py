@@ -11,14 +11,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.config import ApplianceConfig
+from appliance.services.bringup.image_facts import ImageFacts, probe_image
 from hardware.plan_types import ServingPlan
 from hardware.snapshot import HostSnapshot
-from sandbox.lifecycle.errors import HostNotReady
 
 # What `scripts/setup.sh embedded` adds to the base install (pyproject's `embedded` extra, and
 # the wheel holding the default model's GGUF): the embedded model cannot start without them.
@@ -38,9 +37,10 @@ class Facts:
     nvidia_ctk: str | None = None  # the toolkit's path
     cdi_spec: str | None = None  # the CDI spec that lists nvidia.com/gpu
     free_bytes: int | None = None  # at the models dir (its nearest existing parent)
-    image: bool | None = None  # the appliance image is in the store the backend runs from
+    image: ImageFacts | None = None  # the appliance image the backend runs, in its store
     weights: bool | None = None  # the plan's weights are in <models_dir>/hf/hub
     weights_detail: str | None = None
+    weights_on_disk: int | None = None  # bytes of the repo already fetched (a download resumes)
     embedded_installed: bool | None = None  # the embedded model's packages import here
     supervisor_pid: int | None = None  # the appliance is already up
 
@@ -76,28 +76,6 @@ def _cdi_spec(config: ApplianceConfig, host: HostSnapshot) -> str | None:
     return result.detail if lists_gpu else None
 
 
-def image_present(config: ApplianceConfig, ref: str) -> bool | None:
-    """`podman image exists REF` in that store; None when podman could not say."""
-    if shutil.which("podman") is None:
-        return None
-    from appliance.services.supervisor import podman_account
-
-    try:
-        account = podman_account(config)  # the account the backend container runs as
-        done = subprocess.run(
-            ["podman", "--runtime", "runc", "image", "exists", ref],
-            capture_output=True,
-            timeout=30,
-            check=False,
-            env=dict(account.env) if account.env is not None else None,
-            cwd=account.home,
-            **account.popen_kwargs(os.geteuid()),  # type: ignore[arg-type]
-        )
-    except (OSError, subprocess.TimeoutExpired, HostNotReady):  # e.g. no service user
-        return None
-    return {0: True, 1: False}.get(done.returncode)
-
-
 def embedded_modules(config: ApplianceConfig) -> tuple[str, ...]:
     """The packages the embedded server imports (the default model's wheel unless the operator
     names another model)."""
@@ -114,15 +92,16 @@ def probe(
 ) -> Facts:
     """Ask this host. `image`: the appliance image the container path runs (None: host path)."""
     from appliance.services.quadlet import podman_version
-    from appliance.services.supervisor import supervisor_pid
+    from appliance.services.supervisor import container_target, supervisor_pid
     from appliance.services.systemd import systemd_running
 
-    weights, detail = None, None
+    weights, detail, on_disk = None, None, None
     if plan.backend == "vllm":
-        from appliance.packaging.weights import weights_status
+        from appliance.packaging.weights import bytes_on_disk, weights_status
 
         status = weights_status(config.resolved_models_dir, plan.model)
         weights, detail = status.present, status.detail
+        on_disk = bytes_on_disk(config.resolved_models_dir, plan.model)
     return Facts(
         live=True,
         root=os.geteuid() == 0,
@@ -131,9 +110,10 @@ def probe(
         nvidia_ctk=shutil.which("nvidia-ctk"),
         cdi_spec=_cdi_spec(config, host) if host.gpus else None,
         free_bytes=free_bytes(config.resolved_models_dir),
-        image=image_present(config, image) if image else None,
+        image=probe_image(config, container_target(config, plan), image) if image else None,
         weights=weights,
         weights_detail=detail,
+        weights_on_disk=on_disk,
         embedded_installed=all(importlib.util.find_spec(m) for m in embedded_modules(config)),
         supervisor_pid=supervisor_pid(config),
     )

@@ -102,13 +102,16 @@ def _cdi(config: ApplianceConfig, step: Step, say: Say) -> None:
 
 
 def _weights(config: ApplianceConfig, plan: ServingPlan, step: Step, say: Say) -> None:
-    from appliance.packaging.weights import check_disk, download, required_bytes
+    from appliance.packaging.weights import bytes_on_disk, check_disk, download, required_bytes
 
     models = config.resolved_models_dir
     need = required_bytes(plan)
     if need is not None:
-        check_disk(models, need)  # PreflightError: one line and the fix
-        say(f"    disk: room for {need / GIB:.1f} GiB at {models}")
+        # A resumed download needs room only for what is not on disk yet (download() checks
+        # the exact remainder the Hub lists again).
+        rest = max(0, need - bytes_on_disk(models, plan.model))
+        check_disk(models, rest)  # PreflightError: one line and the fix
+        say(f"    disk: room for {rest / GIB:.1f} GiB at {models}")
     path = download(plan.model, models, progress=True)
     say(f"    {plan.model}: {path}")
 

@@ -10,6 +10,7 @@ and a GPU adds the CDI spec and the weights.
 from __future__ import annotations
 
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -91,11 +92,22 @@ def machine_of(host: HostSnapshot, *, live: bool) -> str | None:
 
 
 def supervisor_argv(config: ApplianceConfig, options: Options) -> list[str]:
-    """`appliance up`'s detached supervisor; --container reaches it through its environment."""
-    from appliance.services.supervisor import cli_argv
-
-    argv = cli_argv(config, "serve", "all", "--instance", "<instance>")
+    """`appliance up`'s detached supervisor, as the user would type it: the `appliance` entry
+    point (up runs the same as `python -m appliance` of its venv); --container reaches it
+    through its environment."""
+    argv = appliance("--state-dir", str(config.state_dir), "serve", "all")
+    argv += ["--instance", "<instance>"]
     return ["env", f"{CONTAINER_ENV}=container", *argv] if options.container else argv
+
+
+def venv_python() -> str:
+    """This interpreter as typed from the checkout (where scripts/appliance-up.sh runs): its
+    path relative to the checkout when the venv is in it (.venv/bin/python), else as it is."""
+    checkout = Path(__file__).parents[3]
+    try:
+        return str(Path(sys.executable).relative_to(checkout))
+    except ValueError:
+        return sys.executable
 
 
 def serving_container(
@@ -125,7 +137,8 @@ def backend_argv(
         f"{k}={'***' if is_secret_name(k) or has_secret_value(v) else v}"
         for k, v in sorted(proc.env.items())
     ]
-    return [*(["env", *env] if env else []), *proc.spawn_argv()]
+    argv = [venv_python() if arg == sys.executable else arg for arg in proc.spawn_argv()]
+    return [*(["env", *env] if env else []), *argv]
 
 
 def appliance(*args: str) -> list[str]:
@@ -157,25 +170,83 @@ def _setup(plan_embedded_on_host: bool, facts: Facts) -> Step:
     return Step(id="setup", title="set up", state="done", why=why, commands=commands)
 
 
-def _image(target: str, image: str, facts: Facts) -> Step:
+def _short(digest: str | None) -> str:
+    return digest.removeprefix("sha256:")[:12] if digest else "no inputs label"
+
+
+def _image(target: str, image: str, configured: bool, facts: Facts) -> Step:
+    """Done only when the image to run is there and, for the default tag, is the build of the
+    current inputs (after a code change `:latest` is the old code): a build of the same inputs
+    again is a lookup. A GPU image whose vLLM base is not in the store (an offline host that
+    loaded a bundle) is taken as it is. An operator's configured image must be there."""
     pull = ["--pull"] if target != "cpu" else []  # the vLLM base; the cpu base is built here
     build = appliance("image", "build", "--target", target, *pull)
+    rebuild = f"`{shell_line(build)}`"
     offline = "offline hosts: `appliance bundle install BUNDLE` loads it instead"
     base = "on the vLLM image (pulled)" if target != "cpu" else "on a debootstrap base built here"
     step = Step(id="image", title=f"appliance image ({target})", state="todo", why="", commands=[])
+    seen = facts.image
+    if configured:
+        return _configured_image(step, target, image, facts)
     if not facts.live:
-        step.why = f"{image}: built {base} if not in the store ({UNKNOWN}); {offline}"
+        step.why = (
+            f"{image}: built {base} unless the build of the current inputs (recipe, base, pins, "
+            f"this checkout's code) is the one in the store ({UNKNOWN}); {offline}"
+        )
         step.commands = [build]
     elif facts.podman is None:
         step.state, step.why = "blocked", "podman is not installed"
         step.fix = "run scripts/setup.sh as root (it installs Podman)"
         step.commands = [build]
-    elif facts.image:
-        step.state = "done"
-        step.why = f"{image} is in the store (`appliance image build --target {target}` updates it)"
-    else:
-        step.why = f"{image} is not in the store: built {base}; {offline}"
+    elif seen is None or seen.present is None:
+        step.why = f"{image}: podman could not say whether it is in the store: built {base}"
         step.commands = [build]
+    elif seen.up_to_date:
+        step.state = "done"
+        step.why = f"{image} is the build of the current inputs ({seen.current_tag})"
+    elif seen.current is not None:
+        if seen.current_tag_present:
+            how = f"{seen.current_tag} of the current inputs is there: a lookup tags it :latest"
+        else:
+            how = f"the current inputs are built as {seen.current_tag} {base}"
+        if seen.present:
+            step.why = f"{image} is built from other inputs ({_short(seen.built_from)}); {how}"
+        else:
+            step.why = f"{image} is not in the store: {how}; {offline}"
+        step.commands = [build]
+    elif seen.present and target != "cpu":
+        step.state = "done"
+        step.why = (
+            f"{image} is in the store, built from inputs {_short(seen.built_from)}; its vLLM "
+            f"base is not (an offline bundle's image is used as it is): after an upgrade "
+            f"{rebuild} rebuilds it, or install the new release's bundle"
+        )
+    else:
+        state = "in the store, but not its base" if seen.present else "not in the store"
+        step.why = f"{image} is {state}: built {base}; {offline}"
+        step.commands = [build]
+    return step
+
+
+def _configured_image(step: Step, target: str, image: str, facts: Facts) -> Step:
+    """inference.container.image: the operator's image, never built here; it must be there."""
+    where = "inference.container.image"
+    fix = (
+        f"load it into the backend's Podman store (`podman load -i ARCHIVE`, as the service "
+        f"user when root), or unset {where} to run localhost/appliance-{target}:latest"
+    )
+    seen = facts.image
+    if not facts.live:
+        step.why = f"{where} {image}: must be in the store, it is not built here ({UNKNOWN})"
+    elif facts.podman is None:
+        step.state, step.why = "blocked", "podman is not installed"
+        step.fix = "run scripts/setup.sh as root (it installs Podman)"
+    elif seen is not None and seen.present:
+        step.state, step.why = "done", f"{where} {image} is in the store"
+    elif seen is not None and seen.present is False:
+        step.state, step.why, step.fix = "blocked", f"{where} {image} is not in the store", fix
+    else:
+        step.why = f"{where} {image}: podman could not say whether it is in the store"
     return step
 
 
@@ -203,6 +274,16 @@ def _cdi(facts: Facts) -> Step:
     return step
 
 
+def hf_download_argv(models: Path, model: str) -> list[str]:
+    """The `hf download` (huggingface_hub's CLI) equivalent of weights.download(): the same
+    files (its allow patterns), the same cache; HF_HOME=<models>/hf is where its token lives."""
+    from appliance.packaging.weights import ALLOW_PATTERNS, hub_cache
+
+    include = [arg for pattern in ALLOW_PATTERNS for arg in ("--include", pattern)]
+    hf = ["hf", "download", model, *include, "--cache-dir", str(hub_cache(models))]
+    return ["env", f"HF_HOME={models / 'hf'}", *hf]
+
+
 def _weights(config: ApplianceConfig, plan: ServingPlan, facts: Facts) -> Step:
     from appliance.packaging.weights import is_hub_id, required_bytes, with_headroom
 
@@ -221,18 +302,27 @@ def _weights(config: ApplianceConfig, plan: ServingPlan, facts: Facts) -> Step:
     size = f"{wanted / GIB:.1f} GiB with headroom" if wanted is not None else "size unknown"
     where = f"{plan.model} ({size}) into {models / 'hf' / 'hub'}"
     how = "downloaded (progress bar, resumable, checksums recorded; as the command below)"
-    step.commands = [["env", f"HF_HOME={models / 'hf'}", "hf", "download", plan.model]]
+    step.commands = [hf_download_argv(models, plan.model)]
     if not facts.live:
         step.why = f"{where}: free space checked first, then {how} ({UNKNOWN})"
-    elif facts.weights:
+        return step
+    if facts.weights:
         step.state, step.commands = "done", []
         step.why = f"{plan.model}: {facts.weights_detail or 'present'}"
-    elif wanted is not None and facts.free_bytes is not None and facts.free_bytes < wanted:
+        return step
+    # A resumed download needs room only for what is not on disk yet (as run.py checks it).
+    have = facts.weights_on_disk or 0
+    rest = with_headroom(max(0, need - have)) if need is not None else None
+    fetched = f", {have / GIB:.1f} GiB of it fetched already" if have else ""
+    if rest is not None and facts.free_bytes is not None and facts.free_bytes < rest:
         step.state = "blocked"
-        step.why = f"{where}: only {facts.free_bytes / GIB:.1f} GiB free there"
+        step.why = (
+            f"{where}: needs {rest / GIB:.1f} GiB{fetched}, "
+            f"only {facts.free_bytes / GIB:.1f} GiB free there"
+        )
         step.fix = f"free space on {models}'s filesystem or point models_dir at a larger one"
     else:
-        free = f" ({facts.free_bytes / GIB:.1f} GiB free)" if facts.free_bytes is not None else ""
+        free = f" ({facts.free_bytes / GIB:.1f} GiB free{fetched})" if facts.free_bytes else ""
         step.why = f"{where}{free}: {how}"
     return step
 
@@ -322,7 +412,8 @@ def plan_steps(
         target = container_target(config, plan, machine_of(host, live=facts.live))
     steps = [_setup(embedded_on_host, facts)]
     if container is not None and target is not None:
-        steps.append(_image(target, container.image, facts))
+        configured = config.inference.container.image is not None
+        steps.append(_image(target, container.image, configured, facts))
         if container.gpu:
             steps.append(_cdi(facts))
     if plan.backend == "vllm":

@@ -80,7 +80,10 @@ fi
 
 if command -v podman >/dev/null; then
   # First run migrates/creates the storage; errors here point at subuid or runtime-dir problems.
-  if ! (cd / && runuser -u "$USER_NAME" -- env HOME="$HOME_DIR" XDG_RUNTIME_DIR="$RUNTIME_DIR" \
+  # The user's own environment only: our XDG_CONFIG_HOME/XDG_DATA_HOME (sudo -E, a test's) would
+  # send its podman to dirs it cannot create, or to another storage.conf.
+  if ! (cd / && runuser -u "$USER_NAME" -- env -i PATH="$PATH" HOME="$HOME_DIR" \
+      XDG_RUNTIME_DIR="$RUNTIME_DIR" \
       podman info --format '{{.Store.GraphDriverName}} {{.Host.OCIRuntime.Name}}' >/dev/null); then
     echo "setup-service-user: 'podman info' as $USER_NAME failed" >&2
     exit 1

@@ -25,7 +25,7 @@ from appliance.config import ApplianceConfig
 from appliance.errors import BackendError
 
 if TYPE_CHECKING:
-    from appliance.services.bringup.steps import Bringup
+    from appliance.bringup.steps import Bringup
     from hardware.plan_types import ServingPlan
 
 SERVICES = ("control", "backend", "gateway")  # what the supervisor runs; `up` waits for each
@@ -136,9 +136,9 @@ def _bring_up_plan(
     ctx: typer.Context, snapshot: Path | None, container: bool
 ) -> tuple[ApplianceConfig, ServingPlan, Bringup]:
     """The steps for this host (probed) or a recorded one (nothing probed)."""
+    from appliance.bringup import facts as host_facts
+    from appliance.bringup.steps import Options, plan_steps, serving_container
     from appliance.cli.plan import current_plan, load_snapshot
-    from appliance.services.bringup import facts as host_facts
-    from appliance.services.bringup.steps import Options, plan_steps, serving_container
     from hardware.telemetry import collect
 
     flags = {"inference": {"backend": "container"}} if container else {}
@@ -165,13 +165,13 @@ def up(
     """Start the control plane, the backend and the gateway under a supervisor and wait until
     each is ready; first the appliance image, the CDI spec and the weights where the host needs
     them (--dry-run prints every step and command instead)."""
-    from appliance.services.bringup.run import (
+    from appliance.bringup.run import (
         container_pid,
         refuse_blocked,
         run_prepare,
         serve_banner,
     )
-    from appliance.services.bringup.steps import CONTAINER_ENV, render
+    from appliance.bringup.steps import CONTAINER_ENV, render
     from appliance.services.run_state import lifecycle_lock
     from appliance.services.supervisor import control_url, run_dir, supervisor_pid
 

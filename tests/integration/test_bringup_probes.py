@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
+from appliance.bringup.facts import Facts
+from appliance.bringup.image_facts import probe_image
+from appliance.bringup.steps import _image, hf_download_argv
 from appliance.config import ApplianceConfig
 from appliance.packaging.weights import hub_cache, repo_folder
-from appliance.services.bringup.facts import Facts
-from appliance.services.bringup.image_facts import probe_image
-from appliance.services.bringup.steps import _image, hf_download_argv
 from tests.integration.test_weights_download import MODEL, NOT_WANTED, WANTED, running_hub
 
 pytestmark = [pytest.mark.integration]

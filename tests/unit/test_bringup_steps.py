@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from appliance.bringup.facts import Facts, recorded
+from appliance.bringup.image_facts import ImageFacts
+from appliance.bringup.run import _cdi, refuse_blocked, run_command
+from appliance.bringup.steps import GIB, TOOLKIT_FIX, Options, Step, plan_steps
 from appliance.cli.main import main
 from appliance.config import ApplianceConfig, load_config
 from appliance.errors import ApplianceError, PreflightError, exit_code_for
 from appliance.packaging.weights import ALLOW_PATTERNS
-from appliance.services.bringup.facts import Facts, recorded
-from appliance.services.bringup.image_facts import ImageFacts
-from appliance.services.bringup.run import _cdi, refuse_blocked, run_command
-from appliance.services.bringup.steps import GIB, TOOLKIT_FIX, Options, Step, plan_steps
 from hardware.planner import plan_serving
 from hardware.snapshot import HostSnapshot
 from tests.conftest import FIXTURES
@@ -230,8 +230,8 @@ def test_the_run_checks_the_disk_for_the_rest_of_a_resumed_download(
     space) count, so a download that resumes is not refused for the whole model's size."""
     import shutil
 
+    from appliance.bringup.run import _weights
     from appliance.packaging import weights
-    from appliance.services.bringup.run import _weights
 
     models = tmp_path / "models"
     free = shutil.disk_usage(tmp_path).free
@@ -457,7 +457,7 @@ def test_the_scripts_variables_are_not_config_keys() -> None:
 
 
 def test_probe_of_this_host_is_live_and_starts_nothing(isolated_env: Path) -> None:
-    from appliance.services.bringup.facts import probe
+    from appliance.bringup.facts import probe
     from hardware.telemetry import collect
 
     config = load_config({})

@@ -27,11 +27,11 @@ def test_embedded_on_the_host_needs_its_packages(
     env: DoctorEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env.host = CPU_HOST
-    monkeypatch.setattr("appliance.services.bringup.facts.embedded_modules", lambda _: ("json",))
+    monkeypatch.setattr("appliance.bringup.facts.embedded_modules", lambda _: ("json",))
     ok = check_serving_path(env)
     assert (ok.status, ok.detail) == ("ok", "the embedded model on the host")
     monkeypatch.setattr(
-        "appliance.services.bringup.facts.embedded_modules", lambda _: ("json", "no_such_mod_x")
+        "appliance.bringup.facts.embedded_modules", lambda _: ("json", "no_such_mod_x")
     )
     missing = check_serving_path(env)
     assert missing.status == "fail" and "not installed: no_such_mod_x" in missing.detail

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance.bringup.facts import CDI_DIRS, find_cdi_spec, toolkit_path
 from appliance.config import ApplianceConfig, ListenConfig
 from appliance.ops.doctor.env import CheckFn, CheckResult, DoctorEnv
 
@@ -50,7 +51,7 @@ def check_container_toolkit(env: DoctorEnv) -> CheckResult:
     name = "container toolkit"
     if skipped := _no_gpu(env, name):
         return skipped
-    path = env.which("nvidia-ctk")
+    path = toolkit_path(env.which)
     if path is None:
         return CheckResult(
             name=name,
@@ -61,23 +62,17 @@ def check_container_toolkit(env: DoctorEnv) -> CheckResult:
     return CheckResult(name=name, status="ok", detail=path)
 
 
-_CDI_DIRS = ("/etc/cdi", "/var/run/cdi", "/run/cdi")
-
-
 def check_cdi_spec(env: DoctorEnv) -> CheckResult:
     name = "cdi spec"
     if skipped := _no_gpu(env, name):
         return skipped
-    for directory in _CDI_DIRS:
-        base = env.path(directory)
-        for pattern in ("nvidia*.yaml", "nvidia*.json"):
-            found = sorted(base.glob(pattern)) if base.is_dir() else []
-            if found:
-                return CheckResult(name=name, status="ok", detail=f"{directory}/{found[0].name}")
+    spec = find_cdi_spec(env.path)
+    if spec is not None:
+        return CheckResult(name=name, status="ok", detail=spec)
     return CheckResult(
         name=name,
         status="fail",
-        detail=f"no nvidia*.yaml or nvidia*.json CDI spec in {', '.join(_CDI_DIRS)}",
+        detail=f"no nvidia*.yaml or nvidia*.json CDI spec in {', '.join(CDI_DIRS)}",
         fix="nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml",
     )
 
@@ -87,8 +82,8 @@ def check_serving_path(env: DoctorEnv) -> CheckResult:
     whether it can start there: vLLM or the embedded model's packages, or Podman and the image."""
     import importlib.util
 
-    from appliance.services.bringup.facts import embedded_modules
-    from appliance.services.bringup.image_facts import image_present
+    from appliance.bringup.facts import embedded_modules
+    from appliance.bringup.image_facts import image_present
     from appliance.services.supervisor import container_target, serving_path
     from hardware.planner import plan_serving
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.bringup.image_facts import ImageFacts, probe_image
 from appliance.config import ApplianceConfig
-from appliance.services.bringup.image_facts import ImageFacts, probe_image
 from hardware.plan_types import ServingPlan
 from hardware.snapshot import HostSnapshot
 
@@ -61,19 +62,39 @@ def free_bytes(directory: Path) -> int:
     return shutil.disk_usage(_nearest_existing(directory)).free
 
 
-def _cdi_spec(config: ApplianceConfig, host: HostSnapshot) -> str | None:
-    """The doctor's CDI check, plus: the spec names the kind the backend asks for."""
-    from appliance.ops.doctor import DoctorEnv
-    from appliance.ops.doctor.serving_host import check_cdi_spec
+# Where the container toolkit writes CDI specs (nvidia-ctk cdi generate --output=...).
+CDI_DIRS = ("/etc/cdi", "/var/run/cdi", "/run/cdi")
+TOOLKIT = "nvidia-ctk"
 
-    result = check_cdi_spec(DoctorEnv(config=config, host=host))
-    if result.status != "ok":
+
+def find_cdi_spec(host_path: Callable[[str], Path] = Path) -> str | None:
+    """The first nvidia*.yaml / nvidia*.json CDI spec in CDI_DIRS (its absolute path on the
+    host), or None. `host_path` maps an absolute path to where it is read (the doctor's fake
+    root in tests)."""
+    for directory in CDI_DIRS:
+        base = host_path(directory)
+        for pattern in ("nvidia*.yaml", "nvidia*.json"):
+            found = sorted(base.glob(pattern)) if base.is_dir() else []
+            if found:
+                return f"{directory}/{found[0].name}"
+    return None
+
+
+def toolkit_path(which: Callable[[str], str | None] = shutil.which) -> str | None:
+    """The NVIDIA container toolkit's CLI (it generates the CDI spec), or None."""
+    return which(TOOLKIT)
+
+
+def _cdi_spec() -> str | None:
+    """The CDI spec, when it names the kind the backend asks for (nvidia.com/gpu)."""
+    spec = find_cdi_spec()
+    if spec is None:
         return None
     try:
-        lists_gpu = "nvidia.com/gpu" in Path(result.detail).read_text(errors="replace")
+        lists_gpu = "nvidia.com/gpu" in Path(spec).read_text(errors="replace")
     except OSError:
         return None
-    return result.detail if lists_gpu else None
+    return spec if lists_gpu else None
 
 
 def embedded_modules(config: ApplianceConfig) -> tuple[str, ...]:
@@ -107,8 +128,8 @@ def probe(
         root=os.geteuid() == 0,
         podman=podman_version(),
         systemd=systemd_running(),
-        nvidia_ctk=shutil.which("nvidia-ctk"),
-        cdi_spec=_cdi_spec(config, host) if host.gpus else None,
+        nvidia_ctk=toolkit_path(),
+        cdi_spec=_cdi_spec() if host.gpus else None,
         free_bytes=free_bytes(config.resolved_models_dir),
         image=probe_image(config, container_target(config, plan), image) if image else None,
         weights=weights,

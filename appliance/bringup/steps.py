@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from appliance.bringup.facts import Facts
 from appliance.config import ApplianceConfig
-from appliance.services.bringup.facts import Facts
 from hardware.plan_types import ServingPlan
 from hardware.snapshot import HostClass, HostSnapshot
 
@@ -103,7 +103,7 @@ def supervisor_argv(config: ApplianceConfig, options: Options) -> list[str]:
 def venv_python() -> str:
     """This interpreter as typed from the checkout (where scripts/appliance-up.sh runs): its
     path relative to the checkout when the venv is in it (.venv/bin/python), else as it is."""
-    checkout = Path(__file__).parents[3]
+    checkout = Path(__file__).parents[2]
     try:
         return str(Path(sys.executable).relative_to(checkout))
     except ValueError:

@@ -13,9 +13,9 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance.bringup.steps import GIB, Bringup, Step, shell_line
 from appliance.config import ApplianceConfig
 from appliance.errors import ApplianceError, PreflightError
-from appliance.services.bringup.steps import GIB, Bringup, Step, shell_line
 from hardware.plan_types import ServingPlan
 
 Say = Callable[[str], None]

@@ -138,7 +138,9 @@ def _default_state_dir() -> Path:
 
 class ApplianceConfig(_Strict):
     state_dir: Path = Field(default_factory=_default_state_dir)
-    models_dir: Path | None = None  # default: <state_dir>/models
+    # default: <state_dir>-models, the state dir's sibling: weights are public data the
+    # backend's rootless Podman mounts, the state dir (root 0700) holds secrets.
+    models_dir: Path | None = None
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
@@ -147,7 +149,7 @@ class ApplianceConfig(_Strict):
 
     @property
     def resolved_models_dir(self) -> Path:
-        return self.models_dir or self.state_dir / "models"
+        return self.models_dir or self.state_dir.with_name(self.state_dir.name + "-models")
 
     def gateway_settings(self) -> GatewaySettings:
         """The gateway's settings: the configured ones plus those derived from `inference`."""

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from appliance.errors import ApplianceError, NotFoundError, PreflightError
 
 HUB_URL = "https://huggingface.co"
+# A token for gated models, readable by root only; never one in the models dir: it is mounted
+# into the backend's container (code run with --trust-remote-code, on the host's network).
+TOKEN_FILE = Path("/etc/appliance/hf-token")
+TOKEN_HINT = f"set HF_TOKEN to a read token of that account (or put it in {TOKEN_FILE}, mode 0600)"
 
 
 class GatedModelError(PreflightError):
@@ -70,15 +75,14 @@ def _translate(exc: BaseException, model: str, endpoint: str, token_sent: bool) 
         whose = "the token sent has no access" if token_sent else "no token was sent"
         return GatedModelError(
             f"{model} is a gated model: its licence must be accepted first ({whose})",
-            hint=f"accept the licence at {page} with your Hugging Face account, then set "
-            "HF_TOKEN to a read token of that account",
+            hint=f"accept the licence at {page} with your Hugging Face account, then " + TOKEN_HINT,
         )
     status = exc.response.status_code if isinstance(exc, HfHubHTTPError) else None
     refused = status == 401 and not isinstance(exc, RepositoryNotFoundError)
     if refused and token_sent:  # a bad token is refused on every endpoint, public ones too
         return HubTokenRefusedError(
-            f"the Hugging Face Hub ({endpoint}) refused the token (HF_TOKEN or the saved "
-            "token): invalid or expired",
+            f"the Hugging Face Hub ({endpoint}) refused the token (HF_TOKEN, {TOKEN_FILE} or "
+            "the hub's saved token): invalid or expired",
             hint="create a read token at https://huggingface.co/settings/tokens and set "
             "HF_TOKEN to it",
         )

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from typing import Any
 from appliance.errors import NotFoundError, PreflightError
 from appliance.packaging.hub_errors import (
     OFFLINE_HINT,
+    TOKEN_FILE,
     HubUnreachableError,
     WeightsCorruptError,
     hub_errors,
@@ -36,6 +39,7 @@ from appliance.packaging.hub_errors import (
 from hardware.catalog import variant_by_id
 from hardware.plan_types import ServingPlan
 
+log = logging.getLogger(__name__)
 GIB = 1024**3
 # Room beyond the weights themselves: the hub's lock and tree files, and other writers.
 HEADROOM_BYTES = GIB // 2
@@ -292,22 +296,37 @@ def verify(models_dir: Path, model: str) -> list[str]:
     return bad
 
 
+def _set_mode(path: str | Path, mode: int) -> None:
+    """chmod unless it has that mode already (weights put there by root stay untouched when
+    a non-root check finds them readable)."""
+    try:
+        if os.stat(path).st_mode & 0o7777 == mode:
+            return
+        os.chmod(path, mode)
+    except PermissionError:
+        raise PreflightError(
+            f"cannot make {path} readable by the appliance image's user (mode {mode:o} needed)",
+            hint=f"run as the owner of {path} (root), or chmod it {mode:o}",
+        ) from None
+
+
 def _open_up(models_dir: Path, model: str) -> None:
-    """Dirs 0755, files 0644 whatever the umask was: the way down to the repo, the repo, its
-    lock files and its checksums (other repos in the cache are left as they are)."""
+    """Dirs 0755, files 0644 whatever the umask was (or the bundle, `hf download`): the way
+    down to the repo, the repo, its lock files and its checksums (other repos in the cache are
+    left as they are)."""
     hf, cache = models_dir / "hf", hub_cache(models_dir)
     for directory in (models_dir, hf, cache, hf / "checksums", cache / ".locks"):
         if directory.is_dir():
-            directory.chmod(0o755)
+            _set_mode(directory, 0o755)
     for top in (cache / repo_folder(model), cache / ".locks" / repo_folder(model)):
         for root, _dirs, files in os.walk(top):
-            os.chmod(root, 0o755)
+            _set_mode(root, 0o755)
             for name in files:
                 if not os.path.islink(full := os.path.join(root, name)):
-                    os.chmod(full, 0o644)
+                    _set_mode(full, 0o644)
     for file in (cache / "CACHEDIR.TAG", checksums_path(models_dir, model)):
         if file.is_file():
-            file.chmod(0o644)
+            _set_mode(file, 0o644)
 
 
 def bytes_on_disk(models_dir: Path, model: str) -> int:
@@ -323,18 +342,50 @@ def bytes_on_disk(models_dir: Path, model: str) -> int:
 # ---------------------------------------------------------------------------- download
 
 
-def _token(models_dir: Path) -> str | None:
-    """HF_TOKEN, else a token saved beside the cache vLLM reads, else the hub's own token file.
-    Handed to the library as a value: never argv, never logged."""
-    from huggingface_hub import get_token
+def stray_token(models_dir: Path) -> str | None:
+    """A warning (one line) when a Hugging Face token lies in the models dir: the backend's
+    container would see it (HF_HOME=/models/hf)."""
+    path = models_dir / "hf" / "token"
+    if not path.exists():
+        return None
+    return (
+        f"{path} holds a Hugging Face token that the backend's container can read: remove it "
+        f"(set HF_TOKEN, or put it in {TOKEN_FILE}, root-owned, mode 0600)"
+    )
 
+
+def _token_file() -> str | None:
+    """TOKEN_FILE's token; refused unless it is root's own and nobody else may read it."""
+    try:
+        st = TOKEN_FILE.lstat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PreflightError(f"cannot read {TOKEN_FILE}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o7777 not in (0o600, 0o400):
+        raise PreflightError(
+            f"refusing the Hugging Face token in {TOKEN_FILE}: it must be a root-owned file of "
+            f"mode 0600 or 0400 (it is {stat.filemode(st.st_mode)}, uid {st.st_uid})",
+            hint=f"chown root:root {TOKEN_FILE} && chmod 600 {TOKEN_FILE}",
+        )
+    return TOKEN_FILE.read_text(encoding="utf-8").strip() or None
+
+
+def _token(models_dir: Path) -> str | None:
+    """HF_TOKEN, else TOKEN_FILE, else the hub's own token file unless it lies in the models
+    dir (the backend's container reads that). Never one under the models dir. Handed to the
+    library as a value: never argv, never logged."""
+    from huggingface_hub import constants, get_token
+
+    if warning := stray_token(models_dir):
+        log.warning("%s", warning)
     if token := os.environ.get("HF_TOKEN", "").strip():
         return token
-    try:
-        if token := (models_dir / "hf" / "token").read_text(encoding="utf-8").strip():
-            return token
-    except OSError:
-        pass
+    if token := _token_file():
+        return token
+    hub_file = Path(constants.HF_TOKEN_PATH).absolute()
+    if hub_file.is_relative_to(models_dir.absolute()):
+        return None  # HF_HOME points into the models dir: its token is the container's too
     return get_token()
 
 
@@ -379,6 +430,8 @@ def download(model: str, models_dir: Path, *, progress: bool = True) -> Path:
         return status.path
     status = weights_status(models_dir, model)
     if status.present and status.path is not None:
+        # A bundle, `hf download` or a umask 077 may have put them there: the image reads them.
+        _open_up(models_dir, model)
         return status.path
     endpoint = _endpoint()
     if _offline():

@@ -24,7 +24,8 @@ import httpx
 import pytest
 from huggingface_hub import constants as hub_constants
 
-from appliance.errors import NotFoundError, exit_code_for
+from appliance.errors import NotFoundError, PreflightError, exit_code_for
+from appliance.packaging import weights
 from appliance.packaging.hub_errors import (
     GatedModelError,
     HubTokenRefusedError,
@@ -195,6 +196,39 @@ def test_download_fetches_what_vllm_needs_with_checksums_and_open_permissions(
         assert hub.stats() == before
 
 
+def test_weights_already_present_are_opened_up_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights a bundle, `hf download` or a umask 077 left root-only: the present path opens
+    them up (the image's uid reads them), this repo's files only."""
+    models = tmp_path / "models"
+    with running_hub(tmp_path, {MODEL: {}}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        path = download(MODEL, models, progress=False)
+    other = hub_cache(models) / "models--acme--other"
+    other.mkdir(mode=0o700)
+    (other / "secret").write_text("x")
+    (other / "secret").chmod(0o600)
+    for root, dirs, files in os.walk(models):
+        for name in dirs:
+            os.chmod(Path(root, name), 0o700)
+        for name in files:
+            if not Path(root, name).is_symlink():
+                os.chmod(Path(root, name), 0o600)
+    models.chmod(0o700)
+    assert download(MODEL, models, progress=False) == path  # present: the hub is stopped
+    for root, dirs, files in os.walk(models / "hf" / "hub" / repo_folder(MODEL)):
+        for d in dirs:
+            assert stat.S_IMODE(os.lstat(Path(root, d)).st_mode) == 0o755, Path(root, d)
+        for f in files:
+            mode = os.lstat(Path(root, f)).st_mode
+            if not stat.S_ISLNK(mode):
+                assert stat.S_IMODE(mode) == 0o644, Path(root, f)
+    assert stat.S_IMODE(models.stat().st_mode) == 0o755
+    assert stat.S_IMODE(checksums_path(models, MODEL).stat().st_mode) == 0o644
+    assert stat.S_IMODE(other.stat().st_mode) == 0o700  # another repo: left alone
+
+
 def test_progress_is_the_hubs_bar_even_in_a_log_and_none_when_asked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -355,20 +389,41 @@ def test_a_refused_token_is_named_and_never_shown(
     assert "https://huggingface.co/settings/tokens" in text
 
 
-def test_a_private_model_takes_the_token_saved_beside_the_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_token_in_the_models_dir_is_never_read_and_is_warned_of(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The models dir is mounted into the backend's container (--trust-remote-code, host
+    network): a token there is never sent, even when HF_HOME (the hub's own token file) points
+    into it; the root-only token file is."""
     models = tmp_path / "models"
+    token_file = tmp_path / "etc" / "hf-token"
+    monkeypatch.setattr(weights, "TOKEN_FILE", token_file)
+    monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(models / "hf" / "token"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    (models / "hf").mkdir(parents=True)
+    (models / "hf" / "token").write_text("tok-saved\n")
     with running_hub(tmp_path, {MODEL: {"private": True}}, tokens=["tok-saved"]) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         with pytest.raises(ModelNotOnHubError) as caught:
             download(MODEL, models, progress=False)
         assert "a private model needs HF_TOKEN" in caught.value.hint
-        (models / "hf").mkdir(parents=True, exist_ok=True)
-        (models / "hf" / "token").write_text("tok-saved\n")
-        assert weights_status(models, MODEL).present is False
-        download(MODEL, models, progress=False)
-    assert weights_status(models, MODEL).present
+        assert any("the backend's container can read" in r.message for r in caplog.records)
+        assert weights.stray_token(models) is not None
+
+        token_file.parent.mkdir()
+        token_file.write_text("tok-saved\n")
+        token_file.chmod(0o644)  # readable by anyone: refused
+        with pytest.raises(PreflightError) as refused:
+            download(MODEL, models, progress=False)
+        assert "refusing the Hugging Face token" in one_line(refused.value)
+        assert "chmod 600" in refused.value.hint and "tok-saved" not in str(refused.value)
+        token_file.chmod(0o600)
+        if os.geteuid() == 0:
+            download(MODEL, models, progress=False)
+            assert weights_status(models, MODEL).present
+        else:  # not root's: refused as well
+            with pytest.raises(PreflightError):
+                download(MODEL, models, progress=False)
 
 
 def test_an_unknown_model_is_not_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

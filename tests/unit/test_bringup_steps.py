@@ -50,7 +50,7 @@ READY = Facts(
     free_bytes=2000 * GIB,
     image=CURRENT,
     weights=True,
-    weights_detail="complete in /var/lib/appliance/models/hf/hub",
+    weights_detail="complete in /var/lib/appliance-models/hf/hub",
     embedded_installed=True,
 )
 
@@ -200,13 +200,13 @@ def test_weights_absent_are_downloaded_and_a_short_disk_is_blocked() -> None:
     assert todo.commands == [
         [
             "env",
-            "HF_HOME=/var/lib/appliance/models/hf",
+            "HF_HOME=/var/lib/appliance-models/hf",
             "hf",
             "download",
             "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-NVFP4",
             *include,
             "--cache-dir",
-            "/var/lib/appliance/models/hf/hub",
+            "/var/lib/appliance-models/hf/hub",
         ]
     ]
     short = steps_for(SPARK, replace(READY, weights=False, free_bytes=10 * GIB))["weights"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import config_files, load_config
+from appliance.config import ApplianceConfig, config_files, load_config
 from appliance.errors import ConfigError
 
 
@@ -21,7 +21,11 @@ def test_defaults_are_loopback_only(tmp_path: Path) -> None:
     assert config.gateway.host == "127.0.0.1"
     assert config.inference.backend_listen.host == "127.0.0.1"
     assert config.state_dir == tmp_path / "state"
-    assert config.resolved_models_dir == tmp_path / "state" / "models"
+    # the state dir's sibling: the state dir is 0700 (secrets), the backend's Podman mounts this
+    assert config.resolved_models_dir == tmp_path / "state-models"
+    assert ApplianceConfig(state_dir=Path("/var/lib/appliance")).resolved_models_dir == Path(
+        "/var/lib/appliance-models"
+    )
 
 
 def test_each_layer_overrides_the_one_below(tmp_path: Path, monkeypatch) -> None:

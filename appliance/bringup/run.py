@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from appliance.bringup.steps import GIB, Bringup, Step, shell_line
+from appliance.bringup.model import GIB, Bringup, Step, shell_line
 from appliance.config import ApplianceConfig
 from appliance.errors import ApplianceError, PreflightError
 from hardware.plan_types import ServingPlan

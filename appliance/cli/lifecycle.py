@@ -25,7 +25,7 @@ from appliance.config import ApplianceConfig
 from appliance.errors import BackendError
 
 if TYPE_CHECKING:
-    from appliance.bringup.steps import Bringup
+    from appliance.bringup.model import Bringup
     from hardware.plan_types import ServingPlan
 
 SERVICES = ("control", "backend", "gateway")  # what the supervisor runs; `up` waits for each
@@ -137,7 +137,9 @@ def _bring_up_plan(
 ) -> tuple[ApplianceConfig, ServingPlan, Bringup]:
     """The steps for this host (probed) or a recorded one (nothing probed)."""
     from appliance.bringup import facts as host_facts
-    from appliance.bringup.steps import Options, plan_steps, serving_container
+    from appliance.bringup.commands import serving_container
+    from appliance.bringup.model import Options
+    from appliance.bringup.steps import plan_steps
     from appliance.cli.plan import current_plan, load_snapshot
     from hardware.telemetry import collect
 
@@ -165,13 +167,14 @@ def up(
     """Start the control plane, the backend and the gateway under a supervisor and wait until
     each is ready; first the appliance image, the CDI spec and the weights where the host needs
     them (--dry-run prints every step and command instead)."""
+    from appliance.bringup.model import CONTAINER_ENV
     from appliance.bringup.run import (
         container_pid,
         refuse_blocked,
         run_prepare,
         serve_banner,
     )
-    from appliance.bringup.steps import CONTAINER_ENV, render
+    from appliance.bringup.steps import render
     from appliance.services.run_state import lifecycle_lock
     from appliance.services.supervisor import control_url, run_dir, supervisor_pid
 

@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from appliance.bringup.commands import hf_download_argv
 from appliance.bringup.facts import Facts
 from appliance.bringup.image_facts import probe_image
-from appliance.bringup.steps import _image, hf_download_argv
+from appliance.bringup.prepare_steps import image_step
 from appliance.config import ApplianceConfig
 from appliance.packaging.weights import hub_cache, repo_folder
 from tests.integration.test_weights_download import MODEL, NOT_WANTED, WANTED, running_hub
@@ -40,13 +41,13 @@ def test_the_cpu_image_of_this_checkout_is_done_and_any_other_is_rebuilt(
     facts = probe_image(config, "cpu", CPU_LATEST)
     assert facts.current == cpu_image["digest"] and facts.current_tag == cpu_image["ref"].tag
     assert facts.present and facts.up_to_date and facts.current_tag_present
-    step = _image("cpu", CPU_LATEST, False, live(facts))
+    step = image_step("cpu", CPU_LATEST, False, live(facts))
     assert step.state == "done" and step.commands == [], step
 
     other = probe_image(config, "cpu", "localhost/appliance-base:latest")
     assert other.present and other.current == cpu_image["digest"]
     assert other.up_to_date is False
-    rebuilt = _image("cpu", other.ref, False, live(other))
+    rebuilt = image_step("cpu", other.ref, False, live(other))
     assert rebuilt.state == "todo"
     assert rebuilt.commands == [["appliance", "image", "build", "--target", "cpu"]]
     assert "a lookup" in rebuilt.why  # the current build is in the store: it is only re-tagged
@@ -58,7 +59,7 @@ def test_a_configured_image_that_is_not_there_is_blocked(cpu_image: dict[str, An
     config.inference.container.image = ref
     facts = probe_image(config, "cpu", ref)
     assert facts.present is False and facts.configured
-    step = _image("cpu", ref, True, live(facts))
+    step = image_step("cpu", ref, True, live(facts))
     assert step.state == "blocked" and step.commands == [] and step.fix
 
 

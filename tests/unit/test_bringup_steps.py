@@ -14,8 +14,10 @@ import pytest
 
 from appliance.bringup.facts import Facts, recorded
 from appliance.bringup.image_facts import ImageFacts
+from appliance.bringup.model import GIB, Options, Step
+from appliance.bringup.prepare_steps import TOOLKIT_FIX
 from appliance.bringup.run import _cdi, refuse_blocked, run_command
-from appliance.bringup.steps import GIB, TOOLKIT_FIX, Options, Step, plan_steps
+from appliance.bringup.steps import plan_steps
 from appliance.cli.main import main
 from appliance.config import ApplianceConfig, load_config
 from appliance.errors import ApplianceError, PreflightError, exit_code_for

@@ -138,8 +138,13 @@ def target_for(host: HostSnapshot, machine: str | None = None) -> str:
     without a GPU."""
     if not host.gpus:
         return "cpu"
+    return gpu_target(machine, spark=host.host_class == HostClass.DGX_SPARK)
+
+
+def gpu_target(machine: str | None = None, *, spark: bool = False) -> str:
+    """The target of a GPU host: `spark` on a DGX Spark or any arm64 host, else `rtx`."""
     machine = machine or host_platform.machine()
-    return "spark" if host.host_class == HostClass.DGX_SPARK or machine == "aarch64" else "rtx"
+    return "spark" if spark or machine == "aarch64" else "rtx"
 
 
 def target(name: str) -> Target:

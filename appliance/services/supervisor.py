@@ -21,9 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
+import secrets
+import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -48,6 +50,7 @@ from inference.backends.container import (
     container_name,
 )
 from inference.backends.supervisor import Probe
+from inference.gateway.settings import BACKEND_KEY_ENV
 
 log = logging.getLogger(__name__)
 
@@ -80,25 +83,52 @@ CONTAINER_EMBEDDED_CACHE = f"{CACHE_MOUNT}/cache"
 ServingPath = Literal["host", "container"]
 
 
-def serving_path(config: ApplianceConfig, plan: ServingPlan) -> ServingPath:
+def serving_path(
+    config: ApplianceConfig, plan: ServingPlan, *, recorded: bool = False
+) -> ServingPath:
     """Where the backend runs: `container` when the config says so, or when it is `auto`, the
-    plan is vLLM and this host has no `vllm` to exec (the venv has none: the normal case)."""
+    plan is vLLM and this host has no usable `vllm` (host_vllm). `recorded`: the plan is for a
+    recorded host, whose PATH we cannot see: the container."""
     backend = config.inference.backend
     if backend == "container":
         return "container"
-    if backend == "auto" and plan.backend == "vllm" and shutil.which("vllm") is None:
+    if backend == "auto" and plan.backend == "vllm" and (recorded or host_vllm()[0] is None):
         return "container"
     return "host"
 
 
+def host_vllm() -> tuple[str | None, str]:
+    """The `vllm` on PATH if it is recent enough for the plans (MIN_VLLM_VERSION), else None;
+    and why (one line)."""
+    from packaging.version import InvalidVersion, Version
+
+    from appliance.packaging.appliance_image import MIN_VLLM_VERSION
+
+    found = shutil.which("vllm")
+    if found is None:
+        return None, "no vllm on PATH"
+    try:
+        out = subprocess.run(
+            [found, "--version"], capture_output=True, text=True, timeout=60, check=False
+        )
+        version = Version((out.stdout.strip().splitlines() or [""])[-1].strip())
+    except (OSError, subprocess.TimeoutExpired, InvalidVersion):
+        return None, f"{found} --version does not give a version"
+    if version < Version(MIN_VLLM_VERSION):
+        return None, f"{found} is vLLM {version}, older than {MIN_VLLM_VERSION}"
+    return found, f"{found} (vLLM {version})"
+
+
 def container_target(config: ApplianceConfig, plan: ServingPlan, machine: str | None = None) -> str:
     """The appliance image target: the configured one, else `cpu` for the embedded model and,
-    for vLLM, `spark` on arm64 (DGX Spark) and `rtx` elsewhere (as target_for(host))."""
+    for vLLM (a GPU host), as target_for: `spark` on arm64 (`machine`), else `rtx`."""
+    from appliance.packaging.appliance_image import gpu_target
+
     if config.inference.container.target is not None:
         return config.inference.container.target
     if plan.backend != "vllm":
         return "cpu"
-    return "spark" if (machine or platform.machine()) == "aarch64" else "rtx"
+    return gpu_target(machine)
 
 
 def container_image(config: ApplianceConfig, target: str) -> str:
@@ -107,16 +137,57 @@ def container_image(config: ApplianceConfig, target: str) -> str:
 
 
 def podman_account(config: ApplianceConfig) -> PodmanAccount:
-    """Root runs the service user's rootless Podman (its runtime dir made if /run lost it);
-    anyone else their own."""
+    """Who runs the backend's podman: root runs the service user's rootless Podman, anyone
+    else their own. Read-only (probes, the dry run, doctor): nothing is made."""
     if os.geteuid() != 0:
         return PodmanAccount()
     from sandbox.lifecycle.podman_service import PodmanService
 
     service = PodmanService(user=config.sandbox.service_user)
     acct = service.account
-    service.ensure_runtime_dir()
     return PodmanAccount(uid=acct.pw_uid, gid=acct.pw_gid, env=service.env(), home=acct.pw_dir)
+
+
+def prepared_podman_account(config: ApplianceConfig) -> PodmanAccount:
+    """podman_account() for a real start: the service user's runtime dir made if /run lost it."""
+    account = podman_account(config)
+    if account.uid is not None:
+        from sandbox.lifecycle.podman_service import PodmanService
+
+        PodmanService(user=config.sandbox.service_user).ensure_runtime_dir()
+    return account
+
+
+def remove_backend_container(config: ApplianceConfig, timeout: float = 60.0) -> str | None:
+    """`podman rm --force --time=0 --ignore` of this state dir's backend container, as the
+    backend's Podman account: what a dead supervisor (or a failed `up`) left behind. Idempotent;
+    None when done (or nothing to do), else why not (one line)."""
+    if shutil.which("podman") is None:
+        return None  # no Podman: no container
+    from sandbox.lifecycle.errors import HostNotReady
+
+    try:
+        account = podman_account(config)
+    except HostNotReady as exc:  # e.g. no service user: nothing of ours can run
+        return f"no Podman account for the backend: {exc}"
+    argv = account.argv("rm", "--force", "--time=0", "--ignore", container_name(config.state_dir))
+    try:
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=dict(account.env) if account.env is not None else None,
+            cwd=account.home,
+            timeout=timeout,
+            check=False,
+            **account.popen_kwargs(os.geteuid()),  # type: ignore[arg-type]
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{shlex.join(argv)}: {exc}"
+    if done.returncode != 0:
+        return f"{shlex.join(argv)}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}"
+    return None
 
 
 def backend_container(
@@ -134,7 +205,7 @@ def backend_container(
         cache_volume=cache_volume_name(config.state_dir),
         gpu=gpu,
         models_dir=config.resolved_models_dir if gpu else None,
-        account=account if account is not None else podman_account(config),
+        account=account if account is not None else prepared_podman_account(config),
     )
 
 
@@ -143,7 +214,10 @@ def embedded_argv(
 ) -> list[str]:
     listen = config.inference.backend_listen
     python = IMAGE_PYTHON if in_container else sys.executable
-    cache = CONTAINER_EMBEDDED_CACHE if in_container else str(config.resolved_models_dir / "cache")
+    # On the host where it always was (the old default models dir: <state_dir>/models/cache,
+    # root-only with the state dir: only the supervisor's own process writes it).
+    host_cache = (config.models_dir or config.state_dir / "models") / "cache"
+    cache = CONTAINER_EMBEDDED_CACHE if in_container else str(host_cache)
     argv = [
         python, "-m", "inference.embedded",
         "--host", listen.host,
@@ -165,10 +239,15 @@ def embedded_argv(
 
 
 def backend_process(
-    config: ApplianceConfig, plan: ServingPlan, *, container: ContainerSpec | None = None
+    config: ApplianceConfig,
+    plan: ServingPlan,
+    *,
+    container: ContainerSpec | None = None,
+    api_key: str | None = None,
 ) -> ProcessBackend:
     """The backend service; on the container path (serving_path) in the appliance image
-    (`container`: the spec to use, default backend_container())."""
+    (`container`: the spec to use, default backend_container()). `api_key`: what vLLM
+    requires of every /v1 request (VLLM_API_KEY: env only); the embedded server has no keys."""
     log = log_dir(config) / "backend.log"
     if container is None and serving_path(config, plan) == "container":
         container = backend_container(config, plan)
@@ -178,6 +257,7 @@ def backend_process(
             log_path=log,
             offline=config.inference.offline,
             hf_home=config.resolved_models_dir / "hf",
+            api_key=api_key,
             container=container,
         )
     listen = config.inference.backend_listen
@@ -192,7 +272,9 @@ def backend_process(
     )
 
 
-def gateway_process(config: ApplianceConfig) -> ProcessBackend:
+def gateway_process(config: ApplianceConfig, backend_key: str | None = None) -> ProcessBackend:
+    """`appliance serve gateway`; `backend_key` reaches it in its environment (BACKEND_KEY_ENV),
+    never argv or a file."""
     gw = config.gateway
     return ProcessBackend(
         cli_argv(config, "serve", "gateway"),
@@ -200,6 +282,7 @@ def gateway_process(config: ApplianceConfig) -> ProcessBackend:
         log_path=log_dir(config) / "gateway.log",
         name="gateway",
         health_path="/health/live",
+        env={BACKEND_KEY_ENV: backend_key} if backend_key else None,
     )
 
 
@@ -328,11 +411,14 @@ def supervise(config: ApplianceConfig, plan: ServingPlan, instance: str | None =
     run_state.write_pid_file(pid_file(config), instance)
     log.info("supervisor %d (instance %s) for %s", os.getpid(), instance, config.state_dir)
     states = _StateFile(services_file(config), plan, instance)
+    # vLLM on its loopback port would serve any local user without a key (no keys, budgets or
+    # metering): it requires this one, which only the gateway (and the warm-up) is given.
+    backend_key = secrets.token_urlsafe(32)
     # The control plane first: the gateway's budget hard stop asks it (and fails closed).
     services = {
         "control": control_process(config),
-        "backend": backend_process(config, plan),
-        "gateway": gateway_process(config),
+        "backend": backend_process(config, plan, api_key=backend_key),
+        "gateway": gateway_process(config, backend_key),
     }
     supervisors: dict[str, Supervisor] = {}
     try:

@@ -15,7 +15,10 @@ user's own otherwise. This module only describes the command; ProcessBackend run
 from __future__ import annotations
 
 import hashlib
+import os
+import pwd
 import re
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +69,10 @@ class PodmanAccount:
     env: Mapping[str, str] | None = None
     home: str | None = None  # podman's working directory
 
+    def argv(self, *args: str, podman: str = "podman") -> list[str]:
+        """A podman command line as this account runs it (its global flags first)."""
+        return [podman, "--runtime", RUNTIME, *args]
+
     def popen_kwargs(self, current_uid: int) -> dict[str, object]:
         """subprocess.Popen arguments that drop to this account (and all groups but its own)."""
         if self.uid is None or self.uid == current_uid:
@@ -99,6 +106,10 @@ class ContainerSpec:
             if ":" in path or not Path(path).is_absolute():
                 raise ValueError(f"models directory {path!r}: an absolute path without ':'")
 
+    def podman_argv(self, *args: str) -> list[str]:
+        """A podman command line for this spec's executable and account."""
+        return self.account.argv(*args, podman=self.podman)
+
     @property
     def hf_home(self) -> str:
         """HF_HOME inside the container (the host's <models_dir>/hf)."""
@@ -118,15 +129,17 @@ class ContainerSpec:
         for name in names:
             if not _ENV_NAME.match(name):
                 raise ValueError(f"environment variable name {name!r} is not valid")
-        argv = [
-            self.podman, "--runtime", RUNTIME, "run",
+        argv = self.podman_argv(
+            "run",
             "--rm", "--replace", f"--name={self.name}",
             "--pull=never",
             "--network=host",  # the backend binds its loopback address/port as on the host
+            # podman copies the host's proxy variables into the container otherwise
+            "--http-proxy=false",
             "--no-healthcheck",  # the image's HEALTHCHECK probes the gateway: not in here
             "--cap-drop=all", "--security-opt=no-new-privileges", "--read-only",
             f"--volume={self.cache_volume}:{CACHE_MOUNT}",
-        ]  # fmt: skip
+        )  # fmt: skip
         if self.gpu:
             argv += [
                 f"--device={GPU_DEVICE}",
@@ -139,31 +152,62 @@ class ContainerSpec:
     def stop_argv(self, grace: float) -> list[str]:
         """`podman stop`: SIGTERM in the container, SIGKILL after `grace` s (signals to the
         foreground `podman run` do not reliably reach the container)."""
-        return [
-            self.podman,
-            "--runtime",
-            RUNTIME,
-            "stop",
-            "-t",
-            str(max(0, round(grace))),
-            self.name,
-        ]
+        return self.podman_argv("stop", "-t", str(max(0, round(grace))), self.name)
 
     def remove_argv(self) -> list[str]:
         """Removes what a killed `podman run --rm` left behind (nothing if it is gone), at once:
-        it is stopped already, or a leftover of a supervisor that was killed."""
-        return [
-            self.podman,
-            "--runtime",
-            RUNTIME,
-            "rm",
-            "--force",
-            "--time=0",
-            "--ignore",
-            self.name,
-        ]
+        it is stopped already, or a leftover of a supervisor that was killed. Idempotent."""
+        return self.podman_argv("rm", "--force", "--time=0", "--ignore", self.name)
 
     def process_env(self, base: Mapping[str, str], values: Mapping[str, str]) -> dict[str, str]:
         """podman's environment: the account's (or `base`) plus the inner env's values."""
         env = dict(base if self.account.env is None else self.account.env)
         return {**env, **values}
+
+
+def _allows(st: os.stat_result, uid: int, gids: set[int], bits: int) -> bool:
+    """Whether the owner/group/other class `uid` falls in has every one of `bits` (r=4, x=1)."""
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        shift = 6
+    elif st.st_gid in gids:
+        shift = 3
+    else:
+        shift = 0
+    return (st.st_mode >> shift) & bits == bits
+
+
+def models_dir_readable(models_dir: Path, account: PodmanAccount) -> str | None:
+    """Why the backend's Podman `account` cannot mount `models_dir` read-only and the image's
+    own uid (a subuid: "other" to the host) cannot read it, or None when both can. Read-only:
+    stat() only, nothing is run or made."""
+    uid = os.geteuid() if account.uid is None else account.uid
+    try:
+        entry = pwd.getpwuid(uid)
+        gids = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
+        who = entry.pw_name
+    except KeyError:
+        gids, who = ({account.gid} if account.gid is not None else set()), f"uid {uid}"
+    if account.gid is not None:
+        gids.add(account.gid)
+    path = Path(os.path.abspath(models_dir))
+    for parent in reversed(path.parents):
+        try:
+            st = parent.stat()
+        except OSError as exc:
+            return f"{parent}: {exc.strerror}"
+        if not _allows(st, uid, gids, 1):
+            mode = stat.filemode(st.st_mode)
+            return f"{who} cannot enter {parent} (mode {mode}) on the way to {path}"
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return f"models directory {path}: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"models directory {path} is not a directory"
+    if not _allows(st, uid, gids, 5):
+        return f"{who} cannot read {path} (mode {stat.filemode(st.st_mode)})"
+    if st.st_mode & 0o005 != 0o005:
+        return f"the appliance image's user cannot read {path} (mode {stat.filemode(st.st_mode)})"
+    return None

@@ -28,6 +28,7 @@ from inference.backends.container import (
     PodmanAccount,
     cache_volume_name,
     container_name,
+    models_dir_readable,
 )
 from inference.backends.vllm import VllmBackend, load_progress
 from tests.helpers import GOLDEN, SERVICE_USER, assert_golden
@@ -102,7 +103,7 @@ def test_gpu_targets_mount_the_weights_read_only_and_set_hf_home() -> None:
     proc = container_backend("spark")
     assert isinstance(proc, VllmBackend)
     argv = proc.spawn_argv()
-    assert "--volume=/var/lib/appliance/models:/models:ro" in argv
+    assert "--volume=/var/lib/appliance-models:/models:ro" in argv
     assert "--device=nvidia.com/gpu=all" in argv and "--shm-size=16g" in argv
     assert proc.env["HF_HOME"] == "/models/hf"
     cpu = container_backend("cpu").spawn_argv()
@@ -135,6 +136,66 @@ def test_stop_argv() -> None:
     assert spec().stop_argv(30) == [
         "podman", "--runtime", "runc", "stop", "-t", "30", "appliance-backend-0123abcd",
     ]  # fmt: skip
+
+
+def test_remove_argv_is_idempotent_and_immediate() -> None:
+    assert spec().remove_argv() == [
+        "podman", "--runtime", "runc", "rm", "--force", "--time=0", "--ignore",
+        "appliance-backend-0123abcd",
+    ]  # fmt: skip
+    assert PodmanAccount(uid=999).argv("ps", podman="/usr/bin/podman") == [
+        "/usr/bin/podman", "--runtime", "runc", "ps",
+    ]  # fmt: skip
+
+
+def test_the_hosts_proxy_variables_stay_out_of_the_container() -> None:
+    """podman copies http_proxy & co. into the container unless told not to."""
+    for target in TARGET_HOSTS:
+        assert "--http-proxy=false" in container_backend(target).spawn_argv()
+
+
+# --------------------------------------------------------------------------------------------
+# The models dir: can the backend's Podman account mount it, and the image's uid read it?
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def open_parent():  # type: ignore[no-untyped-def]
+    """A 0755 directory under /tmp (pytest's own tmp dirs are 0700: no other user enters)."""
+    import shutil
+    import tempfile
+
+    made = Path(tempfile.mkdtemp(prefix="models-check-", dir="/tmp"))
+    made.chmod(0o755)
+    yield made
+    shutil.rmtree(made)
+
+
+def service_account() -> PodmanAccount:
+    user = pwd.getpwnam(SERVICE_USER)
+    return PodmanAccount(uid=user.pw_uid, gid=user.pw_gid)
+
+
+def test_models_dir_readable_under_a_root_only_state_dir_is_refused(open_parent: Path) -> None:
+    state = open_parent / "appliance"
+    state.mkdir(mode=0o700)
+    (state / "models").mkdir(mode=0o755)
+    why = models_dir_readable(state / "models", service_account())
+    assert why is not None and f"cannot enter {state}" in why and SERVICE_USER in why
+    sibling = ApplianceConfig(state_dir=state).resolved_models_dir
+    sibling.mkdir(mode=0o755)
+    assert models_dir_readable(sibling, service_account()) is None
+
+
+def test_models_dir_readable_names_what_is_wrong(open_parent: Path) -> None:
+    models = open_parent / "models"
+    assert "No such file" in (models_dir_readable(models, service_account()) or "")
+    models.mkdir(mode=0o750)  # root's group only: the image's uid (a subuid) is "other"
+    assert "cannot read" in (models_dir_readable(models, service_account()) or "")
+    models.chmod(0o755)
+    assert models_dir_readable(models, service_account()) is None
+    (open_parent / "file").write_text("")
+    assert "not a directory" in (models_dir_readable(open_parent / "file", PodmanAccount()) or "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,9 +280,9 @@ def path_with_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ig
     bindir.mkdir()
     monkeypatch.setenv("PATH", str(bindir))
 
-    def put() -> None:
+    def put(version: str = "0.24.1") -> None:
         exe = bindir / "vllm"
-        exe.write_text("#!/bin/sh\n")
+        exe.write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo {version}\n')
         exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
 
     return put
@@ -245,6 +306,25 @@ def test_serving_path(
     if vllm_on_path:
         path_with_vllm()
     assert sv.serving_path(config(backend=backend), load_plan(host)) == expected
+
+
+@pytest.mark.parametrize("version", ["0.11.0", "not-a-version"])
+def test_auto_takes_the_container_when_the_hosts_vllm_is_too_old(
+    version: str, path_with_vllm
+) -> None:  # type: ignore[no-untyped-def]
+    path_with_vllm(version)
+    assert sv.serving_path(config(backend="auto"), load_plan("dgx_spark_gb10")) == "container"
+    found, why = sv.host_vllm()
+    assert found is None and ("older than" in why or "does not give a version" in why)
+
+
+def test_a_recorded_host_ignores_this_machines_path(path_with_vllm) -> None:  # type: ignore[no-untyped-def]
+    """The dry run of a recorded host must not depend on the reviewing machine's PATH."""
+    path_with_vllm()
+    plan = load_plan("dgx_spark_gb10")
+    assert sv.serving_path(config(backend="auto"), plan) == "host"
+    assert sv.serving_path(config(backend="auto"), plan, recorded=True) == "container"
+    assert sv.serving_path(config(backend="vllm"), plan, recorded=True) == "host"
 
 
 def test_backend_process_takes_the_container_path_by_itself(path_with_vllm) -> None:  # type: ignore[no-untyped-def]
@@ -276,8 +356,22 @@ def test_configured_image_wins() -> None:
     assert made.image == "registry.example/appliance:1.2"
 
 
+def test_the_probes_account_lookup_makes_nothing_the_start_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sandbox.lifecycle.podman_service import PodmanService
+
+    made: list[str] = []
+    monkeypatch.setattr(PodmanService, "ensure_runtime_dir", lambda self: made.append(self.user))
+    probe = sv.podman_account(config())
+    assert made == []  # the dry run and doctor are read-only
+    start = sv.prepared_podman_account(config())
+    assert start == probe
+    assert made == ([SERVICE_USER] if os.geteuid() == 0 else [])
+
+
 def test_podman_account_is_the_service_users_as_root_else_ours() -> None:
-    account = sv.podman_account(config())
+    account = sv.prepared_podman_account(config())
     if os.geteuid() != 0:
         assert account == PodmanAccount()
         return

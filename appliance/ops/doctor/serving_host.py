@@ -84,7 +84,7 @@ def check_serving_path(env: DoctorEnv) -> CheckResult:
 
     from appliance.bringup.facts import embedded_modules
     from appliance.bringup.image_facts import image_present
-    from appliance.services.supervisor import container_target, serving_path
+    from appliance.services.supervisor import container_image, container_target, serving_path
     from hardware.planner import plan_serving
 
     name = "serving path"
@@ -112,7 +112,7 @@ def check_serving_path(env: DoctorEnv) -> CheckResult:
             )
         return CheckResult(name=name, status="ok", detail="the embedded model on the host")
     target = container_target(env.config, plan)
-    image = env.config.inference.container.image or f"localhost/appliance-{target}:latest"
+    image = container_image(env.config, target)
     if env.which("podman") is None:
         return CheckResult(
             name=name,

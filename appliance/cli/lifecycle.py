@@ -14,7 +14,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -28,9 +28,13 @@ if TYPE_CHECKING:
     from appliance.bringup.model import Bringup
     from hardware.plan_types import ServingPlan
 
-SERVICES = ("control", "backend", "gateway")  # what the supervisor runs; `up` waits for each
 TimeoutOpt = Annotated[
-    float, typer.Option("--timeout", help="Seconds to wait for the services to be ready.")
+    float | None,
+    typer.Option(
+        "--timeout",
+        help="Seconds to wait for the services to be ready, a hard limit (default: until the "
+        "supervisor says ready or failed, however long the model loads).",
+    ),
 ]
 DryRunOpt = Annotated[
     bool,
@@ -68,29 +72,36 @@ def _spawn_supervisor(
 
 
 def _wait_ready(
-    config: ApplianceConfig, proc: subprocess.Popen[bytes], instance: str, timeout: float
+    config: ApplianceConfig, proc: subprocess.Popen[bytes], instance: str, timeout: float | None
 ) -> None:
+    from appliance.bringup.wait import ProgressLines, ShowFn, wait_for_verdict
     from appliance.services.supervisor import log_dir, read_services
 
-    deadline = time.monotonic() + timeout
-    with console.status("starting the appliance") as spinner:
-        while True:
-            services = read_services(config)
-            if services.get("instance") != instance:
-                services = {}  # a stale file, or not yet written by our supervisor
-            states = {name: services.get(name, {}).get("state") for name in SERVICES}
-            if all(state == "ready" for state in states.values()):
-                return
-            # A service that must restart before it was ever ready will not get better by waiting.
-            broken = [n for n, s in states.items() if s in ("failed", "restarting")]
-            if proc.poll() is not None or broken:
-                name = broken[0] if broken else "supervisor"
-                break
-            if time.monotonic() > deadline:
-                raise BackendError(f"not ready after {timeout:.0f} s: {states}")
-            detail = services.get("backend", {}).get("detail", "")
-            spinner.update(f"backend {states['backend'] or 'starting'} · {detail[:80]}")
-            time.sleep(0.5)
+    def ours() -> dict[str, Any]:
+        services = read_services(config)
+        # {}: a stale file, or not yet written by our supervisor
+        return services if services.get("instance") == instance else {}
+
+    def verdict(show: ShowFn) -> tuple[str | None, dict[str, Any]]:
+        return wait_for_verdict(
+            ours,
+            lambda: proc.poll() is not None,
+            show,
+            timeout=timeout,
+            stall_s=config.inference.ready_timeout_s,
+        )
+
+    if console.is_terminal:
+        with console.status("starting the appliance") as spinner:
+            name, services = verdict(
+                lambda states, detail: spinner.update(
+                    f"backend {states['backend'] or 'starting'} · {detail[:80]}"
+                )
+            )
+    else:  # a pipe, Ansible, ssh -T: a spinner shows nothing there
+        name, services = verdict(ProgressLines(_say))
+    if name is None:
+        return
     # The log's last lines for context, then the failure as one line (vLLM's out-of-memory
     # detail already says what to do: free GPU memory or plan a smaller model).
     log = Path(services.get(name, {}).get("log") or log_dir(config) / f"{name}.log")
@@ -158,7 +169,7 @@ def _bring_up_plan(
 
 def up(
     ctx: typer.Context,
-    timeout: TimeoutOpt = 1800.0,
+    timeout: TimeoutOpt = None,
     dry_run: DryRunOpt = False,
     snapshot: SnapshotOpt = None,
     container: ContainerOpt = False,
@@ -192,7 +203,8 @@ def up(
         else:
             typer.echo(render(bringup, snapshot), nl=False)
         return
-    with lifecycle_lock(run_dir(config), timeout, on_wait=err_console.print):
+    lock_wait = timeout if timeout is not None else config.inference.ready_timeout_s
+    with lifecycle_lock(run_dir(config), lock_wait, on_wait=err_console.print):
         pid = supervisor_pid(config)
         if pid is not None:
             console.print(f"already up (supervisor pid {pid})")

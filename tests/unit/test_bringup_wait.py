@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -181,4 +182,7 @@ def test_up_piped_prints_the_load_progress_and_waits_past_ready_timeout(
         proc.kill()
         proc.wait()
     out = capsys.readouterr().out
-    assert "s: backend starting: loading weights 45% (9/20 shards)" in out, out
+    # The first read shows a line at once (which one depends on the writer's pace here).
+    assert re.search(
+        r"^    \d+ s: backend starting: loading weights \d+% \(\d+/20 shards\)$", out, re.M
+    ), out

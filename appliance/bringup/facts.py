@@ -51,15 +51,10 @@ def recorded() -> Facts:
     return Facts(live=False)
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def free_bytes(directory: Path) -> int:
-    return shutil.disk_usage(_nearest_existing(directory)).free
+    from appliance.packaging.weights import nearest_existing
+
+    return shutil.disk_usage(nearest_existing(directory)).free
 
 
 # Where the container toolkit writes CDI specs (nvidia-ctk cdi generate --output=...).

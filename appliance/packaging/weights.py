@@ -192,7 +192,9 @@ def with_headroom(need: int) -> int:
     return need + int(need * HEADROOM_RATIO) + HEADROOM_BYTES
 
 
-def _existing_parent(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest parent that exists (where a directory yet to be made will be:
+    its filesystem's free space). The one copy: bring-up and the doctor use it too."""
     path = path.absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -201,7 +203,7 @@ def _existing_parent(path: Path) -> Path:
 
 def check_disk(models_dir: Path, need: int) -> None:
     """Raise unless the models directory's filesystem has `need` bytes free, with headroom."""
-    where = _existing_parent(models_dir)
+    where = nearest_existing(models_dir)
     free = shutil.disk_usage(where).free
     wanted = with_headroom(need)
     if free < wanted:

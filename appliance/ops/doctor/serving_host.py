@@ -10,11 +10,11 @@ import os
 import shutil
 import socket
 from collections.abc import Callable
-from pathlib import Path
 
 from appliance.bringup.facts import CDI_DIRS, find_cdi_spec, toolkit_path
 from appliance.config import ApplianceConfig, ListenConfig
 from appliance.ops.doctor.env import CheckFn, CheckResult, DoctorEnv
+from appliance.packaging.weights import nearest_existing
 
 DISK_FLOOR_GIB = 10.0  # when the planned model's size is unknown
 _GIB = 1024**3
@@ -201,17 +201,10 @@ check_backend_port = _port_check(
 )
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_disk(env: DoctorEnv) -> CheckResult:
     name = "model disk space"
     models = env.config.resolved_models_dir
-    base = _nearest_existing(models)
+    base = nearest_existing(models)
     if env.required_gib is None:
         need = DISK_FLOOR_GIB
         wants = f"floor {need:.1f} GiB (model size unknown)"
@@ -236,7 +229,7 @@ def check_disk(env: DoctorEnv) -> CheckResult:
 def check_state_dir(env: DoctorEnv) -> CheckResult:
     name = "state dir"
     state = env.config.state_dir
-    base = _nearest_existing(state)
+    base = nearest_existing(state)
     fix = f"create it for this user (install -d -o $USER {state}) or set state_dir"
     if not base.is_dir():
         return CheckResult(name=name, status="fail", detail=f"{base} is not a directory", fix=fix)

@@ -30,6 +30,15 @@ def backend(ctx: typer.Context) -> None:
     os.execvpe(argv[0], argv, proc.spawn_env())
 
 
+@app.command("backend-cleanup", hidden=True)
+def backend_cleanup(ctx: typer.Context) -> None:
+    """Remove this state dir's backend container if one is left (the unit's ExecStopPost)."""
+    from appliance.services.supervisor import remove_backend_container
+
+    if why := remove_backend_container(app_context(ctx).config()):
+        err_console.print(f"appliance: warning: {why}")
+
+
 @app.command("gateway")
 def gateway(ctx: typer.Context) -> None:
     """Serve inference.local (the OpenAI-compatible gateway) on the configured address."""

@@ -27,6 +27,7 @@ class Unit:
     wants: tuple[str, ...] = ()
     restart_sec: int = 5
     start_timeout_s: int = 90
+    stop_post: str | None = None  # `appliance` subcommand run after the service stopped
     # Off where the unit may start rootless Podman: newuidmap/newgidmap are setuid helpers, and
     # no_new_privs would make the kernel ignore that bit.
     no_new_privileges: bool = True
@@ -44,6 +45,8 @@ UNITS: tuple[Unit, ...] = (
         "Appliance inference backend (vLLM or the embedded model)",
         "serve backend",
         start_timeout_s=1800,  # real model loads take 10-15 minutes
+        # On the container path: the container a killed `podman run` left (idempotent).
+        stop_post="serve backend-cleanup",
     ),
     Unit(
         "appliance-gateway.service",
@@ -73,6 +76,11 @@ def render_unit(
         "Type=simple",
         *([f"Environment=APPLIANCE_CONFIG={config_file}"] if config_file else []),
         f"ExecStart={executable} --state-dir {state_dir} {unit.command}",
+        *(
+            [f"ExecStopPost={executable} --state-dir {state_dir} {unit.stop_post}"]
+            if unit.stop_post
+            else []
+        ),
         "Restart=always",
         f"RestartSec={unit.restart_sec}",
         f"TimeoutStartSec={unit.start_timeout_s}",

@@ -88,7 +88,8 @@ class ContainerSpec:
     name: str
     cache_volume: str
     gpu: bool = False
-    models_dir: Path | None = None  # GPU targets: mounted read-only at /models
+    # Mounted read-only at /models when given (GPU targets need it: the weights)
+    models_dir: Path | None = None
     podman: str = "podman"
     account: PodmanAccount = field(default_factory=PodmanAccount)
 
@@ -141,11 +142,9 @@ class ContainerSpec:
             f"--volume={self.cache_volume}:{CACHE_MOUNT}",
         )  # fmt: skip
         if self.gpu:
-            argv += [
-                f"--device={GPU_DEVICE}",
-                f"--shm-size={GPU_SHM_SIZE}",
-                f"--volume={self.models_dir}:{MODELS_MOUNT}:ro",
-            ]
+            argv += [f"--device={GPU_DEVICE}", f"--shm-size={GPU_SHM_SIZE}"]
+        if self.models_dir is not None:
+            argv.append(f"--volume={self.models_dir}:{MODELS_MOUNT}:ro")
         argv += [f"--env={name}" for name in names]
         return [*argv, f"--entrypoint={inner[0]}", self.image, *inner[1:]]
 

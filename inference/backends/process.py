@@ -213,12 +213,16 @@ class ProcessBackend:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM to the whole process group, SIGKILL after `grace` seconds. In a container:
-        `podman stop` first (it waits `grace`), then the same for `podman run`'s group."""
+        `podman stop` first (it waits `grace`), then the same for `podman run`'s group, then,
+        once nothing of that group is left to create it, the container removed if it is there
+        (`podman run` killed mid-create, or killed before its --rm)."""
         proc = self._proc
         if proc is None:
             return
-        if self.container is not None:
-            self._stop_container(proc, grace)
+        if self.container is not None and proc.poll() is None:
+            self._podman(self.container.stop_argv(grace), timeout=grace + 30)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)  # `podman run --rm` removes the container, then exits
         if proc.poll() is None:
             self._signal_group(proc.pid, signal.SIGTERM)
             try:
@@ -228,16 +232,22 @@ class ProcessBackend:
                 proc.wait()
         # Children that outlived the leader (vLLM's engine core holds GPU memory).
         self._signal_group(proc.pid, signal.SIGKILL)
+        if self.container is not None:
+            self._wait_group_gone(proc.pid, timeout=10)
+            self._podman(self.container.remove_argv(), timeout=60)  # idempotent (--ignore)
 
-    def _stop_container(self, proc: subprocess.Popen[bytes], grace: float) -> None:
-        assert self.container is not None
-        if proc.poll() is None:
-            self._podman(self.container.stop_argv(grace), timeout=grace + 30)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)  # `podman run --rm` removes the container, then exits
-        if proc.returncode is None or proc.returncode < 0:
-            # `podman run` was killed (or will be): its --rm did not happen.
-            self._podman(self.container.remove_argv(), timeout=60)
+    @staticmethod
+    def _wait_group_gone(pgid: int, timeout: float) -> None:
+        """Until no process of the group is left (SIGKILL is delivered, not yet acted on)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            except PermissionError:
+                pass  # another user's process still in the group (the service user's podman)
+            time.sleep(0.05)
 
     def _podman(self, argv: list[str], timeout: float) -> None:
         """One podman command as the container's account; its output goes to the log."""

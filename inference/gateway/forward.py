@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from typing import Any
 
@@ -31,6 +32,8 @@ class Forwarder:
         self._context_until = 0.0  # monotonic time the cached value is good until
         self._context_lock = asyncio.Lock()
         self.local_base = settings.backend_url.rstrip("/")
+        local_key = os.environ.get(settings.backend_api_key_env or "", "").strip()
+        self.local_headers = {"authorization": f"Bearer {local_key}"} if local_key else {}
         self.upstream_base = settings.upstream.base_url.rstrip("/") if settings.upstream else ""
         key = settings.upstream.api_key() if settings.upstream else None
         self.upstream_headers = {"authorization": f"Bearer {key}"} if key else {}
@@ -72,7 +75,9 @@ class Forwarder:
 
     async def _ask_context(self) -> int | None:
         try:
-            r = await self.client.get(f"{self.local_base}/v1/models", timeout=2.0)
+            r = await self.client.get(
+                f"{self.local_base}/v1/models", headers=self.local_headers, timeout=2.0
+            )
             cards = r.json()["data"] if r.status_code == 200 else []
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return None
@@ -112,7 +117,8 @@ class Forwarder:
     async def _send(self, route: Route, path: str, body: dict[str, Any]) -> httpx.Response:
         out = dict(body, model=route.model)
         if route.target == "local":
-            url, headers = f"{self.local_base}{path}", {"content-type": "application/json"}
+            url = f"{self.local_base}{path}"
+            headers = {"content-type": "application/json", **self.local_headers}
         else:
             url = f"{self.upstream_base}{path.removeprefix('/v1')}"
             headers = {"content-type": "application/json", **self.upstream_headers}

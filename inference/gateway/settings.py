@@ -77,9 +77,16 @@ class ListenerLimits(_Strict):
     max_connections: int = Field(1024, ge=1)
 
 
+# The environment variable the supervisor hands the gateway the local backend's key in (a new
+# random one per supervisor start: vLLM refuses /v1 requests without it).
+BACKEND_KEY_ENV = "APPLIANCE_BACKEND_KEY"
+
+
 class GatewaySettings(_Strict):
     # The local backend (vLLM or the embedded server; both speak vLLM's routes), without /v1.
     backend_url: str = "http://127.0.0.1:8000"
+    # The NAME of the environment variable holding the local backend's key (unset: none sent).
+    backend_api_key_env: str | None = BACKEND_KEY_ENV
     served_model_name: str = "nemotron"
     # alias -> model: the served name or an upstream model, e.g. {"default": "nemotron"}
     aliases: dict[str, str] = Field(default_factory=dict)

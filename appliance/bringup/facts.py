@@ -37,6 +37,9 @@ class Facts:
     systemd: bool | None = None  # systemd is PID 1 (Quadlet units could run here)
     nvidia_ctk: str | None = None  # the toolkit's path
     cdi_spec: str | None = None  # the CDI spec that lists nvidia.com/gpu
+    # The spec names the host's driver version (its libcuda.so.<ver>); False: generated for
+    # another driver (after an upgrade the container cannot be created); None: unknown.
+    cdi_names_driver: bool | None = None
     free_bytes: int | None = None  # at the models dir (its nearest existing parent)
     image: ImageFacts | None = None  # the appliance image the backend runs, in its store
     weights: bool | None = None  # the plan's weights are in <models_dir>/hf/hub
@@ -44,6 +47,9 @@ class Facts:
     weights_on_disk: int | None = None  # bytes of the repo already fetched (a download resumes)
     embedded_installed: bool | None = None  # the embedded model's packages import here
     supervisor_pid: int | None = None  # the appliance is already up
+    # Why the backend's Podman account (or the image's user) cannot read the models dir, which
+    # the GPU container mounts; None: it can, or not asked (host path, no account).
+    models_unreadable: str | None = None
 
 
 def recorded() -> Facts:
@@ -80,16 +86,36 @@ def toolkit_path(which: Callable[[str], str | None] = shutil.which) -> str | Non
     return which(TOOLKIT)
 
 
-def _cdi_spec() -> str | None:
-    """The CDI spec, when it names the kind the backend asks for (nvidia.com/gpu)."""
-    spec = find_cdi_spec()
+def cdi_spec_for(
+    driver: str | None, host_path: Callable[[str], Path] = Path
+) -> tuple[str | None, bool | None]:
+    """The CDI spec, when it names the kind the backend asks for (nvidia.com/gpu), and whether
+    it names the host's driver version (None: the driver is not known)."""
+    spec = find_cdi_spec(host_path)
     if spec is None:
-        return None
+        return None, None
     try:
-        lists_gpu = "nvidia.com/gpu" in Path(spec).read_text(errors="replace")
+        text = host_path(spec).read_text(errors="replace")
     except OSError:
+        return None, None
+    if "nvidia.com/gpu" not in text:
+        return None, None
+    return spec, (driver in text if driver else None)
+
+
+def models_unreadable(config: ApplianceConfig) -> str | None:
+    """models_dir_readable for the backend's Podman account; a models dir yet to be made is
+    judged by its nearest existing parent (the download makes the rest 0755)."""
+    from appliance.packaging.weights import nearest_existing
+    from appliance.services.supervisor import podman_account
+    from inference.backends.container import models_dir_readable
+    from sandbox.lifecycle.errors import HostNotReady
+
+    try:
+        account = podman_account(config)
+    except HostNotReady:  # no service user: the image step says what is missing
         return None
-    return spec if lists_gpu else None
+    return models_dir_readable(nearest_existing(config.resolved_models_dir), account)
 
 
 def embedded_modules(config: ApplianceConfig) -> tuple[str, ...]:
@@ -118,13 +144,16 @@ def probe(
         status = weights_status(config.resolved_models_dir, plan.model)
         weights, detail = status.present, status.detail
         on_disk = bytes_on_disk(config.resolved_models_dir, plan.model)
+    cdi_spec, cdi_names_driver = cdi_spec_for(host.driver_version) if host.gpus else (None, None)
+    gpu_container = image is not None and plan.backend == "vllm"
     return Facts(
         live=True,
         root=os.geteuid() == 0,
         podman=podman_version(),
         systemd=systemd_running(),
         nvidia_ctk=toolkit_path(),
-        cdi_spec=_cdi_spec() if host.gpus else None,
+        cdi_spec=cdi_spec,
+        cdi_names_driver=cdi_names_driver,
         free_bytes=free_bytes(config.resolved_models_dir),
         image=probe_image(config, container_target(config, plan), image) if image else None,
         weights=weights,
@@ -132,4 +161,5 @@ def probe(
         weights_on_disk=on_disk,
         embedded_installed=all(importlib.util.find_spec(m) for m in embedded_modules(config)),
         supervisor_pid=supervisor_pid(config),
+        models_unreadable=models_unreadable(config) if gpu_container else None,
     )

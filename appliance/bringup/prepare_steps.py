@@ -12,6 +12,11 @@ from appliance.config import ApplianceConfig
 from hardware.plan_types import ServingPlan
 
 CDI_SPEC = "/etc/cdi/nvidia.yaml"
+MIN_CDI_PODMAN = (4, 1)  # CDI devices (--device=nvidia.com/gpu=all) arrived in Podman 4.1
+PODMAN_CDI_FIX = (
+    "upgrade Podman to 4.1 or later (Ubuntu 22.04 ships 3.4, Ubuntu 24.04 ships 4.9), then run "
+    "this again"
+)
 TOOLKIT_FIX = (
     "install nvidia-container-toolkit (NVIDIA's apt repository, or the offline bundle: "
     "`appliance bundle install BUNDLE`), then run this again"
@@ -98,27 +103,57 @@ def _configured_image(step: Step, target: str, image: str, facts: Facts) -> Step
     return step
 
 
-def cdi_step(facts: Facts) -> Step:
-    generate = ["nvidia-ctk", "cdi", "generate", f"--output={CDI_SPEC}"]
+def _podman_too_old_for_cdi(facts: Facts) -> str | None:
+    if facts.podman is None or facts.podman >= MIN_CDI_PODMAN:
+        return None
+    need = ".".join(map(str, MIN_CDI_PODMAN))
+    return (
+        f"Podman {facts.podman[0]}.{facts.podman[1]} cannot give the container the GPU: CDI "
+        f"devices (--device=nvidia.com/gpu=all) need Podman >= {need}"
+    )
+
+
+def _generate(step: Step, facts: Facts, output: str, why: str) -> Step:
+    """`nvidia-ctk cdi generate --output=OUTPUT`: to do as root with the toolkit, else blocked
+    with the one-line fix."""
+    generate = ["nvidia-ctk", "cdi", "generate", f"--output={output}"]
+    step.commands = [generate]
+    if facts.nvidia_ctk and not facts.root:
+        step.state, step.why = "blocked", f"{why}, and writing {output} needs root"
+        step.fix = f"sudo {shell_line(generate)}"
+    elif facts.nvidia_ctk:
+        step.why = f"{why}: generated with {facts.nvidia_ctk}"
+    else:
+        step.state, step.why = "blocked", f"{why}, and nvidia-ctk is not installed"
+        step.fix = TOOLKIT_FIX
+    return step
+
+
+def cdi_step(facts: Facts, driver: str | None = None) -> Step:
+    """The CDI spec the container's --device=nvidia.com/gpu=all resolves through. `driver`: the
+    host's driver version (NVML): a spec that does not name it was made for another driver (it
+    mounts the old libcuda.so.<version>) and is generated again in its place."""
     step = Step(id="cdi", title="CDI spec (nvidia.com/gpu)", state="todo", why="", commands=[])
     if not facts.live:
-        step.why = f"generated when no spec lists nvidia.com/gpu ({UNKNOWN}); needs nvidia-ctk"
-        step.commands = [generate]
+        step.why = (
+            f"generated when no spec lists nvidia.com/gpu or it names another driver than the "
+            f"host's ({UNKNOWN}); needs nvidia-ctk, and Podman >= "
+            f"{'.'.join(map(str, MIN_CDI_PODMAN))} to use it"
+        )
+        step.commands = [["nvidia-ctk", "cdi", "generate", f"--output={CDI_SPEC}"]]
+    elif too_old := _podman_too_old_for_cdi(facts):
+        step.state, step.why, step.fix = "blocked", too_old, PODMAN_CDI_FIX
+    elif facts.cdi_spec and facts.cdi_names_driver is False:
+        why = (
+            f"{facts.cdi_spec} was made for another driver than this host's {driver} (creating "
+            "the container fails on the old libraries it names)"
+        )
+        _generate(step, facts, facts.cdi_spec, why)
     elif facts.cdi_spec:
-        step.state, step.why = "done", f"{facts.cdi_spec} lists nvidia.com/gpu"
-    elif facts.nvidia_ctk and not facts.root:
-        step.state = "blocked"
-        step.why = f"no CDI spec lists nvidia.com/gpu, and writing {CDI_SPEC} needs root"
-        step.fix = f"sudo {shell_line(generate)}"
-        step.commands = [generate]
-    elif facts.nvidia_ctk:
-        step.why = f"no CDI spec lists nvidia.com/gpu: generated with {facts.nvidia_ctk}"
-        step.commands = [generate]
+        for_driver = f" for driver {driver}" if facts.cdi_names_driver else ""
+        step.state, step.why = "done", f"{facts.cdi_spec} lists nvidia.com/gpu{for_driver}"
     else:
-        step.state = "blocked"
-        step.why = "no CDI spec lists nvidia.com/gpu, and nvidia-ctk is not installed"
-        step.fix = TOOLKIT_FIX
-        step.commands = [generate]
+        _generate(step, facts, CDI_SPEC, "no CDI spec lists nvidia.com/gpu")
     return step
 
 
@@ -143,6 +178,14 @@ def weights_step(config: ApplianceConfig, plan: ServingPlan, facts: Facts) -> St
     step.commands = [hf_download_argv(models, plan.model)]
     if not facts.live:
         step.why = f"{where}: free space checked first, then {how} ({UNKNOWN})"
+        return step
+    if facts.models_unreadable:
+        step.state = "blocked"
+        step.why = f"the backend's Podman cannot mount the models: {facts.models_unreadable}"
+        step.fix = (
+            f"`chmod 0755` {models} and the directories above it (the weights are public "
+            "data), or set models_dir to a directory the service user can read"
+        )
         return step
     if facts.weights:
         step.state, step.commands = "done", []

@@ -143,7 +143,7 @@ def plan_steps(
         configured = config.inference.container.image is not None
         steps.append(image_step(target, container.image, configured, facts))
         if container.gpu:
-            steps.append(cdi_step(facts))
+            steps.append(cdi_step(facts, host.driver_version))
     if plan.backend == "vllm":
         steps.append(weights_step(config, plan, facts))
     steps += [

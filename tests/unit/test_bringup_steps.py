@@ -5,7 +5,6 @@ that would run something on a recorded host."""
 from __future__ import annotations
 
 import os
-import stat
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -16,68 +15,26 @@ from appliance.bringup.facts import Facts, recorded
 from appliance.bringup.image_facts import ImageFacts
 from appliance.bringup.model import GIB, Options, Step
 from appliance.bringup.prepare_steps import TOOLKIT_FIX
-from appliance.bringup.run import _cdi, refuse_blocked, run_command
+from appliance.bringup.run import refuse_blocked, run_command
 from appliance.bringup.steps import plan_steps
 from appliance.cli.main import main
 from appliance.config import ApplianceConfig, load_config
 from appliance.errors import ApplianceError, PreflightError, exit_code_for
 from appliance.packaging.weights import ALLOW_PATTERNS
 from hardware.planner import plan_serving
-from hardware.snapshot import HostSnapshot
 from tests.conftest import FIXTURES
-
-STATE = Path("/var/lib/appliance")
-SPARK = "dgx_spark_gb10"
-INPUTS = "sha256:" + "c" * 64  # the current inputs' digest
-OLD_INPUTS = "sha256:" + "0" * 64
-SPARK_LATEST = "localhost/appliance-spark:latest"
-# `:latest` is the build of the current inputs, its base in the store.
-CURRENT = ImageFacts(
-    ref=SPARK_LATEST,
-    present=True,
-    built_from=INPUTS,
-    base="vllm/vllm-openai:v0.24.0 (1234)",
-    current=INPUTS,
-    current_tag="localhost/appliance-spark:cccccccccccc",
-    current_tag_present=True,
+from tests.unit.bringup_cases import (
+    CURRENT,
+    INPUTS,
+    OLD_INPUTS,
+    READY,
+    SPARK,
+    SPARK_LATEST,
+    STATE,
+    host,
+    no_vllm_on_path,  # noqa: F401  (autouse: applies here by being imported)
+    steps_for,
 )
-# A GPU host as `probe()` would see it when everything is in place.
-READY = Facts(
-    live=True,
-    root=True,
-    podman=(5, 4),
-    systemd=True,
-    nvidia_ctk="/usr/bin/nvidia-ctk",
-    cdi_spec="/etc/cdi/nvidia.yaml",
-    free_bytes=2000 * GIB,
-    image=CURRENT,
-    weights=True,
-    weights_detail="complete in /var/lib/appliance-models/hf/hub",
-    embedded_installed=True,
-)
-
-
-@pytest.fixture(autouse=True)
-def no_vllm_on_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """`auto` on a GPU host takes the container path when no `vllm` is on PATH (the venv's)."""
-    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-
-
-def host(name: str) -> HostSnapshot:
-    return HostSnapshot.model_validate_json((FIXTURES / "hosts" / f"{name}.json").read_text())
-
-
-def steps_for(
-    name: str, facts: Facts, *, backend: str = "auto", agent: bool = True
-) -> dict[str, Step]:
-    config = ApplianceConfig(state_dir=STATE)
-    config.inference.backend = backend  # type: ignore[assignment]
-    snapshot = host(name)
-    plan = plan_serving(snapshot, config.inference.vllm)
-    options = Options(container=backend == "container", agent=agent)
-    bringup = plan_steps(snapshot, config, plan, facts, options)
-    return {s.id: s for s in bringup.steps}
-
 
 # ---------------------------------------------------------------- states on a live host
 
@@ -174,25 +131,6 @@ def test_a_configured_image_must_be_there() -> None:
         plan = plan_serving(snapshot, config.inference.vllm)
         facts = replace(READY, image=ImageFacts(ref, False, configured=True))
         refuse_blocked(plan_steps(snapshot, config, plan, facts, Options()))
-
-
-def test_cdi_spec_absent_is_generated_with_the_toolkit() -> None:
-    cdi = steps_for(SPARK, replace(READY, cdi_spec=None))["cdi"]
-    assert cdi.state == "todo"
-    assert cdi.commands == [["nvidia-ctk", "cdi", "generate", "--output=/etc/cdi/nvidia.yaml"]]
-
-
-def test_no_toolkit_is_blocked_with_the_fix() -> None:
-    cdi = steps_for(SPARK, replace(READY, cdi_spec=None, nvidia_ctk=None))["cdi"]
-    assert cdi.state == "blocked"
-    assert "nvidia-ctk is not installed" in cdi.why and cdi.fix == TOOLKIT_FIX
-    assert "\n" not in cdi.why + cdi.fix
-
-
-def test_cdi_not_root_is_blocked_with_sudo() -> None:
-    cdi = steps_for(SPARK, replace(READY, cdi_spec=None, root=False))["cdi"]
-    assert cdi.state == "blocked"
-    assert cdi.fix == "sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml"
 
 
 def test_weights_absent_are_downloaded_and_a_short_disk_is_blocked() -> None:
@@ -366,34 +304,6 @@ def test_a_failing_appliance_command_relays_its_own_error(tmp_path: Path) -> Non
     assert any("appliance: error:" in line for line in seen)  # shown as it came
 
 
-def _stub_ctk(tmp_path: Path, spec_text: str) -> str:
-    """An nvidia-ctk that writes `spec_text` to its --output, as `cdi generate` does."""
-    stub = tmp_path / "nvidia-ctk"
-    stub.write_text(
-        "#!/bin/sh\n"
-        'for a in "$@"; do case "$a" in --output=*) out="${a#--output=}";; esac; done\n'
-        f"printf '%s\\n' '{spec_text}' > \"$out\"\necho generated \"$out\"\n"
-    )
-    stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
-    return str(stub)
-
-
-@pytest.mark.parametrize(("spec", "ok"), [("kind: nvidia.com/gpu", True), ("kind: x/y", False)])
-def test_cdi_generate_then_checks_the_spec(tmp_path: Path, spec: str, ok: bool) -> None:
-    out = tmp_path / "cdi" / "nvidia.yaml"
-    out.parent.mkdir()
-    argv = [_stub_ctk(tmp_path, spec), "cdi", "generate", f"--output={out}"]
-    step = Step(id="cdi", title="CDI spec", state="todo", why="", commands=[argv])
-    seen: list[str] = []
-    config = load_config({"state_dir": str(tmp_path / "state")})
-    if ok:
-        _cdi(config, step, seen.append)
-    else:
-        with pytest.raises(PreflightError, match=r"lists no nvidia\.com/gpu"):
-            _cdi(config, step, seen.append)
-    assert seen == [f"    generated {out}"]
-
-
 def test_a_missing_command_is_one_line(tmp_path: Path) -> None:
     config = load_config({"state_dir": str(tmp_path / "state")})
     with pytest.raises(PreflightError, match="cdi: cannot run /nonexistent/nvidia-ctk"):
@@ -472,43 +382,3 @@ def test_probe_of_this_host_is_live_and_starts_nothing(isolated_env: Path) -> No
     assert facts.free_bytes is not None and facts.free_bytes > 0
     assert facts.supervisor_pid is None
     assert not (isolated_env / "state").exists()
-
-
-def test_a_backend_that_fails_to_start_is_one_line(
-    isolated_env: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """vLLM out of memory at start (after its step-downs): the log's tail for context, then the
-    backend's own detail as the one line (it says what to do)."""
-    import json
-    import subprocess
-
-    from appliance.cli.lifecycle import _wait_ready
-    from appliance.errors import BackendError
-
-    config = load_config({})
-    log = isolated_env / "backend.log"
-    log.write_text("INFO loading\nERROR CUDA out of memory. Tried to allocate 2.00 GiB\n")
-    oom = (
-        "vLLM runs out of memory at start even at --gpu-memory-utilization 0.70 and "
-        "--max-model-len 32768 (floors 0.70 and 32768): CUDA out of memory. Free GPU memory "
-        "held by other processes, or plan a smaller model.\nTraceback ..."
-    )
-    run = config.state_dir / "run"
-    run.mkdir(parents=True)
-    services = {
-        "instance": "i1",
-        "control": {"state": "ready"},
-        "gateway": {"state": "starting"},
-        "backend": {"state": "failed", "detail": oom, "log": str(log)},
-    }
-    (run / "services.json").write_text(json.dumps(services))
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        with pytest.raises(BackendError) as caught:
-            _wait_ready(config, proc, "i1", timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert str(caught.value) == f"backend failed to start: {oom.splitlines()[0]}"
-    assert "\n" not in str(caught.value) and "above" in (caught.value.hint or "")
-    assert "CUDA out of memory. Tried to allocate" in capsys.readouterr().err

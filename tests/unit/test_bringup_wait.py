@@ -186,3 +186,43 @@ def test_up_piped_prints_the_load_progress_and_waits_past_ready_timeout(
     assert re.search(
         r"^    \d+ s: backend starting: loading weights \d+% \(\d+/20 shards\)$", out, re.M
     ), out
+
+
+def test_a_backend_that_fails_to_start_is_one_line(
+    isolated_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """vLLM out of memory at start (after its step-downs): the log's tail for context, then the
+    backend's own detail as the one line (it says what to do)."""
+    import json
+    import subprocess
+
+    from appliance.cli.lifecycle import _wait_ready
+    from appliance.errors import BackendError
+
+    config = load_config({})
+    log = isolated_env / "backend.log"
+    log.write_text("INFO loading\nERROR CUDA out of memory. Tried to allocate 2.00 GiB\n")
+    oom = (
+        "vLLM runs out of memory at start even at --gpu-memory-utilization 0.70 and "
+        "--max-model-len 32768 (floors 0.70 and 32768): CUDA out of memory. Free GPU memory "
+        "held by other processes, or plan a smaller model.\nTraceback ..."
+    )
+    run = config.state_dir / "run"
+    run.mkdir(parents=True)
+    services = {
+        "instance": "i1",
+        "control": {"state": "ready"},
+        "gateway": {"state": "starting"},
+        "backend": {"state": "failed", "detail": oom, "log": str(log)},
+    }
+    (run / "services.json").write_text(json.dumps(services))
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with pytest.raises(BackendError) as caught:
+            _wait_ready(config, proc, "i1", timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert str(caught.value) == f"backend failed to start: {oom.splitlines()[0]}"
+    assert "\n" not in str(caught.value) and "above" in (caught.value.hint or "")
+    assert "CUDA out of memory. Tried to allocate" in capsys.readouterr().err

@@ -72,14 +72,6 @@ def _podman(config: ApplianceConfig, *args: str) -> subprocess.CompletedProcess[
         raise _NoAnswer(str(exc)) from None
 
 
-def image_present(config: ApplianceConfig, ref: str) -> bool | None:
-    """`podman image exists REF` in the backend's store; None when podman could not say."""
-    try:
-        return _exists(config, ref)
-    except _NoAnswer:
-        return None
-
-
 def _exists(config: ApplianceConfig, ref: str) -> bool:
     code = _podman(config, "image", "exists", ref).returncode
     if code not in (0, 1):

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from appliance.bringup.commands import hf_download_argv
 from appliance.bringup.facts import Facts
+from appliance.bringup.image_facts import ImageFacts
 from appliance.bringup.model import GIB, UNKNOWN, Step, appliance, shell_line
 from appliance.config import ApplianceConfig
 from hardware.plan_types import ServingPlan
 
 CDI_SPEC = "/etc/cdi/nvidia.yaml"
+PODMAN_FIX = "run scripts/setup.sh as root (it installs Podman)"
 MIN_CDI_PODMAN = (4, 1)  # CDI devices (--device=nvidia.com/gpu=all) arrived in Podman 4.1
 PODMAN_CDI_FIX = (
     "upgrade Podman to 4.1 or later (Ubuntu 22.04 ships 3.4, Ubuntu 24.04 ships 4.9), then run "
@@ -27,31 +29,48 @@ def _short(digest: str | None) -> str:
     return digest.removeprefix("sha256:")[:12] if digest else "no inputs label"
 
 
+def build_argv(target: str) -> list[str]:
+    pull = ["--pull"] if target != "cpu" else []  # the vLLM base; the cpu base is built here
+    return appliance("image", "build", "--target", target, *pull)
+
+
 def image_step(target: str, image: str, configured: bool, facts: Facts) -> Step:
     """Done only when the image to run is there and, for the default tag, is the build of the
     current inputs (after a code change `:latest` is the old code): a build of the same inputs
     again is a lookup. A GPU image whose vLLM base is not in the store (an offline host that
     loaded a bundle) is taken as it is. An operator's configured image must be there."""
-    pull = ["--pull"] if target != "cpu" else []  # the vLLM base; the cpu base is built here
-    build = appliance("image", "build", "--target", target, *pull)
+    if facts.live and facts.podman is None:
+        return Step(
+            id="image",
+            title=f"appliance image ({target})",
+            state="blocked",
+            why="podman is not installed",
+            commands=[] if configured else [build_argv(target)],
+            fix=PODMAN_FIX,
+        )
+    if not facts.live:
+        return image_in_store(target, image, configured, None)
+    seen = facts.image or ImageFacts(ref=image, present=None, configured=configured)
+    return image_in_store(target, image, configured, seen)
+
+
+def image_in_store(target: str, image: str, configured: bool, seen: ImageFacts | None) -> Step:
+    """The image step once Podman is there (the doctor's serving-path check asks it too, so
+    the two agree). `seen`: the probe (image_facts.probe_image); None: a recorded host."""
+    build = build_argv(target)
     rebuild = f"`{shell_line(build)}`"
     offline = "offline hosts: `appliance bundle install BUNDLE` loads it instead"
     base = "on the vLLM image (pulled)" if target != "cpu" else "on a debootstrap base built here"
     step = Step(id="image", title=f"appliance image ({target})", state="todo", why="", commands=[])
-    seen = facts.image
     if configured:
-        return _configured_image(step, target, image, facts)
-    if not facts.live:
+        return _configured_image(step, target, image, seen)
+    if seen is None:
         step.why = (
             f"{image}: built {base} unless the build of the current inputs (recipe, base, pins, "
             f"this checkout's code) is the one in the store ({UNKNOWN}); {offline}"
         )
         step.commands = [build]
-    elif facts.podman is None:
-        step.state, step.why = "blocked", "podman is not installed"
-        step.fix = "run scripts/setup.sh as root (it installs Podman)"
-        step.commands = [build]
-    elif seen is None or seen.present is None:
+    elif seen.present is None:
         step.why = f"{image}: podman could not say whether it is in the store: built {base}"
         step.commands = [build]
     elif seen.up_to_date:
@@ -81,22 +100,18 @@ def image_step(target: str, image: str, configured: bool, facts: Facts) -> Step:
     return step
 
 
-def _configured_image(step: Step, target: str, image: str, facts: Facts) -> Step:
+def _configured_image(step: Step, target: str, image: str, seen: ImageFacts | None) -> Step:
     """inference.container.image: the operator's image, never built here; it must be there."""
     where = "inference.container.image"
     fix = (
         f"load it into the backend's Podman store (`podman load -i ARCHIVE`, as the service "
         f"user when root), or unset {where} to run localhost/appliance-{target}:latest"
     )
-    seen = facts.image
-    if not facts.live:
+    if seen is None:
         step.why = f"{where} {image}: must be in the store, it is not built here ({UNKNOWN})"
-    elif facts.podman is None:
-        step.state, step.why = "blocked", "podman is not installed"
-        step.fix = "run scripts/setup.sh as root (it installs Podman)"
-    elif seen is not None and seen.present:
+    elif seen.present:
         step.state, step.why = "done", f"{where} {image} is in the store"
-    elif seen is not None and seen.present is False:
+    elif seen.present is False:
         step.state, step.why, step.fix = "blocked", f"{where} {image} is not in the store", fix
     else:
         step.why = f"{where} {image}: podman could not say whether it is in the store"

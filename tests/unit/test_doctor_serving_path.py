@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from appliance.bringup.facts import Facts
+from appliance.bringup.image_facts import ImageFacts
+from appliance.bringup.prepare_steps import image_step
 from appliance.ops.doctor import DoctorEnv
 from appliance.ops.doctor.serving_host import check_serving_path
 from hardware.snapshot import HostSnapshot
@@ -65,3 +68,49 @@ def test_vllm_on_the_host_must_be_on_path(env: DoctorEnv) -> None:
     assert "container" in (missing.fix or "")
     env.which = which_only("vllm")
     assert check_serving_path(env).detail == "vLLM on the host (/usr/bin/vllm)"
+
+
+# The probe itself runs against real Podman in tests/integration/test_bringup_probes.py; here
+# its answers are given, to hold the doctor to the bring-up's image step for each of them.
+RTX_LATEST = "localhost/appliance-rtx:latest"
+CURRENT_INPUTS, OLD_INPUTS = "sha256:" + "c" * 64, "sha256:" + "0" * 64
+_BASE = {"base": "vllm/vllm-openai:v0.24.0 (1234)", "current": CURRENT_INPUTS}
+_TAG = {"current_tag": "localhost/appliance-rtx:cccccccccccc"}
+IMAGE_CASES = {
+    "current": (ImageFacts(RTX_LATEST, True, built_from=CURRENT_INPUTS, **_BASE, **_TAG), "ok"),
+    "older code": (ImageFacts(RTX_LATEST, True, built_from=OLD_INPUTS, **_BASE, **_TAG), "warn"),
+    "absent": (ImageFacts(RTX_LATEST, False, **_BASE, **_TAG), "warn"),
+    "offline bundle": (ImageFacts(RTX_LATEST, True, built_from=OLD_INPUTS), "ok"),
+    "podman silent": (ImageFacts(RTX_LATEST, None), "warn"),
+}
+
+
+@pytest.mark.parametrize("case", list(IMAGE_CASES))
+def test_the_doctor_and_up_agree_on_the_image(
+    env: DoctorEnv, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """A `:latest` of older code is rebuilt by `appliance up`: the doctor says so too (it used
+    to count any `:latest` as fine)."""
+    seen, status = IMAGE_CASES[case]
+    env.host = GPU_HOST
+    env.which = which_only("podman")
+    monkeypatch.setattr("appliance.bringup.image_facts.probe_image", lambda *_: seen)
+    result = check_serving_path(env)
+    step = image_step("rtx", RTX_LATEST, False, Facts(live=True, podman=(5, 4), image=seen))
+    assert (result.status, step.state) == (status, {"ok": "done", "warn": "todo"}[status])
+    assert result.detail == f"vLLM in the appliance image: {step.why}"
+    if status == "warn":
+        assert result.fix and result.fix.startswith("`appliance image build --target rtx --pull`")
+
+
+def test_a_configured_image_that_is_not_there_fails(
+    env: DoctorEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env.host = GPU_HOST
+    env.which = which_only("podman")
+    env.config.inference.container.image = "registry.example/appliance:1"
+    seen = ImageFacts("registry.example/appliance:1", False, configured=True)
+    monkeypatch.setattr("appliance.bringup.image_facts.probe_image", lambda *_: seen)
+    result = check_serving_path(env)
+    assert result.status == "fail" and "is not in the store" in result.detail
+    assert result.fix and "podman load" in result.fix

@@ -83,7 +83,9 @@ def check_serving_path(env: DoctorEnv) -> CheckResult:
     import importlib.util
 
     from appliance.bringup.facts import embedded_modules
-    from appliance.bringup.image_facts import image_present
+    from appliance.bringup.image_facts import probe_image
+    from appliance.bringup.model import shell_line
+    from appliance.bringup.prepare_steps import image_in_store
     from appliance.services.supervisor import container_image, container_target, serving_path
     from hardware.planner import plan_serving
 
@@ -120,16 +122,21 @@ def check_serving_path(env: DoctorEnv) -> CheckResult:
             detail=f"{what} in the appliance image {image}, but podman is not installed",
             fix="run scripts/setup.sh as root (it installs Podman)",
         )
-    build = f"appliance image build --target {target}" + (" --pull" if target != "cpu" else "")
-    present = image_present(env.config, image)
-    if present:
-        return CheckResult(name=name, status="ok", detail=f"{what} in the appliance image {image}")
-    state = "not in the store" if present is False else "not found (podman could not say)"
+    # The image step's own rule on the same probe: doctor and `appliance up` agree (a `:latest`
+    # of older code is rebuilt by up, so it is no "ok" here).
+    configured = env.config.inference.container.image is not None
+    step = image_in_store(target, image, configured, probe_image(env.config, target, image))
+    detail = f"{what} in the appliance image: {step.why}"
+    if step.state == "done":
+        return CheckResult(name=name, status="ok", detail=detail)
+    if step.state == "blocked":
+        return CheckResult(name=name, status="fail", detail=detail, fix=step.fix)
+    build = f"`{shell_line(step.commands[0])}`" if step.commands else "`appliance up`"
     return CheckResult(
         name=name,
         status="warn",
-        detail=f"{what} in the appliance image {image}: {state}",
-        fix=f"`{build}` (`appliance up` builds it), or `appliance bundle install BUNDLE` offline",
+        detail=detail,
+        fix=f"{build} (`appliance up` builds it), or `appliance bundle install BUNDLE` offline",
     )
 
 

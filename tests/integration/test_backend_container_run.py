@@ -16,6 +16,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from appliance.services import supervisor as sv
 from hardware.planner import plan_serving
 from hardware.snapshot import HostSnapshot
 from inference.backends import ProcessBackend, VllmBackend
-from inference.backends.container import ContainerSpec
+from inference.backends.container import ContainerSpec, models_dir_readable
 from tests.helpers import SERVICE_USER, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("cpu-image")]
@@ -200,13 +201,24 @@ def test_stop_leaves_no_container(served: dict[str, Any]) -> None:
     assert pid is not None and not Path(f"/proc/{pid}").exists()
 
 
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A 0755 directory under /tmp: pytest's own tmp dirs are 0700, which the service user
+    cannot enter (as it cannot enter a root 0700 state dir)."""
+    made = Path(tempfile.mkdtemp(prefix="ctr-models-", dir="/tmp"))
+    made.chmod(0o755)
+    yield made
+    shutil.rmtree(made, ignore_errors=True)
+
+
 def test_vllm_stand_in_in_the_image_steps_down_after_an_oom(
-    image: str, tmp_path: Path, served: dict[str, Any]
+    image: str, open_tmp: Path, served: dict[str, Any]
 ) -> None:
     """VllmBackend's argv in the image (the stand-in run by the image's python in place of
-    `vllm`), an OOM at start and the step-down restarting the container with the new flag."""
+    `vllm`), an OOM at start and the step-down restarting the container with the new flag; the
+    default models dir (the sibling of a root 0700 state dir) mounted at /models and read there
+    by the image's user; vLLM requires the backend key (VLLM_API_KEY, by name only in argv)."""
     port = free_port()
-    config = served["config"]
     plan = plan_serving(
         HostSnapshot.model_validate_json((HOSTS_DIR / "dgx_spark_gb10.json").read_text()),
         None,
@@ -214,31 +226,73 @@ def test_vllm_stand_in_in_the_image_steps_down_after_an_oom(
     )
     source = (REPO / "tests" / "fakes" / "fake_vllm.py").read_bytes()
     runner = f"import base64; exec(base64.b64decode('{base64.b64encode(source).decode()}'))"
-    models = tmp_path / "models"
-    snapshot = models / "hf" / "hub" / f"models--{plan.model.replace('/', '--')}" / "snapshots"
-    (snapshot / "0").mkdir(parents=True)
+    state = open_tmp / "appliance"
+    state.mkdir(mode=0o700)  # root's: secrets
+    config = ApplianceConfig.model_validate(
+        {"state_dir": state, "sandbox": {"service_user": SERVICE_USER}}
+    )
+    models = config.resolved_models_dir
+    account = sv.prepared_podman_account(config)
+    assert models_dir_readable(state / "models", account) is not None  # the old default
+    repo = models / "hf" / "hub" / f"models--{plan.model.replace('/', '--')}"
+    (repo / "snapshots" / "0").mkdir(parents=True)  # 0755 dirs, 0644 files: as download()
+    (repo / "snapshots" / "0" / "config.json").write_text('{"probe": 1}')
+    assert models_dir_readable(models, account) is None
     container = ContainerSpec(
         image=image,
         name=f"appliance-backend-fake-{os.getpid()}",
         cache_volume=f"appliance-backend-cache-fake-{os.getpid()}",
-        account=sv.podman_account(config),
+        models_dir=models,  # gpu=False, the /models mount on
+        account=account,
     )
+    key = "backend-key-" + base64.b16encode(os.urandom(8)).decode()
     backend = VllmBackend(
         plan,
-        log_path=tmp_path / "vllm.log",
+        log_path=open_tmp / "vllm.log",
         executable=(IMAGE_PYTHON, "-c", runner),
         hf_home=models / "hf",
+        api_key=key,
         container=container,
         extra_env={"FAKE_VLLM_OOM_ABOVE": str(plan.gpu_memory_utilization - 0.01)},
     )
     try:
-        backend.launch(timeout=120)
+        backend.launch(timeout=120)  # the warm-up sends the key
         assert [r.setting for r in backend.step_downs] == ["--gpu-memory-utilization"]
         assert backend.models()[0]["id"] == "nemotron"
         assert "--env=FAKE_VLLM_OOM_ABOVE" in backend.spawn_argv()
         util = backend.argv[backend.argv.index("--gpu-memory-utilization") + 1]
         assert util == backend.step_downs[0].value and backend.env["HF_HOME"] == "/models/hf"
+        assert f"--volume={models}:/models:ro" in backend.spawn_argv()
+        assert "--env=VLLM_API_KEY" in backend.spawn_argv()
+        assert key not in " ".join(backend.spawn_argv()) and key not in backend.command_line()
+        assert key not in Path(f"/proc/{backend.pid}/cmdline").read_text()
+        seen = user_podman(
+            "exec", "--user=10001", container.name,
+            "cat", f"/models/hf/hub/{repo.name}/snapshots/0/config.json",
+        )  # fmt: skip
+        assert seen.returncode == 0 and seen.stdout == '{"probe": 1}', seen.stderr
+        url = f"{backend.api_base}/completions"
+        body = {"model": "nemotron", "prompt": "hi", "max_tokens": 1}
+        assert httpx.post(url, json=body, timeout=30).status_code == 401  # no key: refused
+        assert httpx.get(f"{backend.base_url}/metrics", timeout=10).status_code == 200
+        assert httpx.post(url, json=body, headers=backend.auth_headers(), timeout=30).is_success
     finally:
         backend.stop(grace=5)
         user_podman("volume", "rm", "--force", container.cache_volume)
     assert containers_named(container.name) == []
+
+
+def test_remove_backend_container_takes_what_a_dead_supervisor_left(
+    image: str, open_tmp: Path
+) -> None:
+    """`appliance down` with no supervisor: this state dir's container removed, idempotently."""
+    config = ApplianceConfig.model_validate(
+        {"state_dir": open_tmp / "state", "sandbox": {"service_user": SERVICE_USER}}
+    )
+    name = sv.container_name(config.state_dir)
+    done = user_podman("create", "--name", name, "--entrypoint=/bin/true", image)
+    assert done.returncode == 0, done.stderr
+    assert containers_named(name) == [name]
+    assert sv.remove_backend_container(config) is None
+    assert containers_named(name) == []
+    assert sv.remove_backend_container(config) is None  # nothing there: still fine

@@ -18,6 +18,7 @@ store `appliance image build --target` builds into), else as the invoking user's
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -108,15 +109,23 @@ def host_vllm() -> tuple[str | None, str]:
     if found is None:
         return None, "no vllm on PATH"
     try:
-        out = subprocess.run(
-            [found, "--version"], capture_output=True, text=True, timeout=60, check=False
-        )
-        version = Version((out.stdout.strip().splitlines() or [""])[-1].strip())
+        stamp = os.stat(found)
+        text = _vllm_version(found, stamp.st_mtime_ns, stamp.st_size)
+        version = Version(text)
     except (OSError, subprocess.TimeoutExpired, InvalidVersion):
         return None, f"{found} --version does not give a version"
     if version < Version(MIN_VLLM_VERSION):
         return None, f"{found} is vLLM {version}, older than {MIN_VLLM_VERSION}"
     return found, f"{found} (vLLM {version})"
+
+
+@functools.lru_cache(maxsize=8)
+def _vllm_version(executable: str, _mtime_ns: int, _size: int) -> str:
+    """`vllm --version`'s last line (it imports torch: seconds), once per executable file."""
+    out = subprocess.run(
+        [executable, "--version"], capture_output=True, text=True, timeout=120, check=False
+    )
+    return (out.stdout.strip().splitlines() or [""])[-1].strip()
 
 
 def container_target(config: ApplianceConfig, plan: ServingPlan, machine: str | None = None) -> str:

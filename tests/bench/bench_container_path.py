@@ -8,8 +8,9 @@ user, its cache on the named volume). One backend at a time, the two paths alter
 round (which goes first alternates too: machine noise hits both alike). Each round, per path:
 
 - cold start: the converted-weights cache emptied first (the host's cache dir removed, the
-  container's volume removed); time to /health 200 and to ready (after the warm-up request, what
-  `appliance up` waits for), then the first chat completion, then stop;
+  container's volume removed; the OS page cache is left warm); the server's own model-load time
+  (from its log), time to /health 200 and to ready (after the warm-up request, what `appliance
+  up` waits for), then the first chat completion, then stop (SIGTERM / `podman stop`);
 - warm start: the cache from the cold start present; the same, then REPS more chat completions
   (steady state), then stop.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -55,6 +57,7 @@ PATHS = ("host", "container")
 READY_TIMEOUT_S = 600
 MAX_TOKENS = 32
 PROMPT = "Write a short story about a lighthouse keeper and a storm."
+LOADED = re.compile(r"embedded: loaded \S+ in ([0-9.]+) s")  # the server's own load time
 
 
 def ensure_image() -> str:
@@ -158,7 +161,11 @@ def start(backend: ProcessBackend) -> dict[str, float]:
     except BaseException:
         backend.stop(grace=5.0)
         raise
-    return {"healthy_s": healthy, "ready_s": time.perf_counter() - t0}
+    ready = time.perf_counter() - t0
+    loaded = LOADED.search(backend.log_since_start())
+    if loaded is None:
+        raise SystemExit(f"{backend.name}: no load time in its log: {backend.log_tail()}")
+    return {"load_s": float(loaded.group(1)), "healthy_s": healthy, "ready_s": ready}
 
 
 def chat(subject: Subject, client: httpx.Client) -> dict[str, float]:
@@ -225,9 +232,11 @@ def one_round(subject: Subject, reps: int, out: dict[str, list[float]]) -> None:
 
 
 ROWS = (  # key, label, unit ("s" or "tok/s")
+    ("cold_load_s", "cold: model load (the server's own figure)", "s"),
     ("cold_healthy_s", "cold start -> /health 200", "s"),
     ("cold_ready_s", "cold start -> ready (warmed up)", "s"),
     ("cold_first_request_s", "first chat request after a cold start", "s"),
+    ("warm_load_s", "warm: model load (the server's own figure)", "s"),
     ("warm_healthy_s", "warm start -> /health 200", "s"),
     ("warm_ready_s", "warm start -> ready (warmed up)", "s"),
     ("warm_first_request_s", "first chat request after a warm start", "s"),

@@ -18,7 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from appliance.errors import ConfigError
 from hardware.plan_types import PlanOverrides
-from inference.gateway.settings import GatewaySettings, ListenerLimits, Price, UpstreamSettings
+from inference.gateway.settings import (
+    BACKEND_KEY_ENV,
+    GatewaySettings,
+    ListenerLimits,
+    Price,
+    UpstreamSettings,
+)
 from sandbox.proxy.options import DEFAULT_MAX_PENDING
 from sandbox.yamlfile import (
     Provenance,
@@ -39,6 +45,7 @@ _NOT_CONFIG = {
     "APPLIANCE_NO_AGENT",
     "APPLIANCE_NO_SANDBOX",
     "APPLIANCE_VENV",
+    BACKEND_KEY_ENV,  # the supervisor hands its gateway the backend's key (a secret, not config)
 }
 
 

@@ -90,6 +90,14 @@ def test_bad_env_value_names_the_variable(monkeypatch) -> None:
         load_config()
 
 
+def test_the_backend_key_in_the_gateways_env_is_no_config_key(monkeypatch) -> None:
+    """The supervisor starts `appliance serve gateway` with the backend's key in
+    APPLIANCE_BACKEND_KEY: the gateway's config load must not take it for a key (nor echo it)."""
+    monkeypatch.setenv("APPLIANCE_BACKEND_KEY", "not-a-config-value")
+    config = load_config()
+    assert "not-a-config-value" not in config.model_dump_json()
+
+
 def test_bad_flag_names_the_flag() -> None:
     with pytest.raises(ConfigError, match=r"^flag inference.vllm.max_num_seqs: "):
         load_config({"inference": {"vllm": {"max_num_seqs": 0}}})

@@ -47,7 +47,7 @@ from appliance.services import supervisor as sv
 from hardware.planner import plan_serving
 from hardware.snapshot import HostSnapshot
 from inference.backends import ProcessBackend
-from inference.backends.container import RUNTIME, ContainerSpec
+from inference.backends.container import ContainerSpec
 from tests.helpers import SERVICE_USER, free_port
 from tests.sandbox_fixtures import IMAGE_CACHE, podman_client, sandbox_skip_reason
 
@@ -57,7 +57,8 @@ PATHS = ("host", "container")
 READY_TIMEOUT_S = 600
 MAX_TOKENS = 32
 PROMPT = "Write a short story about a lighthouse keeper and a storm."
-LOADED = re.compile(r"embedded: loaded \S+ in ([0-9.]+) s")  # the server's own load time
+# The server's own load time, and whether it converted the GGUF or read the cache.
+LOADED = re.compile(r"embedded: loaded \S+ in ([0-9.]+) s \((converted|from the weights cache);")
 
 
 def ensure_image() -> str:
@@ -84,7 +85,7 @@ class Subject:
 
     path: str
     backend: ProcessBackend
-    cache_dir: Path  # the host's --cache-dir (the container's cache is its volume)
+    cache_dir: Path  # its --cache-dir (in the container: on the cache volume)
     model: str
 
 
@@ -110,15 +111,15 @@ def make_subject(path: str, root: Path, image: str) -> Subject:
     )
     backend = sv.backend_process(config, plan)
     assert (backend.container is not None) == (path == "container"), backend.command_line()
-    return Subject(
-        path, backend, config.resolved_models_dir / "cache", config.inference.served_model_name
-    )
+    argv = backend.argv  # the inner command: what the host would exec
+    cache_dir = Path(argv[argv.index("--cache-dir") + 1])
+    return Subject(path, backend, cache_dir, config.inference.served_model_name)
 
 
 def podman(spec: ContainerSpec, *args: str) -> subprocess.CompletedProcess[str]:
     """podman as the container's account (the service user), as ProcessBackend runs it."""
     return subprocess.run(
-        [spec.podman, "--runtime", RUNTIME, *args],
+        spec.podman_argv(*args),
         capture_output=True,
         text=True,
         env=spec.process_env(os.environ, {}),
@@ -145,7 +146,7 @@ def empty_cache(subject: Subject) -> None:
         remove_volume(subject.backend.container)
 
 
-def start(backend: ProcessBackend) -> dict[str, float]:
+def start(backend: ProcessBackend, cold: bool) -> dict[str, float]:
     """start() -> /health 200 -> ready (wait_ready: the warm-up request), as launch() does."""
     t0 = time.perf_counter()
     backend.start()
@@ -165,6 +166,8 @@ def start(backend: ProcessBackend) -> dict[str, float]:
     loaded = LOADED.search(backend.log_since_start())
     if loaded is None:
         raise SystemExit(f"{backend.name}: no load time in its log: {backend.log_tail()}")
+    if (loaded.group(2) == "converted") != cold:
+        raise SystemExit(f"{backend.name}: a {'cold' if cold else 'warm'} start {loaded.group(2)}")
     return {"load_s": float(loaded.group(1)), "healthy_s": healthy, "ready_s": ready}
 
 
@@ -214,12 +217,12 @@ def one_round(subject: Subject, reps: int, out: dict[str, list[float]]) -> None:
     backend = subject.backend
     with httpx.Client(timeout=120) as client:
         empty_cache(subject)
-        for key, value in start(backend).items():
+        for key, value in start(backend, cold=True).items():
             out[f"cold_{key}"].append(value)
         out["cold_first_request_s"].append(chat(subject, client)["latency_s"])
         out["stop_s"].append(stop(backend))
 
-        for key, value in start(backend).items():
+        for key, value in start(backend, cold=False).items():
             out[f"warm_{key}"].append(value)
         out["warm_first_request_s"].append(chat(subject, client)["latency_s"])
         try:

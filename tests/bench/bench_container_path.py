@@ -278,11 +278,13 @@ def main() -> None:
     pinned = pin_image(image)
     load_before = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="bench-ctr-"))
-    subjects = {path: make_subject(path, root, pinned) for path in PATHS}
+    subjects: dict[str, Subject] = {}
     results: dict[str, dict[str, list[float]]] = {
         path: {key: [] for key, _, _ in ROWS} for path in PATHS
     }
     try:
+        for path in PATHS:
+            subjects[path] = make_subject(path, root, pinned)
         for i in range(args.rounds):
             for path in PATHS if i % 2 == 0 else PATHS[::-1]:
                 print(f"round {i + 1}/{args.rounds}: {path}", flush=True)
@@ -290,11 +292,10 @@ def main() -> None:
     finally:
         for subject in subjects.values():
             subject.backend.stop(grace=5.0)
-        spec = subjects["container"].backend.container
-        assert spec is not None
-        podman(spec, "rm", "--force", "--time=0", "--ignore", spec.name)  # an interrupted run's
-        remove_volume(spec)
-        podman(spec, "untag", pinned, pinned)
+            if (spec := subject.backend.container) is not None:
+                podman(spec, "rm", "--force", "--time=0", "--ignore", spec.name)  # interrupted
+                remove_volume(spec)
+        podman_client().images.remove(pinned)  # our tag only: the image keeps its others
         shutil.rmtree(root, ignore_errors=True)
     load_after = os.getloadavg()
     print(

@@ -6,8 +6,8 @@ build of this checkout?
 appliance's own source: appliance/packaging/appliance_image.py). After a code change `:latest`
 is an image of the old code, so it counts only when it carries the digest of the current inputs.
 That digest needs the base image's id: the cpu target's base is the debootstrap image in the
-same store; a GPU target's is the vLLM image, which a host that loaded an offline bundle does
-not hold (then `:latest` is taken as it is: such a host must not be asked to pull).
+same store; a GPU target's is the vLLM image, which a host that loaded the image from an
+archive does not hold (then `:latest` is taken as it is: such a host must not be asked to pull).
 
 Read-only and quick: `podman image exists` / `image inspect` only (tens of ms each).
 """

@@ -20,8 +20,8 @@ PODMAN_CDI_FIX = (
     "this again"
 )
 TOOLKIT_FIX = (
-    "install nvidia-container-toolkit (NVIDIA's apt repository, or the offline bundle: "
-    "`appliance bundle install BUNDLE`), then run this again"
+    "install nvidia-container-toolkit (NVIDIA's apt repository; the ansible role "
+    "appliance_nvidia does it), then run this again"
 )
 
 
@@ -59,7 +59,10 @@ def image_in_store(target: str, image: str, configured: bool, seen: ImageFacts |
     the two agree). `seen`: the probe (image_facts.probe_image); None: a recorded host."""
     build = build_argv(target)
     rebuild = f"`{shell_line(build)}`"
-    offline = "offline hosts: `appliance bundle install BUNDLE` loads it instead"
+    offline = (
+        "offline hosts: `appliance image load ARCHIVE` of an `appliance image save` made on a "
+        "connected host"
+    )
     base = "on the vLLM image (pulled)" if target != "cpu" else "on a debootstrap base built here"
     step = Step(id="image", title=f"appliance image ({target})", state="todo", why="", commands=[])
     if configured:
@@ -90,8 +93,8 @@ def image_in_store(target: str, image: str, configured: bool, seen: ImageFacts |
         step.state = "done"
         step.why = (
             f"{image} is in the store, built from inputs {_short(seen.built_from)}; its vLLM "
-            f"base is not (an offline bundle's image is used as it is): after an upgrade "
-            f"{rebuild} rebuilds it, or install the new release's bundle"
+            f"base is not (a loaded image is used as it is): after an upgrade {rebuild} "
+            f"rebuilds it, or load the new release's image archive"
         )
     else:
         state = "in the store, but not its base" if seen.present else "not in the store"

@@ -116,6 +116,12 @@ def _weights(config: ApplianceConfig, plan: ServingPlan, step: Step, say: Say) -
     say(f"    {plan.model}: {path}")
 
 
+def _weights_present(config: ApplianceConfig, plan: ServingPlan) -> None:
+    from appliance.packaging.weights import download
+
+    download(plan.model, config.resolved_models_dir, progress=False)
+
+
 def run_prepare(config: ApplianceConfig, plan: ServingPlan, bringup: Bringup, say: Say) -> None:
     """Run the image, CDI and weights steps that are to do, in order, each announced."""
     refuse_blocked(bringup)
@@ -124,6 +130,10 @@ def run_prepare(config: ApplianceConfig, plan: ServingPlan, bringup: Bringup, sa
         if step.id == "serve":
             return
         say(f"[{n}/{len(numbered)}] {step.title} [{step.state}]: {step.why}")
+        if step.state == "done" and step.id == "weights":
+            # Put there by a bundle, `hf download` or under umask 077: download() finds them
+            # (no network) and opens their modes up, for the image's user reads them.
+            _weights_present(config, plan)
         if step.state != "todo":
             continue
         if step.id == "image":

@@ -53,7 +53,7 @@ def test_image_absent_is_built_and_podman_absent_is_blocked() -> None:
     image = steps_for(SPARK, replace(READY, image=absent))["image"]
     assert image.state == "todo"
     assert image.commands == [["appliance", "image", "build", "--target", "spark", "--pull"]]
-    assert "appliance bundle install" in image.why  # the offline way
+    assert "appliance image load" in image.why  # the offline way
     cpu_absent = ImageFacts(ref="localhost/appliance-cpu:latest", present=False)
     cpu = steps_for("cpu_only", replace(READY, image=cpu_absent), backend="container")["image"]
     assert cpu.commands == [["appliance", "image", "build", "--target", "cpu"]]  # built here

@@ -67,7 +67,9 @@ def backend_argv(
     from appliance.services.supervisor import backend_process
     from hardware.secret_names import has_secret_value, is_secret_name
 
-    proc = backend_process(config, plan, container=container)
+    # The supervisor makes vLLM's key at each start (VLLM_API_KEY, env only): shown masked.
+    key = "made-at-each-start" if plan.backend == "vllm" else None
+    proc = backend_process(config, plan, container=container, api_key=key)
     env = [
         f"{k}={'***' if is_secret_name(k) or has_secret_value(v) else v}"
         for k, v in sorted(proc.env.items())

@@ -59,7 +59,7 @@ def _podman(config: ApplianceConfig, *args: str) -> subprocess.CompletedProcess[
     try:
         account = podman_account(config)
         return subprocess.run(
-            ["podman", "--runtime", "runc", *args],
+            account.argv(*args),
             capture_output=True,
             text=True,
             timeout=30,

@@ -156,7 +156,7 @@ def container_pid(config: ApplianceConfig, plan: ServingPlan) -> int | None:
     from appliance.services.supervisor import backend_container
 
     spec = backend_container(config, plan)
-    argv = [spec.podman, "--runtime", "runc", "inspect", "--format", "{{.State.Pid}}", spec.name]
+    argv = spec.podman_argv("inspect", "--format", "{{.State.Pid}}", spec.name)
     try:
         done = subprocess.run(
             argv,

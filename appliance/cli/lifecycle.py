@@ -223,6 +223,7 @@ def up(
             _check_own(config, proc.pid, instance, backend_pid)
         except BaseException:
             _stop(config, proc.pid)
+            _remove_backend_container(config)  # what a killed `podman run` may have left
             raise
     gw = config.gateway
     console.print(
@@ -231,6 +232,13 @@ def up(
         f"(supervisor pid {proc.pid})",
         markup=False,
     )
+
+
+def _remove_backend_container(config: ApplianceConfig) -> None:
+    from appliance.services.supervisor import remove_backend_container
+
+    if why := remove_backend_container(config):
+        err_console.print(f"appliance: warning: {why}", markup=False)
 
 
 def _say(line: str) -> None:
@@ -265,8 +273,8 @@ def down(ctx: typer.Context) -> None:
     config = app_context(ctx).config()
     with lifecycle_lock(run_dir(config), 120.0, on_wait=err_console.print):
         pid = supervisor_pid(config)
-        if pid is None:
-            console.print("not running")
-            return
-        _stop(config, pid)
-    console.print(f"stopped (supervisor pid {pid})")
+        if pid is not None:
+            _stop(config, pid)
+        # Always: a supervisor killed -9 leaves its backend container running.
+        _remove_backend_container(config)
+    console.print("not running" if pid is None else f"stopped (supervisor pid {pid})")

@@ -296,3 +296,23 @@ def test_remove_backend_container_takes_what_a_dead_supervisor_left(
     assert sv.remove_backend_container(config) is None
     assert containers_named(name) == []
     assert sv.remove_backend_container(config) is None  # nothing there: still fine
+
+
+def test_down_without_a_supervisor_removes_the_leftover_container(
+    image: str, open_tmp: Path
+) -> None:
+    """A supervisor killed -9 leaves its backend container: `appliance down` removes it."""
+    import sys
+
+    state = open_tmp / "state"
+    name = sv.container_name(state)
+    done = user_podman("create", "--name", name, "--entrypoint=/bin/true", image)
+    assert done.returncode == 0, done.stderr
+    env = {**os.environ, "APPLIANCE_SANDBOX__SERVICE_USER": SERVICE_USER}
+    down = subprocess.run(
+        [sys.executable, "-m", "appliance", "--state-dir", str(state), "down"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert down.returncode == 0, down.stderr
+    assert "not running" in down.stdout and "warning" not in down.stderr, down.stderr
+    assert containers_named(name) == []

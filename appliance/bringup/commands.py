@@ -80,9 +80,9 @@ def backend_argv(
 
 def hf_download_argv(models: Path, model: str) -> list[str]:
     """The `hf download` (huggingface_hub's CLI) equivalent of weights.download(): the same
-    files (its allow patterns), the same cache; HF_HOME=<models>/hf is where its token lives."""
+    files (its allow patterns), the same cache. No HF_HOME=<models>/hf: a token saved there
+    (`hf auth login`) would be mounted into the backend's container."""
     from appliance.packaging.weights import ALLOW_PATTERNS, hub_cache
 
     include = [arg for pattern in ALLOW_PATTERNS for arg in ("--include", pattern)]
-    hf = ["hf", "download", model, *include, "--cache-dir", str(hub_cache(models))]
-    return ["env", f"HF_HOME={models / 'hf'}", *hf]
+    return ["hf", "download", model, *include, "--cache-dir", str(hub_cache(models))]

@@ -42,8 +42,9 @@ class WeightsCorruptError(ApplianceError):
 
 
 OFFLINE_HINT = (
-    "install the weights from an offline bundle (`appliance bundle install`), or set "
-    "inference.vllm.model to a local model directory"
+    "install the weights from an offline bundle (`appliance bundle install`) or copy a connected "
+    "host's <models_dir>/hf; for vLLM on the host, inference.vllm.model may name a local model "
+    "directory"
 )
 
 

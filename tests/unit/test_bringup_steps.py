@@ -139,8 +139,6 @@ def test_weights_absent_are_downloaded_and_a_short_disk_is_blocked() -> None:
     include = [a for p in ALLOW_PATTERNS for a in ("--include", p)]
     assert todo.commands == [
         [
-            "env",
-            "HF_HOME=/var/lib/appliance-models/hf",
             "hf",
             "download",
             "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-NVFP4",

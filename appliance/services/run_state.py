@@ -50,8 +50,9 @@ def _try_lock(fd: int, deadline: float) -> bool:
 
 
 def _holder(fd: int) -> str:
-    """Who holds a lock, from the pid its holder wrote into it ("" when unknown)."""
-    with contextlib.suppress(OSError, ValueError):
+    """Who holds a lock, from the pid its holder wrote into it ("" when unknown: a holder that
+    has just taken it has not written its pid yet)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
         return f" (pid {int(os.pread(fd, 32, 0).split()[0])})"
     return ""
 

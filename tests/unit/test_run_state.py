@@ -114,3 +114,24 @@ def test_waiting_for_the_lifecycle_lock_times_out_with_a_clear_error(tmp_path: P
     ):
         pass
     assert err.value.hint and "--timeout" in err.value.hint
+
+
+def test_a_holder_that_has_not_written_its_pid_yet_is_waited_for(tmp_path: Path) -> None:
+    """Between taking the lock and writing its pid the file is empty: a second `up` waiting
+    then must say so without the pid, not fail (IndexError, seen with two racing `up`s)."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    fd = os.open(run / "lifecycle.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # taken, nothing written
+    said: list[str] = []
+
+    def release() -> None:
+        time.sleep(0.5)
+        os.close(fd)
+
+    threading.Thread(target=release).start()
+    with run_state.lifecycle_lock(run, 10, on_wait=said.append):
+        pass
+    assert said == ["waiting for another `appliance up` or `down`"]

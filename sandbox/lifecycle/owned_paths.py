@@ -45,4 +45,11 @@ def remove_owned(parent: Path, child: Path) -> None:
     if child.is_symlink() or child.is_file():
         child.unlink(missing_ok=True)
     elif child.exists():
-        shutil.rmtree(child)
+        shutil.rmtree(child, onerror=_gone_is_fine)
+
+
+def _gone_is_fine(_func: object, _path: str, exc_info: tuple) -> None:
+    # An entry a process winding down removed itself meanwhile (the egress proxy's admin socket
+    # as `sandbox rm` stops it): gone is what was asked.
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]

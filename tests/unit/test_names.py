@@ -297,3 +297,29 @@ def test_bundle_install_writes_only_inside_its_destination(tmp_path: Path) -> No
     assert (outside / "cfg.json").read_text() == "victim"
     assert not (dest / "cfg.json").is_symlink() and (dest / "cfg.json").read_bytes() == b"{}"
     assert (dest / "sub" / "w.bin").read_bytes() == b"weights"
+
+
+def test_a_file_that_vanishes_during_removal_is_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sandbox rm` removes the sandbox's private dir while its egress proxy, being stopped,
+    unlinks its own admin socket: rmtree then finds the name gone (seen in CI as
+    `FileNotFoundError: 'proxy-admin.sock'`)."""
+    import os as os_module
+
+    from sandbox.lifecycle.owned_paths import remove_owned
+
+    tree = tmp_path / "sandboxes" / "box"
+    tree.mkdir(parents=True)
+    (tree / "proxy-admin.sock").write_text("")
+    (tree / "keep").write_text("")
+    real_unlink = os_module.unlink
+
+    def racing_unlink(path: object, *args: object, **kwargs: object) -> None:
+        if str(path).endswith("proxy-admin.sock"):
+            real_unlink(tree / "proxy-admin.sock")  # the proxy got there first
+        real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os_module, "unlink", racing_unlink)
+    remove_owned(tmp_path / "sandboxes", tree)
+    assert not tree.exists()

@@ -17,6 +17,11 @@ APT_PACKAGES=(python3 python3-venv python3-pip)
 if [ -z "${APPLIANCE_NO_SANDBOX:-}" ]; then
   APT_PACKAGES+=(podman runc conmon uidmap debootstrap debian-archive-keyring tar)
 fi
+# The console's browser tests (`test` extra only): the distribution's headless Chromium and its
+# driver, which Selenium is pointed at (tests/browser.py; no browser download at test time).
+if [[ ",$EXTRAS," == *",test,"* ]]; then
+  APT_PACKAGES+=(chromium chromium-driver)
+fi
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

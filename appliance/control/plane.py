@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from appliance.control.keys import KeyService
     from appliance.control.killswitch import KillSwitchService
     from appliance.control.liveness import Liveness
+    from appliance.control.one_tap import OneTap
     from appliance.control.operators import Operator, OperatorService
     from appliance.control.sandboxes import SandboxService
     from appliance.control.scheduler import Scheduler
@@ -147,6 +148,13 @@ class ControlPlane:
         return ApprovalService(self)
 
     @service
+    def one_tap(self) -> OneTap:
+        """One-tap approval links: mint (for notifications) and redeem (the link's page)."""
+        from appliance.control.one_tap import OneTap
+
+        return OneTap(self.config.state_dir)
+
+    @service
     def kill_switch(self) -> KillSwitchService:
         from appliance.control.killswitch import KillSwitchService
 
@@ -249,7 +257,7 @@ class ControlPlane:
     def close(self, wait_s: float = 2.0) -> None:
         """The services ever built closed (the scheduler's running turns given up to `wait_s`
         to record their end)."""
-        for built in ("operators", "inference", "approvals"):
+        for built in ("operators", "inference", "approvals", "one_tap"):
             if built in self.__dict__:
                 self.__dict__[built].close()
         if "scheduler" in self.__dict__:

@@ -236,4 +236,31 @@ MIGRATIONS: list[tuple[str, str]] = [
         ) WITHOUT ROWID;
         """,
     ),
+    (
+        "approvals: 'expired' decisions (the control plane's expirer) and one-tap link nonces",
+        """
+        -- SQLite cannot widen a CHECK in place: the table is rebuilt with the same rows.
+        CREATE TABLE approval_decisions_new (
+            id         TEXT    PRIMARY KEY,
+            sandbox    TEXT    NOT NULL,
+            host       TEXT    NOT NULL,
+            port       INTEGER NOT NULL,
+            decision   TEXT    NOT NULL CHECK (decision IN ('approved', 'denied', 'expired')),
+            actor      TEXT    NOT NULL,
+            decided_at REAL    NOT NULL
+        );
+        INSERT INTO approval_decisions_new SELECT * FROM approval_decisions ORDER BY rowid;
+        DROP TABLE approval_decisions;
+        ALTER TABLE approval_decisions_new RENAME TO approval_decisions;
+        -- A one-tap link's nonce, recorded when the link is used: a second use finds it here
+        -- (appliance/control/one_tap.py). Rows outlive their link's expiry by a day, then go.
+        CREATE TABLE one_tap_nonces (
+            nonce      TEXT PRIMARY KEY,
+            approval   TEXT NOT NULL,
+            webhook    TEXT NOT NULL,
+            expires_at REAL NOT NULL,
+            used_at    REAL NOT NULL
+        ) WITHOUT ROWID;
+        """,
+    ),
 ]

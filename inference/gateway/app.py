@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 
 from inference.gateway.admission import Admission, Ticket, check_context
 from inference.gateway.body import read_json_body
+from inference.gateway.collectors import TelemetrySource
 from inference.gateway.errors import GatewayError, error_body
 from inference.gateway.forward import Forwarder
 from inference.gateway.metrics import GatewayMetrics
@@ -64,11 +65,12 @@ class Gateway:
         budgets: BudgetStore,
         audit: AuditSink,
         hooks: ControlPlaneHooks | None,
+        telemetry: TelemetrySource | None = None,
     ) -> None:
         self.settings = settings
         self.keys = keys
         self.router = Router(settings)
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(keys, telemetry)
         self.admission = Admission(settings, ledger, budgets, audit, hooks, self.metrics)
         self.forward = Forwarder(settings, self.router, self.metrics)
 
@@ -142,8 +144,10 @@ def create_app(
     budgets: BudgetStore,
     audit: AuditSink,
     hooks: ControlPlaneHooks | None = None,
+    telemetry: TelemetrySource | None = None,
 ) -> FastAPI:
-    gw = Gateway(settings, keys, ledger, budgets, audit, hooks)
+    """`telemetry`: where /metrics reads the GPUs (None: this host, through NVML)."""
+    gw = Gateway(settings, keys, ledger, budgets, audit, hooks, telemetry)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -293,7 +297,9 @@ def create_app(
                 "(`appliance keys create NAME --scope metrics`)",
                 "insufficient_scope",
             )
-        return Response(gw.metrics.render(), media_type=gw.metrics.content_type)
+        # Off the event loop: a scrape may read NVML and the key store.
+        body = await anyio.to_thread.run_sync(gw.metrics.render)
+        return Response(body, media_type=gw.metrics.content_type)
 
     return app
 

@@ -1,11 +1,16 @@
 """Prometheus metrics of the gateway, in a registry of its own (one per app, so tests and two
 gateways in one process never collide). The `key` label is the key's id (`key_3f9a...`), never
-its human name; GET /metrics needs a key with the `metrics` scope."""
+its human name: the names are in one info gauge, appliance_key_info, for dashboards to join on.
+The host's GPUs are read at scrape time (collectors.py). GET /metrics needs a key with the
+`metrics` scope."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from inference.gateway.collectors import GpuCollector, KeyInfoCollector, TelemetrySource
+from inference.ports import KeyStore
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -16,8 +21,15 @@ BACKEND_STATE = {"down": 0, "up": 1}
 class GatewayMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(
+        self, keys: KeyStore | None = None, telemetry: TelemetrySource | None = None
+    ) -> None:
+        """`keys`: the store whose keys appliance_key_info names (None: no info gauge);
+        `telemetry`: the GPU snapshot source (None: this host's, hardware.telemetry.collect)."""
         self.registry = r = CollectorRegistry(auto_describe=True)
+        r.register(GpuCollector(telemetry))
+        if keys is not None:
+            r.register(KeyInfoCollector(keys))
         p = "appliance_gateway_"
         self.requests = Counter(
             p + "requests", "Requests answered", ["route", "status", "key", "model"], registry=r

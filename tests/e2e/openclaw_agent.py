@@ -217,6 +217,20 @@ def ledger(env: dict[str, str]) -> dict:
     return key
 
 
+def spent(env: dict[str, str], period: str) -> int:
+    """The agent key's `day_tokens` or `month_tokens`, at least 2: a period that has just begun
+    (a CI run across 00:00 UTC) starts at 0, so one small request is spent first; a budget of
+    spent - 1 is then over."""
+    if (used := ledger(env)["spend"][period]) >= 2:
+        return used
+    body = json.dumps(
+        {"model": "default", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    )
+    answer = probe(env, "http://inference.local/v1/chat/completions", body)
+    assert answer["status"] == 200, answer
+    return until(f"{period} metered", 30, lambda: (n := ledger(env)["spend"][period]) >= 2 and n)
+
+
 def audit(env: dict[str, str], n: int = 400) -> list[dict[str, Any]]:
     return json.loads(ok(env, "audit", "tail", "-n", str(n), "--json"))
 

@@ -53,6 +53,7 @@ from tests.e2e.openclaw_agent import (
     sandbox_root,
     schedule,
     service_pids,
+    spent,
     transcript,
     turn,
     until,
@@ -337,8 +338,8 @@ def test_6_other_hosts_wait_for_an_operator(app: Appliance) -> None:
 
 
 def test_7_an_exhausted_daily_budget_refuses_requests_and_turns(app: Appliance) -> None:
-    used = ledger(app.env)["spend"]["day_tokens"]
-    ok(app.env, "budget", "set", f"sandbox-{AGENT}", "--daily-tokens", str(max(1, used - 1)))
+    used = spent(app.env, "day_tokens")
+    ok(app.env, "budget", "set", f"sandbox-{AGENT}", "--daily-tokens", str(used - 1))
     body = json.dumps({"model": "default", "messages": [{"role": "user", "content": "hi"}]})
     refused = probe(app.env, "http://inference.local/v1/chat/completions", body)
     assert refused["status"] == 429, refused
@@ -350,7 +351,7 @@ def test_7_an_exhausted_daily_budget_refuses_requests_and_turns(app: Appliance) 
 
 
 def test_8_the_monthly_cap_stops_the_agent(app: Appliance) -> None:
-    used = ledger(app.env)["spend"]["month_tokens"]
+    used = spent(app.env, "month_tokens")
     ok(app.env, "budget", "set", f"sandbox-{AGENT}", "--clear", "--monthly-tokens", str(used - 1))
     body = json.dumps({"model": "default", "messages": [{"role": "user", "content": "hi"}]})
     refused = probe(app.env, "http://inference.local/v1/chat/completions", body)

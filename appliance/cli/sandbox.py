@@ -236,6 +236,32 @@ def approvals_list(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         console.print("no pending approvals")
 
 
+@approvals_app.command("history")
+def approvals_history(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 20,
+    json_out: JsonOpt = False,
+) -> None:
+    """Decisions taken on held requests, newest first: approved, denied, expired; who, when."""
+    import time
+
+    with control(ctx) as client:
+        decided = client.approval_history(limit)
+    if json_out:
+        print_json(decided)
+        return
+    for d in decided:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["decided_at"]))
+        console.print(
+            f"{when}  {d['id']}  {d['decision']:<8}  {d['sandbox']}  {d['host']}:{d['port']}"
+            f"  by {d['actor']}",
+            markup=False,
+            highlight=False,
+        )
+    if not decided:
+        console.print("no decisions yet")
+
+
 @approvals_app.command("approve")
 def approvals_approve(
     ctx: typer.Context,

@@ -6,6 +6,12 @@ remembered in the store (appliance/store/approval_store.py), so of ten operators
 request at once exactly one wins and the others get a ConflictError (409) naming the decision,
 not a second approval nor a 404; after a restart of the control plane too, though the proxy
 forgot the request once decided. An id no proxy holds and none decided is a NotFoundError (404).
+
+Expiry is decided here too: each pending entry carries `expires` (held + its policy's
+hold_seconds); the plane's expirer thread (`run_expirer`, every EXPIRE_EVERY_S) denies the ones
+past it under the same per-id lock, records the decision "expired" (a later approve is a 409
+"already expired") and audits `approval.expired`. The proxy's own timeout is only a backstop a
+few seconds later, for when no control plane is running.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -29,6 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ADMIN_TIMEOUT_S = 5.0  # per proxy: a wedged proxy fails its own sandbox's listing, not all
+EXPIRE_EVERY_S = 0.5  # how often the expirer looks: an expiry is late by at most this much
+EXPIRER = "expirer"  # the actor of an expiry (kind "system": no request behind it)
+HISTORY_MAX = 1000
 _ID = re.compile(r"[0-9a-f]{1,64}")  # the proxies' ids are hex (secrets.token_hex)
 
 
@@ -66,8 +77,91 @@ class ApprovalService:
         self.decisions.close()
 
     def list(self) -> list[dict[str, Any]]:
+        """Every proxy's pending entries, each with its age and the seconds left before it
+        expires (where the proxy says when)."""
         with self.plane.sandboxes.manager(ready=False) as m, admin_clients(m) as clients:
-            return [p for name, client in clients.items() for p in _pending(name, client)]
+            pending = [p for name, client in clients.items() for p in _pending(name, client)]
+        now = time.time()
+        for entry in pending:
+            entry["age_s"] = round(max(0.0, now - entry["created"]), 1)
+            if entry.get("expires"):
+                entry["expires_in_s"] = round(max(0.0, entry["expires"] - now), 1)
+        return pending
+
+    def history(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Decisions taken, newest first (approved, denied, expired; who, when)."""
+        return self.decisions.recent(max(1, min(limit, HISTORY_MAX)))
+
+    # -- expiry --------------------------------------------------------------------------------
+
+    def run_expirer(self, stop: threading.Event) -> None:
+        """The plane's expirer thread: deny what is past its expiry until `stop` is set."""
+        while not stop.wait(EXPIRE_EVERY_S):
+            try:
+                self.expire_due()
+            except Exception:  # the next tick tries again; one bad pass must not end the thread
+                log.exception("approval expiry pass failed")
+
+    def expire_due(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Deny every pending entry whose `expires` has passed; the expiries recorded."""
+        now = time.time() if now is None else now
+        expired: list[dict[str, Any]] = []
+        with self.plane.sandboxes.manager(ready=False) as m, admin_clients(m) as clients:
+            for name, client in clients.items():
+                for entry in _pending(name, client):
+                    due = entry.get("expires")
+                    if (
+                        isinstance(due, (int, float))
+                        and 0 < due <= now
+                        and _ID.fullmatch(str(entry.get("id", "")))
+                    ):
+                        done = self._expire(m, name, client, entry, now)
+                        if done is not None:
+                            expired.append(done)
+        return expired
+
+    def _expire(
+        self,
+        m: SandboxManager,
+        name: str,
+        client: AdminClient,
+        entry: dict[str, Any],
+        now: float,
+    ) -> dict[str, Any] | None:
+        approval_id = entry["id"]
+        with self.plane.locked("approval", approval_id):
+            if self.decisions.get(approval_id) is not None:
+                return None  # an operator decided it while this pass was listing
+            hold_s = max(0.0, float(entry["expires"]) - float(entry["created"]))
+            try:
+                client.deny(approval_id, reason=f"expired: not answered within {hold_s:g}s")
+            except KeyError:
+                return None  # settled meanwhile (an approve being remembered, the backstop)
+            except Exception as exc:  # a wedged proxy: tried again on the next tick
+                log.warning("expiring approval %s of %s failed: %s", approval_id, name, exc)
+                return None
+            decided = {
+                "id": approval_id,
+                "sandbox": name,
+                "host": entry["host"],
+                "port": entry["port"],
+                "decision": "expired",
+                "persisted": False,
+                "rev": None,
+            }
+            self._remember(EXPIRER, decided)
+            m.store_audit(
+                "approval.expired",
+                approval=approval_id,
+                sandbox=name,
+                host=entry["host"],
+                port=entry["port"],
+                method=entry.get("method"),
+                waited_s=round(max(0.0, now - float(entry["created"])), 1),
+                actor=EXPIRER,
+                actor_kind="system",
+            )
+            return decided
 
     def approve(self, who: Principal, approval_id: str, persist: bool) -> dict[str, Any]:
         return self._decide(who, approval_id, approve=True, persist=persist)
@@ -90,7 +184,7 @@ class ApprovalService:
                     shown = [p for p in _pending(name, client) if p["id"] == approval_id]
                     if shown:
                         decided = self._apply(m, who, name, client, shown[0], approve, persist)
-                        self._remember(who, decided)
+                        self._remember(who.name, decided)
                         return decided
             raise unknown
 
@@ -152,9 +246,9 @@ class ApprovalService:
                 hint="`appliance approvals list` shows what is still pending",
             )
 
-    def _remember(self, who: Principal, decided: dict[str, Any]) -> None:
+    def _remember(self, actor: str, decided: dict[str, Any]) -> None:
         try:
-            self.decisions.record(decided, who.name)
+            self.decisions.record(decided, actor)
         except sqlite3.Error as exc:
             # The decision stands (the proxy has it, the audit log records it): failing the call
             # now would tell the operator it did not happen. Only a later repeat's 409 is lost.

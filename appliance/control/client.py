@@ -160,6 +160,9 @@ class ControlClient:
     def approvals(self) -> list[dict[str, Any]]:
         return self.get("/approvals")
 
+    def approval_history(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self.get("/approvals/history", params={"limit": limit})
+
     def approve(self, approval_id: str, persist: bool = False) -> dict[str, Any]:
         return self.post(f"/approvals/{_seg(approval_id)}/approve", {"persist": persist})
 

@@ -210,12 +210,15 @@ class ControlPlane:
         return Liveness(self.deployed, lambda: opened_manager(self.config))
 
     def start_threads(self) -> None:
-        """The plane's own threads (`serve control`): the sandboxes' reconciler, the agents'
-        check-ins and the scheduler. Only as root: sandboxes are root's to manage."""
+        """The plane's own threads (`serve control`): the sandboxes' reconciler, the approvals'
+        expirer, the agents' check-ins and the scheduler (these two only as root: sandboxes are
+        root's to manage)."""
         from appliance.control.sandboxes import reconcile_forever
 
         self._stop_threads = threading.Event()
         threads = [("reconcile", reconcile_forever, (self.sandboxes, self._stop_threads))]
+        # held requests past their policy's hold_seconds denied (appliance/control/approvals.py)
+        threads.append(("approval-expirer", self.approvals.run_expirer, (self._stop_threads,)))
         if os.geteuid() == 0:
             threads.append(("liveness", self.liveness.run, (self._stop_threads,)))
             threads.append(("scheduler", self.scheduler.run, (self._stop_threads,)))

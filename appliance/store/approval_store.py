@@ -43,6 +43,16 @@ class ApprovalDecisions:
             ).fetchone()
         return None if row is None else dict(zip(_COLUMNS.split(", "), row, strict=True))
 
+    def recent(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest `limit` decisions, newest first."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM approval_decisions "
+                "ORDER BY decided_at DESC, rowid DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [dict(zip(_COLUMNS.split(", "), row, strict=True)) for row in rows]
+
     def record(self, decided: dict[str, Any], actor: str) -> None:
         """Remember a decision (the API's answer: id, sandbox, host, port, decision) and who
         took it; the oldest beyond `kept` are forgotten in the same transaction."""

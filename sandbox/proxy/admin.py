@@ -92,7 +92,10 @@ class AdminServer:
                 return 405, {"error": "use POST"}
             try:
                 if parts[2] == "deny":
-                    return 200, {"denied": self._broker.deny(parts[1]).to_json()}
+                    # the control plane's reason (an expiry), else the operator's denial
+                    reason = parse_qs(url.query).get("reason", [""])[-1][:200].strip()
+                    denied = self._broker.deny(parts[1], *([reason] if reason else []))
+                    return 200, {"denied": denied.to_json()}
                 persist = parse_qs(url.query).get("persist", ["0"])[-1] in ("1", "true", "yes")
                 pending = await self._broker.approve(parts[1], persist=persist)
                 return 200, {"approved": pending.to_json(), "persisted": persist}

@@ -41,8 +41,10 @@ class AdminClient:
     def approve(self, approval_id: str, persist: bool = False) -> dict[str, Any]:
         return self._call("POST", f"/approvals/{_seg(approval_id)}/approve?persist={int(persist)}")
 
-    def deny(self, approval_id: str) -> dict[str, Any]:
-        return self._call("POST", f"/approvals/{_seg(approval_id)}/deny")
+    def deny(self, approval_id: str, reason: str | None = None) -> dict[str, Any]:
+        """`reason` replaces "denied by operator" in the refusal the sandbox gets (an expiry)."""
+        query = f"?reason={_seg(reason)}" if reason else ""
+        return self._call("POST", f"/approvals/{_seg(approval_id)}/deny{query}")
 
     def _call(self, method: str, target: str) -> dict[str, Any]:
         status, body = self._exchange(method, target)

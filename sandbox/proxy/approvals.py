@@ -46,6 +46,22 @@ class Verdict:
     persisted: bool = False
 
 
+# The control plane denies a request when its policy's hold_seconds have passed (its expirer,
+# appliance/control/approvals.py); the proxy refuses on its own only this much later, for when
+# no control plane is there to do it.
+BACKSTOP_GRACE_S = 5.0
+DEFAULT_HOLD_S = 30.0  # sandbox.policy's default hold_seconds
+MAX_SHOWN_PATH = 256  # characters of a held request's path shown to the operator
+
+
+def shown_path(path: str | None) -> str | None:
+    """The path as the operator sees it: without its query (it may carry a secret), cut short."""
+    if path is None:
+        return None
+    bare = path.split("?", 1)[0]
+    return bare if len(bare) <= MAX_SHOWN_PATH else bare[: MAX_SHOWN_PATH - 1] + "…"
+
+
 @dataclass
 class Pending:
     id: str
@@ -55,6 +71,16 @@ class Pending:
     created: float
     future: asyncio.Future[Verdict] = field(repr=False)
     waiters: int = 0
+    # created + the policy's hold_seconds when it was held: the control plane denies it then
+    expires: float = 0.0
+    # the first request held for this host (later identical ones share the entry); for a
+    # CONNECT tunnel only the method is known (the path is inside the tunnel)
+    method: str | None = None
+    path: str | None = None
+
+    @property
+    def hold_seconds(self) -> float:
+        return self.expires - self.created
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -63,6 +89,9 @@ class Pending:
             "host": self.host,
             "port": self.port,
             "created": self.created,
+            "expires": self.expires,
+            "method": self.method,
+            "path": self.path,
             "waiters": self.waiters,
         }
 
@@ -82,14 +111,26 @@ class ApprovalBroker:
         writer: PolicyWriter | None = None,
         audit: AuditSink | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        backstop_grace_s: float = BACKSTOP_GRACE_S,
     ) -> None:
         self._writer = writer
         self._audit = audit
         self._pending: dict[str, Pending] = {}
         self.max_pending = max_pending
+        self.backstop_grace_s = backstop_grace_s
 
-    def request(self, sandbox: str, host: str, port: int) -> Pending:
-        """The pending entry for this host (shared), a new one, or TooManyPending."""
+    def request(
+        self,
+        sandbox: str,
+        host: str,
+        port: int,
+        *,
+        hold_seconds: float = DEFAULT_HOLD_S,
+        method: str | None = None,
+        path: str | None = None,
+    ) -> Pending:
+        """The pending entry for this host (shared), a new one, or TooManyPending. A new one
+        expires `hold_seconds` from now."""
         mine = 0
         for pending in self._pending.values():
             if (pending.sandbox, pending.host, pending.port) == (sandbox, host, port):
@@ -101,25 +142,37 @@ class ApprovalBroker:
                 f"sandbox.max_pending_approvals = {self.max_pending}); {host}:{port} is refused "
                 "until the operator decides some (appliance approvals list)"
             )
+        now = time.time()
         pending = Pending(
             id=secrets.token_hex(4),
             sandbox=sandbox,
             host=host,
             port=port,
-            created=time.time(),
+            created=now,
             future=asyncio.get_running_loop().create_future(),
+            expires=now + hold_seconds,
+            method=method,
+            path=shown_path(path),
         )
         self._pending[pending.id] = pending
         return pending
 
-    async def wait(self, pending: Pending, timeout: float) -> Verdict:
-        """The operator's verdict, or a refusal after `timeout` seconds."""
+    async def wait(self, pending: Pending, timeout: float | None = None) -> Verdict:
+        """The verdict (the operator's, or the control plane's expiry), or the proxy's own
+        refusal after `timeout` seconds: by default the backstop, `backstop_grace_s` past the
+        entry's expiry."""
+        if timeout is None:
+            timeout = max(0.0, pending.expires + self.backstop_grace_s - time.time())
         pending.waiters += 1
         try:
             async with asyncio.timeout(timeout):
                 return await asyncio.shield(pending.future)
         except TimeoutError:
-            verdict = Verdict(False, f"approval for {pending.host}:{pending.port} timed out")
+            verdict = Verdict(
+                False,
+                f"approval for {pending.host}:{pending.port} timed out "
+                f"(not answered within {pending.hold_seconds:g}s)",
+            )
             if pending.waiters == 1:  # the last one waiting: the entry is stale now
                 self._settle(pending, verdict)
             return verdict

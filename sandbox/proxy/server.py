@@ -367,21 +367,26 @@ class EgressProxy:
         if (target.host, target.port) in self._approved:
             return self._approved_private
         if ip_literal(target.host) is None and network.approval.mode == "hold":
-            return await self._hold(target, method, network.approval.hold_seconds)
+            return await self._hold(target, method, path, network.approval.hold_seconds)
         self._audit_deny(target, method, rule.reason)
         raise Refused(rule.reason)
 
-    async def _hold(self, target: Target, method: str, seconds: float) -> bool:
+    async def _hold(self, target: Target, method: str, path: str | None, seconds: float) -> bool:
         try:
-            pending = self._approvals.request(self.sandbox, target.host, target.port)
+            pending = self._approvals.request(
+                self.sandbox, target.host, target.port,
+                hold_seconds=seconds, method=method, path=path,
+            )  # fmt: skip
         except TooManyPending as exc:
             self._audit_deny(target, method, str(exc))
             raise Refused(str(exc)) from None
         self._audit.audit(
             "egress.held", sandbox=self.sandbox, host=target.host, port=target.port,
-            method=method, reason=f"waiting up to {seconds:g}s for approval", approval=pending.id,
+            method=method, reason=f"waiting up to {pending.hold_seconds:g}s for approval",
+            approval=pending.id, expires=pending.expires,
         )  # fmt: skip
-        verdict = await self._approvals.wait(pending, seconds)
+        # Until the control plane denies it at `expires`, or the backstop a little later
+        verdict = await self._approvals.wait(pending)
         if not verdict.approved:
             self._audit_deny(target, method, verdict.reason)
             raise Refused(verdict.reason)

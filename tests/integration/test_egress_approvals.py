@@ -83,12 +83,17 @@ def test_held_then_denied_and_timeout(tmp_path: Path) -> None:
             env.broker.deny(await _wait_pending(env.broker))
             status, _, payload = await held
             assert status == 403 and b"denied by operator" in payload
+            # No control plane here to deny it at hold_seconds: the proxy's backstop refuses it
+            # backstop_grace_s later (5 s in production; 0.5 s here)
             env.proxy.update_network(network(mode="hold", hold=0.5))
-            start = time.monotonic()
+            env.broker.backstop_grace_s = 0.5
+            start, wall = time.monotonic(), time.time()
             status, _, payload = await exchange(env, b"CONNECT unknown.test:443 HTTP/1.1\r\n\r\n")
-            assert status == 403 and b"timed out" in payload
-            assert 0.4 < time.monotonic() - start < 2
+            assert status == 403 and b"timed out (not answered within 0.5s)" in payload
+            assert 0.9 < time.monotonic() - start < 2.5
             assert env.broker.list_pending() == []  # a stale entry is not left behind
+            held = env.events("egress.held")[-1]
+            assert wall <= held["expires"] - 0.5 <= wall + 0.5  # created + hold_seconds
 
     run(main())
 

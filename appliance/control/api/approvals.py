@@ -1,11 +1,12 @@
-"""/api/v1/approvals: pending egress requests across sandboxes; approve (persist) or deny.
-404 for an id nobody holds, 409 for one already decided (appliance/control/approvals.py)."""
+"""/api/v1/approvals: pending egress requests across sandboxes; approve (persist) or deny; the
+decisions taken (history). 404 for an id nobody holds, 409 for one already decided or expired
+(appliance/control/approvals.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from appliance.control.api.deps import Operator, Plane, Principal, Viewer
@@ -21,6 +22,16 @@ class Approve(BaseModel):
 @router.get("/approvals")
 def list_approvals(who: Principal = Viewer, plane: ControlPlane = Plane) -> list[dict[str, Any]]:
     return plane.approvals.list()
+
+
+@router.get("/approvals/history")
+def approval_history(
+    limit: int = Query(100, ge=1, le=1000),
+    who: Principal = Viewer,
+    plane: ControlPlane = Plane,
+) -> list[dict[str, Any]]:
+    """Decisions taken, newest first: approved, denied or expired; by whom, when."""
+    return plane.approvals.history(limit)
 
 
 @router.post("/approvals/{approval_id}/approve")

@@ -6,18 +6,11 @@ that the test drops into its persistent home and makes each request through the 
 proxy port (127.0.0.1:3128 → the supervisor's forwarder → the host-side egress proxy), writing
 the outcome back as a result file.
 
-Why a network namespace: an approval never opens a private address (`EgressProxy._hold` returns
-`approved_may_be_private`, which the standalone proxy leaves False), and IP literals are never
-held at all (`_decide` only holds names). So an approved request to a test server on 127.0.0.1,
-or on this host's own interface address (a private/documentation range here), is still refused
-as "resolves to a private or reserved address" — exactly as in production, where approvals are
-for public hosts. To exercise the real path (a *name* that resolves to a *global* address) without
-touching the machine's network, the origin server runs in its own network and mount namespace
-with a global address on its loopback and an /etc/hosts naming the test hosts; the control plane
-(`appliance serve control`, which starts the proxies) runs in those namespaces (via nsenter), so
-each proxy resolves and connects there, as on a host with a public route. Every CLI command runs
-in the test's own namespaces, as an operator's would, and reaches the control plane through its
-unix socket. `test_approval_never_opens_a_private_address` pins the
+Why a network namespace (tests/integration/origin_namespace.py): an approval never opens a private
+address, so the origin server has a public address in a namespace of its own, where the control
+plane (which starts the proxies) runs too; every CLI command runs in the test's own namespaces, as
+an operator's would, and reaches the control plane through its unix socket.
+`test_approval_never_opens_a_private_address` pins the
 private-address behaviour with a name that resolves to 127.0.0.1.
 """
 
@@ -28,9 +21,7 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +33,13 @@ import yaml
 from sandbox.proxy.addresses import is_forbidden
 from tests.control_fixtures import running_control_plane
 from tests.helpers import cli_env
+from tests.integration.origin_namespace import (
+    JOB_AGENT,
+    PUBLIC_IP,
+    Origin,
+    drop_job,
+    origin_namespace,
+)
 from tests.sandbox_fixtures import (
     ensure_base_image,
     force_remove_container,
@@ -62,64 +60,9 @@ for _tool in ("unshare", "nsenter", "ip", "mount"):
         pytest.skip(f"{_tool} is not installed", allow_module_level=True)
 
 POLICIES = Path(__file__).resolve().parents[2] / "sandbox" / "policies"
-# Deprecated 6to4 relay anycast (RFC 7526): globally routable by `ipaddress`, used by nobody, and
-# only ever assigned inside the test's own network namespace.
-PUBLIC_IP = "192.88.99.1"
 HOLD_SECONDS = 120  # generous: a held request must never time out while the test decides
 RESULT_TIMEOUT = 45.0  # for a result once decided (slow 2-core machines)
 PUBLIC_HOSTS = ("approve", "deny", "persist", "reload")
-
-ORIGIN = r"""
-import http.server, sys
-class Handler(http.server.BaseHTTPRequestHandler):
-    def _answer(self):
-        n = int(self.headers.get("Content-Length") or 0)
-        self.rfile.read(n)
-        body = f"origin {self.headers.get('Host')} {self.command} {self.path}".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    do_GET = do_POST = _answer
-    def log_message(self, *args):
-        pass
-server = http.server.ThreadingHTTPServer(("0.0.0.0", 80), Handler)
-print("ready", flush=True)
-server.serve_forever()
-"""
-
-# The agent: stdlib only. Jobs are `<id>.job` JSON files in its home; results `<id>.result`.
-AGENT = r"""
-import http.client, json, os, threading, time
-HOME = "/home/agent"
-def fetch(job, spec):
-    start = time.monotonic()
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", 3128, timeout=300)
-        body = spec.get("body")
-        conn.request(spec.get("method", "GET"), spec["url"],
-                     body=body.encode() if body is not None else None)
-        resp = conn.getresponse()
-        out = {"status": resp.status, "body": resp.read().decode(errors="replace")}
-    except Exception as exc:
-        out = {"error": repr(exc)}
-    out["seconds"] = time.monotonic() - start
-    tmp = f"{HOME}/{job}.partial"
-    with open(tmp, "w") as fh:
-        json.dump(out, fh)
-    os.rename(tmp, f"{HOME}/{job}.result")
-    print("RESULT", job, json.dumps(out), flush=True)
-seen = set()
-print("AGENT READY", os.getpid(), flush=True)
-while True:
-    for name in sorted(os.listdir(HOME)):
-        if name.endswith(".job") and name not in seen:
-            seen.add(name)
-            with open(f"{HOME}/{name}") as fh:
-                spec = json.load(fh)
-            threading.Thread(target=fetch, args=(name[:-4], spec), daemon=True).start()
-    time.sleep(0.1)
-"""
 
 
 def base_policy() -> dict[str, Any]:
@@ -133,12 +76,8 @@ class Lab:
     scratch: Path
     state: Path
     env: dict[str, str]
-    origin: subprocess.Popen[str]
+    origin: Origin
     created: set[str] = field(default_factory=set)
-
-    @property
-    def in_namespace(self) -> list[str]:
-        return ["nsenter", "--target", str(self.origin.pid), "--net", "--mount", "--"]
 
     @property
     def audit_log(self) -> Path:
@@ -159,7 +98,7 @@ class Lab:
     def create(self, name: str, policy_file: Path) -> dict[str, Any]:
         self.created.add(name)
         argv = ["sandbox", "create", name, "--policy", str(policy_file), "--json"]
-        argv += ["--", "python3", "-I", "-c", AGENT]
+        argv += ["--", "python3", "-I", "-c", JOB_AGENT]
         proc = run_cli(*argv, env=self.env, timeout=180)
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
@@ -176,13 +115,7 @@ class Lab:
 
     def request(self, box: str, url: str, method: str = "GET", body: str | None = None) -> str:
         """Hand the agent one request; returns the job id."""
-        job = uuid.uuid4().hex[:10]
-        spec = {"url": url, "method": method, "body": body}
-        tmp = self.home(box) / f".{job}.tmp"  # not a .job name until complete
-        tmp.write_text(json.dumps(spec))
-        tmp.chmod(0o644)
-        tmp.rename(self.home(box) / f"{job}.job")
-        return job
+        return drop_job(self.home(box), url, method, body)
 
     def result_path(self, box: str, job: str) -> Path:
         return self.home(box) / f"{job}.result"
@@ -220,56 +153,26 @@ class Lab:
         return out["rev"], out["policy"]
 
 
-def _origin_namespace(scratch: Path) -> subprocess.Popen[str]:
-    hosts = scratch / "hosts"
-    public = " ".join(f"{h}.origin.test" for h in PUBLIC_HOSTS)
-    hosts.write_text(f"127.0.0.1 localhost private.origin.test\n{PUBLIC_IP} {public}\n")
-    setup = (
-        f"set -e; ip link set lo up; ip addr add {PUBLIC_IP}/32 dev lo; "
-        f"mount --bind {hosts} /etc/hosts; "
-        f'exec {sys.executable} -I -c "$ORIGIN"'
-    )
-    proc = subprocess.Popen(
-        ["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c", setup],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "ORIGIN": ORIGIN},
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if line.strip() != "ready":
-        proc.kill()
-        raise AssertionError(f"origin namespace did not start: {line!r} {proc.stderr.read()}")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     assert not is_forbidden(PUBLIC_IP), "the test needs an address the proxy treats as public"
     scratch = tmp_path_factory.mktemp("approvals")
     state = scratch / "state"
     ensure_base_image()  # also starts the service user's podman outside the test namespace
-    origin = _origin_namespace(scratch)
-    lab = Lab(scratch=scratch, state=state, env=cli_env(state, scratch), origin=origin)
-    try:
-        with running_control_plane(lab.env, state, prefix=lab.in_namespace):
-            try:
-                yield lab
-            finally:
-                for name in sorted(lab.created):
-                    with contextlib.suppress(Exception):
-                        run_cli("sandbox", "rm", name, env=lab.env)
-    finally:
-        for name in sorted(lab.created):
-            force_remove_container(name)
-            kill_proxies(name, state)
-        origin.terminate()
+    with origin_namespace(scratch, PUBLIC_HOSTS) as origin:
+        lab = Lab(scratch=scratch, state=state, env=cli_env(state, scratch), origin=origin)
         try:
-            origin.communicate(timeout=10)  # also closes its pipes
-        except subprocess.TimeoutExpired:
-            origin.kill()
-            origin.communicate()
+            with running_control_plane(lab.env, state, prefix=origin.in_namespace):
+                try:
+                    yield lab
+                finally:
+                    for name in sorted(lab.created):
+                        with contextlib.suppress(Exception):
+                            run_cli("sandbox", "rm", name, env=lab.env)
+        finally:
+            for name in sorted(lab.created):
+                force_remove_container(name)
+                kill_proxies(name, state)
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,8 @@ class PeerCred:
 
 @dataclass(frozen=True)
 class Principal:
-    kind: Literal["unix", "token", "system"]
+    # "link": a one-tap approval link (appliance/control/one_tap.py), name "webhook:<hook>"
+    kind: Literal["unix", "token", "system", "link"]
     # "uid:0" for a socket peer, the operator's name for a token; "scheduler" (etc.) for the
     # control plane acting on its own (kind "system": no request behind it)
     name: str

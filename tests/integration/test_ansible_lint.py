@@ -14,7 +14,13 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ANSIBLE_DIR = Path(__file__).resolve().parents[2] / "ansible"
-ROLES = ("appliance_host", "appliance_nvidia", "appliance_install", "appliance_models")
+ROLES = (
+    "appliance_host",
+    "appliance_nvidia",
+    "appliance_install",
+    "appliance_models",
+    "appliance_grafana",
+)
 
 
 def _tool(name: str) -> str:

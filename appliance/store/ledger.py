@@ -237,6 +237,18 @@ class LedgerMixin:
         ).fetchone()
         return Spend(day_tokens=row[0], month_tokens=row[1], day_cost=row[2], month_cost=row[3])
 
+    def daily_usage(
+        self, first_day: str, last_day: str
+    ) -> list[tuple[str, str, int, int, float, int]]:
+        """Every key's settled usage per UTC day in [first_day, last_day] (YYYY-MM-DD), from
+        the daily roll-up: (key_id, day, prompt, completion, cost, requests), by day then key.
+        The console's spend charts read this."""
+        return self.conn.execute(
+            "SELECT key_id, day, prompt_tokens, completion_tokens, cost, requests "
+            "FROM usage_daily WHERE day >= ? AND day <= ? ORDER BY day, key_id",
+            (first_day, last_day),
+        ).fetchall()
+
     def usage_totals(self, key_id: str | None = None) -> dict[str, float]:
         """All-time sums from the ledger rows themselves (not the daily roll-up)."""
         where, args = ("WHERE key_id = ?", (key_id,)) if key_id else ("", ())

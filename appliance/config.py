@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from appliance.control.notify.events import EVENTS
 from appliance.errors import ConfigError
 from hardware.plan_types import PlanOverrides
 from inference.gateway.settings import (
@@ -136,6 +147,77 @@ class BlueprintsConfig(_Strict):
     dirs: list[Path] = Field(default_factory=list)  # operators' own <name>/<version>/ trees
 
 
+HOOK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def _web_url(value: str) -> str:
+    """An absolute http(s) URL with a host and no credentials in it (those go in a secret)."""
+    parsed = urlsplit(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+    if parsed.username is not None or parsed.password is not None:
+        raise ValueError("credentials in the URL would show in status: use secret_env/secret_file")
+    return value
+
+
+def _known_event(name: str) -> str:
+    if name not in EVENTS:
+        raise ValueError(f"unknown event {name!r} (known: {', '.join(EVENTS)})")
+    return name
+
+
+class WebhookConfig(_Strict):
+    """One receiver of notifications (appliance/control/notify/). The secret is read at each
+    delivery from its variable or file, never stored or shown."""
+
+    name: str
+    url: Annotated[str, AfterValidator(_web_url)]
+    events: list[Annotated[str, AfterValidator(_known_event)]] = Field(min_length=1)
+    format: Literal["json", "slack", "ntfy"] = "json"
+    secret_env: str | None = Field(default=None, min_length=1)
+    secret_file: Path | None = None
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not HOOK_NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a webhook name: 1-63 of a-z 0-9 _ -, starting with a-z or 0-9"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> WebhookConfig:
+        if self.secret_env is not None and self.secret_file is not None:
+            raise ValueError(f"webhook {self.name!r}: give secret_env or secret_file, not both")
+        if self.format == "json" and self.secret_env is None and self.secret_file is None:
+            raise ValueError(
+                f"webhook {self.name!r}: a json webhook's bodies are signed: "
+                "give secret_env or secret_file"
+            )
+        return self
+
+
+class NotifyConfig(_Strict):
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+    # approval.pending links carry a signed, single-use token that approves once (one_tap.py)
+    one_tap: bool = False
+    # the console as the receivers' readers reach it (e.g. through a reverse proxy); default:
+    # http://<control.host>:<control.port>
+    console_url: Annotated[str, AfterValidator(_web_url)] | None = None
+
+    @field_validator("webhooks")
+    @classmethod
+    def _unique_names(cls, hooks: list[WebhookConfig]) -> list[WebhookConfig]:
+        seen: set[str] = set()
+        for hook in hooks:
+            if hook.name in seen:
+                raise ValueError(f"two webhooks are named {hook.name!r}")
+            seen.add(hook.name)
+        return hooks
+
+
 def _default_state_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/appliance")
@@ -153,6 +235,7 @@ class ApplianceConfig(_Strict):
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
     blueprints: BlueprintsConfig = Field(default_factory=BlueprintsConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
 
     @property
     def resolved_models_dir(self) -> Path:

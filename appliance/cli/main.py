@@ -23,6 +23,7 @@ from appliance.cli import (
     image,
     keys,
     lifecycle,
+    notify,
     operators,
     plan,
     sandbox,
@@ -96,6 +97,7 @@ app.command("kill")(sandbox.kill)
 app.command("release")(sandbox.release)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(audit.app, name="audit")
+app.add_typer(notify.app, name="notify")
 
 
 def main(argv: list[str] | None = None) -> int:

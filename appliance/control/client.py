@@ -182,6 +182,14 @@ class ControlClient:
     def release(self) -> dict[str, Any]:
         return self.post("/release")
 
+    # -- notifications: webhooks and a test delivery -------------------------------------------
+
+    def webhooks(self) -> list[dict[str, Any]]:
+        return self.get("/notify")
+
+    def test_webhook(self, name: str) -> dict[str, Any]:
+        return self.post(f"/notify/{_seg(name)}/test")
+
     # -- control-core: operators, keys, budgets, the audit log --------------------------------
 
     def operators(self) -> list[dict[str, Any]]:

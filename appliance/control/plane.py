@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from appliance.control.keys import KeyService
     from appliance.control.killswitch import KillSwitchService
     from appliance.control.liveness import Liveness
+    from appliance.control.notify.service import NotifyService
     from appliance.control.one_tap import OneTap
     from appliance.control.operators import Operator, OperatorService
     from appliance.control.sandboxes import SandboxService
@@ -155,6 +156,13 @@ class ControlPlane:
         return OneTap(self.config.state_dir)
 
     @service
+    def notify(self) -> NotifyService:
+        """Webhook notifications of what the audit log records (appliance/control/notify/)."""
+        from appliance.control.notify.service import NotifyService
+
+        return NotifyService(self)
+
+    @service
     def kill_switch(self) -> KillSwitchService:
         from appliance.control.killswitch import KillSwitchService
 
@@ -219,6 +227,8 @@ class ControlPlane:
         threads = [("reconcile", reconcile_forever, (self.sandboxes, self._stop_threads))]
         # held requests past their policy's hold_seconds denied (appliance/control/approvals.py)
         threads.append(("approval-expirer", self.approvals.run_expirer, (self._stop_threads,)))
+        # decisions in the audit log pushed to notify.webhooks (any euid: it only reads the log)
+        threads.append(("notify", self.notify.run, (self._stop_threads,)))
         if os.geteuid() == 0:
             threads.append(("liveness", self.liveness.run, (self._stop_threads,)))
             threads.append(("scheduler", self.scheduler.run, (self._stop_threads,)))
@@ -260,7 +270,7 @@ class ControlPlane:
     def close(self, wait_s: float = 2.0) -> None:
         """The services ever built closed (the scheduler's running turns given up to `wait_s`
         to record their end)."""
-        for built in ("operators", "inference", "approvals", "one_tap"):
+        for built in ("operators", "inference", "approvals", "one_tap", "notify"):
             if built in self.__dict__:
                 self.__dict__[built].close()
         if "scheduler" in self.__dict__:

@@ -14,6 +14,7 @@ from appliance.control.api import (
     errors,
     keys,
     kill,
+    notify,
     operators,
     sandboxes,
     schedules,
@@ -29,6 +30,7 @@ ROUTERS = [status, sandboxes, approvals, kill]
 ROUTERS += [operators, keys, budgets, audit]  # control-core
 ROUTERS += [agents]  # control-agents
 ROUTERS += [schedules]  # control-schedules
+ROUTERS += [notify]  # notifications (appliance/control/notify/)
 
 
 def create_app(plane: ControlPlane) -> FastAPI:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from appliance import __version__
+from appliance import __version__, console
 from appliance.control.api import (
     agents,
     approvals,
@@ -43,6 +43,7 @@ def create_app(plane: ControlPlane) -> FastAPI:
     )
     app.state.plane = plane
     errors.install(app)
+    console.install(app, plane)  # the web console at / (appliance/console/): same services
     # Every mutation and every refusal goes to the hash-chained audit log, with who.
     app.add_middleware(AuditTrail, sink=plane.audit_log)
     # Outermost (added last): a Host that is not a loopback name is refused before auth and audit.

@@ -3,7 +3,8 @@
 Two ways in. The unix socket (mode 0660, group `appliance-admin`): the kernel tells us the peer's
 uid and pid (SO_PEERCRED, read by server.py when the connection is accepted); whoever can connect
 is root or in the admin group, so is an admin. The loopback port: an operator token
-(`Authorization: Bearer …`) with its role. Anything else is 401; a role too low is 403.
+(`Authorization: Bearer …`) with its role, or the web console's session cookie (its operator;
+X-CSRF-Token for a method that may change something). Anything else is 401; a role too low 403.
 
 All of them are `async`: a sync dependency runs in anyio's shared thread pool, which forty slow
 sync routes (creates, upgrades) can fill, and then even `POST /kill` would wait to be let in. A
@@ -40,7 +41,7 @@ class PeerCred:
 @dataclass(frozen=True)
 class Principal:
     # "link": a one-tap approval link (appliance/control/one_tap.py), name "webhook:<hook>"
-    kind: Literal["unix", "token", "system", "link"]
+    kind: Literal["unix", "token", "system", "link", "console"]
     # "uid:0" for a socket peer, the operator's name for a token; "scheduler" (etc.) for the
     # control plane acting on its own (kind "system": no request behind it)
     name: str
@@ -65,6 +66,17 @@ async def get_plane(request: Request) -> ControlPlane:
     return request.app.state.plane
 
 
+async def _console_session(request: Request) -> Principal:
+    """No bearer token: the web console's session cookie, if the console is mounted (it sets
+    app.state.session_principal; for a method that may change something it also wants the
+    session's X-CSRF-Token header, else 403), else 401."""
+    by_session = getattr(request.app.state, "session_principal", None)
+    who = await by_session(request) if by_session is not None else None
+    if who is None:
+        raise HTTPException(401, "an operator token is required (Authorization: Bearer …)")
+    return who
+
+
 async def principal(request: Request) -> Principal:
     peer = request.scope.get("state", {}).get("peer")
     if isinstance(peer, PeerCred):
@@ -72,12 +84,13 @@ async def principal(request: Request) -> Principal:
     else:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise HTTPException(401, "an operator token is required (Authorization: Bearer …)")
-        plane: ControlPlane = request.app.state.plane
-        operator = await lanes.AUTH.run(plane.authenticate_operator, token.strip())
-        if operator is None:
-            raise HTTPException(401, "unknown or revoked operator token")
-        who = Principal("token", operator.name, operator.role)
+            who = await _console_session(request)
+        else:
+            plane: ControlPlane = request.app.state.plane
+            operator = await lanes.AUTH.run(plane.authenticate_operator, token.strip())
+            if operator is None:
+                raise HTTPException(401, "unknown or revoked operator token")
+            who = Principal("token", operator.name, operator.role)
     request.state.principal = who  # for the audit trail (api/audit_trail.py)
     return who
 

@@ -69,6 +69,8 @@ def _control_line(control: dict[str, Any] | None) -> str:
     if not control:  # a report from before the control plane
         return ""
     url = escape(control["url"])  # a socket path may hold brackets
+    if url.startswith("http"):
+        url = f"console {url}"  # the web console; the API below it, at api/v1
     return f"[bold]control[/]    {_state(control['state'])}  {url}\n" + _restart_line(
         control.get("restarts")
     )

@@ -324,12 +324,13 @@ class ControlProcess(ProcessBackend):
 
 
 def control_url(config: ApplianceConfig) -> str:
-    """Where operators reach the control plane: its loopback port, or (port off) its socket."""
+    """Where operators reach the control plane: the web console at its loopback port's root (the
+    API is <url>api/v1), or (port off) its socket."""
     control = config.control
     if control.port is None:
         return f"unix:{socket_path(config)}"
     host = f"[{control.host}]" if ":" in control.host else control.host
-    return f"http://{host}:{control.port}/api/v1"
+    return f"http://{host}:{control.port}/"
 
 
 def control_process(config: ApplianceConfig) -> ControlProcess:

@@ -95,7 +95,7 @@ def tamper_event(kind: str, detail: str) -> NotifyEvent:
     )
 
 
-def test_event(requested_by: str) -> NotifyEvent:
+def event_for_test(requested_by: str) -> NotifyEvent:
     detail = {"message": "a test notification from the appliance", "requested_by": requested_by}
     return NotifyEvent(TEST_EVENT, now_iso(), secrets.token_hex(16), detail)
 

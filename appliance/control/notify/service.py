@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from appliance.audit import audit_path
 from appliance.config import WebhookConfig
 from appliance.control.notify.delivery import Deliverer
-from appliance.control.notify.events import NotifyEvent, event_for, tamper_event, test_event
+from appliance.control.notify.events import NotifyEvent, event_for, event_for_test, tamper_event
 from appliance.control.notify.follower import AuditFollower
 from appliance.errors import NotFoundError
 
@@ -118,7 +118,7 @@ class NotifyService:
             raise NotFoundError(
                 f"no webhook named {name!r}; configured: {names}", hint="`appliance notify list`"
             )
-        return self.deliverer.deliver_now(hook, test_event(who.name)).as_dict()
+        return self.deliverer.deliver_now(hook, event_for_test(who.name)).as_dict()
 
     def close(self) -> None:
         if self._started:

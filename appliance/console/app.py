@@ -10,10 +10,20 @@ from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from appliance.console import approvals, auth, kill, overview
+from appliance.console import (
+    approvals,
+    auth,
+    kill,
+    one_tap,
+    overview,
+    pages_agents,
+    pages_audit,
+    pages_spend,
+)
 from appliance.console.render import render
 from appliance.console.security import SecurityHeaders
 from appliance.console.sessions import (
+    COOKIE,
     ConsoleRefused,
     LoginRequired,
     SessionStore,
@@ -26,7 +36,8 @@ from appliance.control.plane import ControlPlane
 STATIC = Path(__file__).parent / "static"
 
 # Every page module exposes `router`; a new page adds its module here (one line each).
-ROUTERS = [auth, overview, approvals, kill]
+ROUTERS = [auth, overview, approvals, kill, one_tap]
+ROUTERS += [pages_agents, pages_spend, pages_audit]  # console-pages
 
 
 @dataclass
@@ -40,7 +51,10 @@ class ConsoleState:
 
 async def _login_required(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, LoginRequired)
-    return RedirectResponse(login_url(exc.next_path), status_code=303)
+    response = RedirectResponse(login_url(exc.next_path), status_code=303)
+    if COOKIE in request.cookies:  # forged, expired or revoked: the browser forgets it
+        response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+    return response
 
 
 async def _refused(request: Request, exc: Exception) -> Response:

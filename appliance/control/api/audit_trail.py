@@ -32,6 +32,16 @@ REFUSED = frozenset({401, 403})
 PATH_LIMIT = 512  # a path is a route and a name or two; a longer one is cut, not dropped
 REFUSAL_WINDOW_S = 10.0  # at most one record of anonymous refusals per address per window
 OPEN_WINDOWS_LIMIT = 1024  # beyond: one window for every other address (127/8 is 16M of them)
+# A one-tap link's token is in its path and is its only credential: never recorded. Its page
+# takes no login, so a refused anonymous POST there is counted like a 401 (no flood).
+TOKEN_PATHS = ("/one-tap/",)
+
+
+def shown_path(path: str) -> str:
+    for prefix in TOKEN_PATHS:
+        if path.startswith(prefix):
+            return prefix + "<token>"
+    return path[:PATH_LIMIT]
 
 
 class AuditSink(Protocol):
@@ -136,9 +146,12 @@ class AuditTrail:
             nonlocal recorded
             recorded = True
             if method in MUTATING or status in REFUSED:
-                fields = {**who(scope), "method": method, "path": scope["path"][:PATH_LIMIT]}
+                fields = {**who(scope), "method": method, "path": shown_path(scope["path"])}
                 fields["status"] = status
-                if status in REFUSED and fields["actor"] == "anonymous":
+                refused = status in REFUSED or (
+                    status >= 300 and scope["path"].startswith(TOKEN_PATHS)
+                )
+                if refused and fields["actor"] == "anonymous":
                     await self.refused_anonymously(fields)
                 else:
                     await self.write(fields)

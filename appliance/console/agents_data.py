@@ -8,10 +8,10 @@ its message and reply only operators see (GET /api/v1/agents/NAME/transcript is 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from sandbox.names import SANDBOX_KEY_PREFIX
@@ -27,31 +27,11 @@ GAUGES = (  # (limit, what is spent against it, its label)
 WARN_RATIO = 0.8  # where the gateway warns (inference/budgets.py standing's default)
 
 
-def when(ts: float | None) -> str:
-    """Epoch seconds as `2026-12-08 01:02:03Z`; "—" for none."""
-    if ts is None:
-        return "—"
-    try:
-        return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-    except (ValueError, OverflowError, OSError, TypeError):
-        return "—"
-
-
-def duration(seconds: float | None) -> str:
-    """A span as `3d 4h`, `2h 5m`, `4m 10s` or `12s` (the two largest units)."""
-    if seconds is None or seconds < 0:
-        return "—"
-    s = int(seconds)
-    days, s = divmod(s, 86400)
-    hours, s = divmod(s, 3600)
-    minutes, s = divmod(s, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    if minutes:
-        return f"{minutes}m {s}s"
-    return f"{s}s"
+def _number(value: Any) -> float | None:
+    """A time or a length as the page's filters take it; None for what is not a number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 @dataclass(frozen=True)
@@ -104,10 +84,6 @@ class TurnLine:
     reply: str
     detail: str  # the error, or why it was refused
 
-    @property
-    def at(self) -> str:
-        return when(self.ts)
-
 
 def turn_line(record: dict[str, Any]) -> TurnLine:
     """One transcript line as the page shows it (missing fields read as empty)."""
@@ -121,14 +97,13 @@ def turn_line(record: dict[str, Any]) -> TurnLine:
         outcome, detail = "failed", str(record.get("error") or "")
     tokens = record.get("tokens")
     total = tokens.get("total") if isinstance(tokens, dict) else None
-    ts = record.get("ts")
     return TurnLine(
-        ts=float(ts) if isinstance(ts, int | float) else None,
+        ts=_number(record.get("ts")),
         trigger=str(record.get("trigger") or ""),
         actor=str(record.get("actor") or ""),
         outcome=outcome,
         tokens=total if isinstance(total, int) else None,
-        duration_s=record.get("duration_s"),
+        duration_s=_number(record.get("duration_s")),
         message=str(record.get("message") or ""),
         reply=str(record.get("reply") or ""),
         detail=detail,
@@ -150,14 +125,6 @@ class ScheduleLine:
     last_outcome: str | None = None
     error: str | None = None  # the schedule could not be read (the blueprint is gone)
 
-    @property
-    def next_at(self) -> str:
-        return when(self.next_run_at)
-
-    @property
-    def last_at(self) -> str:
-        return when(self.last_run_at)
-
 
 def schedule_line(view: list[dict[str, Any]]) -> ScheduleLine:
     """ScheduleService.view's entries summed up: the soonest next run, the latest last run."""
@@ -178,9 +145,9 @@ class AgentSummary:
     blueprint: str  # NAME@VERSION
     state: str  # the sandbox's: running, stopped, killed, missing...
     runtime: str | None  # the supervisor's report of the runtime, when running
-    uptime: str
+    uptime_s: float | None  # since the sandbox last changed state, while it runs
     turns: int
-    last_activity: str
+    last_activity: float | None
     gauges: list[Gauge]
     schedule: ScheduleLine
     last_turns: list[TurnLine] = field(default_factory=list)
@@ -204,9 +171,9 @@ def summary(
         blueprint=str(row.get("blueprint") or "?"),
         state=str(row.get("state") or "unknown"),
         runtime=str(runtime["state"]) if isinstance(runtime, dict) else None,
-        uptime=duration(now - since) if running and isinstance(since, int | float) else "—",
+        uptime_s=now - since if running and isinstance(since, int | float) else None,
         turns=int(row.get("turns") or 0),
-        last_activity=when(row.get("last_activity")),
+        last_activity=_number(row.get("last_activity")),
         gauges=gauges(budget),
         schedule=schedule,
         last_turns=last_turns(transcript, turns_shown),

@@ -6,10 +6,12 @@ from a session history the agent can rewrite (blueprints/runtimes/openclaw.py)."
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
 
+from appliance.audit.logfile import lines_backwards
 from sandbox.names import check_name
 
 
@@ -35,3 +37,21 @@ class TranscriptLog:
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def last(self, name: str, count: int) -> list[dict[str, Any]]:
+        """The newest `count` turns, oldest first, read from the end (a console page refreshes
+        this every few seconds: a long transcript is not read whole each time)."""
+        path = self.path(name)
+        if count <= 0 or not path.is_file():
+            return []
+        out: list[dict[str, Any]] = []
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for line in lines_backwards(fd, os.fstat(fd).st_size):
+                if line.strip():
+                    out.append(json.loads(line))
+                    if len(out) >= count:
+                        break
+        finally:
+            os.close(fd)
+        return out[::-1]

@@ -5,7 +5,10 @@ from in Origin).
 
 The CSP allows no inline script or style at all (templates use none: the one script and the one
 stylesheet are files under /static), nothing from another origin, no framing, and forms that post
-only here. `Referrer-Policy: no-referrer` keeps a one-tap link's token out of any Referer.
+only here. `Referrer-Policy: same-origin`, not no-referrer: under no-referrer a browser sends
+`Origin: null` with every form POST (Fetch standard), which the origin check refuses (found by the
+real-browser test: the login failed). A one-tap page (/one-tap/<token>, no session and no origin
+check) keeps no-referrer: its token never leaves in a Referer, not even to this host.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ HEADERS = {
     "content-security-policy": CSP,
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
-    "referrer-policy": "no-referrer",
+    "referrer-policy": "same-origin",
     "cross-origin-opener-policy": "same-origin",
     "cross-origin-resource-policy": "same-origin",
     "permissions-policy": "camera=(), microphone=(), geolocation=(), payment=(), usb=()",
@@ -49,11 +52,14 @@ class SecurityHeaders:
             await self.app(scope, receive, send)
             return
         static = scope["path"].startswith("/static/")
+        one_tap = scope["path"].startswith("/one-tap/")
         https = scope.get("scheme") == "https"
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
+                if one_tap:
+                    headers.setdefault("referrer-policy", "no-referrer")
                 for name, value in HEADERS.items():
                     headers.setdefault(name, value)
                 if not static:  # pages show live state and a CSRF token: never from a cache

@@ -133,3 +133,61 @@ def test_file_policy_writer_adds_revision(tmp_path: Path) -> None:
     FilePolicyWriter(path).persist_allow("sb1", Endpoint(host="api.example.com", ports=[443]))
     FilePolicyWriter(path).persist_allow("sb1", Endpoint(host="api.example.com", ports=[443]))
     assert load_policy(path).network.allow == [Endpoint(host="api.example.com", ports=[443])]
+
+
+def test_a_held_entry_says_when_it_expires_and_what_was_asked(tmp_path: Path) -> None:
+    """What the control plane shows and expires by: `expires` (held + hold_seconds), the method,
+    the path without its query (it may carry a secret); a CONNECT's path is inside its tunnel.
+    The control plane's expiry reaches the sandbox as its reason, over the admin socket."""
+
+    async def main() -> None:
+        async with environment(tmp_path, network(mode="hold", hold=7)) as env:
+            admin = AdminServer(env.broker, tmp_path / "admin.sock")
+            await admin.start()
+            client = AdminClient(tmp_path / "admin.sock")
+            try:
+                port = env.origin.port
+                get = (
+                    f"GET http://held.test:{port}/v1/items/42?api_key=SECRET HTTP/1.1\r\n"
+                    f"Host: held.test:{port}\r\n\r\n"
+                ).encode()
+                wall = time.time()
+                plain = asyncio.create_task(exchange(env, get))
+                tunnel = asyncio.create_task(
+                    exchange(env, b"CONNECT tunnel.test:443 HTTP/1.1\r\n\r\n")
+                )
+                for _ in range(200):
+                    if len(env.broker.list_pending()) == 2:
+                        break
+                    await asyncio.sleep(0.01)
+                listed = {p["host"]: p for p in await asyncio.to_thread(client.list)}
+                held, connect = listed["held.test"], listed["tunnel.test"]
+                assert (held["method"], held["path"]) == ("GET", "/v1/items/42")
+                assert (connect["method"], connect["path"]) == ("CONNECT", None)
+                for entry in (held, connect):
+                    assert entry["expires"] - entry["created"] == pytest.approx(7)
+                    assert wall - 0.1 <= entry["created"] <= time.time()
+                assert "SECRET" not in str(listed)
+                audited = {r["host"]: r for r in env.events("egress.held")}
+                assert audited["held.test"]["expires"] == held["expires"]
+                reason = "expired: not answered within 7s"
+                await asyncio.to_thread(client.deny, held["id"], reason)
+                await asyncio.to_thread(client.deny, connect["id"])
+                status, _, payload = await plain
+                assert status == 403 and reason.encode() in payload
+                status, _, payload = await tunnel
+                assert status == 403 and b"denied by operator" in payload
+                assert env.events("egress.rejected")[0]["reason"] == reason
+            finally:
+                client.close()
+                await admin.close()
+
+    run(main())
+
+
+def test_a_long_path_is_cut_for_the_operator() -> None:
+    from sandbox.proxy.approvals import MAX_SHOWN_PATH, shown_path
+
+    assert shown_path(None) is None and shown_path("/a?b=c") == "/a"
+    cut = shown_path("/" + "x" * 5000 + "?q")
+    assert cut is not None and len(cut) == MAX_SHOWN_PATH and cut.endswith("…")

@@ -62,9 +62,8 @@ def test(
     if json_out:
         print_json(outcome)
     if not outcome["ok"]:
-        status = f" (HTTP {outcome['status']})" if outcome.get("status") is not None else ""
         raise ApplianceError(
-            f"the test notification to {name} failed{status}: {outcome['error']}",
+            f"the test notification to {name} failed: {outcome['error']}",
             hint="check the receiver and the webhook's url and secret; every delivery is in "
             "`appliance audit tail --event 'notify.*'`",
         )

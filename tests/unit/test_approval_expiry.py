@@ -206,3 +206,36 @@ def test_the_pending_list_says_age_and_time_left(
     assert 4.5 <= listed["age_s"] <= 6 and 19 <= listed["expires_in_s"] <= 20
     assert listed["method"] == entry["method"] and listed["path"] == "/a"
     assert "expires_in_s" not in bare and bare["id"] == entry_no_expiry["id"]
+
+
+def test_history_over_the_api_for_a_viewer(
+    plane: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from appliance.control.api import create_app
+
+    proxy = HeldProxy()
+    use_proxy(monkeypatch, proxy)
+    proxy.hold("0b1")
+    plane.approvals.approve(WHO, "0b1", persist=False)
+    proxy.hold("0b2", hold_s=-1)
+    plane.approvals.expire_due()
+    setup = Principal("system", "test-setup", "admin").audit_fields()
+    _, token = plane.operators.create("vera", "viewer", setup)
+    with TestClient(create_app(plane), base_url="http://127.0.0.1:8070") as api:
+        auth = {"Authorization": f"Bearer {token}"}
+        listed = api.get("/api/v1/approvals/history", headers=auth)
+        assert listed.status_code == 200, listed.text
+        assert [(h["id"], h["decision"]) for h in listed.json()] == [
+            ("0b2", "expired"),
+            ("0b1", "approved"),
+        ]
+        one = api.get("/api/v1/approvals/history?limit=1", headers=auth).json()
+        assert [h["id"] for h in one] == ["0b2"]
+        for bad in ("0", "1001", "x"):
+            refused = api.get(f"/api/v1/approvals/history?limit={bad}", headers=auth)
+            assert refused.status_code == 422 and "error" in refused.json()
+        assert api.get("/api/v1/approvals/history").status_code == 401
+        # a viewer reads; deciding is still an operator's
+        assert api.post("/api/v1/approvals/0b3/approve", headers=auth).status_code == 403

@@ -195,8 +195,9 @@ def page(role: Role) -> Callable[..., Any]:
         session = await current_session(request)
         unsafe = request.method not in SAFE_METHODS
         if session is None:
-            if not unsafe:
-                raise LoginRequired(request.url.path)
+            if not unsafe:  # back to this page after the login (a fragment's page: its script)
+                path = request.url.path
+                raise LoginRequired("/" if path.startswith("/fragments/") else path)
             raise ConsoleRefused(401, "log in first")
         if not session.may(role):
             raise ConsoleRefused(403, f"{session.operator} is a {session.role}; this needs {role}")

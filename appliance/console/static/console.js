@@ -27,11 +27,12 @@
       inFlight = true;
       fetch(url, { credentials: "same-origin", headers: { "X-Requested-With": "console" } })
         .then(function (response) {
-          if (response.redirected && new URL(response.url).pathname === "/login") {
-            window.location.assign(response.url);
+          var loggedOut = response.status === 401 ||
+            response.redirected && new URL(response.url).pathname === "/login";
+          if (loggedOut) {  // the session ended: log in again, then back to this page
+            window.location.assign("/login?next=" + encodeURIComponent(window.location.pathname));
             return null;
           }
-          if (response.status === 401) { window.location.assign("/login"); return null; }
           return response.ok ? response.text() : null;
         })
         .then(function (html) {

@@ -342,4 +342,4 @@ def test_metrics_and_health(env: Env) -> None:
         'route="/v1/chat/completions",status="200"} 1.0',
     ):
         assert line in text
-    assert 'key="metered"' not in text  # keys by id: names never reach a scrape
+    assert 'key="metered"' not in text  # the key label is the id (names: appliance_key_info)

@@ -152,6 +152,8 @@ HOOK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 def _web_url(value: str) -> str:
     """An absolute http(s) URL with a host and no credentials in it (those go in a secret)."""
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"{value!r} has whitespace or control characters in it")
     parsed = urlsplit(value)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")

@@ -67,7 +67,8 @@ def test_unknown_event_is_named_with_its_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "url",
     ["ftp://hooks.example.org/x", "javascript:alert(1)", "file:///etc/passwd", "hooks.example.org",
-     "http://", "https://user:pw@hooks.example.org/x"],
+     "http://", "https://user:pw@hooks.example.org/x", "http://exa mple.org/",
+     '"http://a.org/\\x00x"', "http://[::1/x"],
 )  # fmt: skip
 def test_only_http_urls_without_credentials(tmp_path: Path, url: str) -> None:
     message = refused(tmp_path, GOOD.replace("https://hooks.example.org/appliance", url))

@@ -174,6 +174,22 @@ def test_a_slow_receiver_delays_only_its_own_deliveries(
         failing.wait_for(4)
 
 
+def test_a_url_the_client_refuses_is_final_and_the_worker_goes_on(
+    deliverer: Deliverer, chain: ChainWriter
+) -> None:
+    bad = WebhookConfig.model_construct(  # past validation, as a hand-built object could be
+        name="bad", url="http://a\x00b/", events=["agent.killed"], format="slack",
+        secret_env=None, secret_file=None, timeout_s=1.0,
+    )  # fmt: skip
+    deliverer.submit(bad, EVENT)
+    [audited] = outcomes(chain)
+    assert audited["event"] == "notify.failed" and audited["attempts"] == 1
+    assert "InvalidURL" in audited["error"]
+    with receiver() as rx:
+        deliverer.submit(hook(rx.url), EVENT)
+        rx.wait_for(1)
+
+
 def test_a_full_queue_never_blocks_and_drops_the_oldest_audited(chain: ChainWriter) -> None:
     d = Deliverer(chain.append, FAST, max_queue=3)  # not started: nothing drains the queue
     events = [NotifyEvent("agent.killed", "t", f"ev{i}", {}) for i in range(10)]

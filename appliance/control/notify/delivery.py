@@ -253,12 +253,17 @@ class Deliverer:
         if secret is not None:
             headers.update(sign(secret, rendered.body))
         try:
-            response = client.post(
-                hook.url, content=rendered.body, headers=headers, timeout=hook.timeout_s
+            request = client.build_request(
+                "POST", hook.url, content=rendered.body, headers=headers, timeout=hook.timeout_s
             )
+            # Only the status and headers are wanted: a receiver's body is never read (a huge
+            # one could not fill this process's memory).
+            response = client.send(request, stream=True)
+            response.close()
         except httpx.TransportError as exc:  # no connection, a timeout, a dropped answer
-            error = f"{type(exc).__name__}: {exc or 'no detail'}".replace(hook.url, "<url>")
-            return _Try(None, error, self.policy.backoff(attempt))
+            return _Try(None, _error_text(exc, hook.url), self.policy.backoff(attempt))
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # never a better retry
+            return _Try(None, _error_text(exc, hook.url))
         code = response.status_code
         if response.is_success:
             return _Try(code, None)
@@ -296,3 +301,8 @@ class Deliverer:
             self.audit(event, **fields)
         except Exception:  # a full disk must not stop the deliveries themselves
             log.exception("auditing %s failed", event)
+
+
+def _error_text(exc: Exception, url: str) -> str:
+    """What went wrong, without the URL (its path may be the receiver's secret)."""
+    return f"{type(exc).__name__}: {exc or 'no detail'}".replace(url, "<url>")

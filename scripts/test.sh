@@ -10,6 +10,12 @@ scripts/setup.sh embedded,test
 # are xdist groups handed out first, so they run beside the rest (tests/conftest.py); a module is
 # otherwise one unit. APPLIANCE_TEST_WORKERS=0 runs everything in this process.
 workers="${APPLIANCE_TEST_WORKERS:-2}"
+# The console's browser tests save screenshots (tests/browser.py): kept after a passing run too,
+# for CI to collect. The default directory is emptied first, so it holds this run's only.
+if [ -z "${APPLIANCE_TEST_ARTIFACTS:-}" ]; then
+  export APPLIANCE_TEST_ARTIFACTS="$PWD/build/test-artifacts"
+  rm -rf "$APPLIANCE_TEST_ARTIFACTS"
+fi
 if [ "$workers" = 0 ]; then
   exec .venv/bin/python -m pytest "$@"
 fi

@@ -104,7 +104,8 @@ def _axes(frame: _Frame, categories: Sequence[str], unit: str, fmt: Format) -> l
         )
     every = max(1, math.ceil(len(categories) / 10))  # at most ~10 labels along the x axis
     for i, name in enumerate(categories):
-        if i % every == 0 or i == len(categories) - 1:
+        last = i == len(categories) - 1 and i % every >= (every + 1) // 2  # not on the one before
+        if i % every == 0 or last:
             parts.append(
                 f'<text class="chart-tick chart-tick-x" x="{_num(frame.x(i))}" y="{base + 16}">'
                 f"{escape(name[5:] if len(name) == 10 else name)}</text>"  # 2026-12-08 -> 12-08

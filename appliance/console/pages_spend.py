@@ -6,14 +6,16 @@ GET /fragments/spend is what the page's script re-fetches."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from markupsafe import Markup
 
 from appliance.console import spend_data
-from appliance.console.charts import bar_chart, line_chart, money, tokens
+from appliance.console.charts import Format, Series, bar_chart, line_chart, money, tokens
 from appliance.console.render import render, render_fragment
 from appliance.console.sessions import PageViewer
 from appliance.control.api.deps import Principal
@@ -33,31 +35,33 @@ def report(plane: ControlPlane, now: float | None = None) -> spend_data.SpendRep
     return spend_data.gather(plane.inference, agents, time.time() if now is None else now)
 
 
+Chart = Callable[..., Markup]  # charts.bar_chart or charts.line_chart
+
+
 def page_data(spend: spend_data.SpendReport) -> dict[str, Any]:
+    """The charts (each with its title, the figure's caption), the table's rows (the newest
+    day first, the biggest first within a day) and the totals."""
     days = spend.days
-    span = f"{days[0]} to {days[-1]}" if days else ""
+    span = f", {days[0]} to {days[-1]}" if days else ""
+
+    def chart(draw: Chart, ident: str, title: str, series: list[Series], fmt: Format) -> Any:
+        unit = "tokens" if fmt is tokens else "cost"
+        return {"title": title, "svg": draw(ident, title + span, days, series, unit, fmt)}
+
     charts = [
-        bar_chart(
-            "tokens-by-key", f"Tokens per day by key, {span}", days, spend.tokens_by_key(),
-            "tokens", tokens,
+        chart(bar_chart, "tokens-by-key", "Tokens per day by key", spend.tokens_by_key(), tokens),
+        chart(
+            bar_chart, "tokens-by-agent", "Tokens per day by agent", spend.tokens_by_agent(), tokens
         ),
-        bar_chart(
-            "tokens-by-agent", f"Tokens per day by agent, {span}", days, spend.tokens_by_agent(),
-            "tokens", tokens,
-        ),
-    ]  # fmt: skip
+    ]
     totals = spend.totals()
     if totals["cost"]:  # keys without prices cost nothing: no empty cost charts then
         charts += [
-            line_chart(
-                "cost-by-key", f"Cost per day by key, {span}", days, spend.cost_by_key(),
-                "cost", money,
+            chart(line_chart, "cost-by-key", "Cost per day by key", spend.cost_by_key(), money),
+            chart(
+                line_chart, "cost-by-agent", "Cost per day by agent", spend.cost_by_agent(), money
             ),
-            line_chart(
-                "cost-by-agent", f"Cost per day by agent, {span}", days, spend.cost_by_agent(),
-                "cost", money,
-            ),
-        ]  # fmt: skip
+        ]
     rows = sorted(spend.rows, key=lambda r: (r.day, r.tokens), reverse=True)
     return {"charts": charts, "rows": rows, "totals": totals, "days": days, "money": money}
 

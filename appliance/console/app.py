@@ -3,12 +3,16 @@ session lookup the API's auth dependency uses for a browser holding the console'
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance.console import (
     approvals,
@@ -34,6 +38,8 @@ from appliance.console.status_cache import StatusCache
 from appliance.control.plane import ControlPlane
 
 STATIC = Path(__file__).parent / "static"
+API_PREFIX = "/api/"
+Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 # Every page module exposes `router`; a new page adds its module here (one line each).
 ROUTERS = [auth, overview, approvals, kill, one_tap]
@@ -57,9 +63,33 @@ async def _login_required(request: Request, exc: Exception) -> Response:
     return response
 
 
+HEADINGS = {400: "Not done", 401: "Log in first", 403: "Not allowed", 404: "Not found"}
+
+
+def error_page(request: Request, status: int, message: str) -> Response:
+    heading = HEADINGS.get(status, "Not done")
+    return render(request, "error.html", status=status, heading=heading, message=message)
+
+
 async def _refused(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ConsoleRefused)
-    return render(request, "error.html", status=exc.status, message=exc.message)
+    return error_page(request, exc.status, exc.message)
+
+
+def _as_page(api_handler: Handler) -> Handler:
+    """The API's JSON error for /api/..., a page saying the same for the console's paths."""
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        if request.url.path.startswith(API_PREFIX):
+            return await api_handler(request, exc)
+        if isinstance(exc, RequestValidationError):
+            first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
+            where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
+            return error_page(request, 422, f"{where}: {first.get('msg', 'invalid')}")
+        assert isinstance(exc, StarletteHTTPException)
+        return error_page(request, exc.status_code, str(exc.detail))
+
+    return handle
 
 
 def install(app: FastAPI, plane: ControlPlane) -> None:
@@ -68,6 +98,8 @@ def install(app: FastAPI, plane: ControlPlane) -> None:
     app.state.session_principal = api_principal
     app.add_exception_handler(LoginRequired, _login_required)
     app.add_exception_handler(ConsoleRefused, _refused)
+    for error in (RequestValidationError, StarletteHTTPException):  # errors.install's, for /api
+        app.add_exception_handler(error, _as_page(app.exception_handlers[error]))
     for module in ROUTERS:
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

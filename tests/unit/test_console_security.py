@@ -15,6 +15,7 @@ from appliance.console import security
 from tests.console_fixtures import (
     Console,
     FakeApprovals,
+    csrf_of,
     opened_console,
     report,
 )
@@ -105,3 +106,19 @@ def test_hostile_names_are_rendered_as_text(console: Console) -> None:
         page = client.get(path).text
         assert "<script>alert" not in page and "<img src=x" not in page, path
         assert "&lt;script&gt;" in page or "&lt;img" in page, path
+
+
+def test_a_bad_console_request_is_a_page_and_the_apis_stay_json(console: Console) -> None:
+    client = console.logged_in("ops-1")
+    csrf = csrf_of(client.get("/").text)
+    form = {"csrf": csrf, "action": "<b>everything</b>", "confirmed": "yes"}
+    bad = client.post("/kill", data=form)
+    assert bad.status_code == 422 and bad.headers["content-type"].startswith("text/html")
+    assert "action:" in bad.text and "<b>everything" not in bad.text
+    missing = client.get("/no-such-page")
+    assert missing.status_code == 404 and "Not found" in missing.text
+    assert client.get("/static/nothing.js").status_code == 404
+    api = client.get("/api/v1/no-such-thing")
+    assert api.status_code == 404 and api.json()["error"]["type"] == "not_found"
+    invalid = client.post("/api/v1/kill", json={"names": "x"}, headers={"X-CSRF-Token": csrf})
+    assert invalid.status_code == 422 and invalid.json()["error"]["type"] == "invalid_request"

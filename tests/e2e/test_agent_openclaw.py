@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import httpx
 import pytest
 
 from blueprints.runtimes.openclaw import PORT as OPENCLAW_PORT
+from tests.browser import Console, artifacts_dir, browser_skip_reason, chromium
 from tests.e2e.openclaw_agent import (
     AGENT,
     FAIL_CLOSED_AFTER,
@@ -65,6 +67,19 @@ from tests.sandbox_fixtures import podman_client, sandbox_skip_reason
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("openclaw")]
 
 SCHEDULE_WITHIN_S = 90  # an `every: 1m` entry fires its first turn this soon after the create
+# Read in the Spend page: the table's tokens for (key, day), and the tooltips of the bars of the
+# chart of tokens per key ("<key>, <day>: <tokens> tokens").
+SPEND_SHOWN = """
+const [key, day] = arguments;
+let row = null;
+for (const tr of document.querySelectorAll("table.spend-table tbody tr")) {
+  const cells = Array.from(tr.cells, (td) => td.innerText.trim());
+  if (cells[0] === day && cells[1] === key) row = Number(cells[5].replaceAll(",", ""));
+}
+const bars = Array.from(
+  document.querySelectorAll("#tokens-by-key rect.chart-bar title"), (t) => t.textContent);
+return {row, bars};
+"""
 
 
 # The OpenClaw layer's fetch steps (sandbox/images/openclaw.py raises ImageBuildError("<step> failed
@@ -335,6 +350,41 @@ def test_6_other_hosts_wait_for_an_operator(app: Appliance) -> None:
     assert held and "403" not in json.dumps(held), held
     events = [r for r in audit(app.env, 200) if r.get("host") == "example.com"]
     assert {"egress.held", "egress.approved"} <= {r["event"] for r in events}, events
+
+
+def test_6b_the_console_charts_the_tokens_the_turns_used(
+    app: Appliance, request: pytest.FixtureRequest
+) -> None:
+    """The Spend page in a real browser, logged in with an operator token the CLI made: the
+    agent key's tokens today, in the chart and in the table, are the ledger's."""
+    if (why := browser_skip_reason()) is not None:
+        pytest.skip(why)
+    made = ok(app.env, "operators", "create", "e2e-operator", "--role", "operator", "--json")
+    token = json.loads(made)["secret"]
+    key = f"sandbox-{AGENT}"
+    spent(app.env, "day_tokens")  # a run across 00:00 UTC: today has tokens too
+    shots = artifacts_dir(request.config, Path(__file__).stem)
+    base_url = f"http://127.0.0.1:{app.env['APPLIANCE_CONTROL__PORT']}"
+    with chromium(shots / "chromedriver.log") as driver:
+        console = Console(driver, base_url, shots)
+        console.login(token)
+
+        def page_matches_ledger() -> dict[str, Any] | None:
+            # A scheduled turn may settle meanwhile: the ledger must not move around the read.
+            before = ledger(app.env)["spend"]["day_tokens"]
+            console.open("/spend")
+            console.wait_for("table.spend-table")
+            today = datetime.now(UTC).date().isoformat()
+            shown = driver.execute_script(SPEND_SHOWN, key, today)
+            after = ledger(app.env)["spend"]["day_tokens"]
+            expected = f"{key}, {today}: {after:,} tokens"
+            if before == after and shown["row"] == after and expected in shown["bars"]:
+                return shown
+            return None
+
+        shown = until("the Spend page showing the ledger's tokens", 90, page_matches_ledger, 3)
+        print(f"console spend: {shown}", flush=True)
+        console.screenshot("spend")
 
 
 def test_7_an_exhausted_daily_budget_refuses_requests_and_turns(app: Appliance) -> None:

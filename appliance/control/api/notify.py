@@ -6,10 +6,15 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from appliance.control.api import lanes
 from appliance.control.api.deps import Operator, Plane, Principal, Viewer
 from appliance.control.plane import ControlPlane
 
 router = APIRouter(tags=["notify"])
+
+# A test waits for the receiver (up to the hook's timeout_s, at most 120 s): on a lane of its
+# own, a few at once and the rest refused (429), never in the shared pool's way (api/lanes.py).
+TESTS = lanes.Lane("webhook tests", 2, refuse_when_full=True)
 
 
 @router.get("/notify")
@@ -18,10 +23,9 @@ def list_webhooks(who: Principal = Viewer, plane: ControlPlane = Plane) -> list[
     return plane.notify.list()
 
 
-# Sync: the one attempt waits for the receiver (up to the hook's timeout_s) on a worker thread.
 @router.post("/notify/{name}/test")
-def test_webhook(
+async def test_webhook(
     name: str, who: Principal = Operator, plane: ControlPlane = Plane
 ) -> dict[str, Any]:
     """Send a `test` event to the webhook now, once; the outcome (also in the audit log)."""
-    return plane.notify.test(who, name)
+    return await TESTS.run(lambda: plane.notify.test(who, name))

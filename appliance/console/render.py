@@ -45,7 +45,7 @@ def duration(seconds: Any) -> str:
     if s < 60:
         return f"{s} s"
     if s < 3600:
-        return f"{s // 60} min {s % 60} s" if s < 600 else f"{s // 60} min"
+        return f"{s // 60} min {s % 60} s" if s < 600 and s % 60 else f"{s // 60} min"
     if s < 86400:
         return f"{s // 3600} h {s % 3600 // 60} min"
     return f"{s // 86400} d {s % 86400 // 3600} h"

@@ -28,8 +28,8 @@ SETUP = Principal("system", "test-setup", "admin")
 
 
 class Console:
-    def __init__(self, state_dir: Path) -> None:
-        self.plane = ControlPlane(load_config({"state_dir": str(state_dir)}))
+    def __init__(self, state_dir: Path, config: dict[str, Any] | None = None) -> None:
+        self.plane = ControlPlane(load_config({"state_dir": str(state_dir), **(config or {})}))
         self.app = create_app(self.plane)
         self.tokens: dict[str, str] = {}
 

@@ -13,6 +13,8 @@ check) keeps no-referrer: its token never leaves in a Referer, not even to this 
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -69,6 +71,12 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+def origin_of(url: str) -> str:
+    """`https://console.example.com/x` -> `https://console.example.com` (as a browser's Origin)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 def same_origin(origin: str | None, host: str | None) -> bool:

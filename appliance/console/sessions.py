@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from fastapi import Depends, HTTPException, Request
 
-from appliance.console.security import same_origin
+from appliance.console.security import origin_of, same_origin
 from appliance.control.api import lanes
 from appliance.control.api.deps import Principal
 from appliance.control.operators import ROLES, Role
@@ -179,8 +179,16 @@ def safe_next(next_path: str | None) -> str:
 
 
 def check_origin(request: Request) -> None:
-    if not same_origin(request.headers.get("origin"), request.headers.get("host")):
-        raise ConsoleRefused(403, "a form posted from another site is refused")
+    """A browser's form post names the page it came from: this host, or the console's public
+    URL (notify.console_url: the operator's reverse proxy, which may rewrite Host)."""
+    origin = request.headers.get("origin")
+    if same_origin(origin, request.headers.get("host")):
+        return
+    notify = getattr(request.app.state.plane.config, "notify", None)
+    public = getattr(notify, "console_url", None)
+    if origin is not None and public and origin.lower() == origin_of(public):
+        return
+    raise ConsoleRefused(403, "a form posted from another site is refused")
 
 
 async def check_csrf(request: Request, session: Session) -> None:

@@ -122,3 +122,21 @@ def test_a_bad_console_request_is_a_page_and_the_apis_stay_json(console: Console
     assert api.status_code == 404 and api.json()["error"]["type"] == "not_found"
     invalid = client.post("/api/v1/kill", json={"names": "x"}, headers={"X-CSRF-Token": csrf})
     assert invalid.status_code == 422 and invalid.json()["error"]["type"] == "invalid_request"
+
+
+def test_a_form_from_the_consoles_public_url_is_accepted(tmp_path: Path) -> None:
+    # Behind the operator's reverse proxy (notify.console_url), which may rewrite Host.
+    public = Console(tmp_path / "state", {"notify": {"console_url": "https://ops.example.com/"}})
+    try:
+        token = public.operator("ops-1", "operator")
+        client = public.client()
+        for origin, status in [
+            ("https://ops.example.com", 303),
+            ("http://ops.example.com", 403),
+            ("https://ops.example.com.evil.example", 403),
+            ("null", 403),
+        ]:
+            answer = client.post("/login", data={"token": token}, headers={"Origin": origin})
+            assert answer.status_code == status, origin
+    finally:
+        public.plane.close()

@@ -385,6 +385,9 @@ def test_6b_the_console_charts_the_tokens_the_turns_used(
         shown = until("the Spend page showing the ledger's tokens", 90, page_matches_ledger, 3)
         print(f"console spend: {shown}", flush=True)
         console.screenshot("spend")
+        console.open("/")  # the Overview with a real backend, gateway and agent (the README's)
+        console.until("the agent on the Overview", lambda d: AGENT in (console.text("main") or ""))
+        console.screenshot("overview")
 
 
 def test_7_an_exhausted_daily_budget_refuses_requests_and_turns(app: Appliance) -> None:

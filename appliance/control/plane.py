@@ -219,8 +219,8 @@ class ControlPlane:
 
     def start_threads(self) -> None:
         """The plane's own threads (`serve control`): the sandboxes' reconciler, the approvals'
-        expirer, the agents' check-ins and the scheduler (these two only as root: sandboxes are
-        root's to manage)."""
+        expirer, the notifications' follower, the agents' check-ins and the scheduler (these two
+        only as root: sandboxes are root's to manage)."""
         from appliance.control.sandboxes import reconcile_forever
 
         self._stop_threads = threading.Event()

@@ -231,7 +231,15 @@ def approvals_list(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         print_json(pending)
         return
     for p in pending:
-        console.print(f"{p['id']}  {p['sandbox']}  {p['host']}:{p['port']}")
+        asked = f"  {p['method']} {p.get('path') or ''}".rstrip() if p.get("method") else ""
+        left = p.get("expires_in_s")
+        expiry = f"  expires in {left:.0f}s" if isinstance(left, int | float) else ""
+        console.print(
+            f"{p['id']}  {p['sandbox']}  {p['host']}:{p['port']}{asked}{expiry}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,  # one line each, whatever the terminal's width
+        )
     if not pending:
         console.print("no pending approvals")
 
@@ -257,6 +265,7 @@ def approvals_history(
             f"  by {d['actor']}",
             markup=False,
             highlight=False,
+            soft_wrap=True,  # one line each, whatever the terminal's width
         )
     if not decided:
         console.print("no decisions yet")

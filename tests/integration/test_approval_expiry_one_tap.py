@@ -64,7 +64,7 @@ for _tool in ("unshare", "nsenter", "ip", "mount"):
         pytest.skip(f"{_tool} is not installed", allow_module_level=True)
 
 POLICIES = Path(__file__).resolve().parents[2] / "sandbox" / "policies"
-SHORT_HOLD_S = 5  # part 1: expires while the test watches
+SHORT_HOLD_S = 8  # part 1: expires while the test watches (a few CLI calls first)
 LONG_HOLD_S = 120  # part 2: must not expire while the phone answers
 BACKSTOP_GRACE_S = 5.0  # sandbox/proxy/approvals.py: the proxy's own refusal comes this late
 RESULT_TIMEOUT = 45.0
@@ -261,6 +261,8 @@ def test_an_unanswered_request_expires(lab: Lab, box: str) -> None:
     job = lab.request(box, f"http://{host}/late?token=SECRET")
     pending = lab.wait_pending(box, host)
     assert (pending["method"], pending["path"], pending["port"]) == ("GET", "/late", 80)
+    shown = lab.cli("approvals", "list").stdout
+    assert f"{pending['id']}  {box}  {host}:80  GET /late  expires in " in shown, shown
     assert pending["expires"] - pending["created"] == pytest.approx(SHORT_HOLD_S)
     assert 0 < pending["expires_in_s"] <= SHORT_HOLD_S
 
@@ -284,6 +286,8 @@ def test_an_unanswered_request_expires(lab: Lab, box: str) -> None:
     assert {"id": pending["id"], "decision": "expired", "actor": "expirer"}.items() <= history[
         0
     ].items()
+    line = lab.cli("approvals", "history").stdout.splitlines()[0]
+    assert f"{pending['id']}  expired   {box}  {host}:80  by expirer" in line, line
 
     told = lab.delivered("approval.expired", pending["id"])  # and notified, signed
     assert _signed(told) and told["body"]["waited_s"] >= SHORT_HOLD_S - 0.5

@@ -60,11 +60,11 @@ def admin_clients(m: SandboxManager) -> Iterator[dict[str, AdminClient]]:
             client.close()
 
 
-def _pending(name: str, client: AdminClient) -> list[dict[str, Any]]:
+def _pending(name: str, client: AdminClient, level: int = logging.WARNING) -> list[dict[str, Any]]:
     try:
         return client.list()
     except Exception as exc:  # a proxy that died or hangs: its sandbox shows none, others do
-        log.warning("approvals of %s unreadable: %s", name, exc)
+        log.log(level, "approvals of %s unreadable: %s", name, exc)
         return []
 
 
@@ -96,11 +96,15 @@ class ApprovalService:
 
     def run_expirer(self, stop: threading.Event) -> None:
         """The plane's expirer thread: deny what is past its expiry until `stop` is set."""
+        last_failure = ""
         while not stop.wait(EXPIRE_EVERY_S):
             try:
                 self.expire_due()
-            except Exception:  # the next tick tries again; one bad pass must not end the thread
-                log.exception("approval expiry pass failed")
+                last_failure = ""
+            except Exception as exc:  # the next tick tries again: the thread must not end
+                if repr(exc) != last_failure:  # logged once, not twice a second
+                    log.exception("approval expiry pass failed")
+                last_failure = repr(exc)
 
     def expire_due(self, now: float | None = None) -> list[dict[str, Any]]:
         """Deny every pending entry whose `expires` has passed; the expiries recorded."""
@@ -108,7 +112,8 @@ class ApprovalService:
         expired: list[dict[str, Any]] = []
         with self.plane.sandboxes.manager(ready=False) as m, admin_clients(m) as clients:
             for name, client in clients.items():
-                for entry in _pending(name, client):
+                # twice a second: a dead proxy is the reconciler's to report, not a log flood
+                for entry in _pending(name, client, logging.DEBUG):
                     due = entry.get("expires")
                     if (
                         isinstance(due, (int, float))

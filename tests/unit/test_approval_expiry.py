@@ -239,3 +239,26 @@ def test_history_over_the_api_for_a_viewer(
         assert api.get("/api/v1/approvals/history").status_code == 401
         # a viewer reads; deciding is still an operator's
         assert api.post("/api/v1/approvals/0b3/approve", headers=auth).status_code == 403
+
+
+def test_a_failing_pass_is_logged_once_not_twice_a_second(
+    plane: ControlPlane, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    passes: list[float] = []
+
+    def broken(now: float | None = None) -> list[dict[str, Any]]:
+        passes.append(time.monotonic())
+        raise OSError("store unreadable")
+
+    monkeypatch.setattr(approvals, "EXPIRE_EVERY_S", 0.01)
+    monkeypatch.setattr(plane.approvals, "expire_due", broken)
+    stop = threading.Event()
+    thread = threading.Thread(target=plane.approvals.run_expirer, args=(stop,))
+    thread.start()
+    while len(passes) < 10:
+        time.sleep(0.01)
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive()  # a failing pass does not end the thread
+    failures = [r for r in caplog.records if "expiry pass failed" in r.getMessage()]
+    assert len(failures) == 1

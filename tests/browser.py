@@ -12,6 +12,7 @@ build/test-artifacts, kept whether the run passes or not), else <basetemp>/artif
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import time
@@ -116,7 +117,7 @@ class Console:
         field = self.wait_for("input[name=token]")
         field.send_keys(token)
         field.submit()
-        self.until("the console to leave /login", lambda: self.path != "/login" or None)
+        self.until("the console to leave /login", lambda d: self.path != "/login")
 
     def logout(self) -> None:
         """Forget the session (the cookie; the server's session simply idles out)."""
@@ -155,18 +156,39 @@ class Console:
                 f"screenshot {shot})"
             ) from None
 
+    def click(self, selector: str, timeout: float | None = None) -> None:
+        """Click the first visible match, found afresh: a page's live refresh may swap the
+        element between finding and clicking it (a stale element is looked up again)."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        def clicked(driver: Any) -> bool:
+            try:
+                found = [e for e in self.css(selector) if e.is_displayed()]
+                if found:
+                    found[0].click()
+                    return True
+            except StaleElementReferenceException:
+                pass
+            return False
+
+        self.until(f"a visible {selector!r} to click", clicked, timeout)
+
+    def text(self, selector: str) -> str | None:
+        """The first match's rendered text, read in one step in the page (never stale)."""
+        return self.driver.execute_script(
+            "const e = document.querySelector(arguments[0]); return e ? e.innerText : null;",
+            selector,
+        )
+
     def cookie(self, name: str) -> str | None:
         found = self.driver.get_cookie(name)
         return found["value"] if found else None
 
     def screenshot(self, name: str) -> Path:
-        """The whole page (not just the window) as <artifacts>/<module>/<name>.png."""
+        """The whole page, beyond the window too, as <artifacts>/<module>/<name>.png."""
         path = self.shots / f"{name}.png"
-        height = self.driver.execute_script("return document.documentElement.scrollHeight")
-        width, _ = WINDOW
-        self.driver.set_window_size(width, max(WINDOW[1], min(int(height or 0), 4000)))
-        try:
-            assert self.driver.save_screenshot(str(path)), path
-        finally:
-            self.driver.set_window_size(*WINDOW)
+        shot = self.driver.execute_cdp_cmd(
+            "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}
+        )
+        path.write_bytes(base64.b64decode(shot["data"]))
         return path

@@ -27,8 +27,10 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from sandbox.proxy.addresses import is_forbidden
+from tests.agent_fixtures import TURN, blueprint_doc
 from tests.browser import Console, artifacts_dir, browser_skip_reason, chromium
 from tests.control_fixtures import running_control_plane
 from tests.helpers import cli_env, free_port
@@ -74,6 +76,7 @@ class Lab:
     box: str  # the sandbox whose agent makes the requests
     tokens: dict[str, str]  # operator name -> token
     jobs: dict[str, str] = field(default_factory=dict)  # host -> the agent's job asking it
+    agents: list[str] = field(default_factory=list)  # made by the steps, removed at the end
 
     @property
     def home(self) -> Path:
@@ -125,9 +128,12 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
             command = ["--", "python3", "-I", "-c", JOB_AGENT]
             plane.cli("sandbox", "create", box, "--policy", str(plane.policy_file(box)), *command)
             console = Console(driver, f"http://127.0.0.1:{port}", shots)
+            made = Lab(plane, console, box, tokens)
             try:
-                yield Lab(plane, console, box, tokens)
+                yield made
             finally:
+                for name in made.agents:
+                    run_cli("agent", "rm", name, env=env)
                 for name in sorted(plane.created):
                     run_cli("sandbox", "rm", name, env=env)
     finally:
@@ -364,3 +370,38 @@ def test_8_kill_all_holds_until_the_operator_releases(lab: Lab) -> None:
     console.until("the hold released", lambda d: not console.css("p.held"))
     [released] = lab.audit(event="release")
     assert released["actor"] == OPERATOR and released["actor_kind"] == "console", released
+
+
+def test_9_an_agent_runs_a_turn_and_is_killed_from_its_page(lab: Lab) -> None:
+    console, plane = lab.console, lab.plane
+    name = f"echo-{os.getpid()}"
+    blueprint = plane.scratch / "echo.yaml"  # kind: command, its turn echoes session|message
+    blueprint.write_text(yaml.safe_dump(blueprint_doc("console-echo", turn=TURN)))
+    lab.agents.append(name)
+    plane.created.add(name)  # its sandbox, should `agent rm` fail
+    plane.cli("agent", "create", name, "--blueprint", str(blueprint))
+    console.open(f"/agents/{name}")
+    console.wait_for("#turn-message").send_keys("hello from the console")
+    console.wait_for("#turn-session").send_keys("web")
+    console.click("form.turn-form button")
+    reply = console.until(
+        "the turn's reply on the agent's page",
+        lambda d: console.text("pre.reply"),
+        timeout=RESULT_TIMEOUT_S,
+    )
+    assert reply == "web|hello from the console", reply
+    console.screenshot("agent")
+    [turn] = [r for r in lab.audit(event="agent.turn") if r.get("agent") == name]
+    assert turn["actor"] == OPERATOR, turn
+
+    console.click("#agent-kill")
+    console.until("the confirmation page", lambda d: console.path == "/kill/confirm")
+    assert plane.states()[name] == "running", "killed without confirming"
+    console.click("form[action='/kill'] button.danger")
+    console.until("back on the kill switch", lambda d: console.path == "/kill")
+    [agent] = json.loads(plane.cli("status", "--json").stdout)["agents"]["agents"]
+    assert agent["name"] == name and agent["state"] == "stopped", agent
+    [killed] = [r for r in lab.audit(event="control.kill") if r["sandboxes"] == [name]]
+    assert killed["actor"] == OPERATOR and killed["actor_kind"] == "console", killed
+    console.open(f"/agents/{name}")
+    console.until("the page saying stopped", lambda d: console.text("#agent-state") == "stopped")

@@ -3,16 +3,14 @@ session lookup the API's auth dependency uses for a browser holding the console'
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from appliance.console import (
     approvals,
@@ -77,17 +75,18 @@ async def _refused(request: Request, exc: Exception) -> Response:
 
 
 def _as_page(api_handler: Handler) -> Handler:
-    """The API's JSON error for /api/..., a page saying the same for the console's paths."""
+    """The API's JSON error for /api/..., a page saying the same for the console's paths (an
+    operator error, a bad form, an unknown path; an unexpected one is still logged)."""
 
     async def handle(request: Request, exc: Exception) -> Response:
-        if request.url.path.startswith(API_PREFIX):
-            return await api_handler(request, exc)
-        if isinstance(exc, RequestValidationError):
-            first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
-            where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query"))
-            return error_page(request, 422, f"{where}: {first.get('msg', 'invalid')}")
-        assert isinstance(exc, StarletteHTTPException)
-        return error_page(request, exc.status_code, str(exc.detail))
+        answer = await api_handler(request, exc)
+        if request.url.path.startswith(API_PREFIX) or not isinstance(answer, JSONResponse):
+            return answer
+        error = json.loads(answer.body).get("error") or {}
+        message = str(error.get("message") or "failed")
+        if error.get("hint"):
+            message += f" (hint: {error['hint']})"
+        return error_page(request, answer.status_code, message)
 
     return handle
 
@@ -98,8 +97,9 @@ def install(app: FastAPI, plane: ControlPlane) -> None:
     app.state.session_principal = api_principal
     app.add_exception_handler(LoginRequired, _login_required)
     app.add_exception_handler(ConsoleRefused, _refused)
-    for error in (RequestValidationError, StarletteHTTPException):  # errors.install's, for /api
-        app.add_exception_handler(error, _as_page(app.exception_handlers[error]))
+    for error, api_handler in list(app.exception_handlers.items()):  # errors.install's
+        if error not in (LoginRequired, ConsoleRefused):
+            app.add_exception_handler(error, _as_page(api_handler))
     for module in ROUTERS:
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

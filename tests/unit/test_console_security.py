@@ -10,9 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
 from appliance.console import security
+from appliance.errors import StateError
 from tests.console_fixtures import (
+    BASE,
     Console,
     FakeApprovals,
     csrf_of,
@@ -140,3 +143,25 @@ def test_a_form_from_the_consoles_public_url_is_accepted(tmp_path: Path) -> None
             assert answer.status_code == status, origin
     finally:
         public.plane.close()
+
+
+def test_a_failure_behind_a_page_is_a_page_not_a_traceback(console: Console) -> None:
+    def broken() -> dict[str, object]:
+        raise StateError("the store is <b>damaged</b>", hint="appliance init")
+
+    console.plane.status = broken  # type: ignore[method-assign]
+    client = TestClient(console.app, base_url=BASE, raise_server_exceptions=False)
+    client.post("/login", data={"token": console.operator("ops-1", "operator")})
+    page = client.get("/")
+    assert page.status_code == 500 and page.headers["content-type"].startswith("text/html")
+    assert "the store is &lt;b&gt;damaged&lt;/b&gt; (hint: appliance init)" in page.text
+    assert "Traceback" not in page.text
+
+    def unexpected() -> dict[str, object]:
+        raise RuntimeError("boom")
+
+    console.plane.status = unexpected  # type: ignore[method-assign]
+    console.app.state.console.status.forget()
+    page = client.get("/")
+    assert page.status_code == 500 and "RuntimeError: boom" in page.text
+    assert "Traceback" not in page.text

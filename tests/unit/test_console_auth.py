@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance.console import auth
-from appliance.console.sessions import COOKIE
+from appliance.console import auth, sessions
+from appliance.console.sessions import COOKIE, SessionStore
+from appliance.control.operators import Operator
 from tests.console_fixtures import (
     SETUP,
     Console,
@@ -205,3 +206,38 @@ def test_the_login_is_audited_with_the_operators_name(console: Console) -> None:
     [login] = [r for r in console.audit() if r.get("path") == "/login"]
     assert (login["actor"], login["actor_kind"], login["status"]) == ("ops-1", "console", 303)
     assert console.tokens["ops-1"] not in json.dumps(console.audit())
+
+
+def _operator(name: str = "ops-1") -> Operator:
+    return Operator(name=name, role="operator", created_at=1.0)
+
+
+def test_a_session_ends_when_idle_or_old() -> None:
+    now = [0.0]
+    store = SessionStore(clock=lambda: now[0])
+    idle = store.create(_operator())
+    busy = store.create(_operator())
+    for minute in range(1, 8 * 60, 10):  # a request every 10 minutes for 8 hours
+        now[0] = minute * 60.0
+        assert store.get(busy.id) is busy
+    assert store.get(idle.id) is None  # 30 minutes without a request
+    now[0] = sessions.ABSOLUTE_S + 1
+    assert store.get(busy.id) is None  # 8 hours after the login, busy or not
+    assert len(store) == 0
+
+
+def test_the_store_drops_the_least_recently_seen_when_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sessions, "MAX_SESSIONS", 3)
+    now = [0.0]
+    store = SessionStore(clock=lambda: now[0])
+    made = []
+    for i in range(3):
+        now[0] = float(i)
+        made.append(store.create(_operator()))
+    now[0] = 10.0
+    store.get(made[0].id)  # seen again: the least recently seen is now made[1]
+    store.create(_operator())
+    assert store.get(made[1].id) is None
+    assert store.get(made[0].id) is made[0] and store.get(made[2].id) is made[2]

@@ -13,7 +13,8 @@ namespaces too (`Origin.in_namespace` as running_control_plane's prefix), so eac
 and connects there, as on a host with a public route.
 
 `forwarded_port` reaches a TCP port of that namespace (the control plane's, for a browser) from
-the test's own network namespace.
+the test's own network namespace; `webhook_receiver` is a notification receiver there (the control
+plane delivers to 127.0.0.1 of its own namespace), and `received` what it got.
 
 JOB_AGENT, a sandbox's command (stdlib only): it polls job files that the test drops into its
 persistent home (`drop_job`) and makes each request through the in-sandbox proxy port
@@ -22,6 +23,7 @@ persistent home (`drop_job`) and makes each request through the in-sandbox proxy
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -34,6 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tests.helpers import free_port
 
 # Deprecated 6to4 relay anycast (RFC 7526): globally routable by `ipaddress`, used by nobody, and
 # only ever assigned inside the test's own network namespace.
@@ -127,6 +131,32 @@ while True:
 """
 
 
+# The webhook receiver, run in the origin's namespace: each POST saved as <n>.json (headers and
+# the raw body) in argv[2], answered 200; argv[1]: its port on 127.0.0.1.
+RECEIVER = r"""
+import base64, http.server, itertools, json, os, sys
+OUT = sys.argv[2]
+count = itertools.count()
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        n = next(count)
+        record = {"path": self.path, "headers": dict(self.headers),
+                  "body": base64.b64encode(body).decode()}
+        with open(f"{OUT}/.{n}.tmp", "w") as fh:
+            json.dump(record, fh)
+        os.rename(f"{OUT}/.{n}.tmp", f"{OUT}/{n:04d}.json")
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+
 @dataclass
 class Origin:
     """The origin server's process; its pid names the namespaces."""
@@ -194,6 +224,34 @@ def forwarded_port(origin: Origin, port: int) -> Iterator[int]:
         listener.close()
         proc.kill()
         proc.communicate()
+
+
+@contextlib.contextmanager
+def webhook_receiver(origin: Origin, inbox: Path) -> Iterator[int]:
+    """RECEIVER on a port of the origin's 127.0.0.1 (returned), saving into `inbox`."""
+    port = free_port()  # free here; the namespace has nothing listening at all
+    proc = subprocess.Popen(
+        [*origin.in_namespace, sys.executable, "-I", "-c", RECEIVER, str(port), str(inbox)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield port
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def received(inbox: Path) -> list[dict[str, Any]]:
+    """What webhook_receiver got so far, in order: {"headers", "raw" (bytes), "body" (JSON)}."""
+    out = []
+    for path in sorted(inbox.glob("*.json")):
+        got = json.loads(path.read_text())
+        raw = base64.b64decode(got["body"])
+        out.append({"headers": got["headers"], "raw": raw, "body": json.loads(raw)})
+    return out
 
 
 def drop_job(home: Path, url: str, method: str = "GET", body: str | None = None) -> str:

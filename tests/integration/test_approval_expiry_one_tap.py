@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from tests.integration.origin_namespace import (
     forwarded_port,
     job_result,
     origin_namespace,
+    webhook_receiver,
 )
 from tests.sandbox_fixtures import (
     ensure_base_image,
@@ -71,31 +71,6 @@ RESULT_TIMEOUT = 45.0
 HOOK = "phone"
 SECRET = "one-tap-test-secret-0123456789"
 CONFLICT_EXIT = 10
-
-# The webhook receiver, run in the origin's namespace: each POST saved as <n>.json (headers and
-# the raw body) in argv[2], answered 200; argv[1]: its port on 127.0.0.1.
-RECEIVER = r"""
-import base64, http.server, itertools, json, os, sys
-OUT = sys.argv[2]
-count = itertools.count()
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        n = next(count)
-        record = {"path": self.path, "headers": dict(self.headers),
-                  "body": base64.b64encode(body).decode()}
-        with open(f"{OUT}/.{n}.tmp", "w") as fh:
-            json.dump(record, fh)
-        os.rename(f"{OUT}/.{n}.tmp", f"{OUT}/{n:04d}.json")
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-    def log_message(self, *args):
-        pass
-server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
-print("ready", flush=True)
-server.serve_forever()
-"""
 
 
 @dataclass
@@ -174,23 +149,6 @@ def _signed(delivery: dict[str, Any]) -> bool:
     )
 
 
-@contextlib.contextmanager
-def _receiver(origin: Origin, inbox: Path) -> Iterator[int]:
-    port = free_port()  # free here; the namespace has nothing listening at all
-    proc = subprocess.Popen(
-        [*origin.in_namespace, sys.executable, "-I", "-c", RECEIVER, str(port), str(inbox)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        yield port
-    finally:
-        proc.kill()
-        proc.communicate()
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     scratch = tmp_path_factory.mktemp("expiry")
@@ -200,7 +158,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     control_port = free_port()
     with (
         origin_namespace(scratch, ("expire", "tap")) as origin,
-        _receiver(origin, inbox) as hook_port,
+        webhook_receiver(origin, inbox) as hook_port,
         forwarded_port(origin, control_port) as phone_port,
     ):
         config = scratch / "appliance.yaml"

@@ -42,6 +42,8 @@ from tests.integration.origin_namespace import (
     forwarded_port,
     job_result,
     origin_namespace,
+    received,
+    webhook_receiver,
 )
 from tests.sandbox_fixtures import (
     ensure_base_image,
@@ -62,10 +64,15 @@ for _tool in ("unshare", "nsenter", "ip", "mount"):
     if shutil.which(_tool) is None:
         pytest.skip(f"{_tool} is not installed", allow_module_level=True)
 
-HOSTS = ("console", "viewer")  # <name>.origin.test: public addresses in the origin's namespace
+HOSTS = (
+    "console",
+    "viewer",
+    "tap",
+)  # <name>.origin.test: public addresses in the origin's namespace
 SHOWN_WITHIN_S = 2.0  # a held request is on the open Approvals page this soon, without a reload
 RESULT_TIMEOUT_S = 45.0  # for the agent's outcome once decided (slow 2-core machines)
 OPERATOR, VIEWER = "olga", "vic"
+HOOK, SECRET_ENV = "phone", "BROWSER_TEST_HOOK_SECRET"
 MARKER = "window.__consoleTestMarker"  # set by the test; a reload would drop it
 
 
@@ -75,6 +82,7 @@ class Lab:
     console: Console  # the browser on the control plane's port
     box: str  # the sandbox whose agent makes the requests
     tokens: dict[str, str]  # operator name -> token
+    inbox: Path  # the webhook receiver's deliveries
     jobs: dict[str, str] = field(default_factory=dict)  # host -> the agent's job asking it
     agents: list[str] = field(default_factory=list)  # made by the steps, removed at the end
 
@@ -97,6 +105,20 @@ class Lab:
         return pending
 
 
+def _notify_config(scratch: Path, hook_port: int, console_port: int) -> Path:
+    config = scratch / "appliance.yaml"
+    hook = {
+        "name": HOOK,
+        "url": f"http://127.0.0.1:{hook_port}/hook",
+        "events": ["approval.pending"],
+        "format": "json",
+        "secret_env": SECRET_ENV,
+    }
+    notify = {"one_tap": True, "console_url": f"http://127.0.0.1:{console_port}"}
+    config.write_text(yaml.safe_dump({"notify": {**notify, "webhooks": [hook]}}))
+    return config
+
+
 def _operator_token(plane: Plane, name: str, role: str) -> str:
     made = plane.cli("operators", "create", name, "--role", role, "--json")
     return json.loads(made.stdout)["secret"]
@@ -111,14 +133,20 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     env["APPLIANCE_CONTROL__PORT"] = str(free_port())  # inside the origin's namespace
     plane = Plane(scratch=scratch, env=env, port=int(env["APPLIANCE_CONTROL__PORT"]))
     box = f"console-{os.getpid()}"
+    inbox = scratch / "inbox"
+    inbox.mkdir()
     shots = artifacts_dir(request.config, Path(__file__).stem)
     try:
         with contextlib.ExitStack() as stack:
             origin = stack.enter_context(origin_namespace(scratch, HOSTS))
+            hook_port = stack.enter_context(webhook_receiver(origin, inbox))
+            port = stack.enter_context(forwarded_port(origin, plane.port))
+            # Held requests are pushed to the "phone" with a one-tap link to this console.
+            env["APPLIANCE_SYSTEM_CONFIG"] = str(_notify_config(scratch, hook_port, port))
+            env[SECRET_ENV] = "browser-test-secret-0123456789"
             plane.proc = stack.enter_context(
                 running_control_plane(env, plane.state, prefix=origin.in_namespace)
             )
-            port = stack.enter_context(forwarded_port(origin, plane.port))
             driver = stack.enter_context(chromium(shots / "chromedriver.log"))
             tokens = {
                 OPERATOR: _operator_token(plane, OPERATOR, "operator"),
@@ -128,7 +156,7 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
             command = ["--", "python3", "-I", "-c", JOB_AGENT]
             plane.cli("sandbox", "create", box, "--policy", str(plane.policy_file(box)), *command)
             console = Console(driver, f"http://127.0.0.1:{port}", shots)
-            made = Lab(plane, console, box, tokens)
+            made = Lab(plane, console, box, tokens, inbox)
             try:
                 yield made
             finally:
@@ -282,6 +310,43 @@ def test_4_the_operator_denies_from_the_page(lab: Lab) -> None:
     result = job_result(lab.home, lab.jobs["viewer.origin.test"], timeout=RESULT_TIMEOUT_S)
     assert result is not None and result.get("status") == 403, result
     assert "denied by operator" in result["body"], result
+
+
+def test_4b_a_one_tap_link_approves_once_in_a_phone_browser(lab: Lab) -> None:
+    console = lab.console
+    console.logout()  # the phone has no session: the link is all it has
+    job = drop_job(lab.home, "http://tap.origin.test/tapped")
+    [held] = [p for p in lab.plane.wait_pending(lab.box, 1) if p["host"] == "tap.origin.test"]
+
+    def link() -> str | None:
+        for got in received(lab.inbox):
+            body = got["body"]
+            if body.get("event") == "approval.pending" and body.get("approval") == held["id"]:
+                return body["link"]
+        return None
+
+    url = console.until("the approval.pending notification", lambda d: link(), RESULT_TIMEOUT_S)
+    assert url.startswith(f"{console.base_url}/one-tap/"), url
+    console.driver.get(url)
+    page = console.wait_for("main").text
+    assert "tap.origin.test" in page and lab.box in page, page
+    console.screenshot("one-tap")
+    assert job_result(lab.home, job, timeout=0.5) is None, "opening the link approved it"
+
+    console.click("main form button")
+    console.until("the approval confirmed", lambda d: "Approved" in (console.text("main") or ""))
+    result = job_result(lab.home, job, timeout=RESULT_TIMEOUT_S)
+    assert result is not None and result.get("status") == 200, result
+    assert result["body"] == "origin tap.origin.test GET /tapped", result
+    [approved] = lab.audit(event="control.approval.approved", approval=held["id"])
+    assert approved["actor"] == f"webhook:{HOOK}" and approved["actor_kind"] == "link", approved
+    console.screenshot("one-tap-approved")
+
+    console.driver.get(url)  # the same link again: used
+    console.until("the link refused", lambda d: "already used" in (console.text("main") or ""))
+    assert len(lab.audit(event="control.approval.approved", approval=held["id"])) == 1
+    assert console.cookie("appliance_session") is None  # it never logged anyone in
+    console.login(lab.tokens[OPERATOR])  # for the steps that follow
 
 
 def test_5_a_form_without_its_csrf_token_is_refused(lab: Lab) -> None:

@@ -99,7 +99,13 @@ def agents_view(plane: ControlPlane) -> dict[str, Any]:
         return {"agents": [], "error": str(exc)}
     budgets = _budgets(plane)
     agents = [
-        _summary(plane, row, budgets.get(row["name"]), _schedule(plane, row["name"]), 3)
+        _summary(
+            plane,
+            row,
+            budgets.get(row["name"]),
+            _schedule(plane, row["name"]),
+            agents_data.LAST_TURNS,
+        )
         for row in rows
     ]
     return {"agents": agents, "error": None}
@@ -176,8 +182,10 @@ async def run_turn(
     holds, the budget is spent, the lane is full) are said on the agent's page."""
     if not message.strip():
         flash(request, "error", "Write a message for the agent first.")
-    elif len(message) > MESSAGE_MAX or len(session) > SESSION_MAX:
+    elif len(message) > MESSAGE_MAX:
         flash(request, "error", f"A message is at most {MESSAGE_MAX:,} characters.")
+    elif len(session) > SESSION_MAX:
+        flash(request, "error", "A session name is 1-40 of a-z, 0-9 and '-'.")
     else:
         plane = _plane(request)
         start = plane.turns.start

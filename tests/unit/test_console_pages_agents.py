@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from appliance.control.api import lanes
 from appliance.control.api.deps import Principal
 from tests.console_page_fixtures import browser, log_in, operator_token
 from tests.turn_fixtures import AGENT, World, reply_events, turn_world
@@ -108,7 +110,7 @@ def test_an_operator_runs_a_turn_from_the_page(
     assert "Run the turn" in page.text and 'id="agent-stop"' in page.text
     answer = client.post(f"/agents/{AGENT}/turn", data={"csrf": csrf, "message": XSS})
     assert answer.status_code == 303 and answer.headers["location"] == f"/agents/{AGENT}"
-    _wait_for(lambda: len(world.transcript()) == 1)
+    _wait_for(lambda: len(world.audit("agent.turn")) == 1)  # written after the transcript line
     [line] = world.transcript()
     assert line["ok"] and line["message"] == XSS and line["actor"] == "olivia"
     assert line["actor_kind"] == "console"
@@ -187,3 +189,29 @@ def test_an_unknown_or_hostile_agent_is_a_404_page(
         assert "<script>alert" not in answer.text
     refused = client.post(f"/agents/{name}/turn", data={"csrf": csrf, "message": "hi"})
     assert refused.status_code == 404 and "<script>alert" not in refused.text
+
+
+def test_turns_posted_at_once_all_run_and_a_full_lane_is_said(
+    world: World, operator: tuple[TestClient, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, csrf = operator
+    world.script.events = reply_events("done")
+    world.script.pause_s = 0.2  # each turn still runs while the others are posted
+
+    def post(i: int) -> int:
+        data = {"csrf": csrf, "message": f"turn {i}"}
+        return client.post(f"/agents/{AGENT}/turn", data=data).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(post, range(4))) == [303] * 4
+    _wait_for(lambda: len(world.transcript()) == 4)
+    lines = world.transcript()
+    assert sorted(line["message"] for line in lines) == [f"turn {i}" for i in range(4)]
+    assert all(line["ok"] and line["actor"] == "olivia" for line in lines)
+    # Every turn slot taken: refused at once with the reason, nothing reaches the runtime.
+    monkeypatch.setattr(lanes.TURNS, "slots", 0)
+    before = len(world.script.requests)
+    client.post(f"/agents/{AGENT}/turn", data={"csrf": csrf, "message": "one more"})
+    page = client.get(f"/agents/{AGENT}").text
+    assert "The turn was not started: 0 agent turns are running already" in page
+    assert len(world.script.requests) == before

@@ -12,6 +12,7 @@ import pytest
 
 from appliance.audit import ChainWriter, audit_path
 from appliance.console import agents_data, audit_data, spend_data
+from appliance.control.transcript import TranscriptLog
 from appliance.store.inference_store import InferenceStore
 from inference.ports import KeyRecord, UsageRecord
 
@@ -201,3 +202,14 @@ def test_only_a_sandboxs_own_key_gives_an_agent_its_budget() -> None:
     reports = [{"key": "sandbox-bot", "key_id": "c1"}, {"key": "sandbox-two", "key_id": "s2"}]
     keys = [{"id": "c1", "owner_kind": "client"}, {"id": "s2", "owner_kind": "sandbox"}]
     assert list(agents_data.budgets_by_agent(reports, keys)) == ["two"]
+
+
+def test_the_newest_turns_are_read_from_the_transcripts_end(tmp_path: Path) -> None:
+    log = TranscriptLog(tmp_path)
+    assert log.last("bot", 3) == []  # no transcript yet
+    for i in range(6):
+        log.append("bot", {"n": i, "reply": "é" * (40_000 * (i % 2))})  # lines across chunks
+    assert [t["n"] for t in log.last("bot", 3)] == [3, 4, 5]
+    assert [t["n"] for t in log.last("bot", 100)] == list(range(6))
+    assert log.last("bot", 3) == log.read("bot")[-3:]
+    assert log.last("bot", 0) == []

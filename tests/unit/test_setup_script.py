@@ -73,3 +73,52 @@ def test_a_request_no_stamp_covers_installs_and_stamps_it(
     requested = f"{PYPROJECT_HASH}-{extras or 'base'}"
     # Its stamp added; this pyproject's other stamps kept, another pyproject's removed.
     assert left == {requested} | {s for s in stamps if s.startswith(PYPROJECT_HASH)}
+
+
+# -- system packages: the browser tests' Chromium comes with the `test` extra only --------------
+
+BROWSER = ("chromium", "chromium-driver")
+
+
+def _stub(path: Path, body: str) -> None:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+def apt_calls(tmp_path: Path, extras: str | None) -> tuple[list[str], str]:
+    """setup.sh on a host that has every package but the browser (stand-ins for dpkg-query,
+    apt-get and sudo on PATH: nothing is installed) and a venv stamped for every extra: its
+    apt-get calls and its output."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "apt.log"
+    bin_dir.mkdir()
+    missing = " ".join(BROWSER)
+    _stub(
+        bin_dir / "dpkg-query",
+        f'for pkg in {missing}; do [ "$3" = "$pkg" ] && exit 1; done\n'
+        'echo "install ok installed"\n',
+    )
+    _stub(bin_dir / "apt-get", f'echo "$*" >> {calls}\n')
+    _stub(bin_dir / "sudo", 'exec "$@"\n')  # when the suite is not run as root
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    _stub(venv / "bin" / "python", "exit 0\n")
+    (venv / f".installed-{PYPROJECT_HASH}-embedded,test").touch()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "APPLIANCE_VENV": str(venv)}
+    env["APPLIANCE_NO_SANDBOX"] = "1"
+    argv = [str(SCRIPT)] + ([extras] if extras is not None else [])
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return (calls.read_text().splitlines() if calls.exists() else []), done.stdout
+
+
+@pytest.mark.parametrize("extras", ["test", "embedded,test"])
+def test_the_test_extra_installs_chromium_and_its_driver(tmp_path: Path, extras: str) -> None:
+    apt, out = apt_calls(tmp_path, extras)
+    assert apt == ["update -qq", "install -y -qq --no-install-recommends " + " ".join(BROWSER)]
+    assert f"installing system packages: {' '.join(BROWSER)}" in out
+
+
+@pytest.mark.parametrize("extras", [None, "embedded"])  # appliance-up.sh's set-ups
+def test_other_set_ups_install_no_browser(tmp_path: Path, extras: str | None) -> None:
+    apt, _ = apt_calls(tmp_path, extras)
+    assert apt == []

@@ -26,7 +26,12 @@ def run_setup(tmp_path: Path, stamps: list[str], extras: str | None) -> tuple[li
     python.chmod(0o755)
     for stamp in stamps:
         (venv / f".installed-{stamp}").touch()
-    env = {"PATH": "/usr/bin:/bin", "APPLIANCE_VENV": str(venv), "APPLIANCE_NO_SANDBOX": "1"}
+    # Every system package "installed" (the test extra's Chromium too): no apt-get here, ever.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir / "dpkg-query", 'echo "install ok installed"\n')
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "APPLIANCE_VENV": str(venv)}
+    env["APPLIANCE_NO_SANDBOX"] = "1"
     argv = [str(SCRIPT)] + ([extras] if extras is not None else [])
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -149,6 +149,7 @@ class AgentSummary:
     turns: int
     last_activity: float | None
     gauges: list[Gauge]
+    spend: dict[str, float] | None  # its key's day_tokens, month_tokens, day_cost, month_cost
     schedule: ScheduleLine
     last_turns: list[TurnLine] = field(default_factory=list)
 
@@ -175,6 +176,7 @@ def summary(
         turns=int(row.get("turns") or 0),
         last_activity=_number(row.get("last_activity")),
         gauges=gauges(budget),
+        spend=(budget or {}).get("spend"),
         schedule=schedule,
         last_turns=last_turns(transcript, turns_shown),
     )

@@ -72,6 +72,7 @@ def test_the_list_shows_state_blueprint_budget_and_last_turns(
     assert f'href="/agents/{AGENT}"' in html and "served@1.0.0" in html
     assert 'class="state state-running"' in html
     assert '<meter min="0" max="1000.0"' in html and "tokens today" in html  # its daily budget
+    assert "today 0 tokens · this month 0 tokens" in html
     assert "321 tokens" in html and "outcome-ok" in html
     assert 'data-refresh="/fragments/agents"' in html
     fragment = client.get("/fragments/agents")

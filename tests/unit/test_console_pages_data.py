@@ -182,6 +182,7 @@ def test_an_agent_summary() -> None:
         ("tokens this month", 20.0),
     ]
     assert s.gauges[0].text == "900 of 1,000 (90%)" and s.gauges[0].low == 800
+    assert s.spend == {"day_tokens": 900, "month_tokens": 2000}
     assert (s.schedule.entries, s.schedule.next_run_at) == (3, NOW + 30)
     assert (s.schedule.last_run_at, s.schedule.last_outcome) == (NOW - 60, "failed")
     assert [t.outcome for t in s.last_turns] == ["failed", "cancelled", "refused"]

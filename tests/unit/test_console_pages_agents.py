@@ -117,6 +117,8 @@ def test_an_operator_runs_a_turn_from_the_page(
     assert line["actor_kind"] == "console"
     [turn] = world.audit("agent.turn")
     assert (turn["actor"], turn["actor_kind"]) == ("olivia", "console")
+    posts = [r for r in world.audit("control.request") if r["path"] == f"/agents/{AGENT}/turn"]
+    assert [(r["actor"], r["method"], r["status"]) for r in posts] == [("olivia", "POST", 303)]
     page = client.get(f"/agents/{AGENT}")
     assert "The turn is running" in page.text  # the flash after the redirect, once
     assert XSS not in page.text and "&lt;script&gt;" in page.text

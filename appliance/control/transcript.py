@@ -40,7 +40,8 @@ class TranscriptLog:
 
     def last(self, name: str, count: int) -> list[dict[str, Any]]:
         """The newest `count` turns, oldest first, read from the end (a console page refreshes
-        this every few seconds: a long transcript is not read whole each time)."""
+        this every few seconds: a long transcript is not read whole each time). A line that is
+        no JSON object (cut short by a crash) is skipped, not fatal to the page."""
         path = self.path(name)
         if count <= 0 or not path.is_file():
             return []
@@ -48,8 +49,12 @@ class TranscriptLog:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             for line in lines_backwards(fd, os.fstat(fd).st_size):
-                if line.strip():
-                    out.append(json.loads(line))
+                try:
+                    turn = json.loads(line) if line.strip() else None
+                except ValueError:  # a line cut short by a crash: not a turn
+                    continue
+                if isinstance(turn, dict):
+                    out.append(turn)
                     if len(out) >= count:
                         break
         finally:

@@ -214,3 +214,6 @@ def test_the_newest_turns_are_read_from_the_transcripts_end(tmp_path: Path) -> N
     assert [t["n"] for t in log.last("bot", 100)] == list(range(6))
     assert log.last("bot", 3) == log.read("bot")[-3:]
     assert log.last("bot", 0) == []
+    with log.path("bot").open("a") as fh:
+        fh.write('[1]\n{"n": 6, "rep')  # not a turn; a line cut short by a crash
+    assert [t["n"] for t in log.last("bot", 2)] == [4, 5]

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from appliance.control.api import lanes
 from appliance.control.api.deps import Principal
+from sandbox.lifecycle.errors import PodmanUnavailable
 from tests.console_page_fixtures import browser, log_in, operator_token
 from tests.turn_fixtures import AGENT, World, reply_events, turn_world
 
@@ -218,3 +219,19 @@ def test_turns_posted_at_once_all_run_and_a_full_lane_is_said(
     page = client.get(f"/agents/{AGENT}").text
     assert "The turn was not started: 0 agent turns are running already" in page
     assert len(world.script.requests) == before
+
+
+def test_a_host_that_cannot_run_sandboxes_is_said_on_the_page(
+    world: World, viewer: tuple[TestClient, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, _ = viewer
+
+    def not_ready(ready: bool = True) -> Any:
+        raise PodmanUnavailable("sandboxes are managed by root (the control plane)", hint="sudo")
+
+    monkeypatch.setattr(world.plane.sandboxes, "manager", not_ready)
+    page = client.get("/agents")
+    assert page.status_code == 200
+    assert "The agents could not be read: sandboxes are managed by root" in page.text
+    detail = client.get(f"/agents/{AGENT}")
+    assert detail.status_code == 503 and "sandboxes are managed by root" in detail.text

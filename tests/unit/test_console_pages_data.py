@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from appliance.audit import ChainWriter, audit_path
-from appliance.console import agents_data, audit_data, spend_data
+from appliance.console import agents_data, audit_data
 from appliance.control.transcript import TranscriptLog
+from appliance.ops import spend as spend_data
 from appliance.store.inference_store import InferenceStore
 from inference.ports import KeyRecord, UsageRecord
 
@@ -50,19 +51,18 @@ def test_spend_per_key_and_per_agent_per_day() -> None:
         ("k2", "2026-11-01", 999, 999, 9.0, 9),  # outside the window
     ]
     report = spend_data.build_report(days, usage, labels)
-    by_key = {s.label: s.values for s in report.tokens_by_key()}
-    assert by_key == {
+    assert report.tokens_by_key() == {
         "sandbox-bot": (120, 0, 15),
         "ci": (0, 0, 2),
         "sandbox-plain": (0, 7, 0),
         "sandbox-old": (0, 6, 0),
         "gone": (0, 2, 0),
     }
-    assert {s.label: s.values for s in report.tokens_by_agent()} == {
+    assert report.tokens_by_agent() == {
         "bot": (120, 0, 15),
         "old": (0, 6, 0),
     }
-    assert {s.label: s.values for s in report.cost_by_key()}["ci"] == (0, 0, 0.25)
+    assert report.cost_by_key()["ci"] == (0, 0, 0.25)
     assert report.totals()["tokens"] == 120 + 15 + 2 + 7 + 6 + 2
     assert report.totals()["requests"] == 7
 

@@ -17,8 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from appliance.config import load_config
-from appliance.console.spend_data import CSV_COLUMNS
 from appliance.control.plane import ControlPlane
+from appliance.ops.spend import CSV_COLUMNS
 from appliance.store import open_store
 from appliance.store.agent_store import AgentStore
 from appliance.store.inference_store import InferenceStore
@@ -137,3 +137,29 @@ def test_an_empty_ledger_is_said_not_drawn_as_data(tmp_path: Path) -> None:
             assert csv_text.strip().splitlines() == [",".join(CSV_COLUMNS)]
     finally:
         plane.close()
+
+
+def test_the_api_answers_the_same_rows(plane: ControlPlane) -> None:
+    token = operator_token(plane, "reader", "viewer")
+    with browser(plane) as client:
+        client.headers["authorization"] = f"Bearer {token}"
+        answer = client.get("/api/v1/spend")
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert len(body["days"]) == 30 and body["days"][-1] == _day(0)
+        assert body["totals"]["tokens"] == 1377
+        today = [r for r in body["rows"] if r["day"] == _day(0) and r["key"] == "sandbox-helper"]
+        assert today == [
+            {
+                "day": _day(0), "key": "sandbox-helper", "key_id": today[0]["key_id"],
+                "owner_kind": "sandbox", "agent": "helper", "prompt_tokens": 1000,
+                "completion_tokens": 234, "tokens": 1234, "cost": 0.5, "requests": 1,
+            }
+        ]  # fmt: skip
+        # A longer window reaches the 40-day-old row; a window out of range is refused.
+        assert client.get("/api/v1/spend", params={"days": 60}).json()["totals"]["tokens"] == 1387
+        for bad in ("0", "367", "x"):
+            refused = client.get("/api/v1/spend", params={"days": bad})
+            assert refused.status_code == 422 and "error" in refused.json()
+        del client.headers["authorization"]
+        assert client.get("/api/v1/spend").status_code == 401

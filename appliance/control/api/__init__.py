@@ -18,6 +18,7 @@ from appliance.control.api import (
     operators,
     sandboxes,
     schedules,
+    spend,
     status,
 )
 from appliance.control.api.audit_trail import AuditTrail
@@ -31,6 +32,7 @@ ROUTERS += [operators, keys, budgets, audit]  # control-core
 ROUTERS += [agents]  # control-agents
 ROUTERS += [schedules]  # control-schedules
 ROUTERS += [notify]  # notifications (appliance/control/notify/)
+ROUTERS += [spend]  # the console's Spend page's data (appliance/ops/spend.py)
 
 
 def create_app(plane: ControlPlane) -> FastAPI:

@@ -1,21 +1,24 @@
-"""The Spend page's data: tokens and cost per key and per agent per UTC day over the last days,
-from the ledger's daily roll-up (usage_daily, settled usage only: what budgets count), and its
-CSV export.
+"""Spend per key and per agent per UTC day over the last days (GET /api/v1/spend, the console's
+Spend page and its CSV export), from the ledger's daily roll-up: usage_daily, settled usage
+only, what budgets count.
 
 An agent's spend is its sandbox's key's (`sandbox-NAME`, owned by the sandbox): the key the
-egress proxy injects for it. Pure functions over rows, plus `gather` that reads them.
+egress proxy injects for it. Pure functions over rows, plus `gather`/`report` that read them.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from appliance.console.charts import Series
+from appliance.store import open_store
+from appliance.store.agent_store import AgentStore
 from inference.ports import KeyRecord
 from sandbox.names import SANDBOX_KEY_PREFIX
 
@@ -88,7 +91,8 @@ class SpendReport:
     days: list[str]
     rows: list[SpendRow]  # by day, then key name; only (key, day) pairs with usage
 
-    def _series(self, label_of: Any, value_of: Any) -> list[Series]:
+    def _series(self, label_of: Any, value_of: Any) -> dict[str, tuple[float, ...]]:
+        """label -> one value per day (a chart's series), by label."""
         index = {day: i for i, day in enumerate(self.days)}
         sums: dict[str, list[float]] = {}
         for row in self.rows:
@@ -96,19 +100,41 @@ class SpendReport:
             if label is None:
                 continue
             sums.setdefault(label, [0.0] * len(self.days))[index[row.day]] += value_of(row)
-        return [Series(label, tuple(values)) for label, values in sorted(sums.items())]
+        return {label: tuple(values) for label, values in sorted(sums.items())}
 
-    def tokens_by_key(self) -> list[Series]:
+    def tokens_by_key(self) -> dict[str, tuple[float, ...]]:
         return self._series(lambda r: r.key.name, lambda r: r.tokens)
 
-    def cost_by_key(self) -> list[Series]:
+    def cost_by_key(self) -> dict[str, tuple[float, ...]]:
         return self._series(lambda r: r.key.name, lambda r: r.cost)
 
-    def tokens_by_agent(self) -> list[Series]:
+    def tokens_by_agent(self) -> dict[str, tuple[float, ...]]:
         return self._series(lambda r: r.key.agent, lambda r: r.tokens)
 
-    def cost_by_agent(self) -> list[Series]:
+    def cost_by_agent(self) -> dict[str, tuple[float, ...]]:
         return self._series(lambda r: r.key.agent, lambda r: r.cost)
+
+    def as_dict(self) -> dict[str, Any]:
+        """What GET /api/v1/spend answers: the days, a row per key and day with usage, totals."""
+        return {
+            "days": self.days,
+            "rows": [
+                {
+                    "day": r.day,
+                    "key": r.key.name,
+                    "key_id": r.key.key_id,
+                    "owner_kind": r.key.owner_kind,
+                    "agent": r.key.agent,
+                    "prompt_tokens": r.prompt_tokens,
+                    "completion_tokens": r.completion_tokens,
+                    "tokens": r.tokens,
+                    "cost": round(r.cost, 6),
+                    "requests": r.requests,
+                }
+                for r in self.rows
+            ],
+            "totals": self.totals(),
+        }
 
     def totals(self) -> dict[str, float]:
         return {
@@ -143,6 +169,13 @@ def gather(store: Any, agents: Iterable[str], now: float, days: int = DAYS) -> S
     span = day_range(now, days)
     labels = key_labels(store.list_keys(include_revoked=True), agents)
     return build_report(span, store.daily_usage(span[0], span[-1]), labels)
+
+
+def report(state_dir: Path, store: Any, now: float | None = None, days: int = DAYS) -> SpendReport:
+    """`gather` for the state dir's agents (a worker thread: it reads the store)."""
+    with open_store(state_dir) as db:
+        agents = AgentStore(db).agents()
+    return gather(store, agents, time.time() if now is None else now, days)
 
 
 def safe_cell(value: object) -> str:

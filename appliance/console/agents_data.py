@@ -17,7 +17,8 @@ from typing import Any
 from sandbox.names import SANDBOX_KEY_PREFIX
 
 LAST_TURNS = 3  # on the list
-TRANSCRIPT_TURNS = 50  # on an agent's page, newest first
+TRANSCRIPT_TURNS = 20  # on an agent's page, newest first (it refreshes every 2 s)
+TEXT_SHOWN = 20_000  # characters of a message or reply on the page (a reply may be a MiB)
 GAUGES = (  # (limit, what is spent against it, its label)
     ("daily_tokens", "day_tokens", "tokens today"),
     ("monthly_tokens", "month_tokens", "tokens this month"),
@@ -104,10 +105,17 @@ def turn_line(record: dict[str, Any]) -> TurnLine:
         outcome=outcome,
         tokens=total if isinstance(total, int) else None,
         duration_s=_number(record.get("duration_s")),
-        message=str(record.get("message") or ""),
-        reply=str(record.get("reply") or ""),
+        message=_cut(str(record.get("message") or "")),
+        reply=_cut(str(record.get("reply") or "")),
         detail=detail,
     )
+
+
+def _cut(text: str) -> str:
+    """At most TEXT_SHOWN characters, saying how many more the transcript holds."""
+    if len(text) <= TEXT_SHOWN:
+        return text
+    return f"{text[:TEXT_SHOWN]}… [{len(text) - TEXT_SHOWN:,} more characters in the transcript]"
 
 
 def last_turns(transcript: Sequence[dict[str, Any]], count: int) -> list[TurnLine]:

@@ -195,6 +195,9 @@ def test_a_stopped_agent_has_no_uptime_and_odd_records_do_not_break_it() -> None
     )
     assert (s.uptime_s, s.gauges, s.blueprint) == (None, [], "?")
     assert s.last_turns[0].outcome == "failed" and s.last_turns[0].ts is None
+    long = agents_data.turn_line({"message": "m" * 20_001, "reply": "r" * 1_000_000})
+    assert long.message.endswith("m… [1 more characters in the transcript]")
+    assert len(long.reply) < 20_100 and "980,000 more characters" in long.reply
     odd = agents_data.turn_line({"ts": "yesterday", "duration_s": float("nan"), "tokens": [1]})
     assert (odd.ts, odd.duration_s, odd.tokens) == (None, None, None)
 

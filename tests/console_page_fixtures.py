@@ -1,18 +1,17 @@
-"""The console's pages over a real control plane app (create_app, a temp state dir), driven by
-FastAPI's TestClient as a browser would: log in with an operator token, keep the session cookie,
-send each form's CSRF token (read from the page, as the browser has it)."""
+"""The console's pages over a control plane a test already has (tests/turn_fixtures.py's, with
+its agent), through its real app (create_app), driven by FastAPI's TestClient as a browser
+would: log in with an operator token, keep the session cookie, send each form's CSRF token as
+read from the page (tests/console_fixtures.py builds its own plane instead)."""
 
 from __future__ import annotations
-
-import re
 
 from fastapi.testclient import TestClient
 
 from appliance.control.api import create_app
 from appliance.control.plane import ControlPlane
+from tests.console_fixtures import csrf_of
 
 BASE = "http://127.0.0.1"
-_CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
 
 
 def operator_token(plane: ControlPlane, name: str, role: str) -> str:
@@ -30,7 +29,4 @@ def log_in(client: TestClient, token: str) -> str:
     """Log in; the session's CSRF token, as the pages carry it."""
     answer = client.post("/login", data={"token": token, "next": "/"})
     assert answer.status_code == 303, answer.text
-    page = client.get("/audit")
-    found = _CSRF_META.search(page.text)
-    assert found, page.text[:2000]
-    return found.group(1)
+    return csrf_of(client.get("/audit").text)

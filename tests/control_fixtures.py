@@ -27,10 +27,10 @@ def _answers(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
             s.connect(str(path))
-        except OSError:
+            s.sendall(b"GET /api/v1/openapi.json HTTP/1.0\r\n\r\n")  # a peer: always admin
+            return s.recv(12).startswith(b"HTTP/1.1 200")
+        except OSError:  # not listening yet, or reset by a control plane still starting
             return False
-        s.sendall(b"GET /api/v1/openapi.json HTTP/1.0\r\n\r\n")  # a peer: always admin
-        return s.recv(12).startswith(b"HTTP/1.1 200")
 
 
 @contextlib.contextmanager

@@ -56,6 +56,9 @@ SECRET_VAR = "BENCH_CONSOLE_WEBHOOK_SECRET"
 SECRET = "bench-console-webhook-secret"
 SLOW_RECEIVER_S = 2.0
 POLLERS = 20
+# A poller idle while the other side's rounds run drops its connection before uvicorn's 5 s
+# keep-alive timeout would (reusing one the server is closing is a ReadError, not a latency).
+LIMITS = httpx.Limits(keepalive_expiry=3.0)
 # (console fragment, API route, the page's refresh interval) as the templates poll them
 PAIRS = [
     ("Overview", "/fragments/overview", "/api/v1/status", 2.0),
@@ -106,12 +109,14 @@ class Pollers:
         clients = []
         for _ in range(count):
             if console:  # a browser: log in through the form, keep the session cookie
-                client = httpx.AsyncClient(base_url=self.base, timeout=60)
+                client = httpx.AsyncClient(base_url=self.base, timeout=60, limits=LIMITS)
                 answer = await client.post("/login", data={"token": self.token})
                 assert answer.status_code == 303, answer.text[:300]
             else:  # a script: the operator's bearer token
                 auth = {"Authorization": f"Bearer {self.token}"}
-                client = httpx.AsyncClient(base_url=self.base, timeout=60, headers=auth)
+                client = httpx.AsyncClient(
+                    base_url=self.base, timeout=60, headers=auth, limits=LIMITS
+                )
             clients.append(client)
         return clients
 
@@ -310,7 +315,11 @@ def notify_table(results: dict[str, list[float]]) -> list[str]:
         )
     slow = results.get("slow receiver: webhooks received meanwhile")
     if slow:
-        lines.append(f"(the slow receiver got {slow[0]:.0f} more webhooks meanwhile: queued)")
+        lines.append(
+            f"(when the last kill had returned, the {SLOW_RECEIVER_S:g} s receiver had taken"
+            f" {slow[0]:.0f} of the {len(results['lag|kill call -> receiver'])} webhooks: the"
+            " rest were queued; no decision waited for them)"
+        )
     return lines
 
 

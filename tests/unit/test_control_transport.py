@@ -172,3 +172,27 @@ def test_a_peer_carries_its_loginuid_when_the_kernel_has_one(tmp_path: Path) -> 
     assert fields.get("actor_loginuid") == expected
     assert ("actor_loginuid" in fields) is (expected is not None)
     assert server.loginuid(2**22 + 7) is None  # no such process
+
+
+def test_connections_on_the_loopback_port_have_tcp_nodelay() -> None:
+    """asyncio sets TCP_NODELAY only on sockets made with IPPROTO_TCP named; without it a
+    response written in two pieces waited ~40 ms for the client's delayed ACK (bench_console)."""
+    import asyncio
+
+    async def check() -> int:
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def handle(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sock = writer.get_extra_info("socket")
+            seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        listener = server.bind_tcp("127.0.0.1", 0)
+        port = listener.getsockname()[1]
+        async with await asyncio.start_server(handle, sock=listener):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            value = await asyncio.wait_for(seen, 5)
+            writer.close()
+            return value
+
+    assert asyncio.run(check()) != 0

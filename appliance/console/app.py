@@ -7,6 +7,7 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
@@ -32,7 +33,7 @@ from appliance.console.sessions import (
     api_principal,
     login_url,
 )
-from appliance.console.status_cache import StatusCache
+from appliance.console.shared_read import PENDING_MAX_AGE_S, SharedRead
 from appliance.control.plane import ControlPlane
 
 STATIC = Path(__file__).parent / "static"
@@ -50,7 +51,10 @@ class ConsoleState:
 
     sessions: SessionStore = field(default_factory=SessionStore)
     logins: auth.LoginLimiter = field(default_factory=auth.LoginLimiter)
-    status: StatusCache = field(default_factory=StatusCache)
+    status: SharedRead[dict[str, Any]] = field(default_factory=SharedRead)
+    pending: SharedRead[list[dict[str, Any]]] = field(
+        default_factory=lambda: SharedRead(PENDING_MAX_AGE_S)
+    )
 
 
 async def _login_required(request: Request, exc: Exception) -> Response:

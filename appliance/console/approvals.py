@@ -27,10 +27,16 @@ REFRESH_MS = 1000
 HISTORY_SHOWN = 50
 
 
-async def _pending(request: Request) -> tuple[list[dict[str, Any]], str | None]:
+async def pending_list(request: Request) -> list[dict[str, Any]]:
+    """Every proxy's pending entries, shared by every open tab (one listing at a time, reused
+    for PENDING_MAX_AGE_S): N tabs polling a hung proxy cost one listing, not N."""
     plane = request.app.state.plane
+    return await request.app.state.console.pending.get(plane.approvals.list)
+
+
+async def _pending(request: Request) -> tuple[list[dict[str, Any]], str | None]:
     try:
-        pending = await lanes.CONTROL.run(plane.approvals.list)
+        pending = await pending_list(request)
     except errors.OPERATOR_ERRORS as exc:  # no sandboxes set up here, say
         return [], str(exc)
     return sorted(pending, key=lambda p: p.get("created") or 0), None
@@ -38,9 +44,7 @@ async def _pending(request: Request) -> tuple[list[dict[str, Any]], str | None]:
 
 async def _history(request: Request) -> list[dict[str, Any]]:
     service = request.app.state.plane.approvals
-    if not hasattr(service, "history"):
-        return []
-    return await lanes.CONTROL.run(service.history, HISTORY_SHOWN)
+    return await lanes.CONSOLE.run(service.history, HISTORY_SHOWN)
 
 
 @router.get("/approvals")
@@ -72,15 +76,16 @@ async def _decide(request: Request, verb: str, approval_id: str, persist: bool) 
     service = request.app.state.plane.approvals
     try:
         if verb == "deny":
-            decided = await lanes.CONTROL.run(service.deny, who, approval_id)
+            decided = await lanes.CONSOLE.run(service.deny, who, approval_id)
         else:
-            decided = await lanes.CONTROL.run(service.approve, who, approval_id, persist)
+            decided = await lanes.CONSOLE.run(service.approve, who, approval_id, persist)
     except errors.OPERATOR_ERRORS as exc:
         flash(request, "error", str(exc))
     else:
         kept = f" and persisted (policy rev {decided['rev']})" if decided.get("persisted") else ""
         where = f"{decided['sandbox']} → {decided['host']}:{decided['port']}"
         flash(request, "ok", f"{decided['decision']}{kept}: {where}")
+    request.app.state.console.pending.forget()  # the next page shows it gone
     return RedirectResponse("/approvals", status_code=303)
 
 

@@ -1,7 +1,7 @@
 """GET / (Overview): the host and its GPUs' live telemetry, the backend and gateway, tokens/s,
 held requests and the agents at a glance; GET /fragments/overview is the part the page's script
 re-fetches every 2 s (no full reload). Both from the status report (`plane.status()`, what
-`appliance status --json` prints), gathered off the event loop (status_cache.py)."""
+`appliance status --json` prints), gathered off the event loop (shared_read.py)."""
 
 from __future__ import annotations
 

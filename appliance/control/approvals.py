@@ -168,17 +168,27 @@ class ApprovalService:
             )
             return decided
 
-    def approve(self, who: Principal, approval_id: str, persist: bool) -> dict[str, Any]:
-        return self._decide(who, approval_id, approve=True, persist=persist)
+    def approve(
+        self, who: Principal, approval_id: str, persist: bool, sandbox: str | None = None
+    ) -> dict[str, Any]:
+        """Approve `approval_id`; with `sandbox`, only if that sandbox's proxy holds it (a
+        one-tap link names its sandbox: ids are random per proxy, another may hold the same)."""
+        return self._decide(who, approval_id, approve=True, persist=persist, sandbox=sandbox)
 
     def deny(self, who: Principal, approval_id: str) -> dict[str, Any]:
         return self._decide(who, approval_id, approve=False, persist=False)
 
     def _decide(
-        self, who: Principal, approval_id: str, approve: bool, persist: bool
+        self,
+        who: Principal,
+        approval_id: str,
+        approve: bool,
+        persist: bool,
+        sandbox: str | None = None,
     ) -> dict[str, Any]:
+        of = f" of sandbox {sandbox}" if sandbox is not None else ""
         unknown = NotFoundError(
-            f"no pending approval {approval_id!r}", hint="`appliance approvals list`"
+            f"no pending approval {approval_id!r}{of}", hint="`appliance approvals list`"
         )
         if not _ID.fullmatch(approval_id):
             raise unknown
@@ -186,6 +196,8 @@ class ApprovalService:
             self._refuse_if_decided(approval_id)
             with self.plane.sandboxes.manager(ready=False) as m, admin_clients(m) as clients:
                 for name, client in clients.items():
+                    if sandbox is not None and name != sandbox:
+                        continue
                     shown = [p for p in _pending(name, client) if p["id"] == approval_id]
                     if shown:
                         decided = self._apply(m, who, name, client, shown[0], approve, persist)

@@ -2,10 +2,12 @@
 
 An `approval.pending` notification (appliance/control/notify) may carry a link a phone can open
 without logging in. The link's token is its only credential, so it is narrow: it names one
-approval and the webhook it was sent through, expires with the approval, and works once.
+approval of one sandbox and the webhook it was sent through, expires with the approval, and
+works once. The sandbox is signed too: approval ids are random per proxy (32 bits), so an id
+alone could name another sandbox's held request; the link approves only its own sandbox's.
 
 Token: `<payload>.<mac>`, both base64url without padding; payload is compact JSON
-{"a": approval id, "w": webhook name, "e": expires_at (unix s), "n": nonce}; mac is
+{"a": approval id, "s": sandbox, "w": webhook name, "e": expires_at (unix s), "n": nonce}; mac is
 HMAC-SHA256 over the payload's text with a key kept in <state_dir>/secrets/one-tap.key (0600,
 made on first use). The mac is checked (constant time) before anything in the payload is
 believed. Single use: redeeming records the nonce in SQLite (one_tap_nonces) in the same
@@ -35,6 +37,7 @@ from typing import Any
 
 from appliance.errors import ConflictError, NotFoundError, StateError
 from appliance.store.db import DB_NAME, connect, open_store
+from sandbox.names import NAME_RE as _SANDBOX
 
 KEY_BYTES = 32
 MAX_TOKEN_CHARS = 512  # a real token is ~150 characters; anything longer is not ours
@@ -69,6 +72,7 @@ class Claim:
     webhook: str
     expires_at: float
     nonce: str
+    sandbox: str | None = None  # None: a link that names no sandbox, which approves nothing
 
 
 def _b64(data: bytes) -> str:
@@ -138,13 +142,20 @@ class OneTap:
     def _mac(self, payload: str) -> str:
         return _b64(hmac.new(self.key, payload.encode("ascii"), hashlib.sha256).digest())
 
-    def mint(self, approval_id: str, expires_at: float, webhook: str) -> str:
-        """A token approving `approval_id` once, until `expires_at`, sent through `webhook`."""
+    def mint(
+        self, approval_id: str, expires_at: float, webhook: str, *, sandbox: str | None = None
+    ) -> str:
+        """A token approving `approval_id` of `sandbox` once, until `expires_at`, sent through
+        `webhook`. Without a sandbox the link shows its page but approves nothing."""
         if not _ID.fullmatch(approval_id):
             raise ValueError(f"not an approval id: {approval_id!r}")
         if not _HOOK.fullmatch(webhook):
             raise ValueError(f"not a webhook name: {webhook!r}")
-        body = {"a": approval_id, "w": webhook, "e": round(float(expires_at), 3)}
+        if sandbox is not None and not _SANDBOX.fullmatch(sandbox):
+            raise ValueError(f"not a sandbox name: {sandbox!r}")
+        body: dict[str, Any] = {"a": approval_id, "w": webhook, "e": round(float(expires_at), 3)}
+        if sandbox is not None:
+            body["s"] = sandbox
         body["n"] = secrets.token_hex(12)
         payload = _b64(json.dumps(body, separators=(",", ":")).encode())
         return f"{payload}.{self._mac(payload)}"
@@ -163,8 +174,15 @@ class OneTap:
             raise LinkInvalid("this one-tap link is not valid (its signature does not match)")
         try:
             body: Any = json.loads(_unb64(payload))
-            claim = Claim(str(body["a"]), str(body["w"]), float(body["e"]), str(body["n"]))
-        except (ValueError, KeyError, TypeError, binascii.Error):
+            sandbox = body.get("s")
+            claim = Claim(
+                str(body["a"]),
+                str(body["w"]),
+                float(body["e"]),
+                str(body["n"]),
+                None if sandbox is None else str(sandbox),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
             # signed by us yet unreadable: only a key shared with something else could do that
             raise LinkInvalid("this one-tap link is not valid (unreadable)") from None
         if (now if now is not None else time.time()) >= claim.expires_at:
@@ -198,11 +216,6 @@ class OneTap:
                 f"this one-tap link was already used (approval {claim.approval_id})"
             ) from None
         return claim
-
-    def redeem(self, token: str) -> tuple[str, str]:
-        """(approval id, webhook name) of a token used up just now; see `claim`."""
-        claim = self.claim(token)
-        return claim.approval_id, claim.webhook
 
 
 def console_base(config: Any) -> str:

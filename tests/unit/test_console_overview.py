@@ -2,7 +2,7 @@
 (memory, unified memory as the host's, utilisation, temperature, power, throttle reasons), the
 backend's and gateway's state and tokens/s, held requests linked to the approvals, agents; its
 fragment refreshed in place; the status report gathered off the event loop, once for many
-pollers (status_cache.py)."""
+pollers (shared_read.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from appliance.console.render import duration, percent, since, size_mib, until
-from appliance.console.status_cache import StatusCache
+from appliance.console.shared_read import SharedRead
 from tests.console_fixtures import Console, opened_console, report
 
 GB10 = {"index": 0, "name": "NVIDIA GB10", "architecture": "blackwell", "unified_memory": True,
@@ -103,7 +103,7 @@ def test_many_pollers_share_one_gathering() -> None:
         return {"n": calls}
 
     async def poll() -> list[dict[str, Any]]:
-        cache = StatusCache(max_age_s=1.0)
+        cache = SharedRead(max_age_s=1.0)
         return await asyncio.gather(*(cache.get(gather) for _ in range(20)))
 
     answers = asyncio.run(poll())
@@ -112,7 +112,7 @@ def test_many_pollers_share_one_gathering() -> None:
 
 def test_the_cache_gathers_again_when_its_report_is_old_or_forgotten() -> None:
     now = [0.0]
-    cache = StatusCache(max_age_s=1.0, clock=lambda: now[0])
+    cache = SharedRead(max_age_s=1.0, clock=lambda: now[0])
     reports = iter(range(10))
 
     async def get() -> Any:

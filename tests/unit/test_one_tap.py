@@ -3,6 +3,8 @@ console base. The routes are in tests/unit/test_one_tap_pages.py."""
 
 from __future__ import annotations
 
+import base64
+import json
 import stat
 import threading
 import time
@@ -34,6 +36,12 @@ def _later(seconds: float = 60.0) -> float:
     return time.time() + seconds
 
 
+def _redeemed(one_tap: OneTap, token: str) -> tuple[str, str]:
+    """(approval id, webhook) of a token used up just now."""
+    claim = one_tap.claim(token)
+    return claim.approval_id, claim.webhook
+
+
 def test_a_token_approves_one_approval_once(one_tap: OneTap) -> None:
     token = one_tap.mint("ab12cd34", _later(), "phone")
     assert len(token) < 200 and token.isascii() and "/" not in token
@@ -41,13 +49,13 @@ def test_a_token_approves_one_approval_once(one_tap: OneTap) -> None:
     assert (claim.approval_id, claim.webhook) == ("ab12cd34", "phone")
     assert not one_tap.used(claim)
     assert one_tap.verify(token) == claim  # checking does not use it up (the GET page)
-    assert one_tap.redeem(token) == ("ab12cd34", "phone")
+    assert _redeemed(one_tap, token) == ("ab12cd34", "phone")
     assert one_tap.used(claim)
     with pytest.raises(LinkUsed, match="already used") as again:
-        one_tap.redeem(token)
+        one_tap.claim(token)
     assert isinstance(again.value, ConflictError) and again.value.hint  # HTTP 409, exit 10
     other = one_tap.mint("ab12cd34", _later(), "phone")  # a second link: its own nonce
-    assert other != token and one_tap.redeem(other) == ("ab12cd34", "phone")
+    assert other != token and _redeemed(one_tap, other) == ("ab12cd34", "phone")
 
 
 def test_the_key_is_private_made_once_and_shared(tmp_path: Path) -> None:
@@ -107,9 +115,9 @@ def test_forged_tokens_are_refused(one_tap: OneTap, tmp_path: Path) -> None:
         with pytest.raises(LinkInvalid, match=r"signature does not match|not valid"):
             one_tap.verify(bad)
         with pytest.raises(LinkInvalid):
-            one_tap.redeem(bad)
+            one_tap.claim(bad)
     stranger.close()
-    assert one_tap.redeem(token) == ("ab12", "phone")  # the refusals used up nothing
+    assert _redeemed(one_tap, token) == ("ab12", "phone")  # the refusals used up nothing
 
 
 @pytest.mark.parametrize(
@@ -130,7 +138,7 @@ def test_forged_tokens_are_refused(one_tap: OneTap, tmp_path: Path) -> None:
 )
 def test_garbled_tokens_are_refused(one_tap: OneTap, garbled: str) -> None:
     with pytest.raises(LinkInvalid, match="not valid") as refused:
-        one_tap.redeem(garbled)
+        one_tap.claim(garbled)
     assert isinstance(refused.value, NotFoundError)  # HTTP 404: a guess learns nothing
 
 
@@ -141,15 +149,30 @@ def test_an_expired_token_is_refused(one_tap: OneTap) -> None:
         one_tap.verify(token, now=claim.expires_at)
     time.sleep(0.3)
     with pytest.raises(LinkExpired):
-        one_tap.redeem(token)
+        one_tap.claim(token)
     with pytest.raises(LinkExpired):
-        one_tap.redeem(one_tap.mint("ab12", time.time() - 1, "phone"))
+        one_tap.claim(one_tap.mint("ab12", time.time() - 1, "phone"))
 
 
 def test_minting_refuses_what_a_link_could_not_name(one_tap: OneTap) -> None:
     for approval_id, hook in [("../x", "phone"), ("AB", "phone"), ("ab12", "a/b"), ("ab", "")]:
         with pytest.raises(ValueError):
             one_tap.mint(approval_id, _later(), hook)
+    for sandbox in ("../x", "Box", "", "a" * 64):
+        with pytest.raises(ValueError, match="sandbox"):
+            one_tap.mint("ab12", _later(), "phone", sandbox=sandbox)
+
+
+def test_the_sandbox_is_signed_into_the_token(one_tap: OneTap) -> None:
+    token = one_tap.mint("ab12", _later(), "phone", sandbox="box-a")
+    assert one_tap.verify(token).sandbox == "box-a"
+    assert one_tap.verify(one_tap.mint("ab12", _later(), "phone")).sandbox is None
+    payload, mac = token.split(".")
+    body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    body["s"] = "box-b"  # another sandbox's held request with the same id: a new signature
+    forged = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
+    with pytest.raises(LinkInvalid, match="signature"):
+        one_tap.verify(f"{forged}.{mac}")
 
 
 def test_ten_taps_at_once_approve_once(one_tap: OneTap) -> None:
@@ -161,7 +184,7 @@ def test_ten_taps_at_once_approve_once(one_tap: OneTap) -> None:
     def tap() -> None:
         barrier.wait()
         try:
-            won.append(one_tap.redeem(token))
+            won.append(_redeemed(one_tap, token))
         except LinkUsed as exc:
             lost.append(exc)
 
@@ -177,20 +200,20 @@ def test_two_processes_worth_of_services_share_the_nonces(tmp_path: Path) -> Non
     """A restarted control plane (or a second one on the same state dir) refuses a replay."""
     first = OneTap(tmp_path / "state")
     token = first.mint("ab12", _later(), "phone")
-    assert first.redeem(token)[0] == "ab12"
+    assert first.claim(token).approval_id == "ab12"
     first.close()
     second = OneTap(tmp_path / "state")
     with pytest.raises(LinkUsed):
-        second.redeem(token)
+        second.claim(token)
     second.close()
 
 
 def test_used_nonces_are_pruned_a_day_after_their_link_expired(one_tap: OneTap) -> None:
     old = one_tap.mint("ab12", _later(), "phone")
-    one_tap.redeem(old)
+    one_tap.claim(old)
     one_tap._conn.execute("UPDATE one_tap_nonces SET expires_at = ?", (time.time() - 90_000,))
     one_tap._conn.commit()
-    one_tap.redeem(one_tap.mint("cd34", _later(), "phone"))
+    one_tap.claim(one_tap.mint("cd34", _later(), "phone"))
     rows = one_tap._conn.execute("SELECT approval FROM one_tap_nonces").fetchall()
     assert rows == [("cd34",)]
 

@@ -49,7 +49,8 @@ def _audited(plane: ControlPlane, event: str) -> list[dict[str, Any]]:
 
 
 def _link(plane: ControlPlane, entry: dict[str, Any], hook: str = "phone") -> str:
-    return "/one-tap/" + plane.one_tap.mint(entry["id"], entry["expires"], hook)
+    token = plane.one_tap.mint(entry["id"], entry["expires"], hook, sandbox=entry["sandbox"])
+    return "/one-tap/" + token
 
 
 def _tap(client: TestClient, link: str, confirm: str = "approve") -> Any:
@@ -140,7 +141,7 @@ def test_an_approval_that_expired_is_refused(
 
 def test_an_expired_link_is_gone(client: TestClient, plane: ControlPlane, proxy: HeldProxy) -> None:
     entry = proxy.hold("ab12")
-    link = "/one-tap/" + plane.one_tap.mint("ab12", time.time() - 1, "phone")
+    link = "/one-tap/" + plane.one_tap.mint("ab12", time.time() - 1, "phone", sandbox="box")
     for answer in (client.get(link), _tap(client, link)):
         assert answer.status_code == 410 and 'data-outcome="expired"' in answer.text
     assert proxy.decided == [] and entry["id"] == "ab12"
@@ -150,7 +151,7 @@ def test_a_link_for_an_approval_nobody_holds(
     client: TestClient, plane: ControlPlane, proxy: HeldProxy
 ) -> None:
     proxy.hold("ab12")
-    other = "/one-tap/" + plane.one_tap.mint("cd34", time.time() + 60, "phone")
+    other = "/one-tap/" + plane.one_tap.mint("cd34", time.time() + 60, "phone", sandbox="box")
     shown = client.get(other)
     assert shown.status_code == 404 and "no longer held" in shown.text
     assert _tap(client, other).status_code == 404
@@ -191,7 +192,7 @@ def test_a_forged_token_for_the_held_approval_is_refused(
 
     entry = proxy.hold("ab12")
     stranger = OneTap(tmp_path / "another-appliance")
-    forged = "/one-tap/" + stranger.mint("ab12", entry["expires"], "phone")
+    forged = "/one-tap/" + stranger.mint("ab12", entry["expires"], "phone", sandbox="box")
     stranger.close()
     for answer in (client.get(forged), _tap(client, forged)):
         assert answer.status_code == 404 and "signature" in answer.text
@@ -205,3 +206,42 @@ def test_names_are_escaped_on_the_page(
     page = client.get(_link(plane, entry))
     assert page.status_code == 200
     assert "<script>alert" not in page.text and "&lt;script&gt;" in page.text
+
+
+def test_a_link_for_sandbox_a_never_approves_sandbox_bs_request(
+    client: TestClient, plane: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Approval ids are random per proxy: B's proxy may hold the id A's link names."""
+    from contextlib import contextmanager
+
+    from appliance.control import approvals
+
+    proxy_a, proxy_b = HeldProxy(), HeldProxy()
+
+    @contextmanager
+    def clients(_m: object) -> Iterator[dict[str, object]]:
+        yield {"box-b": proxy_b, "box-a": proxy_a}  # B is asked first
+
+    monkeypatch.setattr(approvals, "admin_clients", clients)
+    entry = proxy_a.hold("ab12", host="a.example.com")
+    proxy_a.pending.clear()  # A's request settled; B now holds a request under the same id
+    held_b = proxy_b.hold("ab12", host="b.example.com")
+    held_b["sandbox"] = proxy_b.pending[0]["sandbox"] = "box-b"
+    link = "/one-tap/" + plane.one_tap.mint("ab12", entry["expires"], "phone", sandbox="box-a")
+
+    shown = client.get(link)
+    assert shown.status_code == 404 and "b.example.com" not in shown.text
+    tapped = _tap(client, link)
+    assert tapped.status_code == 404 and "of sandbox box-a" in tapped.text
+    assert proxy_b.decided == [] and len(proxy_b.pending) == 1
+    assert not _audited(plane, "control.approval.approved")
+
+
+def test_a_link_naming_no_sandbox_approves_nothing(
+    client: TestClient, plane: ControlPlane, proxy: HeldProxy
+) -> None:
+    entry = proxy.hold("ab12")
+    link = "/one-tap/" + plane.one_tap.mint("ab12", entry["expires"], "phone")
+    for answer in (client.get(link), _tap(client, link)):
+        assert answer.status_code == 404 and "names no sandbox" in answer.text
+    assert proxy.decided == []

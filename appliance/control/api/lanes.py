@@ -8,7 +8,9 @@ never queued (a streamed turn holds its slot until its stream ends). The kill sw
 and status have their own lane too: they queue (each ends within seconds) but never behind a turn
 or an exec. What every request may need before or after its route, a token's lookup (api/deps.py)
 and its audit-trail record (api/audit_trail.py), has a lane each as well, so neither waits behind
-the shared pool's slow sync routes.
+the shared pool's slow sync routes. The web console's reads (status, pending approvals,
+history, one-tap pages) and its approval decisions have a lane of their own: open tabs polling
+a hung proxy must never make a kill wait.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ EXEC_SLOTS = 8  # sandbox execs at once (each may run up to 10 minutes)
 CONTROL_SLOTS = 8  # kill, release, status (each ends within seconds)
 AUTH_SLOTS = 4  # operator token lookups (one indexed SELECT each)
 AUDIT_SLOTS = 4  # audit-trail records (a lock and an fdatasync each)
+CONSOLE_SLOTS = 8  # the console's reads and approvals (a hung proxy holds one up to 5 s)
 
 
 class Lane:
@@ -130,3 +133,4 @@ EXECS = Lane("sandbox execs", EXEC_SLOTS, refuse_when_full=True)
 CONTROL = Lane("kill switch and status calls", CONTROL_SLOTS, refuse_when_full=False)
 AUTH = Lane("token lookups", AUTH_SLOTS, refuse_when_full=False)
 AUDIT = Lane("audit-trail records", AUDIT_SLOTS, refuse_when_full=False)
+CONSOLE = Lane("console reads and approvals", CONSOLE_SLOTS, refuse_when_full=False)

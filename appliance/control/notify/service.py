@@ -83,7 +83,10 @@ class NotifyService:
             if event.expires_at <= time.time():
                 return approval_link(self.plane.config, approval)  # too late to tap
             try:
-                token = self.plane.one_tap.mint(approval, event.expires_at, hook.name)
+                sandbox = event.fields.get("sandbox")
+                token = self.plane.one_tap.mint(
+                    approval, event.expires_at, hook.name, sandbox=sandbox
+                )
             except Exception:  # the plain link still reaches the console
                 log.exception("minting a one-tap link for approval %s failed", approval)
         return approval_link(self.plane.config, approval, token)

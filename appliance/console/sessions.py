@@ -5,7 +5,10 @@ cookie naming an id the store never made (forged, fixed by someone else, or from
 restart) is no session. The browser holds only the id (`appliance_session`, HttpOnly,
 SameSite=Strict); the session holds the operator's name and role, its CSRF token and its flash
 messages. Every request re-checks the operator: one revoked (or re-created under the same name)
-since the login is logged out at once, not when the cookie expires.
+since the login is logged out at once, not when the cookie expires. Only what the operator does
+restarts the idle clock: the live refresh's background polls (a /fragments/ path, or a request
+the console's script marks with X-Console-Poll) do not, so an open tab left alone still logs
+out after IDLE_S.
 
 Pages take `who: Principal = PageViewer` (or PageOperator): an anonymous GET is sent to the login
 page (303), an anonymous POST refused (401), a role too low refused (403), and a POST whose form
@@ -37,9 +40,10 @@ if TYPE_CHECKING:
 COOKIE = "appliance_session"
 CSRF_FIELD = "csrf"  # every console form's hidden field
 CSRF_HEADER = "x-csrf-token"  # the console's JS calling /api/v1 with the session cookie
+POLL_HEADER = "x-console-poll"  # the console's JS: a background refresh, not the operator
 ABSOLUTE_S = 8 * 3600  # a session ends 8 h after its login ...
 IDLE_S = 30 * 60  # ... or after 30 minutes without a request
-MAX_SESSIONS = 1024  # beyond: the least recently seen is dropped (logins are operators' only)
+MAX_SESSIONS = 1024  # beyond: the least recently active is dropped (logins are operators' only)
 SESSION_ID_MAX = 64  # token_urlsafe(32) is 43 characters; a longer cookie is not looked up
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _UNSET = object()
@@ -95,8 +99,9 @@ class SessionStore:
             self._sessions[session.id] = session
         return session
 
-    def get(self, session_id: str | None) -> Session | None:
-        """The live session with this id (its idle clock restarted), or None."""
+    def get(self, session_id: str | None, active: bool = True) -> Session | None:
+        """The live session with this id, or None. `active`: the operator did something (not
+        a background poll): the idle clock restarts."""
         if not session_id or len(session_id) > SESSION_ID_MAX:
             return None
         now = self.clock()
@@ -107,7 +112,8 @@ class SessionStore:
             if now - session.started > ABSOLUTE_S or now - session.seen > IDLE_S:
                 del self._sessions[session_id]
                 return None
-            session.seen = now
+            if active:
+                session.seen = now
             return session
 
     def drop(self, session_id: str) -> None:
@@ -133,6 +139,11 @@ async def operator_still_live(plane: ControlPlane, session: Session) -> bool:
     )
 
 
+def background_poll(request: Request) -> bool:
+    """A request the operator did not make: the live refresh's fragment polls."""
+    return request.url.path.startswith("/fragments/") or POLL_HEADER in request.headers
+
+
 async def current_session(request: Request) -> Session | None:
     """The request's session, checked; also kept on request.state for templates and the audit
     trail (which records the operator's name with every console POST)."""
@@ -140,7 +151,7 @@ async def current_session(request: Request) -> Session | None:
     if cached is not _UNSET:
         return cached
     store = store_of(request)
-    session = store.get(request.cookies.get(COOKIE))
+    session = store.get(request.cookies.get(COOKIE), active=not background_poll(request))
     if session is not None and not await operator_still_live(request.app.state.plane, session):
         store.drop(session.id)
         session = None

@@ -25,7 +25,9 @@
     function tick() {
       if (inFlight || document.hidden) { return; }
       inFlight = true;
-      fetch(url, { credentials: "same-origin", headers: { "X-Requested-With": "console" } })
+      // X-Console-Poll: a background refresh, which does not keep the session from idling out
+      var headers = { "X-Requested-With": "console", "X-Console-Poll": "1" };
+      fetch(url, { credentials: "same-origin", headers: headers })
         .then(function (response) {
           var loggedOut = response.status === 401 ||
             response.redirected && new URL(response.url).pathname === "/login";

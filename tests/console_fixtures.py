@@ -44,7 +44,7 @@ class Console:
     def logged_in(self, name: str, role: str = "operator", base_url: str = BASE) -> TestClient:
         token = self.tokens.get(name) or self.operator(name, role)
         client = self.client(base_url)
-        answer = client.post("/login", data={"token": token})
+        answer = post_login(client, data={"token": token})
         assert answer.status_code == 303, answer.text
         return client
 
@@ -144,3 +144,25 @@ def opened_console(tmp_path: Path) -> Iterator[Console]:
         yield this
     finally:
         this.plane.close()
+
+
+def post_login(
+    client: TestClient, data: dict[str, str], headers: dict[str, str] | None = None
+) -> Any:
+    """POST /login as the login page's form does: with the login page's CSRF token in its
+    hidden field and its cookie (fetched by a client of its own: `client` may hold a session)."""
+    from appliance.console.auth import LOGIN_CSRF_COOKIE
+
+    blank = TestClient(client.app, base_url=str(client.base_url), follow_redirects=False)
+    page = blank.get("/login")
+    assert page.status_code == 200, page.text
+    found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert found and blank.cookies[LOGIN_CSRF_COOKIE] == found.group(1)
+    cookie = f"{LOGIN_CSRF_COOKIE}={found.group(1)}"
+    headers = dict(headers or {})
+    if "Cookie" in headers:  # a test's own cookies: the login page's is added to them
+        headers["Cookie"] += f"; {cookie}"
+    else:
+        for each in blank.cookies.jar:
+            client.cookies.jar.set_cookie(each)
+    return client.post("/login", data={**data, "csrf": found.group(1)}, headers=headers)

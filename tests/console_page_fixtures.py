@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from appliance.control.api import create_app
 from appliance.control.plane import ControlPlane
-from tests.console_fixtures import csrf_of
+from tests.console_fixtures import csrf_of, post_login
 
 BASE = "http://127.0.0.1"
 
@@ -27,6 +27,6 @@ def browser(plane: ControlPlane) -> TestClient:
 
 def log_in(client: TestClient, token: str) -> str:
     """Log in; the session's CSRF token, as the pages carry it."""
-    answer = client.post("/login", data={"token": token, "next": "/"})
+    answer = post_login(client, data={"token": token, "next": "/"})
     assert answer.status_code == 303, answer.text
     return csrf_of(client.get("/audit").text)

@@ -5,10 +5,18 @@ tokens are) and forgotten: the session keeps the operator, never the token. A lo
 a new session id (an id the browser brought is dropped, never adopted). Failed logins are
 answered 401, which the audit trail records (client address, never the token), and limited per
 client address: after FAILURES_ALLOWED within WINDOW_S, 429 without looking the token up.
+
+The login form has a CSRF token too, before any session exists (double submit): each login page
+sets a fresh random value in a short-lived cookie (HttpOnly, SameSite=Strict, Path=/login) and
+in the form's hidden field; a POST whose field and cookie do not match is refused (403) before
+the token is looked at. Another site can neither read the cookie nor make the browser send it,
+so it cannot log a victim's browser into its own session (login CSRF), Origin header or not.
 """
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import threading
 import time
 from collections import deque
@@ -36,6 +44,8 @@ FAILURES_ALLOWED = 10
 WINDOW_S = 60.0
 TOKEN_MAX = 512  # operator tokens are ~50 characters; a longer one is refused unread
 CLIENTS_TRACKED = 4096  # beyond: the limiter forgets the quietest client
+LOGIN_CSRF_COOKIE = "appliance_login_csrf"
+LOGIN_CSRF_S = 30 * 60  # a login page left open longer is reloaded (a new token)
 
 
 class LoginLimiter:
@@ -77,7 +87,28 @@ def _client(request: Request) -> str:
 
 
 def _login_page(request: Request, status: int, error: str | None, next_path: str) -> Response:
-    return render(request, "login.html", status=status, error=error, next=next_path)
+    """The login form with a new pre-session CSRF token, in its field and its cookie."""
+    csrf = secrets.token_urlsafe(32)
+    response = render(
+        request, "login.html", status=status, error=error, next=next_path, login_csrf=csrf
+    )
+    response.set_cookie(
+        LOGIN_CSRF_COOKIE,
+        csrf,
+        max_age=LOGIN_CSRF_S,
+        httponly=True,
+        samesite="strict",
+        path="/login",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+def _login_csrf_matches(request: Request, offered: object) -> bool:
+    expected = request.cookies.get(LOGIN_CSRF_COOKIE)
+    if not isinstance(offered, str) or not expected or not offered:
+        return False
+    return hmac.compare_digest(offered.encode(), expected.encode())
 
 
 @router.get("/login")
@@ -92,6 +123,9 @@ async def login(request: Request) -> Response:
     check_origin(request)
     form = await request.form(max_files=0, max_fields=8)
     next_path = safe_next(str(form.get("next") or "/"))
+    if not _login_csrf_matches(request, form.get("csrf")):
+        refused = "the login form expired or was not sent from this page: log in again"
+        return _login_page(request, 403, refused, next_path)
     limiter = request.app.state.console.logins
     client = _client(request)
     if limiter.blocked(client):
@@ -119,6 +153,7 @@ async def login(request: Request) -> Response:
         path="/",
         secure=request.url.scheme == "https",  # plain http on loopback: a Secure cookie is lost
     )
+    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login", httponly=True, samesite="strict")
     return response
 
 

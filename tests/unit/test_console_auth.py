@@ -8,6 +8,7 @@ what may change something) and still takes a bearer token."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tests.console_fixtures import (
     FakeKillSwitch,
     csrf_of,
     opened_console,
+    post_login,
     session_cookie,
 )
 
@@ -49,7 +51,7 @@ def test_a_token_logs_in_and_the_cookie_is_http_only_and_strict(console: Console
     client = console.client()
     page = client.get("/login")
     assert page.status_code == 200 and 'name="token"' in page.text
-    answer = client.post("/login", data={"token": token, "next": "/approvals"})
+    answer = post_login(client, data={"token": token, "next": "/approvals"})
     assert answer.status_code == 303 and answer.headers["location"] == "/approvals"
     cookie = answer.headers["set-cookie"]
     assert cookie.startswith(f"{COOKIE}=")
@@ -64,7 +66,7 @@ def test_a_token_logs_in_and_the_cookie_is_http_only_and_strict(console: Console
 
 def test_over_https_the_cookie_is_secure(console: Console) -> None:
     token = console.operator("ops-1", "operator")
-    answer = console.client("https://127.0.0.1:8070").post("/login", data={"token": token})
+    answer = post_login(console.client("https://127.0.0.1:8070"), data={"token": token})
     assert "secure" in answer.headers["set-cookie"].lower()
     assert answer.headers["strict-transport-security"].startswith("max-age=")
 
@@ -72,7 +74,7 @@ def test_over_https_the_cookie_is_secure(console: Console) -> None:
 def test_after_login_it_goes_only_to_a_path_on_this_site(console: Console) -> None:
     token = console.operator("ops-1", "operator")
     for target in ["//evil.example/x", "https://evil.example/", "/\\evil.example"]:
-        answer = console.client().post("/login", data={"token": token, "next": target})
+        answer = post_login(console.client(), data={"token": token, "next": target})
         assert answer.headers["location"] == "/"
 
 
@@ -82,7 +84,7 @@ def test_after_login_it_goes_only_to_a_path_on_this_site(console: Console) -> No
     ids=["empty", "garbage", "unknown", "over-long", "markup"],
 )
 def test_a_bad_token_is_refused_and_audited_without_the_token(console: Console, token: str) -> None:
-    answer = console.client().post("/login", data={"token": token})
+    answer = post_login(console.client(), data={"token": token})
     assert answer.status_code == 401
     assert COOKIE not in answer.headers.get("set-cookie", "")
     assert "unknown or revoked operator token" in answer.text
@@ -97,8 +99,8 @@ def test_failed_logins_are_limited_per_client(console: Console) -> None:
     token = console.operator("ops-1", "operator")
     client = console.client()
     for _ in range(auth.FAILURES_ALLOWED):
-        assert client.post("/login", data={"token": "apt_wrong"}).status_code == 401
-    blocked = client.post("/login", data={"token": token})  # the right one: not even looked at
+        assert post_login(client, data={"token": "apt_wrong"}).status_code == 401
+    blocked = post_login(client, data={"token": token})  # the right one: not even looked at
     assert blocked.status_code == 429
     assert "too many failed logins" in blocked.text
     assert COOKIE not in blocked.headers.get("set-cookie", "")
@@ -125,10 +127,10 @@ def test_each_login_makes_a_new_session_id_and_a_planted_one_is_never_used(
 ) -> None:
     token = console.operator("ops-1", "operator")
     planted = {"Cookie": f"{COOKIE}=planted-by-an-attacker"}
-    first = _set_cookie(console.client().post("/login", data={"token": token}, headers=planted))
+    first = _set_cookie(post_login(console.client(), data={"token": token}, headers=planted))
     assert first != "planted-by-an-attacker"
     relogin = {"Cookie": f"{COOKIE}={first}"}
-    second = _set_cookie(console.client().post("/login", data={"token": token}, headers=relogin))
+    second = _set_cookie(post_login(console.client(), data={"token": token}, headers=relogin))
     assert second != first
     client = console.client()
     assert client.get("/", headers={"Cookie": f"{COOKIE}={first}"}).status_code == 303
@@ -241,3 +243,31 @@ def test_the_store_drops_the_least_recently_seen_when_full(
     store.create(_operator())
     assert store.get(made[1].id) is None
     assert store.get(made[0].id) is made[0] and store.get(made[2].id) is made[2]
+
+
+def test_a_login_without_the_login_pages_csrf_token_is_refused(console: Console) -> None:
+    """Login CSRF: another site posting its own operator token into the victim's browser."""
+    token = console.operator("ops-1", "operator")
+    client = console.client()
+    page = client.get("/login")
+    field = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert field and client.cookies[auth.LOGIN_CSRF_COOKIE] == field.group(1)
+    cookie = page.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/login" in cookie
+    assert f"max-age={auth.LOGIN_CSRF_S}" in cookie
+    wrong = "x" * len(field.group(1))
+    for cookies, data in [
+        ({}, {"token": token}),  # no Origin either: a missing Origin is no pass
+        ({}, {"token": token, "csrf": field.group(1)}),  # the field without its cookie
+        ({auth.LOGIN_CSRF_COOKIE: field.group(1)}, {"token": token}),  # the cookie alone
+        ({auth.LOGIN_CSRF_COOKIE: field.group(1)}, {"token": token, "csrf": wrong}),
+        ({auth.LOGIN_CSRF_COOKIE: ""}, {"token": token, "csrf": ""}),
+    ]:
+        other = console.client()
+        other.cookies.update(cookies)
+        answer = other.post("/login", data=data)
+        assert answer.status_code == 403 and "log in again" in answer.text, data
+        assert COOKIE not in other.cookies
+        assert 'name="csrf" value="' in answer.text  # a fresh form to try again with
+    assert not console.app.state.console.logins.blocked("testclient")
+    assert post_login(console.client(), data={"token": token}).status_code == 303

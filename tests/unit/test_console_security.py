@@ -20,6 +20,7 @@ from tests.console_fixtures import (
     FakeApprovals,
     csrf_of,
     opened_console,
+    post_login,
     report,
 )
 
@@ -79,16 +80,16 @@ def test_a_host_that_is_not_loopback_is_refused_on_console_routes(
     client = console.logged_in("ops-1")
     answer = client.get(path, headers={"Host": "evil.example:8070"})
     assert answer.status_code == 421
-    answer = client.post("/login", data={"token": "x"}, headers={"Host": "rebound.example"})
+    answer = post_login(client, data={"token": "x"}, headers={"Host": "rebound.example"})
     assert answer.status_code == 421
 
 
 def test_a_form_posted_from_another_site_is_refused(console: Console) -> None:
     token = console.operator("ops-1", "operator")
     client = console.client()
-    answer = client.post("/login", data={"token": token}, headers={"Origin": "http://evil.example"})
+    answer = post_login(client, data={"token": token}, headers={"Origin": "http://evil.example"})
     assert answer.status_code == 403 and "set-cookie" not in answer.headers
-    same = client.post("/login", data={"token": token}, headers={"Origin": "http://127.0.0.1:8070"})
+    same = post_login(client, data={"token": token}, headers={"Origin": "http://127.0.0.1:8070"})
     assert same.status_code == 303
 
 
@@ -139,7 +140,7 @@ def test_a_form_from_the_consoles_public_url_is_accepted(tmp_path: Path) -> None
             ("https://ops.example.com.evil.example", 403),
             ("null", 403),
         ]:
-            answer = client.post("/login", data={"token": token}, headers={"Origin": origin})
+            answer = post_login(client, data={"token": token}, headers={"Origin": origin})
             assert answer.status_code == status, origin
     finally:
         public.plane.close()
@@ -151,7 +152,7 @@ def test_a_failure_behind_a_page_is_a_page_not_a_traceback(console: Console) -> 
 
     console.plane.status = broken  # type: ignore[method-assign]
     client = TestClient(console.app, base_url=BASE, raise_server_exceptions=False)
-    client.post("/login", data={"token": console.operator("ops-1", "operator")})
+    post_login(client, data={"token": console.operator("ops-1", "operator")})
     page = client.get("/")
     assert page.status_code == 500 and page.headers["content-type"].startswith("text/html")
     assert "the store is &lt;b&gt;damaged&lt;/b&gt; (hint: appliance init)" in page.text

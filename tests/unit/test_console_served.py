@@ -82,7 +82,8 @@ def _csrf(page: str) -> str:
 
 async def _logged_in(served: _Served, client: httpx.AsyncClient) -> None:
     _, token = served.plane.operators.create("ops-1", "operator", SETUP.audit_fields())
-    answer = await client.post("/login", data={"token": token})
+    form = await client.get("/login")  # its CSRF token: in the form's field and a cookie
+    answer = await client.post("/login", data={"token": token, "csrf": _csrf(form.text)})
     assert answer.status_code == 303 and COOKIE in client.cookies
 
 

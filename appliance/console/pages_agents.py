@@ -121,9 +121,16 @@ def agent_view(plane: ControlPlane, name: str) -> dict[str, Any]:
     return {"agent": agent, "entries": schedule if isinstance(schedule, list) else []}
 
 
+def _agent_now(plane: ControlPlane, name: str) -> dict[str, Any]:
+    """The agent's view, and whether a turn of it runs now (the page says so only then)."""
+    view = agent_view(plane, name)
+    view["turn_running"] = plane.turns.running(name) > 0
+    return view
+
+
 async def _agent(request: Request, name: str) -> dict[str, Any]:
     try:
-        return await anyio.to_thread.run_sync(agent_view, _plane(request), name)
+        return await anyio.to_thread.run_sync(_agent_now, _plane(request), name)
     except (NotFoundError, InvalidNameError):
         raise _no_agent(name) from None
     except OPERATOR_ERRORS as exc:
@@ -199,7 +206,6 @@ async def run_turn(
             task = asyncio.ensure_future(_drain(events))
             _draining.add(task)
             task.add_done_callback(_draining.discard)
-            flash(request, "ok", "The turn is running: its reply shows below when it ends.")
     return RedirectResponse(_page_of(name), status_code=303)
 
 

@@ -253,4 +253,3 @@ def flash(request: Request, kind: str, text: str) -> None:
 # What pages take: `who: Principal = PageViewer`.
 PageViewer = Depends(page("viewer"))
 PageOperator = Depends(page("operator"))
-PageAdmin = Depends(page("admin"))

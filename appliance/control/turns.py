@@ -147,6 +147,11 @@ class TurnService:
     def transcript(self, name: str) -> list[dict[str, Any]]:
         return self.transcripts.read(name)
 
+    def running(self, name: str) -> int:
+        """How many turns `name` is running now (gone before its transcript line is written)."""
+        with self._active_lock:
+            return len(self._active.get(name, []))
+
     # -- begin: checks and the gate ------------------------------------------------------------
 
     def _begin(

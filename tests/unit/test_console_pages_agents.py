@@ -121,7 +121,7 @@ def test_an_operator_runs_a_turn_from_the_page(
     posts = [r for r in world.audit("control.request") if r["path"] == f"/agents/{AGENT}/turn"]
     assert [(r["actor"], r["method"], r["status"]) for r in posts] == [("olivia", "POST", 303)]
     page = client.get(f"/agents/{AGENT}")
-    assert "The turn is running" in page.text  # the flash after the redirect, once
+    assert "The turn is running" not in page.text  # it ended: its reply is shown instead
     assert XSS not in page.text and "&lt;script&gt;" in page.text
     assert "&lt;b&gt;bold&lt;/b&gt;" in page.text and "150 tokens" in page.text
     # The Spend page shows what the turn used.
@@ -235,3 +235,16 @@ def test_a_host_that_cannot_run_sandboxes_is_said_on_the_page(
     assert "The agents could not be read: sandboxes are managed by root" in page.text
     detail = client.get(f"/agents/{AGENT}")
     assert detail.status_code == 503 and "sandboxes are managed by root" in detail.text
+
+
+def test_the_turn_is_said_to_run_only_while_it_runs(
+    world: World, operator: tuple[TestClient, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, _ = operator
+    running = {AGENT: 1}
+    monkeypatch.setattr(world.plane.turns, "running", lambda name: running.get(name, 0))
+    for path in (f"/agents/{AGENT}", f"/fragments/agents/{AGENT}"):  # the page and its refresh
+        assert 'id="turn-running"' in client.get(path).text, path
+    running[AGENT] = 0  # the reply arrived: the next refresh drops the message
+    for path in (f"/agents/{AGENT}", f"/fragments/agents/{AGENT}"):
+        assert "The turn is running" not in client.get(path).text, path

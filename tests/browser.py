@@ -61,6 +61,17 @@ def browser_skip_reason() -> str | None:
     return None
 
 
+def skip_without_browser(allow_module_level: bool = False) -> None:
+    """Skip when no browser test can run here; under CI (the variable set) fail instead: the
+    README's test command installs the browser, so a missing one never hides these tests."""
+    why = browser_skip_reason()
+    if why is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set and the browser tests cannot run: {why}", pytrace=False)
+    pytest.skip(why, allow_module_level=allow_module_level)
+
+
 def artifacts_dir(config: pytest.Config, module: str) -> Path:
     """Where a module's screenshots go (made if missing)."""
     basetemp = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]

@@ -32,7 +32,7 @@ import httpx
 import pytest
 
 from blueprints.runtimes.openclaw import PORT as OPENCLAW_PORT
-from tests.browser import Console, artifacts_dir, browser_skip_reason, chromium
+from tests.browser import Console, artifacts_dir, chromium, skip_without_browser
 from tests.e2e.openclaw_agent import (
     AGENT,
     FAIL_CLOSED_AFTER,
@@ -357,8 +357,7 @@ def test_6b_the_console_charts_the_tokens_the_turns_used(
 ) -> None:
     """The Spend page in a real browser, logged in with an operator token the CLI made: the
     agent key's tokens today, in the chart and in the table, are the ledger's."""
-    if (why := browser_skip_reason()) is not None:
-        pytest.skip(why)
+    skip_without_browser()  # under CI: fails instead (never hidden)
     made = ok(app.env, "operators", "create", "e2e-operator", "--role", "operator", "--json")
     token = json.loads(made)["secret"]
     key = f"sandbox-{AGENT}"

@@ -252,11 +252,15 @@ def test_an_unanswered_request_expires(lab: Lab, box: str) -> None:
 
 
 def test_a_one_tap_link_approves_once(lab: Lab, box: str) -> None:
+    reloads = len(lab.audit(event="egress.policy_reloaded", sandbox=box))
     out = lab.cli(
         "sandbox", "policy", "set", box, "--policy", str(lab.policy_file("long.yaml", LONG_HOLD_S))
     )
     assert "applied" in out.stdout
-    time.sleep(1.0)  # SIGHUP is asynchronous: let the proxy reload before the request
+    deadline = time.monotonic() + RESULT_TIMEOUT  # SIGHUP is asynchronous: wait for the reload
+    while len(lab.audit(event="egress.policy_reloaded", sandbox=box)) <= reloads:
+        assert time.monotonic() < deadline, "the proxy never reloaded its policy"
+        time.sleep(0.1)
     host = "tap.origin.test"
     job = lab.request(box, f"http://{host}/tapped")
     pending = lab.wait_pending(box, host)

@@ -26,8 +26,8 @@ from pydantic import (
     model_validator,
 )
 
-from appliance.control.notify.events import EVENTS
 from appliance.errors import ConfigError
+from appliance.notify_events import EVENTS
 from hardware.plan_types import PlanOverrides
 from inference.gateway.settings import (
     BACKEND_KEY_ENV,

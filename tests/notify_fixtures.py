@@ -25,6 +25,7 @@ class Receiver:
     script: list[int | tuple[int, dict[str, str]]] = field(default_factory=list)
     requests: list[Received] = field(default_factory=list)
     delay_s: float = 0.0
+    arrived: int = 0  # requests whose body was read (answered or still being delayed)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
@@ -36,6 +37,16 @@ class Receiver:
             time.sleep(0.02)
         raise AssertionError(f"the receiver got {len(self.requests)} requests, not {count}")
 
+    def wait_arrived(self, count: int, timeout: float = 10.0) -> None:
+        """Until `count` requests have arrived, answered or not (a delayed one still hangs)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.arrived >= count:
+                    return
+            time.sleep(0.02)
+        raise AssertionError(f"{self.arrived} requests arrived at the receiver, not {count}")
+
 
 @contextmanager
 def receiver(
@@ -46,6 +57,8 @@ def receiver(
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            with state.lock:
+                state.arrived += 1
             if state.delay_s:
                 time.sleep(state.delay_s)
             with state.lock:

@@ -159,16 +159,17 @@ def test_a_viewer_sees_the_webhooks_but_cannot_send(setup: Setup) -> None:
 
 
 def test_a_forged_record_in_the_log_is_pushed_as_tamper(setup: Setup) -> None:
-    made = setup.cli("operators", "create", "someone", "--role", "viewer")
-    assert made.returncode == 0, made.stderr  # the log has records (the follower is past them)
-    time.sleep(0.5)
+    killed = setup.cli("kill", "--all")
+    assert killed.returncode == 0, killed.stderr
+    # pushed: the follower is positioned and past every record so far
+    assert signed_body(setup, 0)["event"] == "agent.killed"
     path = setup.state / "audit" / "audit.jsonl"
     last = json.loads(path.read_text().splitlines()[-1])
     forged = {"seq": last["seq"] + 1, "ts": last["ts"], "event": "budget.set",
               "prev": "f" * 64, "hash": "e" * 64}  # fmt: skip
     with path.open("a") as f:  # someone with write access, not through the chain writer
         f.write(json.dumps(forged, separators=(",", ":")) + "\n")
-    body = signed_body(setup, 0)
+    body = signed_body(setup, 1)
     assert body["event"] == "audit.tamper" and body["kind"] == "chain"
     assert f"seq {forged['seq']} does not link" in body["detail"]
     setup.wait_audit({"event": "notify.delivered", "notification": "audit.tamper"})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -112,3 +114,13 @@ def test_hostile_names_are_refused(tmp_path: Path, name: str) -> None:
 )
 def test_other_bad_values(tmp_path: Path, old: str, new: str, where: str) -> None:
     assert where in refused(tmp_path, GOOD.replace(old, new))
+
+
+def test_the_config_does_not_import_the_control_plane() -> None:
+    code = (
+        "import sys, appliance.config\n"
+        "bad = sorted(m for m in sys.modules if m.startswith('appliance.control'))\n"
+        "assert not bad, bad"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

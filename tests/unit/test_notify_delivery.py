@@ -228,3 +228,46 @@ def test_retry_after_forms() -> None:
     assert policy.retry_after("soon") is None and policy.retry_after(None) is None
     waits = [policy.backoff(n) for n in (1, 2, 3)]
     assert 0.5 <= waits[0] <= 1.0 and 1.0 <= waits[1] <= 2.0 and 2.0 <= waits[2] <= 4.0
+
+
+def test_a_full_queue_drops_pending_approvals_before_kills_and_tamper(chain: ChainWriter) -> None:
+    d = Deliverer(chain.append, FAST, max_queue=4)  # not started: nothing drains the queue
+    ops = hook("http://127.0.0.1:9/never")
+    d.submit(ops, EVENT)  # agent.killed, id ev1
+    d.submit(ops, NotifyEvent("audit.tamper", "t", "tamper1", {"kind": "chain"}))
+    later = time.time() + 30
+    for i in range(20):  # a flood of held requests
+        d.submit(ops, NotifyEvent("approval.pending", "t", f"p{i}", {}, expires_at=later))
+    assert d.pending() == 4
+    dropped = [r["event_id"] for r in outcomes(chain, want=18) if r["event"] == "notify.dropped"]
+    assert dropped == [f"p{i}" for i in range(18)]  # the kill and the tamper are kept
+    d.close()
+
+
+def test_a_hung_receiver_does_not_delay_another_hooks_deliveries(chain: ChainWriter) -> None:
+    d = Deliverer(chain.append, FAST)
+    d.start()
+    try:
+        with receiver(delay_s=3.0) as hung, receiver() as healthy:
+            d.submit(hook(hung.url, name="hung", timeout_s=10), EVENT)
+            hung.wait_arrived(1)  # its worker is now inside a request that takes 3 s
+            d.submit(hook(healthy.url, name="healthy"), EVENT)
+            healthy.wait_for(1, timeout=1.0)
+            assert hung.requests == []  # still hanging
+    finally:
+        d.close(wait_s=0.1)
+
+
+def test_a_pending_approval_past_its_expiry_is_dropped_not_sent(
+    deliverer: Deliverer, chain: ChainWriter
+) -> None:
+    late = NotifyEvent("approval.pending", "t", "late1", {"approval": "ab01"}, expires_at=1.0)
+    with receiver() as rx:
+        deliverer.submit(hook(rx.url), late)
+        [audited] = outcomes(chain)
+        deliverer.submit(hook(rx.url), EVENT)
+        rx.wait_for(1)
+        assert len(rx.requests) == 1 and json.loads(rx.requests[0].body)["id"] == "ev1"
+    assert audited["event"] == "notify.dropped" and audited["event_id"] == "late1"
+    assert audited["notification"] == "approval.pending"
+    assert "expired" in audited["error"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from appliance.control.notify.events import (
-    EVENTS,
     SOURCES,
     event_for,
     event_for_test,
@@ -13,6 +12,7 @@ from appliance.control.notify.events import (
     parse_iso,
     tamper_event,
 )
+from appliance.notify_events import EVENTS
 
 TS = "2026-12-08T00:00:00.000000Z"
 HASH = "ab" * 32

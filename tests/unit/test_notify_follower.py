@@ -10,7 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from appliance.audit import ChainWriter, audit_path
+from appliance.control.notify import follower as follower_module
 from appliance.control.notify.follower import AuditFollower
 
 
@@ -156,7 +159,7 @@ def test_run_follows_concurrent_writers_until_stopped(tmp_path: Path) -> None:
     stop = threading.Event()
     thread = threading.Thread(target=seen.follower.run, args=(stop, 0.01))
     thread.start()
-    time.sleep(0.1)  # it starts at the end: "start" is not new
+    assert seen.follower.started.wait(5)  # it starts at the end: "start" is not new
 
     def write(tag: str) -> None:
         w = ChainWriter(path)  # each thread its own writer, as processes would have
@@ -176,3 +179,57 @@ def test_run_follows_concurrent_writers_until_stopped(tmp_path: Path) -> None:
     assert not thread.is_alive()
     assert len(seen.records) == 100 and seen.tampers == []
     assert [r["seq"] for r in seen.records] == list(range(2, 102))
+
+
+def test_a_record_appended_while_starting_is_neither_missed_nor_tamper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer, path = setup(tmp_path)
+    writer.append("before")
+    find_end = follower_module._after_last_newline
+
+    def then_another_writer_appends(fd: int, size: int) -> int:
+        offset = find_end(fd, size)
+        writer.append("during.start")  # between finding the end and reading the last record
+        return offset
+
+    monkeypatch.setattr(follower_module, "_after_last_newline", then_another_writer_appends)
+    seen = Seen(path)
+    seen.follower.start_at_end()
+    monkeypatch.undo()
+    seen.follower.poll()
+    assert seen.tampers == []
+    assert seen.events() == ["during.start"]
+
+
+def test_an_error_while_starting_is_retried_logged_once_and_the_thread_lives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer, path = setup(tmp_path)
+    writer.append("start")
+    seen = Seen(path)
+    position = seen.follower.start_at_end
+    calls: list[int] = []
+
+    def flaky() -> None:
+        calls.append(1)
+        if len(calls) <= 3:
+            raise OSError(5, "Input/output error")
+        position()
+
+    monkeypatch.setattr(seen.follower, "start_at_end", flaky)
+    stop = threading.Event()
+    thread = threading.Thread(target=seen.follower.run, args=(stop, 0.01))
+    with caplog.at_level("ERROR", logger=follower_module.__name__):
+        thread.start()
+        try:
+            assert seen.follower.started.wait(5) and thread.is_alive()
+            writer.append("after")
+            deadline = time.monotonic() + 5
+            while not seen.records and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            stop.set()
+            thread.join(2)
+    assert seen.events() == ["after"] and len(calls) == 4
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1

@@ -7,8 +7,9 @@ import json
 import httpx
 import pytest
 
-from appliance.control.notify.events import EVENTS, TEST_EVENT, NotifyEvent
+from appliance.control.notify.events import NotifyEvent
 from appliance.control.notify.formats import render
+from appliance.notify_events import EVENTS, TEST_EVENT
 
 HOSTILE_HOST = "evil.example\r\nX-Injected: 1 <!channel> & ünï"
 PENDING = NotifyEvent(
@@ -70,3 +71,12 @@ def test_long_values_are_cut() -> None:
 def test_unknown_format_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown notification format"):
         render(PENDING, "xml")
+
+
+def test_the_ntfy_click_link_is_never_cut_and_is_ascii_without_line_breaks() -> None:
+    long_link = "https://phone.example.org/" + "c" * 300 + "/one-tap/" + "t" * 200
+    assert render(PENDING, "ntfy", long_link).headers["Click"] == long_link
+    hostile = "https://phone.example.org/kö/one-tap/ab\r\nX-Injected: 1"
+    click = render(PENDING, "ntfy", hostile).headers["Click"]
+    assert click == "https://phone.example.org/k%C3%B6/one-tap/abX-Injected:%201"
+    httpx.Request("POST", "http://x/", headers={"Click": click})

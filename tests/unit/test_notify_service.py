@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
-from appliance.config import ApplianceConfig
+from appliance.config import ApplianceConfig, WebhookConfig
 from appliance.control.api.deps import Principal
 from appliance.control.notify.events import NotifyEvent, event_for
+from appliance.control.notify.formats import render
+from appliance.control.notify.service import public_url
 from appliance.control.notify.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from appliance.control.plane import ControlPlane
 from appliance.errors import NotFoundError
@@ -126,7 +128,7 @@ def test_the_thread_delivers_what_is_appended_to_the_chain(tmp_path: Path) -> No
         thread = threading.Thread(target=p.notify.run, args=(stop,))
         thread.start()
         try:
-            time.sleep(0.4)  # the follower starts at the end
+            assert p.notify.follower.started.wait(5)  # it starts at the end
             p.audit_log.append(
                 "egress.held", sandbox="web", host="api.example.com", port=443, method="GET",
                 approval="ab07", reason="waiting up to 30s for approval", expires=time.time() + 30,
@@ -163,3 +165,59 @@ def test_test_sends_now_and_returns_the_outcome(tmp_path: Path) -> None:
     assert failed["ok"] is False and failed["status"] == 500 and failed["attempts"] == 1
     assert ok["ok"] is True and ok["notification"] == "test"
     assert json.loads(rx.requests[1].body)["requested_by"] == "alice"
+
+
+def test_public_url_never_shows_a_query_fragment_or_userinfo() -> None:
+    assert public_url("https://ntfy.example.com?auth=SECRETTOKEN") == "https://ntfy.example.com/…"
+    assert public_url("https://ntfy.example.com/?auth=SECRET") == "https://ntfy.example.com/…"
+    assert public_url("https://ntfy.example.com#SECRET") == "https://ntfy.example.com/…"
+    assert public_url("https://u:SECRET@[::1]:8443/topic") == "https://[::1]:8443/…"
+    assert public_url("https://u:SECRET@ntfy.example.com") == "https://ntfy.example.com"
+    assert public_url("https://ntfy.example.com/") == "https://ntfy.example.com"
+
+
+def held(approval: str, digest: int, expires: float) -> dict[str, Any]:
+    return {"event": "egress.held", "ts": "2026-12-08T00:00:00Z", "hash": f"{digest:064x}",
+            "approval": approval, "sandbox": "web", "host": "x.io", "port": 443,
+            "method": "GET", "expires": expires}  # fmt: skip
+
+
+def test_a_held_approval_is_notified_once_however_many_requests_it_holds(
+    plane: ControlPlane,
+) -> None:
+    service = plane.notify
+    expires = time.time() + 30
+    for n in range(50):  # a sandbox repeating one held request: one pending entry, 50 records
+        service.on_record(held("ab01", n, expires))
+    assert service.deliverer.pending() == 1
+    service.on_record(held("ab02", 99, expires))
+    assert service.deliverer.pending() == 2
+
+
+def test_notified_approvals_are_remembered_until_expiry_in_bounded_memory() -> None:
+    from appliance.control.notify.service import SeenApprovals
+
+    seen = SeenApprovals(limit=3)
+    now = 1000.0
+    assert seen.first_time("a1", now + 10, now) and not seen.first_time("a1", now + 10, now)
+    assert seen.first_time("a1", now + 30, now + 11)  # past its expiry: forgotten
+    for n in range(10):
+        assert seen.first_time(f"b{n}", now + 20 + n, now + 12)
+        assert len(seen) <= 3
+
+
+def test_a_long_one_tap_link_reaches_ntfy_whole_and_verifies(tmp_path: Path) -> None:
+    console = "https://phone.example.org/" + "reverse-proxy-path/" * 8
+    p = make_plane(tmp_path, "http://127.0.0.1:9/hook", one_tap=True, console_url=console)
+    try:
+        hook = WebhookConfig(name="h" * 63, url="https://ntfy.example.com/topic",
+                             events=["approval.pending"], format="ntfy")  # fmt: skip
+        event = pending(time.time() + 30)
+        link = p.notify.link(hook, event)
+        assert link is not None and len(link) > 200
+        click = render(event, "ntfy", link).headers["Click"]
+        assert click == link
+        claim = p.one_tap.verify(click.rsplit("/", 1)[1])
+        assert claim.approval_id == "ab01" and claim.webhook == "h" * 63
+    finally:
+        p.close()

@@ -1,13 +1,16 @@
-"""Delivering notifications on a background thread, so that no decision ever waits for a
-receiver: `submit` only queues (a bounded queue: when full the oldest delivery is dropped, and
-that is audited), one worker sends, retrying a failure that may pass (no connection, a timeout,
-5xx, 429) with exponential backoff and jitter, or the receiver's Retry-After (capped), up to
-`max_attempts`; another 4xx, a redirect (never followed) or a missing secret is final.
+"""Delivering notifications on background threads, so that no decision ever waits for a
+receiver: `submit` only queues. Each webhook has its own bounded queue and worker thread, so a
+receiver that hangs (up to its timeout_s, on every attempt) delays only its own deliveries. A
+full queue drops a low-value delivery first (approval.pending, approval.expired, budget.warn,
+test), else its oldest; an approval.pending whose approval has expired by the time its turn
+comes is dropped unsent. Each drop is audited as notify.dropped with its reason.
 
-Retries wait in a heap by due time, so a receiver that is down delays only its own deliveries.
+A worker retries a failure that may pass (no connection, a timeout, 5xx, 429) with exponential
+backoff and jitter, or the receiver's Retry-After (capped), up to `max_attempts`; another 4xx, a
+redirect (never followed) or a missing secret is final. Retries wait in the queue by due time.
 Each delivery's outcome is appended to the audit chain: notify.delivered or notify.failed
-(hook, notification, event_id, attempts, status, error); a dropped one as notify.dropped. The
-field is `notification`, not `event`: the chain keeps `event` for the record's own name.
+(hook, notification, event_id, attempts, status, error). The field is `notification`, not
+`event`: the chain keeps `event` for the record's own name.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ from appliance.config import WebhookConfig
 from appliance.control.notify.events import NotifyEvent
 from appliance.control.notify.formats import render
 from appliance.control.notify.signing import sign
+from appliance.notify_events import TEST_EVENT
 
 log = logging.getLogger(__name__)
 
 Audit = Callable[..., Any]
-MAX_QUEUE = 256
+MAX_QUEUE = 256  # per webhook
+# What a full queue drops first: a flood of these must never push out a kill or a tamper report.
+LOW_VALUE = frozenset({"approval.pending", "approval.expired", "budget.warn", TEST_EVENT})
 MAX_SECRET_BYTES = 4096
 
 
@@ -129,6 +135,18 @@ class _Try:
     retry_in: float | None = None
 
 
+class _HookQueue:
+    """One webhook's deliveries: its own bounded heap (by due time) and worker thread, so a
+    receiver that hangs holds up only its own."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.heap: list[_Job] = []
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.client: httpx.Client | None = None  # the worker's
+
+
 class Deliverer:
     def __init__(
         self,
@@ -139,43 +157,41 @@ class Deliverer:
     ) -> None:
         self.audit = audit
         self.policy = policy or RetryPolicy()
-        self.max_queue = max_queue
+        self.max_queue = max_queue  # per webhook
         self.read_secret = secret_reader
-        self._heap: list[_Job] = []
-        self._cond = threading.Condition()
+        self._queues: dict[str, _HookQueue] = {}
+        self._lock = threading.Lock()  # the queues' map, the outcomes, starting and stopping
         self._seq = itertools.count()
+        self._started = False
         self._stop = False
         self._last: dict[str, Outcome] = {}
-        self._thread: threading.Thread | None = None
-        self._client: httpx.Client | None = None  # the worker's (start)
 
     # -- the API the service uses -------------------------------------------------------------
 
     def start(self) -> None:
-        self._client = httpx.Client(follow_redirects=False)
-        self._thread = threading.Thread(target=self._run, name="notify-delivery", daemon=True)
-        self._thread.start()
+        """Start a worker for each webhook queued so far (later ones start at their first
+        delivery)."""
+        with self._lock:
+            self._started = True
+            for queue in self._queues.values():
+                self._start_worker(queue)
 
     def submit(self, hook: WebhookConfig, event: NotifyEvent, link: str | None = None) -> None:
-        """Queue a delivery; never blocks on the network (a full queue drops its oldest)."""
+        """Queue a delivery; never blocks on the network. A full queue drops a low-value job
+        (the oldest approval.pending, approval.expired, budget.warn, test) before any other,
+        so a flood never pushes out a kill or a tamper report; failing that, its oldest."""
         job = _Job(time.monotonic(), next(self._seq), hook, event, link)
-        with self._cond:
+        queue = self._queue(hook.name)
+        with queue.cond:
             dropped = None
-            if len(self._heap) >= self.max_queue:
-                dropped = min(self._heap, key=lambda j: j.seq)
-                self._heap.remove(dropped)
-                heapq.heapify(self._heap)
-            heapq.heappush(self._heap, job)
-            self._cond.notify()
+            if len(queue.heap) >= self.max_queue:
+                dropped = _victim(queue.heap)
+                queue.heap.remove(dropped)
+                heapq.heapify(queue.heap)
+            heapq.heappush(queue.heap, job)
+            queue.cond.notify()
         if dropped is not None:
-            self._audit(
-                "notify.dropped",
-                hook=dropped.hook.name,
-                notification=dropped.event.name,
-                event_id=dropped.event.id,
-                attempts=dropped.attempts,
-                error=f"the delivery queue was full ({self.max_queue})",
-            )
+            self._dropped(dropped, f"the delivery queue was full ({self.max_queue})")
 
     def deliver_now(
         self, hook: WebhookConfig, event: NotifyEvent, link: str | None = None
@@ -187,52 +203,80 @@ class Deliverer:
         return self._finish(hook, event, 1, result)
 
     def pending(self) -> int:
-        with self._cond:
-            return len(self._heap)
+        with self._lock:
+            queues = list(self._queues.values())
+        return sum(len(q.heap) for q in queues)
 
     def last(self, hook: str) -> Outcome | None:
-        with self._cond:
+        with self._lock:
             return self._last.get(hook)
 
     def close(self, wait_s: float = 2.0) -> None:
-        with self._cond:
+        with self._lock:
             self._stop = True
-            left = len(self._heap)
-            self._heap.clear()
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(wait_s)
-        if self._client is not None:
-            self._client.close()
+            queues = list(self._queues.values())
+        left = 0
+        for queue in queues:
+            with queue.cond:
+                left += len(queue.heap)
+                queue.heap.clear()
+                queue.cond.notify_all()
+        deadline = time.monotonic() + wait_s
+        for queue in queues:
+            if queue.thread is not None:
+                queue.thread.join(max(0.0, deadline - time.monotonic()))
+            if queue.client is not None:
+                queue.client.close()
         if left:
             self._audit("notify.dropped", count=left, error="the control plane stopped first")
 
-    # -- the worker ---------------------------------------------------------------------------
+    # -- the workers --------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _queue(self, name: str) -> _HookQueue:
+        with self._lock:
+            queue = self._queues.get(name)
+            if queue is None:
+                queue = self._queues[name] = _HookQueue(name)
+                if self._started and not self._stop:
+                    self._start_worker(queue)
+            return queue
+
+    def _start_worker(self, queue: _HookQueue) -> None:
+        if queue.thread is not None:
+            return
+        queue.client = httpx.Client(follow_redirects=False)
+        queue.thread = threading.Thread(
+            target=self._run, args=(queue,), name=f"notify-{queue.name}", daemon=True
+        )
+        queue.thread.start()
+
+    def _run(self, queue: _HookQueue) -> None:
         while True:
-            with self._cond:
-                while not self._stop and (not self._heap or self._heap[0].due > time.monotonic()):
-                    wait = self._heap[0].due - time.monotonic() if self._heap else None
-                    self._cond.wait(wait)
+            with queue.cond:
+                while not self._stop and (not queue.heap or queue.heap[0].due > time.monotonic()):
+                    wait = queue.heap[0].due - time.monotonic() if queue.heap else None
+                    queue.cond.wait(wait)
                 if self._stop:
                     return
-                job = heapq.heappop(self._heap)
+                job = heapq.heappop(queue.heap)
             try:
-                self._attempt(job)
+                if _expired(job.event):  # a tap could no longer approve it: not worth a push
+                    self._dropped(job, "the approval expired before it could be sent")
+                else:
+                    self._attempt(queue, job)
             except Exception:  # the worker outlives any one delivery
                 log.exception("delivering %s to %s failed", job.event.name, job.hook.name)
 
-    def _attempt(self, job: _Job) -> None:
+    def _attempt(self, queue: _HookQueue, job: _Job) -> None:
         job.attempts += 1
-        assert self._client is not None  # started
-        result = self._try(self._client, job.hook, job.event, job.link, job.attempts)
+        assert queue.client is not None  # started
+        result = self._try(queue.client, job.hook, job.event, job.link, job.attempts)
         if result.retry_in is not None and job.attempts < self.policy.max_attempts:
             job.due = time.monotonic() + result.retry_in
-            with self._cond:
+            with queue.cond:
                 if not self._stop:
-                    heapq.heappush(self._heap, job)
-                    self._cond.notify()
+                    heapq.heappush(queue.heap, job)
+                    queue.cond.notify()
                     return
         self._finish(job.hook, job.event, job.attempts, result)
 
@@ -282,7 +326,7 @@ class Deliverer:
         outcome = Outcome(
             hook.name, event.name, event.id, ok, attempts, result.status, result.error
         )
-        with self._cond:
+        with self._lock:
             self._last[hook.name] = outcome
         fields: dict[str, Any] = {
             "hook": hook.name,
@@ -296,11 +340,35 @@ class Deliverer:
         self._audit("notify.delivered" if ok else "notify.failed", **fields)
         return outcome
 
+    def _dropped(self, job: _Job, reason: str) -> None:
+        self._audit(
+            "notify.dropped",
+            hook=job.hook.name,
+            notification=job.event.name,
+            event_id=job.event.id,
+            attempts=job.attempts,
+            error=reason,
+        )
+
     def _audit(self, event: str, **fields: Any) -> None:
         try:
             self.audit(event, **fields)
         except Exception:  # a full disk must not stop the deliveries themselves
             log.exception("auditing %s failed", event)
+
+
+def _expired(event: NotifyEvent) -> bool:
+    return (
+        event.name == "approval.pending"
+        and event.expires_at is not None
+        and event.expires_at <= time.time()
+    )
+
+
+def _victim(heap: list[_Job]) -> _Job:
+    """The job a full queue drops: the oldest low-value one, else the oldest."""
+    low = [job for job in heap if job.event.name in LOW_VALUE]
+    return min(low or heap, key=lambda job: job.seq)
 
 
 def _error_text(exc: Exception, url: str) -> str:

@@ -1,5 +1,6 @@
 """Audit records -> notification events (pure: no I/O, no config).
 
+The event names themselves are appliance/notify_events.py's (the config checks them too).
 Every decision is already a record in the audit chain; a notification is a record an operator
 wants pushed. Only the fields listed here leave the host, whatever else a record holds.
 """
@@ -12,19 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-# The events a webhook may ask for (config: notify.webhooks[].events).
-EVENTS = (
-    "approval.pending",
-    "approval.expired",
-    "budget.warn",
-    "budget.throttle",
-    "budget.stop",
-    "agent.killed",
-    "agent.crashed",
-    "agent.fail_closed",
-    "audit.tamper",
-)
-TEST_EVENT = "test"  # `appliance notify test NAME`: sent to that hook whatever its events
+from appliance.notify_events import TEST_EVENT
+from sandbox.policy import Approval
 
 _APPROVAL = ("approval", "sandbox", "host", "port", "method")
 _BUDGET = ("key_name", "key_id", "budget", "used", "limit", "period")
@@ -45,13 +35,14 @@ SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "audit.anomaly": ("audit.tamper", ("kind", "detail")),
 }
 
-DEFAULT_HOLD_S = 30.0  # sandbox/policy.py's network.approval.hold_seconds default
+# a held request's wait when its record names none: the policy's default hold_seconds
+DEFAULT_HOLD_S: float = Approval.model_fields["hold_seconds"].default
 _HOLD = re.compile(r"waiting up to ([0-9]+(?:\.[0-9]+)?)s")
 
 
 @dataclass(frozen=True)
 class NotifyEvent:
-    name: str  # one of EVENTS, or TEST_EVENT
+    name: str  # one of appliance.notify_events.EVENTS, or TEST_EVENT
     ts: str  # ISO-8601 UTC: when it happened (the record's ts)
     id: str  # stable for one record: receivers may dedupe retries on it
     fields: dict[str, Any] = field(default_factory=dict)

@@ -2,11 +2,13 @@
 tampering that only a reader who remembers the last record can see.
 
 It starts at the end (what was there before the control plane started was notified then, or
-never wanted) and keeps its place in memory. A record whose `prev` is not the hash of the record
-before it (one was inserted, edited or removed between two polls), a record whose hash does not
-match its content, the file shrinking, or the file replaced by another (a new inode): each is
-reported through `on_tamper(kind, detail)`, then the follower goes on from the new end. Lines that
-are not records are skipped: the next writer records them itself as `audit.anomaly`.
+never wanted), taking its place and the last record's hash from one look at the file, and keeps
+its place in memory; `started` is set once it is positioned (a failure to position is
+retried). A record whose `prev` is not the hash of the record before it (one was inserted,
+edited or removed between two polls), a record whose hash does not match its content, the file
+shrinking, or the file replaced by another (a new inode): each is reported through
+`on_tamper(kind, detail)`, then the follower goes on from the new end. Lines that are not
+records are skipped: the next writer records them itself as `audit.anomaly`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from appliance.audit import GENESIS, last_records, parse_record, record_hash
+from appliance.audit import GENESIS, parse_record, record_hash
+from appliance.audit.logfile import lines_backwards
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ class AuditFollower:
         self.offset = 0
         self.ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the file followed
         self.last_hash: str | None = None  # None: not known, the next record sets it
+        self.started = threading.Event()  # set by `run` once positioned at the end
 
     def start_at_end(self) -> None:
         """Follow from the end of the last complete line, linking to the last record."""
@@ -45,14 +49,13 @@ class AuditFollower:
         except FileNotFoundError:  # no log yet: its first record must start the chain
             self.ident, self.offset, self.last_hash = None, 0, GENESIS
             return
-        try:
-            st = os.fstat(fd)
-            self.ident = (st.st_dev, st.st_ino)
-            self.offset = _after_last_newline(fd, st.st_size)
+        try:  # the place and the last hash from the same size of the same file: a record
+            st = os.fstat(fd)  # appended meanwhile is after both, read by the next poll
+            offset = _after_last_newline(fd, st.st_size)
+            last_hash = _last_hash(fd, offset)
         finally:
             os.close(fd)
-        recs, _size = last_records(self.path, 1)
-        self.last_hash = recs[-1]["hash"] if recs else GENESIS
+        self.ident, self.offset, self.last_hash = (st.st_dev, st.st_ino), offset, last_hash
 
     def poll(self) -> int:
         """Handle what was appended since the last poll; the number of records handled."""
@@ -94,13 +97,20 @@ class AuditFollower:
         return handled
 
     def run(self, stop: threading.Event, every_s: float = POLL_EVERY_S) -> None:
-        self.start_at_end()
-        while not stop.wait(every_s):
+        last_failure = ""
+        while not stop.is_set():
             try:
+                if not self.started.is_set():
+                    self.start_at_end()
+                    self.started.set()
                 while self.poll() and not stop.is_set():
                     pass  # more than one chunk behind: catch up before sleeping
-            except Exception:  # an unreadable log now must not end notifications for good
-                log.exception("following %s failed", self.path)
+                last_failure = ""
+            except Exception as exc:  # an unreadable log now must not end notifications for good
+                if repr(exc) != last_failure:  # logged once, not four times a second
+                    log.exception("following %s failed", self.path)
+                last_failure = repr(exc)
+            stop.wait(every_s)
 
     def _check_link(self, rec: dict[str, Any]) -> None:
         seq = rec["seq"]
@@ -126,6 +136,15 @@ class AuditFollower:
             self.on_tamper(kind, detail)
         except Exception:
             log.exception("notifying audit tampering failed")
+
+
+def _last_hash(fd: int, end: int) -> str:
+    """The hash of the last record before `end` (GENESIS when there is none)."""
+    for raw in lines_backwards(fd, end):
+        rec = parse_record(raw)
+        if rec is not None:
+            return str(rec["hash"])
+    return GENESIS
 
 
 def _after_last_newline(fd: int, size: int) -> int:

@@ -5,7 +5,9 @@
     ntfy   the text as the body; Title, Tags, Priority and Click (the link) as headers
 
 Values in the text come from sandboxes and agents (a host name a sandbox asked for), so each is
-cut short and stripped of control characters; header values are ASCII without CR/LF.
+cut short and stripped of control characters; header values are ASCII without CR/LF. The link
+(ntfy's Click) is never cut (a one-tap token cut short is refused): control characters are
+removed and anything else outside printable ASCII is percent-encoded.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
-from appliance.control.notify.events import TEST_EVENT, NotifyEvent
+from appliance.control.notify.events import NotifyEvent
+from appliance.notify_events import TEST_EVENT
 
 MAX_VALUE_CHARS = 200
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_URL_SAFE = "!#$%&'()*+,/:;=?@[]~"  # kept as they are in a link; the rest is percent-encoded
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,10 @@ def _header(value: str) -> str:
     return _CONTROL.sub(" ", value).encode("ascii", "replace").decode("ascii")[:MAX_VALUE_CHARS]
 
 
+def _link_header(link: str) -> str:
+    return quote(_CONTROL.sub("", link), safe=_URL_SAFE)
+
+
 def render(event: NotifyEvent, fmt: str, link: str | None = None) -> Rendered:
     if fmt == "json":
         return Rendered(json_body(event, link), {"Content-Type": "application/json"})
@@ -153,6 +162,6 @@ def render(event: NotifyEvent, fmt: str, link: str | None = None) -> Rendered:
             "Priority": "high" if event.name in _URGENT else "default",
         }
         if link:
-            headers["Click"] = _header(link)
+            headers["Click"] = _link_header(link)
         return Rendered(text.encode(), headers)
     raise ValueError(f"unknown notification format {fmt!r}")

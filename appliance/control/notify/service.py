@@ -2,6 +2,10 @@
 notifications (events.py) for the webhooks that asked for them (config `notify.webhooks`) and
 hands them to the delivery worker (delivery.py). Its thread (`run`) is one of the plane's.
 
+A held request the sandbox repeats is one pending approval but a record per request: each
+approval is notified once (its id remembered until it expires, MAX_REMEMBERED at most), so a
+sandbox cannot flood the operator's phone or the delivery queues.
+
 An approval.pending carries a link to that approval in the console; with `notify.one_tap: true`
 a link with a signed, single-use token minted for that webhook (appliance/control/one_tap.py)
 that approves once and expires with the approval.
@@ -28,12 +32,42 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_REMEMBERED = 4096  # approval ids notified and not yet expired
+
 
 def public_url(url: str) -> str:
-    """A webhook's URL as shown: scheme and host only (a Slack or ntfy URL's path is its
-    secret)."""
+    """A webhook's URL as shown: scheme, host and port only, "/…" for whatever follows (a Slack
+    or ntfy URL's path or query is its secret); never the userinfo."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}/…" if parts.path not in ("", "/") else url
+    host = parts.netloc.rpartition("@")[2]
+    hidden = parts.path not in ("", "/") or parts.query or parts.fragment
+    return f"{parts.scheme}://{host}" + ("/…" if hidden else "")
+
+
+class SeenApprovals:
+    """The approval ids already notified, each until its expiry; at most `limit` of them (when
+    full, the expired go first, then the one expiring soonest)."""
+
+    def __init__(self, limit: int = MAX_REMEMBERED) -> None:
+        self.limit = limit
+        self._until: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def first_time(self, approval: str, until: float, now: float | None = None) -> bool:
+        """True (and remembered) unless `approval` was notified and has not expired yet."""
+        now = time.time() if now is None else now
+        known = self._until.get(approval)
+        if known is not None and known > now:
+            return False
+        self._until.pop(approval, None)
+        if len(self._until) >= self.limit:
+            self._until = {a: t for a, t in self._until.items() if t > now}
+        while len(self._until) >= self.limit:
+            del self._until[min(self._until, key=self._until.__getitem__)]
+        self._until[approval] = until
+        return True
 
 
 class NotifyService:
@@ -45,6 +79,7 @@ class NotifyService:
         self.follower = AuditFollower(
             audit_path(plane.config.state_dir), self.on_record, self.on_tamper
         )
+        self.notified = SeenApprovals()  # the follower thread's alone
         self._started = False
 
     # -- the thread ---------------------------------------------------------------------------
@@ -60,8 +95,14 @@ class NotifyService:
 
     def on_record(self, record: dict[str, Any]) -> None:
         event = event_for(record)
-        if event is not None:
-            self.dispatch(event)
+        if event is None:
+            return
+        approval = event.fields.get("approval")
+        if event.name == "approval.pending" and isinstance(approval, str):
+            until = event.expires_at if event.expires_at is not None else time.time()
+            if not self.notified.first_time(approval, until):
+                return  # another request held under the same approval: notified already
+        self.dispatch(event)
 
     def on_tamper(self, kind: str, detail: str) -> None:
         self.dispatch(tamper_event(kind, detail))

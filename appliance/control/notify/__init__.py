@@ -6,6 +6,6 @@ One mechanism for every process: the control plane follows <state_dir>/audit/aud
 (delivery.py); the plane's `notify` service (service.py) ties them together. Each delivery's
 outcome goes back into the chain as notify.delivered / notify.failed, which the follower skips.
 
-Nothing here imports the config or the plane at package import: appliance/config.py reads the
-event names from events.py.
+The event names are appliance/notify_events.py's, which the config validates against: the config
+never imports this package.
 """

@@ -110,7 +110,9 @@ class Pollers:
         for _ in range(count):
             if console:  # a browser: log in through the form, keep the session cookie
                 client = httpx.AsyncClient(base_url=self.base, timeout=60, limits=LIMITS)
-                answer = await client.post("/login", data={"token": self.token})
+                form = await client.get("/login")  # its CSRF token: a hidden field and a cookie
+                csrf = form.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+                answer = await client.post("/login", data={"token": self.token, "csrf": csrf})
                 assert answer.status_code == 303, answer.text[:300]
             else:  # a script: the operator's bearer token
                 auth = {"Authorization": f"Bearer {self.token}"}

@@ -27,6 +27,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -38,6 +39,18 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers import free_port
+from tests.sandbox_fixtures import sandbox_skip_reason
+
+NAMESPACE_TOOLS = ("unshare", "nsenter", "ip", "mount")
+
+
+def skip_reason() -> str | None:
+    """Why an origin namespace with a real sandbox cannot run here, or None."""
+    if (why := sandbox_skip_reason()) is not None:
+        return why
+    missing = [tool for tool in NAMESPACE_TOOLS if shutil.which(tool) is None]
+    return f"{', '.join(missing)} not installed" if missing else None
+
 
 # Deprecated 6to4 relay anycast (RFC 7526): globally routable by `ipaddress`, used by nobody, and
 # only ever assigned inside the test's own network namespace.

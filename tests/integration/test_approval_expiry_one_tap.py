@@ -22,7 +22,6 @@ import base64
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -46,22 +45,21 @@ from tests.integration.origin_namespace import (
     origin_namespace,
     webhook_receiver,
 )
+from tests.integration.origin_namespace import (
+    skip_reason as origin_skip_reason,
+)
 from tests.sandbox_fixtures import (
     ensure_base_image,
     force_remove_container,
     kill_proxies,
     run_cli,
-    sandbox_skip_reason,
     service_home,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-if (_why := sandbox_skip_reason()) is not None:
+if (_why := origin_skip_reason()) is not None:
     pytest.skip(_why, allow_module_level=True)
-for _tool in ("unshare", "nsenter", "ip", "mount"):
-    if shutil.which(_tool) is None:
-        pytest.skip(f"{_tool} is not installed", allow_module_level=True)
 
 POLICIES = Path(__file__).resolve().parents[2] / "sandbox" / "policies"
 SHORT_HOLD_S = 8  # part 1: expires while the test watches (a few CLI calls first)

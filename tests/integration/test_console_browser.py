@@ -45,24 +45,23 @@ from tests.integration.origin_namespace import (
     received,
     webhook_receiver,
 )
+from tests.integration.origin_namespace import (
+    skip_reason as origin_skip_reason,
+)
 from tests.sandbox_fixtures import (
     ensure_base_image,
     force_remove_container,
     kill_proxies,
     podman_client,
     run_cli,
-    sandbox_skip_reason,
     service_home,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 skip_without_browser(allow_module_level=True)  # under CI: fails instead (never hidden)
-if (_why := sandbox_skip_reason()) is not None:
+if (_why := origin_skip_reason()) is not None:
     pytest.skip(_why, allow_module_level=True)
-for _tool in ("unshare", "nsenter", "ip", "mount"):
-    if shutil.which(_tool) is None:
-        pytest.skip(f"{_tool} is not installed", allow_module_level=True)
 
 HOSTS = (
     "console",

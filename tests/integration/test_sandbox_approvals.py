@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -40,6 +39,9 @@ from tests.integration.origin_namespace import (
     drop_job,
     origin_namespace,
 )
+from tests.integration.origin_namespace import (
+    skip_reason as origin_skip_reason,
+)
 from tests.sandbox_fixtures import (
     ensure_base_image,
     force_remove_container,
@@ -47,17 +49,13 @@ from tests.sandbox_fixtures import (
     podman_client,
     proxy_pids,
     run_cli,
-    sandbox_skip_reason,
     service_home,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-if (_why := sandbox_skip_reason()) is not None:
+if (_why := origin_skip_reason()) is not None:
     pytest.skip(_why, allow_module_level=True)
-for _tool in ("unshare", "nsenter", "ip", "mount"):
-    if shutil.which(_tool) is None:
-        pytest.skip(f"{_tool} is not installed", allow_module_level=True)
 
 POLICIES = Path(__file__).resolve().parents[2] / "sandbox" / "policies"
 HOLD_SECONDS = 120  # generous: a held request must never time out while the test decides

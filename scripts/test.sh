@@ -11,10 +11,11 @@ scripts/setup.sh embedded,test
 # otherwise one unit. APPLIANCE_TEST_WORKERS=0 runs everything in this process.
 workers="${APPLIANCE_TEST_WORKERS:-2}"
 # The console's browser tests save screenshots (tests/browser.py): kept after a passing run too,
-# for CI to collect. The default directory is emptied first, so it holds this run's only.
-if [ -z "${APPLIANCE_TEST_ARTIFACTS:-}" ]; then
-  export APPLIANCE_TEST_ARTIFACTS="$PWD/build/test-artifacts"
-  rm -rf "$APPLIANCE_TEST_ARTIFACTS"
+# for CI to collect. The default directory is emptied first, so it holds this run's only. Not
+# APPLIANCE_*: the CLIs the tests start read every exported APPLIANCE_* variable as a setting.
+if [ -z "${TEST_ARTIFACTS:-}" ]; then
+  export TEST_ARTIFACTS="$PWD/build/test-artifacts"
+  rm -rf "$TEST_ARTIFACTS"
 fi
 if [ "$workers" = 0 ]; then
   exec .venv/bin/python -m pytest "$@"

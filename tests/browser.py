@@ -6,7 +6,7 @@ Manager never runs (it would try to download a driver: there is no network here)
 Chromium costs about a second, a new session on it nothing: a test module starts one browser
 (`chromium()` in a module-scoped fixture) and logs in and out on it (`Console`).
 
-Screenshots are test artifacts: under $APPLIANCE_TEST_ARTIFACTS (scripts/test.sh sets it to
+Screenshots are test artifacts: under $TEST_ARTIFACTS (scripts/test.sh sets it to
 build/test-artifacts, kept whether the run passes or not), else <basetemp>/artifacts.
 """
 
@@ -26,8 +26,8 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 WINDOW = (1280, 900)
-ARTIFACTS_ENV = "APPLIANCE_TEST_ARTIFACTS"
-# Read at import: the autouse isolated_env fixture removes every APPLIANCE_* variable per test.
+ARTIFACTS_ENV = "TEST_ARTIFACTS"
+# Not APPLIANCE_*: every CLI a test starts would read it as a setting (and refuse it).
 _ARTIFACTS = os.environ.get(ARTIFACTS_ENV)
 # Chromium phones home (updates, safe browsing, field trials) unless told not to: nothing may
 # leave the machine, and each attempt would cost a timeout on a host without a network.

@@ -11,12 +11,41 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from appliance.control.plane import ControlPlane
 
 APPLIANCE = str(Path(sys.executable).parent / "appliance")
 START_TIMEOUT_S = 30.0
+
+
+@contextlib.contextmanager
+def serving(plane: ControlPlane, listeners: list[socket.socket]) -> Iterator[None]:
+    """The control plane's own server (server.py: peer credentials, h11) over `plane`, in this
+    process, on `listeners` (closed after) until the block ends: for tests that replace a
+    service of the plane and still want the real transport."""
+    from appliance.control.api import create_app
+    from appliance.control.server import server
+
+    api = server(create_app(plane))
+    thread = threading.Thread(target=api.run, kwargs={"sockets": listeners}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    try:
+        while not api.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server never started"
+            time.sleep(0.02)
+        yield
+    finally:
+        api.should_exit = True
+        thread.join(15)
+        for listener in listeners:
+            listener.close()
 
 
 def control_socket(state_dir: Path) -> Path:

@@ -32,9 +32,8 @@ import pytest
 from appliance.audit import audit_path, records
 from appliance.config import load_config
 from appliance.control import turns as turns_module
-from appliance.control.api import create_app
 from appliance.control.plane import ControlPlane
-from appliance.control.server import bind_unix, server
+from appliance.control.server import bind_unix
 from appliance.store import open_store
 from appliance.store.agent_store import AgentStore
 from appliance.store.inference_store import InferenceStore
@@ -42,6 +41,7 @@ from appliance.store.sandbox_store import SandboxStore
 from blueprints.model import Blueprint
 from blueprints.runtimes import Delta, Finished, Service, ToolCall
 from inference.ports import Budget, UsageRecord
+from tests.control_fixtures import serving
 from tests.helpers import cli_env
 
 APPLIANCE = str(Path(sys.executable).parent / "appliance")
@@ -216,25 +216,6 @@ def _blueprint() -> Blueprint:
 
 
 @contextmanager
-def _serve_control(plane: ControlPlane, socket: Path) -> Iterator[None]:
-    """The control plane's own server (server.py: peer credentials, h11) on its socket."""
-    api_server = server(create_app(plane))
-    listening = bind_unix(socket)
-    thread = threading.Thread(target=api_server.run, kwargs={"sockets": [listening]})
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not api_server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "control plane did not start"
-        time.sleep(0.02)
-    try:
-        yield
-    finally:
-        api_server.should_exit = True
-        thread.join(10)
-        listening.close()
-
-
-@contextmanager
 def turn_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     root = Path(os.path.realpath(tmp_path))
     state = root / "s"
@@ -270,7 +251,7 @@ def turn_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Worl
     monkeypatch.setattr(turns_module, "runtime_for", FakeRuntime)
     monkeypatch.setattr(turns_module, "turn_notices", lambda *_a, **_k: [NOTICE])
     control = state / "run" / "control.sock"
-    with _serve_control(plane, control):
+    with serving(plane, [bind_unix(control)]):
         api = httpx.Client(
             transport=httpx.HTTPTransport(uds=str(control)),
             base_url="http://control/api/v1",

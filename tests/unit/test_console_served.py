@@ -13,7 +13,6 @@ import re
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,10 @@ import pytest
 
 from appliance.config import load_config
 from appliance.console.sessions import COOKIE
-from appliance.control.api import create_app
 from appliance.control.plane import ControlPlane
-from appliance.control.server import bind_tcp, server
+from appliance.control.server import bind_tcp
 from tests.console_fixtures import SETUP, FakeKillSwitch, report
+from tests.control_fixtures import serving
 
 SLOW_STATUS_S = 1.5
 
@@ -60,19 +59,10 @@ def served() -> Iterator[_Served]:
     this = _Served(plane, listener.getsockname()[1])
     plane.status = this.slow_status  # type: ignore[method-assign]
     plane.__dict__["kill_switch"] = FakeKillSwitch()
-    api = server(create_app(plane))
-    thread = threading.Thread(target=api.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not api.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server never started"
-        time.sleep(0.02)
     try:
-        yield this
+        with serving(plane, [listener]):
+            yield this
     finally:
-        api.should_exit = True
-        thread.join(15)
-        listener.close()
         plane.close()
         shutil.rmtree(scratch, ignore_errors=True)
 

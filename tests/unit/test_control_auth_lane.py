@@ -25,9 +25,9 @@ import pytest
 
 from appliance.audit import audit_path, records
 from appliance.config import load_config
-from appliance.control.api import create_app
 from appliance.control.plane import ControlPlane
-from appliance.control.server import bind_tcp, bind_unix, server
+from appliance.control.server import bind_tcp, bind_unix
+from tests.control_fixtures import serving
 
 ANSWER_WITHIN_S = 3.0
 POLICY = "network:\n  allow: []\n"
@@ -69,21 +69,13 @@ def served(scratch: Path) -> Iterator[_Served]:
     this = _Served(plane, sock, listeners[1].getsockname()[1])
     plane.sandboxes.create = this.create  # type: ignore[method-assign]
     plane.status = lambda: {"control": "ok"}  # type: ignore[method-assign]
-    api = server(create_app(plane))
-    thread = threading.Thread(target=api.run, kwargs={"sockets": listeners}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not api.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server never started"
-        time.sleep(0.02)
     try:
-        yield this
+        with serving(plane, listeners):
+            try:
+                yield this
+            finally:
+                this.release.set()  # blocked creates first, or the server's stop waits for them
     finally:
-        this.release.set()
-        api.should_exit = True
-        thread.join(15)
-        for listener in listeners:
-            listener.close()
         plane.close()
 
 
